@@ -1,0 +1,23 @@
+"""jetspec-trt: JetSpec causal parallel tree speculative decoding for Qwen3, built into a deployable engine."""
+
+__version__ = "0.1.0"
+
+from jetspec_trt.errors import JetSpecError  # noqa: E402
+from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig  # noqa: E402
+from jetspec_trt.spec.accept import SamplingConfig  # noqa: E402
+
+
+def __getattr__(name: str):
+    # Heavy imports (transformers) only when the API is used, so `import jetspec_trt` stays cheap.
+    if name == "Engine":
+        from jetspec_trt.runtime.engine import Engine
+
+        return Engine
+    if name in ("build_engine", "BuildConfig"):
+        from jetspec_trt.builders import engine_builder
+
+        return getattr(engine_builder, name)
+    raise AttributeError(name)
+
+
+__all__ = ["Engine", "BuildConfig", "build_engine", "JetSpecError", "RuntimeConfig", "SamplingConfig", "TreeConfig"]

@@ -1,0 +1,152 @@
+"""`jetspec-trt build`: target + draft checkpoints -> engine directory, written atomically.
+
+Layout of an engine directory:
+    manifest.json         versions, source checkpoint hashes, dtype, date, the command
+    runtime_config.json   tree budget/top-k/depth, block size, mask token, target layers, EOS, max_seq_len
+    target/               the target in Hugging Face layout, weights converted to the engine dtype, tokenizer
+    draft/                the draft head in the published JetSpec (DFlash-format) layout, converted likewise
+Everything is written into a hidden temp directory beside the output and renamed into place at the end, so a
+failed build leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm import tqdm
+
+from jetspec_trt.builders.validate import CheckedPair, check_pair
+from jetspec_trt.errors import JetSpecError
+from jetspec_trt.models.checkpoint import SHARD_INDEX, parse_dtype, weight_files
+from jetspec_trt.runtime.config import RUNTIME_CONFIG, RuntimeConfig, TreeConfig
+
+MANIFEST = "manifest.json"
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    target_dir: Path
+    draft_dir: Path
+    output_dir: Path
+    tree: TreeConfig = field(default_factory=TreeConfig)
+    dtype: str = "bfloat16"
+    max_seq_len: int = 4096
+    page_size: int = 64
+    overwrite: bool = False
+    progress: bool = True
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 24), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _convert_checkpoint(src: Path, dst: Path, dtype: torch.dtype, progress: bool, label: str) -> dict[str, str]:
+    """Copy config/tokenizer files, cast every weight shard to `dtype`; return source file hashes."""
+    dst.mkdir(parents=True)
+    shards = weight_files(src)
+    hashes = {}
+    for item in sorted(src.iterdir()):
+        if item.is_file() and item.suffix != ".safetensors" and item.name != SHARD_INDEX:
+            shutil.copy2(item, dst / item.name)
+            hashes[item.name] = sha256_of(item)
+    if (src / SHARD_INDEX).is_file():
+        shutil.copy2(src / SHARD_INDEX, dst / SHARD_INDEX)
+    for shard in tqdm(shards, desc=f"converting {label}", unit="shard", disable=not progress):
+        hashes[shard.name] = sha256_of(shard)
+        tensors = {name: t.to(dtype).contiguous() for name, t in load_file(str(shard)).items()}
+        save_file(tensors, str(dst / shard.name), metadata={"format": "pt"})
+    return hashes
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    from jetspec_trt import __version__
+
+    return {"jetspec_trt": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
+            "python": sys.version.split()[0]}
+
+
+def runtime_config_for(pair: CheckedPair, cfg: BuildConfig) -> RuntimeConfig:
+    cfg.tree.validate(pair.spec.block_size)
+    if cfg.max_seq_len > pair.target.max_position_embeddings:
+        raise JetSpecError(
+            f"max_seq_len {cfg.max_seq_len} exceeds the target's max_position_embeddings "
+            f"{pair.target.max_position_embeddings}"
+        )
+    return RuntimeConfig(
+        tree=cfg.tree,
+        dtype=cfg.dtype,
+        max_seq_len=cfg.max_seq_len,
+        block_size=pair.spec.block_size,
+        mask_token_id=pair.spec.mask_token_id,
+        target_layer_ids=pair.spec.target_layer_ids,
+        eos_token_ids=pair.eos_token_ids,
+        page_size=cfg.page_size,
+    )
+
+
+def build_engine(cfg: BuildConfig, command: list[str] | None = None) -> Path:
+    """Check the pair, convert, and write the engine directory. Raises JetSpecError on bad input."""
+    dtype = parse_dtype(cfg.dtype)
+    output = Path(cfg.output_dir)
+    if output.exists() and not cfg.overwrite:
+        raise JetSpecError(f"{output} already exists (pass --overwrite to replace it)")
+    pair = check_pair(cfg.target_dir, cfg.draft_dir)
+    runtime = runtime_config_for(pair, cfg)
+
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.building-", dir=output.parent))
+    try:
+        sources = {
+            "target": {"path": str(Path(cfg.target_dir).resolve()),
+                       "sha256": _convert_checkpoint(Path(cfg.target_dir), staging / "target", dtype, cfg.progress,
+                                                     "target")},
+            "draft": {"path": str(Path(cfg.draft_dir).resolve()),
+                      "sha256": _convert_checkpoint(Path(cfg.draft_dir), staging / "draft", dtype, cfg.progress,
+                                                    "draft")},
+        }
+        (staging / RUNTIME_CONFIG).write_text(runtime.to_json())
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "backend": "pytorch",
+            "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "dtype": cfg.dtype,
+            "versions": _versions(),
+            "command": command or [],
+            "target": {"model_type": pair.target.model_type, "num_layers": pair.target.num_layers,
+                       "hidden_size": pair.target.hidden_size, "vocab_size": pair.target.vocab_size},
+            "draft": {"num_layers": pair.draft.num_layers, "block_size": pair.spec.block_size,
+                      "target_layer_ids": list(pair.spec.target_layer_ids)},
+            "sources": sources,
+        }
+        (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        _move_into_place(staging, output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output
+
+
+def _move_into_place(staging: Path, output: Path) -> None:
+    if output.exists():
+        retired = output.with_name(f".{output.name}.old-{staging.name.rsplit('-', 1)[-1]}")
+        output.rename(retired)
+        staging.rename(output)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        staging.rename(output)

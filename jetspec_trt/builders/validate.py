@@ -1,0 +1,102 @@
+"""Checks that a target and a draft head belong together, before any weight is read or written."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors import SafetensorError, safe_open
+
+from jetspec_trt.errors import JetSpecError
+from jetspec_trt.models.checkpoint import meta_shapes, weight_files
+from jetspec_trt.models.config import DecoderConfig, load_hf_config
+from jetspec_trt.models.draft import DraftSpec, read_draft_config
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
+
+
+@dataclass(frozen=True)
+class CheckedPair:
+    target: DecoderConfig
+    draft: DecoderConfig
+    spec: DraftSpec
+    eos_token_ids: tuple[int, ...]
+
+
+def checkpoint_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor names and shapes stored in a checkpoint, read from the safetensors headers only."""
+    shapes = {}
+    for f in weight_files(model_dir):
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                for name in handle.keys():
+                    shapes[name.removeprefix("model.")] = tuple(handle.get_slice(name).get_shape())
+        except (SafetensorError, OSError, ValueError) as err:
+            raise JetSpecError(f"{f}: corrupt or unreadable safetensors ({err})") from err
+    return shapes
+
+
+def check_tensors(model_dir: Path, tied: bool = False) -> None:
+    stored = checkpoint_shapes(model_dir)
+    expected = meta_shapes(model_dir)
+    if tied:
+        stored.setdefault("lm_head.weight", stored.get("embed_tokens.weight"))
+    missing = sorted(set(expected) - set(stored))
+    if missing:
+        raise JetSpecError(f"{model_dir}: checkpoint lacks {len(missing)} tensors the config needs, e.g. {missing[0]}")
+    unexpected = sorted(set(stored) - set(expected))
+    if unexpected:
+        raise JetSpecError(f"{model_dir}: checkpoint has tensors the config does not know, e.g. {unexpected[0]}")
+    for name, shape in expected.items():
+        if stored[name] != shape:
+            raise JetSpecError(f"{model_dir}: tensor {name} has shape {stored[name]}, the config implies {shape}")
+
+
+def eos_ids(model_dir: Path, hf_eos) -> tuple[int, ...]:
+    """EOS ids from generation_config.json (what generate() stops on), else config.json."""
+    gen = Path(model_dir) / "generation_config.json"
+    value = json.loads(gen.read_text()).get("eos_token_id") if gen.is_file() else None
+    value = hf_eos if value is None else value
+    if value is None:
+        return ()
+    return tuple(value) if isinstance(value, list) else (int(value),)
+
+
+def check_pair(target_dir: Path, draft_dir: Path) -> CheckedPair:
+    target_dir, draft_dir = Path(target_dir), Path(draft_dir)
+    for d, what in ((target_dir, "target"), (draft_dir, "draft")):
+        if not d.is_dir():
+            raise JetSpecError(f"{what} directory {d} does not exist")
+    target_hf = load_hf_config(target_dir)
+    target = DecoderConfig.from_hf(target_hf)
+    _, spec = read_draft_config(draft_dir)
+    draft = DecoderConfig.from_hf(load_hf_config(draft_dir))
+    if not any((target_dir / f).is_file() for f in TOKENIZER_FILES):
+        raise JetSpecError(f"{target_dir}: no tokenizer ({' / '.join(TOKENIZER_FILES)}) next to the target weights")
+    if spec.target_hidden_size != target.hidden_size:
+        raise JetSpecError(
+            f"hidden size mismatch: draft expects target hidden size {spec.target_hidden_size}, "
+            f"target has {target.hidden_size}"
+        )
+    if draft.hidden_size != target.hidden_size:
+        raise JetSpecError(
+            f"hidden size mismatch: draft hidden size {draft.hidden_size} != target {target.hidden_size} "
+            "(the head reuses the target's embedding and lm_head)"
+        )
+    if draft.vocab_size != target.vocab_size:
+        raise JetSpecError(f"vocab mismatch: draft vocab {draft.vocab_size} != target vocab {target.vocab_size}")
+    if spec.num_target_layers != target.num_layers:
+        raise JetSpecError(
+            f"draft was trained for a {spec.num_target_layers}-layer target; this target has {target.num_layers}"
+        )
+    ids = spec.target_layer_ids
+    if len(set(ids)) != len(ids) or not all(0 <= i < target.num_layers for i in ids):
+        raise JetSpecError(
+            f"target_layer_ids {list(ids)} must be unique layer indices in 0..{target.num_layers - 1}"
+        )
+    if not 0 <= spec.mask_token_id < target.vocab_size:
+        raise JetSpecError(f"mask_token_id {spec.mask_token_id} is outside the vocab (size {target.vocab_size})")
+    check_tensors(target_dir, tied=target.tie_word_embeddings)
+    check_tensors(draft_dir)
+    return CheckedPair(target, draft, spec, eos_ids(target_dir, getattr(target_hf, "eos_token_id", None)))

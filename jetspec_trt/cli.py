@@ -1,0 +1,144 @@
+"""`jetspec-trt`: a thin click layer over the Python API. Bad input -> one line on stderr, exit code 2."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from jetspec_trt.errors import JetSpecError
+from jetspec_trt.runtime.config import TreeConfig
+from jetspec_trt.spec.accept import SamplingConfig
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="jetspec-trt")
+def cli() -> None:
+    """Build, run, export and benchmark JetSpec speculative-decoding engines."""
+
+
+def tree_options(func):
+    func = click.option("--max-depth", type=int, default=None, help="Longest drafted branch (<= block_size-1).")(func)
+    func = click.option("--topk", type=int, default=7, show_default=True, help="Children per tree node.")(func)
+    func = click.option("--budget", type=int, default=256, show_default=True,
+                        help="Tree nodes verified per round, root included (1 = autoregressive).")(func)
+    return func
+
+
+@cli.command()
+@click.option("--target", "target_dir", required=True, type=click.Path(path_type=Path), help="Target HF directory.")
+@click.option("--draft", "draft_dir", required=True, type=click.Path(path_type=Path), help="Draft head directory.")
+@click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path), help="Engine directory.")
+@tree_options
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True)
+@click.option("--max-seq-len", type=int, default=4096, show_default=True, help="Prompt + generated tokens.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing engine directory.")
+def build(target_dir, draft_dir, output_dir, budget, topk, max_depth, dtype, max_seq_len, overwrite):
+    """Check a target/draft pair and write an engine directory."""
+    from jetspec_trt.builders.engine_builder import BuildConfig, build_engine
+    from jetspec_trt.models.checkpoint import draft_spec_of
+
+    spec = draft_spec_of(draft_dir) if draft_dir.is_dir() else None
+    depth = max_depth if max_depth is not None else (spec.max_depth if spec else 1)
+    config = BuildConfig(target_dir, draft_dir, output_dir, TreeConfig(budget, topk, depth), dtype, max_seq_len,
+                         overwrite=overwrite)
+    out = build_engine(config, command=sys.argv)
+    click.echo(f"engine written to {out}")
+
+
+def print_stats(stats, label: str = "") -> None:
+    hist = " ".join(f"{k}:{v}" for k, v in stats.histogram().items())
+    click.echo(
+        f"{label}{stats.new_tokens} tokens in {stats.prefill_s + stats.decode_s:.2f} s "
+        f"({stats.tokens_per_s:.1f} tok/s), {stats.rounds} rounds, tau {stats.tau:.2f}, "
+        f"accepted {stats.accepted_drafts}/{stats.drafted_tokens} drafted; emitted-per-round histogram {hist}",
+        err=True,
+    )
+
+
+def run_prompt(engine, prompt: str, max_new_tokens: int, sampling: SamplingConfig, speculative: bool, chat: bool,
+               verify: bool, tree: TreeConfig | None) -> bool:
+    """Stream one prompt; with verify, also decode without speculation and compare. Returns identical-or-not."""
+    for piece in engine.stream(prompt, max_new_tokens, sampling, speculative, chat, tree):
+        click.echo(piece, nl=False)
+        sys.stdout.flush()
+    click.echo()
+    spec_ids, stats = engine.last_token_ids, engine.last_stats
+    print_stats(stats, "speculative: " if speculative else "autoregressive: ")
+    if not verify:
+        return True
+    reference = engine.generate(prompt, max_new_tokens, sampling, speculative=False, chat=chat)
+    print_stats(reference.stats, "autoregressive: ")
+    identical = reference.token_ids == spec_ids
+    speedup = stats.tokens_per_s / max(reference.stats.tokens_per_s, 1e-9)
+    click.echo(f"lossless check: {'IDENTICAL' if identical else 'DIFFERENT'} "
+               f"({len(spec_ids)} tokens); speedup vs autoregressive {speedup:.2f}x", err=True)
+    return identical
+
+
+@cli.command()
+@click.argument("engine_dir", type=click.Path(path_type=Path))
+@click.option("--prompt", required=True, help="Prompt text.")
+@click.option("--max-new-tokens", type=int, default=128, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy.")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--chat", is_flag=True, help="Wrap the prompt in the tokenizer's chat template.")
+@click.option("--no-spec", is_flag=True, help="Plain autoregressive decoding.")
+@click.option("--verify", is_flag=True, help="Also decode without speculation and compare the outputs.")
+@click.option("--budget", type=int, default=None, help="Override the engine's tree budget (<= the built one).")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
+def run(engine_dir, prompt, max_new_tokens, temperature, top_p, seed, chat, no_spec, verify, budget, device):
+    """Generate text from an engine, streaming; print tokens/s, tau and the acceptance histogram."""
+    from jetspec_trt.runtime.engine import Engine
+
+    if not 0.0 < top_p <= 1.0:
+        raise JetSpecError(f"--top-p must be in (0, 1], got {top_p}")
+    if temperature < 0:
+        raise JetSpecError(f"--temperature must be >= 0, got {temperature}")
+    engine = Engine.load(engine_dir, device=device)
+    tree = None
+    if budget is not None:
+        built = engine.runtime.tree
+        if not 1 <= budget <= built.budget:
+            raise JetSpecError(f"--budget must be in 1..{built.budget} (the engine was built for {built.budget})")
+        tree = TreeConfig(budget, built.topk, built.max_depth)
+    sampling = SamplingConfig(temperature, top_p, seed)
+    if not run_prompt(engine, prompt, max_new_tokens, sampling, not no_spec, chat, verify, tree):
+        sys.exit(1)
+
+
+@cli.command()
+@click.option("--workdir", type=click.Path(path_type=Path), default=None, help="Where the tiny pair is written.")
+@click.option("--prompt", default=None, help="Prompt text.")
+@click.option("--max-new-tokens", type=int, default=96, show_default=True)
+def quickstart(workdir, prompt, max_new_tokens):
+    """Make a tiny pair, build its engine, run a prompt, check losslessness. Needs no download."""
+    from jetspec_trt.quickstart import QUICKSTART_PROMPT, default_workdir, make_tiny_engine
+    from jetspec_trt.runtime.engine import Engine
+
+    workdir = workdir or default_workdir()
+    paths = make_tiny_engine(workdir)
+    click.echo(f"built {paths.engine} from a random tiny Qwen3 target and an untrained draft head", err=True)
+    engine = Engine.load(paths.engine)
+    if not run_prompt(engine, prompt or QUICKSTART_PROMPT, max_new_tokens, SamplingConfig(), True, False, True, None):
+        sys.exit(1)
+
+
+def main() -> None:
+    try:
+        cli.main(standalone_mode=False)
+    except JetSpecError as err:
+        click.echo(f"error: {err}", err=True)
+        sys.exit(JetSpecError.exit_code)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as err:
+        err.show()
+        sys.exit(err.exit_code)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""The JetSpec causal parallel draft head (published "DFlash format" with `causal_head: true`).
+
+Context features: the target's hidden states after `target_layer_ids`, concatenated, then
+`hidden_norm(fc(concat))`. Every head layer projects those features with its own k_proj/v_proj (+k_norm,
+RoPE at the tokens' positions) into the head's KV cache, once per committed token. A draft pass embeds the
+block [anchor, MASK x (block_size-1)] with the target's embedding and runs it through the layers; each block
+position sees all context and the block positions up to itself (causal). `norm(hidden)` at block positions
+1..block_size-1 through the target's lm_head gives per-depth logits. The head owns no embedding and no lm_head.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from jetspec_trt.errors import JetSpecError
+from jetspec_trt.models.config import DecoderConfig
+from jetspec_trt.models.layers import MLP, AttentionProjections, RMSNorm, Rotary
+from jetspec_trt.plugins.tree_attention import tree_attention
+from jetspec_trt.runtime.kv_cache import KVCacheSpec, PagedKVCache
+
+# TensorRT Edge-LLM reads either key; the published heads use dflash_config.
+SPEC_CONFIG_KEYS = ("dflash_config", "jetspec_config")
+
+
+def default_target_layer_ids(num_target_layers: int, num_draft_layers: int) -> list[int]:
+    """Evenly spaced from 1 to num_target_layers-3 (Qwen3-8B, 5 layers: [1, 9, 17, 25, 33])."""
+    if num_draft_layers == 1:
+        return [num_target_layers // 2]
+    start, end = 1, num_target_layers - 3
+    return [int(round(start + i * (end - start) / (num_draft_layers - 1))) for i in range(num_draft_layers)]
+
+
+@dataclass(frozen=True)
+class DraftSpec:
+    """The speculative part of a draft head's config.json."""
+
+    block_size: int
+    num_target_layers: int
+    target_layer_ids: tuple[int, ...]
+    mask_token_id: int
+    target_hidden_size: int
+    causal_head: bool = True
+    config_key: str = "dflash_config"
+
+    @property
+    def max_depth(self) -> int:
+        return self.block_size - 1
+
+    @classmethod
+    def from_config_dict(cls, raw: dict, source: str) -> "DraftSpec":
+        key = next((k for k in SPEC_CONFIG_KEYS if isinstance(raw.get(k), dict)), None)
+        if key is None:
+            raise JetSpecError(f"{source}: no dflash_config or jetspec_config block (not a JetSpec draft head)")
+        spec = raw[key]
+        if not spec.get("causal_head", False):
+            raise JetSpecError(
+                f"{source}: {key}.causal_head is not true; this is a bidirectional DFlash head, "
+                "which JetSpec's causal tree drafting cannot use"
+            )
+        for name in ("block_size", "num_target_layers"):
+            if not isinstance(raw.get(name), int):
+                raise JetSpecError(f"{source}: missing integer field {name!r}")
+        if raw["block_size"] < 2:
+            raise JetSpecError(f"{source}: block_size must be >= 2, got {raw['block_size']}")
+        layer_ids = spec.get("target_layer_ids") or default_target_layer_ids(
+            raw["num_target_layers"], raw["num_hidden_layers"]
+        )
+        if "mask_token_id" not in spec or not isinstance(spec["mask_token_id"], int):
+            raise JetSpecError(f"{source}: {key}.mask_token_id is missing")
+        return cls(
+            block_size=raw["block_size"],
+            num_target_layers=raw["num_target_layers"],
+            target_layer_ids=tuple(int(i) for i in layer_ids),
+            mask_token_id=spec["mask_token_id"],
+            target_hidden_size=int(spec.get("target_hidden_size", raw["hidden_size"])),
+            causal_head=True,
+            config_key=key,
+        )
+
+    def to_config_block(self) -> dict:
+        return {
+            "target_layer_ids": list(self.target_layer_ids),
+            "mask_token_id": self.mask_token_id,
+            "causal_head": True,
+            "target_hidden_size": self.target_hidden_size,
+        }
+
+
+def draft_config_dict(decoder: DecoderConfig, spec: DraftSpec, rope_theta: float) -> dict:
+    """config.json of a draft head in the published layout (a Qwen3Config plus the JetSpec fields)."""
+    return {
+        "architectures": ["DFlashDraftModel"],
+        "model_type": "qwen3",
+        "vocab_size": decoder.vocab_size,
+        "hidden_size": decoder.hidden_size,
+        "intermediate_size": decoder.intermediate_size,
+        "num_hidden_layers": decoder.num_layers,
+        "num_attention_heads": decoder.num_heads,
+        "num_key_value_heads": decoder.num_kv_heads,
+        "head_dim": decoder.head_dim,
+        "rms_norm_eps": decoder.rms_norm_eps,
+        "max_position_embeddings": decoder.max_position_embeddings,
+        "rope_theta": rope_theta,
+        "attention_bias": False,
+        "tie_word_embeddings": False,
+        "block_size": spec.block_size,
+        "num_target_layers": spec.num_target_layers,
+        spec.config_key: spec.to_config_block(),
+    }
+
+
+class DraftLayer(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = AttentionProjections(
+            cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.qkv_bias, True, cfg.rms_norm_eps
+        )
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+
+
+class DraftHead(nn.Module):
+    def __init__(self, cfg: DecoderConfig, spec: DraftSpec, inv_freq: torch.Tensor, attention_scaling: float = 1.0):
+        super().__init__()
+        self.config = cfg
+        self.spec = spec
+        self.fc = nn.Linear(len(spec.target_layer_ids) * spec.target_hidden_size, cfg.hidden_size, bias=False)
+        self.hidden_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(DraftLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = Rotary(inv_freq, attention_scaling)
+
+    def new_cache(self, max_tokens: int, page_size: int = 64, dtype: torch.dtype | None = None) -> PagedKVCache:
+        cfg = self.config
+        param = self.fc.weight
+        spec = KVCacheSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, max_tokens, page_size, dtype or param.dtype)
+        return PagedKVCache(spec, param.device)
+
+    def project_context(self, features: torch.Tensor) -> torch.Tensor:
+        return self.hidden_norm(self.fc(features))
+
+    def extend_context(self, features: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache) -> None:
+        """Append the K/V of m newly committed tokens' fused target features ([m, n_ids*H]) and commit them."""
+        context = self.project_context(features)
+        cos, sin = self.rotary.cos_sin(positions, context.dtype)
+        slots = cache.slots(cache.ctx_len, features.shape[0])
+        for i, layer in enumerate(self.layers):
+            k, v = layer.self_attn.key_value(context, cos, sin)
+            cache.write(i, slots, k, v)
+        cache.set_length(cache.length + features.shape[0])
+
+    def propose(
+        self, block_embeds: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache, block_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """Run the block [B, H] after the committed context; returns normed hidden states [B, H].
+
+        The block's K/V go into the slots after the context without being committed: the next round's
+        context overwrites them.
+        """
+        cos, sin = self.rotary.cos_sin(positions, block_embeds.dtype)
+        slots = cache.slots(cache.ctx_len, block_embeds.shape[0])
+        x = block_embeds
+        for i, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.query(h, cos, sin)
+            k, v = attn.key_value(h, cos, sin)
+            cache.write(i, slots, k, v)
+            o = tree_attention(q, cache.k[i], cache.v[i], cache.block_table, cache.ctx_len, block_mask, attn.scale)
+            x = x + attn.o_proj(o.flatten(1))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.norm(x)
+
+
+def read_draft_config(model_dir: Path) -> tuple[dict, DraftSpec]:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise JetSpecError(f"{model_dir}: no config.json (expected a JetSpec draft head directory)")
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise JetSpecError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from err
+    return raw, DraftSpec.from_config_dict(raw, str(path))
+
+
+def spec_summary(spec: DraftSpec) -> dict:
+    return asdict(spec)

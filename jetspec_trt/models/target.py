@@ -1,0 +1,90 @@
+"""The target decoder (Qwen3, and Qwen2/Llama with the same code) over the paged KV cache.
+
+One forward serves prefill, an autoregressive step and a tree verify: the caller gives token ids, their RoPE
+positions and the packed visibility mask of the new tokens (causal, [[1]] or tree ancestors). It returns the
+logits of every new token and, concatenated, the hidden states after the requested layers (Hugging Face
+`output_hidden_states` entry L+1 for layer L), which the draft head reads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from jetspec_trt.models.config import DecoderConfig
+from jetspec_trt.models.layers import MLP, AttentionProjections, RMSNorm, Rotary
+from jetspec_trt.plugins.tree_attention import tree_attention
+from jetspec_trt.runtime.kv_cache import KVCacheSpec, PagedKVCache
+
+
+@dataclass
+class TargetOutput:
+    logits: torch.Tensor  # [T, vocab] float32
+    features: torch.Tensor | None  # [T, len(capture_layers) * hidden] or None
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = AttentionProjections(
+            cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.qkv_bias, cfg.qk_norm,
+            cfg.rms_norm_eps,
+        )
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x, cos, sin, cache: PagedKVCache, layer: int, slots, tree_mask):
+        attn = self.self_attn
+        h = self.input_layernorm(x)
+        q = attn.query(h, cos, sin)
+        k, v = attn.key_value(h, cos, sin)
+        cache.write(layer, slots, k, v)
+        o = tree_attention(q, cache.k[layer], cache.v[layer], cache.block_table, cache.ctx_len, tree_mask, attn.scale)
+        x = x + attn.o_proj(o.flatten(1))
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class TargetModel(nn.Module):
+    def __init__(self, cfg: DecoderConfig, inv_freq: torch.Tensor, attention_scaling: float = 1.0):
+        super().__init__()
+        self.config = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+        self.rotary = Rotary(inv_freq, attention_scaling)
+
+    def new_cache(self, max_tokens: int, page_size: int = 64, dtype: torch.dtype | None = None) -> PagedKVCache:
+        cfg = self.config
+        param = self.embed_tokens.weight
+        spec = KVCacheSpec(cfg.num_layers, cfg.num_kv_heads, cfg.head_dim, max_tokens, page_size, dtype or param.dtype)
+        return PagedKVCache(spec, param.device)
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: PagedKVCache,
+        tree_mask: torch.Tensor,
+        capture_layers: tuple[int, ...] = (),
+    ) -> TargetOutput:
+        """tokens/positions [T]; the new tokens' K/V land at slots ctx_len .. ctx_len+T-1 (not yet committed)."""
+        x = self.embed_tokens(tokens)
+        cos, sin = self.rotary.cos_sin(positions, x.dtype)
+        slots = cache.slots(cache.ctx_len, tokens.shape[0])
+        captured = {}
+        last = len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, cache, i, slots, tree_mask)
+            if i in capture_layers and i != last:
+                captured[i] = x
+        x = self.norm(x)
+        if last in capture_layers:  # HF's last hidden-state entry is taken after the final norm
+            captured[last] = x
+        features = torch.cat([captured[i] for i in capture_layers], dim=-1) if capture_layers else None
+        return TargetOutput(self.lm_head(x).float(), features)

@@ -1,0 +1,124 @@
+"""The tree-attention op: one contract for prefill, decode, tree verify and the draft block.
+
+Contract of ``torch.ops.jetspec_trt.tree_attention`` (batch 1, the single-stream case JetSpec targets):
+
+    out = tree_attention(q, k_cache, v_cache, block_table, ctx_len, tree_mask, scale)
+
+    q            [T, Hq, D]      queries of the T new tokens (RoPE already applied)
+    k_cache      [P, S, Hkv, D]  paged keys: P pages of S slots; Hq % Hkv == 0 (GQA)
+    v_cache      [P, S, Hkv, D]  paged values
+    block_table  int32 [M]       logical page i of the sequence lives in physical page block_table[i]
+    ctx_len      int32 [1]       committed tokens; they sit at logical slots 0..ctx_len-1 and every query sees them
+    tree_mask    int32 [T, W]    W = ceil(T/32); bit (j % 32) of word j // 32 in row i (LSB first) is set when
+                                 query i may see new token j. New token j sits at logical slot ctx_len + j.
+                                 Rows hold the token itself and its ancestors (a causal mask for prefill and the
+                                 draft block, [[1]] for a decode step). TensorRT-LLM's spec_decoding_packed_mask
+                                 uses the same bit layout.
+    scale        float           softmax scale (head_dim ** -0.5 for Qwen)
+    returns      [T, Hq, D]      in q's dtype; accumulation in float32
+
+The caller has already written the new tokens' K/V into their slots. ``ctx_len`` is a tensor, not an int,
+so a CUDA graph captured once replays at any context length. The CPU reference below is the specification;
+GPU kernels registered for the same op must match it (tests compare them).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+LIBRARY = "jetspec_trt"
+OP_NAME = "tree_attention"
+
+torch.library.define(
+    f"{LIBRARY}::{OP_NAME}",
+    "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor ctx_len, Tensor tree_mask, "
+    "float scale) -> Tensor",
+)
+
+
+def mask_words(num_tokens: int) -> int:
+    """Number of int32 words per packed mask row."""
+    return (num_tokens + 31) // 32
+
+
+def pack_mask(dense: torch.Tensor) -> torch.Tensor:
+    """Bool [T, T] (row i may see column j) -> packed int32 [T, ceil(T/32)], LSB first."""
+    t = dense.shape[-1]
+    words = mask_words(t)
+    padded = torch.zeros(*dense.shape[:-1], words * 32, dtype=torch.int64, device=dense.device)
+    padded[..., :t] = dense.to(torch.int64)
+    bits = padded.view(*dense.shape[:-1], words, 32) << torch.arange(32, device=dense.device)
+    packed = bits.sum(-1)
+    # Fold into the signed int32 range (bit 31 set -> negative), as the kernels read raw 32-bit words.
+    packed = torch.where(packed >= 2**31, packed - 2**32, packed)
+    return packed.to(torch.int32)
+
+
+def unpack_mask(packed: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Packed int32 [T, W] -> bool [T, num_tokens]."""
+    shifts = torch.arange(32, device=packed.device, dtype=torch.int64)
+    bits = (packed.to(torch.int64).unsqueeze(-1) >> shifts) & 1
+    return bits.flatten(-2)[..., :num_tokens].bool()
+
+
+def causal_mask(num_tokens: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Packed lower-triangular mask: prefill and the draft block."""
+    dense = torch.ones(num_tokens, num_tokens, dtype=torch.bool, device=device).tril()
+    return pack_mask(dense)
+
+
+def gather_pages(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """Paged [P, S, H, D] -> contiguous [length, H, D] of the sequence's first `length` slots."""
+    page_size = cache.shape[1]
+    pages = math.ceil(length / page_size)
+    flat = cache[block_table[:pages].long()].flatten(0, 1)
+    return flat[:length]
+
+
+@torch.library.impl(f"{LIBRARY}::{OP_NAME}", "CompositeExplicitAutograd")
+def tree_attention_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    ctx_len: torch.Tensor,
+    tree_mask: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Reference implementation (any device): gathers the pages and runs masked softmax attention in fp32."""
+    num_new, num_heads, head_dim = q.shape
+    num_kv_heads = k_cache.shape[2]
+    committed = int(ctx_len.reshape(-1)[0])
+    total = committed + num_new
+    keys = gather_pages(k_cache, block_table, total).float()
+    values = gather_pages(v_cache, block_table, total).float()
+    group = num_heads // num_kv_heads
+    keys = keys.repeat_interleave(group, dim=1)  # [total, Hq, D]
+    values = values.repeat_interleave(group, dim=1)
+    scores = torch.einsum("thd,shd->hts", q.float(), keys) * scale
+    visible = torch.ones(num_new, total, dtype=torch.bool, device=q.device)
+    visible[:, committed:] = unpack_mask(tree_mask, num_new)
+    scores = scores.masked_fill(~visible, float("-inf"))
+    probs = torch.softmax(scores, dim=-1)
+    out = torch.einsum("hts,shd->thd", probs, values)
+    return out.to(q.dtype)
+
+
+@torch.library.register_fake(f"{LIBRARY}::{OP_NAME}")
+def _tree_attention_fake(q, k_cache, v_cache, block_table, ctx_len, tree_mask, scale):
+    return torch.empty_like(q)
+
+
+def tree_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_table: torch.Tensor,
+    ctx_len: torch.Tensor,
+    tree_mask: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Dispatch to the registered implementation for q's device (the Triton kernel on CUDA once loaded)."""
+    return torch.ops.jetspec_trt.tree_attention(q, k_cache, v_cache, block_table, ctx_len, tree_mask, scale)

@@ -1,0 +1,64 @@
+"""The speculative runtime config stored in an engine directory (runtime_config.json)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from jetspec_trt.errors import JetSpecError
+
+RUNTIME_CONFIG = "runtime_config.json"
+
+
+@dataclass(frozen=True)
+class TreeConfig:
+    budget: int = 256  # tree nodes verified per round, root included (1 = autoregressive)
+    topk: int = 7  # children per node (tree width); the paper's runs use 7
+    max_depth: int = 15  # drafted tokens on the longest branch, <= block_size - 1
+
+    def validate(self, block_size: int) -> None:
+        if self.budget < 1:
+            raise JetSpecError(f"budget must be >= 1, got {self.budget}")
+        if self.topk < 1:
+            raise JetSpecError(f"topk must be >= 1, got {self.topk}")
+        if not 1 <= self.max_depth <= block_size - 1:
+            raise JetSpecError(f"max_depth must be in 1..{block_size - 1} (block_size - 1), got {self.max_depth}")
+
+
+@dataclass(frozen=True)
+class RuntimeConfig:
+    tree: TreeConfig
+    dtype: str
+    max_seq_len: int  # prompt + generated tokens
+    block_size: int
+    mask_token_id: int
+    target_layer_ids: tuple[int, ...]
+    eos_token_ids: tuple[int, ...] = ()
+    page_size: int = 64
+    extras: dict = field(default_factory=dict)  # backend-specific (e.g. tuned kernel configs)
+
+    def cache_tokens(self) -> int:
+        """KV slots per cache: the sequence plus one tree (or draft block) beyond it."""
+        return self.max_seq_len + max(self.tree.budget, self.block_size) + 1
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> "RuntimeConfig":
+        raw = dict(raw)
+        raw["tree"] = TreeConfig(**raw["tree"])
+        raw["target_layer_ids"] = tuple(raw["target_layer_ids"])
+        raw["eos_token_ids"] = tuple(raw.get("eos_token_ids", ()))
+        return cls(**raw)
+
+    @classmethod
+    def load(cls, engine_dir: Path) -> "RuntimeConfig":
+        path = Path(engine_dir) / RUNTIME_CONFIG
+        if not path.is_file():
+            raise JetSpecError(f"{engine_dir}: no {RUNTIME_CONFIG} (not an engine directory; run `jetspec-trt build`)")
+        try:
+            return cls.from_dict(json.loads(path.read_text()))
+        except (json.JSONDecodeError, TypeError, KeyError) as err:
+            raise JetSpecError(f"{path}: malformed runtime config ({err})") from err

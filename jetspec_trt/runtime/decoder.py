@@ -1,0 +1,162 @@
+"""Token-level decoding: JetSpec rounds (draft -> tree -> verify -> accept -> compact) and the plain AR path.
+
+Invariant between rounds: the target cache holds the n committed tokens before the anchor; the draft cache
+holds the projected features of the same n tokens once `pending` features are appended; the anchor (the last
+emitted token) is in neither and becomes the tree's root at position n.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from jetspec_trt.errors import JetSpecError
+from jetspec_trt.models.draft import DraftHead
+from jetspec_trt.models.target import TargetModel
+from jetspec_trt.plugins.tree_attention import causal_mask
+from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
+from jetspec_trt.spec.accept import SamplingConfig, accept, next_token
+from jetspec_trt.spec.tree import build_tree
+
+
+@dataclass
+class DecodeStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    rounds: int = 0  # target forwards after prefill (tree verifies, or AR steps)
+    drafted_tokens: int = 0  # tree nodes below the root, summed over rounds
+    accepted_drafts: int = 0  # drafted tokens the target accepted
+    emitted_per_round: list[int] = field(default_factory=list)  # accepted drafts + bonus
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    finish_reason: str = ""
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens emitted per verify round (accepted drafts + the bonus token)."""
+        return sum(self.emitted_per_round) / max(1, len(self.emitted_per_round))
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.new_tokens / max(self.prefill_s + self.decode_s, 1e-9)
+
+    def histogram(self) -> dict[int, int]:
+        return dict(sorted(Counter(self.emitted_per_round).items()))
+
+
+class Decoder:
+    def __init__(self, target: TargetModel, draft: DraftHead | None, runtime: RuntimeConfig):
+        self.target = target
+        self.draft = draft
+        self.runtime = runtime
+        self.device = target.embed_tokens.weight.device
+        self.capture_layers = tuple(runtime.target_layer_ids)
+        self.target_cache = target.new_cache(runtime.cache_tokens(), runtime.page_size)
+        self.draft_cache = draft.new_cache(runtime.cache_tokens(), runtime.page_size) if draft is not None else None
+        self._block_mask = causal_mask(runtime.block_size, self.device)
+        self._one = causal_mask(1, self.device)
+
+    def _check_prompt(self, prompt_ids: list[int], max_new_tokens: int) -> int:
+        if not prompt_ids:
+            raise JetSpecError("empty prompt")
+        if max_new_tokens < 1:
+            raise JetSpecError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+        vocab = self.target.config.vocab_size
+        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
+            raise JetSpecError(f"prompt token ids must be in [0, {vocab})")
+        limit = self.runtime.max_seq_len
+        if len(prompt_ids) >= limit:
+            raise JetSpecError(f"prompt has {len(prompt_ids)} tokens; the engine's max_seq_len is {limit}")
+        return min(max_new_tokens, limit - len(prompt_ids))
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        sampling: SamplingConfig = SamplingConfig(),
+        speculative: bool = True,
+        tree: TreeConfig | None = None,
+    ) -> Iterator[list[int]]:
+        """Yield the new tokens of each round. `self.stats` describes the call once the iterator ends."""
+        max_new_tokens = self._check_prompt(prompt_ids, max_new_tokens)
+        tree = tree or self.runtime.tree
+        if speculative and self.draft is None:
+            raise JetSpecError("speculative decoding needs a draft head")
+        self.stats = stats = DecodeStats(prompt_tokens=len(prompt_ids))
+        generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
+        eos = set(self.runtime.eos_token_ids)
+
+        def finish(tokens: list[int]) -> tuple[list[int], bool]:
+            """Cut at EOS or the token limit; say whether generation is over."""
+            room = max_new_tokens - stats.new_tokens
+            for i, t in enumerate(tokens[:room]):
+                if t in eos:
+                    stats.finish_reason = "stop"
+                    return tokens[: i + 1], True
+            if len(tokens) >= room:
+                stats.finish_reason = "length"
+                return tokens[:room], True
+            return tokens, False
+
+        start = time.perf_counter()
+        prompt = torch.tensor(prompt_ids, device=self.device)
+        n = len(prompt_ids)
+        cache = self.target_cache
+        cache.reset()
+        capture = self.capture_layers if speculative else ()
+        out = self.target(prompt, torch.arange(n, device=self.device), cache, causal_mask(n, self.device), capture)
+        cache.commit(torch.arange(n, device=self.device))
+        anchor = next_token(out.logits[-1], sampling, generator)
+        stats.prefill_s = time.perf_counter() - start
+        tokens, done = finish([anchor])
+        stats.new_tokens += len(tokens)
+        yield tokens
+        start = time.perf_counter()
+        if speculative:
+            self.draft_cache.reset()
+            pending = (out.features, torch.arange(n, device=self.device))
+        while not done:
+            position = cache.length
+            if speculative and tree.budget > 1:
+                self.draft.extend_context(*pending, self.draft_cache)
+                draft_tree = self._draft_tree(anchor, position, tree)
+                tree_tokens, positions = draft_tree.tokens.to(self.device), position + draft_tree.depths.to(self.device)
+                mask = draft_tree.packed_mask().to(self.device)
+            else:
+                draft_tree = None
+                tree_tokens = torch.tensor([anchor], device=self.device)
+                positions, mask = torch.tensor([position], device=self.device), self._one
+            out = self.target(tree_tokens, positions, cache, mask, capture)
+            if draft_tree is not None:
+                result = accept(draft_tree, out.logits, sampling, generator)
+                path, emitted = result.path, result.emitted
+                stats.drafted_tokens += draft_tree.size - 1
+                stats.accepted_drafts += len(path) - 1
+            else:
+                path, emitted = [0], [next_token(out.logits[0], sampling, generator)]
+            kept = torch.tensor(path, device=self.device)
+            cache.commit(kept)
+            if speculative:
+                pending = (out.features[kept], position + torch.arange(len(path), device=self.device))
+            stats.rounds += 1
+            stats.emitted_per_round.append(len(emitted))
+            anchor = emitted[-1]
+            tokens, done = finish(emitted)
+            stats.new_tokens += len(tokens)
+            yield tokens
+        stats.decode_s = time.perf_counter() - start
+
+    def _draft_tree(self, anchor: int, position: int, tree: TreeConfig):
+        block_size = self.runtime.block_size
+        block = torch.full((block_size,), self.runtime.mask_token_id, device=self.device)
+        block[0] = anchor
+        embeds = self.target.embed_tokens(block)
+        positions = position + torch.arange(block_size, device=self.device)
+        hidden = self.draft.propose(embeds, positions, self.draft_cache, self._block_mask)
+        depth_logits = self.target.lm_head(hidden[1 : 1 + tree.max_depth])
+        return build_tree(anchor, depth_logits, tree.budget, tree.topk, tree.max_depth)

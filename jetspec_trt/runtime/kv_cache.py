@@ -1,0 +1,79 @@
+"""Paged KV cache for one sequence (batch 1), shared by prefill, decode, tree verify and the draft head.
+
+Every layer owns K and V tensors of shape [num_pages, page_size, num_kv_heads, head_dim]. The block table maps
+the sequence's logical pages to physical ones. With one stream the table is the identity, but the kernels and
+the compaction go through it, so a multi-sequence scheduler can hand out pages without touching them.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class KVCacheSpec:
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    max_tokens: int
+    page_size: int = 64
+    dtype: torch.dtype = torch.float32
+
+    @property
+    def num_pages(self) -> int:
+        return math.ceil(self.max_tokens / self.page_size)
+
+
+class PagedKVCache:
+    def __init__(self, spec: KVCacheSpec, device: torch.device | str = "cpu"):
+        self.spec = spec
+        shape = (spec.num_pages, spec.page_size, spec.num_kv_heads, spec.head_dim)
+        self.k = [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]
+        self.v = [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]
+        self.block_table = torch.arange(spec.num_pages, dtype=torch.int32, device=device)
+        # Committed tokens, as a device tensor so CUDA graphs can read it; `length` mirrors it on the host.
+        self.ctx_len = torch.zeros(1, dtype=torch.int32, device=device)
+        self.length = 0
+
+    @property
+    def capacity(self) -> int:
+        return self.spec.num_pages * self.spec.page_size
+
+    def reset(self) -> None:
+        self.set_length(0)
+
+    def set_length(self, length: int) -> None:
+        self.length = length
+        self.ctx_len.fill_(length)
+
+    def slots(self, first: torch.Tensor, count: int) -> torch.Tensor:
+        """Flat physical slot ids of logical positions first .. first+count-1 (first: int32 [1] tensor)."""
+        logical = first.long() + torch.arange(count, device=first.device)
+        page_size = self.spec.page_size
+        return self.block_table.long()[logical // page_size] * page_size + logical % page_size
+
+    def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Store K/V [T, Hkv, D] of new tokens into flat slots."""
+        self.k[layer].view(-1, *k.shape[1:]).index_copy_(0, slots, k.to(self.spec.dtype))
+        self.v[layer].view(-1, *v.shape[1:]).index_copy_(0, slots, v.to(self.spec.dtype))
+
+    def commit(self, kept: torch.Tensor) -> None:
+        """Keep the new tokens at indices `kept` (ascending, relative to ctx_len) and append them to the context.
+
+        Tree verify wrote all N tree tokens after the context; only the accepted path survives. Moving its
+        rows to contiguous slots keeps every later read a plain prefix of the sequence.
+        """
+        count = kept.numel()
+        base = self.ctx_len.clone()
+        src = self.slots(base, int(kept.max()) + 1)[kept.long()]
+        dst = self.slots(base, count)
+        if not torch.equal(src, dst):
+            for k, v in zip(self.k, self.v):
+                flat_k = k.view(-1, *k.shape[2:])
+                flat_v = v.view(-1, *v.shape[2:])
+                flat_k.index_copy_(0, dst, flat_k.index_select(0, src))
+                flat_v.index_copy_(0, dst, flat_v.index_select(0, src))
+        self.set_length(self.length + count)

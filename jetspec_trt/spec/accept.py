@@ -1,0 +1,87 @@
+"""Acceptance walks over a verified tree: greedy, and sampling that keeps the target's distribution exactly.
+
+Both walks start at the root and only ever consult the TARGET's logits at the current node:
+
+Greedy: take the target's argmax y at the node; if a child holds y, move to it, else stop. Emitted tokens are
+the accepted children plus y at the last node (the bonus token), so the output is the target's own greedy
+decoding, token for token.
+
+Sampling ("draw from the target, then match"): at the node, draw y from the target's tempered, top-p filtered
+distribution p(. | prefix). If a child holds y, move to it; otherwise emit y and stop. Why this is exact: every
+emitted token is a fresh draw from p(. | the tokens emitted before it), the same law as plain sampling; the
+tree only decides whether the next draw can reuse an already-computed forward. Because our children are the
+deterministic top-k of the draft (not samples from it), this rule also accepts as often as any exact rule can:
+the chance to advance is p(children), the mass the target puts on the drafted set. (SpecInfer-style
+multi-draft rejection sampling needs sampled drafts to be exact; with a deterministic draft set it reduces to
+this.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from jetspec_trt.spec.tree import DraftTree
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+@dataclass
+class Acceptance:
+    path: list[int]  # tree node indices kept: root first, then each accepted child
+    emitted: list[int]  # accepted children's tokens + the bonus token
+
+    @property
+    def accepted_drafts(self) -> int:
+        return len(self.path) - 1
+
+
+def target_probs(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """The distribution plain sampling draws from: softmax(logits / T), restricted to the top-p nucleus."""
+    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    if sampling.top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # Keep the smallest prefix whose mass reaches top_p (the first token is always kept).
+        before = sorted_probs.cumsum(-1) - sorted_probs
+        sorted_probs = sorted_probs.masked_fill(before >= sampling.top_p, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def next_token(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> int:
+    """One token the way plain decoding picks it (argmax, or a draw from target_probs)."""
+    if sampling.greedy:
+        return int(logits.argmax(-1))
+    probs = target_probs(logits, sampling)
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def accept(
+    tree: DraftTree, logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None = None
+) -> Acceptance:
+    """logits [N, V]: the target's logits at each tree node (row i predicts the token after node i)."""
+    if sampling.greedy:
+        choices = logits.argmax(-1).tolist()  # one host transfer for the whole tree
+        pick = lambda node: choices[node]  # noqa: E731
+    else:
+        pick = lambda node: next_token(logits[node], sampling, generator)  # noqa: E731
+    node, path, emitted = 0, [0], []
+    while True:
+        token = pick(node)
+        emitted.append(token)
+        child = tree.children[node].get(token)
+        if child is None:
+            return Acceptance(path, emitted)
+        node = child
+        path.append(node)

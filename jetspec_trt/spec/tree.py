@@ -1,0 +1,81 @@
+"""Candidate tree from ONE draft pass: per-depth top-k, best-first by cumulative log-probability ("accum_logp").
+
+Node 0 is the root: the anchor (last committed token, not yet in the target's KV). A node at depth d holds a
+candidate for the token d places after the anchor. In this baseline every node at depth d has the same children
+(the top-k tokens of depth d+1), so the tree is a prefix-closed set of rank sequences, grown best-first: pop the
+best frontier entry, add it as a node, then push its first child and its next sibling (both score no higher
+than it, and every other candidate ranks behind one of those two). `budget` counts all nodes, root included,
+so budget 1 is plain autoregressive decoding.
+"""
+
+from __future__ import annotations
+
+import heapq
+from dataclasses import dataclass
+
+import torch
+
+from jetspec_trt.plugins.tree_attention import pack_mask
+
+
+@dataclass
+class DraftTree:
+    tokens: torch.Tensor  # [N] int64, tokens[0] = anchor
+    parents: torch.Tensor  # [N] int64, parents[0] = -1, parents[i] < i
+    depths: torch.Tensor  # [N] int64, depths[0] = 0
+    ancestors: torch.Tensor  # [N, N] bool, [i, j] = j is i or an ancestor of i
+    children: list[dict[int, int]]  # per node: token -> child node index
+
+    @property
+    def size(self) -> int:
+        return self.tokens.shape[0]
+
+    def packed_mask(self) -> torch.Tensor:
+        return pack_mask(self.ancestors)
+
+
+def build_tree(anchor: int, depth_logits: torch.Tensor, budget: int, topk: int, max_depth: int) -> DraftTree:
+    """depth_logits [D, V]: row d scores the token at depth d+1. Returns at most `budget` nodes."""
+    max_depth = min(max_depth, depth_logits.shape[0])
+    logp = torch.log_softmax(depth_logits[:max_depth].float(), dim=-1)
+    k = min(topk, logp.shape[-1])
+    top_logp, top_ids = logp.topk(k, dim=-1) if max_depth > 0 else (logp, logp.long())
+    top_logp, top_ids = top_logp.tolist(), top_ids.tolist()
+
+    tokens, parents, depths = [anchor], [-1], [0]
+    children: list[dict[int, int]] = [{}]
+    # Frontier entries: (-score, tie-break counter, parent node, depth, rank among the parent's children).
+    frontier: list[tuple[float, int, int, int, int]] = []
+    counter = 0
+    if max_depth > 0 and budget > 1:
+        frontier.append((-top_logp[0][0], counter, 0, 1, 0))
+    scores = [0.0]
+    while frontier and len(tokens) < budget:
+        neg, _, parent, depth, rank = heapq.heappop(frontier)
+        node = len(tokens)
+        token = top_ids[depth - 1][rank]
+        tokens.append(token)
+        parents.append(parent)
+        depths.append(depth)
+        children.append({})
+        children[parent][token] = node
+        scores.append(-neg)
+        if rank + 1 < k:  # next sibling under the same parent
+            counter += 1
+            heapq.heappush(frontier, (-(scores[parent] + top_logp[depth - 1][rank + 1]), counter, parent, depth, rank + 1))
+        if depth < max_depth:  # first child
+            counter += 1
+            heapq.heappush(frontier, (-(scores[node] + top_logp[depth][0]), counter, node, depth + 1, 0))
+    n = len(tokens)
+    ancestors = torch.zeros(n, n, dtype=torch.bool)
+    for i in range(n):
+        if parents[i] >= 0:
+            ancestors[i] = ancestors[parents[i]]
+        ancestors[i, i] = True
+    return DraftTree(
+        tokens=torch.tensor(tokens, dtype=torch.long),
+        parents=torch.tensor(parents, dtype=torch.long),
+        depths=torch.tensor(depths, dtype=torch.long),
+        ancestors=ancestors,
+        children=children,
+    )
