@@ -126,6 +126,32 @@ def quickstart(workdir, prompt, max_new_tokens):
         sys.exit(1)
 
 
+@cli.group()
+def export() -> None:
+    """Export an engine to deployment formats (Triton, TensorRT-LLM, ONNX)."""
+
+
+# Commands that live beside the code they drive ("module:attribute" of a click command). Each such module keeps
+# its heavy imports inside the command function, so `jetspec-trt --help` stays fast.
+COMMANDS: list[str] = [
+]
+EXPORT_COMMANDS: list[str] = [
+]
+
+
+def _command(ref: str) -> click.Command:
+    import importlib
+
+    module, attribute = ref.split(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+for _ref in COMMANDS:
+    cli.add_command(_command(_ref))
+for _ref in EXPORT_COMMANDS:
+    export.add_command(_command(_ref))
+
+
 def main() -> None:
     try:
         cli.main(standalone_mode=False)
