@@ -32,7 +32,8 @@ def tree_options(func):
 @click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path), help="Engine directory.")
 @tree_options
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16", "float32"]), default="bfloat16", show_default=True)
-@click.option("--max-seq-len", type=int, default=4096, show_default=True, help="Prompt + generated tokens.")
+@click.option("--max-seq-len", type=int, default=None,
+              help="Prompt + generated tokens [default: min(4096, the target's max_position_embeddings)].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing engine directory.")
 def build(target_dir, draft_dir, output_dir, budget, topk, max_depth, dtype, max_seq_len, overwrite):
     """Check a target/draft pair and write an engine directory."""
@@ -152,9 +153,9 @@ for _ref in EXPORT_COMMANDS:
     export.add_command(_command(_ref))
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     try:
-        cli.main(standalone_mode=False)
+        cli.main(args=argv, prog_name="jetspec-trt", standalone_mode=False)
     except JetSpecError as err:
         click.echo(f"error: {err}", err=True)
         sys.exit(JetSpecError.exit_code)

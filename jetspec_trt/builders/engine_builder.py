@@ -40,7 +40,7 @@ class BuildConfig:
     output_dir: Path
     tree: TreeConfig = field(default_factory=TreeConfig)
     dtype: str = "bfloat16"
-    max_seq_len: int = 4096
+    max_seq_len: int | None = None  # None: min(4096, the target's max_position_embeddings)
     page_size: int = 64
     overwrite: bool = False
     progress: bool = True
@@ -83,15 +83,14 @@ def _versions() -> dict[str, str]:
 
 def runtime_config_for(pair: CheckedPair, cfg: BuildConfig) -> RuntimeConfig:
     cfg.tree.validate(pair.spec.block_size)
-    if cfg.max_seq_len > pair.target.max_position_embeddings:
-        raise JetSpecError(
-            f"max_seq_len {cfg.max_seq_len} exceeds the target's max_position_embeddings "
-            f"{pair.target.max_position_embeddings}"
-        )
+    max_positions = pair.target.max_position_embeddings
+    max_seq_len = cfg.max_seq_len if cfg.max_seq_len is not None else min(4096, max_positions)
+    if not 2 <= max_seq_len <= max_positions:
+        raise JetSpecError(f"max_seq_len {max_seq_len} must be in 2..{max_positions} (the target's max_position_embeddings)")
     return RuntimeConfig(
         tree=cfg.tree,
         dtype=cfg.dtype,
-        max_seq_len=cfg.max_seq_len,
+        max_seq_len=max_seq_len,
         block_size=pair.spec.block_size,
         mask_token_id=pair.spec.mask_token_id,
         target_layer_ids=pair.spec.target_layer_ids,

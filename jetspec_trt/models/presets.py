@@ -136,11 +136,11 @@ def _byte_of(ch: str) -> int:
     return inverse[ch]
 
 
-def write_random_pair(name: str, target_dir: Path, draft_dir: Path, seed: int = 0) -> None:
-    """Write a random-weight target (with tokenizer when the preset has one) and draft head in HF layout."""
+def write_random_pair(name: str | PairShape, target_dir: Path, draft_dir: Path, seed: int = 0) -> None:
+    """Write a random-weight target (with tokenizer for the tiny preset) and draft head in HF layout."""
     from jetspec_trt.models.checkpoint import meta_shapes
 
-    shape = preset(name)
+    shape = preset(name) if isinstance(name, str) else name
     for directory, config, offset in ((target_dir, shape.target_config(), 0), (draft_dir, shape.draft_config(), 1)):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)

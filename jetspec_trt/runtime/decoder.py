@@ -152,11 +152,15 @@ class Decoder:
         stats.decode_s = time.perf_counter() - start
 
     def _draft_tree(self, anchor: int, position: int, tree: TreeConfig):
+        depth_logits = self.draft_depth_logits(anchor, position, tree.max_depth)
+        return build_tree(anchor, depth_logits, tree.budget, tree.topk, tree.max_depth)
+
+    def draft_depth_logits(self, anchor: int, position: int, max_depth: int) -> torch.Tensor:
+        """One draft pass over [anchor, MASK x (block_size-1)] at `position`: logits [max_depth, vocab]."""
         block_size = self.runtime.block_size
         block = torch.full((block_size,), self.runtime.mask_token_id, device=self.device)
         block[0] = anchor
         embeds = self.target.embed_tokens(block)
         positions = position + torch.arange(block_size, device=self.device)
         hidden = self.draft.propose(embeds, positions, self.draft_cache, self._block_mask)
-        depth_logits = self.target.lm_head(hidden[1 : 1 + tree.max_depth])
-        return build_tree(anchor, depth_logits, tree.budget, tree.topk, tree.max_depth)
+        return self.target.lm_head(hidden[1 : 1 + max_depth])

@@ -1,0 +1,166 @@
+"""`jetspec-trt build` / `run` on good and bad input: one-line errors, exit code 2, nothing half-written."""
+
+import json
+import shutil
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from jetspec_trt.cli import main
+from jetspec_trt.models.presets import write_random_pair
+
+
+@pytest.fixture(scope="module")
+def pair(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pair")
+    write_random_pair("tiny", root / "target", root / "draft")
+    return root
+
+
+def invoke(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+        raise SystemExit(0)
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+def copy_pair(pair, tmp_path):
+    shutil.copytree(pair / "target", tmp_path / "target")
+    shutil.copytree(pair / "draft", tmp_path / "draft")
+    return tmp_path / "target", tmp_path / "draft"
+
+
+def edit_json(path, change):
+    config = json.loads(path.read_text())
+    change(config)
+    path.write_text(json.dumps(config))
+
+
+def build_args(target, draft, out, *extra):
+    return ["build", "--target", str(target), "--draft", str(draft), "--output", str(out), *extra]
+
+
+def test_build_and_run_verify(pair, tmp_path, capsys):
+    code, out, err = invoke(build_args(pair / "target", pair / "draft", tmp_path / "engine", "--dtype", "float32",
+                                       "--budget", "16", "--topk", "3"), capsys)
+    assert code == 0, err
+    engine = tmp_path / "engine"
+    manifest = json.loads((engine / "manifest.json").read_text())
+    runtime = json.loads((engine / "runtime_config.json").read_text())
+    assert manifest["dtype"] == "float32" and len(manifest["sources"]["target"]["sha256"]["model.safetensors"]) == 64
+    assert runtime["tree"] == {"budget": 16, "topk": 3, "max_depth": 7}
+    assert (engine / "target" / "tokenizer.json").is_file() and (engine / "draft" / "model.safetensors").is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["engine"]  # no staging leftovers
+    code, out, err = invoke(["run", str(engine), "--prompt", "hello", "--max-new-tokens", "20", "--verify"], capsys)
+    assert code == 0, err
+    assert "lossless check: IDENTICAL" in err and "tau" in err
+
+
+def corrupt_weights(target, draft):
+    path = draft / "model.safetensors"
+    path.write_bytes(path.read_bytes()[: 1000])
+
+
+def mismatch_hidden(target, draft):
+    edit_json(draft / "config.json", lambda c: c["dflash_config"].update(target_hidden_size=64))
+
+
+def mismatch_vocab(target, draft):
+    edit_json(draft / "config.json", lambda c: c.update(vocab_size=300))
+
+
+def layer_out_of_range(target, draft):
+    edit_json(draft / "config.json", lambda c: c["dflash_config"].update(target_layer_ids=[1, 6]))
+
+
+def duplicate_layers(target, draft):
+    edit_json(draft / "config.json", lambda c: c["dflash_config"].update(target_layer_ids=[2, 2]))
+
+
+def missing_config(target, draft):
+    (draft / "config.json").unlink()
+
+
+def missing_tokenizer(target, draft):
+    (target / "tokenizer.json").unlink()
+
+
+def missing_weights(target, draft):
+    (target / "model.safetensors").unlink()
+
+
+def wrong_tensor_shape(target, draft):
+    state = load_file(str(draft / "model.safetensors"))
+    state["fc.weight"] = state["fc.weight"][:, :10].contiguous()
+    save_file(state, str(draft / "model.safetensors"))
+
+
+def bidirectional(target, draft):
+    edit_json(draft / "config.json", lambda c: c["dflash_config"].update(causal_head=False))
+
+
+def mask_outside_vocab(target, draft):
+    edit_json(draft / "config.json", lambda c: c["dflash_config"].update(mask_token_id=10**6))
+
+
+BAD_PAIRS = {
+    "corrupt safetensors": (corrupt_weights, "corrupt"),
+    "hidden size": (mismatch_hidden, "hidden size mismatch"),
+    "vocab": (mismatch_vocab, "vocab mismatch"),
+    "layer out of range": (layer_out_of_range, "target_layer_ids"),
+    "duplicate layer": (duplicate_layers, "target_layer_ids"),
+    "missing config": (missing_config, "no config.json"),
+    "missing tokenizer": (missing_tokenizer, "no tokenizer"),
+    "missing weights": (missing_weights, "missing weights file"),
+    "tensor shape": (wrong_tensor_shape, "fc.weight"),
+    "bidirectional head": (bidirectional, "causal_head"),
+    "mask token": (mask_outside_vocab, "mask_token_id"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_PAIRS))
+def test_bad_pair_one_line_exit_2_nothing_written(case, pair, tmp_path, capsys):
+    target, draft = copy_pair(pair, tmp_path / "in")
+    damage, message = BAD_PAIRS[case]
+    damage(target, draft)
+    out_root = tmp_path / "out"
+    out_root.mkdir()
+    code, out, err = invoke(build_args(target, draft, out_root / "engine"), capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+    assert list(out_root.iterdir()) == []
+
+
+@pytest.mark.parametrize("extra,message", [(["--max-depth", "9"], "max_depth"), (["--budget", "0"], "budget"),
+                                           (["--max-seq-len", "999999"], "max_position_embeddings")])
+def test_bad_options(extra, message, pair, tmp_path, capsys):
+    code, out, err = invoke(build_args(pair / "target", pair / "draft", tmp_path / "engine", *extra), capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "engine").exists()
+
+
+def test_existing_output_is_kept_without_overwrite(pair, tmp_path, capsys):
+    (tmp_path / "engine").mkdir()
+    (tmp_path / "engine" / "keep").write_text("x")
+    code, _, err = invoke(build_args(pair / "target", pair / "draft", tmp_path / "engine"), capsys)
+    assert code == 2 and "already exists" in err
+    assert (tmp_path / "engine" / "keep").read_text() == "x"
+
+
+def test_run_rejects_prompt_over_max_length(pair, tmp_path, capsys):
+    code, _, err = invoke(build_args(pair / "target", pair / "draft", tmp_path / "engine", "--max-seq-len", "32",
+                                     "--budget", "8"), capsys)
+    assert code == 0, err
+    code, out, err = invoke(["run", str(tmp_path / "engine"), "--prompt", "x" * 40], capsys)
+    assert code == 2 and "max_seq_len" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["run", "/nonexistent/engine", "--prompt", "hi"], "does not exist"),
+    (["build", "--target", "/nonexistent/t", "--draft", "/nonexistent/d", "--output", "/tmp/x-never"], "does not exist"),
+])
+def test_missing_directories(argv, message, capsys):
+    code, _, err = invoke(argv, capsys)
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1

@@ -1,0 +1,53 @@
+"""The CPU reference of the tree-attention op against plain dense attention, and the mask packing."""
+
+import pytest
+import torch
+
+from jetspec_trt.plugins.tree_attention import causal_mask, pack_mask, tree_attention, unpack_mask
+from jetspec_trt.runtime.kv_cache import KVCacheSpec, PagedKVCache
+
+
+@pytest.mark.parametrize("n", [1, 5, 31, 32, 33, 64, 100])
+def test_pack_roundtrip(n):
+    dense = torch.rand(n, n) > 0.5
+    packed = pack_mask(dense)
+    assert packed.dtype == torch.int32 and packed.shape == (n, (n + 31) // 32)
+    assert torch.equal(unpack_mask(packed, n), dense)
+
+
+def test_packed_bit_layout_is_lsb_first():
+    dense = torch.zeros(1, 40, dtype=torch.bool)
+    dense[0, [0, 31, 33]] = True
+    packed = pack_mask(dense)
+    assert packed[0, 0].item() == 1 - 2**31  # bits 0 and 31 (sign bit) of word 0
+    assert packed[0, 1].item() == 2  # bit 1 of word 1 = token 33
+
+
+@pytest.mark.parametrize("ctx,new,heads,kv_heads", [(0, 7, 4, 2), (13, 1, 4, 4), (37, 20, 8, 2), (64, 33, 2, 1)])
+def test_reference_matches_dense_attention(ctx, new, heads, kv_heads):
+    g = torch.Generator().manual_seed(ctx + new)
+    d = 16
+    cache = PagedKVCache(KVCacheSpec(1, kv_heads, d, 128, page_size=8))
+    cache.block_table = cache.block_table[torch.randperm(cache.block_table.numel(), generator=g)].contiguous()
+    k = torch.randn(ctx + new, kv_heads, d, generator=g)
+    v = torch.randn(ctx + new, kv_heads, d, generator=g)
+    cache.write(0, cache.slots(torch.zeros(1, dtype=torch.int32), ctx + new), k, v)
+    cache.set_length(ctx)
+    parents = [-1] + [int(torch.randint(0, i, (1,), generator=g)) for i in range(1, new)]
+    dense = torch.zeros(new, new, dtype=torch.bool)
+    for i in range(new):
+        dense[i] = dense[parents[i]] if parents[i] >= 0 else dense[i]
+        dense[i, i] = True
+    q = torch.randn(new, heads, d, generator=g)
+    out = tree_attention(q, cache.k[0], cache.v[0], cache.block_table, cache.ctx_len, pack_mask(dense), d**-0.5)
+    visible = torch.cat([torch.ones(new, ctx, dtype=torch.bool), dense], dim=1)
+    kk = k.repeat_interleave(heads // kv_heads, 1)
+    vv = v.repeat_interleave(heads // kv_heads, 1)
+    ref = torch.nn.functional.scaled_dot_product_attention(
+        q.transpose(0, 1), kk.transpose(0, 1), vv.transpose(0, 1), attn_mask=visible, scale=d**-0.5
+    ).transpose(0, 1)
+    assert (out - ref).abs().max() < 1e-5
+
+
+def test_causal_mask():
+    assert torch.equal(unpack_mask(causal_mask(40), 40), torch.ones(40, 40, dtype=torch.bool).tril())

@@ -1,0 +1,112 @@
+"""Speculative sampling draws from the target's distribution: a chi-square test over whole sequences.
+
+A tiny-vocabulary target makes the exact law of the first three generated tokens computable by enumeration;
+thousands of seeded speculative runs must fit it, and a deliberately wrong acceptance rule must not.
+"""
+
+import dataclasses
+import itertools
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+import jetspec_trt.runtime.decoder as decoder_module
+from jetspec_trt.models.checkpoint import load_draft, load_target
+from jetspec_trt.models.presets import preset, write_random_pair
+from jetspec_trt.plugins.tree_attention import causal_mask
+from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
+from jetspec_trt.runtime.decoder import Decoder
+from jetspec_trt.spec.accept import Acceptance, SamplingConfig, target_probs
+
+VOCAB = 5
+NEW_TOKENS = 3
+RUNS = 2500
+PROMPT = [0, 1, 2]
+
+
+@pytest.fixture(scope="module")
+def decoder(tmp_path_factory):
+    torch.set_num_threads(1)
+    shape = dataclasses.replace(preset("tiny"), vocab_size=VOCAB, mask_token_id=VOCAB - 1, eos_token_id=VOCAB - 1,
+                                init_std=0.3, tie_word_embeddings=False)
+    root = tmp_path_factory.mktemp("small-vocab")
+    write_random_pair(shape, root / "target", root / "draft", seed=3)
+    target, draft = load_target(root / "target"), load_draft(root / "draft")
+    runtime = RuntimeConfig(TreeConfig(16, 2, 3), "float32", 64, shape.block_size, shape.mask_token_id,
+                            draft.spec.target_layer_ids, eos_token_ids=(), page_size=16)
+    return Decoder(target, draft, runtime)
+
+
+def exact_law(decoder, sampling):
+    """P(t1, t2, t3 | prompt) by enumerating every continuation through the target."""
+    target = decoder.target
+    law = {}
+    with torch.no_grad():
+        for seq in itertools.product(range(VOCAB), repeat=NEW_TOKENS - 1):
+            tokens = torch.tensor(PROMPT + list(seq))
+            cache = target.new_cache(32, 16)
+            logits = target(tokens, torch.arange(len(tokens)), cache, causal_mask(len(tokens))).logits
+            probs = [target_probs(logits[len(PROMPT) - 1 + i], sampling) for i in range(NEW_TOKENS)]
+            for last in range(VOCAB):
+                p = probs[0][seq[0]] * probs[1][seq[1]] * probs[2][last]
+                law[seq + (last,)] = float(p)
+    return law
+
+
+def chi_square_p(decoder, sampling):
+    law = exact_law(decoder, sampling)
+    counts = dict.fromkeys(law, 0)
+    for seed in range(RUNS):
+        out = [t for c in decoder.generate(PROMPT, NEW_TOKENS, dataclasses.replace(sampling, seed=seed)) for t in c]
+        counts[tuple(out[:NEW_TOKENS])] += 1
+    # Pool cells with small expected counts so the chi-square approximation holds.
+    cells = sorted(law, key=law.get, reverse=True)
+    observed, expected, pool_o, pool_e = [], [], 0, 0.0
+    for cell in cells:
+        if law[cell] * RUNS >= 5:
+            observed.append(counts[cell])
+            expected.append(law[cell] * RUNS)
+        else:
+            pool_o, pool_e = pool_o + counts[cell], pool_e + law[cell] * RUNS
+    if pool_e > 0:
+        observed.append(pool_o)
+        expected.append(pool_e)
+    else:  # top-p removed these sequences: none may ever be drawn
+        assert pool_o == 0
+    total = sum(observed)
+    expected = [e * total / sum(expected) for e in expected]
+    return chisquare(observed, expected).pvalue, decoder.stats
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig(1.0, 1.0), SamplingConfig(0.7, 0.9)], ids=["T1", "T0.7-p0.9"])
+def test_speculative_sampling_matches_target(decoder, sampling):
+    p_value, _ = chi_square_p(decoder, sampling)
+    assert p_value > 1e-3
+
+
+def wrong_accept(tree, logits, sampling, generator=None):
+    """A plausible but wrong rule: accept the first child outright when the target gives it >= 30%."""
+    node, path, emitted = 0, [0], []
+    while True:
+        probs = target_probs(logits[node], sampling)
+        first = next(iter(tree.children[node].items()), None)
+        if first is not None and probs[first[0]] >= 0.3:
+            emitted.append(first[0])
+            node = first[1]
+            path.append(node)
+            continue
+        token = int(torch.multinomial(probs, 1, generator=generator))
+        emitted.append(token)
+        child = tree.children[node].get(token)
+        if child is None:
+            return Acceptance(path, emitted)
+        node = child
+        path.append(node)
+
+
+def test_chi_square_catches_a_wrong_rule(decoder, monkeypatch):
+    monkeypatch.setattr(decoder_module, "accept", wrong_accept)
+    p_value, stats = chi_square_p(decoder, SamplingConfig(1.0, 1.0))
+    assert stats.accepted_drafts > 0
+    assert p_value < 1e-3

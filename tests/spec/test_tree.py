@@ -1,0 +1,59 @@
+"""Tree construction invariants, and best-first optimality against brute-force enumeration."""
+
+import itertools
+
+import pytest
+import torch
+
+from jetspec_trt.plugins.tree_attention import unpack_mask
+from jetspec_trt.spec.tree import build_tree
+
+
+def random_logits(depth, vocab=50, seed=0):
+    return torch.randn(depth, vocab, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+@pytest.mark.parametrize("budget,topk,depth,seed", [(b, k, d, s) for b in (1, 2, 7, 16, 64, 256)
+                                                    for k in (1, 3, 7) for d in (1, 4, 15) for s in range(2)])
+def test_invariants(budget, topk, depth, seed):
+    logits = random_logits(15, seed=seed)
+    tree = build_tree(99, logits, budget, topk, depth)
+    n = tree.size
+    assert 1 <= n <= budget
+    assert tree.tokens[0] == 99 and tree.parents[0] == -1 and tree.depths[0] == 0
+    for i in range(1, n):
+        parent = int(tree.parents[i])
+        assert 0 <= parent < i  # parent before child
+        assert tree.depths[i] == tree.depths[parent] + 1 <= depth
+        assert tree.children[parent][int(tree.tokens[i])] == i
+    # mask = ancestors (and self), and the packed form decodes to it
+    for i in range(n):
+        chain, j = set(), i
+        while j >= 0:
+            chain.add(j)
+            j = int(tree.parents[j])
+        assert set(torch.nonzero(tree.ancestors[i]).flatten().tolist()) == chain
+    assert torch.equal(unpack_mask(tree.packed_mask(), n), tree.ancestors)
+    # Full when the budget allows it
+    full = sum(topk**d for d in range(depth + 1))
+    assert n == min(budget, full)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_best_first_matches_brute_force(seed):
+    """The tree is the `budget` highest-scoring rank sequences (a prefix-closed set because scores only drop)."""
+    topk, depth, budget = 3, 4, 30
+    logits = random_logits(depth, vocab=10, seed=seed)
+    logp = torch.log_softmax(logits, -1)
+    top = logp.topk(topk, -1)
+    scores = {(): 0.0}
+    for d in range(1, depth + 1):
+        for ranks in itertools.product(range(topk), repeat=d):
+            scores[ranks] = scores[ranks[:-1]] + float(top.values[d - 1, ranks[-1]])
+    best = sorted(scores.values(), reverse=True)[:budget]
+    tree = build_tree(0, logits, budget, topk, depth)
+    node_scores = [0.0]
+    for i in range(1, tree.size):
+        d = int(tree.depths[i])
+        node_scores.append(node_scores[int(tree.parents[i])] + float(logp[d - 1, tree.tokens[i]]))
+    assert sorted(node_scores, reverse=True) == pytest.approx(best, abs=1e-5)
