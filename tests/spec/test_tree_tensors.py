@@ -1,0 +1,64 @@
+"""The fixed-shape (CUDA-graph) tree build and greedy walk equal the reference heap build and walk."""
+
+import pytest
+import torch
+
+from jetspec_trt.spec.accept import SamplingConfig, accept
+from jetspec_trt.spec.tree import build_tree
+from jetspec_trt.spec.tree_tensors import build_tree_tensors, greedy_accept_tensors, node_count
+
+
+def paths(tokens, parents):
+    """Each node as its token path from the root: an order-free identity of a tree."""
+    return sorted(_node_paths(tokens, parents))
+
+
+CASES = [(b, k, d, s) for b in (1, 2, 5, 16, 64, 256) for k in (1, 2, 7) for d in (1, 3, 15) for s in range(2)]
+
+
+@pytest.mark.parametrize("budget,topk,depth,seed", CASES)
+def test_same_tree_and_same_acceptance(budget, topk, depth, seed):
+    g = torch.Generator().manual_seed(seed)
+    vocab = 40
+    depth_logits = torch.randn(15, vocab, generator=g) * 2
+    reference = build_tree(7, depth_logits, budget, topk, depth)
+    tensors = build_tree_tensors(torch.tensor([7]), depth_logits, budget, topk, depth)
+    n = node_count(budget, topk, depth)
+    assert reference.size == tensors.tokens.shape[0] == n
+    assert paths(reference.tokens, reference.parents) == paths(tensors.tokens, tensors.parents)
+    # parents first, depths consistent, ancestors closed
+    for i in range(1, n):
+        p = int(tensors.parents[i])
+        assert p < i and tensors.depths[i] == tensors.depths[p] + 1
+        assert torch.equal(tensors.ancestors[i], tensors.ancestors[p] | (torch.arange(n) == i))
+    # Target logits that follow part of the tree: the walk must match the reference walk token for token.
+    for trial in range(4):
+        logits = torch.randn(n, vocab, generator=g)
+        if trial:  # make the target agree with the tree's first child at many nodes
+            for i in range(1, n):
+                if torch.rand(1, generator=g) < 0.8:
+                    logits[int(tensors.parents[i]), int(tensors.tokens[i])] += 10
+        ref_logits = torch.empty(n, vocab)
+        # Re-index the logits to the reference tree's node order through the node paths.
+        ref_index = {p: i for i, p in enumerate(_node_paths(reference.tokens, reference.parents))}
+        for i, p in enumerate(_node_paths(tensors.tokens, tensors.parents)):
+            ref_logits[ref_index[p]] = logits[i]
+        expected = accept(reference, ref_logits, SamplingConfig())
+        got = greedy_accept_tensors(tensors, logits, depth)
+        length = int(got.length)
+        assert got.emitted[:length].tolist() == expected.emitted
+        assert [_node_paths(tensors.tokens, tensors.parents)[int(i)] for i in got.path[:length]] == \
+            [_node_paths(reference.tokens, reference.parents)[i] for i in expected.path]
+
+
+def _node_paths(tokens, parents):
+    out = []
+    for i in range(len(tokens)):
+        path, j = [], i
+        while True:
+            path.append(int(tokens[j]))
+            if j == 0:
+                break
+            j = int(parents[j])
+        out.append(tuple(reversed(path)))
+    return out
