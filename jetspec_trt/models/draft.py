@@ -145,14 +145,23 @@ class DraftHead(nn.Module):
     def project_context(self, features: torch.Tensor) -> torch.Tensor:
         return self.hidden_norm(self.fc(features))
 
-    def extend_context(self, features: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache) -> None:
-        """Append the K/V of m newly committed tokens' fused target features ([m, n_ids*H]) and commit them."""
+    def fuse_weights(self) -> None:
+        for layer in self.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
+
+    def write_context(self, features: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache) -> None:
+        """Write the K/V of m tokens' fused target features ([m, n_ids*H]) after the committed context."""
         context = self.project_context(features)
         cos, sin = self.rotary.cos_sin(positions, context.dtype)
         slots = cache.slots(cache.ctx_len, features.shape[0])
         for i, layer in enumerate(self.layers):
             k, v = layer.self_attn.key_value(context, cos, sin)
             cache.write(i, slots, k, v)
+
+    def extend_context(self, features: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache) -> None:
+        """Append newly committed tokens' features and commit them."""
+        self.write_context(features, positions, cache)
         cache.set_length(cache.length + features.shape[0])
 
     def propose(
@@ -169,8 +178,7 @@ class DraftHead(nn.Module):
         for i, layer in enumerate(self.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
-            q = attn.query(h, cos, sin)
-            k, v = attn.key_value(h, cos, sin)
+            q, k, v = attn.query_key_value(h, cos, sin)
             cache.write(i, slots, k, v)
             o = tree_attention(q, cache.k[i], cache.v[i], cache.block_table, cache.ctx_len, block_mask, attn.scale)
             x = x + attn.o_proj(o.flatten(1))

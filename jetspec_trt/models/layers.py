@@ -51,7 +51,19 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gate_up_weight is not None:
+            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
+            return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+    gate_up_weight: torch.Tensor | None = None
+
+    def fuse(self) -> None:
+        """One GEMM for gate and up. The separate weights become views of the fused one (no extra memory)."""
+        fused = torch.cat([self.gate_proj.weight.data, self.up_proj.weight.data])
+        rows = self.gate_proj.weight.shape[0]
+        self.gate_proj.weight.data, self.up_proj.weight.data = fused[:rows], fused[rows:]
+        self.gate_up_weight = fused
 
 
 class AttentionProjections(nn.Module):
@@ -82,17 +94,49 @@ class AttentionProjections(nn.Module):
         else:
             self.q_norm = self.k_norm = None
 
-    def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        q = self.q_proj(x).view(x.shape[0], self.num_heads, self.head_dim)
+    # Set by fuse(): q/k/v weights (and biases) concatenated, so one GEMM serves all three.
+    qkv_weight: torch.Tensor | None = None
+    qkv_bias: torch.Tensor | None = None
+
+    def fuse(self) -> None:
+        """Concatenate q/k/v into one weight; the separate Linear weights become views of it (no extra memory)."""
+        projections = (self.q_proj, self.k_proj, self.v_proj)
+        self.qkv_weight = torch.cat([p.weight.data for p in projections])
+        self.qkv_bias = torch.cat([p.bias.data for p in projections]) if self.q_proj.bias is not None else None
+        start = 0
+        for p in projections:
+            rows = p.weight.shape[0]
+            p.weight.data = self.qkv_weight[start : start + rows]
+            if p.bias is not None:
+                p.bias.data = self.qkv_bias[start : start + rows]
+            start += rows
+
+    def _finish_query(self, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        q = q.view(q.shape[0], self.num_heads, self.head_dim)
         if self.q_norm is not None:
             q = self.q_norm(q)
         return apply_rotary(q, cos, sin)
 
-    def key_value(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        k = self.k_proj(x).view(x.shape[0], self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).view(x.shape[0], self.num_kv_heads, self.head_dim)
+    def _finish_key_value(self, k, v, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
+        k = k.view(k.shape[0], self.num_kv_heads, self.head_dim)
+        v = v.view(v.shape[0], self.num_kv_heads, self.head_dim)
         if self.k_norm is not None:
             k = self.k_norm(k)
         return apply_rotary(k, cos, sin), v
+
+    def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return self._finish_query(self.q_proj(x), cos, sin)
+
+    def key_value(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return self._finish_key_value(self.k_proj(x), self.v_proj(x), cos, sin)
+
+    def query_key_value(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        if self.qkv_weight is None:
+            return self.query(x, cos, sin), *self.key_value(x, cos, sin)
+        q_rows, kv_rows = self.q_proj.weight.shape[0], self.k_proj.weight.shape[0]
+        q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split([q_rows, kv_rows, kv_rows], dim=-1)
+        return self._finish_query(q, cos, sin), *self._finish_key_value(k, v, cos, sin)

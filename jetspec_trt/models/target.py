@@ -39,8 +39,7 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, cache: PagedKVCache, layer: int, slots, tree_mask):
         attn = self.self_attn
         h = self.input_layernorm(x)
-        q = attn.query(h, cos, sin)
-        k, v = attn.key_value(h, cos, sin)
+        q, k, v = attn.query_key_value(h, cos, sin)
         cache.write(layer, slots, k, v)
         o = tree_attention(q, cache.k[layer], cache.v[layer], cache.block_table, cache.ctx_len, tree_mask, attn.scale)
         x = x + attn.o_proj(o.flatten(1))
@@ -58,6 +57,12 @@ class TargetModel(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = Rotary(inv_freq, attention_scaling)
+
+    def fuse_weights(self) -> None:
+        """QKV and gate-up GEMM fusion (GPU engines): fewer, larger GEMMs per layer."""
+        for layer in self.layers:
+            layer.self_attn.fuse()
+            layer.mlp.fuse()
 
     def new_cache(self, max_tokens: int, page_size: int = 64, dtype: torch.dtype | None = None) -> PagedKVCache:
         cfg = self.config

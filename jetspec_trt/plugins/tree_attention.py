@@ -64,9 +64,12 @@ def unpack_mask(packed: torch.Tensor, num_tokens: int) -> torch.Tensor:
 
 
 def causal_mask(num_tokens: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """Packed lower-triangular mask: prefill and the draft block."""
-    dense = torch.ones(num_tokens, num_tokens, dtype=torch.bool, device=device).tril()
-    return pack_mask(dense)
+    """Packed lower-triangular mask (prefill, the draft block), built word by word: O(T * T/32) memory."""
+    rows = torch.arange(num_tokens, device=device)[:, None]
+    words = torch.arange(mask_words(num_tokens), device=device)[None, :]
+    partial = (1 << (rows % 32 + 1)) - 1  # bits 0 .. i % 32 of row i's own word
+    packed = torch.where(words < rows // 32, (1 << 32) - 1, torch.where(words == rows // 32, partial, 0))
+    return torch.where(packed >= 2**31, packed - 2**32, packed).to(torch.int32)
 
 
 def gather_pages(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:

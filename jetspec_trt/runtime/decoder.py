@@ -48,6 +48,43 @@ class DecodeStats:
         return dict(sorted(Counter(self.emitted_per_round).items()))
 
 
+class TokenLimit:
+    """Cuts each round's tokens at the first EOS or at the token limit, and says when generation is over."""
+
+    def __init__(self, max_new_tokens: int, eos_token_ids: tuple[int, ...], stats: DecodeStats):
+        self.max_new_tokens = max_new_tokens
+        self.eos = set(eos_token_ids)
+        self.stats = stats
+
+    def take(self, tokens: list[int]) -> tuple[list[int], bool]:
+        stats = self.stats
+        room = self.max_new_tokens - stats.new_tokens
+        for i, t in enumerate(tokens[:room]):
+            if t in self.eos:
+                stats.finish_reason = "stop"
+                tokens = tokens[: i + 1]
+                break
+        else:
+            if len(tokens) >= room:
+                stats.finish_reason = "length"
+            tokens = tokens[:room]
+        stats.new_tokens += len(tokens)
+        return tokens, bool(stats.finish_reason)
+
+
+def check_prompt(prompt_ids: list[int], max_new_tokens: int, vocab_size: int, max_seq_len: int) -> int:
+    """Validate a request; return the number of new tokens that fit in the engine's max_seq_len."""
+    if not prompt_ids:
+        raise JetSpecError("empty prompt")
+    if max_new_tokens < 1:
+        raise JetSpecError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if min(prompt_ids) < 0 or max(prompt_ids) >= vocab_size:
+        raise JetSpecError(f"prompt token ids must be in [0, {vocab_size})")
+    if len(prompt_ids) >= max_seq_len:
+        raise JetSpecError(f"prompt has {len(prompt_ids)} tokens; the engine's max_seq_len is {max_seq_len}")
+    return min(max_new_tokens, max_seq_len - len(prompt_ids))
+
+
 class Decoder:
     def __init__(self, target: TargetModel, draft: DraftHead | None, runtime: RuntimeConfig):
         self.target = target
@@ -60,19 +97,6 @@ class Decoder:
         self._block_mask = causal_mask(runtime.block_size, self.device)
         self._one = causal_mask(1, self.device)
 
-    def _check_prompt(self, prompt_ids: list[int], max_new_tokens: int) -> int:
-        if not prompt_ids:
-            raise JetSpecError("empty prompt")
-        if max_new_tokens < 1:
-            raise JetSpecError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        vocab = self.target.config.vocab_size
-        if min(prompt_ids) < 0 or max(prompt_ids) >= vocab:
-            raise JetSpecError(f"prompt token ids must be in [0, {vocab})")
-        limit = self.runtime.max_seq_len
-        if len(prompt_ids) >= limit:
-            raise JetSpecError(f"prompt has {len(prompt_ids)} tokens; the engine's max_seq_len is {limit}")
-        return min(max_new_tokens, limit - len(prompt_ids))
-
     @torch.inference_mode()
     def generate(
         self,
@@ -83,25 +107,14 @@ class Decoder:
         tree: TreeConfig | None = None,
     ) -> Iterator[list[int]]:
         """Yield the new tokens of each round. `self.stats` describes the call once the iterator ends."""
-        max_new_tokens = self._check_prompt(prompt_ids, max_new_tokens)
+        max_new_tokens = check_prompt(prompt_ids, max_new_tokens, self.target.config.vocab_size,
+                                      self.runtime.max_seq_len)
         tree = tree or self.runtime.tree
         if speculative and self.draft is None:
             raise JetSpecError("speculative decoding needs a draft head")
         self.stats = stats = DecodeStats(prompt_tokens=len(prompt_ids))
         generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
-        eos = set(self.runtime.eos_token_ids)
-
-        def finish(tokens: list[int]) -> tuple[list[int], bool]:
-            """Cut at EOS or the token limit; say whether generation is over."""
-            room = max_new_tokens - stats.new_tokens
-            for i, t in enumerate(tokens[:room]):
-                if t in eos:
-                    stats.finish_reason = "stop"
-                    return tokens[: i + 1], True
-            if len(tokens) >= room:
-                stats.finish_reason = "length"
-                return tokens[:room], True
-            return tokens, False
+        limit = TokenLimit(max_new_tokens, self.runtime.eos_token_ids, stats)
 
         start = time.perf_counter()
         prompt = torch.tensor(prompt_ids, device=self.device)
@@ -113,8 +126,7 @@ class Decoder:
         cache.commit(torch.arange(n, device=self.device))
         anchor = next_token(out.logits[-1], sampling, generator)
         stats.prefill_s = time.perf_counter() - start
-        tokens, done = finish([anchor])
-        stats.new_tokens += len(tokens)
+        tokens, done = limit.take([anchor])
         yield tokens
         start = time.perf_counter()
         if speculative:
@@ -146,8 +158,7 @@ class Decoder:
             stats.rounds += 1
             stats.emitted_per_round.append(len(emitted))
             anchor = emitted[-1]
-            tokens, done = finish(emitted)
-            stats.new_tokens += len(tokens)
+            tokens, done = limit.take(emitted)
             yield tokens
         stats.decode_s = time.perf_counter() - start
 

@@ -51,7 +51,11 @@ class PagedKVCache:
 
     def slots(self, first: torch.Tensor, count: int) -> torch.Tensor:
         """Flat physical slot ids of logical positions first .. first+count-1 (first: int32 [1] tensor)."""
-        logical = first.long() + torch.arange(count, device=first.device)
+        return self.slots_at(first, torch.arange(count, device=first.device))
+
+    def slots_at(self, first: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+        """Flat physical slot ids of logical positions first + offsets."""
+        logical = first.long() + offsets.long()
         page_size = self.spec.page_size
         return self.block_table.long()[logical // page_size] * page_size + logical % page_size
 
@@ -59,6 +63,26 @@ class PagedKVCache:
         """Store K/V [T, Hkv, D] of new tokens into flat slots."""
         self.k[layer].view(-1, *k.shape[1:]).index_copy_(0, slots, k.to(self.spec.dtype))
         self.v[layer].view(-1, *v.shape[1:]).index_copy_(0, slots, v.to(self.spec.dtype))
+
+    def advance(self, count: torch.Tensor) -> None:
+        """Commit `count` (a device tensor) more tokens without a host sync; `length` is then stale until
+        the caller, who reads the count back anyway, calls set_length."""
+        self.ctx_len += count.to(self.ctx_len.dtype)
+
+    def commit_path(self, path: torch.Tensor, count: torch.Tensor) -> None:
+        """Fixed-shape commit for CUDA graphs: move the new tokens at indices path[:count] to contiguous slots.
+
+        `path` has a fixed length (entries past `count` are padding); padded rows land beyond the new context
+        where nothing reads them. All sources are read before any destination is written.
+        """
+        src = self.slots_at(self.ctx_len, path)
+        dst = self.slots(self.ctx_len, path.numel())
+        for k, v in zip(self.k, self.v):
+            flat_k = k.view(-1, *k.shape[2:])
+            flat_v = v.view(-1, *v.shape[2:])
+            flat_k.index_copy_(0, dst, flat_k.index_select(0, src))
+            flat_v.index_copy_(0, dst, flat_v.index_select(0, src))
+        self.advance(count)
 
     def commit(self, kept: torch.Tensor) -> None:
         """Keep the new tokens at indices `kept` (ascending, relative to ctx_len) and append them to the context.

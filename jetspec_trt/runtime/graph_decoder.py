@@ -1,0 +1,221 @@
+"""Greedy decoding on the GPU with the whole round on the device and replayed from CUDA graphs.
+
+At batch 1 a round is launch-bound unless it is graphed: hundreds of small kernels for the draft head, the
+tree build and the accept step. Here every stage is a fixed-shape tensor program over static buffers, with the
+context length read from device tensors (the tree-attention kernel loops to it), so one capture per tree
+bucket (budget, topk, max_depth) serves every context length. The host reads back one small tensor per round
+(accepted count + tokens) and that is the only sync.
+
+Stages, each its own graph so the bench can time them apart (replayed back to back they are one round):
+  draft   append the previous round's accepted features to the head's cache, run the block, per-depth logits
+  tree    best-first tree as tensors (spec.tree_tensors)
+  verify  the target over all tree nodes with the ancestor mask, capturing the draft's target-layer features
+  accept  greedy walk as tensors, KV compaction to the accepted path, next round's anchor and features
+The eager `Decoder` stays the reference (CPU, sampling); this class must emit the same tokens.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from jetspec_trt.models.draft import DraftHead
+from jetspec_trt.models.target import TargetModel
+from jetspec_trt.plugins.tree_attention import causal_mask, pack_mask
+from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
+from jetspec_trt.runtime.decoder import DecodeStats, TokenLimit, check_prompt
+from jetspec_trt.spec.tree_tensors import build_tree_tensors, greedy_accept_tensors, node_count
+
+STAGES = ("draft", "tree", "verify", "accept")
+
+
+@dataclass
+class RoundState:
+    """Static device buffers that carry a round's results into the next one."""
+
+    anchor: torch.Tensor  # [1] int64: last emitted token, the next tree's root
+    features: torch.Tensor  # [max_depth+1, n_layers*H]: target features of the last accepted path (padded)
+    count: torch.Tensor  # [1] int64: how many rows of `features` are real
+    result: torch.Tensor  # [max_depth+2] int64: [accepted length, emitted tokens...] for the host
+
+
+class GraphDecoder:
+    def __init__(self, target: TargetModel, draft: DraftHead, runtime: RuntimeConfig, use_graphs: bool = True):
+        self.target, self.draft, self.runtime = target, draft, runtime
+        self.device = target.embed_tokens.weight.device
+        self.use_graphs = use_graphs and self.device.type == "cuda"
+        self.capture_layers = tuple(runtime.target_layer_ids)
+        slack = max(runtime.tree.budget, 2 * runtime.block_size)  # a tree, or padded context + block
+        tokens = runtime.max_seq_len + slack + 1
+        self.target_cache = target.new_cache(tokens, runtime.page_size)
+        self.draft_cache = draft.new_cache(tokens, runtime.page_size)
+        self._block_mask = causal_mask(runtime.block_size, self.device)
+        self._one = causal_mask(1, self.device)
+        self._stages: dict[TreeConfig, tuple[RoundState, dict[str, Callable[[], None]]]] = {}
+        self._ar_step: Callable[[], None] | None = None
+        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+
+    # ---- state -------------------------------------------------------------------------------------------
+    def _new_state(self, depth: int) -> RoundState:
+        width = len(self.capture_layers) * self.target.config.hidden_size
+        dtype = self.target.embed_tokens.weight.dtype
+        return RoundState(
+            anchor=torch.zeros(1, dtype=torch.long, device=self.device),
+            features=torch.zeros(depth + 1, width, dtype=dtype, device=self.device),
+            count=torch.zeros(1, dtype=torch.long, device=self.device),
+            result=torch.zeros(depth + 2, dtype=torch.long, device=self.device),
+        )
+
+    # ---- stages (fixed shapes, no host sync) -----------------------------------------------------------
+    def _make_stages(self, tree: TreeConfig, state: RoundState) -> dict[str, Callable[[], None]]:
+        target, draft, depth = self.target, self.draft, tree.max_depth
+        tcache, dcache = self.target_cache, self.draft_cache
+        block_size = self.runtime.block_size
+        offsets_ctx = torch.arange(depth + 1, device=self.device)
+        offsets_block = torch.arange(block_size, device=self.device)
+        block = torch.full((block_size,), self.runtime.mask_token_id, dtype=torch.long, device=self.device)
+        scratch: dict[str, object] = {}
+
+        def draft_stage() -> None:
+            # Padded rows past `count` are written too but not committed: the block overwrites them.
+            draft.write_context(state.features, dcache.ctx_len.long() + offsets_ctx, dcache)
+            dcache.advance(state.count)
+            block[:1] = state.anchor
+            positions = dcache.ctx_len.long() + offsets_block
+            hidden = draft.propose(target.embed_tokens(block), positions, dcache, self._block_mask)
+            scratch["depth_logits"] = target.lm_head(hidden[1 : 1 + depth])
+
+        def tree_stage() -> None:
+            built = build_tree_tensors(state.anchor, scratch["depth_logits"], tree.budget, tree.topk, depth)
+            scratch["tree"] = built
+            scratch["mask"] = pack_mask(built.ancestors)
+
+        def verify_stage() -> None:
+            built = scratch["tree"]
+            positions = tcache.ctx_len.long() + built.depths
+            scratch["out"] = target(built.tokens, positions, tcache, scratch["mask"], self.capture_layers)
+
+        def accept_stage() -> None:
+            out = scratch["out"]
+            walk = greedy_accept_tensors(scratch["tree"], out.logits, depth)
+            state.features.copy_(out.features[walk.path])
+            state.count.copy_(walk.length)
+            tcache.commit_path(walk.path, walk.length)
+            state.anchor.copy_(walk.emitted.gather(0, walk.length - 1))
+            state.result[:1].copy_(walk.length)
+            state.result[1:].copy_(walk.emitted)
+
+        return {"draft": draft_stage, "tree": tree_stage, "verify": verify_stage, "accept": accept_stage}
+
+    def _captured(self, fn: Callable[[], None], restore: Callable[[], None]) -> Callable[[], None]:
+        """Warm up on a side stream, capture, and undo the warm-up's effect on the caches."""
+        if not self.use_graphs:
+            return fn
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(2):
+                fn()
+                restore()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            fn()
+        restore()
+        return graph.replay
+
+    def _snapshot(self) -> Callable[[], None]:
+        saved = (self.target_cache.ctx_len.clone(), self.draft_cache.ctx_len.clone())
+
+        def restore() -> None:
+            self.target_cache.ctx_len.copy_(saved[0])
+            self.draft_cache.ctx_len.copy_(saved[1])
+
+        return restore
+
+    def stages(self, tree: TreeConfig) -> tuple[RoundState, dict[str, Callable[[], None]]]:
+        """The (captured) stages of a tree bucket; captured once, on first use."""
+        if tree not in self._stages:
+            state = self._new_state(tree.max_depth)
+            eager = self._make_stages(tree, state)
+            restore = self._snapshot()
+            # Stages read each other's scratch outputs, so they are captured in round order.
+            captured = {name: self._captured(eager[name], restore) for name in STAGES} if self.use_graphs else eager
+            self._stages[tree] = (state, captured)
+        return self._stages[tree]
+
+    def ar_step(self) -> tuple[torch.Tensor, Callable[[], None]]:
+        """One autoregressive step over static buffers: token in, next token out, context + 1."""
+        if self._ar_step is None:
+            token = torch.zeros(1, dtype=torch.long, device=self.device)
+            one = torch.ones(1, dtype=torch.long, device=self.device)
+
+            def step() -> None:
+                positions = self.target_cache.ctx_len.long()
+                out = self.target(token, positions, self.target_cache, self._one)
+                self.target_cache.advance(one)
+                token.copy_(out.logits[0].argmax(-1, keepdim=True))
+
+            self._ar_step = (token, self._captured(step, self._snapshot()))
+        return self._ar_step
+
+    # ---- decoding ------------------------------------------------------------------------------------------
+    def prefill(self, prompt_ids: list[int], capture: bool):
+        n = len(prompt_ids)
+        self.target_cache.set_length(0)
+        prompt = torch.tensor(prompt_ids, device=self.device)
+        out = self.target(prompt, torch.arange(n, device=self.device), self.target_cache,
+                          causal_mask(n, self.device), self.capture_layers if capture else ())
+        self.target_cache.set_length(n)
+        return out
+
+    @torch.inference_mode()
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, speculative: bool = True,
+                 tree: TreeConfig | None = None) -> Iterator[list[int]]:
+        tree = tree or self.runtime.tree
+        max_new_tokens = check_prompt(prompt_ids, max_new_tokens, self.target.config.vocab_size,
+                                      self.runtime.max_seq_len)
+        self.stats = stats = DecodeStats(prompt_tokens=len(prompt_ids))
+        limit = TokenLimit(max_new_tokens, self.runtime.eos_token_ids, stats)
+        speculative = speculative and tree.budget > 1
+        if speculative:
+            state, stages = self.stages(tree)
+            replays = [stages[name] for name in STAGES]
+        else:
+            token, step = self.ar_step()
+        start = time.perf_counter()
+        out = self.prefill(prompt_ids, capture=speculative)
+        first = out.logits[-1].argmax(-1, keepdim=True)
+        if speculative:
+            self.draft_cache.set_length(0)
+            self.draft.extend_context(out.features, torch.arange(len(prompt_ids), device=self.device),
+                                      self.draft_cache)
+            state.anchor.copy_(first)
+            state.count.zero_()
+        else:
+            token.copy_(first)
+        tokens, done = limit.take([int(first)])
+        stats.prefill_s = time.perf_counter() - start
+        yield tokens
+        start = time.perf_counter()
+        while not done:
+            if speculative:
+                for replay in replays:
+                    replay()
+                result = state.result.tolist()  # the round's one host sync
+                emitted = result[1 : 1 + result[0]]
+                stats.drafted_tokens += node_count(tree.budget, tree.topk, tree.max_depth) - 1
+                stats.accepted_drafts += len(emitted) - 1
+            else:
+                step()
+                emitted = [int(token)]
+            stats.rounds += 1
+            stats.emitted_per_round.append(len(emitted))
+            tokens, done = limit.take(emitted)
+            yield tokens
+        self.target_cache.set_length(int(self.target_cache.ctx_len))
+        stats.decode_s = time.perf_counter() - start
+
