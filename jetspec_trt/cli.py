@@ -136,9 +136,11 @@ def export() -> None:
 # its heavy imports inside the command function, so `jetspec-trt --help` stays fast.
 COMMANDS: list[str] = [
     "jetspec_trt.models.pypi_weights:fetch_model_command",
+    "jetspec_trt.bench.command:bench_command",
 ]
 EXPORT_COMMANDS: list[str] = [
     "jetspec_trt.models.pypi_weights:fetch_model_command",
+    "jetspec_trt.bench.command:bench_command",
 ]
 
 

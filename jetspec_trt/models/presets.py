@@ -155,3 +155,37 @@ def write_random_pair(name: str | PairShape, target_dir: Path, draft_dir: Path, 
         (Path(target_dir) / "generation_config.json").write_text(
             json.dumps({"eos_token_id": shape.eos_token_id, "pad_token_id": 256}, indent=2) + "\n"
         )
+
+
+def random_models(name: str, device: str, dtype: torch.dtype, seed: int = 0):
+    """A random-weight target and draft head of a preset's shape, made directly on `device` (nothing to load)."""
+    from transformers import Qwen3Config
+
+    from jetspec_trt.models.config import DecoderConfig, rope_inverse_frequencies
+    from jetspec_trt.models.draft import DraftHead, DraftSpec
+    from jetspec_trt.models.target import TargetModel
+
+    shape = preset(name)
+    target_hf = Qwen3Config(**shape.target_config())
+    draft_raw = shape.draft_config()
+    target_cfg = DecoderConfig.from_hf(target_hf)
+    draft_cfg = DecoderConfig.from_hf(Qwen3Config(**draft_raw))
+    spec = DraftSpec.from_config_dict(draft_raw, name)
+    inv_freq, scaling = rope_inverse_frequencies(target_hf, target_cfg.head_dim)
+    with torch.device("meta"):
+        target = TargetModel(target_cfg, inv_freq, scaling)
+        draft = DraftHead(draft_cfg, spec, inv_freq, scaling)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    for model in (target, draft):
+        model.to_empty(device=device)
+        with torch.no_grad():
+            for param_name, param in model.named_parameters():
+                if param_name.endswith("norm.weight"):
+                    param.fill_(1.0)
+                else:
+                    param.normal_(0.0, shape.init_std, generator=generator)
+        model.rotary.inv_freq = inv_freq.float().to(device)
+        model.to(dtype).eval()
+    if shape.tie_word_embeddings:
+        target.lm_head.weight = target.embed_tokens.weight
+    return target, draft, target_hf

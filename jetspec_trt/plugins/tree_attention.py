@@ -80,7 +80,6 @@ def gather_pages(cache: torch.Tensor, block_table: torch.Tensor, length: int) ->
     return flat[:length]
 
 
-@torch.library.impl(f"{LIBRARY}::{OP_NAME}", "CompositeExplicitAutograd")
 def tree_attention_reference(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -90,23 +89,50 @@ def tree_attention_reference(
     tree_mask: torch.Tensor,
     scale: float,
 ) -> torch.Tensor:
-    """Reference implementation (any device): gathers the pages and runs masked softmax attention in fp32."""
-    num_new, num_heads, head_dim = q.shape
-    num_kv_heads = k_cache.shape[2]
-    committed = int(ctx_len.reshape(-1)[0])
-    total = committed + num_new
-    keys = gather_pages(k_cache, block_table, total).float()
-    values = gather_pages(v_cache, block_table, total).float()
+    """Reference implementation (any device): gathers the pages and runs masked softmax attention in fp32.
+
+    On CPU it reads ctx_len on the host and gathers only the live prefix. On other devices it attends over the
+    whole cache with a device-side mask, which is slow but has no host sync, so CUDA graphs can capture it
+    where no faster kernel is registered.
+    """
+    num_new = q.shape[0]
+    if q.device.type == "cpu":
+        committed = int(ctx_len.reshape(-1)[0])
+        total = committed + num_new
+        keys, values = gather_pages(k_cache, block_table, total), gather_pages(v_cache, block_table, total)
+        visible = torch.ones(num_new, total, dtype=torch.bool, device=q.device)
+        visible[:, committed:] = unpack_mask(tree_mask, num_new)
+    else:
+        keys, values, visible = _whole_cache(k_cache, v_cache, block_table, ctx_len, tree_mask, num_new)
+    return _masked_attention(q, keys, values, visible, scale)
+
+
+# Registered for every device; faster kernels (Triton on CUDA) register for their own dispatch key on top.
+torch.library.impl(f"{LIBRARY}::{OP_NAME}", "CompositeExplicitAutograd")(tree_attention_reference)
+
+
+def _whole_cache(k_cache, v_cache, block_table, ctx_len, tree_mask, num_new):
+    capacity = block_table.numel() * k_cache.shape[1]
+    keys = gather_pages(k_cache, block_table, capacity)
+    values = gather_pages(v_cache, block_table, capacity)
+    slot = torch.arange(capacity, device=keys.device)
+    committed = ctx_len.reshape(1).long()
+    relative = (slot - committed).clamp(0, num_new - 1)  # new-token index of each slot (clamped)
+    tree_bits = unpack_mask(tree_mask, num_new)[:, relative]  # [T, capacity]
+    in_tree = (slot >= committed) & (slot < committed + num_new)
+    visible = (slot < committed)[None, :] | (in_tree[None, :] & tree_bits)
+    return keys, values, visible
+
+
+def _masked_attention(q, keys, values, visible, scale):
+    num_heads, num_kv_heads = q.shape[1], keys.shape[1]
     group = num_heads // num_kv_heads
-    keys = keys.repeat_interleave(group, dim=1)  # [total, Hq, D]
-    values = values.repeat_interleave(group, dim=1)
+    keys = keys.float().repeat_interleave(group, dim=1)  # [S, Hq, D]
+    values = values.float().repeat_interleave(group, dim=1)
     scores = torch.einsum("thd,shd->hts", q.float(), keys) * scale
-    visible = torch.ones(num_new, total, dtype=torch.bool, device=q.device)
-    visible[:, committed:] = unpack_mask(tree_mask, num_new)
     scores = scores.masked_fill(~visible, float("-inf"))
     probs = torch.softmax(scores, dim=-1)
-    out = torch.einsum("hts,shd->thd", probs, values)
-    return out.to(q.dtype)
+    return torch.einsum("hts,shd->thd", probs, values).to(q.dtype)
 
 
 @torch.library.register_fake(f"{LIBRARY}::{OP_NAME}")
@@ -125,3 +151,12 @@ def tree_attention(
 ) -> torch.Tensor:
     """Dispatch to the registered implementation for q's device (the Triton kernel on CUDA once loaded)."""
     return torch.ops.jetspec_trt.tree_attention(q, k_cache, v_cache, block_table, ctx_len, tree_mask, scale)
+
+
+def load_gpu_kernels() -> bool:
+    """Register the Triton kernels for CUDA if they can be loaded; False means the reference serves CUDA."""
+    try:
+        from jetspec_trt.plugins.triton_tree_attention import ensure_registered
+    except ImportError:
+        return False
+    return ensure_registered() is not False

@@ -24,7 +24,7 @@ import torch
 
 from jetspec_trt.models.draft import DraftHead
 from jetspec_trt.models.target import TargetModel
-from jetspec_trt.plugins.tree_attention import causal_mask, pack_mask
+from jetspec_trt.plugins.tree_attention import causal_mask, load_gpu_kernels, pack_mask
 from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
 from jetspec_trt.runtime.decoder import DecodeStats, TokenLimit, check_prompt
 from jetspec_trt.spec.tree_tensors import build_tree_tensors, greedy_accept_tensors, node_count
@@ -47,6 +47,7 @@ class GraphDecoder:
         self.target, self.draft, self.runtime = target, draft, runtime
         self.device = target.embed_tokens.weight.device
         self.use_graphs = use_graphs and self.device.type == "cuda"
+        self.triton_kernels = self.device.type == "cuda" and load_gpu_kernels()
         self.capture_layers = tuple(runtime.target_layer_ids)
         slack = max(runtime.tree.budget, 2 * runtime.block_size)  # a tree, or padded context + block
         tokens = runtime.max_seq_len + slack + 1

@@ -51,3 +51,20 @@ def test_reference_matches_dense_attention(ctx, new, heads, kv_heads):
 
 def test_causal_mask():
     assert torch.equal(unpack_mask(causal_mask(40), 40), torch.ones(40, 40, dtype=torch.bool).tril())
+
+
+def test_whole_cache_variant_equals_prefix_variant():
+    """The sync-free variant used on GPUs without a kernel computes the same function."""
+    from jetspec_trt.plugins.tree_attention import _masked_attention, _whole_cache, tree_attention_reference
+
+    g = torch.Generator().manual_seed(3)
+    cache = PagedKVCache(KVCacheSpec(1, 2, 8, 64, page_size=8))
+    cache.k[0].normal_(generator=g)
+    cache.v[0].normal_(generator=g)
+    cache.set_length(21)
+    dense = torch.rand(9, 9, generator=g) > 0.5
+    q = torch.randn(9, 4, 8, generator=g)
+    mask = pack_mask(dense | torch.eye(9, dtype=torch.bool))
+    expected = tree_attention_reference(q, cache.k[0], cache.v[0], cache.block_table, cache.ctx_len, mask, 0.3)
+    keys, values, visible = _whole_cache(cache.k[0], cache.v[0], cache.block_table, cache.ctx_len, mask, 9)
+    assert (expected - _masked_attention(q, keys, values, visible, 0.3)).abs().max() < 1e-5

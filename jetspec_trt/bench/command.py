@@ -1,0 +1,40 @@
+"""`jetspec-trt bench`: engine speed benchmark (JSON + PNG under bench/results/)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(","))
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    return tuple(float(x) for x in text.split(","))
+
+
+@click.command("bench")
+@click.option("--random-target", default="qwen3-8b", show_default=True,
+              help="Preset shape measured with random weights made on the GPU (speed does not depend on values).")
+@click.option("--budgets", default="16,32,64,128,256", show_default=True)
+@click.option("--contexts", default="512,2048,8192", show_default=True)
+@click.option("--topk", type=int, default=7, show_default=True)
+@click.option("--max-depth", type=int, default=15, show_default=True)
+@click.option("--taus", default="10.76,5.94", show_default=True, help="Accepted lengths to project tok/s for.")
+@click.option("--dtype", type=click.Choice(["bfloat16", "float16"]), default="bfloat16", show_default=True)
+@click.option("--reps", type=int, default=30, show_default=True)
+@click.option("--no-hf", is_flag=True, help="Skip Hugging Face transformers generate.")
+@click.option("--output-dir", type=click.Path(path_type=Path), default=Path("bench/results"), show_default=True)
+@click.option("--tag", default="", help="Suffix for the output file names.")
+def bench_command(random_target, budgets, contexts, topk, max_depth, taus, dtype, reps, no_hf, output_dir, tag):
+    """Measure AR decoding, the split of a speculative round, projected tok/s and HF generate on the GPU."""
+    from jetspec_trt.bench.engine_bench import BenchConfig, run_bench
+
+    cfg = BenchConfig(random_target=random_target, budgets=_ints(budgets), contexts=_ints(contexts), topk=topk,
+                      max_depth=max_depth, taus=_floats(taus), dtype=dtype, reps=reps, hf_generate=not no_hf,
+                      output_dir=output_dir, tag=tag)
+    path = run_bench(cfg, command=sys.argv)
+    click.echo(f"wrote {path} and {path.with_suffix('.png')}")

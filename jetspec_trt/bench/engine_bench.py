@@ -1,0 +1,239 @@
+"""Speed benchmark of the GPU engine: AR decoding, the split of one speculative round, projections, HF generate.
+
+Everything is measured in one run on one device, so the ratios in the JSON are side by side:
+  * AR: one graphed decode step at each context (CUDA events, median), and an end-to-end greedy generate
+  * round split: draft / tree / verify / accept+compaction, per tree budget and context (graph replays)
+  * projected tok/s = tau / round time, for tau values given (e.g. the paper's) and measured ones
+  * Hugging Face transformers `generate` on the same shape and dtype
+  * agreement: speculative greedy output vs the engine's own AR greedy output, over several prompts
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import statistics
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from jetspec_trt.errors import JetSpecError
+from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
+from jetspec_trt.runtime.graph_decoder import STAGES, GraphDecoder
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    random_target: str = "qwen3-8b"
+    device: str = "cuda"
+    dtype: str = "bfloat16"
+    budgets: tuple[int, ...] = (16, 32, 64, 128, 256)
+    contexts: tuple[int, ...] = (512, 2048, 8192)
+    topk: int = 7
+    max_depth: int = 15
+    taus: tuple[float, ...] = (10.76, 5.94)  # the paper's Qwen3-8B greedy tau on MATH-500 and MT-Bench
+    ar_tokens: int = 128
+    hf_tokens: int = 32
+    hf_generate: bool = True
+    agreement_prompts: int = 8
+    agreement_tokens: int = 64
+    reps: int = 30
+    output_dir: Path = Path("bench/results")
+    tag: str = ""
+
+
+def _events_ms(fn, reps: int, before=None) -> float:
+    """Median device time of fn() in ms over reps (after one warm-up), with `before()` untimed between."""
+    times = []
+    for i in range(reps + 1):
+        if before is not None:
+            before()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        if i:
+            times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def versions() -> dict[str, str]:
+    import transformers
+    import triton
+
+    from jetspec_trt import __version__
+
+    return {"jetspec_trt": __version__, "torch": torch.__version__, "cuda": str(torch.version.cuda),
+            "triton": triton.__version__, "transformers": transformers.__version__, "python": sys.version.split()[0]}
+
+
+class EngineBench:
+    def __init__(self, cfg: BenchConfig, target, draft, hf_config):
+        self.cfg = cfg
+        self.target, self.draft, self.hf_config = target, draft, hf_config
+        spec = draft.spec
+        runtime = RuntimeConfig(
+            tree=TreeConfig(max(cfg.budgets), cfg.topk, cfg.max_depth), dtype=cfg.dtype,
+            max_seq_len=max(cfg.contexts) + cfg.ar_tokens + 64, block_size=spec.block_size,
+            mask_token_id=spec.mask_token_id, target_layer_ids=spec.target_layer_ids, eos_token_ids=(),
+        )
+        self.decoder = GraphDecoder(target, draft, runtime)
+        self._fill_caches()
+
+    def _fill_caches(self) -> None:
+        # Timings run at contexts nobody prefilled: give the caches realistic (non-zero) contents once.
+        generator = torch.Generator(device=self.cfg.device).manual_seed(1)
+        for cache in (self.decoder.target_cache, self.decoder.draft_cache):
+            for tensor in (*cache.k, *cache.v):
+                tensor.normal_(0, 1, generator=generator)
+
+    def _at_context(self, context: int, state=None):
+        def reset() -> None:
+            self.decoder.target_cache.set_length(context)
+            self.decoder.draft_cache.set_length(context)
+            if state is not None:
+                state.count.fill_(self.cfg.max_depth + 1)  # the longest append the draft stage can see
+        return reset
+
+    def ar_step_ms(self, context: int) -> float:
+        token, step = self.decoder.ar_step()
+        token.fill_(11)
+        return _events_ms(step, self.cfg.reps, self._at_context(context))
+
+    def round_split_ms(self, budget: int, context: int) -> dict[str, float]:
+        tree = TreeConfig(budget, self.cfg.topk, self.cfg.max_depth)
+        state, stages = self.decoder.stages(tree)
+        state.anchor.fill_(11)
+        reset = self._at_context(context, state)
+        result = {}
+        for name in STAGES:
+            # Run the earlier stages untimed so each stage sees its real inputs, then time this one.
+            earlier = STAGES[: STAGES.index(name)]
+
+            def before(earlier=earlier) -> None:
+                reset()
+                for prior in earlier:
+                    stages[prior]()
+
+            result[f"{name}_ms"] = _events_ms(stages[name], self.cfg.reps, before)
+
+        def whole_round() -> None:
+            for name in STAGES:
+                stages[name]()
+
+        result["round_ms"] = _events_ms(whole_round, self.cfg.reps, reset)
+        return result
+
+    def ar_generate_tok_s(self, prompt_len: int = 128) -> dict:
+        prompt = torch.randint(0, self.target.config.vocab_size, (prompt_len,)).tolist()
+        list(self.decoder.generate(prompt, 8, speculative=False))  # warm-up
+        torch.cuda.synchronize()
+        tokens = sum(len(t) for t in self.decoder.generate(prompt, self.cfg.ar_tokens, speculative=False))
+        stats = self.decoder.stats
+        return {"prompt_tokens": prompt_len, "new_tokens": tokens, "decode_s": stats.decode_s,
+                "decode_tok_s": (tokens - 1) / stats.decode_s}
+
+    def agreement(self) -> dict:
+        """Speculative greedy vs the engine's AR greedy: identical sequences, first divergence otherwise."""
+        generator = torch.Generator().manual_seed(7)
+        identical, divergences = 0, []
+        for _ in range(self.cfg.agreement_prompts):
+            prompt = torch.randint(0, self.target.config.vocab_size, (64,), generator=generator).tolist()
+            ar = [t for c in self.decoder.generate(prompt, self.cfg.agreement_tokens, speculative=False) for t in c]
+            spec = [t for c in self.decoder.generate(prompt, self.cfg.agreement_tokens) for t in c]
+            if ar == spec:
+                identical += 1
+            else:
+                divergences.append(next(i for i, (a, b) in enumerate(zip(ar, spec)) if a != b))
+        return {"prompts": self.cfg.agreement_prompts, "tokens": self.cfg.agreement_tokens,
+                "identical": identical, "first_divergence_at": divergences}
+
+
+def hf_generate_tok_s(hf_config, dtype: torch.dtype, device: str, new_tokens: int) -> dict:
+    """Hugging Face transformers `generate` (greedy, its default cache) on a random model of the same shape."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype).eval()
+    try:
+        prompt = torch.randint(0, hf_config.vocab_size, (1, 128), device=device)
+        kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+        model.generate(prompt, max_new_tokens=4, min_new_tokens=4, **kwargs)  # warm-up
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        model.generate(prompt, max_new_tokens=new_tokens, min_new_tokens=new_tokens, **kwargs)
+        end.record()
+        end.synchronize()
+        seconds = start.elapsed_time(end) / 1000
+        return {"new_tokens": new_tokens, "seconds": seconds, "tok_s": new_tokens / seconds}
+    finally:
+        del model
+        torch.cuda.empty_cache()
+
+
+def run_bench(cfg: BenchConfig, command: list[str] | None = None) -> Path:
+    from jetspec_trt.models.checkpoint import parse_dtype
+    from jetspec_trt.models.presets import random_models
+
+    if not torch.cuda.is_available():
+        raise JetSpecError("the engine benchmark needs a CUDA GPU (run it through the device machine)")
+    progress = tqdm(total=3 + len(cfg.contexts) * (1 + len(cfg.budgets)) + int(cfg.hf_generate), desc="bench")
+    target, draft, hf_config = random_models(cfg.random_target, cfg.device, parse_dtype(cfg.dtype))
+    target.fuse_weights()
+    draft.fuse_weights()
+    bench = EngineBench(cfg, target, draft, hf_config)
+    progress.update()
+    report: dict = {
+        "device": torch.cuda.get_device_name(), "versions": versions(), "command": command or [],
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "config": _jsonable(asdict(cfg)),
+        "model": f"{cfg.random_target} (random weights)", "ar_step": [], "rounds": [],
+        "attention": "triton" if bench.decoder.triton_kernels else "torch reference (whole-cache, no Triton kernel)",
+    }
+    for context in cfg.contexts:
+        step = bench.ar_step_ms(context)
+        report["ar_step"].append({"context": context, "step_ms": step, "tok_s": 1000 / step})
+        progress.update()
+        for budget in cfg.budgets:
+            split = bench.round_split_ms(budget, context)
+            split.update(budget=budget, context=context, vs_ar_step=split["round_ms"] / step,
+                         projected_tok_s={str(tau): 1000 * tau / split["round_ms"] for tau in cfg.taus})
+            report["rounds"].append(split)
+            progress.set_postfix(budget=budget, context=context, round_ms=f"{split['round_ms']:.2f}")
+            progress.update()
+    report["ar_generate"] = bench.ar_generate_tok_s()
+    progress.update()
+    report["agreement"] = bench.agreement()
+    progress.update()
+    if cfg.hf_generate:
+        report["hf_generate"] = hf_generate_tok_s(hf_config, parse_dtype(cfg.dtype), cfg.device, cfg.hf_tokens)
+        progress.update()
+    progress.close()
+    return write_report(report, cfg)
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_report(report: dict, cfg: BenchConfig) -> Path:
+    from jetspec_trt.bench.plots import plot_engine_bench
+
+    cfg.output_dir.mkdir(parents=True, exist_ok=True)
+    device = report["device"].replace("NVIDIA ", "").split()[0].lower()
+    stem = f"engine-{cfg.random_target}-{device}{'-' + cfg.tag if cfg.tag else ''}"
+    json_path = cfg.output_dir / f"{stem}.json"
+    json_path.write_text(json.dumps(report, indent=2) + "\n")
+    plot_engine_bench(report, cfg.output_dir / f"{stem}.png")
+    return json_path
+
