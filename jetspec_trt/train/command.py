@@ -1,0 +1,79 @@
+"""`jetspec-trt train`: distil a JetSpec draft head from a frozen target on the target's own responses."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command("train")
+@click.option("--target", "target_dir", required=True, type=click.Path(path_type=Path), help="Target HF directory.")
+@click.option("--output", "output_dir", required=True, type=click.Path(path_type=Path),
+              help="Head directory (also holds data/ and checkpoints/).")
+@click.option("--data", "source", default="sharegpt", show_default=True,
+              help="Prompt suite (sharegpt, mtbench, math500, aime, humaneval) or a .jsonl of "
+                   '{"messages": [...]} / {"prompt": "..."} lines.')
+@click.option("--num-prompts", type=int, default=1000, show_default=True)
+@click.option("--max-new-tokens", type=int, default=512, show_default=True, help="Response length cap.")
+@click.option("--gen-temperature", type=float, default=0.0, show_default=True,
+              help="Sampling temperature of the regenerated responses (0 = greedy).")
+@click.option("--gen-batch-size", type=int, default=32, show_default=True, help="Prompts per generate() call.")
+@click.option("--max-seq-len", type=int, default=2048, show_default=True, help="Prompt + response tokens kept.")
+@click.option("--steps", type=int, default=2000, show_default=True, help="Optimizer steps (0 = make data only).")
+@click.option("--batch-size", type=int, default=4, show_default=True, help="Sequences per step.")
+@click.option("--lr", type=float, default=6e-4, show_default=True)
+@click.option("--warmup-steps", type=int, default=None, help="[default: 4% of --steps]")
+@click.option("--weight-decay", type=float, default=0.0, show_default=True)
+@click.option("--grad-clip", type=float, default=1.0, show_default=True)
+@click.option("--block-size", type=int, default=16, show_default=True, help="Draft block (max depth + 1).")
+@click.option("--num-layers", type=int, default=1, show_default=True, help="Head decoder layers.")
+@click.option("--target-layer-ids", default="auto", show_default=True,
+              help="Target layers whose hidden states feed the head: auto or e.g. 1,5,9.")
+@click.option("--mask-token-id", type=int, default=None,
+              help="[default: the tokenizer's mask token, else a reserved special such as <|vision_pad|>]")
+@click.option("--temperature", type=float, default=1.0, show_default=True,
+              help="Temperature of the target's distribution in the KL objective.")
+@click.option("--anchors-per-seq", type=int, default=32, show_default=True, help="Draft blocks per sequence.")
+@click.option("--heldout", type=int, default=32, show_default=True,
+              help="Sequences kept out for the acceptance proxy.")
+@click.option("--warm-start", is_flag=True, help="Copy the last target layers into the head where shapes agree.")
+@click.option("--device", default="cpu", show_default=True, help="cpu or cuda[:N].")
+@click.option("--dtype", type=click.Choice(["auto", "bfloat16", "float32"]), default="auto", show_default=True,
+              help="Frozen target's dtype (auto: bfloat16 on cuda with autocast, float32 on cpu).")
+@click.option("--save-every", type=int, default=200, show_default=True, help="Checkpoint interval (steps).")
+@click.option("--max-time", "max_time_s", type=float, default=None,
+              help="Stop with a checkpoint after this many seconds of training (continue with --resume).")
+@click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in OUTPUT/checkpoints.")
+@click.option("--overwrite", is_flag=True, help="Discard an earlier run's checkpoints and start over.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def train_command(target_dir, output_dir, source, num_prompts, max_new_tokens, gen_temperature, gen_batch_size,
+                  max_seq_len, steps, batch_size, lr, warmup_steps, weight_decay, grad_clip, block_size,
+                  num_layers, target_layer_ids, mask_token_id, temperature, anchors_per_seq, heldout, warm_start,
+                  device, dtype, save_every, max_time_s, resume, overwrite, seed, quiet):
+    """Train a draft head for TARGET on the target's own responses; write it in the published layout."""
+    from jetspec_trt.train.data import DataConfig
+    from jetspec_trt.train.trainer import TrainConfig, train
+
+    data = DataConfig(source, num_prompts, max_new_tokens, gen_temperature, gen_batch_size, max_seq_len)
+    cfg = TrainConfig(
+        target_dir, output_dir, data, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
+        weight_decay=weight_decay, grad_clip=grad_clip, block_size=block_size, num_layers=num_layers,
+        target_layer_ids=target_layer_ids, mask_token_id=mask_token_id, temperature=temperature,
+        anchors_per_seq=anchors_per_seq, heldout=heldout, warm_start=warm_start, device=device, dtype=dtype,
+        save_every=save_every, resume=resume, overwrite=overwrite, max_time_s=max_time_s, seed=seed,
+        progress=not quiet,
+    )
+    result = train(cfg)
+    if steps == 0:
+        click.echo(f"data ready: {result.card['data']['sequences']} sequences in {result.card['data']['cache_file']}")
+    elif not result.finished:
+        click.echo(f"stopped at step {result.step} of {steps} (--max-time); continue with --resume", err=True)
+    else:
+        card = result.card
+        before, after = card["acceptance_proxy"]["before"], card["acceptance_proxy"]["after"]
+        click.echo(f"loss {card['loss']['first']:.4f} -> {card['loss']['final']:.4f}; held-out chain tau proxy "
+                   f"{(before or {}).get('chain_tau_proxy', float('nan')):.3f} -> {after['chain_tau_proxy']:.3f}",
+                   err=True)
+        click.echo(f"draft head written to {result.output_dir}")

@@ -1,0 +1,471 @@
+"""Train a JetSpec draft head against a frozen target: data, loop, resumable checkpoints, output, card.
+
+Output directory:
+    config.json, model.safetensors   the head in the published layout (load_draft / `jetspec-trt build` read it)
+    training_card.json               data, settings, time, loss curve, acceptance proxy before/after
+    checkpoints/step-NNNNNNN.pt      model + optimizer + scheduler + step + RNG, every --save-every steps
+    data/responses-<hash>.jsonl      the target's own responses as token ids (re-runs reuse them)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from jetspec_trt.errors import JetSpecError
+from jetspec_trt.models.checkpoint import load_target, parse_dtype, save_draft
+from jetspec_trt.models.config import DecoderConfig, load_hf_config
+from jetspec_trt.models.draft import DraftHead
+from jetspec_trt.models.target import TargetModel
+from jetspec_trt.train.data import DataConfig, TrainSequence, generate_responses, split_heldout
+from jetspec_trt.train.head import (choose_mask_token, freeze, new_head, parse_layer_ids, rope_theta,
+                                    warm_start_from_target)
+from jetspec_trt.train.objective import (BlockBatch, block_hidden, depth_valid, distill_loss, sample_anchors,
+                                         teacher_pass)
+
+CHECKPOINT_DIR = "checkpoints"
+CARD = "training_card.json"
+EVAL_SEED = 12345  # the held-out anchors are the same before and after training, and across runs
+BETAS = (0.9, 0.95)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    target_dir: Path
+    output_dir: Path
+    data: DataConfig = field(default_factory=DataConfig)
+    steps: int = 2000  # 0: prepare the data only
+    batch_size: int = 4  # sequences per step
+    lr: float = 6e-4
+    warmup_steps: int | None = None  # None: 4% of the steps
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    block_size: int = 16
+    num_layers: int = 1
+    target_layer_ids: str = "auto"
+    mask_token_id: int | None = None  # None: the tokenizer's mask token or a reserved special
+    temperature: float = 1.0  # of the target's distribution in the KL
+    anchors_per_seq: int = 32
+    heldout: int = 32  # sequences kept out of training for the acceptance proxy
+    eval_anchors: int = 64  # anchors per held-out sequence
+    warm_start: bool = False  # copy the last target layers into the head where shapes agree
+    device: str = "cpu"
+    dtype: str = "auto"  # of the frozen target: bfloat16 on cuda, float32 on cpu; the head trains in fp32
+    save_every: int = 200
+    keep_checkpoints: int = 2
+    resume: bool = False
+    overwrite: bool = False
+    max_time_s: float | None = None  # stop (with a checkpoint) after this much training time; resume later
+    seed: int = 0
+    progress: bool = True
+
+    def validate(self) -> None:
+        checks = [
+            (self.steps >= 0, f"--steps must be >= 0, got {self.steps}"),
+            (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
+            (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
+            (self.temperature > 0, f"--temperature must be > 0, got {self.temperature}"),
+            (self.anchors_per_seq >= 1, f"--anchors-per-seq must be >= 1, got {self.anchors_per_seq}"),
+            (self.save_every >= 1, f"--save-every must be >= 1, got {self.save_every}"),
+            (self.data.max_new_tokens >= 2, f"--max-new-tokens must be >= 2, got {self.data.max_new_tokens}"),
+            (self.data.gen_temperature >= 0, f"--gen-temperature must be >= 0, got {self.data.gen_temperature}"),
+            (self.data.gen_batch_size >= 1, f"--gen-batch-size must be >= 1, got {self.data.gen_batch_size}"),
+            (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise JetSpecError(message)
+
+    def warmup(self) -> int:
+        return self.warmup_steps if self.warmup_steps is not None else max(1, round(0.04 * self.steps))
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    step: int
+    finished: bool  # False: stopped by max_time_s (resume with resume=True) or steps == 0
+    card: dict
+
+
+def resolve_device(device: str, dtype: str) -> tuple[str, torch.dtype]:
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise JetSpecError(f"--device {device}: CUDA is not available on this machine")
+    elif device != "cpu":
+        raise JetSpecError(f"--device must be cpu or cuda[:N], got {device!r}")
+    if dtype == "auto":
+        return device, torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return device, parse_dtype(dtype)
+
+
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """Linear warmup, then cosine decay to zero at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+def checkpoint_files(directory: Path) -> list[Path]:
+    return sorted(Path(directory).glob("step-*.pt"))
+
+
+def save_checkpoint(directory: Path, payload: dict, keep: int) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / f"step-{payload['step']:07d}.pt"
+    tmp = path.with_suffix(".pt.tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)  # a run killed mid-write leaves the previous checkpoint intact
+    for old in checkpoint_files(directory)[:-max(1, keep)]:
+        old.unlink()
+    return path
+
+
+def load_checkpoint(path: Path) -> dict:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for a torn or foreign file
+        raise JetSpecError(f"{path}: unreadable checkpoint ({type(err).__name__})") from err
+
+
+# ------------------------------------------------------------------------------------------------- the trainer
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, target: TargetModel, head: DraftHead, train_seqs: list[TrainSequence],
+                 heldout: list[TrainSequence], generator: torch.Generator, device: str):
+        self.cfg = cfg
+        self.target = target
+        self.head = head
+        self.train_seqs = train_seqs
+        self.heldout = heldout
+        self.generator = generator
+        self.device = device
+        self.capture = head.spec.target_layer_ids
+        longest = max(len(s) for s in train_seqs + heldout)
+        self.cache = target.new_cache(longest, page_size=64)  # scratch KV for the teacher passes
+        self.autocast = device.startswith("cuda") and target.embed_tokens.weight.dtype != torch.float32
+        self.optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, betas=BETAS,
+                                           weight_decay=cfg.weight_decay)
+        warmup = cfg.warmup()
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
+                                                           lambda s: lr_factor(s, warmup, cfg.steps))
+        self.step = 0
+        self.losses: list[float] = []
+        self.order: list[int] = []  # the epoch's shuffled sequence indices, consumed from the front
+        self.elapsed_s = 0.0
+        self.proxy_before: dict | None = None
+        self.resumed_from: list[int] = []
+
+    # -- data order and batches
+
+    def next_indices(self) -> list[int]:
+        picked = []
+        while len(picked) < self.cfg.batch_size:
+            if not self.order:
+                self.order = torch.randperm(len(self.train_seqs), generator=self.generator).tolist()
+            picked.append(self.order.pop(0))
+        return picked
+
+    def _autocast(self):
+        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast)
+
+    def teacher_batch(self, seqs: list[TrainSequence], anchors_per_seq: int, generator: torch.Generator
+                      ) -> tuple[BlockBatch, torch.Tensor, torch.Tensor]:
+        """Run the frozen target over each sequence; returns the block batch, the valid-depth mask and the
+        teacher logits of the valid (sequence, anchor, depth) rows in boolean-mask order."""
+        block = self.head.spec.block_size
+        anchors = [sample_anchors(len(s.prompt_ids), len(s), anchors_per_seq, generator) for s in seqs]
+        n, k, width = len(seqs), max(1, max(len(a) for a in anchors)), max(len(s) for s in seqs)
+        anchor_t = torch.zeros(n, k, dtype=torch.long)
+        anchor_valid = torch.zeros(n, k, dtype=torch.bool)
+        for row, picks in enumerate(anchors):
+            anchor_t[row, : len(picks)] = torch.tensor(picks, dtype=torch.long)
+            anchor_valid[row, : len(picks)] = True
+        ids = torch.zeros(n, width, dtype=torch.long)
+        for row, s in enumerate(seqs):
+            ids[row, : len(s)] = torch.tensor(s.ids)
+        lengths = torch.tensor([len(s) for s in seqs], device=self.device)
+        anchor_t, anchor_valid = anchor_t.to(self.device), anchor_valid.to(self.device)
+        valid = depth_valid(anchor_t, anchor_valid, lengths, block)
+        teacher_pos = anchor_t[:, :, None] + torch.arange(block - 1, device=self.device)
+        features, teacher_rows = None, []
+        for row, s in enumerate(seqs):
+            out = teacher_pass(self.target, ids[row, : len(s)].to(self.device), self.capture, self.cache)
+            if features is None:
+                features = out.features.new_zeros(n, width, out.features.shape[-1])
+            features[row, : len(s)] = out.features
+            teacher_rows.append(out.logits[teacher_pos[row][valid[row]]])
+        batch = BlockBatch(features, lengths, anchor_t, ids.to(self.device).gather(1, anchor_t), anchor_valid)
+        return batch, valid, torch.cat(teacher_rows)
+
+    def student_logits(self, batch: BlockBatch, valid: torch.Tensor) -> torch.Tensor:
+        hidden = block_hidden(self.head, self.target, batch)[:, :, 1:][valid]
+        lm_head = self.target.lm_head
+        return lm_head(hidden.to(lm_head.weight.dtype))
+
+    # -- one optimisation step
+
+    def train_step(self) -> float:
+        seqs = [self.train_seqs[i] for i in self.next_indices()]
+        batch, valid, teacher = self.teacher_batch(seqs, self.cfg.anchors_per_seq, self.generator)
+        with self._autocast():
+            loss = distill_loss(self.student_logits(batch, valid), teacher, self.cfg.temperature)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.head.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        value = loss.detach().item()
+        self.losses.append(value)
+        return value
+
+    # -- evaluation
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Acceptance proxy on the held-out sequences: per-depth top-1 agreement of the head with the target's
+        argmax, and the mean accepted length of a width-1 chain (leading agreements + the bonus token)."""
+        block = self.head.spec.block_size
+        was_training = self.head.training
+        self.head.eval()
+        generator = torch.Generator().manual_seed(EVAL_SEED)
+        agree = torch.zeros(block - 1, dtype=torch.float64)
+        total = torch.zeros(block - 1, dtype=torch.float64)
+        chain, anchors, kl_sum, rows = 0.0, 0, 0.0, 0
+        for seq in self.heldout:
+            batch, valid, teacher = self.teacher_batch([seq], self.cfg.eval_anchors, generator)
+            if not bool(valid.any()):
+                continue
+            with self._autocast():
+                student = self.student_logits(batch, valid).float()
+            kl_sum += float(distill_loss(student, teacher, self.cfg.temperature)) * student.shape[0]
+            rows += student.shape[0]
+            hits = torch.zeros(valid.shape, dtype=torch.bool, device=valid.device)
+            hits[valid] = student.argmax(-1) == teacher.argmax(-1)
+            agree += hits[0].sum(0).cpu().double()
+            total += valid[0].sum(0).cpu().double()
+            # leading run of agreements per anchor (a miss or the sequence's end stops it)
+            run = (hits[0] & valid[0]).int().cumprod(-1).sum(-1)
+            chain += float((run + 1)[batch.anchor_valid[0]].sum())
+            anchors += int(batch.anchor_valid[0].sum())
+        self.head.train(was_training)
+        per_depth = (agree / total.clamp(min=1)).tolist()
+        return {
+            "heldout_sequences": len(self.heldout),
+            "anchors": anchors,
+            "top1_agreement_per_depth": [round(x, 4) for x in per_depth],
+            "chain_tau_proxy": round(chain / max(1, anchors), 4),
+            "kl": round(kl_sum / max(1, rows), 4),
+        }
+
+    # -- checkpoints
+
+    def payload(self) -> dict:
+        return {
+            "step": self.step,
+            "head": self.head.state_dict(),
+            "head_spec": head_identity(self.head),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "order": list(self.order),
+            "losses": list(self.losses),
+            "elapsed_s": self.elapsed_s,
+            "proxy_before": json.dumps(self.proxy_before),
+            "resumed_from": list(self.resumed_from),
+        }
+
+    def restore(self, payload: dict, source: Path) -> None:
+        if payload.get("head_spec") != head_identity(self.head):
+            raise JetSpecError(f"{source}: checkpoint is of a different head ({payload.get('head_spec')}); "
+                               "use the same --block-size/--num-layers/--target-layer-ids/--mask-token-id")
+        self.head.load_state_dict(payload["head"])
+        self.optimizer.load_state_dict(payload["optimizer"])
+        self.scheduler.load_state_dict(payload["scheduler"])
+        self.generator.set_state(payload["generator"])
+        torch.set_rng_state(payload["torch_rng"])
+        self.step = int(payload["step"])
+        self.order = list(payload["order"])
+        self.losses = list(payload["losses"])
+        self.elapsed_s = float(payload["elapsed_s"])
+        self.proxy_before = json.loads(payload["proxy_before"])
+        self.resumed_from = list(payload["resumed_from"]) + [self.step]
+
+
+def head_identity(head: DraftHead) -> dict:
+    spec = head.spec
+    return {"num_layers": len(head.layers), "block_size": spec.block_size,
+            "target_layer_ids": list(spec.target_layer_ids), "mask_token_id": spec.mask_token_id}
+
+
+# ------------------------------------------------------------------------------------------------- entry point
+
+
+def train(cfg: TrainConfig) -> TrainResult:
+    """Prepare data, train (or resume), write the head and its training card. Raises JetSpecError."""
+    cfg.validate()
+    target_dir, out = Path(cfg.target_dir), Path(cfg.output_dir)
+    if not target_dir.is_dir():
+        raise JetSpecError(f"target directory {target_dir} does not exist")
+    device, dtype = resolve_device(cfg.device, cfg.dtype)
+    tcfg = DecoderConfig.from_hf(load_hf_config(target_dir))
+    layer_ids = parse_layer_ids(cfg.target_layer_ids, tcfg.num_layers, cfg.num_layers)
+    if cfg.block_size < 2:
+        raise JetSpecError(f"--block-size must be >= 2, got {cfg.block_size}")
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(target_dir), local_files_only=True)
+    mask_token_id = choose_mask_token(tokenizer, tcfg.vocab_size, cfg.mask_token_id)
+    ckpt_dir = out / CHECKPOINT_DIR
+    existing = checkpoint_files(ckpt_dir)
+    if cfg.resume and not existing:
+        raise JetSpecError(f"--resume: no checkpoint in {ckpt_dir}")
+    if existing and not cfg.resume and cfg.steps > 0:
+        if not cfg.overwrite:
+            raise JetSpecError(f"{ckpt_dir} holds checkpoints of an earlier run; pass --resume to continue it "
+                               "or --overwrite to start over")
+        for old in existing:
+            old.unlink()
+
+    gen_start = time.perf_counter()
+    sequences, cache_path = generate_responses(target_dir, cfg.data, out, device, dtype, cfg.seed, cfg.progress)
+    generation_s = time.perf_counter() - gen_start
+    train_seqs, heldout = split_heldout(sequences, cfg.heldout)
+    data_card = data_summary(cfg, sequences, train_seqs, heldout, cache_path, mask_token_id, generation_s)
+    if cfg.steps == 0:
+        return TrainResult(out, 0, False, {"data": data_card})
+
+    target = load_target(target_dir, dtype, device)
+    freeze(target)
+    generator = torch.Generator().manual_seed(cfg.seed)
+    head = new_head(target, cfg.num_layers, cfg.block_size, layer_ids, mask_token_id, generator)
+    copied = warm_start_from_target(head, target) if cfg.warm_start else []
+    head = head.to(device).train()
+    trainer = Trainer(cfg, target, head, train_seqs, heldout, generator, device)
+    if cfg.resume:
+        trainer.restore(load_checkpoint(existing[-1]), existing[-1])
+    else:
+        trainer.proxy_before = trainer.evaluate()
+
+    finished = run_loop(trainer, ckpt_dir)
+    card = {"data": data_card}
+    if finished:
+        card = write_outputs(trainer, out, tokenizer, tcfg, dtype, data_card, copied)
+    return TrainResult(out, trainer.step, finished, card)
+
+
+def run_loop(trainer: Trainer, ckpt_dir: Path) -> bool:
+    """Train until cfg.steps; False when max_time_s stopped it first (a checkpoint is written either way)."""
+    cfg = trainer.cfg
+    bar = tqdm(total=cfg.steps, initial=trainer.step, desc="training draft head", unit="step",
+               disable=not cfg.progress)
+    started = time.perf_counter()
+    base = trainer.elapsed_s
+    smoothed = None
+    while trainer.step < cfg.steps:
+        loss = trainer.train_step()
+        smoothed = loss if smoothed is None else 0.9 * smoothed + 0.1 * loss
+        trainer.elapsed_s = base + time.perf_counter() - started
+        bar.update(1)
+        bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{trainer.scheduler.get_last_lr()[0]:.2e}")
+        out_of_time = cfg.max_time_s is not None and time.perf_counter() - started >= cfg.max_time_s
+        if trainer.step % cfg.save_every == 0 or trainer.step == cfg.steps or out_of_time:
+            save_checkpoint(ckpt_dir, trainer.payload(), cfg.keep_checkpoints)
+        if out_of_time and trainer.step < cfg.steps:
+            bar.close()
+            return False
+    bar.close()
+    return True
+
+
+def data_summary(cfg: TrainConfig, sequences, train_seqs, heldout, cache_path: Path, mask_token_id: int,
+                 generation_s: float) -> dict:
+    mask_hits = sum(s.ids.count(mask_token_id) for s in sequences)
+    return {
+        "source": cfg.data.source,
+        "cache_file": str(cache_path),
+        "num_prompts": cfg.data.num_prompts,
+        "max_new_tokens": cfg.data.max_new_tokens,
+        "gen_temperature": cfg.data.gen_temperature,
+        "max_seq_len": cfg.data.max_seq_len,
+        "sequences": len(sequences),
+        "train_sequences": len(train_seqs),
+        "heldout_sequences": len(heldout),
+        "train_tokens": sum(len(s) for s in train_seqs),
+        "train_response_tokens": sum(len(s.response_ids) for s in train_seqs),
+        "mask_token_occurrences": mask_hits,  # should be 0: the mask token must never be real text
+        "generation_s": round(generation_s, 2),
+    }
+
+
+def loss_curve(losses: list[float], points: int = 50) -> list[list[float]]:
+    """[[last step of the bucket, mean loss of the bucket], ...], at most `points` buckets."""
+    size = max(1, math.ceil(len(losses) / points))
+    return [[min(i + size, len(losses)), round(sum(losses[i:i + size]) / len(losses[i:i + size]), 5)]
+            for i in range(0, len(losses), size)]
+
+
+def write_outputs(trainer: Trainer, out: Path, tokenizer, tcfg: DecoderConfig, dtype: torch.dtype,
+                  data_card: dict, copied: list[str]) -> dict:
+    cfg, head = trainer.cfg, trainer.head
+    proxy_after = trainer.evaluate()
+    saved = copy.deepcopy(head).to("cpu", dtype)  # the published heads are stored in the serving dtype
+    save_draft(saved, out, rope_theta(head.config))
+    losses = trainer.losses
+    window = max(1, min(10, len(losses) // 5))
+    spec = head.spec
+    card = {
+        "format": 1,
+        "target": {"path": str(Path(cfg.target_dir).resolve()), "model_type": tcfg.model_type,
+                   "num_layers": tcfg.num_layers, "hidden_size": tcfg.hidden_size, "vocab_size": tcfg.vocab_size},
+        "head": {
+            "num_layers": len(head.layers), "block_size": spec.block_size,
+            "target_layer_ids": list(spec.target_layer_ids), "mask_token_id": spec.mask_token_id,
+            "mask_token": tokenizer.convert_ids_to_tokens(spec.mask_token_id),
+            "parameters": sum(p.numel() for p in head.parameters()),
+            "init": (f"warm start: {len(copied)} tensors from the last target layers, rest normal(0, 0.02)"
+                     if cfg.warm_start else "normal(0, 0.02), norms 1"),
+            "saved_dtype": str(dtype).removeprefix("torch."),
+        },
+        "data": data_card,
+        "objective": {"loss": "forward KL(softmax(target/T) || softmax(head)), uniform over depths",
+                      "temperature": cfg.temperature, "anchors_per_seq": cfg.anchors_per_seq,
+                      "depths": spec.block_size - 1},
+        "training": {
+            "steps": trainer.step, "batch_size": cfg.batch_size, "lr": cfg.lr, "warmup_steps": cfg.warmup(),
+            "schedule": "linear warmup, cosine to 0", "optimizer": f"AdamW betas={list(BETAS)}",
+            "weight_decay": cfg.weight_decay, "grad_clip": cfg.grad_clip, "seed": cfg.seed,
+            "device": trainer.device, "device_name": device_name(trainer.device),
+            "target_dtype": str(dtype).removeprefix("torch."), "bf16_autocast": trainer.autocast,
+            "time_s": round(trainer.elapsed_s, 2), "s_per_step": round(trainer.elapsed_s / max(1, trainer.step), 4),
+            "resumed_at_steps": trainer.resumed_from,
+        },
+        "loss": {"first": round(sum(losses[:window]) / window, 5), "final": round(sum(losses[-window:]) / window, 5),
+                 "min": round(min(losses), 5), "curve": loss_curve(losses)},
+        "acceptance_proxy": {"before": trainer.proxy_before, "after": proxy_after},
+    }
+    (out / CARD).write_text(json.dumps(card, indent=2) + "\n")
+    return card
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(torch.device(device))
+    import platform
+
+    return platform.processor() or platform.machine()

@@ -1,0 +1,216 @@
+"""`jetspec-trt train` on the tiny preset: the training forward equals the inference path, a short run lowers
+the loss and writes a head that builds into a lossless engine, resume continues exactly, bad input fails in
+one line."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import random
+import shutil
+
+import pytest
+import torch
+
+from jetspec_trt.builders.engine_builder import BuildConfig, build_engine
+from jetspec_trt.cli import main
+from jetspec_trt.errors import JetSpecError
+from jetspec_trt.models.checkpoint import load_draft, load_target
+from jetspec_trt.models.presets import write_random_pair
+from jetspec_trt.plugins.tree_attention import causal_mask
+from jetspec_trt.runtime.config import TreeConfig
+from jetspec_trt.runtime.decoder import Decoder
+from jetspec_trt.runtime.engine import Engine
+from jetspec_trt.train import data as train_data
+from jetspec_trt.train.data import DataConfig, generate_responses
+from jetspec_trt.train.objective import BlockBatch, depth_logits, teacher_pass
+from jetspec_trt.train.trainer import TrainConfig, checkpoint_files, train
+from tests.helpers import tiny_runtime
+
+WORDS = "sort list tree graph python rust fast slow hello world write explain code alpha beta".split()
+STEPS = 40
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    write_random_pair("tiny", root / "target", root / "draft", seed=0)
+    rng = random.Random(0)
+    with open(root / "prompts.jsonl", "w") as f:
+        for i in range(24):
+            text = " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 10)))
+            # both accepted record shapes
+            record = {"prompt": text} if i % 2 else {"messages": [{"role": "user", "content": text}]}
+            f.write(json.dumps(record) + "\n")
+    return root
+
+
+def train_args(root, out, *extra):
+    return ["train", "--target", str(root / "target"), "--output", str(out), "--data", str(root / "prompts.jsonl"),
+            "--num-prompts", "24", "--max-new-tokens", "48", "--gen-batch-size", "8", "--steps", str(STEPS),
+            "--batch-size", "4", "--lr", "1e-3", "--block-size", "8", "--num-layers", "1", "--anchors-per-seq", "16",
+            "--heldout", "4", "--save-every", "20", "--quiet", *extra]
+
+
+def invoke(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+        raise SystemExit(0)
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def trained(tiny, tmp_path_factory):
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("run") / "head"
+    with pytest.raises(SystemExit) as exit_info:
+        main(train_args(tiny, out))
+        raise SystemExit(0)
+    assert exit_info.value.code == 0
+    return out
+
+
+# ------------------------------------------------------------------------------- training forward == inference
+
+
+def inference_depth_logits(target, draft, ids: torch.Tensor, anchor: int) -> torch.Tensor:
+    """Depth logits through the serving path: target prefill of the context, extend_context, draft pass."""
+    block = draft.spec.block_size
+    runtime = tiny_runtime(draft, TreeConfig(16, 4, block - 1), block_size=block,
+                           mask_token_id=draft.spec.mask_token_id)
+    decoder = Decoder(target, draft, runtime)
+    capture = draft.spec.target_layer_ids
+    with torch.no_grad():
+        out = target(ids[:anchor], torch.arange(anchor), decoder.target_cache, causal_mask(anchor), capture)
+        draft.extend_context(out.features, torch.arange(anchor), decoder.draft_cache)
+        return decoder.draft_depth_logits(int(ids[anchor]), anchor, block - 1)
+
+
+@pytest.mark.parametrize("which", ["random preset head", "trained head"])
+def test_training_forward_matches_inference(tiny, trained, which):
+    target = load_target(tiny / "target")
+    draft = load_draft(tiny / "draft" if which == "random preset head" else trained)
+    gen = torch.Generator().manual_seed(1)
+    seqs = [torch.randint(0, 256, (n,), generator=gen) for n in (50, 37)]
+    # several anchors per sequence (cross-block leaks would show), one padding anchor, sequences of two lengths
+    anchors = torch.tensor([[1, 9, 24, 48], [5, 20, 35, 0]])
+    valid = torch.tensor([[True] * 4, [True, True, True, False]])
+    cache = target.new_cache(64, 16)
+    outs = [teacher_pass(target, s, draft.spec.target_layer_ids, cache) for s in seqs]
+    features = torch.zeros(2, 50, outs[0].features.shape[-1])
+    for row, out in enumerate(outs):
+        features[row, : out.features.shape[0]] = out.features
+    tokens = torch.stack([torch.cat([s, s.new_zeros(50 - len(s))]) for s in seqs])
+    batch = BlockBatch(features, torch.tensor([50, 37]), anchors, tokens.gather(1, anchors), valid)
+    with torch.no_grad():
+        train_logits = depth_logits(draft, target, batch)
+    assert train_logits.shape == (2, 4, draft.spec.block_size - 1, target.config.vocab_size)
+    for row in range(2):
+        for k in range(4):
+            if valid[row, k]:
+                served = inference_depth_logits(target, draft, seqs[row], int(anchors[row, k]))
+                diff = (served - train_logits[row, k]).abs().max().item()
+                assert diff < 1e-4, f"{which}: sequence {row} anchor {int(anchors[row, k])}: max |diff| {diff}"
+
+
+# ------------------------------------------------------------------------------------------- a short training run
+
+
+def test_short_run_lowers_loss_and_builds_lossless_engine(tiny, trained, tmp_path):
+    card = json.loads((trained / "training_card.json").read_text())
+    assert card["training"]["steps"] == STEPS
+    assert card["loss"]["final"] < 0.7 * card["loss"]["first"], card["loss"]
+    assert card["head"]["mask_token_id"] == 259 and card["head"]["target_layer_ids"] == [3]
+    assert card["data"]["sequences"] == 24 and card["data"]["heldout_sequences"] == 4
+    assert len(card["acceptance_proxy"]["after"]["top1_agreement_per_depth"]) == 7
+    config = json.loads((trained / "config.json").read_text())
+    assert config["block_size"] == 8 and config["num_target_layers"] == 6
+    assert config["dflash_config"] == {"target_layer_ids": [3], "mask_token_id": 259, "causal_head": True,
+                                       "target_hidden_size": 128}
+    assert [p.name for p in checkpoint_files(trained / "checkpoints")] == ["step-0000020.pt", "step-0000040.pt"]
+
+    engine_dir = tmp_path / "engine"
+    build_engine(BuildConfig(tiny / "target", trained, engine_dir, tree=TreeConfig(32, 4, 7), dtype="float32",
+                             max_seq_len=256, progress=False))
+    engine = Engine.load(engine_dir)
+    for prompt in ("sort the list", "hello world in rust"):
+        spec = engine.generate(prompt, max_new_tokens=40, chat=True)
+        plain = engine.generate(prompt, max_new_tokens=40, chat=True, speculative=False)
+        assert spec.token_ids == plain.token_ids
+        assert spec.stats.rounds < 40  # speculation ran (the bonus token alone gives one token per round)
+
+
+def test_cached_responses_are_reused(tiny, trained, monkeypatch):
+    """A re-run with the same settings reads the jsonl cache and never loads the generation model."""
+    import transformers
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the cached responses should have been reused")
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", refuse)
+    cfg = DataConfig(str(tiny / "prompts.jsonl"), 24, 48, 0.0, 8)
+    sequences, path = generate_responses(tiny / "target", cfg, trained, "cpu", torch.float32, seed=0,
+                                         progress=False)
+    assert len(sequences) == 24 and path.parent == trained / train_data.DATA_DIR
+    assert all(s.prompt_ids[0] == 257 for s in sequences)  # <|im_start|>: the chat template was applied
+
+
+def test_resume_continues_at_saved_step_and_matches(tiny, trained, tmp_path, capsys):
+    """Resuming from the step-20 checkpoint ends on the same weights as the uninterrupted run."""
+    out = tmp_path / "head"
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copytree(trained / "data", out / "data")
+    shutil.copy2(trained / "checkpoints" / "step-0000020.pt", out / "checkpoints")
+    code, _, err = invoke(train_args(tiny, out, "--resume"), capsys)
+    assert code == 0, err
+    card = json.loads((out / "training_card.json").read_text())
+    assert card["training"]["resumed_at_steps"] == [20] and card["training"]["steps"] == STEPS
+    reference = json.loads((trained / "training_card.json").read_text())
+    assert card["loss"]["curve"] == reference["loss"]["curve"]
+    resumed, uninterrupted = load_draft(out).state_dict(), load_draft(trained).state_dict()
+    for name, tensor in uninterrupted.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_time_limit_stops_with_checkpoint(tiny, trained, tmp_path):
+    out = tmp_path / "head"
+    shutil.copytree(trained / "data", out / "data")
+    cfg = TrainConfig(tiny / "target", out, DataConfig(str(tiny / "prompts.jsonl"), 24, 48, 0.0, 8), steps=STEPS,
+                      batch_size=2, block_size=8, anchors_per_seq=4, heldout=4, max_time_s=0.0, progress=False)
+    result = train(cfg)
+    assert not result.finished and result.step == 1
+    assert [p.name for p in checkpoint_files(out / "checkpoints")] == ["step-0000001.pt"]
+    assert not (out / "config.json").exists()
+    with pytest.raises(JetSpecError, match="--resume to continue"):
+        train(dataclasses.replace(cfg, max_time_s=None))
+
+
+# --------------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda a: [x if x != "TARGET" else "/nonexistent/target" for x in a], "target directory /nonexistent/target"),
+    (lambda a: a + ["--target-layer-ids", "1,99"], "--target-layer-ids '1,99' must be distinct layer indices"),
+    (lambda a: a + ["--target-layer-ids", "one,two"], "--target-layer-ids must be 'auto' or comma-separated"),
+    (lambda a: a + ["--resume"], "--resume: no checkpoint"),
+    (lambda a: a + ["--block-size", "1"], "--block-size must be >= 2"),
+    (lambda a: a + ["--device", "tpu"], "--device must be cpu or cuda"),
+])
+def test_bad_input_one_line_error(tiny, tmp_path, capsys, change, message):
+    args = train_args(tiny, tmp_path / "out")
+    args[args.index("--target") + 1] = "TARGET" if "nonexistent" in message else args[args.index("--target") + 1]
+    code, out, err = invoke(change(args), capsys)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], err
+    assert not (tmp_path / "out" / "checkpoints").exists()
+
+
+def test_bad_prompt_file(tiny, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "no prompt key"}\n')
+    args = train_args(tiny, tmp_path / "out")
+    args[args.index("--data") + 1] = str(bad)
+    code, _, err = invoke(args, capsys)
+    assert code == 2 and 'bad.jsonl:1: expected {"messages": [...]} or {"prompt": "..."}' in err
