@@ -30,9 +30,12 @@ class KVCacheSpec:
 class PagedKVCache:
     def __init__(self, spec: KVCacheSpec, device: torch.device | str = "cpu"):
         self.spec = spec
-        shape = (spec.num_pages, spec.page_size, spec.num_kv_heads, spec.head_dim)
-        self.k = [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]
-        self.v = [torch.zeros(shape, dtype=spec.dtype, device=device) for _ in range(spec.num_layers)]
+        shape = (spec.num_layers, spec.num_pages, spec.page_size, spec.num_kv_heads, spec.head_dim)
+        # One tensor for all layers, so compaction moves every layer's rows in one gather and one scatter.
+        self.k_all = torch.zeros(shape, dtype=spec.dtype, device=device)
+        self.v_all = torch.zeros(shape, dtype=spec.dtype, device=device)
+        self.k = list(self.k_all.unbind(0))  # per-layer views [P, S, Hkv, D]
+        self.v = list(self.v_all.unbind(0))
         self.block_table = torch.arange(spec.num_pages, dtype=torch.int32, device=device)
         # Committed tokens, as a device tensor so CUDA graphs can read it; `length` mirrors it on the host.
         self.ctx_len = torch.zeros(1, dtype=torch.int32, device=device)
@@ -77,12 +80,14 @@ class PagedKVCache:
         """
         src = self.slots_at(self.ctx_len, path)
         dst = self.slots(self.ctx_len, path.numel())
-        for k, v in zip(self.k, self.v):
-            flat_k = k.view(-1, *k.shape[2:])
-            flat_v = v.view(-1, *v.shape[2:])
-            flat_k.index_copy_(0, dst, flat_k.index_select(0, src))
-            flat_v.index_copy_(0, dst, flat_v.index_select(0, src))
+        self._move(src, dst)
         self.advance(count)
+
+    def _move(self, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy slot rows src -> dst in every layer (all sources read before any destination is written)."""
+        for cache in (self.k_all, self.v_all):
+            flat = cache.view(cache.shape[0], -1, *cache.shape[3:])
+            flat.index_copy_(1, dst, flat.index_select(1, src))
 
     def commit(self, kept: torch.Tensor) -> None:
         """Keep the new tokens at indices `kept` (ascending, relative to ctx_len) and append them to the context.
@@ -91,13 +96,8 @@ class PagedKVCache:
         rows to contiguous slots keeps every later read a plain prefix of the sequence.
         """
         count = kept.numel()
-        base = self.ctx_len.clone()
-        src = self.slots(base, int(kept.max()) + 1)[kept.long()]
-        dst = self.slots(base, count)
+        src = self.slots_at(self.ctx_len, kept)
+        dst = self.slots(self.ctx_len, count)
         if not torch.equal(src, dst):
-            for k, v in zip(self.k, self.v):
-                flat_k = k.view(-1, *k.shape[2:])
-                flat_v = v.view(-1, *v.shape[2:])
-                flat_k.index_copy_(0, dst, flat_k.index_select(0, src))
-                flat_v.index_copy_(0, dst, flat_v.index_select(0, src))
+            self._move(src, dst)
         self.set_length(self.length + count)
