@@ -27,14 +27,17 @@ def _floats(text: str) -> tuple[float, ...]:
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16"]), default="bfloat16", show_default=True)
 @click.option("--reps", type=int, default=30, show_default=True)
 @click.option("--no-hf", is_flag=True, help="Skip Hugging Face transformers generate.")
+@click.option("--compile/--no-compile", "compile_layers", default=True, show_default=True,
+              help="torch.compile the decoder layers inside the CUDA graphs.")
 @click.option("--output-dir", type=click.Path(path_type=Path), default=Path("bench/results"), show_default=True)
 @click.option("--tag", default="", help="Suffix for the output file names.")
-def bench_command(random_target, budgets, contexts, topk, max_depth, taus, dtype, reps, no_hf, output_dir, tag):
+def bench_command(random_target, budgets, contexts, topk, max_depth, taus, dtype, reps, no_hf, compile_layers,
+                  output_dir, tag):
     """Measure AR decoding, the split of a speculative round, projected tok/s and HF generate on the GPU."""
     from jetspec_trt.bench.engine_bench import BenchConfig, run_bench
 
     cfg = BenchConfig(random_target=random_target, budgets=_ints(budgets), contexts=_ints(contexts), topk=topk,
                       max_depth=max_depth, taus=_floats(taus), dtype=dtype, reps=reps, hf_generate=not no_hf,
-                      output_dir=output_dir, tag=tag)
+                      compile_layers=compile_layers, output_dir=output_dir, tag=tag)
     path = run_bench(cfg, command=sys.argv)
     click.echo(f"wrote {path} and {path.with_suffix('.png')}")

@@ -10,6 +10,7 @@ position sees all context and the block positions up to itself (causal). `norm(h
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -19,8 +20,8 @@ from torch import nn
 
 from jetspec_trt.errors import JetSpecError
 from jetspec_trt.models.config import DecoderConfig
-from jetspec_trt.models.layers import MLP, AttentionProjections, RMSNorm, Rotary
-from jetspec_trt.plugins.tree_attention import tree_attention
+from jetspec_trt.models.layers import RMSNorm, Rotary
+from jetspec_trt.models.target import DecoderLayer, fuse_layers
 from jetspec_trt.runtime.kv_cache import KVCacheSpec, PagedKVCache
 
 # TensorRT Edge-LLM reads either key; the published heads use dflash_config.
@@ -114,15 +115,11 @@ def draft_config_dict(decoder: DecoderConfig, spec: DraftSpec, rope_theta: float
     }
 
 
-class DraftLayer(nn.Module):
+class DraftLayer(DecoderLayer):
+    """A head layer is a Qwen3 decoder layer (q/k norm always on); only where its K/V come from differs."""
+
     def __init__(self, cfg: DecoderConfig):
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = AttentionProjections(
-            cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.qkv_bias, True, cfg.rms_norm_eps
-        )
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+        super().__init__(dataclasses.replace(cfg, qk_norm=True))
 
 
 class DraftHead(nn.Module):
@@ -146,9 +143,7 @@ class DraftHead(nn.Module):
         return self.hidden_norm(self.fc(features))
 
     def fuse_weights(self) -> None:
-        for layer in self.layers:
-            layer.self_attn.fuse()
-            layer.mlp.fuse()
+        fuse_layers(self.layers)
 
     def write_context(self, features: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache) -> None:
         """Write the K/V of m tokens' fused target features ([m, n_ids*H]) after the committed context."""
@@ -176,13 +171,7 @@ class DraftHead(nn.Module):
         slots = cache.slots(cache.ctx_len, block_embeds.shape[0])
         x = block_embeds
         for i, layer in enumerate(self.layers):
-            attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q, k, v = attn.query_key_value(h, cos, sin)
-            cache.write(i, slots, k, v)
-            o = tree_attention(q, cache.k[i], cache.v[i], cache.block_table, cache.ctx_len, block_mask, attn.scale)
-            x = x + attn.o_proj(o.flatten(1))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
+            x = layer(x, cos, sin, cache.k[i], cache.v[i], cache.block_table, cache.ctx_len, slots, block_mask)
         return self.norm(x)
 
 

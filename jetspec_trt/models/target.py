@@ -16,7 +16,7 @@ from torch import nn
 from jetspec_trt.models.config import DecoderConfig
 from jetspec_trt.models.layers import MLP, AttentionProjections, RMSNorm, Rotary
 from jetspec_trt.plugins.tree_attention import tree_attention
-from jetspec_trt.runtime.kv_cache import KVCacheSpec, PagedKVCache
+from jetspec_trt.runtime.kv_cache import KVCacheSpec, PagedKVCache, write_kv
 
 
 @dataclass
@@ -26,6 +26,9 @@ class TargetOutput:
 
 
 class DecoderLayer(nn.Module):
+    """One pre-norm decoder layer over the paged cache. Its inputs are plain tensors (no cache object, no
+    layer index), so torch.compile traces it once and reuses the code for every layer."""
+
     def __init__(self, cfg: DecoderConfig):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
@@ -36,12 +39,13 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, cache: PagedKVCache, layer: int, slots, tree_mask):
+    def forward(self, x, cos, sin, k_cache, v_cache, block_table, ctx_len, slots, tree_mask):
+        """x [T, H]; the new tokens' K/V are written at flat `slots` of k_cache/v_cache [P, S, Hkv, D]."""
         attn = self.self_attn
         h = self.input_layernorm(x)
         q, k, v = attn.query_key_value(h, cos, sin)
-        cache.write(layer, slots, k, v)
-        o = tree_attention(q, cache.k[layer], cache.v[layer], cache.block_table, cache.ctx_len, tree_mask, attn.scale)
+        write_kv(k_cache, v_cache, slots, k, v)
+        o = tree_attention(q, k_cache, v_cache, block_table, ctx_len, tree_mask, attn.scale)
         x = x + attn.o_proj(o.flatten(1))
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -60,9 +64,7 @@ class TargetModel(nn.Module):
 
     def fuse_weights(self) -> None:
         """QKV and gate-up GEMM fusion (GPU engines): fewer, larger GEMMs per layer."""
-        for layer in self.layers:
-            layer.self_attn.fuse()
-            layer.mlp.fuse()
+        fuse_layers(self.layers)
 
     def new_cache(self, max_tokens: int, page_size: int = 64, dtype: torch.dtype | None = None) -> PagedKVCache:
         cfg = self.config
@@ -85,7 +87,7 @@ class TargetModel(nn.Module):
         captured = {}
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache, i, slots, tree_mask)
+            x = layer(x, cos, sin, cache.k[i], cache.v[i], cache.block_table, cache.ctx_len, slots, tree_mask)
             if i in capture_layers and i != last:
                 captured[i] = x
         x = self.norm(x)
@@ -93,3 +95,19 @@ class TargetModel(nn.Module):
             captured[last] = x
         features = torch.cat([captured[i] for i in capture_layers], dim=-1) if capture_layers else None
         return TargetOutput(self.lm_head(x).float(), features)
+
+
+def fuse_layers(layers: nn.ModuleList) -> None:
+    for layer in layers:
+        layer.self_attn.fuse()
+        layer.mlp.fuse()
+
+
+def compile_layers(layers: nn.ModuleList) -> None:
+    """torch.compile each layer (one trace serves all: same code, parameters are inputs). At batch 1 the
+    norms, RoPE and activations are dozens of tiny kernels per layer; Inductor fuses them."""
+    import torch._dynamo
+
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+    for layer in layers:
+        layer.compile(dynamic=False)

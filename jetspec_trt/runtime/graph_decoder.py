@@ -24,6 +24,7 @@ import torch
 
 from jetspec_trt.models.draft import DraftHead
 from jetspec_trt.models.target import TargetModel
+from jetspec_trt.models.target import compile_layers as compile_model_layers
 from jetspec_trt.plugins.tree_attention import causal_mask, load_gpu_kernels, pack_mask
 from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
 from jetspec_trt.runtime.decoder import DecodeStats, TokenLimit, check_prompt
@@ -55,11 +56,15 @@ class GraphReplay:
 
 
 class GraphDecoder:
-    def __init__(self, target: TargetModel, draft: DraftHead, runtime: RuntimeConfig, use_graphs: bool = True):
+    def __init__(self, target: TargetModel, draft: DraftHead, runtime: RuntimeConfig, use_graphs: bool = True,
+                 compile_layers: bool = False):
         self.target, self.draft, self.runtime = target, draft, runtime
         self.device = target.embed_tokens.weight.device
         self.use_graphs = use_graphs and self.device.type == "cuda"
         self.triton_kernels = self.device.type == "cuda" and load_gpu_kernels()
+        if compile_layers:
+            compile_model_layers(target.layers)
+            compile_model_layers(draft.layers)
         self.capture_layers = tuple(runtime.target_layer_ids)
         slack = max(runtime.tree.budget, 2 * runtime.block_size)  # a tree, or padded context + block
         tokens = runtime.max_seq_len + slack + 1
@@ -185,8 +190,10 @@ class GraphDecoder:
         n = len(prompt_ids)
         self.target_cache.set_length(0)
         prompt = torch.tensor(prompt_ids, device=self.device)
-        out = self.target(prompt, torch.arange(n, device=self.device), self.target_cache,
-                          causal_mask(n, self.device), self.capture_layers if capture else ())
+        # Prompt lengths vary: compiled layers would specialise (recompile) per length, so prefill runs eager.
+        with torch.compiler.set_stance("force_eager"):
+            out = self.target(prompt, torch.arange(n, device=self.device), self.target_cache,
+                              causal_mask(n, self.device), self.capture_layers if capture else ())
         self.target_cache.set_length(n)
         return out
 
@@ -210,7 +217,7 @@ class GraphDecoder:
         if speculative:
             self.draft_cache.set_length(0)
             self.draft.extend_context(out.features, torch.arange(len(prompt_ids), device=self.device),
-                                      self.draft_cache)
+                                      self.draft_cache)  # (no compiled layers: context K/V only)
             state.anchor.copy_(first)
             state.count.zero_()
         else:

@@ -34,8 +34,9 @@ class PagedKVCache:
         # One tensor for all layers, so compaction moves every layer's rows in one gather and one scatter.
         self.k_all = torch.zeros(shape, dtype=spec.dtype, device=device)
         self.v_all = torch.zeros(shape, dtype=spec.dtype, device=device)
-        self.k = list(self.k_all.unbind(0))  # per-layer views [P, S, Hkv, D]
-        self.v = list(self.v_all.unbind(0))
+        # Per-layer views [P, S, Hkv, D] (select, not unbind: unbind's views refuse in-place writes under grad).
+        self.k = [self.k_all[i] for i in range(spec.num_layers)]
+        self.v = [self.v_all[i] for i in range(spec.num_layers)]
         self.block_table = torch.arange(spec.num_pages, dtype=torch.int32, device=device)
         # Committed tokens, as a device tensor so CUDA graphs can read it; `length` mirrors it on the host.
         self.ctx_len = torch.zeros(1, dtype=torch.int32, device=device)
@@ -64,8 +65,7 @@ class PagedKVCache:
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store K/V [T, Hkv, D] of new tokens into flat slots."""
-        self.k[layer].view(-1, *k.shape[1:]).index_copy_(0, slots, k.to(self.spec.dtype))
-        self.v[layer].view(-1, *v.shape[1:]).index_copy_(0, slots, v.to(self.spec.dtype))
+        write_kv(self.k[layer], self.v[layer], slots, k, v)
 
     def advance(self, count: torch.Tensor) -> None:
         """Commit `count` (a device tensor) more tokens without a host sync; `length` is then stale until
@@ -101,3 +101,10 @@ class PagedKVCache:
         if not torch.equal(src, dst):
             self._move(src, dst)
         self.set_length(self.length + count)
+
+
+def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
+             v: torch.Tensor) -> None:
+    """Store K/V [T, Hkv, D] at flat slots of one layer's paged cache [P, S, Hkv, D]."""
+    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slots, k.to(k_cache.dtype))
+    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slots, v.to(v_cache.dtype))

@@ -33,8 +33,11 @@ def test_graphed_rounds_match_eager_and_ar(dtype):
         reference = [t for c in eager.generate(prompt, 48, tree=tree) for t in c]
         if dtype == torch.float32:
             assert spec == reference == ar
-        mismatches += spec != ar
-    if dtype == torch.float32:
-        assert mismatches == 0
-    else:  # bf16 tree vs single-token GEMMs may round a near tie differently; it must stay rare
-        assert mismatches <= 2
+        elif spec != ar:
+            # bf16: the tree's GEMMs (M = tree size) and the AR step's (M = 1) round differently, which can
+            # flip a near tie. Every divergence must be one: the two tokens' logits nearly equal.
+            mismatches += 1
+            first = next(i for i, (a, b) in enumerate(zip(ar, spec)) if a != b)
+            logits = graphed.prefill(prompt + ar[:first], capture=False).logits[-1].float()
+            assert abs(float(logits[ar[first]] - logits[spec[first]])) < 0.25
+    print(f"{dtype}: {mismatches}/16 prompts diverged from AR greedy")
