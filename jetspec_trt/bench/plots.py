@@ -39,6 +39,7 @@ def plot_engine_bench(report: dict, path: Path) -> None:
     if "hf_generate" in report:
         ax.axhline(report["hf_generate"]["tok_s"], color="purple", ls=":", label="HF generate")
     ax.set(title=f"tokens/s at context {context}", xlabel="tree budget (nodes)", ylabel="tok/s", xscale="log")
+    ax.minorticks_off()
     ax.set_xticks(budgets, [str(b) for b in budgets])
     ax.legend(fontsize=7)
     fig.suptitle(f"{report['model']} on {report['device']} ({report['date']})", fontsize=10)

@@ -63,6 +63,19 @@ def eos_ids(model_dir: Path, hf_eos) -> tuple[int, ...]:
     return tuple(value) if isinstance(value, list) else (int(value),)
 
 
+def _tokenizer_size(model_dir: Path) -> int | None:
+    """Highest token id + 1 of a tokenizer.json (fast to read; no tokenizer object is built)."""
+    path = Path(model_dir) / "tokenizer.json"
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise JetSpecError(f"{path}: not valid JSON ({err.msg})") from err
+    ids = list((raw.get("model") or {}).get("vocab", {}).values()) + [t["id"] for t in raw.get("added_tokens", [])]
+    return max(ids) + 1 if ids else None
+
+
 def check_pair(target_dir: Path, draft_dir: Path) -> CheckedPair:
     target_dir, draft_dir = Path(target_dir), Path(draft_dir)
     for d, what in ((target_dir, "target"), (draft_dir, "draft")):
@@ -74,6 +87,12 @@ def check_pair(target_dir: Path, draft_dir: Path) -> CheckedPair:
     draft = DecoderConfig.from_hf(load_hf_config(draft_dir))
     if not any((target_dir / f).is_file() for f in TOKENIZER_FILES):
         raise JetSpecError(f"{target_dir}: no tokenizer ({' / '.join(TOKENIZER_FILES)}) next to the target weights")
+    tokenizer_vocab = _tokenizer_size(target_dir)
+    if tokenizer_vocab is not None and tokenizer_vocab > target.vocab_size:
+        raise JetSpecError(
+            f"tokenizer mismatch: {target_dir} tokenizer has {tokenizer_vocab} tokens, the model's vocab is "
+            f"{target.vocab_size}"
+        )
     if spec.target_hidden_size != target.hidden_size:
         raise JetSpecError(
             f"hidden size mismatch: draft expects target hidden size {spec.target_hidden_size}, "

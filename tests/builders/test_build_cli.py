@@ -86,6 +86,11 @@ def missing_tokenizer(target, draft):
     (target / "tokenizer.json").unlink()
 
 
+def tokenizer_beyond_vocab(target, draft):
+    edit_json(target / "config.json", lambda c: c.update(vocab_size=200))
+    edit_json(draft / "config.json", lambda c: c.update(vocab_size=200))
+
+
 def missing_weights(target, draft):
     (target / "model.safetensors").unlink()
 
@@ -113,6 +118,7 @@ BAD_PAIRS = {
     "missing config": (missing_config, "no config.json"),
     "missing tokenizer": (missing_tokenizer, "no tokenizer"),
     "missing weights": (missing_weights, "missing weights file"),
+    "tokenizer beyond vocab": (tokenizer_beyond_vocab, "tokenizer mismatch"),
     "tensor shape": (wrong_tensor_shape, "fc.weight"),
     "bidirectional head": (bidirectional, "causal_head"),
     "mask token": (mask_outside_vocab, "mask_token_id"),
