@@ -16,6 +16,8 @@ ctx_len is read inside the kernels, so launches depend only on shapes and CUDA g
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 _REGISTERED = False
@@ -126,7 +128,23 @@ def _splits_for(row_blocks: int, kv_heads: int) -> int:
     return 1 << (wanted.bit_length() - 1)  # a power of two: the merge kernel spans splits with tl.arange
 
 
-def tree_attention_triton(q, k_cache, v_cache, block_table, ctx_len, tree_mask, scale):
+@dataclass(frozen=True)
+class LaunchConfig:
+    block_m: int
+    block_n: int
+    warps: int
+    stages: int
+    splits: int
+
+
+def default_launch(num_new: int, num_heads: int, num_kv_heads: int, head_dim: int) -> LaunchConfig:
+    rows = num_new * (num_heads // num_kv_heads)
+    block_m = 16 if rows <= 16 else 64
+    warps = 8 if block_m == 64 and head_dim > 64 else 4
+    return LaunchConfig(block_m, 64, warps, 2, _splits_for(triton_cdiv(rows, block_m), num_kv_heads))
+
+
+def tree_attention_triton(q, k_cache, v_cache, block_table, ctx_len, tree_mask, scale, launch=None):
     global _KERNELS
     if _KERNELS is None:
         _KERNELS = _kernels()
@@ -135,10 +153,8 @@ def tree_attention_triton(q, k_cache, v_cache, block_table, ctx_len, tree_mask, 
     num_kv_heads, page = k_cache.shape[2], k_cache.shape[1]
     group = num_heads // num_kv_heads
     rows = num_new * group
-    block_m = 16 if rows <= 16 else 64
-    block_n = 64
-    warps = 8 if block_m == 64 and head_dim > 64 else 4
-    splits = _splits_for(triton_cdiv(rows, block_m), num_kv_heads)
+    launch = launch or default_launch(num_new, num_heads, num_kv_heads, head_dim)
+    block_m, block_n, warps, splits = launch.block_m, launch.block_n, launch.warps, launch.splits
     q = q.contiguous()
     out = torch.empty_like(q)
     if splits > 1:
@@ -152,7 +168,7 @@ def tree_attention_triton(q, k_cache, v_cache, block_table, ctx_len, tree_mask, 
         scale, num_new, tree_mask.shape[1],
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), tree_mask.stride(0),
         GROUP=group, HEAD_DIM=head_dim, PAGE=page, NUM_HEADS=num_heads,
-        BLOCK_M=block_m, BLOCK_N=block_n, SPLITS=splits, IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=2,
+        BLOCK_M=block_m, BLOCK_N=block_n, SPLITS=splits, IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=launch.stages,
     )
     if splits > 1:
         merge[(num_new * num_heads,)](part, lse, out, num_new * num_heads, HEAD_DIM=head_dim, SPLITS=splits)
