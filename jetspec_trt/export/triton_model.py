@@ -1,0 +1,271 @@
+"""Triton python-backend model that serves a jetspec-trt engine (decoupled: streams one response per round).
+
+`jetspec-trt export triton` copies this file to `<repo>/<model>/1/model.py`; it runs inside Triton's python stub
+and imports `jetspec_trt` from the Python environment the stub runs in (`jetspec-trt serve` arranges that). It
+cannot be imported outside Triton (`triton_python_backend_utils` exists only there).
+
+Each model instance loads one engine and owns one worker thread: `execute` checks every request at once (bad
+input gets an error response right away) and queues it; the worker decodes queued requests one at a time, so the
+engine is never used by two requests at once. Between rounds the worker checks for client cancellation and
+unloading; every request ends with a response carrying TRITONSERVER_RESPONSE_COMPLETE_FINAL.
+Tensor names and meanings: `jetspec_trt/export/triton.py` (INPUTS, OUTPUTS) and the README.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import queue
+import threading
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
+REQUIRED = object()
+
+
+class RequestError(Exception):
+    """Bad input in one request: answered with an error response, the server carries on."""
+
+
+class Stop(Exception):
+    """Generation ended early: the client cancelled, or the model is being unloaded."""
+
+    def __init__(self, message: str, code):
+        super().__init__(message)
+        self.code = code
+
+
+def one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+@dataclass
+class Item:
+    text: str
+    prompt_ids: list
+    max_new_tokens: int
+    sampling: object  # jetspec_trt.spec.accept.SamplingConfig
+    end_id: int | None
+    exclude_input: bool
+
+
+@dataclass
+class Job:
+    request: object
+    sender: object
+    items: list
+    stream: bool
+
+
+@dataclass
+class Result:
+    text: str
+    tail: str  # text not yet streamed
+    num_output_tokens: int
+    stats: object  # DecodeStats
+    finish_reason: str
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        import torch
+
+        from jetspec_trt.export.triton import REQUEST_PARAMETERS
+        from jetspec_trt.runtime.engine import Engine
+
+        config = json.loads(args["model_config"])
+        params = {key: value["string_value"] for key, value in config.get("parameters", {}).items()}
+        engine_dir = Path(params["engine_dir"])
+        if not engine_dir.is_absolute():
+            engine_dir = Path(args["model_repository"]) / engine_dir
+        threads = int(params.get("cpu_threads", "0"))
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.engine = Engine.load(engine_dir, device=params.get("device", "cpu"))
+        self.vocab_size = self.engine.decoder.target.config.vocab_size
+        self.max_seq_len = self.engine.runtime.max_seq_len
+        self.max_batch_size = int(config.get("max_batch_size", 0))
+        self.allowed_parameters = set(REQUEST_PARAMETERS)
+        self.queue: queue.Queue = queue.Queue(maxsize=int(params.get("max_queue_size", "1024")))
+        self.stopping = threading.Event()
+        self.worker = threading.Thread(target=self._work, name="jetspec-engine", daemon=True)
+        self.worker.start()
+        pb_utils.Logger.log_info(f"jetspec: loaded {engine_dir} on {params.get('device', 'cpu')} "
+                                 f"(max_seq_len {self.max_seq_len}, tree {self.engine.runtime.tree})")
+
+    # ---- request intake (Triton's thread) ----
+
+    def execute(self, requests):
+        for request in requests:
+            sender = request.get_response_sender()
+            try:
+                job = self._parse(request, sender)
+            except Exception as err:  # noqa: BLE001 - every bad request gets an answer, never a crash
+                self._fail(sender, one_line(err))
+                continue
+            try:
+                self.queue.put_nowait(job)
+            except queue.Full:
+                self._fail(sender, f"server busy: {self.queue.maxsize} requests already queued on this instance")
+        return None
+
+    def _parse(self, request, sender) -> Job:
+        from jetspec_trt.runtime.decoder import check_prompt
+        from jetspec_trt.spec.accept import SamplingConfig
+
+        unknown = sorted(set(json.loads(request.parameters() or "{}")) - self.allowed_parameters)
+        if unknown:
+            raise RequestError(f"unknown request parameter(s) {', '.join(unknown)}; "
+                               "this model takes its settings as input tensors")
+        texts = self._column(request, "text_input")
+        batch = len(texts)
+        column = lambda name, default=REQUIRED: self._column(request, name, default, batch)  # noqa: E731
+        stream = column("stream", False)
+        if any(stream) and batch != 1:
+            raise RequestError(f"a streaming request carries one prompt, got {batch}")
+        items = []
+        for raw, max_tokens, temperature, top_p, seed, end_id, exclude in zip(
+                texts, column("max_tokens"), column("temperature", 0.0), column("top_p", 1.0),
+                column("seed", None), column("end_id", None), column("exclude_input_in_output", False)):
+            try:
+                text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
+            except UnicodeDecodeError as err:
+                raise RequestError("text_input is not valid UTF-8") from err
+            if not text:
+                raise RequestError("text_input is empty")
+            max_tokens = int(max_tokens)
+            if not 1 <= max_tokens <= self.max_seq_len:
+                raise RequestError(f"max_tokens must be in 1..{self.max_seq_len} (the engine's max_seq_len), "
+                                   f"got {max_tokens}")
+            temperature, top_p = float(temperature), float(top_p)
+            if not (math.isfinite(temperature) and temperature >= 0):
+                raise RequestError(f"temperature must be >= 0, got {temperature}")
+            if not 0.0 < top_p <= 1.0:
+                raise RequestError(f"top_p must be in (0, 1], got {top_p}")
+            if end_id is not None and not 0 <= int(end_id) < self.vocab_size:
+                raise RequestError(f"end_id must be in [0, {self.vocab_size}), got {int(end_id)}")
+            prompt_ids = self.engine.encode(text)
+            new_tokens = check_prompt(prompt_ids, max_tokens, self.vocab_size, self.max_seq_len)
+            sampling = SamplingConfig(temperature, top_p, None if seed is None else int(seed))
+            items.append(Item(text, prompt_ids, new_tokens, sampling, None if end_id is None else int(end_id),
+                              bool(exclude)))
+        return Job(request, sender, items, bool(stream[0]))
+
+    def _column(self, request, name, default=REQUIRED, batch=None) -> list:
+        """One value per prompt of the request's batch; `default` for each prompt where the input is absent."""
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        if tensor is None:
+            if default is REQUIRED:
+                raise RequestError(f"input {name} is missing")
+            return [default] * batch
+        values = tensor.as_numpy()
+        rows = values.shape[0] if self.max_batch_size > 0 else 1  # else no batch dimension
+        values = values.reshape(rows, -1)
+        if values.shape[1] != 1:
+            raise RequestError(f"input {name} must hold one value per prompt, got shape {list(tensor.shape())}")
+        if batch is not None and rows != batch:
+            raise RequestError(f"input {name} has batch size {rows}, text_input has {batch}")
+        return [value.item() if isinstance(value, np.generic) else value for value in values[:, 0]]
+
+    # ---- decoding (the worker thread) ----
+
+    def _work(self):
+        while True:
+            job = self.queue.get()
+            if job is None:
+                return
+            try:
+                self._run(job)
+            except Stop as stop:
+                pb_utils.Logger.log_info(f"jetspec: {stop}")
+                self._fail(job.sender, str(stop), stop.code)
+            except Exception as err:  # noqa: BLE001 - report, keep serving
+                pb_utils.Logger.log_error(f"jetspec: request failed: {traceback.format_exc()}")
+                self._fail(job.sender, f"internal error: {one_line(err)}")
+
+    def _run(self, job: Job) -> None:
+        if job.stream:
+            item = job.items[0]
+            send = lambda piece, result: job.sender.send(self._response(job.items, [piece], [result]))  # noqa: E731
+            result = self._generate(item, job.request, send)
+            job.sender.send(self._response(job.items, [result.tail], [result]), flags=FINAL)
+            return
+        results = [self._generate(item, job.request, None) for item in job.items]
+        texts = [(r.text if item.exclude_input else item.text + r.text) for item, r in zip(job.items, results)]
+        job.sender.send(self._response(job.items, texts, results), flags=FINAL)
+
+    def _generate(self, item: Item, request, on_piece) -> Result:
+        """Decode one prompt; with `on_piece`, call it with each round's new text (held while a UTF-8 char is open)."""
+        engine, decode = self.engine, self.engine.tokenizer.decode
+        rounds = engine.stream_tokens(item.prompt_ids, item.max_new_tokens, item.sampling)
+        ids, shown, finish = [], "", ""
+        try:
+            for tokens in rounds:
+                if request.is_cancelled():
+                    raise Stop(f"request cancelled by the client after {len(ids)} tokens",
+                               pb_utils.TritonError.CANCELLED)
+                if self.stopping.is_set():
+                    raise Stop("the model is being unloaded", pb_utils.TritonError.UNAVAILABLE)
+                if item.end_id is not None and item.end_id in tokens:
+                    tokens, finish = tokens[: tokens.index(item.end_id) + 1], "stop"
+                ids.extend(tokens)
+                if finish:
+                    break
+                if on_piece is not None:
+                    text = decode(ids, skip_special_tokens=True)
+                    if len(text) > len(shown) and not text.endswith("\ufffd"):
+                        on_piece(text[len(shown):], Result(text, "", len(ids), self._stats(item), ""))
+                        shown = text
+        finally:
+            rounds.close()
+        text = decode(ids, skip_special_tokens=True)
+        stats = self._stats(item)
+        return Result(text, text[len(shown):], len(ids), stats, finish or stats.finish_reason)
+
+    def _stats(self, item: Item):
+        """The running request's DecodeStats (the engine publishes last_stats only once a request ends)."""
+        engine = self.engine
+        return (engine.fast if engine.fast is not None and item.sampling.greedy else engine.decoder).stats
+
+    def _response(self, items: list, texts: list, results: list):
+        def column(values, dtype):
+            return np.array(values, dtype=dtype).reshape(len(values), 1)
+
+        stats = [r.stats for r in results]
+        tensors = {
+            "text_output": column([t.encode("utf-8") for t in texts], np.object_),
+            "finish_reason": column([r.finish_reason.encode() for r in results], np.object_),
+            "num_input_tokens": column([len(item.prompt_ids) for item in items], np.int32),
+            "num_output_tokens": column([r.num_output_tokens for r in results], np.int32),
+            "decoding_iter": column([s.rounds for s in stats], np.int32),
+            "avg_decoded_tokens_per_iter": column([s.tau for s in stats], np.float32),
+            "total_draft_tokens": column([s.drafted_tokens for s in stats], np.int32),
+            "total_accepted_draft_tokens": column([s.accepted_drafts for s in stats], np.int32),
+            "acceptance_rate": column([s.accepted_drafts / max(1, s.drafted_tokens) for s in stats], np.float32),
+        }
+        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in tensors.items()])
+
+    @staticmethod
+    def _fail(sender, message: str, code=None) -> None:
+        error = pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+        try:
+            sender.send(pb_utils.InferenceResponse(output_tensors=[], error=error), flags=FINAL)
+        except Exception as err:  # noqa: BLE001 - the client may be gone
+            pb_utils.Logger.log_warn(f"jetspec: could not send an error response: {one_line(err)}")
+
+    def finalize(self):
+        self.stopping.set()
+        while True:
+            try:
+                job = self.queue.get_nowait()
+            except queue.Empty:
+                break
+            if job is not None:
+                self._fail(job.sender, "the model is being unloaded", pb_utils.TritonError.UNAVAILABLE)
+        self.queue.put(None)
+        self.worker.join(timeout=60)

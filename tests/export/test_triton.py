@@ -1,0 +1,492 @@
+"""`export triton` + `serve`: a real tritonserver (nvidia-pytriton's, CPU, loopback only) serving the quickstart
+engine, driven over gRPC (tritonclient streaming) and HTTP (Triton's generate / generate_stream endpoints; HTTP
+`infer` does not take decoupled models). The server starts once for the module through `jetspec-trt serve` in a
+subprocess and is always killed at teardown; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import np_to_triton_dtype
+
+from jetspec_trt.cli import main
+from jetspec_trt.errors import JetSpecError
+from jetspec_trt.export.triton import INPUTS, OUTPUTS, TritonExportConfig, export_triton
+from jetspec_trt.quickstart import make_tiny_engine
+from jetspec_trt.runtime.engine import Engine
+from jetspec_trt.spec.accept import SamplingConfig
+
+pytestmark = pytest.mark.slow
+MODEL = "jetspec"
+READY_TIMEOUT_S = 120
+REQUEST_TIMEOUT_S = 60
+
+
+def free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def http_ready(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(f"{url}/v2/health/ready", timeout=2) as reply:
+            return reply.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            with contextlib.suppress(OSError):
+                if text.encode() in (entry / "cmdline").read_bytes():
+                    found.append(int(entry.name))
+    return found
+
+
+class Served:
+    def __init__(self, engine_dir: Path, repo: Path, process: subprocess.Popen, log: Path, ports: list[int]):
+        self.engine_dir, self.repo, self.process, self.log = engine_dir, repo, process, log
+        self.http_port, self.grpc_port, self.metrics_port = ports
+        self.http = f"http://127.0.0.1:{self.http_port}"
+        self.grpc = f"127.0.0.1:{self.grpc_port}"
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("triton")
+
+
+@pytest.fixture(scope="module")
+def engine_dir(workdir) -> Path:
+    return make_tiny_engine(workdir).engine
+
+
+@pytest.fixture(scope="module")
+def runner(engine_dir) -> Engine:
+    return Engine.load(engine_dir)
+
+
+def reference(runner: Engine, prompt: str, max_tokens: int):
+    with torch_threads(1):
+        return runner.generate(prompt, max_tokens)
+
+
+@pytest.fixture(scope="module")
+def served(workdir, engine_dir):
+    repo = export_triton(TritonExportConfig(engine_dir, workdir / "repo", max_batch_size=4, cpu_threads=1,
+                                            copy_engine=True))  # the engine path relative to the model
+    ports = free_ports(3)
+    log = workdir / "serve.log"
+    command = [sys.executable, "-m", "jetspec_trt.cli", "serve", str(repo), "--address", "127.0.0.1",
+               "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
+               "--ready-timeout", str(READY_TIMEOUT_S)]
+    with open(log, "w") as handle:
+        process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                   start_new_session=True)
+    server = Served(engine_dir, repo, process, log, ports)
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S + 30
+        while not ("serving " in log.read_text() and http_ready(server.http)):
+            if process.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"jetspec-trt serve did not become ready:\n{log.read_text()[-4000:]}")
+            time.sleep(0.25)
+        yield server
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=45)
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+        for pid in processes_mentioning(str(repo)):  # tritonserver and its stubs, should any be left
+            with contextlib.suppress(OSError):
+                os.kill(pid, signal.SIGKILL)
+
+
+# ---- clients ----
+
+def grpc_inputs(prompts: list[str], max_tokens: int | list, stream: bool = True, **extra) -> list:
+    batch = len(prompts)
+    arrays = {"text_input": np.array([[p.encode()] for p in prompts], dtype=np.object_),
+              "max_tokens": np.array([[max_tokens]] * batch, dtype=np.int32)
+              if np.isscalar(max_tokens) else np.asarray(max_tokens),
+              "stream": np.array([[stream]] * batch, dtype=bool)}
+    arrays.update(extra)
+    inputs = []
+    for name, array in arrays.items():
+        tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+class GrpcStream:
+    """One gRPC bidirectional stream; responses collected per request id until each one's final response."""
+
+    def __init__(self, url: str):
+        self.client = grpcclient.InferenceServerClient(url)
+        self.responses: queue.Queue = queue.Queue()
+        self.client.start_stream(callback=lambda result, error: self.responses.put((result, error)))
+
+    def send(self, request_id: str, inputs: list, parameters: dict | None = None) -> None:
+        self.client.async_stream_infer(MODEL, inputs, request_id=request_id, parameters=parameters)
+
+    def collect(self, count: int, timeout: float = REQUEST_TIMEOUT_S) -> dict[str, dict]:
+        """{request id: {"pieces": [...], "last": result or None, "error": str or None, "finals": n}}."""
+        got: dict[str, dict] = {}
+        deadline = time.monotonic() + timeout
+        while sum(entry["finals"] for entry in got.values()) < count:
+            result, error = self.responses.get(timeout=max(0.01, deadline - time.monotonic()))
+            if error is not None:  # an error response is final; its request id is not reported, so keep order
+                key = f"error-{len(got)}"
+                got[key] = {"pieces": [], "last": None, "error": error.message(), "finals": 1}
+                continue
+            response = result.get_response()
+            entry = got.setdefault(response.id, {"pieces": [], "last": None, "error": None, "finals": 0})
+            entry["pieces"].append(result.as_numpy("text_output")[0, 0].decode())
+            entry["last"] = result
+            entry["finals"] += int(response.parameters["triton_final_response"].bool_param)
+        return got
+
+    def close(self, cancel: bool = False) -> None:
+        self.client.stop_stream(cancel_requests=cancel)
+        self.client.close()
+
+
+def stream_one(url: str, prompt: str, max_tokens: int, **extra):
+    stream = GrpcStream(url)
+    try:
+        stream.send("r0", grpc_inputs([prompt], max_tokens, **extra))
+        return next(iter(stream.collect(1).values()))
+    finally:
+        stream.close()
+
+
+def http_post(url: str, body: dict, timeout: float = REQUEST_TIMEOUT_S):
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    return urllib.request.urlopen(request, timeout=timeout)
+
+
+def sse_events(reply) -> list[dict]:
+    return [json.loads(line[len(b"data: "):]) for line in reply if line.startswith(b"data: ")]
+
+
+def scalar(result, name):
+    return result.as_numpy(name)[0, 0]
+
+
+# ---- export (no server) ----
+
+def test_export_repository_layout(workdir, engine_dir):
+    repo = export_triton(TritonExportConfig(engine_dir, workdir / "layout", model_name="spec-1", max_batch_size=2,
+                                            instances=3, copy_engine=True))
+    config = (repo / "spec-1" / "config.pbtxt").read_text()
+    assert 'name: "spec-1"' in config and 'backend: "python"' in config and "max_batch_size: 2" in config
+    assert "decoupled: true" in config and "count: 3" in config and "kind: KIND_CPU" in config
+    for spec in INPUTS + OUTPUTS:
+        block = config.split(f'name: "{spec.name}"', 1)[1].split("}", 1)[0]
+        assert f"data_type: TYPE_{spec.data_type}" in block
+        assert ("optional: true" in block) == spec.optional
+    assert {s.name for s in INPUTS} >= {"text_input", "max_tokens", "stream", "temperature", "top_p", "seed", "end_id"}
+    assert {s.name for s in OUTPUTS} >= {"text_output", "total_draft_tokens", "total_accepted_draft_tokens",
+                                         "acceptance_rate", "avg_decoded_tokens_per_iter"}
+    assert 'key: "engine_dir"' in config and 'string_value: "engine"' in config
+    assert (repo / "spec-1" / "engine" / "runtime_config.json").is_file()
+    model = (repo / "spec-1" / "1" / "model.py").read_text()
+    assert "class TritonPythonModel" in model and "TRITONSERVER_RESPONSE_COMPLETE_FINAL" in model
+    assert [p.name for p in workdir.iterdir() if p.name.startswith(".layout")] == []
+
+
+@pytest.mark.parametrize("args, message", [
+    (["missing-engine"], "does not exist"),
+    (["{engine}", "--max-batch-size", "0"], "--max-batch-size must be >= 1"),
+    (["{engine}", "--instances", "0"], "--instances must be >= 1"),
+    (["{engine}", "--model-name", "a b"], "model name"),
+    (["{engine}", "--device", "tpu"], "--device"),
+])
+def test_export_bad_input(workdir, engine_dir, capsys, args, message):
+    out = workdir / "bad-export"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", "triton", *[a.format(engine=engine_dir) for a in args], "--output", str(out)])
+    assert exit_info.value.code == JetSpecError.exit_code
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not out.exists() and not [p for p in workdir.iterdir() if p.name.startswith(".bad-export")]
+
+
+def test_export_refuses_existing_output(workdir, engine_dir):
+    out = workdir / "existing"
+    out.mkdir()
+    with pytest.raises(JetSpecError, match="already exists"):
+        export_triton(TritonExportConfig(engine_dir, out))
+    export_triton(TritonExportConfig(engine_dir, out, overwrite=True))
+    assert (out / MODEL / "config.pbtxt").is_file()
+
+
+def test_serve_bad_repository(workdir, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", str(workdir / "no-such-repo")])
+    assert exit_info.value.code == JetSpecError.exit_code
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_serve_reports_a_model_that_fails_to_load(workdir, engine_dir, capfd):
+    repo = export_triton(TritonExportConfig(engine_dir, workdir / "broken-repo"))
+    config = repo / MODEL / "config.pbtxt"
+    config.write_text(config.read_text().replace(str(engine_dir.resolve()), str(workdir / "gone")))
+    ports = free_ports(3)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", str(repo), "--address", "127.0.0.1", "--http-port", str(ports[0]), "--grpc-port",
+              str(ports[1]), "--metrics-port", str(ports[2]), "--ready-timeout", str(READY_TIMEOUT_S)])
+    assert exit_info.value.code == JetSpecError.exit_code
+    captured = capfd.readouterr()
+    assert "tritonserver exited with code 1 before it was ready" in captured.err
+    assert "does not exist" in captured.out + captured.err  # the model's own error, in Triton's log
+    assert processes_mentioning(str(repo)) == []
+
+
+# ---- the served engine ----
+
+PROMPTS = ["def fibonacci(n):", "The capital of France is", "x = [i * i for i in range(10)]"]
+
+
+def test_health_and_metadata(served):
+    client = httpclient.InferenceServerClient(served.http.removeprefix("http://"))
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(MODEL)
+    metadata = client.get_model_metadata(MODEL)
+    assert {i["name"]: i["datatype"] for i in metadata["inputs"]}["max_tokens"] == "INT32"
+    assert {o["name"] for o in metadata["outputs"]} == {s.name for s in OUTPUTS}
+    with urllib.request.urlopen(f"http://127.0.0.1:{served.metrics_port}/metrics", timeout=10) as reply:
+        assert b"nv_inference_request_success" in reply.read()
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+def test_grpc_stream_equals_direct_runner(served, runner, prompt):
+    expected = reference(runner, prompt, 24)
+    got = stream_one(served.grpc, prompt, 24)
+    assert got["error"] is None and got["finals"] == 1
+    assert "".join(got["pieces"]) == expected.text
+    assert len(got["pieces"]) > 1  # streamed, not one lump
+    last, stats = got["last"], expected.stats
+    assert scalar(last, "finish_reason").decode() == stats.finish_reason
+    assert scalar(last, "num_output_tokens") == len(expected.token_ids)
+    assert scalar(last, "num_input_tokens") == len(runner.encode(prompt))
+    assert scalar(last, "decoding_iter") == stats.rounds
+    assert scalar(last, "total_draft_tokens") == stats.drafted_tokens > 0
+    assert scalar(last, "total_accepted_draft_tokens") == stats.accepted_drafts
+    assert scalar(last, "avg_decoded_tokens_per_iter") == pytest.approx(stats.tau)
+    assert scalar(last, "acceptance_rate") == pytest.approx(stats.accepted_drafts / stats.drafted_tokens)
+
+
+def test_sampled_stream_equals_direct_runner_with_the_same_seed(served, runner):
+    prompt, sampling = PROMPTS[2], SamplingConfig(temperature=0.8, top_p=0.9, seed=1234)
+    with torch_threads(1):
+        expected = runner.generate(prompt, 16, sampling)
+    got = stream_one(served.grpc, prompt, 16, temperature=np.array([[0.8]], dtype=np.float32),
+                     top_p=np.array([[0.9]], dtype=np.float32), seed=np.array([[1234]], dtype=np.uint64))
+    assert got["error"] is None and "".join(got["pieces"]) == expected.text
+
+
+def test_http_generate_stream_equals_direct_runner(served, runner):
+    prompt = PROMPTS[0]
+    expected = reference(runner, prompt, 24)
+    with http_post(f"{served.http}/v2/models/{MODEL}/generate_stream",
+                   {"text_input": prompt, "max_tokens": 24, "stream": True}) as reply:
+        events = sse_events(reply)
+    assert len(events) > 1 and all("error" not in e for e in events)
+    assert "".join(e["text_output"] for e in events) == expected.text
+    assert events[-1]["finish_reason"] == expected.stats.finish_reason
+    assert events[-1]["total_draft_tokens"] == expected.stats.drafted_tokens
+
+    with http_post(f"{served.http}/v2/models/{MODEL}/generate", {"text_input": prompt, "max_tokens": 24}) as reply:
+        whole = json.loads(reply.read())
+    assert whole["text_output"] == prompt + expected.text  # TensorRT-LLM's default: the prompt comes first
+    with http_post(f"{served.http}/v2/models/{MODEL}/generate",
+                   {"text_input": prompt, "max_tokens": 24, "exclude_input_in_output": True}) as reply:
+        assert json.loads(reply.read())["text_output"] == expected.text
+
+
+def test_grpc_batch_and_end_id(served, runner):
+    prompts = PROMPTS[:2]
+    expected = [reference(runner, p, 12) for p in prompts]
+    stream = GrpcStream(served.grpc)
+    try:
+        stream.send("batch", grpc_inputs(prompts, 12, stream=False,
+                                         exclude_input_in_output=np.array([[True], [True]])))
+        end_id = expected[0].token_ids[3]
+        stream.send("end", grpc_inputs(prompts[:1], 12, end_id=np.array([[end_id]], dtype=np.int32)))
+        got = stream.collect(2)
+    finally:
+        stream.close()
+    batch = got["batch"]
+    assert batch["error"] is None and len(batch["pieces"]) == 1
+    texts = [t[0].decode() for t in batch["last"].as_numpy("text_output")]
+    assert texts == [e.text for e in expected]
+    cut = expected[0].token_ids[: expected[0].token_ids.index(end_id) + 1]
+    assert "".join(got["end"]["pieces"]) == runner.tokenizer.decode(cut, skip_special_tokens=True)
+    assert scalar(got["end"]["last"], "finish_reason") == b"stop"
+    assert scalar(got["end"]["last"], "num_output_tokens") == len(cut)
+
+
+BAD_REQUESTS = {
+    "empty prompt": (dict(prompts=[""]), "text_input is empty"),
+    "max_tokens 0": (dict(max_tokens=0), "max_tokens must be in 1..1024"),
+    "max_tokens negative": (dict(max_tokens=-5), "max_tokens must be in 1..1024"),
+    "max_tokens absurd": (dict(max_tokens=2_000_000_000), "max_tokens must be in 1..1024"),
+    "wrong dtype": (dict(max_tokens=np.array([[8.0]], dtype=np.float32)), "expects 'INT32'"),
+    "prompt too long": (dict(prompts=["y" * 1500]), "the engine's max_seq_len is 1024"),
+    "unknown input": (dict(extra={"top_q": np.array([[0.5]], dtype=np.float32)}), "unexpected inference input"),
+    "unknown parameter": (dict(parameters={"max_length": 5}), "unknown request parameter(s) max_length"),
+    "negative temperature": (dict(extra={"temperature": np.array([[-1.0]], dtype=np.float32)}), "temperature"),
+    "top_p zero": (dict(extra={"top_p": np.array([[0.0]], dtype=np.float32)}), "top_p must be in (0, 1]"),
+    "end_id out of vocab": (dict(extra={"end_id": np.array([[99999]], dtype=np.int32)}), "end_id must be in"),
+    "streaming batch": (dict(prompts=["a", "b"]), "a streaming request carries one prompt"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+def test_grpc_bad_request_gets_error(served, case):
+    spec, message = BAD_REQUESTS[case]
+    stream = GrpcStream(served.grpc)
+    try:
+        stream.send("bad", grpc_inputs(spec.get("prompts", ["hello"]), spec.get("max_tokens", 8),
+                                       **spec.get("extra", {})), parameters=spec.get("parameters"))
+        got = list(stream.collect(1).values())
+    finally:
+        stream.close()
+    assert len(got) == 1 and got[0]["error"] is not None, got
+    assert message in got[0]["error"] and "\n" not in got[0]["error"]
+    assert http_ready(served.http)
+
+
+@pytest.mark.parametrize("body, status, message", [
+    ({"text_input": "", "max_tokens": 8}, 400, "text_input is empty"),
+    ({"text_input": "hi", "max_tokens": 0}, 400, "max_tokens must be in 1..1024"),
+    ({"text_input": "hi", "max_tokens": 8, "max_length": 5}, 400, "unknown request parameter(s) max_length"),
+    ({"text_input": "hi", "max_tokens": "eight"}, None, "Unable to parse 'data'"),  # Triton's own check
+    ({"text_input": "hi"}, 400, "missing required input(s) ['max_tokens']"),
+])
+def test_http_bad_request_gets_error(served, body, status, message):
+    with pytest.raises(urllib.error.HTTPError) as error:
+        http_post(f"{served.http}/v2/models/{MODEL}/generate", body)
+    if status is not None:
+        assert error.value.code == status
+    text = json.loads(error.value.read())["error"]
+    assert message in text and "\n" not in text
+    assert http_ready(served.http)
+
+
+def test_cancelled_stream_stops_generation(served, runner):
+    stream = GrpcStream(served.grpc)
+    try:
+        stream.send("long", grpc_inputs(["count forever:"], 1000))
+        stream.responses.get(timeout=REQUEST_TIMEOUT_S)  # generation is under way
+    finally:
+        stream.close(cancel=True)
+    deadline = time.monotonic() + 30
+    while "request cancelled by the client" not in served.log.read_text():
+        assert time.monotonic() < deadline, "the model never noticed the cancellation"
+        time.sleep(0.2)
+    got = stream_one(served.grpc, PROMPTS[1], 8)  # the engine is free again
+    assert got["error"] is None and "".join(got["pieces"]) == reference(runner, PROMPTS[1], 8).text
+
+
+CLIENTS, REQUESTS_PER_CLIENT, CONCURRENT_MAX_TOKENS = 64, 4, 12
+
+
+def test_concurrent_streaming_clients(served, runner):
+    prompts = {f"c{c}-r{r}": f"client {c} asks question {r}: what is {c} * {r}?"
+               for c in range(CLIENTS) for r in range(REQUESTS_PER_CLIENT)}
+    expected = {key: reference(runner, prompt, CONCURRENT_MAX_TOKENS).text for key, prompt in prompts.items()}
+    results: dict[str, dict] = {}
+    failures: list[str] = []
+    lock = threading.Lock()
+    start = threading.Barrier(CLIENTS + 1)
+
+    def client(c: int) -> None:
+        keys = [f"c{c}-r{r}" for r in range(REQUESTS_PER_CLIENT)]
+        try:
+            stream = GrpcStream(served.grpc)
+            start.wait(timeout=60)
+            try:
+                for key in keys:
+                    stream.send(key, grpc_inputs([prompts[key]], CONCURRENT_MAX_TOKENS))
+                got = stream.collect(len(keys), timeout=240)
+            finally:
+                stream.close()
+            with lock:
+                results.update(got)
+        except Exception as err:  # noqa: BLE001 - counted as failures below
+            with lock:
+                failures.append(f"client {c}: {type(err).__name__}: {err}")
+
+    threads = [threading.Thread(target=client, args=(c,), daemon=True) for c in range(CLIENTS)]
+    for t in threads:
+        t.start()
+    start.wait(timeout=60)
+    began = time.perf_counter()
+    for t in threads:
+        t.join(timeout=300)
+    wall = time.perf_counter() - began
+    assert not any(t.is_alive() for t in threads), "a client thread hung"
+
+    lost = [key for key in prompts if key not in results]
+    errors = [f"{key}: {r['error']}" for key, r in results.items() if r["error"] is not None]
+    mixed = [key for key in prompts if key in results and "".join(results[key]["pieces"]) != expected[key]]
+    extra_finals = [key for key, r in results.items() if r["finals"] != 1]
+    total = CLIENTS * REQUESTS_PER_CLIENT
+    tokens = sum(int(scalar(r["last"], "num_output_tokens")) for r in results.values() if r["last"] is not None)
+    print(f"\nconcurrency: {CLIENTS} gRPC streaming clients x {REQUESTS_PER_CLIENT} requests = {total} requests "
+          f"({CONCURRENT_MAX_TOKENS} max tokens, {tokens} tokens streamed) in {wall:.1f} s "
+          f"({total / wall:.1f} req/s); lost {len(lost)}, errors {len(errors)}, mixed-up {len(mixed)}, "
+          f"client failures {len(failures)}")
+    assert not failures, failures[:5]
+    assert not lost and not errors and not mixed and not extra_finals, (lost[:5], errors[:5], mixed[:5])
+    assert len(set(expected.values())) > total // 2  # distinct answers, so a mix-up would show
+    assert http_ready(served.http)
+
+
+def test_sigterm_stops_server_cleanly(served):
+    """Last: `jetspec-trt serve` exits 0 on SIGTERM and leaves no tritonserver or stub behind."""
+    served.process.send_signal(signal.SIGTERM)
+    assert served.process.wait(timeout=60) == 0
+    assert "tritonserver stopped (exit code 0)" in served.log.read_text()
+    assert processes_mentioning(str(served.repo)) == []
+    assert not http_ready(served.http)
