@@ -228,9 +228,8 @@ class TritonPythonModel:
         return Result(text, text[len(shown):], len(ids), stats, finish or stats.finish_reason)
 
     def _stats(self, item: Item):
-        """The running request's DecodeStats (the engine publishes last_stats only once a request ends)."""
-        engine = self.engine
-        return (engine.fast if engine.fast is not None and item.sampling.greedy else engine.decoder).stats
+        """The running request's DecodeStats, updated every round."""
+        return self.engine.current_stats
 
     def _response(self, items: list, texts: list, results: list):
         def column(values, dtype):

@@ -82,12 +82,18 @@ class Engine:
         speculative: bool = True,
         tree: TreeConfig | None = None,
     ) -> Iterator[list[int]]:
-        if self.fast is not None and sampling.greedy:
+        self._active = self.fast if self.fast is not None and sampling.greedy else self.decoder
+        if self._active is self.fast:
             yield from self.fast.generate(prompt_ids, max_new_tokens, speculative, tree)
-            self.last_stats = self.fast.stats
         else:
             yield from self.decoder.generate(prompt_ids, max_new_tokens, sampling, speculative, tree)
-            self.last_stats = self.decoder.stats
+        self.last_stats = self._active.stats
+
+    @property
+    def current_stats(self) -> DecodeStats | None:
+        """Statistics of the request in flight, updated every round (streaming servers report them live)."""
+        active = getattr(self, "_active", None)
+        return getattr(active, "stats", None)
 
     def stream(self, prompt: Prompt, max_new_tokens: int = 128, sampling: SamplingConfig = SamplingConfig(),
                speculative: bool = True, chat: bool = False, tree: TreeConfig | None = None) -> Iterator[str]:
