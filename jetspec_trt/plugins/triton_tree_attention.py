@@ -1,17 +1,30 @@
-"""Triton kernel for `jetspec_trt::tree_attention` on CUDA (the op's contract is in tree_attention.py).
+"""Triton kernels for `jetspec_trt::tree_attention` on CUDA (the op's contract is in tree_attention.py).
 
-One kernel serves prefill, decode and tree verify. A program owns BLOCK_M query rows of one KV head, where a
-row is a (new token, query head of that KV group) pair: GQA heads share every K/V tile they load, and a decode
-step still fills a tensor-core tile (T=1 with 4 heads per group = 4 real rows). Keys stream page by page through
-the block table with an online softmax in fp32. The committed prefix is visible to all rows; new token j is
-visible to row i when bit j of the packed mask row is set.
+One kernel serves prefill, decode, tree verify and the draft block; only the launch shape changes.
 
-Two facts keep the work proportional to what is visible:
-  * rows of new token i never see new tokens j > i (causal prefill, and trees whose parents precede their
-    children), so a program stops at ctx_len + (its last token) + 1;
-  * at decode (few rows) the key range is split across programs (flash-decoding) and a second kernel merges
-    the partial softmaxes; otherwise a batch-1 decode would run on 8 of 132 SMs.
-ctx_len is read inside the kernels, so launches depend only on shapes and CUDA graphs replay at any context.
+Rows. A program owns BLOCK_M query rows of ONE KV head, a row being a (new token, query head of that KV
+group) pair: row r is token r // GROUP, head kv_head * GROUP + r % GROUP. GQA heads then share every K/V tile
+the program loads, and a decode step (T=1) still puts GROUP rows into the tile's M dimension.
+
+Keys. A program walks a tile space of BLOCK_N keys per tile:
+  * committed tiles: logical slots 0 .. ctx_len-1, visible to every row, no mask bits to read. All but the
+    last are full, so they run with no bounds checks at all;
+  * new-token tiles: new tokens j = 0 .. new_hi-1 at slots ctx_len + j, visibility from the packed mask.
+    Tiles are aligned on j (not on the slot), so a tile covers exactly BLOCK_N / 32 mask words per row.
+Before the loop each program scans its rows' mask words once, for two bounds: new_hi, past which no row of the
+program sees a new token (it skips the key blocks above the diagonal of a causal mask, and the tail of a tree
+whose parents precede their children), and new_free, before which every row sees every new token (the blocks
+left of a causal mask's diagonal band): those tiles run unmasked like the committed ones. Both come from the
+mask bits themselves, so any mask is handled exactly, ordered or not.
+Each key's page comes from the block table, so non-identity tables work.
+
+Splits (flash-decoding). With few rows (decode, short trees) a launch has few programs, so the tile space is
+split into SPLITS ranges, one program each; each writes a normalised partial output and its log-sum-exp and a
+second kernel merges them. SPLITS depends on shapes only; the ranges are computed from ctx_len on the device.
+
+ctx_len is only ever read inside the kernels (no .item(), no host sync): launches depend on shapes alone, so a
+CUDA graph captured once replays at any context length.
+Softmax runs in base 2 (exp2) with the scale folded into one multiply; accumulation is fp32.
 """
 
 from __future__ import annotations
@@ -20,24 +33,77 @@ from dataclasses import dataclass
 
 import torch
 
+try:  # Guarded: a CPU machine without (or with a broken) Triton still imports this module.
+    import triton
+    import triton.language as tl
+except Exception:  # noqa: BLE001 - ImportError, or a Triton that fails to initialise
+    triton = None
+
+LOG2E = 1.4426950408889634
 _REGISTERED = False
 
 
-def _kernels():
-    import triton
-    import triton.language as tl
+if triton is not None:
 
     @triton.jit
-    def attend(
+    def _load_kv(k_ptr, v_ptr, table_ptr, keys, key_ok, kv_off, stride_kp, stride_ks, dims,
+                 PAGE: tl.constexpr, BOUNDED: tl.constexpr):
+        """K and V tiles [BLOCK_N, D] of logical slots `keys`, through the block table (key_ok only if BOUNDED)."""
+        if BOUNDED:
+            page = tl.load(table_ptr + keys // PAGE, mask=key_ok, other=0)
+        else:
+            page = tl.load(table_ptr + keys // PAGE)
+        # int64: page * stride_kp overflows int32 for caches over 2^31 elements (long contexts, many layers).
+        row = page.to(tl.int64) * stride_kp + (keys % PAGE) * stride_ks + kv_off
+        ptrs = row[:, None] + dims[None, :]
+        if BOUNDED:
+            k = tl.load(k_ptr + ptrs, mask=key_ok[:, None], other=0.0)
+            v = tl.load(v_ptr + ptrs, mask=key_ok[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptr + ptrs)
+            v = tl.load(v_ptr + ptrs)
+        return k, v
+
+    @triton.jit
+    def _softmax_step(acc, m_i, l_i, q, k, v, visible, qk_scale, MASKED: tl.constexpr, IEEE: tl.constexpr):
+        """One online-softmax update with a K/V tile; `visible` [BLOCK_M, BLOCK_N] is used only if MASKED."""
+        if IEEE:  # fp32 inputs: exact fp32 products (Triton's default for fp32 is tf32)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = s * qk_scale
+        if MASKED:
+            s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MASKED:
+            # A row that has seen nothing yet keeps m = -inf; subtract 0 instead, so exp2 gives 0 and not NaN.
+            m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_ref = m_new  # every score of an unmasked tile is finite, so m_new is too
+        p = tl.exp2(s - m_ref[:, None])
+        alpha = tl.exp2(m_i - m_ref)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if IEEE:
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(v.dtype), v, acc)
+        return acc, m_new, l_i
+
+    @triton.jit
+    def _tree_attention_kernel(
         q_ptr, k_ptr, v_ptr, table_ptr, ctx_ptr, mask_ptr, out_ptr, part_ptr, lse_ptr,
-        scale, num_new, mask_words,
+        qk_scale, num_new, num_heads, mask_words, num_row_blocks,
         stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_mt,
-        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr, NUM_HEADS: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, IEEE: tl.constexpr,
+        GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, SCAN_W: tl.constexpr,
+        IEEE: tl.constexpr,
     ):
-        row_block = tl.program_id(0)
+        # Later tokens see more keys under a causal mask: launch their row blocks first (less tail imbalance).
+        row_block = num_row_blocks - 1 - tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
+
         rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
         token = rows // GROUP
         head = kv_head * GROUP + rows % GROUP
@@ -45,151 +111,208 @@ def _kernels():
         dims = tl.arange(0, HEAD_DIM)
         q = tl.load(q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :],
                     mask=row_ok[:, None], other=0.0)
-        ctx = tl.load(ctx_ptr)
-        last_token = tl.minimum(row_block * BLOCK_M + BLOCK_M - 1, num_new * GROUP - 1) // GROUP
-        bound = ctx + last_token + 1  # keys past this are invisible to every row of this program
-        per_split = tl.cdiv(tl.cdiv(bound, SPLITS), BLOCK_N) * BLOCK_N
+        ctx = tl.load(ctx_ptr)  # on the device: never read on the host
+        mask_rows = mask_ptr + token * stride_mt
+
+        # Scan this program's mask rows once. `last`: the last word any row has a bit in (new tokens past it
+        # are invisible to all rows). `first`: the first word that is not all ones in some row (new tokens
+        # before it are visible to all rows, e.g. everything left of the diagonal band of a causal mask).
+        last = tl.full([BLOCK_M], -1, tl.int32)
+        first = tl.full([BLOCK_M], mask_words, tl.int32)
+        for w0 in range(0, mask_words, SCAN_W):
+            cols = w0 + tl.arange(0, SCAN_W)
+            in_row = cols[None, :] < mask_words
+            words = tl.load(mask_rows[:, None] + cols[None, :], mask=row_ok[:, None] & in_row, other=0)
+            last = tl.maximum(last, tl.max(tl.where(words != 0, cols[None, :], -1), 1))
+            partial = ((words != -1) & row_ok[:, None]) | (~in_row)  # padding rows don't constrain `first`
+            first = tl.minimum(first, tl.min(tl.where(partial, cols[None, :], mask_words), 1))
+        new_hi = tl.minimum((tl.max(last, 0) + 1) * 32, num_new)
+        new_free = tl.minimum(tl.min(first, 0) * 32, new_hi)
+
+        # Tile space, in order: full committed tiles [0, n_full), the partial committed tile [n_full, n_ctx),
+        # new-token tiles every row sees whole [n_ctx, n_free), new-token tiles that need mask bits.
+        n_full = ctx // BLOCK_N
+        n_ctx = tl.cdiv(ctx, BLOCK_N)
+        n_free = n_ctx + new_free // BLOCK_N
+        n_tiles = n_ctx + tl.cdiv(new_hi, BLOCK_N)
+        per_split = tl.cdiv(n_tiles, SPLITS)
         start = split * per_split
-        stop = tl.minimum(start + per_split, bound)
+        stop = tl.minimum(start + per_split, n_tiles)
 
-        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-        acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-        qk_scale = scale * 1.4426950408889634  # softmax in base 2
-        for key0 in range(start, stop, BLOCK_N):
-            keys = key0 + tl.arange(0, BLOCK_N)
-            key_ok = keys < stop
-            page = tl.load(table_ptr + keys // PAGE, mask=key_ok, other=0)
-            slot = page.to(tl.int64) * stride_kp + (keys % PAGE) * stride_ks + kv_head * stride_kh
-            k = tl.load(k_ptr + slot[:, None] + dims[None, :], mask=key_ok[:, None], other=0.0)
-            v = tl.load(v_ptr + slot[:, None] + dims[None, :], mask=key_ok[:, None], other=0.0)
-            if IEEE:  # fp32 inputs: exact fp32 products, so fp32 engines stay bit-comparable to the reference
-                s = tl.dot(q, tl.trans(k), input_precision="ieee") * qk_scale
-            else:
-                s = tl.dot(q, tl.trans(k)) * qk_scale
-            new = keys - ctx  # index among the new tokens (negative for the committed prefix)
-            in_tree = (new >= 0) & key_ok
-            word = tl.load(mask_ptr + token[:, None] * stride_mt + (new[None, :] // 32),
-                           mask=row_ok[:, None] & in_tree[None, :], other=0)
-            bit = (word >> (new[None, :] % 32)) & 1
-            visible = ((new[None, :] < 0) & key_ok[None, :]) | (in_tree[None, :] & (bit != 0))
-            s = tl.where(visible & row_ok[:, None], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.exp2(s - m_safe[:, None])
-            alpha = tl.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if IEEE:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            else:
-                acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
-            m_i = m_new
+        kv_off = kv_head * stride_kh
+        cols = tl.arange(0, BLOCK_N)
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
 
-        out_offsets = token[:, None] * (NUM_HEADS * HEAD_DIM) + head[:, None] * HEAD_DIM + dims[None, :]
+        # 1. Full committed tiles: no bounds, no mask (the bulk of decode and verify work).
+        for t in range(start, tl.minimum(stop, n_full)):
+            keys = t * BLOCK_N + cols
+            k, v = _load_kv(k_ptr, v_ptr, table_ptr, keys, keys, kv_off, stride_kp, stride_ks, dims, PAGE, False)
+            acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k, v, row_ok, qk_scale, False, IEEE)
+
+        # 2. The partial committed tile, if ctx_len is not a multiple of BLOCK_N (0 or 1 iteration).
+        for t in tl.range(tl.maximum(start, n_full), tl.minimum(stop, n_ctx), num_stages=1):
+            keys = t * BLOCK_N + cols
+            key_ok = keys < ctx
+            k, v = _load_kv(k_ptr, v_ptr, table_ptr, keys, key_ok, kv_off, stride_kp, stride_ks, dims, PAGE, True)
+            acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k, v, key_ok[None, :], qk_scale, True, IEEE)
+
+        # New-token tiles are aligned on the new-token index j (slot ctx_len + j), so a tile spans
+        # BLOCK_N // 32 whole mask words. 3. Tiles that every row of the program sees entirely: no mask.
+        for t in range(tl.maximum(start, n_ctx), tl.minimum(stop, n_free)):
+            keys = ctx + (t - n_ctx) * BLOCK_N + cols
+            k, v = _load_kv(k_ptr, v_ptr, table_ptr, keys, keys, kv_off, stride_kp, stride_ks, dims, PAGE, False)
+            acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k, v, row_ok, qk_scale, False, IEEE)
+
+        # 4. The remaining new-token tiles, masked by the tree bits.
+        for t in range(tl.maximum(start, n_free), stop):
+            j0 = (t - n_ctx) * BLOCK_N
+            j = j0 + cols
+            key_ok = j < new_hi
+            k, v = _load_kv(k_ptr, v_ptr, table_ptr, ctx + j, key_ok, kv_off, stride_kp, stride_ks, dims, PAGE,
+                            True)
+            # Spread each row's words over their 32 columns: one [BLOCK_M] load per word, no per-element gather.
+            word = tl.zeros([BLOCK_M, BLOCK_N], tl.int32)
+            for w in tl.static_range(BLOCK_N // 32):
+                wi = j0 // 32 + w
+                wv = tl.load(mask_rows + wi, mask=row_ok & (wi < mask_words), other=0)
+                word = tl.where((cols // 32 == w)[None, :], wv[:, None], word)
+            visible = (((word >> (cols % 32)[None, :]) & 1) != 0) & key_ok[None, :]
+            acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k, v, visible, qk_scale, True, IEEE)
+
+        # A row that saw no key (only possible for an empty split, or a mask row with no bits at ctx_len 0)
+        # writes 0 and, for the merge, log-sum-exp -inf.
+        l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+        result = acc / l_safe[:, None]
+        out_off = token[:, None] * (num_heads * HEAD_DIM) + head[:, None] * HEAD_DIM + dims[None, :]
         if SPLITS == 1:
-            result = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-            tl.store(out_ptr + out_offsets, result.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+            tl.store(out_ptr + out_off, result.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
         else:
-            # Partial result of this split, normalised, plus its log-sum-exp (base 2) for the merge.
-            part = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-            lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
-            flat_row = token * NUM_HEADS + head
-            tl.store(part_ptr + split * (num_new * NUM_HEADS * HEAD_DIM) + out_offsets, part, mask=row_ok[:, None])
-            tl.store(lse_ptr + split * (num_new * NUM_HEADS) + flat_row, lse, mask=row_ok)
+            lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
+            tl.store(part_ptr + split * (num_new * num_heads * HEAD_DIM) + out_off, result, mask=row_ok[:, None])
+            tl.store(lse_ptr + split * (num_new * num_heads) + token * num_heads + head, lse, mask=row_ok)
 
     @triton.jit
-    def merge(part_ptr, lse_ptr, out_ptr, rows_total, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
+    def _merge_kernel(part_ptr, lse_ptr, out_ptr, num_rows, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
+        """out[row] = sum_s w_s * part_s[row] / sum_s w_s with w_s = 2^(lse_s - max lse): one (token, head)."""
         row = tl.program_id(0)
         dims = tl.arange(0, HEAD_DIM)
         splits = tl.arange(0, SPLITS)
-        lse = tl.load(lse_ptr + splits * rows_total + row)
+        lse = tl.load(lse_ptr + splits * num_rows + row)
         top = tl.max(lse, 0)
         top = tl.where(top == float("-inf"), 0.0, top)
-        weight = tl.exp2(lse - top)
-        parts = tl.load(part_ptr + splits[:, None] * (rows_total * HEAD_DIM) + row * HEAD_DIM + dims[None, :])
+        weight = tl.exp2(lse - top)  # 0 for empty splits
+        parts = tl.load(part_ptr + splits[:, None] * (num_rows * HEAD_DIM) + row * HEAD_DIM + dims[None, :])
         total = tl.sum(weight, 0)
         out = tl.sum(parts * weight[:, None], 0) / tl.where(total == 0.0, 1.0, total)
         tl.store(out_ptr + row * HEAD_DIM + dims, out.to(out_ptr.dtype.element_ty))
 
-    return attend, merge
-
-
-_KERNELS = None
-
-
-# Programs wanted per launch: about two waves on an H100 (132 SMs).
-TARGET_PROGRAMS = 264
-
-
-def _splits_for(row_blocks: int, kv_heads: int) -> int:
-    """Split the key range until the launch has about TARGET_PROGRAMS programs (decode, short trees, long
-    contexts); a large prefill already has enough row blocks. Empty splits exit at once."""
-    wanted = max(1, min(16, TARGET_PROGRAMS // (row_blocks * kv_heads)))
-    return 1 << (wanted.bit_length() - 1)  # a power of two: the merge kernel spans splits with tl.arange
-
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    block_m: int
-    block_n: int
+    block_m: int  # query rows (token x head-of-group pairs) per program
+    block_n: int  # keys per tile; a multiple of 32 (whole mask words)
     warps: int
-    stages: int
-    splits: int
+    stages: int  # software-pipelining depth of the key loops
+    splits: int  # key-range splits (flash-decoding); a power of two
 
 
-def default_launch(num_new: int, num_heads: int, num_kv_heads: int, head_dim: int) -> LaunchConfig:
+_SM_COUNT: dict[int, int] = {}
+
+
+def _sm_count(device: torch.device | None = None) -> int:
+    if not torch.cuda.is_available():
+        return 132
+    index = torch.cuda.current_device() if device is None or device.index is None else device.index
+    if index not in _SM_COUNT:
+        _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    return _SM_COUNT[index]
+
+
+def _pow2_floor(n: int) -> int:
+    return 1 << (max(1, n).bit_length() - 1)
+
+
+def default_launch(num_new: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                   dtype: torch.dtype = torch.bfloat16, sm_count: int | None = None) -> LaunchConfig:
+    """Launch shape from the problem's shapes alone (never ctx_len: it lives on the device)."""
     rows = num_new * (num_heads // num_kv_heads)
-    block_m = 16 if rows <= 16 else 64
-    warps = 8 if block_m == 64 and head_dim > 64 else 4
-    return LaunchConfig(block_m, 64, warps, 2, _splits_for(triton_cdiv(rows, block_m), num_kv_heads))
+    if dtype == torch.float32:  # tests only: fp32 tiles are twice the bytes and use slow IEEE dots
+        block_m, block_n, warps, stages = (16 if rows <= 16 else 32), 32, 4, 2
+    elif rows <= 16:  # decode: every row in one tile; split the keys instead. (5 stages, two K/V tiles in
+        # flight, measured no faster on H100: 256 resident programs already keep enough loads in flight.)
+        block_m, block_n, warps, stages = 16, 64, 4, 3
+    elif rows <= 64:  # the draft block, small trees
+        block_m, block_n, warps, stages = (32 if rows <= 32 else 64), 64, 4, 3
+    else:  # tree verify and prefill (measured on H100: 64 x 64 with one warpgroup beat 128-row tiles)
+        block_m, block_n, warps, stages = 64, 64, 4, 3
+    row_blocks = -(-rows // block_m)
+    # About two programs per SM; a long prefill already has enough row blocks (splits 1, no merge).
+    target = 2 * (sm_count or _sm_count())
+    splits = min(64, _pow2_floor(target // (row_blocks * num_kv_heads)))
+    return LaunchConfig(block_m, block_n, warps, stages, splits)
+
+
+def _supported(q, k_cache, tree_mask) -> bool:
+    d = q.shape[-1]
+    return (
+        q.dim() == 3 and k_cache.dim() == 4 and q.shape[1] % k_cache.shape[2] == 0
+        and d >= 16 and d & (d - 1) == 0 and d == k_cache.shape[3]
+        and k_cache.stride(-1) == 1 and tree_mask.dtype == torch.int32 and tree_mask.stride(-1) == 1
+        and q.dtype in (torch.bfloat16, torch.float16, torch.float32)
+    )
 
 
 def tree_attention_triton(q, k_cache, v_cache, block_table, ctx_len, tree_mask, scale, launch=None):
-    global _KERNELS
-    if _KERNELS is None:
-        _KERNELS = _kernels()
-    attend, merge = _KERNELS
+    """The op on CUDA tensors (same arguments as the contract; `launch` overrides the launch shape)."""
+    if not _supported(q, k_cache, tree_mask) or v_cache.stride() != k_cache.stride():
+        from jetspec_trt.plugins.tree_attention import tree_attention_reference
+
+        return tree_attention_reference(q, k_cache, v_cache, block_table, ctx_len, tree_mask, scale)
+    out_dtype = q.dtype
+    q = q.to(k_cache.dtype).contiguous()  # tl.dot wants one operand dtype; a no-op in the engine
     num_new, num_heads, head_dim = q.shape
-    num_kv_heads, page = k_cache.shape[2], k_cache.shape[1]
+    page, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
-    rows = num_new * group
-    launch = launch or default_launch(num_new, num_heads, num_kv_heads, head_dim)
-    block_m, block_n, warps, splits = launch.block_m, launch.block_n, launch.warps, launch.splits
-    q = q.contiguous()
     out = torch.empty_like(q)
-    if splits > 1:
-        part = torch.empty(splits, num_new * num_heads * head_dim, dtype=torch.float32, device=q.device)
-        lse = torch.empty(splits, num_new * num_heads, dtype=torch.float32, device=q.device)
+    if num_new == 0:
+        return out.to(out_dtype)
+    launch = launch or default_launch(num_new, num_heads, num_kv_heads, head_dim, q.dtype, _sm_count(q.device))
+    assert launch.block_n % 32 == 0 and launch.splits & (launch.splits - 1) == 0, launch
+    rows = num_new * group
+    row_blocks = -(-rows // launch.block_m)
+    if launch.splits > 1:
+        part = torch.empty(launch.splits, num_new * num_heads * head_dim, dtype=torch.float32, device=q.device)
+        lse = torch.empty(launch.splits, num_new * num_heads, dtype=torch.float32, device=q.device)
     else:
-        part = lse = out  # unused
-    grid = (triton_cdiv(rows, block_m), num_kv_heads, splits)
-    attend[grid](
+        part = lse = out  # not touched
+    words = tree_mask.shape[1]
+    scan_w = min(32, triton.next_power_of_2(max(1, words)))
+    _tree_attention_kernel[(row_blocks, num_kv_heads, launch.splits)](
         q, k_cache, v_cache, block_table, ctx_len, tree_mask, out, part, lse,
-        scale, num_new, tree_mask.shape[1],
+        scale * LOG2E, num_new, num_heads, words, row_blocks,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), tree_mask.stride(0),
-        GROUP=group, HEAD_DIM=head_dim, PAGE=page, NUM_HEADS=num_heads,
-        BLOCK_M=block_m, BLOCK_N=block_n, SPLITS=splits, IEEE=q.dtype == torch.float32, num_warps=warps, num_stages=launch.stages,
+        GROUP=group, HEAD_DIM=head_dim, PAGE=page, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n,
+        SPLITS=launch.splits, SCAN_W=scan_w, IEEE=q.dtype == torch.float32,
+        num_warps=launch.warps, num_stages=launch.stages,
     )
-    if splits > 1:
-        merge[(num_new * num_heads,)](part, lse, out, num_new * num_heads, HEAD_DIM=head_dim, SPLITS=splits)
-    return out
-
-
-def triton_cdiv(a: int, b: int) -> int:
-    return (a + b - 1) // b
+    if launch.splits > 1:
+        _merge_kernel[(num_new * num_heads,)](part, lse, out, num_new * num_heads, HEAD_DIM=head_dim,
+                                              SPLITS=launch.splits, num_warps=4)
+    return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
 def ensure_registered() -> bool:
-    """Register the kernel as the CUDA implementation of the op (idempotent). False without CUDA/Triton."""
+    """Register the Triton kernel as the op's CUDA implementation. Idempotent; False (and a no-op) without
+    CUDA or Triton, in which case the reference keeps serving CUDA tensors."""
     global _REGISTERED
     if _REGISTERED:
         return True
-    if not torch.cuda.is_available():
+    if triton is None or not torch.cuda.is_available():
         return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
+    import jetspec_trt.plugins.tree_attention  # noqa: F401 - defines the op
+
     torch.library.impl("jetspec_trt::tree_attention", "CUDA")(tree_attention_triton)
     _REGISTERED = True
     return True
