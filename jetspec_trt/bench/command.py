@@ -31,9 +31,30 @@ def _floats(text: str) -> tuple[float, ...]:
               help="torch.compile the decoder layers inside the CUDA graphs.")
 @click.option("--output-dir", type=click.Path(path_type=Path), default=Path("bench/results"), show_default=True)
 @click.option("--tag", default="", help="Suffix for the output file names.")
+@click.option("--engine", "engine_dir", type=click.Path(path_type=Path), default=None,
+              help="Real engine: run the suite bench (tau, tok/s vs AR and HF generate) instead of the random one.")
+@click.option("--suite", "suites", default="mtbench,math500,humaneval", show_default=True)
+@click.option("--prompts-file", type=click.Path(path_type=Path), default=None,
+              help='jsonl of {"suite","id","messages"} lines (no dataset packages needed).')
+@click.option("--num-prompts", type=int, default=10, show_default=True)
+@click.option("--max-new-tokens", type=int, default=256, show_default=True)
+@click.option("--temperatures", default="0,1", show_default=True)
+@click.option("--device", default="cuda", show_default=True)
 def bench_command(random_target, budgets, contexts, topk, max_depth, taus, dtype, reps, no_hf, compile_layers,
-                  output_dir, tag):
-    """Measure AR decoding, the split of a speculative round, projected tok/s and HF generate on the GPU."""
+                  output_dir, tag, engine_dir, suites, prompts_file, num_prompts, max_new_tokens, temperatures, device):
+    """Measure AR decoding, the split of a speculative round, projected tok/s and HF generate on the GPU.
+
+    With --engine: tau and wall-clock speed per prompt suite, budget and temperature (JSON + PNG)."""
+    if engine_dir is not None:
+        from jetspec_trt.bench.suites import SuiteBenchConfig, run_suite_bench
+
+        scfg = SuiteBenchConfig(engine_dir=engine_dir, suites=tuple(suites.split(",")), num_prompts=num_prompts,
+                                max_new_tokens=max_new_tokens, budgets=_ints(budgets),
+                                temperatures=_floats(temperatures), device=device, hf_generate=not no_hf,
+                                output_dir=output_dir, tag=tag, prompts_file=prompts_file)
+        path = run_suite_bench(scfg, command=sys.argv)
+        click.echo(f"wrote {path} and {path.with_suffix('.png')}")
+        return
     from jetspec_trt.bench.engine_bench import BenchConfig, run_bench
 
     cfg = BenchConfig(random_target=random_target, budgets=_ints(budgets), contexts=_ints(contexts), topk=topk,

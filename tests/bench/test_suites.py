@@ -1,0 +1,25 @@
+import json
+
+from jetspec_trt.bench.suites import SuiteBenchConfig, run_suite_bench
+from jetspec_trt.quickstart import make_tiny_engine
+
+
+def test_suite_bench_tiny(tmp_path):
+    paths = make_tiny_engine(tmp_path)
+    prompts = tmp_path / "prompts.jsonl"
+    with open(prompts, "w") as f:
+        for i, text in enumerate(["def add(a, b):", "Explain recursion."]):
+            f.write(json.dumps({"suite": "mtbench", "id": str(i), "messages": [{"role": "user", "content": text}]}) + "\n")
+    cfg = SuiteBenchConfig(engine_dir=paths.engine, suites=("mtbench",), num_prompts=2, max_new_tokens=6,
+                           budgets=(8, 32), temperatures=(0.0, 1.0), device="cpu", hf_generate=True,
+                           output_dir=tmp_path / "out", tag="test", prompts_file=prompts)
+    path = run_suite_bench(cfg, command=["test"])
+    assert path.exists() and path.with_suffix(".png").exists()
+    res = json.loads(path.read_text())
+    s = res["suites"]["mtbench"]
+    assert s["num_prompts"] == 2
+    assert set(s["spec"]) == {"b8_t0", "b8_t1", "b32_t0", "b32_t1"}
+    assert s["hf"]["tok_s"] > 0 and s["ar"]["tok_s"] > 0
+    assert s["spec"]["b8_t0"]["tau"] >= 1.0 and "speedup_vs_hf" in s["spec"]["b8_t0"]
+    # fp32 on CPU: greedy speculative output equals AR output
+    assert s["lossless"]["identical"] == s["lossless"]["greedy_runs"] == 4
