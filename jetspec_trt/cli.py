@@ -35,8 +35,17 @@ def tree_options(func):
 @click.option("--max-seq-len", type=int, default=None,
               help="Prompt + generated tokens [default: min(4096, the target's max_position_embeddings)].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing engine directory.")
-def build(target_dir, draft_dir, output_dir, budget, topk, max_depth, dtype, max_seq_len, overwrite):
+@click.option("--backend", type=click.Choice(["pytorch", "tensorrt"]), default="pytorch", show_default=True,
+              help="pytorch: HF-layout weights for our runtime; tensorrt: TensorRT plans built from ONNX graphs.")
+@click.option("--attention", type=click.Choice(["plugin", "standard"]), default="plugin", show_default=True,
+              help="tensorrt: tree attention as the jetspec_trt::TreeAttention plugin, or plain ONNX ops.")
+def build(target_dir, draft_dir, output_dir, budget, topk, max_depth, dtype, max_seq_len, overwrite, backend,
+          attention):
     """Check a target/draft pair and write an engine directory."""
+    if backend == "tensorrt":  # fail at once, before any check or write, where TensorRT is missing
+        from jetspec_trt.builders.tensorrt_builder import require_tensorrt
+
+        require_tensorrt(attention)
     from jetspec_trt.builders.engine_builder import BuildConfig, build_engine
     from jetspec_trt.models.checkpoint import draft_spec_of
 
@@ -44,7 +53,12 @@ def build(target_dir, draft_dir, output_dir, budget, topk, max_depth, dtype, max
     depth = max_depth if max_depth is not None else (spec.max_depth if spec else 1)
     config = BuildConfig(target_dir, draft_dir, output_dir, TreeConfig(budget, topk, depth), dtype, max_seq_len,
                          overwrite=overwrite)
-    out = build_engine(config, command=sys.argv)
+    if backend == "tensorrt":
+        from jetspec_trt.builders.tensorrt_builder import build_tensorrt_engine
+
+        out = build_tensorrt_engine(config, attention, command=sys.argv)
+    else:
+        out = build_engine(config, command=sys.argv)
     click.echo(f"engine written to {out}")
 
 
@@ -143,6 +157,7 @@ COMMANDS: list[str] = [
 EXPORT_COMMANDS: list[str] = [
     "jetspec_trt.export.triton:triton_command",
     "jetspec_trt.export.trtllm:trtllm_command",
+    "jetspec_trt.export.onnx:onnx_command",
 ]
 
 
