@@ -52,3 +52,16 @@ class OracleDecoder(Decoder):
             elif roll < self.hit + (1 - self.hit) / 2:
                 logits[d, self.future[index]] = logits[d].topk(3).values[-1] - 1e-3  # rank 3
         return logits
+
+
+def invoke_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """Run `jetspec-trt ARGV` in-process: (exit code, stdout, stderr)."""
+    import pytest
+
+    from jetspec_trt.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+        raise SystemExit(0)
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err

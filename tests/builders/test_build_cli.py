@@ -6,8 +6,8 @@ import shutil
 import pytest
 from safetensors.torch import load_file, save_file
 
-from jetspec_trt.cli import main
 from jetspec_trt.models.presets import write_random_pair
+from tests.helpers import invoke_cli
 
 
 @pytest.fixture(scope="module")
@@ -18,11 +18,7 @@ def pair(tmp_path_factory):
 
 
 def invoke(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-        raise SystemExit(0)
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
+    return invoke_cli(argv, capsys)
 
 
 def copy_pair(pair, tmp_path):

@@ -21,7 +21,6 @@ import torch
 
 from jetspec_trt.builders.tensorrt_builder import (PLUGIN_MISSING, TENSORRT_MISSING, optimization_profiles,
                                                    require_tensorrt)
-from jetspec_trt.cli import main
 from jetspec_trt.errors import JetSpecError
 from jetspec_trt.export.onnx import graph_description
 from jetspec_trt.export.onnx_graphs import draft_spec, target_spec
@@ -29,6 +28,7 @@ from jetspec_trt.models.checkpoint import load_draft, load_target
 from jetspec_trt.models.presets import write_random_pair
 from jetspec_trt.plugins import tensorrt_plugin
 from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
+from tests.helpers import invoke_cli
 
 try:
     import tensorrt  # noqa: F401
@@ -47,11 +47,7 @@ def pair(tmp_path_factory):
 
 
 def invoke(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-        raise SystemExit(0)
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
+    return invoke_cli(argv, capsys)
 
 
 def build_argv(pair, out, *extra, target=None):

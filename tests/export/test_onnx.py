@@ -25,17 +25,14 @@ from jetspec_trt.plugins.tree_attention import causal_mask, pack_mask, tree_atte
 from jetspec_trt.quickstart import make_tiny_engine
 from jetspec_trt.runtime.config import RuntimeConfig
 from jetspec_trt.runtime.engine import Engine
+from tests.helpers import invoke_cli
 
 TOL = 1e-4
 PROMPTS = ["def fibonacci(n):", "hello world", "The quick brown fox", "x = [i * i for i in range(10)]"]
 
 
 def invoke(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-        raise SystemExit(0)
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
+    return invoke_cli(argv, capsys)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -26,6 +26,7 @@ from jetspec_trt.train.data import DataConfig, generate_responses
 from jetspec_trt.train.objective import BlockBatch, depth_logits, teacher_pass
 from jetspec_trt.train.trainer import TrainConfig, checkpoint_files, train
 from tests.helpers import tiny_runtime
+from tests.helpers import invoke_cli
 
 WORDS = "sort list tree graph python rust fast slow hello world write explain code alpha beta".split()
 STEPS = 40
@@ -53,11 +54,7 @@ def train_args(root, out, *extra):
 
 
 def invoke(argv, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(argv)
-        raise SystemExit(0)
-    captured = capsys.readouterr()
-    return exit_info.value.code, captured.out, captured.err
+    return invoke_cli(argv, capsys)
 
 
 @pytest.fixture(scope="module")
