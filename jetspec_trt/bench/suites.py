@@ -2,13 +2,22 @@
 
 For every prompt (chat template): our AR greedy decode, our speculative decode at every tree budget and
 temperature (seeded), and Hugging Face transformers `generate` (greedy) on the same device and dtype, all in one
-process. Writes bench/results/suites-<tag>-<device>.json and a PNG.
+process. Writes bench/results/suites-<device>-<tag>.json and a PNG (<device>: "cpu" or the GPU's name).
+
+Greedy (T=0) speculative output is compared with the AR output of the same prompt. Where they differ, the flip is
+diagnosed with one extra teacher-forced prefill of the engine's target over prompt + common prefix (same device and
+dtype): the top-2 logit gap at the first differing position, the two tokens and their logit difference, and
+optionally (`diagnose_fp32`) the same on a float32 copy of the target. A flip at a gap of a few units in the last
+place of the engine dtype is rounding (the tree verify's M=N GEMMs and attention reduction round differently than
+the 1-token AR step); a flip at a wide gap would be a bug.
 """
 
 from __future__ import annotations
 
+import copy
 import datetime as _dt
 import json
+import math
 import platform
 import re
 import time
@@ -37,6 +46,31 @@ class SuiteBenchConfig:
     seed: int = 0
     topk: int | None = None
     max_depth: int | None = None
+    diagnose_fp32: bool = False  # also diagnose divergences on a float32 copy of the target (fits for ~0.5B on GPU)
+
+
+# A greedy flip counts as a near-tie when the two tokens are the target's top 2 and their logit gap is below
+# NEAR_TIE_ULPS units in the last place (ulp) of the engine dtype at the top logit's magnitude. bf16 has an 8-bit
+# significand (7 stored bits): ulp(x) = 2^(floor(log2|x|) - 7), so for bf16 the threshold is 2^(floor(log2|top1|) - 5),
+# between |top1|/64 and |top1|/32 (0.5 for logits in [16, 32)). Why a few ulps: the logits leave the lm_head GEMM
+# rounded to bf16 (half an ulp of error each, so one ulp between two logits from final rounding alone), and the
+# hidden state feeding it carries the rounding of every residual add and of GEMMs/attention that the tree verify
+# (M = tree-size rows, a different reduction split) and the 1-token AR step compute in different orders. A gap of
+# dozens of ulps is beyond that and would point to a real bug. Scaled by torch.finfo(dtype).eps, the same rule
+# gives fp16 / fp32 engines a correspondingly tighter threshold.
+NEAR_TIE_ULPS = 4
+
+
+def ulp(x: float, dtype: torch.dtype) -> float:
+    """Spacing of `dtype` numbers at |x| (torch.finfo(dtype).eps is the spacing at 1.0)."""
+    eps = torch.finfo(dtype).eps
+    if x == 0.0 or not math.isfinite(x):
+        return eps
+    return eps * 2.0 ** math.floor(math.log2(abs(x)))
+
+
+def near_tie_threshold(top1_logit: float, dtype: torch.dtype) -> float:
+    return NEAR_TIE_ULPS * ulp(top1_logit, dtype)
 
 
 def export_prompts(path: Path, suites: tuple[str, ...], num_prompts: int) -> int:
@@ -84,7 +118,14 @@ def _sync(device: str) -> None:
 def _device_name(device: str) -> str:
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name(torch.device(device))
-    return platform.processor() or platform.machine() or "cpu"
+    name = ""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        pass
+    name = name or platform.processor() or platform.machine() or "cpu"
+    return f"{name} ({torch.get_num_threads()} threads)"
 
 
 def _slug(text: str) -> str:
@@ -118,6 +159,110 @@ def _hf_generate(model, ids, cfg) -> dict:
     return {"tokens": n, "wall_s": wall, "tok_s": n / max(wall, 1e-9)}
 
 
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """Index of the first position where the token lists differ (a strict prefix differs at its end); None if equal."""
+    if a == b:
+        return None
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+@torch.inference_mode()
+def teacher_forced_logits(target, ids: list[int], page_size: int = 64) -> torch.Tensor:
+    """The target's next-token logits [vocab] (float32) after one causal prefill over `ids`, on a cache of its own
+    (the decoders' caches and CUDA graphs are left alone)."""
+    from jetspec_trt.plugins.tree_attention import causal_mask
+
+    device = target.embed_tokens.weight.device
+    n = len(ids)
+    cache = target.new_cache(n, page_size)
+    with torch.compiler.set_stance("force_eager"):
+        out = target(torch.tensor(ids, device=device), torch.arange(n, device=device), cache,
+                     causal_mask(n, device))
+    return out.logits[-1].float()
+
+
+def _flip_stats(logits: torch.Tensor, ar_token: int | None, spec_token: int | None, dtype: torch.dtype) -> dict:
+    top = torch.topk(logits, 2)
+    (v1, v2), (t1, t2) = top.values.tolist(), top.indices.tolist()
+    gap = v1 - v2
+    unit = ulp(v1, dtype)
+    res = {"top1_token": t1, "top2_token": t2, "top1_logit": v1, "top2_gap": gap, "top2_gap_ulps": gap / unit,
+           "threshold": near_tie_threshold(v1, dtype)}
+    ranks = {}
+    for name, tok in (("ar", ar_token), ("spec", spec_token)):
+        if tok is None:
+            res[f"{name}_logit"], ranks[name] = None, None
+        else:
+            value = logits[tok]
+            res[f"{name}_logit"] = float(value)
+            ranks[name] = int((logits > value).sum())
+        res[f"{name}_rank"] = ranks[name]
+    both = ar_token is not None and spec_token is not None
+    res["ar_minus_spec"] = res["ar_logit"] - res["spec_logit"] if both else None
+    # the flip is between the target's two best tokens, and they are closer than rounding can reach
+    res["near_tie"] = bool(both and max(ranks["ar"], ranks["spec"]) <= 1 and gap < res["threshold"])
+    return res
+
+
+def diagnose_flip(target, prompt_ids: list[int], ar_tokens: list[int], spec_tokens: list[int], first_diff: int,
+                  page_size: int = 64, target_fp32=None, tokenizer=None) -> dict:
+    """Why greedy AR and greedy speculative output parted at `first_diff`: one teacher-forced prefill over prompt +
+    common prefix on the engine's target (its device and dtype), and optionally on a float32 copy."""
+    ids = list(prompt_ids) + list(ar_tokens[:first_diff])
+    ar_tok = ar_tokens[first_diff] if first_diff < len(ar_tokens) else None
+    spec_tok = spec_tokens[first_diff] if first_diff < len(spec_tokens) else None
+    dtype = target.embed_tokens.weight.dtype
+    res = {"position": first_diff, "ar_token": ar_tok, "spec_token": spec_tok, "dtype": _dtype_name(dtype)}
+    if tokenizer is not None:
+        res["ar_text"] = tokenizer.decode([ar_tok]) if ar_tok is not None else None
+        res["spec_text"] = tokenizer.decode([spec_tok]) if spec_tok is not None else None
+    res.update(_flip_stats(teacher_forced_logits(target, ids, page_size), ar_tok, spec_tok, dtype))
+    if target_fp32 is not None:
+        f = _flip_stats(teacher_forced_logits(target_fp32, ids, page_size), ar_tok, spec_tok, torch.float32)
+        winner = f["top1_token"]
+        f["prefers"] = "ar" if winner == ar_tok else "spec" if winner == spec_tok else "other"
+        res["fp32"] = {k: f[k] for k in ("top1_token", "top2_token", "top1_logit", "top2_gap", "ar_logit",
+                                         "spec_logit", "ar_minus_spec", "ar_rank", "spec_rank", "prefers")}
+    return res
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _fp32_target(target, device: str):
+    """A float32 copy of the target for --diagnose-fp32, or a reason why not (the engine already runs in float32,
+    or the copy would not fit in free GPU memory)."""
+    if target.embed_tokens.weight.dtype == torch.float32:
+        return None, "engine already runs in float32"
+    # float32 parameters and buffers (fused GEMM weights are buffers) plus the transient deepcopy in engine dtype
+    elements = sum(p.numel() for p in target.parameters()) + sum(b.numel() for b in target.buffers())
+    need = (4 + target.embed_tokens.weight.element_size()) * elements
+    if torch.device(device).type == "cuda":
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        if need > 0.8 * free:
+            return None, f"float32 copy needs {need / 2**30:.1f} GiB, {free / 2**30:.1f} GiB free"
+    return copy.deepcopy(target).to(torch.float32), None
+
+
+def _divergence_summary(runs: list[dict]) -> dict:
+    """runs: the greedy speculative runs' records ({"identical", "first_diff", "diagnosis"?})."""
+    diverged = [r for r in runs if not r["identical"]]
+    diags = [r["diagnosis"] for r in diverged if "diagnosis" in r]
+    out = {"runs": len(runs), "identical": len(runs) - len(diverged), "diverged": len(diverged),
+           "diverged_near_tie": sum(1 for d in diags if d["near_tie"]),
+           "max_top2_gap": max((d["top2_gap"] for d in diags), default=None),
+           "max_top2_gap_ulps": max((d["top2_gap_ulps"] for d in diags), default=None),
+           "max_abs_ar_minus_spec": max((abs(d["ar_minus_spec"]) for d in diags if d["ar_minus_spec"] is not None),
+                                        default=None)}
+    fp32 = [d["fp32"] for d in diags if "fp32" in d]
+    if fp32:
+        out["fp32"] = {"checked": len(fp32), "prefers_ar": sum(1 for f in fp32 if f["prefers"] == "ar"),
+                       "prefers_spec": sum(1 for f in fp32 if f["prefers"] == "spec"),
+                       "max_top2_gap": max(f["top2_gap"] for f in fp32)}
+    return out
+
+
 def _agg(rows: list[dict]) -> dict:
     tokens = sum(r["tokens"] for r in rows)
     wall = sum(r["wall_s"] for r in rows)
@@ -147,11 +292,11 @@ def run_suite_bench(cfg: SuiteBenchConfig, command: list[str] | None = None) -> 
 
     hf_model = None
     if cfg.hf_generate:
-        from transformers import AutoModelForCausalLM
+        from jetspec_trt.models.checkpoint import load_hf_model
 
         dtype = next(engine.decoder.target.parameters()).dtype
-        hf_model = AutoModelForCausalLM.from_pretrained(str(Path(cfg.engine_dir) / "target"), dtype=dtype,
-                                                        local_files_only=True).to(cfg.device).eval()
+        # The engine stores q/k/v and gate/up fused; load_hf_model hands transformers its own layout.
+        hf_model = load_hf_model(Path(cfg.engine_dir) / "target", dtype).to(cfg.device)
         hf_model.generation_config.pad_token_id = engine.tokenizer.pad_token_id or engine.tokenizer.eos_token_id
 
     # warm-up (CUDA graph capture, kernels) on a short request, not timed
@@ -164,9 +309,14 @@ def run_suite_bench(cfg: SuiteBenchConfig, command: list[str] | None = None) -> 
     if hf_model is not None:
         _hf_generate(hf_model, warm_ids, SuiteBenchConfig(**{**cfg.__dict__, "max_new_tokens": 8}))
 
+    target = engine.decoder.target
+    page_size = getattr(rt, "page_size", 64)
+    fp32_target, fp32_note = None, None
+    greedy_temps = [t for t in cfg.temperatures if t <= 0.0]
+
     suites_out: dict[str, dict] = {}
     for suite, rows in prompts.items():
-        ar_rows, hf_rows, mismatches, per_prompt = [], [], [], []
+        ar_rows, hf_rows, per_prompt = [], [], []
         spec_rows: dict[str, list[dict]] = {}
         for pid, messages in rows:
             ids = engine.encode(messages)
@@ -181,12 +331,13 @@ def run_suite_bench(cfg: SuiteBenchConfig, command: list[str] | None = None) -> 
                     spec_rows.setdefault(key, []).append(r)
                     entry["spec"][key] = r
                     if t <= 0.0:
-                        same = tokens == ar_tokens
-                        r["identical_to_ar"] = same
-                        if not same:
-                            first = next((i for i, (x, y) in enumerate(zip(tokens, ar_tokens)) if x != y),
-                                         min(len(tokens), len(ar_tokens)))
-                            mismatches.append({"id": pid, "budget": b, "first_diff": first})
+                        first = first_difference(tokens, ar_tokens)
+                        r["identical"], r["first_diff"] = first is None, first
+                        if first is not None:  # one extra prefill per divergent run, outside the timed region
+                            if cfg.diagnose_fp32 and fp32_target is None and fp32_note is None:
+                                fp32_target, fp32_note = _fp32_target(target, cfg.device)
+                            r["diagnosis"] = diagnose_flip(target, ids, ar_tokens, tokens, first, page_size,
+                                                           fp32_target, engine.tokenizer)
             if hf_model is not None:
                 hf = _hf_generate(hf_model, ids, cfg)
                 hf_rows.append(hf)
@@ -200,12 +351,18 @@ def run_suite_bench(cfg: SuiteBenchConfig, command: list[str] | None = None) -> 
             a["speedup_vs_ar"] = a["tok_s"] / ar_agg["tok_s"]
             if hf_agg:
                 a["speedup_vs_hf"] = a["tok_s"] / hf_agg["tok_s"]
+            if "identical" in rs[0]:
+                a["lossless"] = _divergence_summary(rs)
             spec_agg[key] = a
-        greedy_runs = len(rows) * sum(1 for t in cfg.temperatures if t <= 0.0) * len(cfg.budgets)
+        greedy = [(e["id"], b, e["spec"][f"b{b}_t{t:g}"]) for e in per_prompt for b in cfg.budgets
+                  for t in greedy_temps]
+        lossless = _divergence_summary([r for _, _, r in greedy])
+        lossless["greedy_runs"] = lossless["runs"]  # (older readers)
+        lossless["mismatches"] = [{"id": pid, "budget": b, "first_diff": r["first_diff"],
+                                   **({"diagnosis": r["diagnosis"]} if "diagnosis" in r else {})}
+                                  for pid, b, r in greedy if not r["identical"]]
         suites_out[suite] = {"num_prompts": len(rows), "ar": ar_agg, "hf": hf_agg, "spec": spec_agg,
-                             "lossless": {"greedy_runs": greedy_runs, "identical": greedy_runs - len(mismatches),
-                                          "mismatches": mismatches},
-                             "prompts": per_prompt}
+                             "lossless": lossless, "prompts": per_prompt}
 
     device_name = _device_name(cfg.device)
     result = {
@@ -213,7 +370,7 @@ def run_suite_bench(cfg: SuiteBenchConfig, command: list[str] | None = None) -> 
         "engine": str(cfg.engine_dir),
         "device": cfg.device,
         "device_name": device_name,
-        "dtype": str(next(engine.decoder.target.parameters()).dtype).replace("torch.", ""),
+        "dtype": _dtype_name(next(target.parameters()).dtype),
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "python": platform.python_version(),
                      "cuda": torch.version.cuda if torch.cuda.is_available() else None},
@@ -221,16 +378,63 @@ def run_suite_bench(cfg: SuiteBenchConfig, command: list[str] | None = None) -> 
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "config": {"suites": list(cfg.suites), "num_prompts": cfg.num_prompts, "max_new_tokens": cfg.max_new_tokens,
                    "budgets": list(cfg.budgets), "temperatures": list(cfg.temperatures), "topk": topk,
-                   "max_depth": depth, "seed": cfg.seed, "batch_size": 1, "hf_generate": cfg.hf_generate},
+                   "max_depth": depth, "seed": cfg.seed, "batch_size": 1, "hf_generate": cfg.hf_generate,
+                   "diagnose_fp32": cfg.diagnose_fp32},
+        "divergence": {"near_tie_rule": f"the AR and speculative tokens are the teacher-forced target's top 2 and "
+                                        f"their gap < {NEAR_TIE_ULPS} ulp of the engine dtype at the top logit",
+                       "near_tie_ulps": NEAR_TIE_ULPS, "fp32_note": fp32_note,
+                       "total": _divergence_summary([r for s_ in suites_out.values() for e in s_["prompts"]
+                                                     for r in e["spec"].values() if "identical" in r])},
         "suites": suites_out,
     }
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    name = "-".join(x for x in ("suites", _slug(cfg.tag), _slug(device_name if cfg.device != "cpu" else "cpu")) if x)
+    device_slug = "cpu" if torch.device(cfg.device).type == "cpu" else _slug(device_name)
+    name = "-".join(x for x in ("suites", device_slug, _slug(cfg.tag)) if x)
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps(result, indent=1))
     plot_suites(result, path.with_suffix(".png"))
     return path
+
+
+def format_summary(result: dict) -> str:
+    """Console table: per suite AR / HF / every spec run (tau, tok/s, speedups) and, for greedy runs, how many
+    matched AR, how many diverged at a near-tie, and the widest top-2 gap seen at a divergence."""
+    head = (f"{'suite':<10} {'run':<10} {'tau':>5} {'tok/s':>8} {'xAR':>5} {'xHF':>5}  "
+            f"{'identical':>9} {'near-tie':>8} {'max gap':>8} {'(ulp)':>6}")
+    lines = [f"{result['device_name']} ({result['dtype']}), {result['config']['max_new_tokens']} new tokens", head,
+             "-" * len(head)]
+
+    def num(x, fmt):
+        return format(x, fmt) if x is not None else "-"
+
+    for suite, s in result["suites"].items():
+        lines.append(f"{suite:<10} {'AR':<10} {'':>5} {s['ar']['tok_s']:>8.1f}")
+        if s.get("hf"):
+            lines.append(f"{suite:<10} {'HF':<10} {'':>5} {s['hf']['tok_s']:>8.1f}")
+        for key, a in s["spec"].items():
+            line = (f"{suite:<10} {key:<10} {a['tau']:>5.2f} {a['tok_s']:>8.1f} {a['speedup_vs_ar']:>5.2f} "
+                    f"{num(a.get('speedup_vs_hf'), '.2f'):>5}")
+            d = a.get("lossless")
+            if d:
+                line += (f"  {str(d['identical']) + '/' + str(d['runs']):>9} "
+                         f"{str(d['diverged_near_tie']) + '/' + str(d['diverged']):>8} "
+                         f"{num(d['max_top2_gap'], '.4g'):>8} {num(d['max_top2_gap_ulps'], '.1f'):>6}")
+            lines.append(line)
+    tot = result.get("divergence", {}).get("total")
+    if tot:
+        lines.append(f"greedy speculative vs AR: {tot['identical']}/{tot['runs']} identical, "
+                     f"{tot['diverged']} diverged, "
+                     f"{tot['diverged_near_tie']} of them at a near-tie (< {result['divergence']['near_tie_ulps']} ulp "
+                     f"of {result['dtype']}); widest gap at a divergence {num(tot['max_top2_gap'], '.4g')} "
+                     f"({num(tot['max_top2_gap_ulps'], '.1f')} ulp)")
+        if "fp32" in tot:
+            f = tot["fp32"]
+            lines.append(f"  float32 target at those positions: prefers AR's token {f['prefers_ar']}, spec's "
+                         f"{f['prefers_spec']}, of {f['checked']}; widest fp32 top-2 gap {f['max_top2_gap']:.4g}")
+        elif result["divergence"].get("fp32_note"):
+            lines.append(f"  float32 check skipped: {result['divergence']['fp32_note']}")
+    return "\n".join(lines)
 
 
 def plot_suites(result: dict, png: Path) -> None:
@@ -253,18 +457,26 @@ def plot_suites(result: dict, png: Path) -> None:
     ax1.set_title("acceptance")
     ax1.legend(fontsize=7)
     width = 0.8 / max(1, len(cfg["budgets"]) * 2)
+    t_bar = min(cfg["temperatures"])
     for i, suite in enumerate(suites):
         s = result["suites"][suite]["spec"]
         for j, b in enumerate(cfg["budgets"]):
-            a = s[f"b{b}_t0"]
+            a = s[f"b{b}_t{t_bar:g}"]
             ax2.bar(i + (2 * j) * width, a["speedup_vs_ar"], width, color=f"C{j}", label=f"vs AR b={b}" if i == 0 else None)
             if "speedup_vs_hf" in a:
                 ax2.bar(i + (2 * j + 1) * width, a["speedup_vs_hf"], width, color=f"C{j}", alpha=0.45,
                         label=f"vs HF b={b}" if i == 0 else None)
     ax2.axhline(1.0, color="k", lw=0.7)
-    ax2.set_xticks([i + 0.4 - width / 2 for i in range(len(suites))], suites)
-    ax2.set_ylabel("greedy wall-clock speedup")
-    ax2.set_title("speedup (T=0)")
+    labels = []
+    for suite in suites:
+        d = result["suites"][suite].get("lossless") or {}
+        runs = d.get("runs", d.get("greedy_runs"))
+        labels.append(suite if not runs else
+                      f"{suite}\n{d['identical']}/{runs} = AR" +
+                      (f", {d['diverged_near_tie']}/{d['diverged']} near-tie" if "diverged_near_tie" in d else ""))
+    ax2.set_xticks([i + 0.4 - width / 2 for i in range(len(suites))], labels, fontsize=8)
+    ax2.set_ylabel("wall-clock speedup")
+    ax2.set_title(f"speedup (T={t_bar:g})")
     ax2.legend(fontsize=7)
     fig.suptitle(f"{Path(result['engine']).name} on {result['device_name']} ({result['dtype']}, batch 1, "
                  f"{cfg['max_new_tokens']} new tokens)")

@@ -1,10 +1,14 @@
 """`jetspec-trt build`: target + draft checkpoints -> engine directory, written atomically.
 
 Layout of an engine directory:
-    manifest.json         versions, source checkpoint hashes, dtype, date, the command
+    manifest.json         versions, source checkpoint hashes, dtype, weight layout, kernel tuning, date, the command
     runtime_config.json   tree budget/top-k/depth, block size, mask token, target layers, EOS, max_seq_len
-    target/               the target in Hugging Face layout, weights converted to the engine dtype, tokenizer
+    target/               the target's config, tokenizer and weights in the engine dtype, in the fused layout
+                          (models/fused_layout.py: one qkv_proj and one gate_up_proj tensor per layer, every other
+                          tensor under its Hugging Face name); Hugging Face's own layout with --no-fuse
     draft/                the draft head in the published JetSpec (DFlash-format) layout, converted likewise
+    kernels/tuning.json   tree-attention launch configs timed on the build machine's GPU, keyed by GPU model
+                          (only where the build ran with CUDA; see builders/kernel_tuning.py)
 Everything is written into a hidden temp directory beside the output and renamed into place at the end, so a
 failed build leaves nothing behind.
 """
@@ -21,16 +25,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
+from jetspec_trt.builders.kernel_tuning import tune_engine_kernels
 from jetspec_trt.builders.validate import CheckedPair, check_pair
+from jetspec_trt.builders.weights import keep_plan, write_weights
 from jetspec_trt.errors import JetSpecError
 from jetspec_trt.models.checkpoint import SHARD_INDEX, parse_dtype, weight_files
+from jetspec_trt.models.fused_layout import LAYOUT_DESCRIPTION, fuse_plan, is_fused
 from jetspec_trt.runtime.config import RUNTIME_CONFIG, RuntimeConfig, TreeConfig
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: fused weight layout (older readers would not find the q/k/v and gate/up tensors)
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,8 @@ class BuildConfig:
     page_size: int = 64
     overwrite: bool = False
     progress: bool = True
+    fuse: bool = True  # store q/k/v and gate/up pre-fused (False: the Hugging Face layout, as the source has it)
+    tune: bool = True  # time tree-attention launch configs on this machine's GPU (skipped without CUDA)
 
 
 def sha256_of(path: Path) -> str:
@@ -54,22 +61,20 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _convert_checkpoint(src: Path, dst: Path, dtype: torch.dtype, progress: bool, label: str) -> dict[str, str]:
-    """Copy config/tokenizer files, cast every weight shard to `dtype`; return source file hashes."""
+def _convert_checkpoint(src: Path, dst: Path, dtype: torch.dtype, fuse: bool, progress: bool,
+                        label: str) -> tuple[dict[str, str], list[str]]:
+    """Copy config/tokenizer files and write the weights cast to `dtype`, fused unless `fuse` is False.
+    Returns the source files' hashes and the written tensor names."""
     dst.mkdir(parents=True)
-    shards = weight_files(src)
     hashes = {}
     for item in sorted(src.iterdir()):
         if item.is_file() and item.suffix != ".safetensors" and item.name != SHARD_INDEX:
             shutil.copy2(item, dst / item.name)
             hashes[item.name] = sha256_of(item)
-    if (src / SHARD_INDEX).is_file():
-        shutil.copy2(src / SHARD_INDEX, dst / SHARD_INDEX)
-    for shard in tqdm(shards, desc=f"converting {label}", unit="shard", disable=not progress):
+    for shard in weight_files(src):
         hashes[shard.name] = sha256_of(shard)
-        tensors = {name: t.to(dtype).contiguous() for name, t in load_file(str(shard)).items()}
-        save_file(tensors, str(dst / shard.name), metadata={"format": "pt"})
-    return hashes
+    names = write_weights(src, dst, fuse_plan if fuse else keep_plan, dtype, progress, label)
+    return hashes, names
 
 
 def _versions() -> dict[str, str]:
@@ -111,15 +116,13 @@ def build_engine(cfg: BuildConfig, command: list[str] | None = None) -> Path:
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.building-", dir=output.parent))
     try:
-        sources = {
-            "target": {"path": str(Path(cfg.target_dir).resolve()),
-                       "sha256": _convert_checkpoint(Path(cfg.target_dir), staging / "target", dtype, cfg.progress,
-                                                     "target")},
-            "draft": {"path": str(Path(cfg.draft_dir).resolve()),
-                      "sha256": _convert_checkpoint(Path(cfg.draft_dir), staging / "draft", dtype, cfg.progress,
-                                                    "draft")},
-        }
+        sources, written = {}, []
+        for role, src in (("target", Path(cfg.target_dir)), ("draft", Path(cfg.draft_dir))):
+            hashes, names = _convert_checkpoint(src, staging / role, dtype, cfg.fuse, cfg.progress, role)
+            sources[role] = {"path": str(src.resolve()), "sha256": hashes}
+            written += names
         (staging / RUNTIME_CONFIG).write_text(runtime.to_json())
+        kernel_tuning = tune_engine_kernels(staging, runtime, pair.target, pair.draft, cfg.tune, cfg.progress)
         manifest = {
             "format_version": FORMAT_VERSION,
             "backend": "pytorch",
@@ -131,6 +134,10 @@ def build_engine(cfg: BuildConfig, command: list[str] | None = None) -> Path:
                        "hidden_size": pair.target.hidden_size, "vocab_size": pair.target.vocab_size},
             "draft": {"num_layers": pair.draft.num_layers, "block_size": pair.spec.block_size,
                       "target_layer_ids": list(pair.spec.target_layer_ids)},
+            # fused: each fused tensor is its parts' rows concatenated in the order listed (dim 0).
+            "weights": ({"layout": "fused", "fused": LAYOUT_DESCRIPTION} if is_fused(written)
+                        else {"layout": "hugging-face"}),
+            "kernel_tuning": kernel_tuning,
             "sources": sources,
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

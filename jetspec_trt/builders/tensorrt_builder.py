@@ -141,8 +141,9 @@ def build_tensorrt_engine(cfg: BuildConfig, attention: str = "plugin", command: 
     scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}.scratch-", dir=output.parent))
     try:
         with staged_directory(output, cfg.overwrite) as staging:
-            engine_dir = build_engine(dataclasses.replace(cfg, output_dir=scratch / "engine", overwrite=False),
-                                      command)
+            # No kernel tuning: the plans run TensorRT's attention or our plugin, not the Triton kernel.
+            engine_dir = build_engine(dataclasses.replace(cfg, output_dir=scratch / "engine", overwrite=False,
+                                                          tune=False), command)
             onnx_dir = export_onnx(OnnxExportConfig(engine_dir, scratch / "onnx", attention))
             onnx_config = read_onnx_config(onnx_dir)
             runtime = RuntimeConfig.load(engine_dir)

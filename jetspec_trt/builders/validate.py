@@ -6,12 +6,14 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError, safe_open
 
 from jetspec_trt.errors import JetSpecError
 from jetspec_trt.models.checkpoint import meta_shapes, weight_files
 from jetspec_trt.models.config import DecoderConfig, load_hf_config
 from jetspec_trt.models.draft import DraftSpec, read_draft_config
+from jetspec_trt.models.fused_layout import is_fused, split_fused
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
 
@@ -38,7 +40,7 @@ def checkpoint_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
 
 
 def check_tensors(model_dir: Path, tied: bool = False) -> None:
-    stored = checkpoint_shapes(model_dir)
+    stored = _as_hugging_face(checkpoint_shapes(model_dir), model_dir)
     expected = meta_shapes(model_dir)
     if tied:
         stored.setdefault("lm_head.weight", stored.get("embed_tokens.weight"))
@@ -51,6 +53,19 @@ def check_tensors(model_dir: Path, tied: bool = False) -> None:
     for name, shape in expected.items():
         if stored[name] != shape:
             raise JetSpecError(f"{model_dir}: tensor {name} has shape {stored[name]}, the config implies {shape}")
+
+
+def _as_hugging_face(shapes: dict[str, tuple[int, ...]], model_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Shapes under Hugging Face names: an engine's fused tensors (an engine's target/ given as a build input)
+    are split by the config's row counts, on the meta device (no data)."""
+    if not is_fused(shapes):
+        return shapes
+    cfg = DecoderConfig.from_hf(load_hf_config(model_dir))
+    try:
+        split = split_fused({n: torch.empty(s, device="meta") for n, s in shapes.items()}, cfg)
+    except JetSpecError as err:
+        raise JetSpecError(f"{model_dir}: {err}") from None
+    return {name: tuple(t.shape) for name, t in split.items()}
 
 
 def eos_ids(model_dir: Path, hf_eos) -> tuple[int, ...]:

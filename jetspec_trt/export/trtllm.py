@@ -9,7 +9,9 @@ LLM-API model take (TensorRT-LLM >= 1.3, PyTorch backend, `DFlash` speculative d
       triton_model_repo/tensorrt_llm/1/model.yaml     `model:` + the same LLM arguments + `triton_config`
       jetspec_export.json              what was exported, for which TensorRT-LLM, and what differs from JetSpec
 
-Weights are hard-linked from the engine when they share a filesystem (else copied). Paths inside the YAML files
+TensorRT-LLM reads Hugging Face tensor names, so the engine's fused q/k/v and gate/up tensors are written out split
+(builders/weights.py `copy_as_hugging_face`); every other file, and the weights of an engine built with --no-fuse,
+is hard-linked from the engine when they share a filesystem (else copied). Paths inside the YAML files
 are absolute: the output's own location, or `path_prefix` when the directory will be mounted elsewhere.
 TensorRT-LLM's DFlash drafts ONE chain of `max_draft_len` tokens with non-causal attention inside the block and
 verifies it as a chain; JetSpec drafts a causal tree. The target's output is the same (verification is
@@ -19,7 +21,6 @@ lossless); the accepted length is not.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -121,6 +122,7 @@ def llm_api_options(cfg: TrtllmExportConfig, runtime, spec, draft_dir: str) -> d
 
 def export_trtllm(cfg: TrtllmExportConfig) -> Path:
     """Write the TensorRT-LLM export; returns its path. Raises JetSpecError on bad input."""
+    from jetspec_trt.builders.weights import copy_as_hugging_face
     from jetspec_trt.models.draft import read_draft_config
 
     engine_dir = Path(cfg.engine_dir)
@@ -141,8 +143,8 @@ def export_trtllm(cfg: TrtllmExportConfig) -> Path:
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {}
 
     with staged_directory(cfg.output, cfg.overwrite) as staging:
-        shutil.copytree(engine_dir / "target", staging / "target", copy_function=link_or_copy)
-        shutil.copytree(engine_dir / "draft", staging / "draft", copy_function=link_or_copy)
+        copy_as_hugging_face(engine_dir / "target", staging / "target", copy_function=link_or_copy)
+        copy_as_hugging_face(engine_dir / "draft", staging / "draft", copy_function=link_or_copy)
         if spec.config_key != "dflash_config":  # TensorRT-LLM reads the block under this name only
             raw_draft["dflash_config"] = raw_draft.pop(spec.config_key)
             (staging / "draft" / "config.json").unlink()

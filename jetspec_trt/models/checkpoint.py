@@ -1,4 +1,5 @@
-"""Load and save Hugging Face checkpoint directories (config.json + safetensors, single file or sharded)."""
+"""Load and save checkpoint directories (config.json + safetensors, single file or sharded), in the Hugging Face
+layout or the engine's fused one (models/fused_layout.py)."""
 
 from __future__ import annotations
 
@@ -6,13 +7,14 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from jetspec_trt.errors import JetSpecError
 from jetspec_trt.models.config import DecoderConfig, load_hf_config, rope_inverse_frequencies
 from jetspec_trt.models.draft import DraftHead, DraftSpec, draft_config_dict, read_draft_config
+from jetspec_trt.models.fused_layout import fused_tensors, split_fused
 from jetspec_trt.models.target import TargetModel
 
 SINGLE_FILE = "model.safetensors"
@@ -44,20 +46,63 @@ def weight_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint, with Hugging Face's `model.` prefix removed."""
+def stored_names(model_dir: Path) -> list[str]:
+    """Tensor names of a checkpoint, from the safetensors headers only."""
+    names = []
+    for f in weight_files(model_dir):
+        try:
+            with safe_open(str(f), framework="pt") as handle:
+                names.extend(handle.keys())
+        except (SafetensorError, OSError, ValueError) as err:
+            raise JetSpecError(f"{f}: corrupt or unreadable safetensors ({err})") from err
+    return names
+
+
+def read_raw_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint under their stored names, in either layout (see fused_layout)."""
     state: dict[str, torch.Tensor] = {}
     for f in weight_files(model_dir):
         try:
-            shard = load_file(str(f))
+            state.update(load_file(str(f)))
         except (SafetensorError, OSError, ValueError) as err:
             raise JetSpecError(f"{f}: corrupt or unreadable safetensors ({err})") from err
-        for name, tensor in shard.items():
-            state[name.removeprefix("model.")] = tensor
     return state
 
 
-def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: Path, dtype: torch.dtype) -> None:
+def read_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
+    """All tensors of a checkpoint, with Hugging Face's `model.` prefix removed (fused tensors stay fused)."""
+    return {name.removeprefix("model."): t for name, t in read_raw_state_dict(model_dir).items()}
+
+
+def hf_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
+    """The checkpoint under Hugging Face names and prefixes, whatever its layout: a fused engine checkpoint's
+    q/k/v and gate/up tensors come back as row views of the fused ones (no copy). For consumers that only know
+    the Hugging Face layout, e.g. load_hf_model below."""
+    cfg = DecoderConfig.from_hf(load_hf_config(model_dir))
+    return split_fused(read_raw_state_dict(model_dir), cfg)
+
+
+def load_hf_model(model_dir: Path, dtype: torch.dtype = torch.float32):
+    """transformers' own model (AutoModelForCausalLM) of a target checkpoint in either layout."""
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    config = load_hf_config(model_dir)
+    model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
+    return model_class.from_pretrained(None, config=config, state_dict=hf_state_dict(model_dir), dtype=dtype).eval()
+
+
+def _converted(state: dict[str, torch.Tensor], dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
+    """Cast and move each tensor once: a tensor stored under two names (a tied embedding) stays one tensor."""
+    done: dict[int, torch.Tensor] = {}
+    out = {}
+    for name, tensor in state.items():
+        if id(tensor) not in done:
+            done[id(tensor)] = tensor.to(device=device, dtype=dtype)
+        out[name] = done[id(tensor)]
+    return out
+
+
+def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
     expected = {k: v for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -73,14 +118,27 @@ def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: Path, d
             raise JetSpecError(
                 f"{source}: tensor {name} has shape {tuple(tensor.shape)}, config implies {tuple(expected[name].shape)}"
             )
-    model.load_state_dict({k: v.to(dtype) for k, v in state.items()}, assign=True)
+    model.load_state_dict(state, assign=True)
 
 
-def _materialise_rotary(model: nn.Module, inv_freq: torch.Tensor, device: torch.device | str) -> None:
-    model.rotary.inv_freq = inv_freq.float().to(device)
+def _load_weights(model: TargetModel | DraftHead, state: dict[str, torch.Tensor], cfg: DecoderConfig,
+                  source: Path, dtype: torch.dtype, device: str) -> None:
+    """Load a checkpoint in either layout onto `device`. Fused tensors are moved as they are and the layers'
+    q/k/v and gate/up weights become views of them: one copy in memory, nothing concatenated here."""
+    state = _converted(state, dtype, device)
+    try:
+        by_hf_name = split_fused(state, cfg)
+    except JetSpecError as err:
+        raise JetSpecError(f"{source}: {err}") from None
+    _load_into(model, by_hf_name, source)
+    for fused in fused_tensors(state):
+        getattr(model.layers[fused.layer], fused.group.module).set_fused(fused.weight, fused.bias)
 
 
-def load_target(model_dir: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> TargetModel:
+def load_target(model_dir: Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
+                fused_gemm: bool = False) -> TargetModel:
+    """The target on `device`. fused_gemm: compute q/k/v and gate/up with one GEMM each (the GPU engine); the
+    tensors are concatenated here only if the checkpoint is not fused already (engines built with --no-fuse)."""
     model_dir = Path(model_dir)
     hf = load_hf_config(model_dir)
     cfg = DecoderConfig.from_hf(hf)
@@ -91,25 +149,30 @@ def load_target(model_dir: Path, dtype: torch.dtype = torch.float32, device: str
         state["lm_head.weight"] = state.get("embed_tokens.weight", state.get("lm_head.weight"))
     with torch.device("meta"):
         model = TargetModel(cfg, inv_freq, scaling)
-    _load_into(model, state, model_dir, dtype)
+    _load_weights(model, state, cfg, model_dir, dtype, device)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight
-    _materialise_rotary(model, inv_freq, "cpu")
-    return model.to(device).eval()
+    model.rotary.inv_freq = inv_freq.float().to(device)
+    if fused_gemm:
+        model.fuse_weights()
+    return model.eval()
 
 
-def load_draft(model_dir: Path, dtype: torch.dtype = torch.float32, device: str = "cpu") -> DraftHead:
+def load_draft(model_dir: Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
+               fused_gemm: bool = False) -> DraftHead:
+    """The draft head on `device` (fused_gemm as for load_target)."""
     model_dir = Path(model_dir)
     _, spec = read_draft_config(model_dir)
     hf = load_hf_config(model_dir)
     cfg = DecoderConfig.from_hf(hf)
     inv_freq, scaling = rope_inverse_frequencies(hf, cfg.head_dim)
-    state = read_state_dict(model_dir)
     with torch.device("meta"):
         head = DraftHead(cfg, spec, inv_freq, scaling)
-    _load_into(head, state, model_dir, dtype)
-    _materialise_rotary(head, inv_freq, "cpu")
-    return head.to(device).eval()
+    _load_weights(head, read_state_dict(model_dir), cfg, model_dir, dtype, device)
+    head.rotary.inv_freq = inv_freq.float().to(device)
+    if fused_gemm:
+        head.fuse_weights()
+    return head.eval()
 
 
 def save_draft(head: DraftHead, out_dir: Path, rope_theta: float) -> None:

@@ -49,21 +49,42 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        # gate and up weights concatenated by rows (set by set_fused/fuse). A buffer, so .to() moves it too, but
+        # not persistent: state_dict() keeps the Hugging Face names, whose weights are views of this tensor.
+        self.register_buffer("gate_up_weight", None, persistent=False)
+        self.fused_gemm = False  # one GEMM over gate_up_weight instead of two (GPU engines)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_weight is not None:
+        if self.fused_gemm:
             gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
-    gate_up_weight: torch.Tensor | None = None
+    def set_fused(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """Take gate/up from one row-concatenated weight (built at engine build time): the two Linear weights
+        become views of it, so the model holds one copy."""
+        assert bias is None, "the MLP has no bias"
+        _share_rows(weight, None, (self.gate_proj, self.up_proj))
+        self.gate_up_weight = weight
 
     def fuse(self) -> None:
-        """One GEMM for gate and up. The separate weights become views of the fused one (no extra memory)."""
-        fused = torch.cat([self.gate_proj.weight.data, self.up_proj.weight.data])
-        rows = self.gate_proj.weight.shape[0]
-        self.gate_proj.weight.data, self.up_proj.weight.data = fused[:rows], fused[rows:]
-        self.gate_up_weight = fused
+        """Compute gate and up with one GEMM; concatenates the weights only if they are not fused already."""
+        if self.gate_up_weight is None:
+            self.gate_up_weight = torch.cat([self.gate_proj.weight.data, self.up_proj.weight.data])
+        self.set_fused(self.gate_up_weight)
+        self.fused_gemm = True
+
+
+def _share_rows(weight: torch.Tensor, bias: torch.Tensor | None, projections: tuple[nn.Linear, ...]) -> None:
+    """Point each Linear's weight (and bias) at its rows of the concatenated tensors."""
+    rows = [p.out_features for p in projections]
+    if weight.shape[0] != sum(rows):
+        raise ValueError(f"fused weight has {weight.shape[0]} rows, the projections need {sum(rows)}")
+    biases = bias.split(rows) if bias is not None else [None] * len(rows)
+    for p, w, b in zip(projections, weight.split(rows), biases):
+        p.weight = nn.Parameter(w, requires_grad=p.weight.requires_grad)
+        if b is not None:
+            p.bias = nn.Parameter(b, requires_grad=p.bias.requires_grad)
 
 
 class AttentionProjections(nn.Module):
@@ -93,23 +114,26 @@ class AttentionProjections(nn.Module):
             self.k_norm = RMSNorm(head_dim, eps)
         else:
             self.q_norm = self.k_norm = None
+        # q/k/v weights (and biases) concatenated by rows; see MLP for why these are non-persistent buffers.
+        self.register_buffer("qkv_weight", None, persistent=False)
+        self.register_buffer("qkv_bias", None, persistent=False)
+        self.fused_gemm = False  # one GEMM over qkv_weight instead of three (GPU engines)
 
-    # Set by fuse(): q/k/v weights (and biases) concatenated, so one GEMM serves all three.
-    qkv_weight: torch.Tensor | None = None
-    qkv_bias: torch.Tensor | None = None
+    def set_fused(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+        """Take q/k/v from one row-concatenated weight (and bias), as the engine stores them: the three Linear
+        weights become views of it, so the model holds one copy."""
+        _share_rows(weight, bias, (self.q_proj, self.k_proj, self.v_proj))
+        self.qkv_weight, self.qkv_bias = weight, bias
 
     def fuse(self) -> None:
-        """Concatenate q/k/v into one weight; the separate Linear weights become views of it (no extra memory)."""
+        """Compute q/k/v with one GEMM; concatenates the weights only if they are not fused already."""
         projections = (self.q_proj, self.k_proj, self.v_proj)
-        self.qkv_weight = torch.cat([p.weight.data for p in projections])
-        self.qkv_bias = torch.cat([p.bias.data for p in projections]) if self.q_proj.bias is not None else None
-        start = 0
-        for p in projections:
-            rows = p.weight.shape[0]
-            p.weight.data = self.qkv_weight[start : start + rows]
-            if p.bias is not None:
-                p.bias.data = self.qkv_bias[start : start + rows]
-            start += rows
+        if self.qkv_weight is None:
+            self.qkv_weight = torch.cat([p.weight.data for p in projections])
+            if self.q_proj.bias is not None:
+                self.qkv_bias = torch.cat([p.bias.data for p in projections])
+        self.set_fused(self.qkv_weight, self.qkv_bias)
+        self.fused_gemm = True
 
     def _finish_query(self, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         q = q.view(q.shape[0], self.num_heads, self.head_dim)
@@ -135,7 +159,7 @@ class AttentionProjections(nn.Module):
     def query_key_value(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if self.qkv_weight is None:
+        if not self.fused_gemm:
             return self.query(x, cos, sin), *self.key_value(x, cos, sin)
         q_rows, kv_rows = self.q_proj.weight.shape[0], self.k_proj.weight.shape[0]
         q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split([q_rows, kv_rows, kv_rows], dim=-1)

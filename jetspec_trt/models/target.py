@@ -63,7 +63,8 @@ class TargetModel(nn.Module):
         self.rotary = Rotary(inv_freq, attention_scaling)
 
     def fuse_weights(self) -> None:
-        """QKV and gate-up GEMM fusion (GPU engines): fewer, larger GEMMs per layer."""
+        """QKV and gate-up GEMM fusion (GPU engines): fewer, larger GEMMs per layer. A model loaded from a fused
+        engine already holds the fused tensors; this then only switches the forward to them."""
         fuse_layers(self.layers)
 
     def new_cache(self, max_tokens: int, page_size: int = 64, dtype: torch.dtype | None = None) -> PagedKVCache:

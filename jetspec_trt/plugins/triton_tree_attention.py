@@ -218,6 +218,37 @@ class LaunchConfig:
     splits: int  # key-range splits (flash-decoding); a power of two
 
 
+@dataclass(frozen=True)
+class LaunchKey:
+    """The shapes a launch config is chosen for. ctx_len is not one: it lives on the device, and a CUDA graph
+    replays one launch at every context length."""
+
+    tokens: int  # new tokens T (1 for a decode step, the tree size for verify, block_size for the draft)
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    page_size: int
+    dtype: str  # "bfloat16", "float16" or "float32"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# Launch configs tuned on this GPU for an engine's shapes (plugins/tuning_cache.py); other shapes use
+# default_launch. Process-wide like the op registration, and read when a call launches: graphed calls bake in
+# whatever was installed when they were captured.
+_TUNED: dict[LaunchKey, LaunchConfig] = {}
+
+
+def install_tuned_launches(launches: dict[LaunchKey, LaunchConfig]) -> None:
+    _TUNED.update(launches)
+
+
+def clear_tuned_launches() -> None:
+    _TUNED.clear()
+
+
 _SM_COUNT: dict[int, int] = {}
 
 
@@ -254,6 +285,16 @@ def default_launch(num_new: int, num_heads: int, num_kv_heads: int, head_dim: in
     return LaunchConfig(block_m, block_n, warps, stages, splits)
 
 
+def launch_for(num_new: int, num_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
+               dtype: torch.dtype = torch.bfloat16, sm_count: int | None = None) -> LaunchConfig:
+    """The tuned launch for these shapes if one is installed, else default_launch."""
+    if _TUNED:
+        tuned = _TUNED.get(LaunchKey(num_new, num_heads, num_kv_heads, head_dim, page_size, dtype_name(dtype)))
+        if tuned is not None:
+            return tuned
+    return default_launch(num_new, num_heads, num_kv_heads, head_dim, dtype, sm_count)
+
+
 def _supported(q, k_cache, tree_mask) -> bool:
     d = q.shape[-1]
     return (
@@ -278,7 +319,7 @@ def tree_attention_triton(q, k_cache, v_cache, block_table, ctx_len, tree_mask, 
     out = torch.empty_like(q)
     if num_new == 0:
         return out.to(out_dtype)
-    launch = launch or default_launch(num_new, num_heads, num_kv_heads, head_dim, q.dtype, _sm_count(q.device))
+    launch = launch or launch_for(num_new, num_heads, num_kv_heads, head_dim, page, q.dtype, _sm_count(q.device))
     assert launch.block_n % 32 == 0 and launch.splits & (launch.splits - 1) == 0, launch
     rows = num_new * group
     row_blocks = -(-rows // launch.block_m)

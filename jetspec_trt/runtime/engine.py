@@ -17,7 +17,8 @@ import torch
 from transformers import AutoTokenizer
 
 from jetspec_trt.errors import JetSpecError
-from jetspec_trt.models.checkpoint import load_draft, load_target, parse_dtype
+from jetspec_trt.models.checkpoint import load_draft, load_target, parse_dtype, stored_names
+from jetspec_trt.models.fused_layout import is_fused
 from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
 from jetspec_trt.runtime.decoder import DecodeStats, Decoder
 from jetspec_trt.runtime.graph_decoder import GraphDecoder
@@ -34,11 +35,15 @@ class GenerationResult:
 
 
 class Engine:
-    def __init__(self, decoder: Decoder, tokenizer, engine_dir: Path, fast: GraphDecoder | None = None):
+    def __init__(self, decoder: Decoder, tokenizer, engine_dir: Path, fast: GraphDecoder | None = None,
+                 summary: dict[str, str] | None = None):
         self.decoder = decoder
         self.fast = fast  # CUDA: graphed greedy rounds; sampling stays on the reference decoder
         self.tokenizer = tokenizer
         self.engine_dir = engine_dir
+        # How this engine runs here, one line per aspect: "weights" (fused at build, or at load) and
+        # "kernel_tuning" (tuned launches for this GPU, or default_launch and why).
+        self.summary = summary or {}
         self.last_stats: DecodeStats | None = None
 
     @property
@@ -55,15 +60,17 @@ class Engine:
         if device == "cpu" and torch_dtype != torch.float32 and dtype is None:
             # bf16 matmuls are slow and inexact on most CPUs; an engine built for the GPU still runs here.
             torch_dtype = torch.float32
-        target = load_target(engine_dir / "target", torch_dtype, device)
-        draft = load_draft(engine_dir / "draft", torch_dtype, device)
+        cuda = torch.device(device).type == "cuda"
+        # On the GPU q/k/v and gate/up run as one GEMM each, over the fused tensors the build stored. The CPU
+        # keeps the separate GEMMs (the reference path: bit-identical to the Hugging Face checkpoint's logits);
+        # their weights are views of the same fused tensors, so either way there is one copy in memory.
+        target = load_target(engine_dir / "target", torch_dtype, device, fused_gemm=cuda)
+        draft = load_draft(engine_dir / "draft", torch_dtype, device, fused_gemm=cuda)
         tokenizer = AutoTokenizer.from_pretrained(str(engine_dir / "target"), local_files_only=True)
-        fast = None
-        if torch.device(device).type == "cuda":
-            target.fuse_weights()
-            draft.fuse_weights()
-            fast = GraphDecoder(target, draft, runtime)
-        return cls(Decoder(target, draft, runtime), tokenizer, engine_dir, fast)
+        summary = {"weights": _weights_summary(engine_dir, cuda),
+                   "kernel_tuning": _use_kernel_tuning(engine_dir, device)}
+        fast = GraphDecoder(target, draft, runtime) if cuda else None
+        return cls(Decoder(target, draft, runtime), tokenizer, engine_dir, fast, summary)
 
     def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:
         if isinstance(prompt, list) or chat:
@@ -116,3 +123,25 @@ class Engine:
         full = self.tokenizer.decode(self.last_token_ids, skip_special_tokens=True)
         assert full.startswith("".join(pieces))
         return GenerationResult(full, self.last_token_ids, self.last_stats)
+
+
+def _weights_summary(engine_dir: Path, cuda: bool) -> str:
+    if is_fused(stored_names(engine_dir / "target")):
+        return "fused at build (qkv_proj, gate_up_proj)" + (": one GEMM each" if cuda else "; separate GEMMs on cpu")
+    return "Hugging Face layout" + ("; fused at load" if cuda else "")
+
+
+def _use_kernel_tuning(engine_dir: Path, device: str) -> str:
+    """Install the engine's tuned tree-attention launches for this GPU; returns what is used and why."""
+    if torch.device(device).type != "cuda":
+        return f"not used on {device} (reference attention)"
+    from jetspec_trt.plugins.tree_attention import load_gpu_kernels
+
+    if not load_gpu_kernels():
+        return "not used: no Triton kernel (reference attention on CUDA)"
+    from jetspec_trt.plugins.triton_tree_attention import install_tuned_launches
+    from jetspec_trt.plugins.tuning_cache import choose_launches
+
+    choice = choose_launches(engine_dir, torch.cuda.get_device_name(torch.device(device)))
+    install_tuned_launches(choice.launches)
+    return choice.summary

@@ -44,6 +44,8 @@ import click
 @click.option("--save-every", type=int, default=200, show_default=True, help="Checkpoint interval (steps).")
 @click.option("--max-time", "max_time_s", type=float, default=None,
               help="Stop with a checkpoint after this many seconds of training (continue with --resume).")
+@click.option("--time-budget", "time_budget_s", type=float, default=None,
+              help="Fit warmup + cosine schedule into this many seconds of training (--steps is then a cap).")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in OUTPUT/checkpoints.")
 @click.option("--overwrite", is_flag=True, help="Discard an earlier run's checkpoints and start over.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -51,7 +53,7 @@ import click
 def train_command(target_dir, output_dir, source, num_prompts, max_new_tokens, gen_temperature, gen_batch_size,
                   max_seq_len, steps, batch_size, lr, warmup_steps, weight_decay, grad_clip, block_size,
                   num_layers, target_layer_ids, mask_token_id, temperature, anchors_per_seq, heldout, warm_start,
-                  device, dtype, save_every, max_time_s, resume, overwrite, seed, quiet):
+                  device, dtype, save_every, max_time_s, time_budget_s, resume, overwrite, seed, quiet):
     """Train a draft head for TARGET on the target's own responses; write it in the published layout."""
     from jetspec_trt.train.data import DataConfig
     from jetspec_trt.train.trainer import TrainConfig, train
@@ -62,7 +64,7 @@ def train_command(target_dir, output_dir, source, num_prompts, max_new_tokens, g
         weight_decay=weight_decay, grad_clip=grad_clip, block_size=block_size, num_layers=num_layers,
         target_layer_ids=target_layer_ids, mask_token_id=mask_token_id, temperature=temperature,
         anchors_per_seq=anchors_per_seq, heldout=heldout, warm_start=warm_start, device=device, dtype=dtype,
-        save_every=save_every, resume=resume, overwrite=overwrite, max_time_s=max_time_s, seed=seed,
+        save_every=save_every, resume=resume, overwrite=overwrite, max_time_s=max_time_s, time_budget_s=time_budget_s, seed=seed,
         progress=not quiet,
     )
     result = train(cfg)

@@ -27,8 +27,6 @@ import torch.nn.functional as F
 
 from jetspec_trt.models.draft import DraftHead
 from jetspec_trt.models.target import TargetModel
-from jetspec_trt.plugins.tree_attention import causal_mask
-from jetspec_trt.runtime.kv_cache import PagedKVCache
 
 
 @dataclass
@@ -134,22 +132,6 @@ def depth_logits(head: DraftHead, target: TargetModel, batch: BlockBatch) -> tor
     """Per-depth logits [N, K, B-1, V] in float32 (tests and evaluation; training gathers valid rows first)."""
     hidden = block_hidden(head, target, batch)[:, :, 1:]
     return target.lm_head(hidden.to(target.lm_head.weight.dtype)).float()
-
-
-@dataclass
-class TeacherOutput:
-    logits: torch.Tensor  # [L, V] float32, next-token logits at every position
-    features: torch.Tensor  # [L, F] fused hidden states at the head's target layers
-
-
-@torch.no_grad()
-def teacher_pass(target: TargetModel, ids: torch.Tensor, capture: tuple[int, ...],
-                 cache: PagedKVCache) -> TeacherOutput:
-    """One causal forward of the frozen target over a whole sequence (the cache is scratch space)."""
-    cache.reset()
-    length = ids.shape[0]
-    out = target(ids, torch.arange(length, device=ids.device), cache, causal_mask(length, ids.device), capture)
-    return TeacherOutput(out.logits, out.features)
 
 
 def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -26,13 +26,17 @@ from jetspec_trt.models.config import DecoderConfig, load_hf_config
 from jetspec_trt.models.draft import DraftHead
 from jetspec_trt.models.target import TargetModel
 from jetspec_trt.train.data import DataConfig, TrainSequence, generate_responses, split_heldout
+from jetspec_trt.train.features import FeatureStore
 from jetspec_trt.train.head import (choose_mask_token, freeze, new_head, parse_layer_ids, rope_theta,
                                     warm_start_from_target)
-from jetspec_trt.train.objective import (BlockBatch, block_hidden, depth_valid, distill_loss, sample_anchors,
-                                         teacher_pass)
+from jetspec_trt.train.objective import BlockBatch, block_hidden, depth_valid, distill_loss, sample_anchors
 
 CHECKPOINT_DIR = "checkpoints"
 CARD = "training_card.json"
+# A time budget plans the step count at these steps, each time from the pace since the step half-way there:
+# the first steps carry one-off costs (allocator growth, kernel caches), so an early plan errs short and the
+# later one corrects it (on an H200 the pace over steps 10-20 was 1.5x slower than the run's average).
+PLAN_AT_STEPS = (20, 200)
 EVAL_SEED = 12345  # the held-out anchors are the same before and after training, and across runs
 BETAS = (0.9, 0.95)
 
@@ -64,6 +68,9 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     max_time_s: float | None = None  # stop (with a checkpoint) after this much training time; resume later
+    # Fit the whole schedule (warmup + cosine to 0) into this much training time: at PLAN_AT_STEPS
+    # steps, the run's step count becomes what fits (at most `steps`). For fixed-size GPU leases.
+    time_budget_s: float | None = None
     seed: int = 0
     progress: bool = True
 
@@ -75,6 +82,8 @@ class TrainConfig:
             (self.temperature > 0, f"--temperature must be > 0, got {self.temperature}"),
             (self.anchors_per_seq >= 1, f"--anchors-per-seq must be >= 1, got {self.anchors_per_seq}"),
             (self.save_every >= 1, f"--save-every must be >= 1, got {self.save_every}"),
+            (self.time_budget_s is None or self.time_budget_s > 0,
+             f"--time-budget must be > 0 seconds, got {self.time_budget_s}"),
             (self.data.max_new_tokens >= 2, f"--max-new-tokens must be >= 2, got {self.data.max_new_tokens}"),
             (self.data.gen_temperature >= 0, f"--gen-temperature must be >= 0, got {self.data.gen_temperature}"),
             (self.data.gen_batch_size >= 1, f"--gen-batch-size must be >= 1, got {self.data.gen_batch_size}"),
@@ -84,8 +93,9 @@ class TrainConfig:
             if not ok:
                 raise JetSpecError(message)
 
-    def warmup(self) -> int:
-        return self.warmup_steps if self.warmup_steps is not None else max(1, round(0.04 * self.steps))
+    def warmup(self, total_steps: int | None = None) -> int:
+        total = self.steps if total_steps is None else total_steps
+        return self.warmup_steps if self.warmup_steps is not None else max(1, round(0.04 * total))
 
 
 @dataclass
@@ -151,17 +161,19 @@ class Trainer:
         self.head = head
         self.train_seqs = train_seqs
         self.heldout = heldout
+        # One store over both: training rows are 0..len(train)-1, held-out rows follow.
+        self.sequences = train_seqs + heldout
+        self.heldout_rows = list(range(len(train_seqs), len(self.sequences)))
         self.generator = generator
         self.device = device
         self.capture = head.spec.target_layer_ids
-        longest = max(len(s) for s in train_seqs + heldout)
-        self.cache = target.new_cache(longest, page_size=64)  # scratch KV for the teacher passes
+        self.store = FeatureStore.build(target, self.sequences, self.capture, cfg.progress)
         self.autocast = device.startswith("cuda") and target.embed_tokens.weight.dtype != torch.float32
         self.optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, betas=BETAS,
                                            weight_decay=cfg.weight_decay)
-        warmup = cfg.warmup()
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer,
-                                                           lambda s: lr_factor(s, warmup, cfg.steps))
+        self.total_steps = cfg.steps  # lowered by plan_steps() under a time budget
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: lr_factor(s, cfg.warmup(self.total_steps), self.total_steps))
         self.step = 0
         self.losses: list[float] = []
         self.order: list[int] = []  # the epoch's shuffled sequence indices, consumed from the front
@@ -182,34 +194,30 @@ class Trainer:
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast)
 
-    def teacher_batch(self, seqs: list[TrainSequence], anchors_per_seq: int, generator: torch.Generator
+    def teacher_batch(self, rows: list[int], anchors_per_seq: int, generator: torch.Generator
                       ) -> tuple[BlockBatch, torch.Tensor, torch.Tensor]:
-        """Run the frozen target over each sequence; returns the block batch, the valid-depth mask and the
+        """The block batch of sequences `rows` (indices into self.sequences), the valid-depth mask and the
         teacher logits of the valid (sequence, anchor, depth) rows in boolean-mask order."""
         block = self.head.spec.block_size
+        seqs = [self.sequences[r] for r in rows]
         anchors = [sample_anchors(len(s.prompt_ids), len(s), anchors_per_seq, generator) for s in seqs]
-        n, k, width = len(seqs), max(1, max(len(a) for a in anchors)), max(len(s) for s in seqs)
+        n, k = len(seqs), max(1, max(len(a) for a in anchors))
         anchor_t = torch.zeros(n, k, dtype=torch.long)
         anchor_valid = torch.zeros(n, k, dtype=torch.bool)
-        for row, picks in enumerate(anchors):
+        anchor_tokens = torch.zeros(n, k, dtype=torch.long)
+        for row, (picks, s) in enumerate(zip(anchors, seqs)):
             anchor_t[row, : len(picks)] = torch.tensor(picks, dtype=torch.long)
             anchor_valid[row, : len(picks)] = True
-        ids = torch.zeros(n, width, dtype=torch.long)
-        for row, s in enumerate(seqs):
-            ids[row, : len(s)] = torch.tensor(s.ids)
+            anchor_tokens[row, : len(picks)] = torch.tensor([s.ids[a] for a in picks], dtype=torch.long)
         lengths = torch.tensor([len(s) for s in seqs], device=self.device)
         anchor_t, anchor_valid = anchor_t.to(self.device), anchor_valid.to(self.device)
         valid = depth_valid(anchor_t, anchor_valid, lengths, block)
         teacher_pos = anchor_t[:, :, None] + torch.arange(block - 1, device=self.device)
-        features, teacher_rows = None, []
-        for row, s in enumerate(seqs):
-            out = teacher_pass(self.target, ids[row, : len(s)].to(self.device), self.capture, self.cache)
-            if features is None:
-                features = out.features.new_zeros(n, width, out.features.shape[-1])
-            features[row, : len(s)] = out.features
-            teacher_rows.append(out.logits[teacher_pos[row][valid[row]]])
-        batch = BlockBatch(features, lengths, anchor_t, ids.to(self.device).gather(1, anchor_t), anchor_valid)
-        return batch, valid, torch.cat(teacher_rows)
+        batch = BlockBatch(self.store.padded_features(rows), lengths, anchor_t, anchor_tokens.to(self.device),
+                           anchor_valid)
+        with torch.no_grad():
+            teacher = self.store.teacher_logits(self.target.lm_head, rows, teacher_pos, valid)
+        return batch, valid, teacher
 
     def student_logits(self, batch: BlockBatch, valid: torch.Tensor) -> torch.Tensor:
         hidden = block_hidden(self.head, self.target, batch)[:, :, 1:][valid]
@@ -219,8 +227,7 @@ class Trainer:
     # -- one optimisation step
 
     def train_step(self) -> float:
-        seqs = [self.train_seqs[i] for i in self.next_indices()]
-        batch, valid, teacher = self.teacher_batch(seqs, self.cfg.anchors_per_seq, self.generator)
+        batch, valid, teacher = self.teacher_batch(self.next_indices(), self.cfg.anchors_per_seq, self.generator)
         with self._autocast():
             loss = distill_loss(self.student_logits(batch, valid), teacher, self.cfg.temperature)
         loss.backward()
@@ -246,8 +253,8 @@ class Trainer:
         agree = torch.zeros(block - 1, dtype=torch.float64)
         total = torch.zeros(block - 1, dtype=torch.float64)
         chain, anchors, kl_sum, rows = 0.0, 0, 0.0, 0
-        for seq in self.heldout:
-            batch, valid, teacher = self.teacher_batch([seq], self.cfg.eval_anchors, generator)
+        for row in self.heldout_rows:
+            batch, valid, teacher = self.teacher_batch([row], self.cfg.eval_anchors, generator)
             if not bool(valid.any()):
                 continue
             with self._autocast():
@@ -277,6 +284,7 @@ class Trainer:
     def payload(self) -> dict:
         return {
             "step": self.step,
+            "total_steps": self.total_steps,
             "head": self.head.state_dict(),
             "head_spec": head_identity(self.head),
             "optimizer": self.optimizer.state_dict(),
@@ -300,6 +308,7 @@ class Trainer:
         self.generator.set_state(payload["generator"])
         torch.set_rng_state(payload["torch_rng"])
         self.step = int(payload["step"])
+        self.total_steps = int(payload.get("total_steps", self.cfg.steps))
         self.order = list(payload["order"])
         self.losses = list(payload["losses"])
         self.elapsed_s = float(payload["elapsed_s"])
@@ -370,27 +379,43 @@ def train(cfg: TrainConfig) -> TrainResult:
 
 
 def run_loop(trainer: Trainer, ckpt_dir: Path) -> bool:
-    """Train until cfg.steps; False when max_time_s stopped it first (a checkpoint is written either way)."""
+    """Train until the planned step count; False when max_time_s stopped it first (a checkpoint is written
+    either way)."""
     cfg = trainer.cfg
-    bar = tqdm(total=cfg.steps, initial=trainer.step, desc="training draft head", unit="step",
+    bar = tqdm(total=trainer.total_steps, initial=trainer.step, desc="training draft head", unit="step",
                disable=not cfg.progress)
     started = time.perf_counter()
     base = trainer.elapsed_s
     smoothed = None
-    while trainer.step < cfg.steps:
+    pace_mark = None  # set in this process only: a resumed run plans from its own pace
+    while trainer.step < trainer.total_steps:
         loss = trainer.train_step()
         smoothed = loss if smoothed is None else 0.9 * smoothed + 0.1 * loss
         trainer.elapsed_s = base + time.perf_counter() - started
+        if any(trainer.step == at // 2 for at in PLAN_AT_STEPS):
+            pace_mark = trainer.elapsed_s
+        if (cfg.time_budget_s is not None and pace_mark is not None and trainer.step in PLAN_AT_STEPS
+                and trainer.step < trainer.total_steps):
+            pace = (trainer.elapsed_s - pace_mark) / (trainer.step - trainer.step // 2)
+            trainer.total_steps = planned_steps(cfg, trainer.step, trainer.elapsed_s, pace)
+            bar.total = trainer.total_steps
         bar.update(1)
         bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{trainer.scheduler.get_last_lr()[0]:.2e}")
         out_of_time = cfg.max_time_s is not None and time.perf_counter() - started >= cfg.max_time_s
-        if trainer.step % cfg.save_every == 0 or trainer.step == cfg.steps or out_of_time:
+        if trainer.step % cfg.save_every == 0 or trainer.step == trainer.total_steps or out_of_time:
             save_checkpoint(ckpt_dir, trainer.payload(), cfg.keep_checkpoints)
-        if out_of_time and trainer.step < cfg.steps:
+        if out_of_time and trainer.step < trainer.total_steps:
             bar.close()
             return False
     bar.close()
     return True
+
+
+def planned_steps(cfg: TrainConfig, step: int, elapsed_s: float, s_per_step: float) -> int:
+    """The step count that ends the run at cfg.time_budget_s at the measured pace, clamped to [step, cfg.steps].
+    Evaluation and saving after the last step are not part of the budget."""
+    remaining = max(0.0, cfg.time_budget_s - elapsed_s)
+    return max(step, min(cfg.steps, step + int(remaining / max(s_per_step, 1e-9))))
 
 
 def data_summary(cfg: TrainConfig, sequences, train_seqs, heldout, cache_path: Path, mask_token_id: int,
@@ -447,7 +472,8 @@ def write_outputs(trainer: Trainer, out: Path, tokenizer, tcfg: DecoderConfig, d
                       "temperature": cfg.temperature, "anchors_per_seq": cfg.anchors_per_seq,
                       "depths": spec.block_size - 1},
         "training": {
-            "steps": trainer.step, "batch_size": cfg.batch_size, "lr": cfg.lr, "warmup_steps": cfg.warmup(),
+            "steps": trainer.step, "batch_size": cfg.batch_size, "lr": cfg.lr,
+            "warmup_steps": cfg.warmup(trainer.total_steps), "time_budget_s": cfg.time_budget_s,
             "schedule": "linear warmup, cosine to 0", "optimizer": f"AdamW betas={list(BETAS)}",
             "weight_decay": cfg.weight_decay, "grad_clip": cfg.grad_clip, "seed": cfg.seed,
             "device": trainer.device, "device_name": device_name(trainer.device),

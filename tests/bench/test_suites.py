@@ -22,4 +22,9 @@ def test_suite_bench_tiny(tmp_path):
     assert s["hf"]["tok_s"] > 0 and s["ar"]["tok_s"] > 0
     assert s["spec"]["b8_t0"]["tau"] >= 1.0 and "speedup_vs_hf" in s["spec"]["b8_t0"]
     # fp32 on CPU: greedy speculative output equals AR output
-    assert s["lossless"]["identical"] == s["lossless"]["greedy_runs"] == 4
+    assert s["lossless"]["identical"] == s["lossless"]["greedy_runs"] == 4 and s["lossless"]["diverged"] == 0
+    for entry in s["prompts"]:
+        assert entry["spec"]["b8_t0"]["identical"] is True and "diagnosis" not in entry["spec"]["b8_t0"]
+        assert "identical" not in entry["spec"]["b8_t1"]  # sampled runs are not compared with AR
+    assert "lossless" in s["spec"]["b32_t0"] and "lossless" not in s["spec"]["b32_t1"]
+    assert path.name == "suites-cpu-test.json" and res["device"] == "cpu" and res["dtype"] == "float32"

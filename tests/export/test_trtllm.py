@@ -12,12 +12,15 @@ from pathlib import Path
 
 import pytest
 import yaml
+import torch
 from safetensors import safe_open
-from transformers import AutoConfig, AutoTokenizer
+from safetensors.torch import load_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from jetspec_trt.cli import main
 from jetspec_trt.errors import JetSpecError
 from jetspec_trt.export.trtllm import TrtllmExportConfig, export_trtllm
+from jetspec_trt.models.checkpoint import hf_state_dict
 from jetspec_trt.quickstart import make_tiny_engine
 from jetspec_trt.runtime.config import RuntimeConfig
 
@@ -119,8 +122,16 @@ def test_target_is_a_hugging_face_directory(exported, engine_dir):
     assert config.model_type == "qwen3"
     tokenizer = AutoTokenizer.from_pretrained(str(exported / "target"), local_files_only=True)
     assert tokenizer.encode("hello", add_special_tokens=False)
-    assert (exported / "target" / "model.safetensors").read_bytes() == \
-        (engine_dir / "target" / "model.safetensors").read_bytes()
+    # The engine stores q/k/v and gate/up fused; TensorRT-LLM gets them split under the Hugging Face names.
+    exported_state = load_file(str(exported / "target" / "model.safetensors"))
+    expected = hf_state_dict(engine_dir / "target")
+    assert exported_state.keys() == expected.keys()
+    assert any(n.endswith("layers.0.self_attn.q_proj.weight") for n in exported_state)
+    assert not any("qkv_proj" in n or "gate_up_proj" in n for n in exported_state)
+    assert all(torch.equal(exported_state[n], expected[n]) for n in expected)
+    model, info = AutoModelForCausalLM.from_pretrained(exported / "target", local_files_only=True,
+                                                       output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
 
 
 def test_draft_is_in_the_published_dflash_format(exported, engine_dir):
@@ -131,7 +142,8 @@ def test_draft_is_in_the_published_dflash_format(exported, engine_dir):
         names = set(handle.keys())
     assert {"fc.weight", "hidden_norm.weight", "norm.weight"} <= names
     assert not any(n.startswith("model.") or "embed_tokens" in n or "lm_head" in n for n in names)
-    assert any(n.startswith("layers.0.self_attn.") for n in names)
+    assert {"layers.0.self_attn.q_proj.weight", "layers.0.mlp.gate_proj.weight"} <= names
+    assert not any("qkv_proj" in n or "gate_up_proj" in n for n in names)
 
 
 def test_manifest(exported):

@@ -23,8 +23,10 @@ from jetspec_trt.runtime.decoder import Decoder
 from jetspec_trt.runtime.engine import Engine
 from jetspec_trt.train import data as train_data
 from jetspec_trt.train.data import DataConfig, generate_responses
-from jetspec_trt.train.objective import BlockBatch, depth_logits, teacher_pass
-from jetspec_trt.train.trainer import TrainConfig, checkpoint_files, train
+from jetspec_trt.train.data import TrainSequence
+from jetspec_trt.train.features import FeatureStore
+from jetspec_trt.train.objective import BlockBatch, depth_logits
+from jetspec_trt.train.trainer import TrainConfig, checkpoint_files, planned_steps, train
 from tests.helpers import tiny_runtime
 from tests.helpers import invoke_cli
 
@@ -93,11 +95,11 @@ def test_training_forward_matches_inference(tiny, trained, which):
     # several anchors per sequence (cross-block leaks would show), one padding anchor, sequences of two lengths
     anchors = torch.tensor([[1, 9, 24, 48], [5, 20, 35, 0]])
     valid = torch.tensor([[True] * 4, [True, True, True, False]])
-    cache = target.new_cache(64, 16)
-    outs = [teacher_pass(target, s, draft.spec.target_layer_ids, cache) for s in seqs]
-    features = torch.zeros(2, 50, outs[0].features.shape[-1])
-    for row, out in enumerate(outs):
-        features[row, : out.features.shape[0]] = out.features
+    # the features come from the training data path (FeatureStore), as in the trainer
+    store = FeatureStore.build(target, [TrainSequence(s[:1].tolist(), s[1:].tolist()) for s in seqs],
+                               draft.spec.target_layer_ids, progress=False)
+    features = store.padded_features([0, 1])
+    assert features.shape[:2] == (2, 50) and not features[1, 37:].any()
     tokens = torch.stack([torch.cat([s, s.new_zeros(50 - len(s))]) for s in seqs])
     batch = BlockBatch(features, torch.tensor([50, 37]), anchors, tokens.gather(1, anchors), valid)
     with torch.no_grad():
@@ -211,3 +213,38 @@ def test_bad_prompt_file(tiny, tmp_path, capsys):
     args[args.index("--data") + 1] = str(bad)
     code, _, err = invoke(args, capsys)
     assert code == 2 and 'bad.jsonl:1: expected {"messages": [...]} or {"prompt": "..."}' in err
+
+
+# ------------------------------------------------------------------------------------------ feature store, budget
+
+
+def test_feature_store_teacher_logits_equal_a_full_target_pass(tiny):
+    target = load_target(tiny / "target")
+    gen = torch.Generator().manual_seed(2)
+    seqs = [torch.randint(0, 256, (n,), generator=gen) for n in (23, 40, 9)]
+    store = FeatureStore.build(target, [TrainSequence(s[:2].tolist(), s[2:].tolist()) for s in seqs], (0, 2),
+                               progress=False)
+    positions = torch.tensor([[[0, 5, 39]], [[22, 1, 17]]])  # [N=2, K=1, D=3] of sequences 1 and 0
+    valid = torch.ones_like(positions, dtype=torch.bool)
+    got = store.teacher_logits(target.lm_head, [1, 0], positions, valid)
+    for row, seq in ((0, seqs[1]), (1, seqs[0])):
+        cache = target.new_cache(64, 16)
+        with torch.no_grad():
+            full = target(seq, torch.arange(len(seq)), cache, causal_mask(len(seq)), (0, 2))
+        assert torch.allclose(got[row * 3:(row + 1) * 3], full.logits[positions[row, 0]], atol=1e-5)
+        assert torch.allclose(store.padded_features([1, 0])[row, : len(seq)], full.features, atol=1e-6)
+
+
+def test_time_budget_plans_the_schedule():
+    cfg = TrainConfig("t", "o", steps=10_000, time_budget_s=100.0)
+    assert planned_steps(cfg, step=20, elapsed_s=10.0, s_per_step=0.5) == 20 + 180
+    assert planned_steps(cfg, step=20, elapsed_s=200.0, s_per_step=0.5) == 20  # already over: stop now
+    assert planned_steps(cfg, step=20, elapsed_s=0.0, s_per_step=1e-6) == 10_000  # capped by --steps
+
+
+def test_time_budget_run_finishes_with_a_head(tiny, tmp_path, capsys):
+    out = tmp_path / "head"
+    code, _, err = invoke(train_args(tiny, out, "--steps", "100000", "--time-budget", "3"), capsys)
+    assert code == 0, err
+    card = json.loads((out / "training_card.json").read_text())
+    assert 20 <= card["training"]["steps"] < 100000 and card["training"]["time_budget_s"] == 3.0

@@ -1,0 +1,78 @@
+"""The frozen target's outputs for every training sequence, computed once and kept on the device.
+
+The target never changes during training, so running it again every step (as a naive loop does) only burns
+time: one pass per sequence up front gives each token's fused context features (the head's input) and its
+final normed hidden state, from which `lm_head` recomputes the teacher's logits for just the rows a step needs.
+Storing logits instead would cost vocab/hidden (170x for Qwen) more memory.
+
+A step then gathers its sequences' rows into a padded batch with one index_select.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tqdm import tqdm
+
+from jetspec_trt.models.target import TargetModel
+from jetspec_trt.plugins.tree_attention import causal_mask
+from jetspec_trt.train.data import TrainSequence
+
+
+@dataclass
+class FeatureStore:
+    features: torch.Tensor  # [total_tokens, n_ids * H]: the head's context features
+    final_hidden: torch.Tensor  # [total_tokens, H]: target.norm(last layer) -> lm_head gives the teacher
+    offsets: torch.Tensor  # [num_sequences] long, first row of each sequence (on the store's device)
+    lengths: torch.Tensor  # [num_sequences] long
+
+    @classmethod
+    @torch.no_grad()
+    def build(cls, target: TargetModel, sequences: list[TrainSequence], capture: tuple[int, ...],
+              progress: bool = True) -> "FeatureStore":
+        """One causal target pass per sequence; the last layer is captured too (after the final norm)."""
+        device = target.embed_tokens.weight.device
+        dtype = target.embed_tokens.weight.dtype
+        last = len(target.layers) - 1
+        layers = tuple(capture) + ((last,) if last not in capture else ())
+        width = len(capture) * target.config.hidden_size
+        lengths = [len(s) for s in sequences]
+        total = sum(lengths)
+        features = torch.empty(total, width, dtype=dtype, device=device)
+        final_hidden = torch.empty(total, target.config.hidden_size, dtype=dtype, device=device)
+        cache = target.new_cache(max(lengths), page_size=64)
+        row = 0
+        for seq in tqdm(sequences, desc="target features", unit="seq", disable=not progress):
+            cache.reset()
+            ids = torch.tensor(seq.ids, device=device)
+            n = ids.shape[0]
+            out = target(ids, torch.arange(n, device=device), cache, causal_mask(n, device), layers)
+            captured = out.features
+            # The last layer's entry is the final normed hidden state (see TargetModel.forward).
+            last_at = layers.index(last) * target.config.hidden_size
+            final_hidden[row : row + n] = captured[:, last_at : last_at + target.config.hidden_size]
+            features[row : row + n] = captured[:, :width] if last not in capture else captured
+            row += n
+        offsets = torch.tensor([0] + lengths[:-1], device=device).cumsum(0)
+        return cls(features, final_hidden, offsets, torch.tensor(lengths, device=device))
+
+    def padded_features(self, rows: list[int]) -> torch.Tensor:
+        """[len(rows), max length, F]: the sequences' features, zero past each one's end."""
+        index, valid = self._index(rows)
+        return self.features[index] * valid[..., None].to(self.features.dtype)
+
+    def teacher_logits(self, lm_head: torch.nn.Linear, rows: list[int], positions: torch.Tensor,
+                       valid: torch.Tensor) -> torch.Tensor:
+        """Float32 logits of the target at `positions` [N, K, D] of sequences `rows`, for valid entries only
+        (boolean-mask order)."""
+        picked = (self.offsets[rows][:, None, None] + positions)[valid]
+        return lm_head(self.final_hidden[picked]).float()
+
+    def _index(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        lengths = self.lengths[rows]
+        width = int(lengths.max())
+        steps = torch.arange(width, device=self.offsets.device)
+        valid = steps[None, :] < lengths[:, None]
+        index = self.offsets[rows][:, None] + torch.minimum(steps[None, :], lengths[:, None] - 1)
+        return index, valid
