@@ -42,6 +42,7 @@ class BenchConfig:
     agreement_tokens: int = 64
     reps: int = 30
     compile_layers: bool = True  # torch.compile the decoder layers (fuses norms, RoPE, activations)
+    compare_gemv: bool = True  # also time the AR step with plugins.gemv for the single-token GEMMs
     output_dir: Path = Path("bench/results")
     tag: str = ""
 
@@ -104,6 +105,49 @@ class EngineBench:
         token, step = self.decoder.ar_step()
         token.fill_(11)
         return _events_ms(step, self.cfg.reps, self._at_context(context))
+
+    def ar_breakdown(self, context: int) -> dict:
+        """Where the AR step's time goes: the weight bytes it must stream, the device's measured streaming rates
+        (a plain read and a copy), the GEMMs alone (the step's GEMM sequence at M=1 in one graph, cuBLAS and
+        plugins.gemv), and the rest of the step (norms, RoPE, KV write, attention, residuals, argmax)."""
+        from jetspec_trt.plugins.gemv import gemv
+
+        weights = []  # [N, K] matrices the step reads, in order, as the model calls them
+        for layer in self.target.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            weights += [attn.qkv_weight, attn.o_proj.weight, mlp.gate_up_weight, mlp.down_proj.weight]
+        weights.append(self.target.lm_head.weight)
+        weight_bytes = sum(w.numel() * w.element_size() for w in weights)
+        dtype, device = weights[0].dtype, weights[0].device
+        inputs = {k: torch.randn(1, k, dtype=dtype, device=device) for k in {w.shape[1] for w in weights}}
+
+        def graphed(fn):
+            for _ in range(3):  # warm-up (and the GEMV autotune) outside the capture
+                fn()
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn()
+            return graph.replay
+
+        cublas = graphed(lambda: [torch.nn.functional.linear(inputs[w.shape[1]], w) for w in weights])
+        triton_gemv = graphed(lambda: [gemv(inputs[w.shape[1]], w, None) for w in weights])
+        big = torch.empty(4 * 2**30 // 2, dtype=torch.bfloat16, device=device).normal_()
+        out = torch.empty_like(big)
+        read_ms = _events_ms(lambda: big.sum(dtype=torch.float32), self.cfg.reps)
+        copy_ms = _events_ms(lambda: out.copy_(big), self.cfg.reps)
+        read_gbs = big.numel() * 2 / read_ms / 1e6
+        copy_gbs = 2 * big.numel() * 2 / copy_ms / 1e6  # bytes read + written
+        del big, out
+        step = self.ar_step_ms(context)
+        gemm_ms = _events_ms(cublas, self.cfg.reps)
+        gemv_ms = _events_ms(triton_gemv, self.cfg.reps)
+        floor_ms = weight_bytes / max(read_gbs, copy_gbs) / 1e6
+        return {"context": context, "weight_bytes": weight_bytes, "read_GBps": read_gbs, "copy_GBps": copy_gbs,
+                "floor_ms": floor_ms, "step_ms": step,
+                "gemms_cublas_ms": gemm_ms, "gemms_cublas_GBps": weight_bytes / gemm_ms / 1e6,
+                "gemms_gemv_ms": gemv_ms, "gemms_gemv_GBps": weight_bytes / gemv_ms / 1e6,
+                "rest_of_step_ms": step - gemm_ms}
 
     def round_split_ms(self, budget: int, context: int) -> dict[str, float]:
         tree = TreeConfig(budget, self.cfg.topk, self.cfg.max_depth)
@@ -196,6 +240,7 @@ def run_bench(cfg: BenchConfig, command: list[str] | None = None) -> Path:
         "model": f"{cfg.random_target} (random weights)", "ar_step": [], "rounds": [],
         "attention": "triton" if bench.decoder.triton_kernels else "torch reference (whole-cache, no Triton kernel)",
     }
+    report["ar_breakdown"] = bench.ar_breakdown(2048 if 2048 in cfg.contexts else cfg.contexts[0])
     for context in cfg.contexts:
         step = bench.ar_step_ms(context)
         report["ar_step"].append({"context": context, "step_ms": step, "tok_s": 1000 / step})
@@ -209,6 +254,12 @@ def run_bench(cfg: BenchConfig, command: list[str] | None = None) -> Path:
             progress.update()
     report["ar_generate"] = bench.ar_generate_tok_s()
     progress.update()
+    if cfg.compare_gemv:  # the same AR step with the single-token GEMMs on plugins.gemv instead of cuBLAS
+        bench.decoder.set_decode_gemv(True)
+        report["ar_step_gemv"] = [{"context": c, "step_ms": (ms := bench.ar_step_ms(c)), "tok_s": 1000 / ms}
+                                  for c in cfg.contexts]
+        report["ar_generate_gemv"] = bench.ar_generate_tok_s()
+        bench.decoder.set_decode_gemv(False)
     report["agreement"] = bench.agreement()
     progress.update()
     if cfg.hf_generate:

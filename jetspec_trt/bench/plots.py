@@ -36,6 +36,9 @@ def plot_engine_bench(report: dict, path: Path) -> None:
         ax.plot(budgets, [next(r for r in report["rounds"] if r["budget"] == b and r["context"] == context)
                           ["projected_tok_s"][tau] for b in budgets], "o-", label=f"projected, tau {tau}")
     ax.axhline(1000 / steps[context], color="gray", ls="--", label="AR")
+    gemv = {a["context"]: a["step_ms"] for a in report.get("ar_step_gemv", [])}
+    if context in gemv:
+        ax.axhline(1000 / gemv[context], color="teal", ls="--", label="AR, GEMV kernel")
     if "hf_generate" in report:
         ax.axhline(report["hf_generate"]["tok_s"], color="purple", ls=":", label="HF generate")
     ax.set(title=f"tokens/s at context {context}", xlabel="tree budget (nodes)", ylabel="tok/s", xscale="log")

@@ -6,6 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from jetspec_trt.plugins.gemv import linear
+
 
 class RMSNorm(nn.Module):
     """Qwen/Llama RMSNorm: normalise in float32, cast back, then scale (the order matters for bf16 parity)."""
@@ -53,11 +55,12 @@ class MLP(nn.Module):
         # not persistent: state_dict() keeps the Hugging Face names, whose weights are views of this tensor.
         self.register_buffer("gate_up_weight", None, persistent=False)
         self.fused_gemm = False  # one GEMM over gate_up_weight instead of two (GPU engines)
+        self.decode_gemv = False  # single-token GEMMs through plugins.gemv (see TargetModel.set_decode_gemv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_gemm:
-            gate, up = F.linear(x, self.gate_up_weight).chunk(2, dim=-1)
-            return self.down_proj(F.silu(gate) * up)
+            gate, up = linear(x, self.gate_up_weight, None, self.decode_gemv).chunk(2, dim=-1)
+            return linear(F.silu(gate) * up, self.down_proj.weight, None, self.decode_gemv)
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
     def set_fused(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
@@ -118,6 +121,7 @@ class AttentionProjections(nn.Module):
         self.register_buffer("qkv_weight", None, persistent=False)
         self.register_buffer("qkv_bias", None, persistent=False)
         self.fused_gemm = False  # one GEMM over qkv_weight instead of three (GPU engines)
+        self.decode_gemv = False  # single-token GEMMs through plugins.gemv (see TargetModel.set_decode_gemv)
 
     def set_fused(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
         """Take q/k/v from one row-concatenated weight (and bias), as the engine stores them: the three Linear
@@ -148,6 +152,10 @@ class AttentionProjections(nn.Module):
             k = self.k_norm(k)
         return apply_rotary(k, cos, sin), v
 
+    def output(self, o: torch.Tensor) -> torch.Tensor:
+        """o_proj over the attention output [T, Hq*D]."""
+        return linear(o, self.o_proj.weight, None, self.decode_gemv)
+
     def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return self._finish_query(self.q_proj(x), cos, sin)
 
@@ -162,5 +170,6 @@ class AttentionProjections(nn.Module):
         if not self.fused_gemm:
             return self.query(x, cos, sin), *self.key_value(x, cos, sin)
         q_rows, kv_rows = self.q_proj.weight.shape[0], self.k_proj.weight.shape[0]
-        q, k, v = F.linear(x, self.qkv_weight, self.qkv_bias).split([q_rows, kv_rows, kv_rows], dim=-1)
+        q, k, v = linear(x, self.qkv_weight, self.qkv_bias, self.decode_gemv).split([q_rows, kv_rows, kv_rows],
+                                                                                    dim=-1)
         return self._finish_query(q, cos, sin), *self._finish_key_value(k, v, cos, sin)

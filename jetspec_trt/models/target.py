@@ -15,6 +15,7 @@ from torch import nn
 
 from jetspec_trt.models.config import DecoderConfig
 from jetspec_trt.models.layers import MLP, AttentionProjections, RMSNorm, Rotary
+from jetspec_trt.plugins.gemv import linear
 from jetspec_trt.plugins.tree_attention import tree_attention
 from jetspec_trt.runtime.kv_cache import KVCacheSpec, PagedKVCache, write_kv
 
@@ -46,7 +47,7 @@ class DecoderLayer(nn.Module):
         q, k, v = attn.query_key_value(h, cos, sin)
         write_kv(k_cache, v_cache, slots, k, v)
         o = tree_attention(q, k_cache, v_cache, block_table, ctx_len, tree_mask, attn.scale)
-        x = x + attn.o_proj(o.flatten(1))
+        x = x + attn.output(o.flatten(1))
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -61,6 +62,15 @@ class TargetModel(nn.Module):
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = Rotary(inv_freq, attention_scaling)
+        self.decode_gemv = False
+
+    def set_decode_gemv(self, enabled: bool) -> None:
+        """Route single-token GEMMs (the AR step: fused QKV, o_proj, gate-up, down, lm_head) through the
+        weight-streaming GEMV op (plugins.gemv) instead of cuBLAS. Multi-token forwards (prefill, tree verify)
+        keep cuBLAS either way. Compiled layers re-trace on the switch (the flag is read at trace time)."""
+        self.decode_gemv = enabled
+        for layer in self.layers:
+            layer.self_attn.decode_gemv = layer.mlp.decode_gemv = enabled
 
     def fuse_weights(self) -> None:
         """QKV and gate-up GEMM fusion (GPU engines): fewer, larger GEMMs per layer. A model loaded from a fused
@@ -95,7 +105,7 @@ class TargetModel(nn.Module):
         if last in capture_layers:  # HF's last hidden-state entry is taken after the final norm
             captured[last] = x
         features = torch.cat([captured[i] for i in capture_layers], dim=-1) if capture_layers else None
-        return TargetOutput(self.lm_head(x).float(), features)
+        return TargetOutput(linear(x, self.lm_head.weight, None, self.decode_gemv).float(), features)
 
 
 def fuse_layers(layers: nn.ModuleList) -> None:

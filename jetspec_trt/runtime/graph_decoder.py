@@ -75,6 +75,13 @@ class GraphDecoder:
         self._stages: dict[TreeConfig, tuple[RoundState, dict[str, Callable[[], None]]]] = {}
         self._ar_step: Callable[[], None] | None = None
 
+    def set_decode_gemv(self, enabled: bool) -> None:
+        """Switch the target's single-token GEMMs between cuBLAS and plugins.gemv; drops captured graphs (they
+        baked in the other kernels) so the next use re-captures."""
+        self.target.set_decode_gemv(enabled)
+        self._ar_step = None
+        self._stages.clear()
+
     # ---- state -------------------------------------------------------------------------------------------
     def _new_state(self, depth: int) -> RoundState:
         width = len(self.capture_layers) * self.target.config.hidden_size

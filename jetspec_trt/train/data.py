@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -31,6 +32,9 @@ class DataConfig:
     gen_temperature: float = 0.0  # 0 = greedy responses
     gen_batch_size: int = 32
     max_seq_len: int = 2048  # prompt + response; longer sequences are cut (prompts longer than this dropped)
+    # Stop generating after this many seconds (checked after each batch) and use what is cached; a later run
+    # with the same settings generates the rest. For fixed-size GPU leases. Not part of the cache key.
+    gen_time_budget_s: float | None = None
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,7 @@ def cache_key(target_dir: Path, cfg: DataConfig, seed: int) -> str:
         source = Path(source).name
     settings = asdict(cfg) | {"source": source, "seed": seed}
     settings.pop("gen_batch_size")  # batching does not change greedy output (up to numerics)
+    settings.pop("gen_time_budget_s")  # how long one run may generate, not what it generates
     digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()[:12]
 
@@ -197,8 +202,13 @@ def generate_responses(target_dir: Path, cfg: DataConfig, out_dir: Path, device:
         # shows in the first batch rather than the last.
         todo.sort(key=lambda i: -len(prompts[i]))
         bar = tqdm(total=len(todo), desc="generating responses", unit="prompt", disable=not progress)
+        deadline = None if cfg.gen_time_budget_s is None else time.perf_counter() + cfg.gen_time_budget_s
         with open(cache_path, "a", encoding="utf-8") as handle:
             for start in range(0, len(todo), cfg.gen_batch_size):
+                if deadline is not None and time.perf_counter() >= deadline:
+                    tqdm.write(f"--gen-time-budget {cfg.gen_time_budget_s:g} s reached: {len(todo) - start} "
+                               f"prompts left ungenerated; training on the {len(done)} cached responses")
+                    break
                 batch = todo[start : start + cfg.gen_batch_size]
                 for i, response in zip(batch, _generate_batch(model, [prompts[i] for i in batch], pad, device)):
                     response, finish = _cut_at_eos(response, set(eos))

@@ -13,6 +13,8 @@ import dataclasses
 import torch
 from torch import nn
 
+from pathlib import Path
+
 from jetspec_trt.errors import JetSpecError
 from jetspec_trt.models.config import DecoderConfig
 from jetspec_trt.models.draft import DraftHead, DraftSpec, default_target_layer_ids
@@ -108,6 +110,51 @@ def warm_start_from_target(head: DraftHead, target: TargetModel) -> list[str]:
                     param.copy_(source[name].to(param.dtype))
                 copied.append(f"layers.{i}.{name}")
     return copied
+
+
+@dataclasses.dataclass(frozen=True)
+class HeadShape:
+    num_layers: int
+    block_size: int
+    target_layer_ids: tuple[int, ...]
+    mask_token_id: int
+
+
+def init_head_shape(head_dir: Path, target_dir: Path, num_layers: int, block_size: int, target_layer_ids: str,
+                    mask_token_id: int | None) -> HeadShape:
+    """The shape of a trained head to continue training from, checked against the target (the same checks as
+    `jetspec-trt build`) and against the shape flags, which must agree with it or stay at their defaults
+    (num_layers 1, block_size 16, target_layer_ids 'auto', mask_token_id None)."""
+    from jetspec_trt.builders.validate import check_pair
+
+    pair = check_pair(target_dir, head_dir)
+    spec = pair.spec
+    shape = HeadShape(pair.draft.num_layers, spec.block_size, tuple(spec.target_layer_ids), spec.mask_token_id)
+    ids = None if target_layer_ids.strip() == "auto" else parse_layer_ids(target_layer_ids, spec.num_target_layers,
+                                                                            shape.num_layers)
+    for flag, given, default, have in (("--num-layers", num_layers, 1, shape.num_layers),
+                                       ("--block-size", block_size, 16, shape.block_size),
+                                       ("--target-layer-ids", ids, None, shape.target_layer_ids),
+                                       ("--mask-token-id", mask_token_id, None, shape.mask_token_id)):
+        if given != default and given != have:
+            raise JetSpecError(f"--init-head {head_dir} has {flag} {have}, not {given}; drop {flag} or make it agree")
+    return shape
+
+
+def load_head_weights(head: DraftHead, head_dir: Path) -> None:
+    """Copy a trained head's tensors into `head` (same shape; each cast to the parameter's dtype)."""
+    from jetspec_trt.models.checkpoint import read_state_dict
+
+    state = read_state_dict(head_dir)
+    own = head.state_dict()
+    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or extra:
+        raise JetSpecError(f"--init-head {head_dir}: tensors missing {missing[:3]}, unexpected {extra[:3]}")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(own[name].shape):
+            raise JetSpecError(f"--init-head {head_dir}: {name} has shape {tuple(tensor.shape)}, "
+                               f"the head needs {tuple(own[name].shape)}")
+    head.load_state_dict({name: t.to(own[name].dtype) for name, t in state.items()})
 
 
 def freeze(module: nn.Module) -> None:

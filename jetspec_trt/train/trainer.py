@@ -10,6 +10,7 @@ Output directory:
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 import os
@@ -27,8 +28,8 @@ from jetspec_trt.models.draft import DraftHead
 from jetspec_trt.models.target import TargetModel
 from jetspec_trt.train.data import DataConfig, TrainSequence, generate_responses, split_heldout
 from jetspec_trt.train.features import FeatureStore
-from jetspec_trt.train.head import (choose_mask_token, freeze, new_head, parse_layer_ids, rope_theta,
-                                    warm_start_from_target)
+from jetspec_trt.train.head import (choose_mask_token, freeze, init_head_shape, load_head_weights, new_head,
+                                    parse_layer_ids, rope_theta, warm_start_from_target)
 from jetspec_trt.train.objective import BlockBatch, block_hidden, depth_valid, distill_loss, sample_anchors
 
 CHECKPOINT_DIR = "checkpoints"
@@ -61,6 +62,9 @@ class TrainConfig:
     heldout: int = 32  # sequences kept out of training for the acceptance proxy
     eval_anchors: int = 64  # anchors per held-out sequence
     warm_start: bool = False  # copy the last target layers into the head where shapes agree
+    # Start from a trained head (published layout) instead of a random one: continue training it on new data
+    # or with a new schedule. Its shape (layers, block size, target layer ids, mask token) is the run's shape.
+    init_head: Path | None = None
     device: str = "cpu"
     dtype: str = "auto"  # of the frozen target: bfloat16 on cuda, float32 on cpu; the head trains in fp32
     save_every: int = 200
@@ -87,7 +91,10 @@ class TrainConfig:
             (self.data.max_new_tokens >= 2, f"--max-new-tokens must be >= 2, got {self.data.max_new_tokens}"),
             (self.data.gen_temperature >= 0, f"--gen-temperature must be >= 0, got {self.data.gen_temperature}"),
             (self.data.gen_batch_size >= 1, f"--gen-batch-size must be >= 1, got {self.data.gen_batch_size}"),
+            (self.data.gen_time_budget_s is None or self.data.gen_time_budget_s >= 0,
+             f"--gen-time-budget must be >= 0 seconds, got {self.data.gen_time_budget_s}"),
             (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other"),
+            (not (self.init_head and self.warm_start), "--init-head and --warm-start exclude each other"),
         ]
         for ok, message in checks:
             if not ok:
@@ -333,6 +340,12 @@ def train(cfg: TrainConfig) -> TrainResult:
         raise JetSpecError(f"target directory {target_dir} does not exist")
     device, dtype = resolve_device(cfg.device, cfg.dtype)
     tcfg = DecoderConfig.from_hf(load_hf_config(target_dir))
+    if cfg.init_head is not None:  # the run takes the trained head's shape (checked against target and flags)
+        shape = init_head_shape(Path(cfg.init_head), target_dir, cfg.num_layers, cfg.block_size,
+                                cfg.target_layer_ids, cfg.mask_token_id)
+        cfg = dataclasses.replace(cfg, num_layers=shape.num_layers, block_size=shape.block_size,
+                                  target_layer_ids=",".join(map(str, shape.target_layer_ids)),
+                                  mask_token_id=shape.mask_token_id)
     layer_ids = parse_layer_ids(cfg.target_layer_ids, tcfg.num_layers, cfg.num_layers)
     if cfg.block_size < 2:
         raise JetSpecError(f"--block-size must be >= 2, got {cfg.block_size}")
@@ -364,6 +377,8 @@ def train(cfg: TrainConfig) -> TrainResult:
     generator = torch.Generator().manual_seed(cfg.seed)
     head = new_head(target, cfg.num_layers, cfg.block_size, layer_ids, mask_token_id, generator)
     copied = warm_start_from_target(head, target) if cfg.warm_start else []
+    if cfg.init_head is not None:
+        load_head_weights(head, cfg.init_head)
     head = head.to(device).train()
     trainer = Trainer(cfg, target, head, train_seqs, heldout, generator, device)
     if cfg.resume:
@@ -463,7 +478,8 @@ def write_outputs(trainer: Trainer, out: Path, tokenizer, tcfg: DecoderConfig, d
             "target_layer_ids": list(spec.target_layer_ids), "mask_token_id": spec.mask_token_id,
             "mask_token": tokenizer.convert_ids_to_tokens(spec.mask_token_id),
             "parameters": sum(p.numel() for p in head.parameters()),
-            "init": (f"warm start: {len(copied)} tensors from the last target layers, rest normal(0, 0.02)"
+            "init": (f"trained head {Path(cfg.init_head).resolve()}" if cfg.init_head is not None else
+                     f"warm start: {len(copied)} tensors from the last target layers, rest normal(0, 0.02)"
                      if cfg.warm_start else "normal(0, 0.02), norms 1"),
             "saved_dtype": str(dtype).removeprefix("torch."),
         },

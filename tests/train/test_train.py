@@ -248,3 +248,45 @@ def test_time_budget_run_finishes_with_a_head(tiny, tmp_path, capsys):
     assert code == 0, err
     card = json.loads((out / "training_card.json").read_text())
     assert 20 <= card["training"]["steps"] < 100000 and card["training"]["time_budget_s"] == 3.0
+
+
+# ------------------------------------------------------------------------------------- init head, generation budget
+
+
+def test_init_head_continues_from_the_trained_weights(tiny, trained, tmp_path, capsys):
+    """--init-head starts from the given head: one step at a negligible learning rate ends where it began, and the
+    run takes the head's shape (no shape flags needed beyond the defaults)."""
+    out = tmp_path / "continued"
+    shutil.copytree(trained / "data", out / "data")
+    code, _, err = invoke(train_args(tiny, out, "--init-head", str(trained), "--steps", "1", "--lr", "1e-12",
+                                     "--warmup-steps", "0"), capsys)
+    assert code == 0, err
+    card = json.loads((out / "training_card.json").read_text())
+    assert card["head"]["init"].startswith("trained head") and card["head"]["block_size"] == 8
+    before, after = load_draft(trained).state_dict(), load_draft(out).state_dict()
+    for name, tensor in before.items():
+        torch.testing.assert_close(after[name], tensor, rtol=0, atol=1e-6, msg=name)
+    # the held-out proxy before training is the trained head's, not a random head's
+    reference = json.loads((trained / "training_card.json").read_text())["acceptance_proxy"]["after"]
+    assert card["acceptance_proxy"]["before"]["chain_tau_proxy"] == pytest.approx(reference["chain_tau_proxy"],
+                                                                                 abs=1e-6)
+
+
+def test_init_head_shape_must_agree_with_flags(tiny, trained, tmp_path, capsys):
+    code, _, err = invoke(train_args(tiny, tmp_path / "out", "--init-head", str(trained), "--block-size", "4"),
+                          capsys)
+    assert code == 2 and err.count("\n") == 1
+    assert "has --block-size 8, not 4; drop --block-size" in err
+    code, _, err = invoke(train_args(tiny, tmp_path / "out", "--init-head", str(trained), "--warm-start"), capsys)
+    assert code == 2 and "--init-head and --warm-start exclude each other" in err
+
+
+def test_generation_time_budget_stops_and_a_later_run_completes(tiny, tmp_path):
+    """A zero generation budget generates nothing; the same data settings without it fill the same cache file."""
+    cfg = DataConfig(str(tiny / "prompts.jsonl"), 6, 8, 0.0, 2, gen_time_budget_s=0.0)
+    sequences, path = generate_responses(tiny / "target", cfg, tmp_path, "cpu", torch.float32, seed=0,
+                                         progress=False)
+    assert sequences == [] and path.read_text() == ""
+    full, full_path = generate_responses(tiny / "target", dataclasses.replace(cfg, gen_time_budget_s=None), tmp_path,
+                                         "cpu", torch.float32, seed=0, progress=False)
+    assert full_path == path and len(full) == 6

@@ -1,0 +1,100 @@
+"""Weight-streaming GEMV for the batch-1 decode step: y [1, N] = x [1, K] @ W[N, K]^T (+ b).
+
+Why a kernel of our own: an autoregressive step of an 8B model reads 16 GB of weights to make one token, so the
+step is as fast as its GEMMs stream W from HBM. Each program here owns BLOCK_N output rows and walks their K-long
+rows in BLOCK_K chunks (contiguous, coalesced loads), multiply-accumulating into float32 registers, and reduces
+once at the end. No split-K: the smallest decode GEMM (N = 896 for a 0.5B model) still gives hundreds of programs,
+and without it there is no atomic or second pass. Configs are autotuned per (N, K) on first use, which happens in
+the CUDA-graph warm-up, never inside a capture.
+
+Op contract: ``torch.ops.jetspec_trt.gemv(x, weight, bias)`` with x [1, K], weight [N, K] contiguous, bias [N] or
+None, all one dtype (bf16/fp16/fp32); returns [1, N] in that dtype. CPU (and any non-Triton device) falls back to
+F.linear, so models can call the op unconditionally; the CUDA kernel must match F.linear to rounding (tests).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from jetspec_trt.plugins.tree_attention import LIBRARY
+
+OP_NAME = "gemv"
+
+
+@torch.library.custom_op(f"{LIBRARY}::{OP_NAME}", mutates_args=())
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if x.is_cuda and _kernel() is not None and x.shape[0] == 1:
+        return _triton_gemv(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+@gemv.register_fake
+def _gemv_fake(x, weight, bias):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, use_gemv: bool) -> torch.Tensor:
+    """F.linear, or the GEMV op for a single row when `use_gemv` (the model's decode-GEMV switch) is on."""
+    if use_gemv and x.dim() == 2 and x.shape[0] == 1:
+        return gemv(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+_KERNEL = None
+
+
+def _kernel():
+    """The autotuned Triton kernel, built on first use (None where Triton is missing)."""
+    global _KERNEL
+    if _KERNEL is None:
+        try:
+            _KERNEL = _build_kernel()
+        except ImportError:
+            _KERNEL = False
+    return _KERNEL or None
+
+
+def _build_kernel():
+    import triton
+    import triton.language as tl
+
+    configs = [
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+        for bn in (4, 8, 16) for bk in (256, 512, 1024) for w in (4, 8) for s in (3,)
+        if bn * bk <= 8192
+    ]
+
+    @triton.autotune(configs=configs, key=["N", "K"])
+    @triton.jit
+    def gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
+        rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        row_ok = rows < N
+        acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            cols = k0 + tl.arange(0, BLOCK_K)
+            col_ok = cols < K
+            w = tl.load(w_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
+                        mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+            x = tl.load(x_ptr + cols, mask=col_ok, other=0.0)
+            acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
+        y = tl.sum(acc, axis=1)
+        if HAS_BIAS:
+            y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+        tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
+
+    def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        n, k = weight.shape
+        y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+        gemv_kernel[grid](x, weight, bias if bias is not None else y, y, n, k, HAS_BIAS=bias is not None)
+        return y
+
+    return launch
+
+
+def _triton_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if weight.stride(-1) != 1 or weight.stride(0) != weight.shape[1]:
+        weight = weight.contiguous()
+    return _kernel()(x.contiguous(), weight, bias)
