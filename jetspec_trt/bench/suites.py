@@ -169,16 +169,8 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 @torch.inference_mode()
 def teacher_forced_logits(target, ids: list[int], page_size: int = 64) -> torch.Tensor:
     """The target's next-token logits [vocab] (float32) after one causal prefill over `ids`, on a cache of its own
-    (the decoders' caches and CUDA graphs are left alone)."""
-    from jetspec_trt.plugins.tree_attention import causal_mask
-
-    device = target.embed_tokens.weight.device
-    n = len(ids)
-    cache = target.new_cache(n, page_size)
-    with torch.compiler.set_stance("force_eager"):
-        out = target(torch.tensor(ids, device=device), torch.arange(n, device=device), cache,
-                     causal_mask(n, device))
-    return out.logits[-1].float()
+    (the decoders' caches and CUDA graphs are left alone); the lm_head runs on the last position only."""
+    return target.prefill(ids, page_size=page_size, logits="last").logits[0]
 
 
 def _flip_stats(logits: torch.Tensor, ar_token: int | None, spec_token: int | None, dtype: torch.dtype) -> dict:

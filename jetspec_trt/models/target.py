@@ -3,12 +3,15 @@
 One forward serves prefill, an autoregressive step and a tree verify: the caller gives token ids, their RoPE
 positions and the packed visibility mask of the new tokens (causal, [[1]] or tree ancestors). It returns the
 logits of every new token and, concatenated, the hidden states after the requested layers (Hugging Face
-`output_hidden_states` entry L+1 for layer L), which the draft head reads.
+`output_hidden_states` entry L+1 for layer L), which the draft head reads. `forward_hidden` is the same pass
+without the lm_head, and `prefill` runs it causally over a whole sequence on a fresh cache with logits only where
+the caller needs them (the lm_head is about 1 GFLOP per token at Qwen's vocabulary).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -16,14 +19,15 @@ from torch import nn
 from jetspec_trt.models.config import DecoderConfig
 from jetspec_trt.models.layers import MLP, AttentionProjections, RMSNorm, Rotary
 from jetspec_trt.plugins.gemv import linear
-from jetspec_trt.plugins.tree_attention import tree_attention
+from jetspec_trt.plugins.tree_attention import causal_mask, tree_attention
 from jetspec_trt.runtime.kv_cache import KVCacheSpec, PagedKVCache, write_kv
 
 
 @dataclass
 class TargetOutput:
-    logits: torch.Tensor  # [T, vocab] float32
+    logits: torch.Tensor | None  # [T, vocab] float32 (prefill: [1, vocab] for logits="last", None for "none")
     features: torch.Tensor | None  # [T, len(capture_layers) * hidden] or None
+    hidden: torch.Tensor | None = None  # [T, hidden] final normed hidden state (set by prefill only)
 
 
 class DecoderLayer(nn.Module):
@@ -92,6 +96,18 @@ class TargetModel(nn.Module):
         capture_layers: tuple[int, ...] = (),
     ) -> TargetOutput:
         """tokens/positions [T]; the new tokens' K/V land at slots ctx_len .. ctx_len+T-1 (not yet committed)."""
+        x, features = self.forward_hidden(tokens, positions, cache, tree_mask, capture_layers)
+        return TargetOutput(linear(x, self.lm_head.weight, None, self.decode_gemv).float(), features)
+
+    def forward_hidden(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        cache: PagedKVCache,
+        tree_mask: torch.Tensor,
+        capture_layers: tuple[int, ...] = (),
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`forward` without the lm_head: the final normed hidden states [T, H] and the captured features."""
         x = self.embed_tokens(tokens)
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
         slots = cache.slots(cache.ctx_len, tokens.shape[0])
@@ -105,7 +121,43 @@ class TargetModel(nn.Module):
         if last in capture_layers:  # HF's last hidden-state entry is taken after the final norm
             captured[last] = x
         features = torch.cat([captured[i] for i in capture_layers], dim=-1) if capture_layers else None
-        return TargetOutput(linear(x, self.lm_head.weight, None, self.decode_gemv).float(), features)
+        return x, features
+
+    @torch.no_grad()
+    def prefill(
+        self,
+        ids: torch.Tensor | list[int],
+        cache: PagedKVCache | None = None,
+        capture_layers: tuple[int, ...] = (),
+        logits: Literal["all", "last", "none"] = "all",
+        page_size: int = 64,
+    ) -> TargetOutput:
+        """One causal pass over the 1-D token sequence `ids` (positions 0 .. n-1), eager (compiled layers would
+        specialise per length), without autograd.
+
+        `cache`: None makes a fresh one of n tokens (`page_size`); a given cache is reset first. Either way it
+        holds `ids` as committed context afterwards. `logits`: "all" gives [n, vocab] (the same as `forward`),
+        "last" only the next-token logits [1, vocab], "none" skips the lm_head (logits=None). Always sets
+        `hidden` (final normed hidden states [n, H]); `features` as in `forward`.
+        """
+        if logits not in ("all", "last", "none"):
+            raise ValueError(f"logits must be 'all', 'last' or 'none', not {logits!r}")
+        device = self.embed_tokens.weight.device
+        tokens = torch.as_tensor(ids, device=device)
+        if tokens.dim() != 1 or tokens.shape[0] == 0:
+            raise ValueError(f"prefill wants a non-empty 1-D id sequence, got shape {tuple(tokens.shape)}")
+        n = tokens.shape[0]
+        if cache is None:
+            cache = self.new_cache(n, page_size)
+        elif n > cache.capacity:
+            raise ValueError(f"prefill of {n} tokens does not fit a cache of {cache.capacity}")
+        cache.reset()
+        with torch.compiler.set_stance("force_eager"):
+            hidden, features = self.forward_hidden(tokens, torch.arange(n, device=device), cache,
+                                                   causal_mask(n, device), tuple(capture_layers))
+            out = None if logits == "none" else self.lm_head(hidden if logits == "all" else hidden[-1:]).float()
+        cache.set_length(n)
+        return TargetOutput(out, features, hidden)
 
 
 def fuse_layers(layers: nn.ModuleList) -> None:

@@ -16,7 +16,6 @@ import torch
 from tqdm import tqdm
 
 from jetspec_trt.models.target import TargetModel
-from jetspec_trt.plugins.tree_attention import causal_mask
 from jetspec_trt.train.data import TrainSequence
 
 
@@ -31,28 +30,21 @@ class FeatureStore:
     @torch.no_grad()
     def build(cls, target: TargetModel, sequences: list[TrainSequence], capture: tuple[int, ...],
               progress: bool = True) -> "FeatureStore":
-        """One causal target pass per sequence; the last layer is captured too (after the final norm)."""
+        """One causal target pass per sequence (no lm_head: the teacher's logits come later, per step)."""
         device = target.embed_tokens.weight.device
         dtype = target.embed_tokens.weight.dtype
-        last = len(target.layers) - 1
-        layers = tuple(capture) + ((last,) if last not in capture else ())
-        width = len(capture) * target.config.hidden_size
+        hidden_size = target.config.hidden_size
         lengths = [len(s) for s in sequences]
         total = sum(lengths)
-        features = torch.empty(total, width, dtype=dtype, device=device)
-        final_hidden = torch.empty(total, target.config.hidden_size, dtype=dtype, device=device)
+        features = torch.empty(total, len(capture) * hidden_size, dtype=dtype, device=device)
+        final_hidden = torch.empty(total, hidden_size, dtype=dtype, device=device)
         cache = target.new_cache(max(lengths), page_size=64)
         row = 0
-        for seq in tqdm(sequences, desc="target features", unit="seq", disable=not progress):
-            cache.reset()
-            ids = torch.tensor(seq.ids, device=device)
-            n = ids.shape[0]
-            out = target(ids, torch.arange(n, device=device), cache, causal_mask(n, device), layers)
-            captured = out.features
-            # The last layer's entry is the final normed hidden state (see TargetModel.forward).
-            last_at = layers.index(last) * target.config.hidden_size
-            final_hidden[row : row + n] = captured[:, last_at : last_at + target.config.hidden_size]
-            features[row : row + n] = captured[:, :width] if last not in capture else captured
+        for seq, n in zip(tqdm(sequences, desc="target features", unit="seq", disable=not progress), lengths):
+            out = target.prefill(seq.ids, cache, tuple(capture), logits="none")
+            final_hidden[row : row + n] = out.hidden
+            if capture:
+                features[row : row + n] = out.features
             row += n
         offsets = torch.tensor([0] + lengths[:-1], device=device).cumsum(0)
         return cls(features, final_hidden, offsets, torch.tensor(lengths, device=device))
