@@ -41,8 +41,10 @@ def tree_options(func):
               help="tensorrt: tree attention as the jetspec_trt::TreeAttention plugin, or plain ONNX ops.")
 @click.option("--no-fuse", is_flag=True, help="Store q/k/v and gate/up unfused, in the Hugging Face layout.")
 @click.option("--no-tune", is_flag=True, help="Skip timing tree-attention launch configs on this GPU.")
+@click.option("--no-decode-gemv", is_flag=True,
+              help="Keep cuBLAS for the AR step's single-token GEMMs instead of the Triton GEMV kernel.")
 def build(target_dir, draft_dir, output_dir, budget, topk, max_depth, dtype, max_seq_len, overwrite, backend,
-          attention, no_fuse, no_tune):
+          attention, no_fuse, no_tune, no_decode_gemv):
     """Check a target/draft pair and write an engine directory."""
     if backend == "tensorrt":  # fail at once, before any check or write, where TensorRT is missing
         from jetspec_trt.builders.tensorrt_builder import require_tensorrt
@@ -54,7 +56,8 @@ def build(target_dir, draft_dir, output_dir, budget, topk, max_depth, dtype, max
     spec = draft_spec_of(draft_dir) if draft_dir.is_dir() else None
     depth = max_depth if max_depth is not None else (spec.max_depth if spec else 1)
     config = BuildConfig(target_dir, draft_dir, output_dir, TreeConfig(budget, topk, depth), dtype, max_seq_len,
-                         overwrite=overwrite, fuse=not no_fuse, tune=not no_tune)
+                         overwrite=overwrite, fuse=not no_fuse, tune=not no_tune,
+                         decode_gemv=not no_decode_gemv)
     if backend == "tensorrt":
         from jetspec_trt.builders.tensorrt_builder import build_tensorrt_engine
 

@@ -82,6 +82,7 @@ class EngineBench:
             tree=TreeConfig(max(cfg.budgets), cfg.topk, cfg.max_depth), dtype=cfg.dtype,
             max_seq_len=max(cfg.contexts) + cfg.ar_tokens + 64, block_size=spec.block_size,
             mask_token_id=spec.mask_token_id, target_layer_ids=spec.target_layer_ids, eos_token_ids=(),
+            decode_gemv=False,  # "ar_step" is the cuBLAS step; cfg.compare_gemv adds the GEMV one beside it
         )
         self.decoder = GraphDecoder(target, draft, runtime, compile_layers=cfg.compile_layers)
         self._fill_caches()

@@ -51,6 +51,7 @@ class BuildConfig:
     progress: bool = True
     fuse: bool = True  # store q/k/v and gate/up pre-fused (False: the Hugging Face layout, as the source has it)
     tune: bool = True  # time tree-attention launch configs on this machine's GPU (skipped without CUDA)
+    decode_gemv: bool = True  # CUDA AR step: single-token GEMMs through plugins.gemv (False: cuBLAS)
 
 
 def sha256_of(path: Path) -> str:
@@ -101,6 +102,7 @@ def runtime_config_for(pair: CheckedPair, cfg: BuildConfig) -> RuntimeConfig:
         target_layer_ids=pair.spec.target_layer_ids,
         eos_token_ids=pair.eos_token_ids,
         page_size=cfg.page_size,
+        decode_gemv=cfg.decode_gemv,
     )
 
 

@@ -19,7 +19,7 @@ from torch import nn
 from jetspec_trt.models.config import DecoderConfig
 from jetspec_trt.models.layers import MLP, AttentionProjections, RMSNorm, Rotary
 from jetspec_trt.plugins.gemv import linear
-from jetspec_trt.plugins.tree_attention import causal_mask, tree_attention
+from jetspec_trt.plugins.tree_attention import causal_mask, pack_mask, tree_attention
 from jetspec_trt.runtime.kv_cache import KVCacheSpec, PagedKVCache, write_kv
 
 
@@ -158,6 +158,34 @@ class TargetModel(nn.Module):
             out = None if logits == "none" else self.lm_head(hidden if logits == "all" else hidden[-1:]).float()
         cache.set_length(n)
         return TargetOutput(out, features, hidden)
+
+    @torch.no_grad()
+    def prefill_packed(self, sequences: list[list[int]], cache: PagedKVCache,
+                       capture_layers: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Independent causal passes over several sequences in ONE forward: the sequences are concatenated,
+        each token sees only its own sequence's earlier tokens (block-diagonal causal mask) and RoPE positions
+        restart at 0 per sequence. Returns the final normed hidden states [sum n, H] and captured features, equal
+        to per-sequence `prefill` up to rounding. For short sequences at batch 1 each forward is launch-bound, so
+        packing them is many times faster (training's feature pass). `cache` must hold all tokens; it is left
+        reset (the packed K/V are no sequence's context)."""
+        device = self.embed_tokens.weight.device
+        lengths = torch.tensor([len(s) for s in sequences], device=device)
+        total = int(lengths.sum())
+        if not sequences or int(lengths.min()) == 0:
+            raise ValueError("prefill_packed wants one or more non-empty sequences")
+        if total > cache.capacity:
+            raise ValueError(f"packed prefill of {total} tokens does not fit a cache of {cache.capacity}")
+        tokens = torch.tensor([t for s in sequences for t in s], device=device)
+        segment = torch.repeat_interleave(torch.arange(len(sequences), device=device), lengths)
+        index = torch.arange(total, device=device)
+        positions = index - (torch.cumsum(lengths, 0) - lengths)[segment]
+        visible = (segment[:, None] == segment[None, :]) & (index[None, :] <= index[:, None])
+        cache.reset()
+        with torch.compiler.set_stance("force_eager"):
+            hidden, features = self.forward_hidden(tokens, positions, cache, pack_mask(visible),
+                                                   tuple(capture_layers))
+        cache.reset()
+        return hidden, features
 
 
 def fuse_layers(layers: nn.ModuleList) -> None:

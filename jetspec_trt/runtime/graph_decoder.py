@@ -62,6 +62,8 @@ class GraphDecoder:
         self.device = target.embed_tokens.weight.device
         self.use_graphs = use_graphs and self.device.type == "cuda"
         self.triton_kernels = self.device.type == "cuda" and load_gpu_kernels()
+        if self.device.type == "cuda":
+            target.set_decode_gemv(runtime.decode_gemv)
         if compile_layers:
             compile_model_layers(target.layers)
             compile_model_layers(draft.layers)

@@ -58,7 +58,8 @@ import click
 def train_command(target_dir, output_dir, source, num_prompts, max_new_tokens, gen_temperature, gen_batch_size,
                   max_seq_len, steps, batch_size, lr, warmup_steps, weight_decay, grad_clip, block_size,
                   num_layers, target_layer_ids, mask_token_id, temperature, anchors_per_seq, heldout, warm_start,
-                  init_head, gen_time_budget_s, device, dtype, save_every, max_time_s, time_budget_s, resume, overwrite, seed, quiet):
+                  init_head, gen_time_budget_s, device, dtype, save_every, max_time_s, time_budget_s, resume,
+                  overwrite, seed, quiet):
     """Train a draft head for TARGET on the target's own responses; write it in the published layout."""
     from jetspec_trt.train.data import DataConfig
     from jetspec_trt.train.trainer import TrainConfig, train
@@ -69,9 +70,9 @@ def train_command(target_dir, output_dir, source, num_prompts, max_new_tokens, g
         target_dir, output_dir, data, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
         weight_decay=weight_decay, grad_clip=grad_clip, block_size=block_size, num_layers=num_layers,
         target_layer_ids=target_layer_ids, mask_token_id=mask_token_id, temperature=temperature,
-        anchors_per_seq=anchors_per_seq, heldout=heldout, warm_start=warm_start, init_head=init_head, device=device, dtype=dtype,
-        save_every=save_every, resume=resume, overwrite=overwrite, max_time_s=max_time_s, time_budget_s=time_budget_s, seed=seed,
-        progress=not quiet,
+        anchors_per_seq=anchors_per_seq, heldout=heldout, warm_start=warm_start, init_head=init_head,
+        device=device, dtype=dtype, save_every=save_every, resume=resume, overwrite=overwrite, max_time_s=max_time_s,
+        time_budget_s=time_budget_s, seed=seed, progress=not quiet,
     )
     result = train(cfg)
     if steps == 0:

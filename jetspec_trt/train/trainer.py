@@ -75,6 +75,9 @@ class TrainConfig:
     # Fit the whole schedule (warmup + cosine to 0) into this much training time: at PLAN_AT_STEPS
     # steps, the run's step count becomes what fits (at most `steps`). For fixed-size GPU leases.
     time_budget_s: float | None = None
+    # Target feature pass: sequences packed up to this many tokens per forward (None: 4096 on CUDA, where
+    # per-sequence forwards are launch-bound; 0 on CPU, where packing only adds masked-out attention work).
+    feature_pack_tokens: int | None = None
     seed: int = 0
     progress: bool = True
 
@@ -99,6 +102,11 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise JetSpecError(message)
+
+    def feature_pack_tokens_on(self, device: str) -> int:
+        if self.feature_pack_tokens is not None:
+            return self.feature_pack_tokens
+        return 4096 if device.startswith("cuda") else 0
 
     def warmup(self, total_steps: int | None = None) -> int:
         total = self.steps if total_steps is None else total_steps
@@ -174,7 +182,8 @@ class Trainer:
         self.generator = generator
         self.device = device
         self.capture = head.spec.target_layer_ids
-        self.store = FeatureStore.build(target, self.sequences, self.capture, cfg.progress)
+        self.store = FeatureStore.build(target, self.sequences, self.capture, cfg.progress,
+                                        cfg.feature_pack_tokens_on(device))
         self.autocast = device.startswith("cuda") and target.embed_tokens.weight.dtype != torch.float32
         self.optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, betas=BETAS,
                                            weight_decay=cfg.weight_decay)

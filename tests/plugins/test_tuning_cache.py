@@ -128,21 +128,23 @@ def test_cpu_build_skips_tuning_and_says_why(pair, tmp_path):
                                       "float32", max_seq_len=256, progress=False))
     assert json.loads((engine / "manifest.json").read_text())["kernel_tuning"] == "skipped: no CUDA"
     assert not (engine / "kernels").exists()
+    assert json.loads((engine / "runtime_config.json").read_text())["decode_gemv"] is True  # the default
     assert Engine.load(engine).summary["kernel_tuning"] == "not used on cpu (reference attention)"
     engine = build_engine(BuildConfig(pair / "target", pair / "draft", tmp_path / "e", TreeConfig(16, 3, 7),
                                       "float32", max_seq_len=256, progress=False, overwrite=True, tune=False))
     assert json.loads((engine / "manifest.json").read_text())["kernel_tuning"] == "skipped: --no-tune"
 
 
-def test_no_tune_and_no_fuse_flags(pair, tmp_path, capsys):
+def test_no_tune_no_fuse_no_decode_gemv_flags(pair, tmp_path, capsys):
     from tests.helpers import invoke_cli
 
     code, _, err = invoke_cli(["build", "--target", str(pair / "target"), "--draft", str(pair / "draft"),
                                "--output", str(tmp_path / "e"), "--dtype", "float32", "--budget", "16",
-                               "--no-tune", "--no-fuse"], capsys)
+                               "--no-tune", "--no-fuse", "--no-decode-gemv"], capsys)
     assert code == 0, err
     manifest = json.loads((tmp_path / "e" / "manifest.json").read_text())
     assert manifest["kernel_tuning"] == "skipped: --no-tune" and manifest["weights"]["layout"] == "hugging-face"
+    assert json.loads((tmp_path / "e" / "runtime_config.json").read_text())["decode_gemv"] is False
 
 
 class FakeProblem:

@@ -290,3 +290,26 @@ def test_generation_time_budget_stops_and_a_later_run_completes(tiny, tmp_path):
     full, full_path = generate_responses(tiny / "target", dataclasses.replace(cfg, gen_time_budget_s=None), tmp_path,
                                          "cpu", torch.float32, seed=0, progress=False)
     assert full_path == path and len(full) == 6
+
+
+def test_packs_group_consecutive_sequences():
+    from jetspec_trt.train.features import packs
+
+    assert packs([5, 5, 5, 20, 3], 12) == [(0, 2), (2, 1), (3, 1), (4, 1)]
+    assert packs([5, 5, 5, 20, 3], 0) == [(i, 1) for i in range(5)]
+    assert packs([3, 3, 3], 100) == [(0, 3)] and packs([], 8) == []
+
+
+def test_packed_feature_pass_equals_per_sequence(tiny):
+    """Packing sequences into one forward (block-diagonal causal mask, RoPE restarting per sequence) gives the
+    per-sequence features and final hidden states, up to float32 rounding; a sequence over the pack size runs
+    alone."""
+    target = load_target(tiny / "target")
+    gen = torch.Generator().manual_seed(3)
+    seqs = [TrainSequence(s[:2].tolist(), s[2:].tolist())
+            for s in (torch.randint(0, 256, (n,), generator=gen) for n in (23, 40, 9, 70, 12))]
+    alone = FeatureStore.build(target, seqs, (0, 2), progress=False)
+    packed = FeatureStore.build(target, seqs, (0, 2), progress=False, pack_tokens=64)
+    torch.testing.assert_close(packed.features, alone.features, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(packed.final_hidden, alone.final_hidden, rtol=1e-4, atol=1e-5)
+    assert torch.equal(packed.offsets, alone.offsets) and torch.equal(packed.lengths, alone.lengths)
