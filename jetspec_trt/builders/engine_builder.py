@@ -20,7 +20,6 @@ import hashlib
 import json
 import shutil
 import sys
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +32,7 @@ from jetspec_trt.errors import JetSpecError
 from jetspec_trt.models.checkpoint import SHARD_INDEX, parse_dtype, weight_files
 from jetspec_trt.models.fused_layout import LAYOUT_DESCRIPTION, fuse_plan, is_fused
 from jetspec_trt.runtime.config import RUNTIME_CONFIG, RuntimeConfig, TreeConfig
+from jetspec_trt.staging import check_output, staged_directory
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2  # 2: fused weight layout (older readers would not find the q/k/v and gate/up tensors)
@@ -110,14 +110,11 @@ def build_engine(cfg: BuildConfig, command: list[str] | None = None) -> Path:
     """Check the pair, convert, and write the engine directory. Raises JetSpecError on bad input."""
     dtype = parse_dtype(cfg.dtype)
     output = Path(cfg.output_dir)
-    if output.exists() and not cfg.overwrite:
-        raise JetSpecError(f"{output} already exists (pass --overwrite to replace it)")
+    check_output(output, cfg.overwrite)
     pair = check_pair(cfg.target_dir, cfg.draft_dir)
     runtime = runtime_config_for(pair, cfg)
 
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.building-", dir=output.parent))
-    try:
+    with staged_directory(output, cfg.overwrite) as staging:
         sources, written = {}, []
         for role, src in (("target", Path(cfg.target_dir)), ("draft", Path(cfg.draft_dir))):
             hashes, names = _convert_checkpoint(src, staging / role, dtype, cfg.fuse, cfg.progress, role)
@@ -143,18 +140,5 @@ def build_engine(cfg: BuildConfig, command: list[str] | None = None) -> Path:
             "sources": sources,
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _move_into_place(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return output
 
-
-def _move_into_place(staging: Path, output: Path) -> None:
-    if output.exists():
-        retired = output.with_name(f".{output.name}.old-{staging.name.rsplit('-', 1)[-1]}")
-        output.rename(retired)
-        staging.rename(output)
-        shutil.rmtree(retired, ignore_errors=True)
-    else:
-        staging.rename(output)

@@ -126,11 +126,10 @@ def build_tensorrt_engine(cfg: BuildConfig, attention: str = "plugin", command: 
     """Check the pair, export ONNX, build the plans and write OUTPUT atomically. Raises JetSpecError."""
     trt = require_tensorrt(attention)  # first: without TensorRT nothing is checked, converted or written
     from jetspec_trt.export.onnx import OnnxExportConfig, export_onnx, read_onnx_config, require_onnx
-    from jetspec_trt.export.triton import staged_directory
+    from jetspec_trt.staging import check_output, staged_directory
 
     output = Path(cfg.output_dir)
-    if output.exists() and not cfg.overwrite:
-        raise JetSpecError(f"{output} already exists (pass --overwrite to replace it)")
+    check_output(output, cfg.overwrite)
     if attention not in ("plugin", "standard"):
         raise JetSpecError(f"--attention must be plugin or standard, got {attention!r}")
     pair = check_pair(cfg.target_dir, cfg.draft_dir)  # the PyTorch build's checks, before any work

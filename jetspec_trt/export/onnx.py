@@ -175,7 +175,8 @@ def _versions() -> dict:
 
 def export_onnx(cfg: OnnxExportConfig, command: list[str] | None = None) -> Path:
     """Write the ONNX export of an engine; returns its path. Raises JetSpecError on bad input."""
-    from jetspec_trt.export.triton import check_engine_dir, staged_directory
+    from jetspec_trt.export.triton import check_engine_dir
+    from jetspec_trt.staging import staged_directory
 
     runtime = check_engine_dir(cfg.engine_dir)
     if cfg.attention not in ("standard", "plugin"):

@@ -12,18 +12,16 @@ The repository is written into a temp dir beside REPO and renamed into place, so
 
 from __future__ import annotations
 
-import contextlib
 import os
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import click
 
 from jetspec_trt.errors import JetSpecError
+from jetspec_trt.staging import staged_directory
 
 MODEL_FILE = Path(__file__).with_name("triton_model.py")
 ENGINE_SUBDIR = "engine"
@@ -114,24 +112,6 @@ def config_pbtxt(cfg: TritonExportConfig, engine_ref: str) -> str:
         + _parameter("cpu_threads", str(cfg.cpu_threads))
         + _parameter("max_queue_size", str(cfg.max_queue_size))
     )
-
-
-@contextlib.contextmanager
-def staged_directory(output: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temp dir beside `output`; on success it replaces `output`, on any error it is removed."""
-    from jetspec_trt.builders.engine_builder import _move_into_place
-
-    output = Path(output)
-    if output.exists() and not overwrite:
-        raise JetSpecError(f"{output} already exists (pass --overwrite to replace it)")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.building-", dir=output.parent))
-    try:
-        yield staging
-        _move_into_place(staging, output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 def link_or_copy(src: str, dst: str) -> None:

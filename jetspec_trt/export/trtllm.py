@@ -27,8 +27,8 @@ from pathlib import Path
 import click
 
 from jetspec_trt.errors import JetSpecError
-from jetspec_trt.export.triton import (TensorSpec, check_engine_dir, link_or_copy, staged_directory,
-                                        tensor_block)
+from jetspec_trt.export.triton import TensorSpec, check_engine_dir, link_or_copy, tensor_block
+from jetspec_trt.staging import staged_directory
 
 TENSORRT_LLM_VERSION = ">=1.3.0rc27"  # DFlashDecodingConfig as in the 1.3.0rc27 / 1.4.0rc1 API reference
 EXTRA_OPTIONS = "extra_llm_api_options.yaml"
