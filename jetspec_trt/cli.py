@@ -77,14 +77,11 @@ def print_stats(stats, label: str = "") -> None:
     )
 
 
-def first_difference(a: list[int], b: list[int]) -> int:
-    """Index of the first token where a and b differ (the shorter length when one is a prefix of the other)."""
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-
-
 def run_prompt(engine, prompt: str, max_new_tokens: int, sampling: SamplingConfig, speculative: bool, chat: bool,
                verify: bool, tree: TreeConfig | None) -> bool:
     """Stream one prompt; with verify, also decode without speculation and compare. Returns identical-or-not."""
+    from jetspec_trt.bench.suites import first_difference
+
     for piece in engine.stream(prompt, max_new_tokens, sampling, speculative, chat, tree):
         click.echo(piece, nl=False)
         sys.stdout.flush()

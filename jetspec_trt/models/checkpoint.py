@@ -102,7 +102,9 @@ def _converted(state: dict[str, torch.Tensor], dtype: torch.dtype, device: str) 
     return out
 
 
-def _load_into(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+def load_checked(model: nn.Module, state: dict[str, torch.Tensor], source: Path) -> None:
+    """Load `state` into `model` (assign), after checking that names and shapes match; JetSpecError naming
+    `source` otherwise."""
     expected = {k: v for k, v in model.state_dict().items()}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -130,7 +132,7 @@ def _load_weights(model: TargetModel | DraftHead, state: dict[str, torch.Tensor]
         by_hf_name = split_fused(state, cfg)
     except JetSpecError as err:
         raise JetSpecError(f"{source}: {err}") from None
-    _load_into(model, by_hf_name, source)
+    load_checked(model, by_hf_name, source)
     for fused in fused_tensors(state):
         getattr(model.layers[fused.layer], fused.group.module).set_fused(fused.weight, fused.bias)
 

@@ -48,11 +48,7 @@ class FeatureStore:
         bar = tqdm(total=len(sequences), desc="target features", unit="seq", disable=not progress)
         for first, count in packs(lengths, pack_tokens):
             group = [sequences[i].ids for i in range(first, first + count)]
-            if count == 1:
-                out = target.prefill(group[0], cache, tuple(capture), logits="none")
-                hidden, captured = out.hidden, out.features
-            else:
-                hidden, captured = target.prefill_packed(group, cache, tuple(capture))
+            hidden, captured = target.prefill_packed(group, cache, tuple(capture))  # a group of one is causal
             n = hidden.shape[0]
             final_hidden[row : row + n] = hidden
             if capture:

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import dataclasses
 
+from pathlib import Path
+
 import torch
 from torch import nn
-
-from pathlib import Path
 
 from jetspec_trt.errors import JetSpecError
 from jetspec_trt.models.config import DecoderConfig
@@ -142,19 +142,11 @@ def init_head_shape(head_dir: Path, target_dir: Path, num_layers: int, block_siz
 
 
 def load_head_weights(head: DraftHead, head_dir: Path) -> None:
-    """Copy a trained head's tensors into `head` (same shape; each cast to the parameter's dtype)."""
-    from jetspec_trt.models.checkpoint import read_state_dict
+    """Load a trained head's tensors into `head` (same shape, checked; each cast to the head's dtype)."""
+    from jetspec_trt.models.checkpoint import load_checked, read_state_dict
 
-    state = read_state_dict(head_dir)
-    own = head.state_dict()
-    missing, extra = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if missing or extra:
-        raise JetSpecError(f"--init-head {head_dir}: tensors missing {missing[:3]}, unexpected {extra[:3]}")
-    for name, tensor in state.items():
-        if tuple(tensor.shape) != tuple(own[name].shape):
-            raise JetSpecError(f"--init-head {head_dir}: {name} has shape {tuple(tensor.shape)}, "
-                               f"the head needs {tuple(own[name].shape)}")
-    head.load_state_dict({name: t.to(own[name].dtype) for name, t in state.items()})
+    dtype = next(head.parameters()).dtype
+    load_checked(head, {name: t.to(dtype) for name, t in read_state_dict(head_dir).items()}, head_dir)
 
 
 def freeze(module: nn.Module) -> None:

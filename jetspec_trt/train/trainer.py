@@ -174,11 +174,10 @@ class Trainer:
         self.cfg = cfg
         self.target = target
         self.head = head
-        self.train_seqs = train_seqs
-        self.heldout = heldout
-        # One store over both: training rows are 0..len(train)-1, held-out rows follow.
+        # One store over both: training rows are 0..num_train-1, held-out rows follow.
         self.sequences = train_seqs + heldout
-        self.heldout_rows = list(range(len(train_seqs), len(self.sequences)))
+        self.num_train = len(train_seqs)
+        self.heldout_rows = list(range(self.num_train, len(self.sequences)))
         self.generator = generator
         self.device = device
         self.capture = head.spec.target_layer_ids
@@ -203,7 +202,7 @@ class Trainer:
         picked = []
         while len(picked) < self.cfg.batch_size:
             if not self.order:
-                self.order = torch.randperm(len(self.train_seqs), generator=self.generator).tolist()
+                self.order = torch.randperm(self.num_train, generator=self.generator).tolist()
             picked.append(self.order.pop(0))
         return picked
 
@@ -288,7 +287,7 @@ class Trainer:
         self.head.train(was_training)
         per_depth = (agree / total.clamp(min=1)).tolist()
         return {
-            "heldout_sequences": len(self.heldout),
+            "heldout_sequences": len(self.heldout_rows),
             "anchors": anchors,
             "top1_agreement_per_depth": [round(x, 4) for x in per_depth],
             "chain_tau_proxy": round(chain / max(1, anchors), 4),
