@@ -43,8 +43,10 @@ def tree_options(func):
 @click.option("--no-tune", is_flag=True, help="Skip timing tree-attention launch configs on this GPU.")
 @click.option("--no-decode-gemv", is_flag=True,
               help="Keep cuBLAS for the AR step's single-token GEMMs instead of the Triton GEMV kernel.")
+@click.option("--no-compile", is_flag=True,
+              help="Run the CUDA graphs' layers and tree/accept stages eager (no torch.compile at first use).")
 def build(target_dir, draft_dir, output_dir, budget, topk, max_depth, dtype, max_seq_len, overwrite, backend,
-          attention, no_fuse, no_tune, no_decode_gemv):
+          attention, no_fuse, no_tune, no_decode_gemv, no_compile):
     """Check a target/draft pair and write an engine directory."""
     if backend == "tensorrt":  # fail at once, before any check or write, where TensorRT is missing
         from jetspec_trt.builders.tensorrt_builder import require_tensorrt
@@ -57,7 +59,7 @@ def build(target_dir, draft_dir, output_dir, budget, topk, max_depth, dtype, max
     depth = max_depth if max_depth is not None else (spec.max_depth if spec else 1)
     config = BuildConfig(target_dir, draft_dir, output_dir, TreeConfig(budget, topk, depth), dtype, max_seq_len,
                          overwrite=overwrite, fuse=not no_fuse, tune=not no_tune,
-                         decode_gemv=not no_decode_gemv)
+                         decode_gemv=not no_decode_gemv, compile_graphs=not no_compile)
     if backend == "tensorrt":
         from jetspec_trt.builders.tensorrt_builder import build_tensorrt_engine
 

@@ -31,6 +31,8 @@ HUMANEVAL_INSTRUCTION = "Complete the following Python function. Reply with the 
 # ShareGPT first turns beyond this are mostly pasted documents and code dumps: poor training prompts, and
 # longer than the draft head's training context anyway.
 SHAREGPT_MAX_CHARS = 4000
+# A later turn's prompt carries the conversation before it; longer ones exceed the training context.
+SHAREGPT_TURNS_MAX_CHARS = 6000
 READ_CHARS = 1 << 20  # ShareGPT is read 1M characters at a time
 
 
@@ -147,12 +149,32 @@ def sharegpt_prompts() -> Iterator[Prompt]:
             yield Prompt("sharegpt", str(entry.get("id", "")), _user(text), text)
 
 
+def sharegpt_turn_prompts() -> Iterator[Prompt]:
+    """Every later human turn of each ShareGPT conversation, with the conversation before it as context (the
+    original assistant replies), for training: three times as many prompts as first turns, and multi-turn ones."""
+    roles = {"human": "user", "gpt": "assistant"}
+    with open(_file(SHAREGPT_FILE), encoding="utf-8") as f:
+        for entry in iter_json_array(f.read):
+            turns = entry.get("conversations") if isinstance(entry, dict) else None
+            messages: list[dict[str, str]] = []
+            for number, turn in enumerate(turns or ()):
+                role, text = roles.get(turn.get("from")), (turn.get("value") or "").strip()
+                if role is None or not text or (messages and messages[-1]["role"] == role):
+                    break  # an unknown speaker, an empty turn or two turns of one side: stop this conversation
+                messages = messages + [{"role": role, "content": text}]
+                if sum(len(m["content"]) for m in messages) > SHAREGPT_TURNS_MAX_CHARS:
+                    break
+                if role == "user" and len(messages) > 1:
+                    yield Prompt("sharegpt_turns", f"{entry.get('id', '')}-{number}", messages, text)
+
+
 SUITES: dict[str, Callable[[], Iterator[Prompt]]] = {
     "mtbench": mtbench_prompts,
     "math500": math500_prompts,
     "aime": aime_prompts,
     "humaneval": humaneval_prompts,
     "sharegpt": sharegpt_prompts,
+    "sharegpt_turns": sharegpt_turn_prompts,
 }
 
 
@@ -177,6 +199,7 @@ SUITE_FILES: dict[str, PackageFile] = {
     "aime": MMATH_FILE,
     "humaneval": HUMANEVAL_FILE,
     "sharegpt": SHAREGPT_FILE,
+    "sharegpt_turns": SHAREGPT_FILE,
 }
 
 

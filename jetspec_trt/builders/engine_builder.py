@@ -52,6 +52,7 @@ class BuildConfig:
     fuse: bool = True  # store q/k/v and gate/up pre-fused (False: the Hugging Face layout, as the source has it)
     tune: bool = True  # time tree-attention launch configs on this machine's GPU (skipped without CUDA)
     decode_gemv: bool = True  # CUDA AR step: single-token GEMMs through plugins.gemv (False: cuBLAS)
+    compile_graphs: bool = True  # CUDA: torch.compile layers and tree/accept stages inside the graphs
 
 
 def sha256_of(path: Path) -> str:
@@ -103,6 +104,7 @@ def runtime_config_for(pair: CheckedPair, cfg: BuildConfig) -> RuntimeConfig:
         eos_token_ids=pair.eos_token_ids,
         page_size=cfg.page_size,
         decode_gemv=cfg.decode_gemv,
+        compile_graphs=cfg.compile_graphs,
     )
 
 

@@ -86,6 +86,10 @@ class PairShape:
 PRESETS: dict[str, PairShape] = {
     # Qwen3-8B and the published JetSpec head for it (5 layers, block 16: about 1.05B parameters with fc).
     "qwen3-8b": PairShape(4096, 12288, 36, 32, 8, 128, 151936, 40960, 1000000.0, False, 5, 16, 151669, 151645),
+    # The default real pair's shape (Qwen2.5-Coder-0.5B, tied embeddings) with a 1-layer head, in Qwen3 layers:
+    # for timing the engine at the size where a round is launch-bound (Qwen2's q/k/v bias and Qwen3's q/k norm
+    # cost about the same).
+    "qwen2.5-0.5b": PairShape(896, 4864, 24, 14, 2, 64, 151936, 32768, 1000000.0, True, 1, 16, 151654, 151645),
     # A tiny Qwen3 with a byte-level vocabulary, for the quickstart and the tests.
     "tiny": PairShape(128, 256, 6, 4, 2, 32, 256 + len(TINY_SPECIALS), 2048, 10000.0, True, 2, 8, 259, 258, 0.15),
 }

@@ -46,12 +46,20 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, k_cache, v_cache, block_table, ctx_len, slots, tree_mask):
         """x [T, H]; the new tokens' K/V are written at flat `slots` of k_cache/v_cache [P, S, Hkv, D]."""
-        attn = self.self_attn
-        h = self.input_layernorm(x)
-        q, k, v = attn.query_key_value(h, cos, sin)
+        q, k, v = self.attention_inputs(x, cos, sin)
         write_kv(k_cache, v_cache, slots, k, v)
-        o = tree_attention(q, k_cache, v_cache, block_table, ctx_len, tree_mask, attn.scale)
-        x = x + attn.output(o.flatten(1))
+        o = tree_attention(q, k_cache, v_cache, block_table, ctx_len, tree_mask, self.self_attn.scale)
+        return self.finish(x, o)
+
+    # The attention seam: everything of the layer but the KV write and the attention itself, so a decoder with
+    # its own cache layout (runtime.batch_decode's batched static cache) runs the same layer body.
+    def attention_inputs(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """x [T, H] -> q [T, Hq, D], k and v [T, Hkv, D] (input norm, projections, q/k norm, RoPE)."""
+        return self.self_attn.query_key_value(self.input_layernorm(x), cos, sin)
+
+    def finish(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
+        """The residual stream after the attention output o [T, Hq, D]: o_proj residual, then the MLP residual."""
+        x = x + self.self_attn.output(o.flatten(1))
         return x + self.mlp(self.post_attention_layernorm(x))
 
 

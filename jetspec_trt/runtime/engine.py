@@ -69,7 +69,7 @@ class Engine:
         tokenizer = AutoTokenizer.from_pretrained(str(engine_dir / "target"), local_files_only=True)
         summary = {"weights": _weights_summary(engine_dir, cuda),
                    "kernel_tuning": _use_kernel_tuning(engine_dir, device)}
-        fast = GraphDecoder(target, draft, runtime) if cuda else None
+        fast = GraphDecoder(target, draft, runtime, compile_layers=runtime.compile_graphs) if cuda else None
         return cls(Decoder(target, draft, runtime), tokenizer, engine_dir, fast, summary)
 
     def encode(self, prompt: Prompt, chat: bool = False) -> list[int]:

@@ -18,7 +18,7 @@ import click
 @click.option("--max-new-tokens", type=int, default=512, show_default=True, help="Response length cap.")
 @click.option("--gen-temperature", type=float, default=0.0, show_default=True,
               help="Sampling temperature of the regenerated responses (0 = greedy).")
-@click.option("--gen-batch-size", type=int, default=32, show_default=True, help="Prompts per generate() call.")
+@click.option("--gen-batch-size", type=int, default=32, show_default=True, help="Rows the batched generator decodes together.")
 @click.option("--max-seq-len", type=int, default=2048, show_default=True, help="Prompt + response tokens kept.")
 @click.option("--steps", type=int, default=2000, show_default=True, help="Optimizer steps (0 = make data only).")
 @click.option("--batch-size", type=int, default=4, show_default=True, help="Sequences per step.")
@@ -32,9 +32,19 @@ import click
               help="Target layers whose hidden states feed the head: auto or e.g. 1,5,9.")
 @click.option("--mask-token-id", type=int, default=None,
               help="[default: the tokenizer's mask token, else a reserved special such as <|vision_pad|>]")
+@click.option("--loss", "loss_kind", type=click.Choice(["ce", "kl"]), default="ce", show_default=True,
+              help="ce: cross-entropy to the target's own next token (its greedy response); kl: forward KL from "
+                   "the target's distribution (2x the lm_head work, keeps the target's final hidden states).")
+@click.option("--loss-gamma", type=float, default=7.0, show_default=True,
+              help="Depth k's loss weight is exp(-(k-1)/gamma); 0 = uniform.")
+@click.option("--loss-backend", type=click.Choice(["auto", "torch", "liger"]), default="auto", show_default=True,
+              help="auto: liger-kernel's fused linear cross-entropy on CUDA when installed, else chunked torch.")
 @click.option("--temperature", type=float, default=1.0, show_default=True,
               help="Temperature of the target's distribution in the KL objective.")
-@click.option("--anchors-per-seq", type=int, default=32, show_default=True, help="Draft blocks per sequence.")
+@click.option("--anchors-per-seq", type=int, default=512, show_default=True,
+              help="Draft blocks per sequence and step (512: every response position of most sequences).")
+@click.option("--eval-every", type=int, default=0, show_default=True,
+              help="Held-out top-1 agreement per depth every N steps, into the card's curve (0: before/after only).")
 @click.option("--heldout", type=int, default=32, show_default=True,
               help="Sequences kept out for the acceptance proxy.")
 @click.option("--warm-start", is_flag=True, help="Copy the last target layers into the head where shapes agree.")
@@ -57,11 +67,13 @@ import click
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train_command(target_dir, output_dir, source, num_prompts, max_new_tokens, gen_temperature, gen_batch_size,
                   max_seq_len, steps, batch_size, lr, warmup_steps, weight_decay, grad_clip, block_size,
-                  num_layers, target_layer_ids, mask_token_id, temperature, anchors_per_seq, heldout, warm_start,
+                  num_layers, target_layer_ids, mask_token_id, loss_kind, loss_gamma, loss_backend, temperature,
+                  anchors_per_seq, eval_every, heldout, warm_start,
                   init_head, gen_time_budget_s, device, dtype, save_every, max_time_s, time_budget_s, resume,
                   overwrite, seed, quiet):
     """Train a draft head for TARGET on the target's own responses; write it in the published layout."""
     from jetspec_trt.train.data import DataConfig
+    from jetspec_trt.train.loss import LossConfig
     from jetspec_trt.train.trainer import TrainConfig, train
 
     data = DataConfig(source, num_prompts, max_new_tokens, gen_temperature, gen_batch_size, max_seq_len,
@@ -69,8 +81,9 @@ def train_command(target_dir, output_dir, source, num_prompts, max_new_tokens, g
     cfg = TrainConfig(
         target_dir, output_dir, data, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
         weight_decay=weight_decay, grad_clip=grad_clip, block_size=block_size, num_layers=num_layers,
-        target_layer_ids=target_layer_ids, mask_token_id=mask_token_id, temperature=temperature,
-        anchors_per_seq=anchors_per_seq, heldout=heldout, warm_start=warm_start, init_head=init_head,
+        target_layer_ids=target_layer_ids, mask_token_id=mask_token_id,
+        loss=LossConfig(loss_kind, temperature, loss_gamma or None, backend=loss_backend),
+        anchors_per_seq=anchors_per_seq, eval_every=eval_every, heldout=heldout, warm_start=warm_start, init_head=init_head,
         device=device, dtype=dtype, save_every=save_every, resume=resume, overwrite=overwrite, max_time_s=max_time_s,
         time_budget_s=time_budget_s, seed=seed, progress=not quiet,
     )
@@ -83,6 +96,8 @@ def train_command(target_dir, output_dir, source, num_prompts, max_new_tokens, g
         card = result.card
         before, after = card["acceptance_proxy"]["before"], card["acceptance_proxy"]["after"]
         click.echo(f"loss {card['loss']['first']:.4f} -> {card['loss']['final']:.4f}; held-out chain tau proxy "
-                   f"{(before or {}).get('chain_tau_proxy', float('nan')):.3f} -> {after['chain_tau_proxy']:.3f}",
+                   f"{(before or {}).get('chain_tau_proxy', float('nan')):.3f} -> {after['chain_tau_proxy']:.3f}; "
+                   f"depth-1 agreement {(before or {}).get('top1_agreement_per_depth', [float('nan')])[0]:.3f} -> "
+                   f"{after['top1_agreement_per_depth'][0]:.3f}",
                    err=True)
         click.echo(f"draft head written to {result.output_dir}")

@@ -1,15 +1,18 @@
 """Training data: prompts answered by the target itself (the paper's recipe), cached as token ids.
 
 Why regenerate: the head must predict what THIS target would say next, so the responses it learns from are
-the target's own (greedy by default, which is what greedy speculative decoding then has to match). Generation
-is batched with transformers' `generate` (left padding); every finished batch is appended to a jsonl cache
-in the output directory, so an interrupted run resumes where it stopped and a re-run with the same settings
-skips generation entirely. The cache file name is a hash of everything that changes its content.
+the target's own (greedy, which is what greedy speculative decoding then has to match). Generation runs on
+runtime.batch_decode's BatchDecoder (many rows, continuous batching, the step as one CUDA graph); every
+finished response is appended to a jsonl cache in the output directory, so an interrupted run resumes where it
+stopped and a re-run with the same settings skips generation entirely. The cache file name is a hash of
+everything that changes its content.
 """
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import itertools
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -21,18 +24,20 @@ from tqdm import tqdm
 from jetspec_trt.errors import JetSpecError
 
 DATA_DIR = "data"
-PROMPT_SUITES = ("sharegpt", "mtbench", "math500", "aime", "humaneval")
+PROMPT_SUITES = ("sharegpt", "sharegpt_turns", "mtbench", "math500", "aime", "humaneval")
 
 
 @dataclass(frozen=True)
 class DataConfig:
-    source: str = "sharegpt"  # a prompt suite of jetspec_trt.bench.datasets, or a .jsonl file of prompts
+    # A prompt suite of jetspec_trt.bench.datasets, a .jsonl file of prompts, or several of either separated by
+    # commas (taken in turns, so that any prefix, e.g. what a generation time budget reaches, is a mix).
+    source: str = "sharegpt"
     num_prompts: int = 1000
     max_new_tokens: int = 512
-    gen_temperature: float = 0.0  # 0 = greedy responses
-    gen_batch_size: int = 32
+    gen_temperature: float = 0.0  # 0 = greedy responses, the only mode generation supports
+    gen_batch_size: int = 32  # rows decoded together (BatchDecoder's max_batch)
     max_seq_len: int = 2048  # prompt + response; longer sequences are cut (prompts longer than this dropped)
-    # Stop generating after this many seconds (checked after each batch) and use what is cached; a later run
+    # Stop admitting prompts after this many seconds (rows in flight finish) and use what is cached; a later run
     # with the same settings generates the rest. For fixed-size GPU leases. Not part of the cache key.
     gen_time_budget_s: float | None = None
 
@@ -56,14 +61,24 @@ class TrainSequence:
 
 
 def load_prompt_messages(source: str, limit: int) -> list[list[dict]]:
-    """Chat messages of up to `limit` prompts from a suite name or a jsonl file.
+    """Chat messages of up to `limit` prompts from a suite name or a jsonl file, or from several of them
+    (comma-separated), interleaved one from each in turn until `limit` or all are used up.
 
-    A jsonl line is {"messages": [{"role": ..., "content": ...}, ...]} or {"prompt": "..."}.
+    A jsonl line (plain or .jsonl.gz) is {"messages": [{"role": ..., "content": ...}, ...]} or {"prompt": "..."}.
     """
     if limit < 1:
         raise JetSpecError(f"--num-prompts must be >= 1, got {limit}")
+    sources = [part.strip() for part in source.split(",")]
+    if len(sources) > 1:
+        lists = [_one_source(part, limit) for part in sources]
+        mixed = [p for group in itertools.zip_longest(*lists) for p in group if p is not None]
+        return mixed[:limit]
+    return _one_source(source, limit)
+
+
+def _one_source(source: str, limit: int) -> list[list[dict]]:
     path = Path(source)
-    if source.endswith(".jsonl") or path.is_file():
+    if source.endswith((".jsonl", ".jsonl.gz")) or path.is_file():
         return _prompts_from_jsonl(path, limit)
     if source not in PROMPT_SUITES:
         raise JetSpecError(f"--data must be one of {', '.join(PROMPT_SUITES)} or a .jsonl file, got {source!r}")
@@ -78,7 +93,8 @@ def _prompts_from_jsonl(path: Path, limit: int) -> list[list[dict]]:
     if not path.is_file():
         raise JetSpecError(f"prompt file {path} does not exist")
     prompts = []
-    with open(path, encoding="utf-8") as handle:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as handle:
         for number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
@@ -118,11 +134,13 @@ def cache_key(target_dir: Path, cfg: DataConfig, seed: int) -> str:
     digest.update((target_dir / "config.json").read_bytes())
     for f in sorted(target_dir.glob("*.safetensors")):
         digest.update(f"{f.name}:{f.stat().st_size}".encode())
-    source = cfg.source
-    if Path(source).is_file():
-        digest.update(Path(source).read_bytes())
-        source = Path(source).name
-    settings = asdict(cfg) | {"source": source, "seed": seed}
+    parts = []
+    for part in cfg.source.split(","):
+        if Path(part.strip()).is_file():  # a prompt file counts by its content, not its path
+            digest.update(Path(part.strip()).read_bytes())
+            part = Path(part.strip()).name
+        parts.append(part.strip())
+    settings = asdict(cfg) | {"source": ",".join(parts), "seed": seed}
     settings.pop("gen_batch_size")  # batching does not change greedy output (up to numerics)
     settings.pop("gen_time_budget_s")  # how long one run may generate, not what it generates
     digest.update(json.dumps(settings, sort_keys=True).encode())
@@ -154,87 +172,101 @@ def _eos_ids(target_dir: Path, tokenizer) -> list[int]:
     return ids
 
 
-def _cut_at_eos(tokens: list[int], eos: set[int]) -> tuple[list[int], str]:
-    for i, t in enumerate(tokens):
-        if t in eos:
-            return tokens[: i + 1], "stop"
-    return tokens, "length"
+@dataclass(frozen=True)
+class GenerationStats:
+    """What one generate_responses call generated (0 prompts when the cache held everything)."""
+
+    prompts: int
+    new_tokens: int
+    seconds: float  # decoding wall time, prefills included; model load and graph capture excluded
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return self.new_tokens / self.seconds if self.seconds > 0 else None
+
+    def as_dict(self) -> dict:
+        rate = self.tokens_per_s
+        return asdict(self) | {"seconds": round(self.seconds, 3),
+                               "tokens_per_s": None if rate is None else round(rate, 1)}
+
+
+def settings_path(cache_path: Path) -> Path:
+    """The settings file next to a responses cache (responses-<key>.json beside responses-<key>.jsonl)."""
+    return Path(cache_path).with_suffix(".json")
+
+
+def generation_stats(cache_path: Path) -> dict | None:
+    """The last generate_responses call's GenerationStats.as_dict() for this cache (its settings file's
+    "generation" entry), e.g. for a training card's generation_tokens_per_s; None if it has none."""
+    path = settings_path(cache_path)
+    return json.loads(path.read_text()).get("generation") if path.is_file() else None
 
 
 def generate_responses(target_dir: Path, cfg: DataConfig, out_dir: Path, device: str, dtype: torch.dtype,
                        seed: int, progress: bool = True) -> tuple[list[TrainSequence], Path]:
-    """Sequences for training: cached ones are read back, missing ones generated by the target (batched)."""
-    from transformers import AutoTokenizer, GenerationConfig
+    """Sequences for training: cached ones are read back, missing ones generated by the target (batched).
 
-    from jetspec_trt.models.checkpoint import load_hf_model
+    The call's GenerationStats go into the settings file as "generation" (read back with generation_stats)."""
+    from transformers import AutoTokenizer
 
+    from jetspec_trt.models.checkpoint import load_target
+    from jetspec_trt.runtime.batch_decode import BatchDecodeConfig, BatchDecoder
+
+    if cfg.gen_temperature > 0:
+        raise JetSpecError("--gen-temperature > 0 is not supported: response generation is greedy only")
     target_dir = Path(target_dir)
     data_dir = Path(out_dir) / DATA_DIR
     data_dir.mkdir(parents=True, exist_ok=True)
     key = cache_key(target_dir, cfg, seed)
     cache_path = data_dir / f"responses-{key}.jsonl"
-    (data_dir / f"responses-{key}.json").write_text(
-        json.dumps(asdict(cfg) | {"seed": seed, "target": str(target_dir.resolve())}, indent=2) + "\n")
+    settings = asdict(cfg) | {"seed": seed, "target": str(target_dir.resolve())}
+    settings_path(cache_path).write_text(json.dumps(settings, indent=2) + "\n")
 
     tokenizer = AutoTokenizer.from_pretrained(str(target_dir), local_files_only=True)
     messages = load_prompt_messages(cfg.source, cfg.num_prompts)
     prompts = [encode_prompt(tokenizer, m) for m in messages]
     done = _read_cache(cache_path)
     todo = [i for i in range(len(prompts)) if i not in done and len(prompts[i]) < cfg.max_seq_len - 1]
+    stats = GenerationStats(0, 0, 0.0)
     if todo:
         # Rewrite the cache without a torn last line before appending to it.
         with open(cache_path, "w", encoding="utf-8") as handle:
             for i in sorted(done):
                 handle.write(json.dumps(done[i]) + "\n")
-        model = load_hf_model(target_dir, dtype)  # either layout: a plain checkpoint or an engine's fused target/
-        model = model.to(device).eval()
         eos = _eos_ids(target_dir, tokenizer)
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos[0]
-        # A fresh GenerationConfig, not the checkpoint's: instruct checkpoints ship sampling defaults and a
-        # repetition penalty that our engine's decoding does not apply, and the data must match the engine.
-        sampling = {"do_sample": True, "temperature": cfg.gen_temperature, "top_p": 1.0, "top_k": 0}
-        model.generation_config = GenerationConfig(
-            max_new_tokens=cfg.max_new_tokens, repetition_penalty=1.0, eos_token_id=eos, pad_token_id=pad,
-            **(sampling if cfg.gen_temperature > 0 else {"do_sample": False}),
-        )
-        torch.manual_seed(seed)
-        # Longest first, so that batches hold prompts of similar length (less padding) and a memory problem
-        # shows in the first batch rather than the last.
+        # Longest first: a memory problem shows at once, and the short prompts fill the rows freed at the end.
         todo.sort(key=lambda i: -len(prompts[i]))
+        # Rows need no more slots than the longest prompt plus its response (attention reads every slot), and
+        # no more than max_seq_len: responses are cut there for training anyway (truncate).
+        row_len = min(cfg.max_seq_len, len(prompts[todo[0]]) + cfg.max_new_tokens)
+        # Either layout (a plain checkpoint or an engine's target/); fused q/k/v and gate/up GEMMs on the GPU.
+        target = load_target(target_dir, dtype, device, fused_gemm=device.startswith("cuda"))
+        decoder = BatchDecoder(target, BatchDecodeConfig(max_batch=min(cfg.gen_batch_size, len(todo)),
+                                                         max_seq_len=row_len))
         bar = tqdm(total=len(todo), desc="generating responses", unit="prompt", disable=not progress)
-        deadline = None if cfg.gen_time_budget_s is None else time.perf_counter() + cfg.gen_time_budget_s
+        started = time.perf_counter()
+        generated = new_tokens = 0
         with open(cache_path, "a", encoding="utf-8") as handle:
-            for start in range(0, len(todo), cfg.gen_batch_size):
-                if deadline is not None and time.perf_counter() >= deadline:
-                    tqdm.write(f"--gen-time-budget {cfg.gen_time_budget_s:g} s reached: {len(todo) - start} "
-                               f"prompts left ungenerated; training on the {len(done)} cached responses")
-                    break
-                batch = todo[start : start + cfg.gen_batch_size]
-                for i, response in zip(batch, _generate_batch(model, [prompts[i] for i in batch], pad, device)):
-                    response, finish = _cut_at_eos(response, set(eos))
-                    done[i] = {"index": i, "prompt_ids": prompts[i], "response_ids": response, "finish": finish}
-                    handle.write(json.dumps(done[i]) + "\n")
+            for index, response, finish in decoder.generate([prompts[i] for i in todo], cfg.max_new_tokens, eos,
+                                                             deadline_s=cfg.gen_time_budget_s):
+                i = todo[index]
+                done[i] = {"index": i, "prompt_ids": prompts[i], "response_ids": response, "finish": finish}
+                handle.write(json.dumps(done[i]) + "\n")
                 handle.flush()
-                bar.update(len(batch))
+                generated, new_tokens = generated + 1, new_tokens + len(response)
+                bar.update(1)
+        stats = GenerationStats(generated, new_tokens, time.perf_counter() - started)
         bar.close()
-        del model
+        if generated < len(todo):
+            tqdm.write(f"--gen-time-budget {cfg.gen_time_budget_s:g} s reached: {len(todo) - generated} prompts left "
+                       f"ungenerated; training on the {len(done)} cached responses")
+        del decoder, target
         if device.startswith("cuda"):
             torch.cuda.empty_cache()
+    settings_path(cache_path).write_text(json.dumps(settings | {"generation": stats.as_dict()}, indent=2) + "\n")
     sequences = [TrainSequence(done[i]["prompt_ids"], done[i]["response_ids"])
                  for i in sorted(done) if i < len(prompts)]
     return [s for s in (truncate(s, cfg.max_seq_len) for s in sequences) if s is not None], cache_path
-
-
-@torch.no_grad()
-def _generate_batch(model, prompts: list[list[int]], pad: int, device: str) -> list[list[int]]:
-    width = max(len(p) for p in prompts)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros((len(prompts), width), dtype=torch.long)
-    for row, p in enumerate(prompts):  # left padding: every prompt ends where generation starts
-        ids[row, width - len(p):] = torch.tensor(p)
-        mask[row, width - len(p):] = 1
-    out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device))
-    return [row.tolist() for row in out[:, width:].cpu()]
 
 
 def truncate(seq: TrainSequence, max_len: int) -> TrainSequence | None:

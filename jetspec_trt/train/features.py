@@ -1,9 +1,10 @@
 """The frozen target's outputs for every training sequence, computed once and kept on the device.
 
 The target never changes during training, so running it again every step (as a naive loop does) only burns
-time: one pass per sequence up front gives each token's fused context features (the head's input) and its
-final normed hidden state, from which `lm_head` recomputes the teacher's logits for just the rows a step needs.
-Storing logits instead would cost vocab/hidden (170x for Qwen) more memory.
+time: one pass per sequence up front gives each token's fused context features (the head's input) and, for the
+KL objective, its final normed hidden state, from which `lm_head` recomputes the teacher's logits for just the
+rows a step needs. Storing logits instead would cost vocab/hidden (170x for Qwen) more memory. The
+cross-entropy objective needs only the token ids (its labels), kept here too.
 
 A step then gathers its sequences' rows into a padded batch with one index_select.
 """
@@ -22,19 +23,21 @@ from jetspec_trt.train.data import TrainSequence
 @dataclass
 class FeatureStore:
     features: torch.Tensor  # [total_tokens, n_ids * H]: the head's context features
-    final_hidden: torch.Tensor  # [total_tokens, H]: target.norm(last layer) -> lm_head gives the teacher
+    final_hidden: torch.Tensor | None  # [total_tokens, H]: target.norm(last layer) -> lm_head gives the teacher
+    tokens: torch.Tensor  # [total_tokens] long: the sequences' token ids (labels of the cross-entropy loss)
     offsets: torch.Tensor  # [num_sequences] long, first row of each sequence (on the store's device)
     lengths: torch.Tensor  # [num_sequences] long
 
     @classmethod
     @torch.no_grad()
     def build(cls, target: TargetModel, sequences: list[TrainSequence], capture: tuple[int, ...],
-              progress: bool = True, pack_tokens: int = 0) -> "FeatureStore":
+              progress: bool = True, pack_tokens: int = 0, keep_hidden: bool = True) -> "FeatureStore":
         """One causal target pass over every sequence (no lm_head: the teacher's logits come later, per step).
 
         pack_tokens > 0: consecutive sequences go through the target together, up to that many tokens per
         forward (TargetModel.prefill_packed; a longer sequence runs alone). Same features up to rounding, far
         fewer forwards: at batch 1 a 0.5B target's forward over a few hundred tokens is launch-bound.
+        keep_hidden=False drops the final hidden states (only the KL teacher needs them).
         """
         device = target.embed_tokens.weight.device
         dtype = target.embed_tokens.weight.dtype
@@ -42,7 +45,7 @@ class FeatureStore:
         lengths = [len(s) for s in sequences]
         total = sum(lengths)
         features = torch.empty(total, len(capture) * hidden_size, dtype=dtype, device=device)
-        final_hidden = torch.empty(total, hidden_size, dtype=dtype, device=device)
+        final_hidden = torch.empty(total, hidden_size, dtype=dtype, device=device) if keep_hidden else None
         cache = target.new_cache(max(max(lengths), pack_tokens), page_size=64)
         row = 0
         bar = tqdm(total=len(sequences), desc="target features", unit="seq", disable=not progress)
@@ -50,26 +53,31 @@ class FeatureStore:
             group = [sequences[i].ids for i in range(first, first + count)]
             hidden, captured = target.prefill_packed(group, cache, tuple(capture))  # a group of one is causal
             n = hidden.shape[0]
-            final_hidden[row : row + n] = hidden
+            if final_hidden is not None:
+                final_hidden[row : row + n] = hidden
             if capture:
                 features[row : row + n] = captured
             row += n
             bar.update(count)
         bar.close()
         offsets = torch.tensor([0] + lengths[:-1], device=device).cumsum(0)
-        return cls(features, final_hidden, offsets, torch.tensor(lengths, device=device))
+        tokens = torch.tensor([t for s in sequences for t in s.ids], dtype=torch.long, device=device)
+        return cls(features, final_hidden, tokens, offsets, torch.tensor(lengths, device=device))
 
     def padded_features(self, rows: list[int]) -> torch.Tensor:
         """[len(rows), max length, F]: the sequences' features, zero past each one's end."""
         index, valid = self._index(rows)
         return self.features[index] * valid[..., None].to(self.features.dtype)
 
+    def flat_index(self, rows: list[int], positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        """Store rows of `positions` [N, K, D] of sequences `rows`, valid entries only (boolean-mask order)."""
+        return (self.offsets[rows][:, None, None] + positions)[valid]
+
     def teacher_logits(self, lm_head: torch.nn.Linear, rows: list[int], positions: torch.Tensor,
                        valid: torch.Tensor) -> torch.Tensor:
         """Float32 logits of the target at `positions` [N, K, D] of sequences `rows`, for valid entries only
         (boolean-mask order)."""
-        picked = (self.offsets[rows][:, None, None] + positions)[valid]
-        return lm_head(self.final_hidden[picked]).float()
+        return lm_head(self.final_hidden[self.flat_index(rows, positions, valid)]).float()
 
     def _index(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         lengths = self.lengths[rows]

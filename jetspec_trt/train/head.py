@@ -124,7 +124,8 @@ def init_head_shape(head_dir: Path, target_dir: Path, num_layers: int, block_siz
                     mask_token_id: int | None) -> HeadShape:
     """The shape of a trained head to continue training from, checked against the target (the same checks as
     `jetspec-trt build`) and against the shape flags, which must agree with it or stay at their defaults
-    (num_layers 1, block_size 16, target_layer_ids 'auto', mask_token_id None)."""
+    (num_layers 1, block_size 16, target_layer_ids 'auto', mask_token_id None). A larger --num-layers grows
+    the head (load_head_weights adds the new layers as identities)."""
     from jetspec_trt.builders.validate import check_pair
 
     pair = check_pair(target_dir, head_dir)
@@ -132,6 +133,8 @@ def init_head_shape(head_dir: Path, target_dir: Path, num_layers: int, block_siz
     shape = HeadShape(pair.draft.num_layers, spec.block_size, tuple(spec.target_layer_ids), spec.mask_token_id)
     ids = None if target_layer_ids.strip() == "auto" else parse_layer_ids(target_layer_ids, spec.num_target_layers,
                                                                             shape.num_layers)
+    if num_layers > shape.num_layers:
+        shape = dataclasses.replace(shape, num_layers=num_layers)
     for flag, given, default, have in (("--num-layers", num_layers, 1, shape.num_layers),
                                        ("--block-size", block_size, 16, shape.block_size),
                                        ("--target-layer-ids", ids, None, shape.target_layer_ids),
@@ -141,12 +144,25 @@ def init_head_shape(head_dir: Path, target_dir: Path, num_layers: int, block_siz
     return shape
 
 
-def load_head_weights(head: DraftHead, head_dir: Path) -> None:
-    """Load a trained head's tensors into `head` (same shape, checked; each cast to the head's dtype)."""
+def load_head_weights(head: DraftHead, head_dir: Path) -> list[int]:
+    """Load a trained head's tensors into `head` (same shape, checked; each cast to the head's dtype).
+
+    A head with more layers than the checkpoint grows: the stored layers fill the first ones, and each new
+    layer keeps its random init but with zero o_proj and down_proj, so it adds nothing to the residual stream
+    and the grown head computes exactly what the trained one did; training then decides what it adds.
+    Returns the indices of the new layers."""
     from jetspec_trt.models.checkpoint import load_checked, read_state_dict
 
     dtype = next(head.parameters()).dtype
-    load_checked(head, {name: t.to(dtype) for name, t in read_state_dict(head_dir).items()}, head_dir)
+    state = {name: t.to(dtype) for name, t in read_state_dict(head_dir).items()}
+    stored = 1 + max((int(name.split(".")[1]) for name in state if name.startswith("layers.")), default=-1)
+    grown = list(range(stored, len(head.layers)))
+    for name, tensor in head.state_dict().items():
+        if name.startswith("layers.") and int(name.split(".")[1]) in grown:
+            zero = name.endswith(("self_attn.o_proj.weight", "mlp.down_proj.weight"))
+            state[name] = torch.zeros_like(tensor) if zero else tensor.clone()
+    load_checked(head, state, head_dir)
+    return grown
 
 
 def freeze(module: nn.Module) -> None:

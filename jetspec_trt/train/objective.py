@@ -14,8 +14,8 @@ Training runs MANY blocks of a sequence in one pass, with the same math:
 Every projection, norm and MLP is the head's own submodule, so the trained weights are exactly what propose()
 uses; tests compare the two paths' logits.
 
-Loss: forward KL(p_target^T || q_head) at every block position with uniform weights, where the teacher for
-depth i of anchor a is the target's next-token distribution at position a+i-1 over the real sequence.
+Loss (train/loss.py): at every block position, cross-entropy to the token at a+i or forward KL from the
+target's next-token distribution at position a+i-1 over the real sequence, with depth-decayed weights.
 """
 
 from __future__ import annotations
@@ -133,9 +133,3 @@ def depth_logits(head: DraftHead, target: TargetModel, batch: BlockBatch) -> tor
     hidden = block_hidden(head, target, batch)[:, :, 1:]
     return target.lm_head(hidden.to(target.lm_head.weight.dtype)).float()
 
-
-def distill_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Mean over rows of KL(softmax(teacher / T) || softmax(student)), in float32."""
-    teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
-    student = F.log_softmax(student_logits.float(), dim=-1)
-    return F.kl_div(student, teacher, log_target=True, reduction="none").sum(-1).mean()

@@ -26,11 +26,12 @@ from jetspec_trt.models.checkpoint import load_target, parse_dtype, save_draft
 from jetspec_trt.models.config import DecoderConfig, load_hf_config
 from jetspec_trt.models.draft import DraftHead
 from jetspec_trt.models.target import TargetModel
-from jetspec_trt.train.data import DataConfig, TrainSequence, generate_responses, split_heldout
+from jetspec_trt.train.data import DataConfig, TrainSequence, generate_responses, generation_stats, split_heldout
 from jetspec_trt.train.features import FeatureStore
 from jetspec_trt.train.head import (choose_mask_token, freeze, init_head_shape, load_head_weights, new_head,
                                     parse_layer_ids, rope_theta, warm_start_from_target)
-from jetspec_trt.train.objective import BlockBatch, block_hidden, depth_valid, distill_loss, sample_anchors
+from jetspec_trt.train.loss import LossConfig, chunked_argmax, depth_weights, head_loss, resolve_backend
+from jetspec_trt.train.objective import BlockBatch, block_hidden, depth_valid, sample_anchors
 
 CHECKPOINT_DIR = "checkpoints"
 CARD = "training_card.json"
@@ -40,6 +41,7 @@ CARD = "training_card.json"
 PLAN_AT_STEPS = (20, 200)
 EVAL_SEED = 12345  # the held-out anchors are the same before and after training, and across runs
 BETAS = (0.9, 0.95)
+CURVE_DEPTHS = (1, 2, 4, 8, 15)  # depths whose held-out agreement the card's curve follows during training
 
 
 @dataclass(frozen=True)
@@ -57,10 +59,13 @@ class TrainConfig:
     num_layers: int = 1
     target_layer_ids: str = "auto"
     mask_token_id: int | None = None  # None: the tokenizer's mask token or a reserved special
-    temperature: float = 1.0  # of the target's distribution in the KL
-    anchors_per_seq: int = 32
+    loss: LossConfig = field(default_factory=LossConfig)
+    # Draft blocks per sequence and step; 512 covers every response position of most sequences, so one
+    # target pass (the feature store) supervises every anchor the data has.
+    anchors_per_seq: int = 512
     heldout: int = 32  # sequences kept out of training for the acceptance proxy
     eval_anchors: int = 64  # anchors per held-out sequence
+    eval_every: int = 0  # held-out agreement per depth every this many steps (0: only before and after)
     warm_start: bool = False  # copy the last target layers into the head where shapes agree
     # Start from a trained head (published layout) instead of a random one: continue training it on new data
     # or with a new schedule. Its shape (layers, block size, target layer ids, mask token) is the run's shape.
@@ -86,9 +91,9 @@ class TrainConfig:
             (self.steps >= 0, f"--steps must be >= 0, got {self.steps}"),
             (self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}"),
             (self.lr > 0, f"--lr must be > 0, got {self.lr}"),
-            (self.temperature > 0, f"--temperature must be > 0, got {self.temperature}"),
             (self.anchors_per_seq >= 1, f"--anchors-per-seq must be >= 1, got {self.anchors_per_seq}"),
             (self.save_every >= 1, f"--save-every must be >= 1, got {self.save_every}"),
+            (self.eval_every >= 0, f"--eval-every must be >= 0, got {self.eval_every}"),
             (self.time_budget_s is None or self.time_budget_s > 0,
              f"--time-budget must be > 0 seconds, got {self.time_budget_s}"),
             (self.data.max_new_tokens >= 2, f"--max-new-tokens must be >= 2, got {self.data.max_new_tokens}"),
@@ -102,6 +107,7 @@ class TrainConfig:
         for ok, message in checks:
             if not ok:
                 raise JetSpecError(message)
+        self.loss.validate()
 
     def feature_pack_tokens_on(self, device: str) -> int:
         if self.feature_pack_tokens is not None:
@@ -168,6 +174,18 @@ def load_checkpoint(path: Path) -> dict:
 # ------------------------------------------------------------------------------------------------- the trainer
 
 
+@dataclass
+class StepRows:
+    """A step's block batch and its supervised rows: every valid (sequence, anchor, depth), in the boolean-mask
+    order of `valid` [N, K, B-1]."""
+
+    batch: BlockBatch
+    valid: torch.Tensor
+    depth: torch.Tensor  # [R] long, 0-based depth of each row
+    labels: torch.Tensor  # [R] long, the token each row predicts
+    teacher_hidden: torch.Tensor | None  # [R, H] the target's final normed hidden state there (KL loss only)
+
+
 class Trainer:
     def __init__(self, cfg: TrainConfig, target: TargetModel, head: DraftHead, train_seqs: list[TrainSequence],
                  heldout: list[TrainSequence], generator: torch.Generator, device: str):
@@ -182,8 +200,10 @@ class Trainer:
         self.device = device
         self.capture = head.spec.target_layer_ids
         self.store = FeatureStore.build(target, self.sequences, self.capture, cfg.progress,
-                                        cfg.feature_pack_tokens_on(device))
+                                        cfg.feature_pack_tokens_on(device), keep_hidden=cfg.loss.kind == "kl")
         self.autocast = device.startswith("cuda") and target.embed_tokens.weight.dtype != torch.float32
+        self.loss_backend = resolve_backend(cfg.loss, device)
+        self.depth_weights = depth_weights(head.spec.block_size - 1, cfg.loss.decay_gamma).to(device)
         self.optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, betas=BETAS,
                                            weight_decay=cfg.weight_decay)
         self.total_steps = cfg.steps  # lowered by plan_steps() under a time budget
@@ -191,6 +211,8 @@ class Trainer:
             self.optimizer, lambda s: lr_factor(s, cfg.warmup(self.total_steps), self.total_steps))
         self.step = 0
         self.losses: list[float] = []
+        self.positions = 0  # supervised (anchor, depth) rows so far
+        self.curve: list[dict] = []  # held-out agreement during training (eval_every)
         self.order: list[int] = []  # the epoch's shuffled sequence indices, consumed from the front
         self.elapsed_s = 0.0
         self.proxy_before: dict | None = None
@@ -209,48 +231,50 @@ class Trainer:
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast)
 
-    def teacher_batch(self, rows: list[int], anchors_per_seq: int, generator: torch.Generator
-                      ) -> tuple[BlockBatch, torch.Tensor, torch.Tensor]:
-        """The block batch of sequences `rows` (indices into self.sequences), the valid-depth mask and the
-        teacher logits of the valid (sequence, anchor, depth) rows in boolean-mask order."""
+    def step_rows(self, rows: list[int], anchors_per_seq: int, generator: torch.Generator) -> StepRows:
+        """The block batch of sequences `rows` (indices into self.sequences) and, for every valid (anchor,
+        depth) in boolean-mask order, its depth, its label (the token the depth predicts) and, for the KL
+        loss, the target's final hidden state at the teacher position."""
         block = self.head.spec.block_size
         seqs = [self.sequences[r] for r in rows]
         anchors = [sample_anchors(len(s.prompt_ids), len(s), anchors_per_seq, generator) for s in seqs]
         n, k = len(seqs), max(1, max(len(a) for a in anchors))
         anchor_t = torch.zeros(n, k, dtype=torch.long)
         anchor_valid = torch.zeros(n, k, dtype=torch.bool)
-        anchor_tokens = torch.zeros(n, k, dtype=torch.long)
-        for row, (picks, s) in enumerate(zip(anchors, seqs)):
+        for row, picks in enumerate(anchors):
             anchor_t[row, : len(picks)] = torch.tensor(picks, dtype=torch.long)
             anchor_valid[row, : len(picks)] = True
-            anchor_tokens[row, : len(picks)] = torch.tensor([s.ids[a] for a in picks], dtype=torch.long)
         lengths = torch.tensor([len(s) for s in seqs], device=self.device)
         anchor_t, anchor_valid = anchor_t.to(self.device), anchor_valid.to(self.device)
+        store = self.store
+        anchor_tokens = store.tokens[store.offsets[rows][:, None] + anchor_t]
         valid = depth_valid(anchor_t, anchor_valid, lengths, block)
+        # depth i (1-based) of anchor a: the teacher is the target at position a+i-1, the label the token a+i
         teacher_pos = anchor_t[:, :, None] + torch.arange(block - 1, device=self.device)
-        batch = BlockBatch(self.store.padded_features(rows), lengths, anchor_t, anchor_tokens.to(self.device),
-                           anchor_valid)
-        with torch.no_grad():
-            teacher = self.store.teacher_logits(self.target.lm_head, rows, teacher_pos, valid)
-        return batch, valid, teacher
+        teacher_rows = store.flat_index(rows, teacher_pos, valid)
+        depth = torch.arange(block - 1, device=self.device).expand(valid.shape)[valid]
+        batch = BlockBatch(store.padded_features(rows), lengths, anchor_t, anchor_tokens, anchor_valid)
+        teacher = None if store.final_hidden is None else store.final_hidden[teacher_rows]
+        return StepRows(batch, valid, depth, store.tokens[teacher_rows + 1], teacher)
 
-    def student_logits(self, batch: BlockBatch, valid: torch.Tensor) -> torch.Tensor:
-        hidden = block_hidden(self.head, self.target, batch)[:, :, 1:][valid]
-        lm_head = self.target.lm_head
-        return lm_head(hidden.to(lm_head.weight.dtype))
+    def head_hidden(self, rows: StepRows) -> torch.Tensor:
+        """[R, H] the head's normed hidden states at every valid (anchor, depth)."""
+        return block_hidden(self.head, self.target, rows.batch)[:, :, 1:][rows.valid]
 
     # -- one optimisation step
 
     def train_step(self) -> float:
-        batch, valid, teacher = self.teacher_batch(self.next_indices(), self.cfg.anchors_per_seq, self.generator)
+        rows = self.step_rows(self.next_indices(), self.cfg.anchors_per_seq, self.generator)
         with self._autocast():
-            loss = distill_loss(self.student_logits(batch, valid), teacher, self.cfg.temperature)
+            loss = head_loss(self.head_hidden(rows), self.target.lm_head.weight, rows.depth, self.depth_weights,
+                             rows.labels, rows.teacher_hidden, self.cfg.loss, self.loss_backend)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.head.parameters(), self.cfg.grad_clip)
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
+        self.positions += int(rows.depth.shape[0])
         value = loss.detach().item()
         self.losses.append(value)
         return value
@@ -259,31 +283,36 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict:
-        """Acceptance proxy on the held-out sequences: per-depth top-1 agreement of the head with the target's
-        argmax, and the mean accepted length of a width-1 chain (leading agreements + the bonus token)."""
+        """Acceptance proxy on the held-out sequences: per-depth top-1 agreement of the head with the token
+        the target wrote there (for greedy responses: the target's argmax, what greedy verification accepts),
+        the mean accepted length of a width-1 chain (leading agreements + the bonus token), and the loss."""
         block = self.head.spec.block_size
         was_training = self.head.training
         self.head.eval()
         generator = torch.Generator().manual_seed(EVAL_SEED)
         agree = torch.zeros(block - 1, dtype=torch.float64)
         total = torch.zeros(block - 1, dtype=torch.float64)
-        chain, anchors, kl_sum, rows = 0.0, 0, 0.0, 0
+        chain, anchors, loss_sum, weight_sum = 0.0, 0, 0.0, 0.0
+        lm_weight = self.target.lm_head.weight
         for row in self.heldout_rows:
-            batch, valid, teacher = self.teacher_batch([row], self.cfg.eval_anchors, generator)
+            rows = self.step_rows([row], self.cfg.eval_anchors, generator)
+            valid = rows.valid
             if not bool(valid.any()):
                 continue
             with self._autocast():
-                student = self.student_logits(batch, valid).float()
-            kl_sum += float(distill_loss(student, teacher, self.cfg.temperature)) * student.shape[0]
-            rows += student.shape[0]
+                hidden = self.head_hidden(rows)
+                loss = head_loss(hidden, lm_weight, rows.depth, self.depth_weights, rows.labels,
+                                 rows.teacher_hidden, self.cfg.loss)
+            weight = float(self.depth_weights[rows.depth].sum())
+            loss_sum, weight_sum = loss_sum + float(loss) * weight, weight_sum + weight
             hits = torch.zeros(valid.shape, dtype=torch.bool, device=valid.device)
-            hits[valid] = student.argmax(-1) == teacher.argmax(-1)
+            hits[valid] = chunked_argmax(hidden, lm_weight) == rows.labels
             agree += hits[0].sum(0).cpu().double()
             total += valid[0].sum(0).cpu().double()
             # leading run of agreements per anchor (a miss or the sequence's end stops it)
             run = (hits[0] & valid[0]).int().cumprod(-1).sum(-1)
-            chain += float((run + 1)[batch.anchor_valid[0]].sum())
-            anchors += int(batch.anchor_valid[0].sum())
+            chain += float((run + 1)[rows.batch.anchor_valid[0]].sum())
+            anchors += int(rows.batch.anchor_valid[0].sum())
         self.head.train(was_training)
         per_depth = (agree / total.clamp(min=1)).tolist()
         return {
@@ -291,8 +320,19 @@ class Trainer:
             "anchors": anchors,
             "top1_agreement_per_depth": [round(x, 4) for x in per_depth],
             "chain_tau_proxy": round(chain / max(1, anchors), 4),
-            "kl": round(kl_sum / max(1, rows), 4),
+            "loss": round(loss_sum / max(weight_sum, 1e-12), 4),
         }
+
+    def record_curve(self, proxy: dict | None = None) -> dict:
+        """Append the held-out agreement at CURVE_DEPTHS (of `proxy`, else of a fresh evaluation) to the
+        training curve; returns the proxy."""
+        proxy = self.evaluate() if proxy is None else proxy
+        per_depth = proxy["top1_agreement_per_depth"]
+        point = {"step": self.step, "positions": self.positions, "elapsed_s": round(self.elapsed_s, 1),
+                 "chain_tau_proxy": proxy["chain_tau_proxy"], "loss": proxy["loss"],
+                 "top1_agreement": {str(d): per_depth[d - 1] for d in CURVE_DEPTHS if d <= len(per_depth)}}
+        self.curve.append(point)
+        return proxy
 
     # -- checkpoints
 
@@ -308,6 +348,8 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "order": list(self.order),
             "losses": list(self.losses),
+            "positions": self.positions,
+            "curve": json.dumps(self.curve),
             "elapsed_s": self.elapsed_s,
             "proxy_before": json.dumps(self.proxy_before),
             "resumed_from": list(self.resumed_from),
@@ -326,6 +368,8 @@ class Trainer:
         self.total_steps = int(payload.get("total_steps", self.cfg.steps))
         self.order = list(payload["order"])
         self.losses = list(payload["losses"])
+        self.positions = int(payload.get("positions", 0))
+        self.curve = json.loads(payload.get("curve", "[]"))
         self.elapsed_s = float(payload["elapsed_s"])
         self.proxy_before = json.loads(payload["proxy_before"])
         self.resumed_from = list(payload["resumed_from"]) + [self.step]
@@ -385,19 +429,20 @@ def train(cfg: TrainConfig) -> TrainResult:
     generator = torch.Generator().manual_seed(cfg.seed)
     head = new_head(target, cfg.num_layers, cfg.block_size, layer_ids, mask_token_id, generator)
     copied = warm_start_from_target(head, target) if cfg.warm_start else []
+    grown: list[int] = []
     if cfg.init_head is not None:
-        load_head_weights(head, cfg.init_head)
+        grown = load_head_weights(head, cfg.init_head)
     head = head.to(device).train()
     trainer = Trainer(cfg, target, head, train_seqs, heldout, generator, device)
     if cfg.resume:
         trainer.restore(load_checkpoint(existing[-1]), existing[-1])
     else:
-        trainer.proxy_before = trainer.evaluate()
+        trainer.proxy_before = trainer.record_curve()
 
     finished = run_loop(trainer, ckpt_dir)
     card = {"data": data_card}
     if finished:
-        card = write_outputs(trainer, out, tokenizer, tcfg, dtype, data_card, copied)
+        card = write_outputs(trainer, out, tokenizer, tcfg, dtype, data_card, copied, grown)
     return TrainResult(out, trainer.step, finished, card)
 
 
@@ -424,6 +469,10 @@ def run_loop(trainer: Trainer, ckpt_dir: Path) -> bool:
             bar.total = trainer.total_steps
         bar.update(1)
         bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{trainer.scheduler.get_last_lr()[0]:.2e}")
+        if cfg.eval_every and trainer.step % cfg.eval_every == 0 and trainer.step < trainer.total_steps:
+            point = trainer.record_curve()
+            tqdm.write(f"step {trainer.step}: held-out top-1 agreement {trainer.curve[-1]['top1_agreement']}, "
+                       f"chain tau proxy {point['chain_tau_proxy']}")
         out_of_time = cfg.max_time_s is not None and time.perf_counter() - started >= cfg.max_time_s
         if trainer.step % cfg.save_every == 0 or trainer.step == trainer.total_steps or out_of_time:
             save_checkpoint(ckpt_dir, trainer.payload(), cfg.keep_checkpoints)
@@ -458,6 +507,8 @@ def data_summary(cfg: TrainConfig, sequences, train_seqs, heldout, cache_path: P
         "train_response_tokens": sum(len(s.response_ids) for s in train_seqs),
         "mask_token_occurrences": mask_hits,  # should be 0: the mask token must never be real text
         "generation_s": round(generation_s, 2),
+        # this run's batched generation (runtime.batch_decode): new tokens, decode seconds, tokens/s
+        "generation": generation_stats(cache_path),
     }
 
 
@@ -469,9 +520,9 @@ def loss_curve(losses: list[float], points: int = 50) -> list[list[float]]:
 
 
 def write_outputs(trainer: Trainer, out: Path, tokenizer, tcfg: DecoderConfig, dtype: torch.dtype,
-                  data_card: dict, copied: list[str]) -> dict:
+                  data_card: dict, copied: list[str], grown: list[int]) -> dict:
     cfg, head = trainer.cfg, trainer.head
-    proxy_after = trainer.evaluate()
+    proxy_after = trainer.record_curve()
     saved = copy.deepcopy(head).to("cpu", dtype)  # the published heads are stored in the serving dtype
     save_draft(saved, out, rope_theta(head.config))
     losses = trainer.losses
@@ -486,15 +537,17 @@ def write_outputs(trainer: Trainer, out: Path, tokenizer, tcfg: DecoderConfig, d
             "target_layer_ids": list(spec.target_layer_ids), "mask_token_id": spec.mask_token_id,
             "mask_token": tokenizer.convert_ids_to_tokens(spec.mask_token_id),
             "parameters": sum(p.numel() for p in head.parameters()),
-            "init": (f"trained head {Path(cfg.init_head).resolve()}" if cfg.init_head is not None else
+            "init": (f"trained head {Path(cfg.init_head).resolve()}"
+                     + (f", grown by layers {grown} (zero o_proj/down_proj: identities at start)" if grown else "")
+                     if cfg.init_head is not None else
                      f"warm start: {len(copied)} tensors from the last target layers, rest normal(0, 0.02)"
                      if cfg.warm_start else "normal(0, 0.02), norms 1"),
             "saved_dtype": str(dtype).removeprefix("torch."),
         },
         "data": data_card,
-        "objective": {"loss": "forward KL(softmax(target/T) || softmax(head)), uniform over depths",
-                      "temperature": cfg.temperature, "anchors_per_seq": cfg.anchors_per_seq,
-                      "depths": spec.block_size - 1},
+        "objective": {"loss": objective_text(cfg.loss), "backend": trainer.loss_backend,
+                      "depth_weights": [round(w, 4) for w in trainer.depth_weights.tolist()],
+                      "anchors_per_seq": cfg.anchors_per_seq, "depths": spec.block_size - 1},
         "training": {
             "steps": trainer.step, "batch_size": cfg.batch_size, "lr": cfg.lr,
             "warmup_steps": cfg.warmup(trainer.total_steps), "time_budget_s": cfg.time_budget_s,
@@ -503,14 +556,44 @@ def write_outputs(trainer: Trainer, out: Path, tokenizer, tcfg: DecoderConfig, d
             "device": trainer.device, "device_name": device_name(trainer.device),
             "target_dtype": str(dtype).removeprefix("torch."), "bf16_autocast": trainer.autocast,
             "time_s": round(trainer.elapsed_s, 2), "s_per_step": round(trainer.elapsed_s / max(1, trainer.step), 4),
+            "positions": trainer.positions,
+            "positions_per_s": round(trainer.positions / max(trainer.elapsed_s, 1e-9)),
             "resumed_at_steps": trainer.resumed_from,
         },
         "loss": {"first": round(sum(losses[:window]) / window, 5), "final": round(sum(losses[-window:]) / window, 5),
                  "min": round(min(losses), 5), "curve": loss_curve(losses)},
         "acceptance_proxy": {"before": trainer.proxy_before, "after": proxy_after},
+        "agreement_curve": trainer.curve,
     }
+    card["history"] = run_history(cfg.init_head, card)
     (out / CARD).write_text(json.dumps(card, indent=2) + "\n")
     return card
+
+
+def objective_text(loss: LossConfig) -> str:
+    what = ("cross-entropy to the target's own next token" if loss.kind == "ce" else
+            f"forward KL(softmax(target/{loss.temperature:g}) || softmax(head))")
+    weights = "uniform over depths" if loss.decay_gamma is None else f"depth k weighted exp(-(k-1)/{loss.decay_gamma:g})"
+    return f"{what}, {weights}"
+
+
+def run_history(init_head: Path | None, card: dict) -> list[dict]:
+    """The head's runs so far, oldest first: the init head's card history (if it has one) plus this run, with
+    response tokens summed over runs (runs that reuse prompts count their tokens again: it is what the head
+    has been trained on, not distinct data)."""
+    history: list[dict] = []
+    if init_head is not None and (Path(init_head) / CARD).is_file():
+        history = list(json.loads((Path(init_head) / CARD).read_text()).get("history", []))
+    before = history[-1]["cumulative_response_tokens"] if history else 0
+    tokens = card["data"]["train_response_tokens"]
+    after = card["acceptance_proxy"]["after"]
+    history.append({
+        "date": time.strftime("%Y-%m-%d"), "num_layers": card["head"]["num_layers"], "steps": card["training"]["steps"],
+        "train_response_tokens": tokens, "cumulative_response_tokens": before + tokens,
+        "positions": card["training"]["positions"], "loss": card["objective"]["loss"],
+        "heldout_top1_depth1": after["top1_agreement_per_depth"][0], "chain_tau_proxy": after["chain_tau_proxy"],
+    })
+    return history
 
 
 def device_name(device: str) -> str:

@@ -62,3 +62,22 @@ def _node_paths(tokens, parents):
             j = int(parents[j])
         out.append(tuple(reversed(path)))
     return out
+
+
+@pytest.mark.slow
+def test_compiled_tree_build_and_walk_equal_eager():
+    """GraphDecoder compiles these two functions (torch.compile, fixed shapes); compiled must equal eager."""
+    build = torch.compile(build_tree_tensors, dynamic=False, fullgraph=True)
+    walk = torch.compile(greedy_accept_tensors, dynamic=False, fullgraph=True)
+    g = torch.Generator().manual_seed(3)
+    for _ in range(3):
+        anchor = torch.randint(0, 50, (1,), generator=g)
+        logits = torch.randn(7, 50, generator=g) * 3
+        want, got = build_tree_tensors(anchor, logits, 24, 4, 7), build(anchor, logits, 24, 4, 7)
+        for name in ("tokens", "parents", "depths", "ancestors"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), name
+        target_logits = torch.randn(want.tokens.shape[0], 50, generator=g)
+        target_logits[:, want.tokens] += 4  # make some drafts the target's argmax, so walks get long
+        a, b = greedy_accept_tensors(want, target_logits, 7), walk(want, target_logits, 7)
+        for name in ("path", "length", "emitted"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), name

@@ -52,7 +52,7 @@ def train_args(root, out, *extra):
     return ["train", "--target", str(root / "target"), "--output", str(out), "--data", str(root / "prompts.jsonl"),
             "--num-prompts", "24", "--max-new-tokens", "48", "--gen-batch-size", "8", "--steps", str(STEPS),
             "--batch-size", "4", "--lr", "1e-3", "--block-size", "8", "--num-layers", "1", "--anchors-per-seq", "16",
-            "--heldout", "4", "--save-every", "20", "--quiet", *extra]
+            "--heldout", "4", "--save-every", "20", "--eval-every", "10", "--quiet", *extra]
 
 
 def invoke(argv, capsys):
@@ -123,6 +123,13 @@ def test_short_run_lowers_loss_and_builds_lossless_engine(tiny, trained, tmp_pat
     assert card["head"]["mask_token_id"] == 259 and card["head"]["target_layer_ids"] == [3]
     assert card["data"]["sequences"] == 24 and card["data"]["heldout_sequences"] == 4
     assert len(card["acceptance_proxy"]["after"]["top1_agreement_per_depth"]) == 7
+    assert card["objective"]["backend"] == "torch" and card["objective"]["depth_weights"][0] == 1.0
+    assert card["objective"]["depth_weights"][6] == pytest.approx(2.718281828 ** (-6 / 7), rel=1e-4)
+    # --eval-every 10: curve points at steps 0 (before), 10, 20, 30 and 40 (after), each with the followed depths
+    assert [p["step"] for p in card["agreement_curve"]] == [0, 10, 20, 30, 40]
+    assert list(card["agreement_curve"][-1]["top1_agreement"]) == ["1", "2", "4"]
+    assert card["training"]["positions"] > 0 and card["training"]["positions_per_s"] > 0
+    assert card["history"][-1]["cumulative_response_tokens"] == card["data"]["train_response_tokens"]
     config = json.loads((trained / "config.json").read_text())
     assert config["block_size"] == 8 and config["num_target_layers"] == 6
     assert config["dflash_config"] == {"target_layer_ids": [3], "mask_token_id": 259, "causal_head": True,
@@ -270,6 +277,33 @@ def test_init_head_continues_from_the_trained_weights(tiny, trained, tmp_path, c
     reference = json.loads((trained / "training_card.json").read_text())["acceptance_proxy"]["after"]
     assert card["acceptance_proxy"]["before"]["chain_tau_proxy"] == pytest.approx(reference["chain_tau_proxy"],
                                                                                  abs=1e-6)
+
+
+def test_init_head_grows_by_identity_layers(tiny, trained, tmp_path, capsys):
+    """--num-layers above the trained head's adds layers that start as identities: before any training the grown
+    head's held-out proxy is the trained head's, and its history continues the trained head's."""
+    out = tmp_path / "grown"
+    shutil.copytree(trained / "data", out / "data")
+    code, _, err = invoke(train_args(tiny, out, "--init-head", str(trained), "--num-layers", "2", "--steps", "2"),
+                          capsys)
+    assert code == 0, err
+    card = json.loads((out / "training_card.json").read_text())
+    assert card["head"]["num_layers"] == 2 and "grown by layers [1]" in card["head"]["init"]
+    reference = json.loads((trained / "training_card.json").read_text())
+    assert card["acceptance_proxy"]["before"]["top1_agreement_per_depth"] == \
+        reference["acceptance_proxy"]["after"]["top1_agreement_per_depth"]
+    assert [h["num_layers"] for h in card["history"]] == [1, 2]
+    assert card["history"][1]["cumulative_response_tokens"] == 2 * reference["data"]["train_response_tokens"]
+
+
+def test_kl_objective_trains_from_the_stored_final_hidden(tiny, trained, tmp_path, capsys):
+    out = tmp_path / "kl"
+    shutil.copytree(trained / "data", out / "data")
+    code, _, err = invoke(train_args(tiny, out, "--loss", "kl", "--loss-gamma", "0", "--steps", "3"), capsys)
+    assert code == 0, err
+    card = json.loads((out / "training_card.json").read_text())
+    assert card["objective"]["loss"].startswith("forward KL") and "uniform" in card["objective"]["loss"]
+    assert card["objective"]["depth_weights"] == [1.0] * 7
 
 
 def test_init_head_shape_must_agree_with_flags(tiny, trained, tmp_path, capsys):

