@@ -63,6 +63,7 @@ class TrainConfig:
     # Draft blocks per sequence and step; 512 covers every response position of most sequences, so one
     # target pass (the feature store) supervises every anchor the data has.
     anchors_per_seq: int = 512
+    anchor_group: int = 64  # anchors per attention row (see Trainer.step_rows)
     heldout: int = 32  # sequences kept out of training for the acceptance proxy
     eval_anchors: int = 64  # anchors per held-out sequence
     eval_every: int = 0  # held-out agreement per depth every this many steps (0: only before and after)
@@ -94,6 +95,7 @@ class TrainConfig:
             (self.anchors_per_seq >= 1, f"--anchors-per-seq must be >= 1, got {self.anchors_per_seq}"),
             (self.save_every >= 1, f"--save-every must be >= 1, got {self.save_every}"),
             (self.eval_every >= 0, f"--eval-every must be >= 0, got {self.eval_every}"),
+            (self.anchor_group >= 1, f"--anchor-group must be >= 1, got {self.anchor_group}"),
             (self.time_budget_s is None or self.time_budget_s > 0,
              f"--time-budget must be > 0 seconds, got {self.time_budget_s}"),
             (self.data.max_new_tokens >= 2, f"--max-new-tokens must be >= 2, got {self.data.max_new_tokens}"),
@@ -235,9 +237,15 @@ class Trainer:
         """The block batch of sequences `rows` (indices into self.sequences) and, for every valid (anchor,
         depth) in boolean-mask order, its depth, its label (the token the depth predicts) and, for the KL
         loss, the target's final hidden state at the teacher position."""
-        block = self.head.spec.block_size
+        block, group = self.head.spec.block_size, self.cfg.anchor_group
+        picked = [sample_anchors(len(self.sequences[r].prompt_ids), len(self.sequences[r]), anchors_per_seq,
+                                 generator) for r in rows]
+        # Each group of `group` anchors of a sequence is its own batch row (the sequence's context repeated): a
+        # block row attends [context; its row's blocks] densely, so the masked-out block keys cost
+        # group * block_size per query instead of anchors_per_seq * block_size.
+        split = [(r, a[i : i + group]) for r, a in zip(rows, picked) for i in range(0, max(1, len(a)), group)]
+        rows, anchors = [r for r, _ in split], [a for _, a in split]
         seqs = [self.sequences[r] for r in rows]
-        anchors = [sample_anchors(len(s.prompt_ids), len(s), anchors_per_seq, generator) for s in seqs]
         n, k = len(seqs), max(1, max(len(a) for a in anchors))
         anchor_t = torch.zeros(n, k, dtype=torch.long)
         anchor_valid = torch.zeros(n, k, dtype=torch.bool)
@@ -307,12 +315,12 @@ class Trainer:
             loss_sum, weight_sum = loss_sum + float(loss) * weight, weight_sum + weight
             hits = torch.zeros(valid.shape, dtype=torch.bool, device=valid.device)
             hits[valid] = chunked_argmax(hidden, lm_weight) == rows.labels
-            agree += hits[0].sum(0).cpu().double()
-            total += valid[0].sum(0).cpu().double()
+            agree += hits.sum((0, 1)).cpu().double()
+            total += valid.sum((0, 1)).cpu().double()
             # leading run of agreements per anchor (a miss or the sequence's end stops it)
-            run = (hits[0] & valid[0]).int().cumprod(-1).sum(-1)
-            chain += float((run + 1)[rows.batch.anchor_valid[0]].sum())
-            anchors += int(rows.batch.anchor_valid[0].sum())
+            run = (hits & valid).int().cumprod(-1).sum(-1)
+            chain += float((run + 1)[rows.batch.anchor_valid].sum())
+            anchors += int(rows.batch.anchor_valid.sum())
         self.head.train(was_training)
         per_depth = (agree / total.clamp(min=1)).tolist()
         return {

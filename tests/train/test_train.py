@@ -296,6 +296,24 @@ def test_init_head_grows_by_identity_layers(tiny, trained, tmp_path, capsys):
     assert card["history"][1]["cumulative_response_tokens"] == 2 * reference["data"]["train_response_tokens"]
 
 
+def test_anchor_groups_change_cost_not_result(tiny, trained, tmp_path, capsys):
+    """Splitting a sequence's blocks into attention rows of 3 anchors gives the held-out proxy of one row per
+    sequence: blocks never see each other, so only the masked-out keys change."""
+    proxies = []
+    for group in ("3", "512"):
+        out = tmp_path / f"group{group}"
+        shutil.copytree(trained / "data", out / "data")
+        code, _, err = invoke(train_args(tiny, out, "--init-head", str(trained), "--steps", "1", "--lr", "1e-12",
+                                         "--anchor-group", group), capsys)
+        assert code == 0, err
+        proxies.append(json.loads((out / "training_card.json").read_text())["acceptance_proxy"]["before"])
+    grouped, whole = proxies
+    assert grouped["anchors"] == whole["anchors"] > 3 * 4
+    assert grouped["top1_agreement_per_depth"] == whole["top1_agreement_per_depth"]
+    assert grouped["chain_tau_proxy"] == whole["chain_tau_proxy"]
+    assert grouped["loss"] == pytest.approx(whole["loss"], abs=2e-4)
+
+
 def test_kl_objective_trains_from_the_stored_final_hidden(tiny, trained, tmp_path, capsys):
     out = tmp_path / "kl"
     shutil.copytree(trained / "data", out / "data")
