@@ -234,11 +234,13 @@ def generate_responses(target_dir: Path, cfg: DataConfig, out_dir: Path, device:
             for i in sorted(done):
                 handle.write(json.dumps(done[i]) + "\n")
         eos = _eos_ids(target_dir, tokenizer)
-        # Longest first: a memory problem shows at once, and the short prompts fill the rows freed at the end.
-        todo.sort(key=lambda i: -len(prompts[i]))
+        # Prompt order, not longest first: a time budget then keeps the sources' mix instead of the longest (most
+        # prefill per response) prompts; the run on the H200 that sorted longest first got 14.9 K new tokens/s
+        # with 1.3 K prompt tokens per response. The static cache is sized for the longest prompt up front, so a
+        # memory problem still shows at once.
         # Rows need no more slots than the longest prompt plus its response (attention reads every slot), and
         # no more than max_seq_len: responses are cut there for training anyway (truncate).
-        row_len = min(cfg.max_seq_len, len(prompts[todo[0]]) + cfg.max_new_tokens)
+        row_len = min(cfg.max_seq_len, max(len(prompts[i]) for i in todo) + cfg.max_new_tokens)
         # Either layout (a plain checkpoint or an engine's target/); fused q/k/v and gate/up GEMMs on the GPU.
         target = load_target(target_dir, dtype, device, fused_gemm=device.startswith("cuda"))
         decoder = BatchDecoder(target, BatchDecodeConfig(max_batch=min(cfg.gen_batch_size, len(todo)),

@@ -73,12 +73,6 @@ class FeatureStore:
         """Store rows of `positions` [N, K, D] of sequences `rows`, valid entries only (boolean-mask order)."""
         return (self.offsets[rows][:, None, None] + positions)[valid]
 
-    def teacher_logits(self, lm_head: torch.nn.Linear, rows: list[int], positions: torch.Tensor,
-                       valid: torch.Tensor) -> torch.Tensor:
-        """Float32 logits of the target at `positions` [N, K, D] of sequences `rows`, for valid entries only
-        (boolean-mask order)."""
-        return lm_head(self.final_hidden[self.flat_index(rows, positions, valid)]).float()
-
     def _index(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         lengths = self.lengths[rows]
         width = int(lengths.max())

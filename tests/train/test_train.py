@@ -233,7 +233,8 @@ def test_feature_store_teacher_logits_equal_a_full_target_pass(tiny):
                                progress=False)
     positions = torch.tensor([[[0, 5, 39]], [[22, 1, 17]]])  # [N=2, K=1, D=3] of sequences 1 and 0
     valid = torch.ones_like(positions, dtype=torch.bool)
-    got = store.teacher_logits(target.lm_head, [1, 0], positions, valid)
+    with torch.no_grad():  # the KL teacher: lm_head over the stored final hidden states of those rows
+        got = target.lm_head(store.final_hidden[store.flat_index([1, 0], positions, valid)]).float()
     for row, seq in ((0, seqs[1]), (1, seqs[0])):
         cache = target.new_cache(64, 16)
         with torch.no_grad():
