@@ -112,9 +112,7 @@ def block_hidden(head: DraftHead, target: TargetModel, batch: BlockBatch) -> tor
         group = attn.num_heads // attn.num_kv_heads
         # Context K/V: the same projected features feed every layer (as in DraftHead.write_context).
         k_ctx, v_ctx = attn.key_value(context, cos_c, sin_c)
-        h = layer.input_layernorm(x)
-        q = attn.query(h, cos_b, sin_b)
-        k_blk, v_blk = attn.key_value(h, cos_b, sin_b)
+        q, k_blk, v_blk = layer.attention_inputs(x, cos_b, sin_b)  # the serving layer's own body around attention
         keys = torch.cat([k_ctx.view(n, length, *k_ctx.shape[1:]), k_blk.view(n, rows, *k_blk.shape[1:])], dim=1)
         values = torch.cat([v_ctx.view(n, length, *v_ctx.shape[1:]), v_blk.view(n, rows, *v_blk.shape[1:])],
                            dim=1)
@@ -123,8 +121,7 @@ def block_hidden(head: DraftHead, target: TargetModel, batch: BlockBatch) -> tor
         keys = keys.transpose(1, 2).repeat_interleave(group, dim=1).to(q.dtype)
         values = values.transpose(1, 2).repeat_interleave(group, dim=1).to(q.dtype)
         o = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=attn.scale)
-        x = x + attn.o_proj(o.transpose(1, 2).reshape(n * rows, -1))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        x = layer.finish(x, o.transpose(1, 2).reshape(n * rows, attn.num_heads, attn.head_dim))
     return head.norm(x).view(n, k, block_size, -1)
 
 
