@@ -7,7 +7,8 @@
 #   setsid bash scripts/device_head_pipeline.sh WORK GEN_SECONDS TRAIN_SECONDS > WORK/log 2>&1 < /dev/null &
 #
 # Needs: /tmp/gguf/g* (the GGUF split in order), /tmp/keep/prompts-mix.jsonl.gz, /tmp/keep/bench-prompts.jsonl,
-# wheels installed into /tmp/site (gguf, liger-kernel).
+# wheels installed into /tmp/site (gguf, liger-kernel). Poll it from the session itself, call after call: the
+# machine goes back after 30 s without a call, and everything on it with it.
 set -uo pipefail
 WORK=${1:?work dir}
 GEN_S=${2:-150}
