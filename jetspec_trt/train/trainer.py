@@ -478,8 +478,9 @@ def run_loop(trainer: Trainer, ckpt_dir: Path) -> bool:
         bar.update(1)
         bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{trainer.scheduler.get_last_lr()[0]:.2e}")
         if cfg.eval_every and trainer.step % cfg.eval_every == 0 and trainer.step < trainer.total_steps:
-            point = trainer.record_curve()
-            tqdm.write(f"step {trainer.step}: held-out top-1 agreement {trainer.curve[-1]['top1_agreement']}, "
+            trainer.record_curve()
+            point = trainer.curve[-1]
+            tqdm.write(f"step {trainer.step}: held-out top-1 agreement {point['top1_agreement']}, "
                        f"chain tau proxy {point['chain_tau_proxy']}")
         out_of_time = cfg.max_time_s is not None and time.perf_counter() - started >= cfg.max_time_s
         if trainer.step % cfg.save_every == 0 or trainer.step == trainer.total_steps or out_of_time:
