@@ -28,6 +28,8 @@ def _floats(text: str) -> tuple[float, ...]:
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16"]), default="bfloat16", show_default=True)
 @click.option("--reps", type=int, default=30, show_default=True)
 @click.option("--no-hf", is_flag=True, help="Skip Hugging Face transformers generate.")
+@click.option("--hf-prompts", type=int, default=None,
+              help="Suite bench: HF generate on the first N prompts of each suite only (ratios use those prompts).")
 @click.option("--compile/--no-compile", "compile_layers", default=True, show_default=True,
               help="torch.compile the decoder layers inside the CUDA graphs.")
 @click.option("--output-dir", type=click.Path(path_type=Path), default=Path("bench/results"), show_default=True)
@@ -43,8 +45,8 @@ def _floats(text: str) -> tuple[float, ...]:
 @click.option("--device", default="cuda", show_default=True, help="cuda, or cpu (float32, HF generate on CPU too).")
 @click.option("--diagnose-fp32", is_flag=True,
               help="Suite bench: also diagnose greedy AR/speculative divergences on a float32 copy of the target.")
-def bench_command(random_target, budgets, contexts, topk, max_depth, taus, dtype, reps, no_hf, compile_layers,
-                  output_dir, tag, engine_dir, suites, prompts_file, num_prompts, max_new_tokens, temperatures, device,
+def bench_command(random_target, budgets, contexts, topk, max_depth, taus, dtype, reps, no_hf, hf_prompts,
+                  compile_layers, output_dir, tag, engine_dir, suites, prompts_file, num_prompts, max_new_tokens, temperatures, device,
                   diagnose_fp32):
     """Measure AR decoding, the split of a speculative round, projected tok/s and HF generate on the GPU.
 
@@ -55,7 +57,7 @@ def bench_command(random_target, budgets, contexts, topk, max_depth, taus, dtype
         scfg = SuiteBenchConfig(engine_dir=engine_dir, suites=tuple(suites.split(",")), num_prompts=num_prompts,
                                 max_new_tokens=max_new_tokens, budgets=_ints(budgets),
                                 temperatures=_floats(temperatures), device=device, hf_generate=not no_hf,
-                                output_dir=output_dir, tag=tag, prompts_file=prompts_file,
+                                hf_prompts=hf_prompts, output_dir=output_dir, tag=tag, prompts_file=prompts_file,
                                 diagnose_fp32=diagnose_fp32)
         path = run_suite_bench(scfg, command=sys.argv)
         click.echo(format_summary(json.loads(path.read_text())))

@@ -11,11 +11,13 @@ Keys. A program walks a tile space of BLOCK_N keys per tile:
     last are full, so they run with no bounds checks at all;
   * new-token tiles: new tokens j = 0 .. new_hi-1 at slots ctx_len + j, visibility from the packed mask.
     Tiles are aligned on j (not on the slot), so a tile covers exactly BLOCK_N / 32 mask words per row.
-Before the loop each program scans its rows' mask words once, for two bounds: new_hi, past which no row of the
+Before the loop each program scans its rows' mask words once, for three bounds: new_hi, past which no row of the
 program sees a new token (it skips the key blocks above the diagonal of a causal mask, and the tail of a tree
-whose parents precede their children), and new_free, before which every row sees every new token (the blocks
-left of a causal mask's diagonal band): those tiles run unmasked like the committed ones. Both come from the
-mask bits themselves, so any mask is handled exactly, ordered or not.
+whose parents precede their children), new_free, before which every row sees every new token (the blocks
+left of a causal mask's diagonal band): those tiles run unmasked like the committed ones, and new_lo, before
+which no row sees any new token (a packed prefill's earlier sequences: with it, a block-diagonal causal mask
+costs each sequence its own triangle, not the pack's). All come from the mask bits themselves, so any mask is
+handled exactly, ordered or not; a skipped tile is one whose every score would be masked to -inf.
 Each key's page comes from the block table, so non-identity tables work.
 
 Splits (flash-decoding). With few rows (decode, short trees) a launch has few programs, so the tile space is
@@ -119,21 +121,25 @@ if triton is not None:
         # before it are visible to all rows, e.g. everything left of the diagonal band of a causal mask).
         last = tl.full([BLOCK_M], -1, tl.int32)
         first = tl.full([BLOCK_M], mask_words, tl.int32)
+        lowest = tl.full([BLOCK_M], mask_words, tl.int32)
         for w0 in range(0, mask_words, SCAN_W):
             cols = w0 + tl.arange(0, SCAN_W)
             in_row = cols[None, :] < mask_words
             words = tl.load(mask_rows[:, None] + cols[None, :], mask=row_ok[:, None] & in_row, other=0)
             last = tl.maximum(last, tl.max(tl.where(words != 0, cols[None, :], -1), 1))
+            lowest = tl.minimum(lowest, tl.min(tl.where(words != 0, cols[None, :], mask_words), 1))
             partial = ((words != -1) & row_ok[:, None]) | (~in_row)  # padding rows don't constrain `first`
             first = tl.minimum(first, tl.min(tl.where(partial, cols[None, :], mask_words), 1))
         new_hi = tl.minimum((tl.max(last, 0) + 1) * 32, num_new)
         new_free = tl.minimum(tl.min(first, 0) * 32, new_hi)
+        new_lo = tl.minimum(tl.min(lowest, 0) * 32, new_hi)
 
         # Tile space, in order: full committed tiles [0, n_full), the partial committed tile [n_full, n_ctx),
         # new-token tiles every row sees whole [n_ctx, n_free), new-token tiles that need mask bits.
         n_full = ctx // BLOCK_N
         n_ctx = tl.cdiv(ctx, BLOCK_N)
         n_free = n_ctx + new_free // BLOCK_N
+        n_lo = n_ctx + new_lo // BLOCK_N  # masked tiles before it are empty for every row: skipped
         n_tiles = n_ctx + tl.cdiv(new_hi, BLOCK_N)
         per_split = tl.cdiv(n_tiles, SPLITS)
         start = split * per_split
@@ -166,7 +172,7 @@ if triton is not None:
             acc, m_i, l_i = _softmax_step(acc, m_i, l_i, q, k, v, row_ok, qk_scale, False, IEEE)
 
         # 4. The remaining new-token tiles, masked by the tree bits.
-        for t in range(tl.maximum(start, n_free), stop):
+        for t in range(tl.maximum(tl.maximum(start, n_free), n_lo), stop):
             j0 = (t - n_ctx) * BLOCK_N
             j = j0 + cols
             key_ok = j < new_hi

@@ -71,7 +71,11 @@ class BatchDecoder:
         self._prefill_cache = target.new_cache(max(config.prefill_tokens, config.max_seq_len))
         if self.device.type == "cuda":
             load_gpu_kernels()  # the packed prefill's tree attention (the reference would attend the whole cache)
-        self.steps = 0  # decode steps run (each emits up to B tokens), for throughput reports
+        # For throughput reports: decode steps run (each emits up to B tokens), prompt tokens prefilled and the
+        # wall time of those prefills (synchronised, so it is theirs and not the steps queued before them).
+        self.steps = 0
+        self.prefill_tokens = 0
+        self.prefill_s = 0.0
         self._step = self._make_step()
 
     # ---- the step (fixed shapes, no host sync) ------------------------------------------------------------
@@ -124,6 +128,8 @@ class BatchDecoder:
     # ---- admission ----------------------------------------------------------------------------------------
     def _admit(self, admitted: list[tuple[int, list[int]]], max_new_tokens: int) -> None:
         """Prefill prompts into free rows, (row, prompt) pairs, in packs of up to prefill_tokens tokens."""
+        self._sync()
+        began = time.perf_counter()
         start = 0
         while start < len(admitted):
             end, used = start, 0
@@ -132,6 +138,13 @@ class BatchDecoder:
                 end += 1
             self._prefill(admitted[start:end], max_new_tokens)
             start = end
+        self._sync()
+        self.prefill_s += time.perf_counter() - began
+        self.prefill_tokens += sum(len(p) for _, p in admitted)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     @torch.no_grad()
     def _prefill(self, pack: list[tuple[int, list[int]]], max_new_tokens: int) -> None:

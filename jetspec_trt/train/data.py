@@ -179,6 +179,10 @@ class GenerationStats:
     prompts: int
     new_tokens: int
     seconds: float  # decoding wall time, prefills included; model load and graph capture excluded
+    prefill_tokens: int = 0  # prompt tokens prefilled
+    prefill_s: float = 0.0  # of `seconds`, the packed prefills'
+    decode_steps: int = 0  # batched decode steps (each emits up to gen_batch_size tokens)
+    batch_rows: int = 0  # rows decoded together (gen_batch_size, or fewer prompts)
 
     @property
     def tokens_per_s(self) -> float | None:
@@ -186,8 +190,13 @@ class GenerationStats:
 
     def as_dict(self) -> dict:
         rate = self.tokens_per_s
-        return asdict(self) | {"seconds": round(self.seconds, 3),
-                               "tokens_per_s": None if rate is None else round(rate, 1)}
+        steps_s = self.seconds - self.prefill_s
+        return asdict(self) | {"seconds": round(self.seconds, 3), "prefill_s": round(self.prefill_s, 3),
+                               "tokens_per_s": None if rate is None else round(rate, 1),
+                               # where the time goes: mean live rows per step, and one step's milliseconds
+                               "tokens_per_step": round(self.new_tokens / self.decode_steps, 1)
+                               if self.decode_steps else None,
+                               "ms_per_step": round(1e3 * steps_s / self.decode_steps, 3) if self.decode_steps else None}
 
 
 def settings_path(cache_path: Path) -> Path:
@@ -257,7 +266,8 @@ def generate_responses(target_dir: Path, cfg: DataConfig, out_dir: Path, device:
                 handle.flush()
                 generated, new_tokens = generated + 1, new_tokens + len(response)
                 bar.update(1)
-        stats = GenerationStats(generated, new_tokens, time.perf_counter() - started)
+        stats = GenerationStats(generated, new_tokens, time.perf_counter() - started, decoder.prefill_tokens,
+                                decoder.prefill_s, decoder.steps, decoder.config.max_batch)
         bar.close()
         if generated < len(todo):
             tqdm.write(f"--gen-time-budget {cfg.gen_time_budget_s:g} s reached: {len(todo) - generated} prompts left "

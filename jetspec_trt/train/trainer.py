@@ -64,6 +64,10 @@ class TrainConfig:
     # target pass (the feature store) supervises every anchor the data has.
     anchors_per_seq: int = 512
     anchor_group: int = 64  # anchors per attention row (see Trainer.step_rows)
+    # Keep depth k's row with probability w_k (the depth weight) and weight kept rows equally: the same expected
+    # loss as weighting every row by w_k, at sum(w)/(B-1) of the lm_head + loss work (45% for gamma 7, block 16),
+    # which is most of a step. The body still runs every block position (the causal block needs them).
+    depth_sampling: bool = True
     heldout: int = 32  # sequences kept out of training for the acceptance proxy
     eval_anchors: int = 64  # anchors per held-out sequence
     eval_every: int = 0  # held-out agreement per depth every this many steps (0: only before and after)
@@ -233,10 +237,12 @@ class Trainer:
     def _autocast(self):
         return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.autocast)
 
-    def step_rows(self, rows: list[int], anchors_per_seq: int, generator: torch.Generator) -> StepRows:
+    def step_rows(self, rows: list[int], anchors_per_seq: int, generator: torch.Generator,
+                  sample_depths: bool = False) -> StepRows:
         """The block batch of sequences `rows` (indices into self.sequences) and, for every valid (anchor,
         depth) in boolean-mask order, its depth, its label (the token the depth predicts) and, for the KL
-        loss, the target's final hidden state at the teacher position."""
+        loss, the target's final hidden state at the teacher position. With `sample_depths`, each (anchor,
+        depth k) row is kept with probability w_k (TrainConfig.depth_sampling)."""
         block, group = self.head.spec.block_size, self.cfg.anchor_group
         picked = [sample_anchors(len(self.sequences[r].prompt_ids), len(self.sequences[r]), anchors_per_seq,
                                  generator) for r in rows]
@@ -257,6 +263,9 @@ class Trainer:
         store = self.store
         anchor_tokens = store.tokens[store.offsets[rows][:, None] + anchor_t]
         valid = depth_valid(anchor_t, anchor_valid, lengths, block)
+        if sample_depths:
+            keep = torch.rand(valid.shape, generator=generator) < self.depth_weights.cpu()
+            valid = valid & keep.to(self.device)
         # depth i (1-based) of anchor a: the teacher is the target at position a+i-1, the label the token a+i
         teacher_pos = anchor_t[:, :, None] + torch.arange(block - 1, device=self.device)
         teacher_rows = store.flat_index(rows, teacher_pos, valid)
@@ -272,9 +281,11 @@ class Trainer:
     # -- one optimisation step
 
     def train_step(self) -> float:
-        rows = self.step_rows(self.next_indices(), self.cfg.anchors_per_seq, self.generator)
+        sampled = self.cfg.depth_sampling
+        rows = self.step_rows(self.next_indices(), self.cfg.anchors_per_seq, self.generator, sampled)
+        weights = torch.ones_like(self.depth_weights) if sampled else self.depth_weights
         with self._autocast():
-            loss = head_loss(self.head_hidden(rows), self.target.lm_head.weight, rows.depth, self.depth_weights,
+            loss = head_loss(self.head_hidden(rows), self.target.lm_head.weight, rows.depth, weights,
                              rows.labels, rows.teacher_hidden, self.cfg.loss, self.loss_backend)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.head.parameters(), self.cfg.grad_clip)
@@ -556,6 +567,7 @@ def write_outputs(trainer: Trainer, out: Path, tokenizer, tcfg: DecoderConfig, d
         "data": data_card,
         "objective": {"loss": objective_text(cfg.loss), "backend": trainer.loss_backend,
                       "depth_weights": [round(w, 4) for w in trainer.depth_weights.tolist()],
+                      "depth_sampling": cfg.depth_sampling,
                       "anchors_per_seq": cfg.anchors_per_seq, "depths": spec.block_size - 1},
         "training": {
             "steps": trainer.step, "batch_size": cfg.batch_size, "lr": cfg.lr,

@@ -11,7 +11,7 @@ def test_suite_bench_tiny(tmp_path):
         for i, text in enumerate(["def add(a, b):", "Explain recursion."]):
             f.write(json.dumps({"suite": "mtbench", "id": str(i), "messages": [{"role": "user", "content": text}]}) + "\n")
     cfg = SuiteBenchConfig(engine_dir=paths.engine, suites=("mtbench",), num_prompts=2, max_new_tokens=6,
-                           budgets=(8, 32), temperatures=(0.0, 1.0), device="cpu", hf_generate=True,
+                           budgets=(8, 32), temperatures=(0.0, 1.0), device="cpu", hf_generate=True, hf_prompts=1,
                            output_dir=tmp_path / "out", tag="test", prompts_file=prompts)
     path = run_suite_bench(cfg, command=["test"])
     assert path.exists() and path.with_suffix(".png").exists()
@@ -27,4 +27,11 @@ def test_suite_bench_tiny(tmp_path):
         assert entry["spec"]["b8_t0"]["identical"] is True and "diagnosis" not in entry["spec"]["b8_t0"]
         assert "identical" not in entry["spec"]["b8_t1"]  # sampled runs are not compared with AR
     assert "lossless" in s["spec"]["b32_t0"] and "lossless" not in s["spec"]["b32_t1"]
+    # HF ran on the first prompt only, and its ratio compares the same prompt
+    assert "hf" in s["prompts"][0] and "hf" not in s["prompts"][1] and s["hf"]["tokens"] == s["prompts"][0]["hf"]["tokens"]
+    first = s["prompts"][0]["spec"]["b8_t0"]
+    assert s["spec"]["b8_t0"]["speedup_vs_hf"] == first["tokens"] / first["wall_s"] / s["hf"]["tok_s"]
+    q = res["request_tok_s"]
+    assert q["ar"]["requests"] == 2 and q["hf"]["requests"] == 1 and q["b8_t0"]["requests"] == 2
+    assert q["ar"]["min"] <= q["ar"]["p99_slow"] <= q["ar"]["p50"] <= q["ar"]["max"]
     assert path.name == "suites-cpu-test.json" and res["device"] == "cpu" and res["dtype"] == "float32"

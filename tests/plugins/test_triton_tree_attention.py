@@ -101,6 +101,20 @@ def test_unordered_tree(kernel):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("ctx", [0, 50])
+def test_packed_block_diagonal_prefill(kernel, ctx):
+    """A packed prefill's mask: each sequence causal over itself only. Programs skip the tiles left of their
+    sequence (no row sees them), so every sequence must still get exactly its own attention."""
+    g = torch.Generator().manual_seed(ctx)
+    lengths = [37, 300, 5, 700, 64, 1, 129]
+    segment = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    index = torch.arange(segment.numel())
+    dense = (segment[:, None] == segment[None, :]) & (index[None, :] <= index[:, None])
+    for hq, hkv, d in ((14, 2, 64), (32, 8, 128)):
+        assert run_case(segment.numel(), ctx, hq, hkv, d, torch.bfloat16, g, dense=dense) < 1e-2
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("t,ctx,hq,hkv,d", [(1000, 0, 32, 8, 128), (300, 77, 16, 2, 64)])
 def test_causal_prefill(kernel, t, ctx, hq, hkv, d):
     g = torch.Generator().manual_seed(t)

@@ -38,3 +38,38 @@ def test_fixed_shape_causal_mask_equals_dense():
     for n in (1, 5, 31, 32, 33, 100):
         assert torch.equal(__import__("jetspec_trt.plugins.tree_attention", fromlist=["x"]).causal_mask(n),
                            pack_mask(torch.ones(n, n, dtype=torch.bool).tril()))
+
+
+def test_round_pipeline_reads_rounds_in_order_and_holds_two():
+    from jetspec_trt.runtime.graph_decoder import RoundPipeline
+
+    value = torch.zeros(2, dtype=torch.long)
+    pipeline = RoundPipeline((value,))
+
+    def bump() -> None:
+        value.add_(1)
+
+    pipeline.launch(bump)
+    pipeline.launch(bump)
+    with pytest.raises(RuntimeError, match="two rounds"):
+        pipeline.launch(bump)
+    assert pipeline.read() == ([1, 1],)
+    pipeline.launch(bump)
+    assert pipeline.read() == ([2, 2],)
+    assert pipeline.read() == ([3, 3],)
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_cache_length_after_generate_ignores_the_round_run_past_the_end(pair, speculative):
+    """The host queues one round past the last one it reads; the committed length is the last read round's."""
+    target, draft = pair
+    runtime = tiny_runtime(draft, TreeConfig(16, 4, 7))
+    fast = GraphDecoder(target, draft, runtime)
+    prompt = list(range(3, 20))
+    chunks = list(fast.generate(prompt, 25, speculative=speculative))
+    emitted = sum(len(c) for c in chunks)
+    assert fast.target_cache.length == int(fast.target_cache.ctx_len)
+    if not speculative:  # every emitted token but the last went through the target
+        assert fast.target_cache.length == len(prompt) + emitted - 1
+    else:  # a round commits its accepted path, of which the limit may cut the tail
+        assert len(prompt) + emitted - 1 <= fast.target_cache.length < len(prompt) + emitted + 7

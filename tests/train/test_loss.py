@@ -81,7 +81,8 @@ def test_chunked_argmax():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_liger_backend_matches_torch_on_gpu():
+@pytest.mark.parametrize("gamma", [7.0, None])  # None: equal weights, liger's one-call path (depth sampling)
+def test_liger_backend_matches_torch_on_gpu(gamma):
     if not liger_available():
         pytest.skip("liger-kernel is not installed")
     gen = torch.Generator().manual_seed(5)
@@ -90,7 +91,7 @@ def test_liger_backend_matches_torch_on_gpu():
     weight = (torch.randn(vocab, hidden_size, generator=gen) * 0.05).cuda().bfloat16()
     depth = torch.randint(0, 15, (rows,), generator=gen).cuda()
     labels = torch.randint(0, vocab, (rows,), generator=gen).cuda()
-    weights = depth_weights(15, 7.0).cuda()
+    weights = depth_weights(15, gamma).cuda()
     grads = {}
     values = {}
     for backend in ("torch", "liger"):

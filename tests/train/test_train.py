@@ -366,3 +366,30 @@ def test_packed_feature_pass_equals_per_sequence(tiny):
     torch.testing.assert_close(packed.features, alone.features, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(packed.final_hidden, alone.final_hidden, rtol=1e-4, atol=1e-5)
     assert torch.equal(packed.offsets, alone.offsets) and torch.equal(packed.lengths, alone.lengths)
+
+
+def test_depth_sampling_keeps_rows_at_their_weight(tiny, trained, tmp_path, capsys):
+    """With depth sampling a step supervises depth k's rows with probability w_k: the kept share of rows is
+    sum(w)/depths, and the card says which estimator ran."""
+    positions = {}
+    for flag in ("--depth-sampling", "--no-depth-sampling"):
+        out = tmp_path / flag
+        shutil.copytree(trained / "data", out / "data")
+        code, _, err = invoke(train_args(tiny, out, "--init-head", str(trained), "--steps", "4", "--lr", "1e-12",
+                                         flag), capsys)
+        assert code == 0, err
+        card = json.loads((out / "training_card.json").read_text())
+        assert card["objective"]["depth_sampling"] == (flag == "--depth-sampling")
+        positions[flag] = card["training"]["positions"]
+    weights = card["objective"]["depth_weights"]
+    share = positions["--depth-sampling"] / positions["--no-depth-sampling"]
+    assert positions["--no-depth-sampling"] > 500
+    assert share == pytest.approx(sum(weights) / len(weights), abs=0.08)
+
+
+def test_card_reports_where_generation_time_went(trained):
+    gen = json.loads((trained / "training_card.json").read_text())["data"]["generation"]
+    assert gen["prompts"] == 24 and gen["new_tokens"] > 0
+    assert gen["prefill_tokens"] > 0 and 0 < gen["prefill_s"] <= gen["seconds"]
+    assert gen["decode_steps"] > 0 and gen["batch_rows"] == 8
+    assert 0 < gen["tokens_per_step"] <= gen["batch_rows"] and gen["ms_per_step"] > 0
