@@ -30,12 +30,14 @@ common=(--target "$WORK/qwen" --data /tmp/keep/prompts-mix.jsonl.gz --num-prompt
         --max-seq-len 2048 --gen-batch-size 1024 --gen-time-budget "$GEN_S" --init-head heads/qwen2.5-coder-0.5b-jetspec
         --steps 1000000 --time-budget "$TRAIN_S" --batch-size 8 --lr 6e-4 --eval-every 400 --save-every 100000
         --device cuda --quiet)
+TAG=${TAG:-head}
 stage "train 1-layer (continues the committed head)"
 jt train --output "$WORK/head1" "${common[@]}" || exit 1
 stage "build engine"
 jt build --target "$WORK/qwen" --draft "$WORK/head1" --output "$WORK/engine1" --budget 256 --topk 7 --max-depth 15 \
    --dtype bfloat16 --max-seq-len 4096 || exit 1
-stage "suite bench head 1 (with HF generate)"
-jt bench --engine "$WORK/engine1" --prompts-file /tmp/keep/bench-prompts.jsonl --num-prompts 10 --max-new-tokens 256 \
-   --budgets 16,64 --temperatures 0 --output-dir "$WORK/results" --tag head4
+stage "suite bench head 1 (HF generate on 5 prompts a suite)"
+# 17 prompts a suite: >= 50 greedy AR requests for the per-request tok/s percentiles.
+jt bench --engine "$WORK/engine1" --prompts-file /tmp/keep/bench-prompts.jsonl --num-prompts "${BENCH_PROMPTS:-17}" --max-new-tokens 256 \
+   --budgets 16,64 --temperatures 0 --hf-prompts "${HF_PROMPTS:-5}" --output-dir "$WORK/results" --tag "$TAG"
 stage "done"
