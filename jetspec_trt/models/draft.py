@@ -22,7 +22,7 @@ from jetspec_trt.errors import JetSpecError
 from jetspec_trt.models.config import DecoderConfig
 from jetspec_trt.models.layers import RMSNorm, Rotary
 from jetspec_trt.models.target import DecoderLayer, fuse_layers
-from jetspec_trt.runtime.kv_cache import KVCacheSpec, PagedKVCache
+from jetspec_trt.models.kv_cache import KVCacheSpec, PagedKVCache
 
 # TensorRT Edge-LLM reads either key; the published heads use dflash_config.
 SPEC_CONFIG_KEYS = ("dflash_config", "jetspec_config")
