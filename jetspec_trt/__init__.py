@@ -4,7 +4,7 @@ __version__ = "0.1.0"
 
 from jetspec_trt.errors import JetSpecError  # noqa: E402
 from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig  # noqa: E402
-from jetspec_trt.spec.accept import SamplingConfig  # noqa: E402
+from jetspec_trt.tree.accept import SamplingConfig  # noqa: E402
 
 
 def __getattr__(name: str):

@@ -9,7 +9,7 @@ import click
 
 from jetspec_trt.errors import JetSpecError
 from jetspec_trt.runtime.config import TreeConfig
-from jetspec_trt.spec.accept import SamplingConfig
+from jetspec_trt.tree.accept import SamplingConfig
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})

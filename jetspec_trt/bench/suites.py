@@ -294,7 +294,7 @@ def run_suite_bench(cfg: SuiteBenchConfig, command: list[str] | None = None) -> 
 
     from jetspec_trt.runtime.config import TreeConfig
     from jetspec_trt.runtime.engine import Engine
-    from jetspec_trt.spec.accept import SamplingConfig
+    from jetspec_trt.tree.accept import SamplingConfig
 
     prompts = _load_prompts(cfg)
     engine = Engine.load(cfg.engine_dir, device=cfg.device)

@@ -49,7 +49,7 @@ class Item:
     text: str
     prompt_ids: list
     max_new_tokens: int
-    sampling: object  # jetspec_trt.spec.accept.SamplingConfig
+    sampling: object  # jetspec_trt.tree.accept.SamplingConfig
     end_id: int | None
     exclude_input: bool
 
@@ -116,7 +116,7 @@ class TritonPythonModel:
 
     def _parse(self, request, sender) -> Job:
         from jetspec_trt.runtime.decoder import check_prompt
-        from jetspec_trt.spec.accept import SamplingConfig
+        from jetspec_trt.tree.accept import SamplingConfig
 
         unknown = sorted(set(json.loads(request.parameters() or "{}")) - self.allowed_parameters)
         if unknown:

@@ -19,8 +19,8 @@ from jetspec_trt.models.draft import DraftHead
 from jetspec_trt.models.target import TargetModel
 from jetspec_trt.plugins.tree_attention import causal_mask
 from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
-from jetspec_trt.spec.accept import SamplingConfig, accept, next_token
-from jetspec_trt.spec.tree import build_tree
+from jetspec_trt.tree.accept import SamplingConfig, accept, next_token
+from jetspec_trt.tree.tree import build_tree
 
 
 @dataclass

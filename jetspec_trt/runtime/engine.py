@@ -22,7 +22,7 @@ from jetspec_trt.models.fused_layout import is_fused
 from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
 from jetspec_trt.runtime.decoder import DecodeStats, Decoder
 from jetspec_trt.runtime.graph_decoder import GraphDecoder
-from jetspec_trt.spec.accept import SamplingConfig
+from jetspec_trt.tree.accept import SamplingConfig
 
 Prompt = str | list[dict]  # plain text, or chat messages [{"role": ..., "content": ...}]
 
