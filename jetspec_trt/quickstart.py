@@ -19,6 +19,7 @@ from jetspec_trt.errors import JetSpecError
 from jetspec_trt.models.checkpoint import draft_spec_of
 from jetspec_trt.models.presets import write_random_pair
 from jetspec_trt.runtime.config import TreeConfig
+from jetspec_trt.versions import __version__
 
 QUICKSTART_PROMPT = "def fibonacci(n):"  # the tiny pair's prompt (a byte-level random model: plain text)
 
@@ -99,8 +100,6 @@ def engine_key(target: Path, head: Path) -> str:
     """Covers what the build reads and depends on: each input file's name, size and mtime, the build settings,
     the engine format, and the GPU it tunes its kernels for (none without CUDA)."""
     import torch
-
-    from jetspec_trt import __version__
 
     def files(directory: Path) -> list:
         return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(directory.iterdir()) if p.is_file()]

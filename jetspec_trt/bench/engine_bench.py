@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime as dt
 import json
 import statistics
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from tqdm import tqdm
 from jetspec_trt.errors import JetSpecError
 from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
 from jetspec_trt.runtime.graph_decoder import STAGES, GraphDecoder
+from jetspec_trt.versions import library_versions
 
 
 @dataclass(frozen=True)
@@ -61,16 +61,6 @@ def _events_ms(fn, reps: int, before=None) -> float:
         if i:
             times.append(start.elapsed_time(end))
     return statistics.median(times)
-
-
-def versions() -> dict[str, str]:
-    import transformers
-    import triton
-
-    from jetspec_trt import __version__
-
-    return {"jetspec_trt": __version__, "torch": torch.__version__, "cuda": str(torch.version.cuda),
-            "triton": triton.__version__, "transformers": transformers.__version__, "python": sys.version.split()[0]}
 
 
 class EngineBench:
@@ -236,7 +226,9 @@ def run_bench(cfg: BenchConfig, command: list[str] | None = None) -> Path:
     bench = EngineBench(cfg, target, draft, hf_config)
     progress.update()
     report: dict = {
-        "device": torch.cuda.get_device_name(), "versions": versions(), "command": command or [],
+        "device": torch.cuda.get_device_name(),
+        "versions": library_versions("jetspec_trt", "torch", "cuda", "triton", "transformers", "python"),
+        "command": command or [],
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "config": _jsonable(asdict(cfg)),
         "model": f"{cfg.random_target} (random weights)", "ar_step": [], "rounds": [],
         "attention": "triton" if bench.decoder.triton_kernels else "torch reference (whole-cache, no Triton kernel)",

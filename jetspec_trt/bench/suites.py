@@ -290,8 +290,6 @@ def request_percentiles(suites_out: dict) -> dict:
 
 
 def run_suite_bench(cfg: SuiteBenchConfig, command: list[str] | None = None) -> Path:
-    import transformers
-
     from jetspec_trt.runtime.config import TreeConfig
     from jetspec_trt.runtime.engine import Engine
     from jetspec_trt.tree.accept import SamplingConfig
@@ -388,9 +386,7 @@ def run_suite_bench(cfg: SuiteBenchConfig, command: list[str] | None = None) -> 
         "device": cfg.device,
         "device_name": device_name,
         "dtype": _dtype_name(next(target.parameters()).dtype),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "python": platform.python_version(),
-                     "cuda": torch.version.cuda if torch.cuda.is_available() else None},
+        "versions": library_versions("torch", "transformers", "python", "cuda"),
         "command": " ".join(command or []),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "config": {"suites": list(cfg.suites), "num_prompts": cfg.num_prompts, "max_new_tokens": cfg.max_new_tokens,
