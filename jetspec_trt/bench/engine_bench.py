@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from jetspec_trt.dtypes import parse_dtype
 from jetspec_trt.errors import JetSpecError
 from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
 from jetspec_trt.runtime.graph_decoder import STAGES, GraphDecoder
@@ -214,7 +215,6 @@ def hf_generate_tok_s(hf_config, dtype: torch.dtype, device: str, new_tokens: in
 
 @torch.inference_mode()
 def run_bench(cfg: BenchConfig, command: list[str] | None = None) -> Path:
-    from jetspec_trt.models.checkpoint import parse_dtype
     from jetspec_trt.models.presets import random_models
 
     if not torch.cuda.is_available():

@@ -21,13 +21,15 @@ import math
 import platform
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean, median
 
 import torch
 
+from jetspec_trt.dtypes import dtype_name
 from jetspec_trt.errors import JetSpecError
+from jetspec_trt.versions import library_versions
 
 
 @dataclass(frozen=True)
@@ -205,7 +207,7 @@ def diagnose_flip(target, prompt_ids: list[int], ar_tokens: list[int], spec_toke
     ar_tok = ar_tokens[first_diff] if first_diff < len(ar_tokens) else None
     spec_tok = spec_tokens[first_diff] if first_diff < len(spec_tokens) else None
     dtype = target.embed_tokens.weight.dtype
-    res = {"position": first_diff, "ar_token": ar_tok, "spec_token": spec_tok, "dtype": _dtype_name(dtype)}
+    res = {"position": first_diff, "ar_token": ar_tok, "spec_token": spec_tok, "dtype": dtype_name(dtype)}
     if tokenizer is not None:
         res["ar_text"] = tokenizer.decode([ar_tok]) if ar_tok is not None else None
         res["spec_text"] = tokenizer.decode([spec_tok]) if spec_tok is not None else None
@@ -217,10 +219,6 @@ def diagnose_flip(target, prompt_ids: list[int], ar_tokens: list[int], spec_toke
         res["fp32"] = {k: f[k] for k in ("top1_token", "top2_token", "top1_logit", "top2_gap", "ar_logit",
                                          "spec_logit", "ar_minus_spec", "ar_rank", "spec_rank", "prefers")}
     return res
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 def _fp32_target(target, device: str):
@@ -385,7 +383,7 @@ def run_suite_bench(cfg: SuiteBenchConfig, command: list[str] | None = None) -> 
         "engine": str(cfg.engine_dir),
         "device": cfg.device,
         "device_name": device_name,
-        "dtype": _dtype_name(next(target.parameters()).dtype),
+        "dtype": dtype_name(next(target.parameters()).dtype),
         "versions": library_versions("torch", "transformers", "python", "cuda"),
         "command": " ".join(command or []),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -26,8 +26,9 @@ import torch
 
 from jetspec_trt.builders.kernel_tuning import tune_engine_kernels
 from jetspec_trt.builders.validate import CheckedPair, check_pair
+from jetspec_trt.dtypes import parse_dtype
 from jetspec_trt.errors import JetSpecError
-from jetspec_trt.models.checkpoint import SHARD_INDEX, parse_dtype, weight_files
+from jetspec_trt.models.checkpoint import SHARD_INDEX, weight_files
 from jetspec_trt.models.fused_layout import LAYOUT_DESCRIPTION, fuse_plan, is_fused
 from jetspec_trt.models.weights import keep_plan, write_weights
 from jetspec_trt.runtime.config import RUNTIME_CONFIG, RuntimeConfig, TreeConfig

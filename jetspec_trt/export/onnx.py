@@ -180,7 +180,8 @@ def export_onnx(cfg: OnnxExportConfig, command: list[str] | None = None) -> Path
     require_onnx()
     import torch
 
-    from jetspec_trt.models.checkpoint import load_draft, load_target, parse_dtype
+    from jetspec_trt.dtypes import parse_dtype
+    from jetspec_trt.models.checkpoint import load_draft, load_target
 
     engine_dir = Path(cfg.engine_dir)
     dtype_name = runtime.dtype if cfg.dtype == "engine" else cfg.dtype

@@ -16,8 +16,9 @@ from typing import Iterator
 import torch
 from transformers import AutoTokenizer
 
+from jetspec_trt.dtypes import parse_dtype
 from jetspec_trt.errors import JetSpecError
-from jetspec_trt.models.checkpoint import load_draft, load_target, parse_dtype, stored_names
+from jetspec_trt.models.checkpoint import load_draft, load_target, stored_names
 from jetspec_trt.models.fused_layout import is_fused
 from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
 from jetspec_trt.runtime.decoder import DecodeStats, Decoder
