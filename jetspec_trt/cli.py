@@ -82,7 +82,7 @@ def print_stats(stats, label: str = "") -> None:
 def run_prompt(engine, prompt: str, max_new_tokens: int, sampling: SamplingConfig, speculative: bool, chat: bool,
                verify: bool, tree: TreeConfig | None) -> bool:
     """Stream one prompt; with verify, also decode without speculation and compare. Returns identical-or-not."""
-    from jetspec_trt.bench.suites import first_difference
+    from jetspec_trt.runtime.decoder import first_difference
 
     for piece in engine.stream(prompt, max_new_tokens, sampling, speculative, chat, tree):
         click.echo(piece, nl=False)

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from jetspec_trt.dtypes import parse_dtype
 from jetspec_trt.errors import JetSpecError
 from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
+from jetspec_trt.runtime.decoder import first_difference
 from jetspec_trt.runtime.graph_decoder import STAGES, GraphDecoder
 from jetspec_trt.versions import library_versions
 
@@ -185,7 +186,7 @@ class EngineBench:
             if ar == spec:
                 identical += 1
             else:
-                divergences.append(next(i for i, (a, b) in enumerate(zip(ar, spec)) if a != b))
+                divergences.append(first_difference(ar, spec))
         return {"prompts": self.cfg.agreement_prompts, "tokens": self.cfg.agreement_tokens,
                 "identical": identical, "first_divergence_at": divergences}
 

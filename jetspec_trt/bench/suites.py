@@ -162,13 +162,6 @@ def _hf_generate(model, ids, cfg) -> dict:
     return {"tokens": n, "wall_s": wall, "tok_s": n / max(wall, 1e-9)}
 
 
-def first_difference(a: list[int], b: list[int]) -> int | None:
-    """Index of the first position where the token lists differ (a strict prefix differs at its end); None if equal."""
-    if a == b:
-        return None
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-
-
 @torch.inference_mode()
 def teacher_forced_logits(target, ids: list[int], page_size: int = 64) -> torch.Tensor:
     """The target's next-token logits [vocab] (float32) after one causal prefill over `ids`, on a cache of its own
@@ -289,6 +282,7 @@ def request_percentiles(suites_out: dict) -> dict:
 
 def run_suite_bench(cfg: SuiteBenchConfig, command: list[str] | None = None) -> Path:
     from jetspec_trt.runtime.config import TreeConfig
+    from jetspec_trt.runtime.decoder import first_difference
     from jetspec_trt.runtime.engine import Engine
     from jetspec_trt.tree.accept import SamplingConfig
 

@@ -85,6 +85,13 @@ def check_prompt(prompt_ids: list[int], max_new_tokens: int, vocab_size: int, ma
     return min(max_new_tokens, max_seq_len - len(prompt_ids))
 
 
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """Index of the first position where the token lists differ (a strict prefix differs at its end); None if equal."""
+    if a == b:
+        return None
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
 class Decoder:
     def __init__(self, target: TargetModel, draft: DraftHead | None, runtime: RuntimeConfig):
         self.target = target
