@@ -78,7 +78,7 @@ def near_tie_threshold(top1_logit: float, dtype: torch.dtype) -> float:
 
 def export_prompts(path: Path, suites: tuple[str, ...], num_prompts: int) -> int:
     """Write load_prompts(suite, num_prompts) of every suite to a jsonl usable without the dataset packages."""
-    from jetspec_trt.bench.datasets import load_prompts
+    from jetspec_trt.datasets import load_prompts
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -103,7 +103,7 @@ def _load_prompts(cfg: SuiteBenchConfig) -> dict[str, list[tuple[str, list[dict]
                 if suite in out and len(out[suite]) < cfg.num_prompts:
                     out[suite].append((str(row.get("id", len(out[suite]))), row["messages"]))
     else:
-        from jetspec_trt.bench.datasets import load_prompts
+        from jetspec_trt.datasets import load_prompts
 
         for suite in cfg.suites:
             out[suite] = [(p.id, p.messages) for p in load_prompts(suite, cfg.num_prompts)]
