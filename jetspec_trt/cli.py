@@ -184,10 +184,11 @@ def export() -> None:
 
 
 # Commands that live beside the code they drive ("module:attribute" of a click command). Each such module keeps
-# its heavy imports inside the command function, so `jetspec-trt --help` stays fast.
+# its heavy imports inside the command function, so `jetspec-trt --help` stays fast. The bench command sits beside
+# the bench package, not in it: the CLI never imports jetspec_trt.bench (tests/test_package_layers.py).
 COMMANDS: list[str] = [
     "jetspec_trt.models.pypi_weights:fetch_model_command",
-    "jetspec_trt.bench.command:bench_command",
+    "jetspec_trt.bench_command:bench_command",
     "jetspec_trt.train.command:train_command",
     "jetspec_trt.export.server:serve_command",
 ]

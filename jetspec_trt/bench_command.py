@@ -1,4 +1,8 @@
-"""`jetspec-trt bench`: engine speed benchmark (JSON + PNG under bench/results/)."""
+"""`jetspec-trt bench`: engine speed benchmark (JSON + PNG under bench/results/).
+
+The command lives outside jetspec_trt/bench/ and imports that package only inside its body, when the benchmark
+runs: the CLI registers it without loading any bench code (the benchmarks sit above everything they measure).
+"""
 
 from __future__ import annotations
 
