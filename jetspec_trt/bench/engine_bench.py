@@ -77,19 +77,12 @@ class EngineBench:
             decode_gemv=False,  # "ar_step" is the cuBLAS step; cfg.compare_gemv adds the GEMV one beside it
         )
         self.decoder = GraphDecoder(target, draft, runtime, compile_layers=cfg.compile_layers)
-        self._fill_caches()
-
-    def _fill_caches(self) -> None:
         # Timings run at contexts nobody prefilled: give the caches realistic (non-zero) contents once.
-        generator = torch.Generator(device=self.cfg.device).manual_seed(1)
-        for cache in (self.decoder.target_cache, self.decoder.draft_cache):
-            for tensor in (cache.k_all, cache.v_all):
-                tensor.normal_(0, 1, generator=generator)
+        self.decoder.fill_caches(torch.Generator(device=cfg.device).manual_seed(1))
 
     def _at_context(self, context: int, state=None):
         def reset() -> None:
-            self.decoder.target_cache.set_length(context)
-            self.decoder.draft_cache.set_length(context)
+            self.decoder.reset(context)
             if state is not None:
                 state.count.fill_(self.cfg.max_depth + 1)  # the longest append the draft stage can see
         return reset

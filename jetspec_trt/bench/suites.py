@@ -299,9 +299,8 @@ def run_suite_bench(cfg: SuiteBenchConfig, command: list[str] | None = None) -> 
     if cfg.hf_generate:
         from jetspec_trt.models.checkpoint import load_hf_model
 
-        dtype = next(engine.decoder.target.parameters()).dtype
         # The engine stores q/k/v and gate/up fused; load_hf_model hands transformers its own layout.
-        hf_model = load_hf_model(Path(cfg.engine_dir) / "target", dtype).to(cfg.device)
+        hf_model = load_hf_model(Path(cfg.engine_dir) / "target", engine.dtype).to(cfg.device)
         hf_model.generation_config.pad_token_id = engine.tokenizer.pad_token_id or engine.tokenizer.eos_token_id
 
     # warm-up (CUDA graph capture, kernels) on a short request, not timed
@@ -314,7 +313,7 @@ def run_suite_bench(cfg: SuiteBenchConfig, command: list[str] | None = None) -> 
     if hf_model is not None:
         _hf_generate(hf_model, warm_ids, SuiteBenchConfig(**{**cfg.__dict__, "max_new_tokens": 8}))
 
-    target = engine.decoder.target
+    target = engine.target
     page_size = getattr(rt, "page_size", 64)
     fp32_target, fp32_note = None, None
     greedy_temps = [t for t in cfg.temperatures if t <= 0.0]
@@ -377,7 +376,7 @@ def run_suite_bench(cfg: SuiteBenchConfig, command: list[str] | None = None) -> 
         "engine": str(cfg.engine_dir),
         "device": cfg.device,
         "device_name": device_name,
-        "dtype": dtype_name(next(target.parameters()).dtype),
+        "dtype": dtype_name(engine.dtype),
         "versions": library_versions("torch", "transformers", "python", "cuda"),
         "command": " ".join(command or []),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -87,7 +87,7 @@ class TritonPythonModel:
         if threads > 0:
             torch.set_num_threads(threads)
         self.engine = Engine.load(engine_dir, device=params.get("device", "cpu"))
-        self.vocab_size = self.engine.decoder.target.config.vocab_size
+        self.vocab_size = self.engine.target_config.vocab_size
         self.max_seq_len = self.engine.runtime.max_seq_len
         self.max_batch_size = int(config.get("max_batch_size", 0))
         self.allowed_parameters = set(REQUEST_PARAMETERS)

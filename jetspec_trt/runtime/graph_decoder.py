@@ -150,6 +150,18 @@ class GraphDecoder:
         self._ar_step = None
         self._stages.clear()
 
+    def reset(self, context: int = 0) -> None:
+        """Both caches back to `context` committed tokens (0: empty), whatever their K/V rows hold: benchmarks
+        replay steps and rounds at contexts nobody prefilled."""
+        self.target_cache.set_length(context)
+        self.draft_cache.set_length(context)
+
+    def fill_caches(self, generator: torch.Generator) -> None:
+        """Fill every K/V row of both caches with N(0, 1) values (realistic, non-zero contents for timings)."""
+        for cache in (self.target_cache, self.draft_cache):
+            for tensor in (cache.k_all, cache.v_all):
+                tensor.normal_(0, 1, generator=generator)
+
     # ---- state -------------------------------------------------------------------------------------------
     def _new_state(self, depth: int) -> RoundState:
         width = len(self.capture_layers) * self.target.config.hidden_size
