@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from jetspec_trt.errors import JetSpecError
-from jetspec_trt.runtime.config import TreeConfig
+from jetspec_trt.runtime.config import DEFAULT_TREE, TreeConfig
 from jetspec_trt.tree.accept import SamplingConfig
 
 
@@ -20,8 +20,9 @@ def cli() -> None:
 
 def tree_options(func):
     func = click.option("--max-depth", type=int, default=None, help="Longest drafted branch (<= block_size-1).")(func)
-    func = click.option("--topk", type=int, default=7, show_default=True, help="Children per tree node.")(func)
-    func = click.option("--budget", type=int, default=256, show_default=True,
+    func = click.option("--topk", type=int, default=DEFAULT_TREE.topk, show_default=True,
+                        help="Children per tree node.")(func)
+    func = click.option("--budget", type=int, default=DEFAULT_TREE.budget, show_default=True,
                         help="Tree nodes verified per round, root included (1 = autoregressive).")(func)
     return func
 

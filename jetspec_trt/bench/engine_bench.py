@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from jetspec_trt.dtypes import parse_dtype
 from jetspec_trt.errors import JetSpecError
-from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
+from jetspec_trt.runtime.config import DEFAULT_TREE, RuntimeConfig, TreeConfig
 from jetspec_trt.runtime.decoder import first_difference
 from jetspec_trt.runtime.graph_decoder import STAGES, GraphDecoder
 from jetspec_trt.versions import library_versions
@@ -34,8 +34,8 @@ class BenchConfig:
     dtype: str = "bfloat16"
     budgets: tuple[int, ...] = (16, 32, 64, 128, 256)
     contexts: tuple[int, ...] = (512, 2048, 8192)
-    topk: int = 7
-    max_depth: int = 15
+    topk: int = DEFAULT_TREE.topk
+    max_depth: int = DEFAULT_TREE.max_depth
     taus: tuple[float, ...] = (10.76, 5.94)  # the paper's Qwen3-8B greedy tau on MATH-500 and MT-Bench
     ar_tokens: int = 128
     hf_tokens: int = 32

@@ -281,7 +281,7 @@ def request_percentiles(suites_out: dict) -> dict:
 
 
 def run_suite_bench(cfg: SuiteBenchConfig, command: list[str] | None = None) -> Path:
-    from jetspec_trt.runtime.config import TreeConfig
+    from jetspec_trt.runtime.config import DEFAULT_TREE, TreeConfig
     from jetspec_trt.runtime.decoder import first_difference
     from jetspec_trt.runtime.engine import Engine
     from jetspec_trt.tree.accept import SamplingConfig
@@ -290,7 +290,7 @@ def run_suite_bench(cfg: SuiteBenchConfig, command: list[str] | None = None) -> 
     engine = Engine.load(cfg.engine_dir, device=cfg.device)
     rt = engine.runtime
     base = getattr(rt, "tree", None)
-    topk = cfg.topk or getattr(base, "topk", 7)
+    topk = cfg.topk or getattr(base, "topk", DEFAULT_TREE.topk)
     block = getattr(rt, "block_size", 16)
     depth = min(cfg.max_depth or getattr(base, "max_depth", block - 1), block - 1)
     trees = {b: TreeConfig(budget=b, topk=topk, max_depth=depth) for b in cfg.budgets}
