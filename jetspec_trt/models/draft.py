@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -184,7 +184,3 @@ def read_draft_config(model_dir: Path) -> tuple[dict, DraftSpec]:
     except json.JSONDecodeError as err:
         raise JetSpecError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from err
     return raw, DraftSpec.from_config_dict(raw, str(path))
-
-
-def spec_summary(spec: DraftSpec) -> dict:
-    return asdict(spec)
