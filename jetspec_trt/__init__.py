@@ -1,10 +1,9 @@
 """jetspec-trt: JetSpec causal parallel tree speculative decoding for Qwen3, built into a deployable engine."""
 
-__version__ = "0.1.0"
-
-from jetspec_trt.errors import JetSpecError  # noqa: E402
-from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig  # noqa: E402
-from jetspec_trt.spec.accept import SamplingConfig  # noqa: E402
+from jetspec_trt.errors import JetSpecError
+from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
+from jetspec_trt.tree.accept import SamplingConfig
+from jetspec_trt.versions import __version__  # noqa: F401  (jetspec_trt.__version__)
 
 
 def __getattr__(name: str):

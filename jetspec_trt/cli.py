@@ -8,8 +8,8 @@ from pathlib import Path
 import click
 
 from jetspec_trt.errors import JetSpecError
-from jetspec_trt.runtime.config import TreeConfig
-from jetspec_trt.spec.accept import SamplingConfig
+from jetspec_trt.runtime.config import DEFAULT_TREE, TreeConfig
+from jetspec_trt.tree.accept import SamplingConfig
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -20,8 +20,9 @@ def cli() -> None:
 
 def tree_options(func):
     func = click.option("--max-depth", type=int, default=None, help="Longest drafted branch (<= block_size-1).")(func)
-    func = click.option("--topk", type=int, default=7, show_default=True, help="Children per tree node.")(func)
-    func = click.option("--budget", type=int, default=256, show_default=True,
+    func = click.option("--topk", type=int, default=DEFAULT_TREE.topk, show_default=True,
+                        help="Children per tree node.")(func)
+    func = click.option("--budget", type=int, default=DEFAULT_TREE.budget, show_default=True,
                         help="Tree nodes verified per round, root included (1 = autoregressive).")(func)
     return func
 
@@ -82,7 +83,7 @@ def print_stats(stats, label: str = "") -> None:
 def run_prompt(engine, prompt: str, max_new_tokens: int, sampling: SamplingConfig, speculative: bool, chat: bool,
                verify: bool, tree: TreeConfig | None) -> bool:
     """Stream one prompt; with verify, also decode without speculation and compare. Returns identical-or-not."""
-    from jetspec_trt.bench.suites import first_difference
+    from jetspec_trt.runtime.decoder import first_difference
 
     for piece in engine.stream(prompt, max_new_tokens, sampling, speculative, chat, tree):
         click.echo(piece, nl=False)
@@ -184,10 +185,11 @@ def export() -> None:
 
 
 # Commands that live beside the code they drive ("module:attribute" of a click command). Each such module keeps
-# its heavy imports inside the command function, so `jetspec-trt --help` stays fast.
+# its heavy imports inside the command function, so `jetspec-trt --help` stays fast. The bench command sits beside
+# the bench package, not in it: the CLI never imports jetspec_trt.bench (tests/test_package_layers.py).
 COMMANDS: list[str] = [
     "jetspec_trt.models.pypi_weights:fetch_model_command",
-    "jetspec_trt.bench.command:bench_command",
+    "jetspec_trt.bench_command:bench_command",
     "jetspec_trt.train.command:train_command",
     "jetspec_trt.export.server:serve_command",
 ]

@@ -18,7 +18,8 @@ from jetspec_trt.builders.engine_builder import FORMAT_VERSION, MANIFEST, BuildC
 from jetspec_trt.errors import JetSpecError
 from jetspec_trt.models.checkpoint import draft_spec_of
 from jetspec_trt.models.presets import write_random_pair
-from jetspec_trt.runtime.config import TreeConfig
+from jetspec_trt.runtime.config import DEFAULT_TREE, TreeConfig
+from jetspec_trt.versions import __version__
 
 QUICKSTART_PROMPT = "def fibonacci(n):"  # the tiny pair's prompt (a byte-level random model: plain text)
 
@@ -26,7 +27,8 @@ REAL_TARGET = "qwen2.5-coder-0.5b-instruct"
 REAL_HEAD = "qwen2.5-coder-0.5b-jetspec"
 # Sent through the chat template. Asking for code only keeps the answer short (about 40 tokens, then EOS).
 REAL_PROMPT = "Write a Python function that returns the factorial of n. Only code, no explanation."
-ENGINE_BUDGET, ENGINE_TOPK = 256, 7  # the largest tree a run may ask for (as deep as the head's block allows)
+# The largest tree a run may ask for: the default tree's budget and top-k, as deep as the head's block allows.
+ENGINE_BUDGET, ENGINE_TOPK = DEFAULT_TREE.budget, DEFAULT_TREE.topk
 ENGINE_DTYPE = "bfloat16"  # the converted target's own dtype; Engine.load runs it in fp32 on the CPU
 ENGINE_KEY_FORMAT = 1  # bump when what the key covers changes
 
@@ -42,7 +44,7 @@ class RunDefaults:
 # depth, so the CPU runs a small, shallow tree and a short answer (cached quickstart: about a minute on 2 cores).
 DEFAULTS = {
     "cpu": RunDefaults(budget=8, max_depth=4, max_new_tokens=64),
-    "cuda": RunDefaults(budget=64, max_depth=15, max_new_tokens=256),
+    "cuda": RunDefaults(budget=64, max_depth=DEFAULT_TREE.max_depth, max_new_tokens=256),
 }
 
 
@@ -99,8 +101,6 @@ def engine_key(target: Path, head: Path) -> str:
     """Covers what the build reads and depends on: each input file's name, size and mtime, the build settings,
     the engine format, and the GPU it tunes its kernels for (none without CUDA)."""
     import torch
-
-    from jetspec_trt import __version__
 
     def files(directory: Path) -> list:
         return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(directory.iterdir()) if p.is_file()]

@@ -13,16 +13,18 @@ from __future__ import annotations
 import datetime as dt
 import json
 import statistics
-import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
+from jetspec_trt.dtypes import parse_dtype
 from jetspec_trt.errors import JetSpecError
-from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
+from jetspec_trt.runtime.config import DEFAULT_TREE, RuntimeConfig, TreeConfig
+from jetspec_trt.runtime.decoder import first_difference
 from jetspec_trt.runtime.graph_decoder import STAGES, GraphDecoder
+from jetspec_trt.versions import library_versions
 
 
 @dataclass(frozen=True)
@@ -32,8 +34,8 @@ class BenchConfig:
     dtype: str = "bfloat16"
     budgets: tuple[int, ...] = (16, 32, 64, 128, 256)
     contexts: tuple[int, ...] = (512, 2048, 8192)
-    topk: int = 7
-    max_depth: int = 15
+    topk: int = DEFAULT_TREE.topk
+    max_depth: int = DEFAULT_TREE.max_depth
     taus: tuple[float, ...] = (10.76, 5.94)  # the paper's Qwen3-8B greedy tau on MATH-500 and MT-Bench
     ar_tokens: int = 128
     hf_tokens: int = 32
@@ -63,16 +65,6 @@ def _events_ms(fn, reps: int, before=None) -> float:
     return statistics.median(times)
 
 
-def versions() -> dict[str, str]:
-    import transformers
-    import triton
-
-    from jetspec_trt import __version__
-
-    return {"jetspec_trt": __version__, "torch": torch.__version__, "cuda": str(torch.version.cuda),
-            "triton": triton.__version__, "transformers": transformers.__version__, "python": sys.version.split()[0]}
-
-
 class EngineBench:
     def __init__(self, cfg: BenchConfig, target, draft, hf_config):
         self.cfg = cfg
@@ -85,19 +77,12 @@ class EngineBench:
             decode_gemv=False,  # "ar_step" is the cuBLAS step; cfg.compare_gemv adds the GEMV one beside it
         )
         self.decoder = GraphDecoder(target, draft, runtime, compile_layers=cfg.compile_layers)
-        self._fill_caches()
-
-    def _fill_caches(self) -> None:
         # Timings run at contexts nobody prefilled: give the caches realistic (non-zero) contents once.
-        generator = torch.Generator(device=self.cfg.device).manual_seed(1)
-        for cache in (self.decoder.target_cache, self.decoder.draft_cache):
-            for tensor in (cache.k_all, cache.v_all):
-                tensor.normal_(0, 1, generator=generator)
+        self.decoder.fill_caches(torch.Generator(device=cfg.device).manual_seed(1))
 
     def _at_context(self, context: int, state=None):
         def reset() -> None:
-            self.decoder.target_cache.set_length(context)
-            self.decoder.draft_cache.set_length(context)
+            self.decoder.reset(context)
             if state is not None:
                 state.count.fill_(self.cfg.max_depth + 1)  # the longest append the draft stage can see
         return reset
@@ -194,7 +179,7 @@ class EngineBench:
             if ar == spec:
                 identical += 1
             else:
-                divergences.append(next(i for i, (a, b) in enumerate(zip(ar, spec)) if a != b))
+                divergences.append(first_difference(ar, spec))
         return {"prompts": self.cfg.agreement_prompts, "tokens": self.cfg.agreement_tokens,
                 "identical": identical, "first_divergence_at": divergences}
 
@@ -224,7 +209,6 @@ def hf_generate_tok_s(hf_config, dtype: torch.dtype, device: str, new_tokens: in
 
 @torch.inference_mode()
 def run_bench(cfg: BenchConfig, command: list[str] | None = None) -> Path:
-    from jetspec_trt.models.checkpoint import parse_dtype
     from jetspec_trt.models.presets import random_models
 
     if not torch.cuda.is_available():
@@ -236,7 +220,9 @@ def run_bench(cfg: BenchConfig, command: list[str] | None = None) -> Path:
     bench = EngineBench(cfg, target, draft, hf_config)
     progress.update()
     report: dict = {
-        "device": torch.cuda.get_device_name(), "versions": versions(), "command": command or [],
+        "device": torch.cuda.get_device_name(),
+        "versions": library_versions("jetspec_trt", "torch", "cuda", "triton", "transformers", "python"),
+        "command": command or [],
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "config": _jsonable(asdict(cfg)),
         "model": f"{cfg.random_target} (random weights)", "ar_step": [], "rounds": [],
         "attention": "triton" if bench.decoder.triton_kernels else "torch reference (whole-cache, no Triton kernel)",

@@ -21,13 +21,15 @@ import math
 import platform
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from statistics import mean, median
 
 import torch
 
+from jetspec_trt.dtypes import dtype_name
 from jetspec_trt.errors import JetSpecError
+from jetspec_trt.versions import library_versions
 
 
 @dataclass(frozen=True)
@@ -76,7 +78,7 @@ def near_tie_threshold(top1_logit: float, dtype: torch.dtype) -> float:
 
 def export_prompts(path: Path, suites: tuple[str, ...], num_prompts: int) -> int:
     """Write load_prompts(suite, num_prompts) of every suite to a jsonl usable without the dataset packages."""
-    from jetspec_trt.bench.datasets import load_prompts
+    from jetspec_trt.datasets import load_prompts
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -101,7 +103,7 @@ def _load_prompts(cfg: SuiteBenchConfig) -> dict[str, list[tuple[str, list[dict]
                 if suite in out and len(out[suite]) < cfg.num_prompts:
                     out[suite].append((str(row.get("id", len(out[suite]))), row["messages"]))
     else:
-        from jetspec_trt.bench.datasets import load_prompts
+        from jetspec_trt.datasets import load_prompts
 
         for suite in cfg.suites:
             out[suite] = [(p.id, p.messages) for p in load_prompts(suite, cfg.num_prompts)]
@@ -160,13 +162,6 @@ def _hf_generate(model, ids, cfg) -> dict:
     return {"tokens": n, "wall_s": wall, "tok_s": n / max(wall, 1e-9)}
 
 
-def first_difference(a: list[int], b: list[int]) -> int | None:
-    """Index of the first position where the token lists differ (a strict prefix differs at its end); None if equal."""
-    if a == b:
-        return None
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-
-
 @torch.inference_mode()
 def teacher_forced_logits(target, ids: list[int], page_size: int = 64) -> torch.Tensor:
     """The target's next-token logits [vocab] (float32) after one causal prefill over `ids`, on a cache of its own
@@ -205,7 +200,7 @@ def diagnose_flip(target, prompt_ids: list[int], ar_tokens: list[int], spec_toke
     ar_tok = ar_tokens[first_diff] if first_diff < len(ar_tokens) else None
     spec_tok = spec_tokens[first_diff] if first_diff < len(spec_tokens) else None
     dtype = target.embed_tokens.weight.dtype
-    res = {"position": first_diff, "ar_token": ar_tok, "spec_token": spec_tok, "dtype": _dtype_name(dtype)}
+    res = {"position": first_diff, "ar_token": ar_tok, "spec_token": spec_tok, "dtype": dtype_name(dtype)}
     if tokenizer is not None:
         res["ar_text"] = tokenizer.decode([ar_tok]) if ar_tok is not None else None
         res["spec_text"] = tokenizer.decode([spec_tok]) if spec_tok is not None else None
@@ -217,10 +212,6 @@ def diagnose_flip(target, prompt_ids: list[int], ar_tokens: list[int], spec_toke
         res["fp32"] = {k: f[k] for k in ("top1_token", "top2_token", "top1_logit", "top2_gap", "ar_logit",
                                          "spec_logit", "ar_minus_spec", "ar_rank", "spec_rank", "prefers")}
     return res
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 def _fp32_target(target, device: str):
@@ -290,17 +281,16 @@ def request_percentiles(suites_out: dict) -> dict:
 
 
 def run_suite_bench(cfg: SuiteBenchConfig, command: list[str] | None = None) -> Path:
-    import transformers
-
-    from jetspec_trt.runtime.config import TreeConfig
+    from jetspec_trt.runtime.config import DEFAULT_TREE, TreeConfig
+    from jetspec_trt.runtime.decoder import first_difference
     from jetspec_trt.runtime.engine import Engine
-    from jetspec_trt.spec.accept import SamplingConfig
+    from jetspec_trt.tree.accept import SamplingConfig
 
     prompts = _load_prompts(cfg)
     engine = Engine.load(cfg.engine_dir, device=cfg.device)
     rt = engine.runtime
     base = getattr(rt, "tree", None)
-    topk = cfg.topk or getattr(base, "topk", 7)
+    topk = cfg.topk or getattr(base, "topk", DEFAULT_TREE.topk)
     block = getattr(rt, "block_size", 16)
     depth = min(cfg.max_depth or getattr(base, "max_depth", block - 1), block - 1)
     trees = {b: TreeConfig(budget=b, topk=topk, max_depth=depth) for b in cfg.budgets}
@@ -309,9 +299,8 @@ def run_suite_bench(cfg: SuiteBenchConfig, command: list[str] | None = None) -> 
     if cfg.hf_generate:
         from jetspec_trt.models.checkpoint import load_hf_model
 
-        dtype = next(engine.decoder.target.parameters()).dtype
         # The engine stores q/k/v and gate/up fused; load_hf_model hands transformers its own layout.
-        hf_model = load_hf_model(Path(cfg.engine_dir) / "target", dtype).to(cfg.device)
+        hf_model = load_hf_model(Path(cfg.engine_dir) / "target", engine.dtype).to(cfg.device)
         hf_model.generation_config.pad_token_id = engine.tokenizer.pad_token_id or engine.tokenizer.eos_token_id
 
     # warm-up (CUDA graph capture, kernels) on a short request, not timed
@@ -324,7 +313,7 @@ def run_suite_bench(cfg: SuiteBenchConfig, command: list[str] | None = None) -> 
     if hf_model is not None:
         _hf_generate(hf_model, warm_ids, SuiteBenchConfig(**{**cfg.__dict__, "max_new_tokens": 8}))
 
-    target = engine.decoder.target
+    target = engine.target
     page_size = getattr(rt, "page_size", 64)
     fp32_target, fp32_note = None, None
     greedy_temps = [t for t in cfg.temperatures if t <= 0.0]
@@ -387,10 +376,8 @@ def run_suite_bench(cfg: SuiteBenchConfig, command: list[str] | None = None) -> 
         "engine": str(cfg.engine_dir),
         "device": cfg.device,
         "device_name": device_name,
-        "dtype": _dtype_name(next(target.parameters()).dtype),
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
-                     "python": platform.python_version(),
-                     "cuda": torch.version.cuda if torch.cuda.is_available() else None},
+        "dtype": dtype_name(engine.dtype),
+        "versions": library_versions("torch", "transformers", "python", "cuda"),
         "command": " ".join(command or []),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "config": {"suites": list(cfg.suites), "num_prompts": cfg.num_prompts, "max_new_tokens": cfg.max_new_tokens,

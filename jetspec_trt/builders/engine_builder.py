@@ -19,7 +19,6 @@ import datetime as dt
 import hashlib
 import json
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,15 +26,18 @@ import torch
 
 from jetspec_trt.builders.kernel_tuning import tune_engine_kernels
 from jetspec_trt.builders.validate import CheckedPair, check_pair
-from jetspec_trt.builders.weights import keep_plan, write_weights
+from jetspec_trt.dtypes import parse_dtype
 from jetspec_trt.errors import JetSpecError
-from jetspec_trt.models.checkpoint import SHARD_INDEX, parse_dtype, weight_files
+from jetspec_trt.models.checkpoint import SHARD_INDEX, weight_files
 from jetspec_trt.models.fused_layout import LAYOUT_DESCRIPTION, fuse_plan, is_fused
+from jetspec_trt.models.weights import keep_plan, write_weights
 from jetspec_trt.runtime.config import RUNTIME_CONFIG, RuntimeConfig, TreeConfig
 from jetspec_trt.staging import check_output, staged_directory
+from jetspec_trt.versions import library_versions
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 2  # 2: fused weight layout (older readers would not find the q/k/v and gate/up tensors)
+MANIFEST_VERSIONS = ("jetspec_trt", "torch", "transformers", "python")  # what a manifest's "versions" records
 
 
 @dataclass(frozen=True)
@@ -79,15 +81,6 @@ def _convert_checkpoint(src: Path, dst: Path, dtype: torch.dtype, fuse: bool, pr
     return hashes, names
 
 
-def _versions() -> dict[str, str]:
-    import transformers
-
-    from jetspec_trt import __version__
-
-    return {"jetspec_trt": __version__, "torch": torch.__version__, "transformers": transformers.__version__,
-            "python": sys.version.split()[0]}
-
-
 def runtime_config_for(pair: CheckedPair, cfg: BuildConfig) -> RuntimeConfig:
     cfg.tree.validate(pair.spec.block_size)
     max_positions = pair.target.max_position_embeddings
@@ -129,7 +122,7 @@ def build_engine(cfg: BuildConfig, command: list[str] | None = None) -> Path:
             "backend": "pytorch",
             "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
             "dtype": cfg.dtype,
-            "versions": _versions(),
+            "versions": library_versions(*MANIFEST_VERSIONS),
             "command": command or [],
             "target": {"model_type": pair.target.model_type, "num_layers": pair.target.num_layers,
                        "hidden_size": pair.target.hidden_size, "vocab_size": pair.target.vocab_size},

@@ -16,7 +16,7 @@ from jetspec_trt.models.config import DecoderConfig
 from jetspec_trt.plugins.triton_tree_attention import LaunchKey
 from jetspec_trt.plugins.tuning_cache import TUNING_FILE, TuningCache
 from jetspec_trt.runtime.config import RuntimeConfig
-from jetspec_trt.spec.tree_tensors import node_count
+from jetspec_trt.tree.tree_tensors import node_count
 
 CONTEXTS = (512, 2048, 8192)  # clipped to the engine's max_seq_len
 

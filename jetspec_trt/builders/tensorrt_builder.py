@@ -29,11 +29,12 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from jetspec_trt.builders.engine_builder import (MANIFEST, BuildConfig, _versions, build_engine, runtime_config_for,
-                                                sha256_of)
+from jetspec_trt.builders.engine_builder import (MANIFEST, MANIFEST_VERSIONS, BuildConfig, build_engine,
+                                                runtime_config_for, sha256_of)
 from jetspec_trt.builders.validate import check_pair
 from jetspec_trt.errors import JetSpecError
 from jetspec_trt.runtime.config import RUNTIME_CONFIG, RuntimeConfig
+from jetspec_trt.versions import library_versions
 
 TENSORRT_MISSING = ("TensorRT is not installed: pip install 'tensorrt>=10.6' (needs an NVIDIA GPU and CUDA 12 "
                     "driver), or build with --backend pytorch")
@@ -175,7 +176,7 @@ def build_tensorrt_engine(cfg: BuildConfig, attention: str = "plugin", command: 
                 "attention": attention,
                 "created": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
                 "dtype": cfg.dtype,
-                "versions": _versions() | {"tensorrt": trt.__version__},
+                "versions": library_versions(*MANIFEST_VERSIONS) | {"tensorrt": trt.__version__},
                 "command": command or [],
                 "target": source_manifest["target"],
                 "draft": source_manifest["draft"],

@@ -30,6 +30,7 @@ from pathlib import Path
 import click
 
 from jetspec_trt.errors import JetSpecError
+from jetspec_trt.versions import library_versions
 
 ONNX_CONFIG = "onnx_config.json"
 TOKENIZER_DIR = "tokenizer"
@@ -162,17 +163,6 @@ def _check_graphs(output: Path) -> None:
             raise JetSpecError(f"{name}: onnx.checker rejects the exported graph: {str(err).splitlines()[0]}") from err
 
 
-def _versions() -> dict:
-    import onnx
-    import onnxscript
-    import torch
-
-    from jetspec_trt import __version__
-
-    return {"jetspec_trt": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
-            "onnxscript": onnxscript.__version__}
-
-
 def export_onnx(cfg: OnnxExportConfig, command: list[str] | None = None) -> Path:
     """Write the ONNX export of an engine; returns its path. Raises JetSpecError on bad input."""
     from jetspec_trt.export.triton import check_engine_dir
@@ -190,7 +180,8 @@ def export_onnx(cfg: OnnxExportConfig, command: list[str] | None = None) -> Path
     require_onnx()
     import torch
 
-    from jetspec_trt.models.checkpoint import load_draft, load_target, parse_dtype
+    from jetspec_trt.dtypes import parse_dtype
+    from jetspec_trt.models.checkpoint import load_draft, load_target
 
     engine_dir = Path(cfg.engine_dir)
     dtype_name = runtime.dtype if cfg.dtype == "engine" else cfg.dtype
@@ -221,7 +212,7 @@ def export_onnx(cfg: OnnxExportConfig, command: list[str] | None = None) -> Path
                       "hidden_size": dcfg.hidden_size},
             "jetspec_config": jetspec_config(runtime),
             "source_engine": str(engine_dir.resolve()),
-            "versions": _versions(),
+            "versions": library_versions("jetspec_trt", "torch", "onnx", "onnxscript"),
             "command": command or [],
         }
         if cfg.attention == "plugin":

@@ -176,9 +176,6 @@ class GraphSpec:
     outputs: dict[str, tuple]
     input_dtypes: dict[str, str]
 
-    def kv_inputs(self) -> list[str]:
-        return [n for n in self.inputs if n.startswith("past_")]
-
 
 def kv_names(prefix: str, num_layers: int) -> list[str]:
     return [f"{prefix}_{kind}_{i}" for i in range(num_layers) for kind in ("key", "value")]

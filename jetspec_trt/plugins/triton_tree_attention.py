@@ -35,6 +35,8 @@ from dataclasses import dataclass
 
 import torch
 
+from jetspec_trt.dtypes import dtype_name
+
 try:  # Guarded: a CPU machine without (or with a broken) Triton still imports this module.
     import triton
     import triton.language as tl
@@ -235,10 +237,6 @@ class LaunchKey:
     head_dim: int
     page_size: int
     dtype: str  # "bfloat16", "float16" or "float32"
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).removeprefix("torch.")
 
 
 # Launch configs tuned on this GPU for an engine's shapes (plugins/tuning_cache.py); other shapes use

@@ -26,6 +26,10 @@ class TreeConfig:
             raise JetSpecError(f"max_depth must be in 1..{block_size - 1} (block_size - 1), got {self.max_depth}")
 
 
+# The defaults above, stated once: the CLI's build flags, the benches and the quickstart engine read them here.
+DEFAULT_TREE = TreeConfig()
+
+
 @dataclass(frozen=True)
 class RuntimeConfig:
     tree: TreeConfig

@@ -19,8 +19,8 @@ from jetspec_trt.models.draft import DraftHead
 from jetspec_trt.models.target import TargetModel
 from jetspec_trt.plugins.tree_attention import causal_mask
 from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
-from jetspec_trt.spec.accept import SamplingConfig, accept, next_token
-from jetspec_trt.spec.tree import build_tree
+from jetspec_trt.tree.accept import SamplingConfig, accept, next_token
+from jetspec_trt.tree.tree import build_tree
 
 
 @dataclass
@@ -83,6 +83,13 @@ def check_prompt(prompt_ids: list[int], max_new_tokens: int, vocab_size: int, ma
     if len(prompt_ids) >= max_seq_len:
         raise JetSpecError(f"prompt has {len(prompt_ids)} tokens; the engine's max_seq_len is {max_seq_len}")
     return min(max_new_tokens, max_seq_len - len(prompt_ids))
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    """Index of the first position where the token lists differ (a strict prefix differs at its end); None if equal."""
+    if a == b:
+        return None
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 class Decoder:

@@ -16,13 +16,16 @@ from typing import Iterator
 import torch
 from transformers import AutoTokenizer
 
+from jetspec_trt.dtypes import parse_dtype
 from jetspec_trt.errors import JetSpecError
-from jetspec_trt.models.checkpoint import load_draft, load_target, parse_dtype, stored_names
+from jetspec_trt.models.checkpoint import load_draft, load_target, stored_names
+from jetspec_trt.models.config import DecoderConfig
 from jetspec_trt.models.fused_layout import is_fused
+from jetspec_trt.models.target import TargetModel
 from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
 from jetspec_trt.runtime.decoder import DecodeStats, Decoder
 from jetspec_trt.runtime.graph_decoder import GraphDecoder
-from jetspec_trt.spec.accept import SamplingConfig
+from jetspec_trt.tree.accept import SamplingConfig
 
 Prompt = str | list[dict]  # plain text, or chat messages [{"role": ..., "content": ...}]
 
@@ -49,6 +52,22 @@ class Engine:
     @property
     def runtime(self) -> RuntimeConfig:
         return self.decoder.runtime
+
+    @property
+    def target(self) -> TargetModel:
+        """The loaded target model, shared by both decoders: for passes beside decoding (a teacher-forced prefill
+        with a cache of its own, as the suite bench's divergence diagnosis runs). Decoding goes through the engine."""
+        return self.decoder.target
+
+    @property
+    def target_config(self) -> DecoderConfig:
+        """The target's shape (vocab_size, num_layers, ...)."""
+        return self.decoder.target.config
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the engine runs in here (float32 on the CPU for an engine built in bfloat16)."""
+        return self.decoder.target.embed_tokens.weight.dtype
 
     @classmethod
     def load(cls, engine_dir: Path | str, device: str = "cpu", dtype: str | None = None) -> "Engine":

@@ -8,7 +8,7 @@ bucket (budget, topk, max_depth) serves every context length. The host reads bac
 
 Stages, each its own graph so the bench can time them apart (replayed back to back they are one round):
   draft   append the previous round's accepted features to the head's cache, run the block, per-depth logits
-  tree    best-first tree as tensors (spec.tree_tensors)
+  tree    best-first tree as tensors (tree.tree_tensors)
   verify  the target over all tree nodes with the ancestor mask, capturing the draft's target-layer features
   accept  greedy walk as tensors, KV compaction to the accepted path, next round's anchor and features
 The eager `Decoder` stays the reference (CPU, sampling); this class must emit the same tokens.
@@ -33,7 +33,7 @@ from jetspec_trt.models.target import compile_layers as compile_model_layers
 from jetspec_trt.plugins.tree_attention import causal_mask, load_gpu_kernels, pack_mask
 from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
 from jetspec_trt.runtime.decoder import DecodeStats, TokenLimit, check_prompt
-from jetspec_trt.spec.tree_tensors import build_tree_tensors, greedy_accept_tensors, node_count
+from jetspec_trt.tree.tree_tensors import build_tree_tensors, greedy_accept_tensors, node_count
 
 STAGES = ("draft", "tree", "verify", "accept")
 
@@ -149,6 +149,18 @@ class GraphDecoder:
         self.target.set_decode_gemv(enabled)
         self._ar_step = None
         self._stages.clear()
+
+    def reset(self, context: int = 0) -> None:
+        """Both caches back to `context` committed tokens (0: empty), whatever their K/V rows hold: benchmarks
+        replay steps and rounds at contexts nobody prefilled."""
+        self.target_cache.set_length(context)
+        self.draft_cache.set_length(context)
+
+    def fill_caches(self, generator: torch.Generator) -> None:
+        """Fill every K/V row of both caches with N(0, 1) values (realistic, non-zero contents for timings)."""
+        for cache in (self.target_cache, self.draft_cache):
+            for tensor in (cache.k_all, cache.v_all):
+                tensor.normal_(0, 1, generator=generator)
 
     # ---- state -------------------------------------------------------------------------------------------
     def _new_state(self, depth: int) -> RoundState:

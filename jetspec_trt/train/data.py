@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from jetspec_trt.datasets import load_prompts
 from jetspec_trt.errors import JetSpecError
 
 DATA_DIR = "data"
@@ -29,7 +30,7 @@ PROMPT_SUITES = ("sharegpt", "sharegpt_turns", "mtbench", "math500", "aime", "hu
 
 @dataclass(frozen=True)
 class DataConfig:
-    # A prompt suite of jetspec_trt.bench.datasets, a .jsonl file of prompts, or several of either separated by
+    # A prompt suite of jetspec_trt.datasets, a .jsonl file of prompts, or several of either separated by
     # commas (taken in turns, so that any prefix, e.g. what a generation time budget reaches, is a mix).
     source: str = "sharegpt"
     num_prompts: int = 1000
@@ -82,10 +83,6 @@ def _one_source(source: str, limit: int) -> list[list[dict]]:
         return _prompts_from_jsonl(path, limit)
     if source not in PROMPT_SUITES:
         raise JetSpecError(f"--data must be one of {', '.join(PROMPT_SUITES)} or a .jsonl file, got {source!r}")
-    try:
-        from jetspec_trt.bench.datasets import load_prompts
-    except ImportError as err:  # the dataset module is optional for file-based training
-        raise JetSpecError(f"prompt suite {source!r} needs jetspec_trt.bench.datasets ({err})") from err
     return [p.messages for p in load_prompts(source, limit)]
 
 

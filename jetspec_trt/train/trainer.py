@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from jetspec_trt.dtypes import dtype_name, parse_dtype
 from jetspec_trt.errors import JetSpecError
-from jetspec_trt.models.checkpoint import load_target, parse_dtype, save_draft
+from jetspec_trt.models.checkpoint import load_target, save_draft
 from jetspec_trt.models.config import DecoderConfig, load_hf_config
 from jetspec_trt.models.draft import DraftHead
 from jetspec_trt.models.target import TargetModel
@@ -562,7 +563,7 @@ def write_outputs(trainer: Trainer, out: Path, tokenizer, tcfg: DecoderConfig, d
                      if cfg.init_head is not None else
                      f"warm start: {len(copied)} tensors from the last target layers, rest normal(0, 0.02)"
                      if cfg.warm_start else "normal(0, 0.02), norms 1"),
-            "saved_dtype": str(dtype).removeprefix("torch."),
+            "saved_dtype": dtype_name(dtype),
         },
         "data": data_card,
         "objective": {"loss": objective_text(cfg.loss), "backend": trainer.loss_backend,
@@ -575,7 +576,7 @@ def write_outputs(trainer: Trainer, out: Path, tokenizer, tcfg: DecoderConfig, d
             "schedule": "linear warmup, cosine to 0", "optimizer": f"AdamW betas={list(BETAS)}",
             "weight_decay": cfg.weight_decay, "grad_clip": cfg.grad_clip, "seed": cfg.seed,
             "device": trainer.device, "device_name": device_name(trainer.device),
-            "target_dtype": str(dtype).removeprefix("torch."), "bf16_autocast": trainer.autocast,
+            "target_dtype": dtype_name(dtype), "bf16_autocast": trainer.autocast,
             "time_s": round(trainer.elapsed_s, 2), "s_per_step": round(trainer.elapsed_s / max(1, trainer.step), 4),
             "positions": trainer.positions,
             "positions_per_s": round(trainer.positions / max(trainer.elapsed_s, 1e-9)),

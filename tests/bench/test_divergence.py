@@ -10,9 +10,10 @@ import pytest
 import torch
 
 from jetspec_trt.bench import suites
-from jetspec_trt.bench.suites import (SuiteBenchConfig, diagnose_flip, first_difference, format_summary,
-                                      near_tie_threshold, run_suite_bench, teacher_forced_logits)
+from jetspec_trt.bench.suites import (SuiteBenchConfig, diagnose_flip, format_summary, near_tie_threshold,
+                                      run_suite_bench, teacher_forced_logits)
 from jetspec_trt.quickstart import make_tiny_engine
+from jetspec_trt.runtime.decoder import first_difference
 from jetspec_trt.runtime.engine import Engine
 from tests.helpers import invoke_cli
 

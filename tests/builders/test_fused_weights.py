@@ -16,11 +16,11 @@ from safetensors.torch import load_file, save_file
 
 from jetspec_trt.builders.engine_builder import BuildConfig, build_engine
 from jetspec_trt.builders.validate import check_pair
-from jetspec_trt.builders.weights import write_weights
 from jetspec_trt.errors import JetSpecError
 from jetspec_trt.models.checkpoint import load_draft, load_hf_model, load_target, stored_names
 from jetspec_trt.models.fused_layout import fuse_plan
 from jetspec_trt.models.presets import preset, write_random_pair
+from jetspec_trt.models.weights import write_weights
 from jetspec_trt.plugins.tree_attention import causal_mask
 from jetspec_trt.runtime.config import TreeConfig
 from jetspec_trt.runtime.engine import Engine

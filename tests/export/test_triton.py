@@ -32,7 +32,7 @@ from jetspec_trt.errors import JetSpecError
 from jetspec_trt.export.triton import INPUTS, OUTPUTS, TritonExportConfig, export_triton
 from jetspec_trt.quickstart import make_tiny_engine
 from jetspec_trt.runtime.engine import Engine
-from jetspec_trt.spec.accept import SamplingConfig
+from jetspec_trt.tree.accept import SamplingConfig
 
 pytestmark = pytest.mark.slow
 MODEL = "jetspec"

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from jetspec_trt.plugins.tree_attention import causal_mask, pack_mask, tree_attention, unpack_mask
-from jetspec_trt.runtime.kv_cache import KVCacheSpec, PagedKVCache
+from jetspec_trt.models.kv_cache import KVCacheSpec, PagedKVCache
 
 
 @pytest.mark.parametrize("n", [1, 5, 31, 32, 33, 64, 100])

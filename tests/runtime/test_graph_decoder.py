@@ -73,3 +73,17 @@ def test_cache_length_after_generate_ignores_the_round_run_past_the_end(pair, sp
         assert fast.target_cache.length == len(prompt) + emitted - 1
     else:  # a round commits its accepted path, of which the limit may cut the tail
         assert len(prompt) + emitted - 1 <= fast.target_cache.length < len(prompt) + emitted + 7
+
+
+def test_reset_and_fill_caches(pair):
+    """What the engine bench uses to time steps at contexts nobody prefilled."""
+    target, draft = pair
+    fast = GraphDecoder(target, draft, tiny_runtime(draft, TreeConfig(16, 4, 7)))
+    fast.fill_caches(torch.Generator().manual_seed(1))
+    for cache in (fast.target_cache, fast.draft_cache):
+        assert cache.k_all.abs().sum() > 0 and cache.v_all.abs().sum() > 0
+    fast.reset(40)
+    for cache in (fast.target_cache, fast.draft_cache):
+        assert cache.length == int(cache.ctx_len) == 40
+    fast.reset()
+    assert fast.target_cache.length == fast.draft_cache.length == 0

@@ -5,7 +5,7 @@ import torch
 
 from jetspec_trt.models.presets import random_models
 from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
-from jetspec_trt.runtime.decoder import Decoder
+from jetspec_trt.runtime.decoder import Decoder, first_difference
 from jetspec_trt.runtime.graph_decoder import GraphDecoder
 
 pytestmark = pytest.mark.gpu
@@ -37,7 +37,7 @@ def test_graphed_rounds_match_eager_and_ar(dtype):
             # bf16: the tree's GEMMs (M = tree size) and the AR step's (M = 1) round differently, which can
             # flip a near tie. Every divergence must be one: the two tokens' logits nearly equal.
             mismatches += 1
-            first = next(i for i, (a, b) in enumerate(zip(ar, spec)) if a != b)
+            first = first_difference(ar, spec)
             logits = graphed.prefill(prompt + ar[:first], capture=False).logits[-1].float()
             assert abs(float(logits[ar[first]] - logits[spec[first]])) < 0.25
     print(f"{dtype}: {mismatches}/16 prompts diverged from AR greedy")

@@ -1,6 +1,6 @@
 import torch
 
-from jetspec_trt.runtime.kv_cache import KVCacheSpec, PagedKVCache
+from jetspec_trt.models.kv_cache import KVCacheSpec, PagedKVCache
 
 
 def test_commit_compacts_accepted_path_through_block_table():

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from jetspec_trt.plugins.tree_attention import unpack_mask
-from jetspec_trt.spec.tree import build_tree
+from jetspec_trt.tree.tree import build_tree
 
 
 def random_logits(depth, vocab=50, seed=0):

@@ -3,6 +3,8 @@
 Every layer owns K and V tensors of shape [num_pages, page_size, num_kv_heads, head_dim]. The block table maps
 the sequence's logical pages to physical ones. With one stream the table is the identity, but the kernels and
 the compaction go through it, so a multi-sequence scheduler can hand out pages without touching them.
+The cache lives with the models because their forwards write and read this layout; the runtime
+gets its caches from `TargetModel.new_cache` / `DraftHead.new_cache`.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Tree build and greedy acceptance as fixed-shape tensor programs: no host sync, so CUDA graphs can hold them.
 
-They compute exactly what `spec.tree.build_tree` and `spec.accept.accept` (greedy) compute, node for node,
+They compute exactly what `tree.tree.build_tree` and `tree.accept.accept` (greedy) compute, node for node,
 and are tested against them. Shapes depend only on (budget, topk, max_depth), which fix a graph bucket.
 
 Tree build. The best-first tree is the set of the `budget - 1` highest-scoring rank sequences (scores only drop

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from jetspec_trt.spec.tree import DraftTree
+from jetspec_trt.tree.tree import DraftTree
 
 
 @dataclass(frozen=True)

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from jetspec_trt.spec.accept import SamplingConfig, accept
-from jetspec_trt.spec.tree import build_tree
-from jetspec_trt.spec.tree_tensors import build_tree_tensors, greedy_accept_tensors, node_count
+from jetspec_trt.tree.accept import SamplingConfig, accept
+from jetspec_trt.tree.tree import build_tree
+from jetspec_trt.tree.tree_tensors import build_tree_tensors, greedy_accept_tensors, node_count
 
 
 def paths(tokens, parents):

@@ -17,7 +17,7 @@ from jetspec_trt.models.presets import preset, write_random_pair
 from jetspec_trt.plugins.tree_attention import causal_mask
 from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
 from jetspec_trt.runtime.decoder import Decoder
-from jetspec_trt.spec.accept import Acceptance, SamplingConfig, target_probs
+from jetspec_trt.tree.accept import Acceptance, SamplingConfig, target_probs
 
 VOCAB = 5
 NEW_TOKENS = 3

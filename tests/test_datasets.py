@@ -12,9 +12,8 @@ import subprocess
 
 import pytest
 
-from jetspec_trt import pypi_packages
-from jetspec_trt.bench import datasets
-from jetspec_trt.bench.datasets import Prompt, iter_json_array, load_prompts
+from jetspec_trt import datasets, pypi_packages
+from jetspec_trt.datasets import Prompt, iter_json_array, load_prompts
 from jetspec_trt.errors import JetSpecError
 
 
