@@ -76,6 +76,7 @@ class BatchDecoder:
         self.steps = 0
         self.prefill_tokens = 0
         self.prefill_s = 0.0
+        self.prefill_packs = 0  # packed prefill forwards (at most prefill_tokens tokens each)
         self._step = self._make_step()
 
     # ---- the step (fixed shapes, no host sync) ------------------------------------------------------------
@@ -137,6 +138,7 @@ class BatchDecoder:
                 used += len(admitted[end][1])
                 end += 1
             self._prefill(admitted[start:end], max_new_tokens)
+            self.prefill_packs += 1
             start = end
         self._sync()
         self.prefill_s += time.perf_counter() - began

@@ -112,13 +112,23 @@ def _prompts_from_jsonl(path: Path, limit: int) -> list[list[dict]]:
     return prompts
 
 
-def encode_prompt(tokenizer, messages: list[dict]) -> list[int]:
+def encode_prompts(tokenizer, conversations: list[list[dict]], chunk: int = 4096) -> list[list[int]]:
+    """Token ids of each conversation's chat prompt (generation prompt added).
+
+    The same ids as apply_chat_template(..., tokenize=True) one by one, but the templates are rendered first and
+    the texts tokenized in batches by the Rust tokenizer, which spreads them over every core: on 2 cores 0.4 ms
+    a prompt instead of 0.6 ms, and the GPU machine's 16 cores take the 53 K-prompt mix in seconds, not ~35 s
+    of a device lease."""
     if not getattr(tokenizer, "chat_template", None):
         raise JetSpecError("the target's tokenizer has no chat template; training prompts need one")
-    # enable_thinking=False: Qwen3 heads are trained on non-thinking responses (the paper's setting); other
-    # templates ignore the variable.
-    return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                              return_dict=False, enable_thinking=False))
+    ids: list[list[int]] = []
+    for start in range(0, len(conversations), chunk):
+        # enable_thinking=False: Qwen3 heads are trained on non-thinking responses (the paper's setting); other
+        # templates ignore the variable. The rendered template carries its special tokens as text.
+        texts = tokenizer.apply_chat_template(conversations[start : start + chunk], add_generation_prompt=True,
+                                              tokenize=False, enable_thinking=False)
+        ids.extend(list(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"])
+    return ids
 
 
 # ------------------------------------------------------------------------------------------------ generation
@@ -178,6 +188,7 @@ class GenerationStats:
     seconds: float  # decoding wall time, prefills included; model load and graph capture excluded
     prefill_tokens: int = 0  # prompt tokens prefilled
     prefill_s: float = 0.0  # of `seconds`, the packed prefills'
+    prefill_packs: int = 0  # packed prefill forwards
     decode_steps: int = 0  # batched decode steps (each emits up to gen_batch_size tokens)
     batch_rows: int = 0  # rows decoded together (gen_batch_size, or fewer prompts)
 
@@ -230,7 +241,7 @@ def generate_responses(target_dir: Path, cfg: DataConfig, out_dir: Path, device:
 
     tokenizer = AutoTokenizer.from_pretrained(str(target_dir), local_files_only=True)
     messages = load_prompt_messages(cfg.source, cfg.num_prompts)
-    prompts = [encode_prompt(tokenizer, m) for m in messages]
+    prompts = encode_prompts(tokenizer, messages)
     done = _read_cache(cache_path)
     todo = [i for i in range(len(prompts)) if i not in done and len(prompts[i]) < cfg.max_seq_len - 1]
     stats = GenerationStats(0, 0, 0.0)
@@ -264,7 +275,7 @@ def generate_responses(target_dir: Path, cfg: DataConfig, out_dir: Path, device:
                 generated, new_tokens = generated + 1, new_tokens + len(response)
                 bar.update(1)
         stats = GenerationStats(generated, new_tokens, time.perf_counter() - started, decoder.prefill_tokens,
-                                decoder.prefill_s, decoder.steps, decoder.config.max_batch)
+                                decoder.prefill_s, decoder.prefill_packs, decoder.steps, decoder.config.max_batch)
         bar.close()
         if generated < len(todo):
             tqdm.write(f"--gen-time-budget {cfg.gen_time_budget_s:g} s reached: {len(todo) - generated} prompts left "

@@ -390,6 +390,22 @@ def test_depth_sampling_keeps_rows_at_their_weight(tiny, trained, tmp_path, caps
 def test_card_reports_where_generation_time_went(trained):
     gen = json.loads((trained / "training_card.json").read_text())["data"]["generation"]
     assert gen["prompts"] == 24 and gen["new_tokens"] > 0
-    assert gen["prefill_tokens"] > 0 and 0 < gen["prefill_s"] <= gen["seconds"]
+    assert gen["prefill_tokens"] > 0 and 0 < gen["prefill_s"] <= gen["seconds"] and gen["prefill_packs"] >= 1
     assert gen["decode_steps"] > 0 and gen["batch_rows"] == 8
     assert 0 < gen["tokens_per_step"] <= gen["batch_rows"] and gen["ms_per_step"] > 0
+
+
+def test_batched_prompt_encoding_equals_one_by_one(tiny):
+    from transformers import AutoTokenizer
+
+    from jetspec_trt.train.data import encode_prompts
+
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny / "target"), local_files_only=True)
+    conversations = [[{"role": "user", "content": "sort a list"}],
+                     [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello <b> world\n"}],
+                     [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"},
+                      {"role": "user", "content": "fast rust graph"}]]
+    one_by_one = [list(tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=True,
+                                                     return_dict=False, enable_thinking=False))
+                  for c in conversations]
+    assert encode_prompts(tokenizer, conversations, chunk=2) == one_by_one
