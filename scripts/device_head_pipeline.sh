@@ -9,6 +9,11 @@
 # Needs: /tmp/gguf/g* (the GGUF split in order), /tmp/keep/prompts-mix.jsonl.gz, /tmp/keep/bench-prompts.jsonl,
 # wheels installed into /tmp/site (gguf, liger-kernel). Poll it from the session itself, call after call: the
 # machine goes back after 30 s without a call, and everything on it with it.
+# It also goes back 30 minutes after the lease began, busy or not (2026-12-04: a 540 s training run died at
+# step 2800 that way). Budget from the first call of the lease: ~1.5 min of GGUF transfers, ~1.5 min convert, ~1 min
+# data prep + model load, GEN_S (+ ~15 s of rows finishing), TRAIN_S (+ ~30 s features and evals), ~40 s build,
+# ~4-5 min bench (17 prompts a suite, HF on 5). Copy WORK/head1 out as soon as it is written.
+# Env: TAG (bench file tag), BENCH_PROMPTS (17), HF_PROMPTS (5).
 set -uo pipefail
 WORK=${1:?work dir}
 GEN_S=${2:-150}
