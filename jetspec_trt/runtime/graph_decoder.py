@@ -32,7 +32,7 @@ from jetspec_trt.models.target import TargetModel
 from jetspec_trt.models.target import compile_layers as compile_model_layers
 from jetspec_trt.plugins.tree_attention import causal_mask, load_gpu_kernels, pack_mask
 from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
-from jetspec_trt.runtime.decoder import DecodeStats, TokenLimit, check_prompt
+from jetspec_trt.runtime.round_loop import DecodeStats, TokenLimit, check_prompt
 from jetspec_trt.tree.tree_tensors import build_tree_tensors, greedy_accept_tensors, node_count
 
 STAGES = ("draft", "tree", "verify", "accept")
