@@ -152,3 +152,13 @@ def test_bad_requests_fail_before_the_backend_runs(prompt, max_new, message):
         next(run_rounds(backend, prompt, max_new))
     assert backend.calls == [] and backend.stats is None
 
+
+def test_every_decoder_is_a_backend():
+    from jetspec_trt.export.onnx_runner import OnnxRunner
+    from jetspec_trt.runtime.decoder import Decoder
+    from jetspec_trt.runtime.graph_decoder import GraphDecoder
+
+    for cls in (Decoder, GraphDecoder, OnnxRunner):
+        for name in ("prepare", "prefill", "decode_round", "finish"):
+            assert callable(getattr(cls, name)), (cls, name)
+        assert isinstance(cls.vocab_size, property), cls
