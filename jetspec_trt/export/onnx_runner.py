@@ -1,11 +1,12 @@
 """JetSpec decoding driven by onnxruntime sessions of an ONNX export (`jetspec-trt export onnx`).
 
-The loop is the reference decoder's (jetspec_trt/runtime/decoder.py) with the two graphs in place of the
-modules and contiguous KV in place of the paged cache: prefill through the target graph; then each round one
-draft-graph call (append the last round's committed features to the head's context, draft the block), the
-best-first tree (`tree.tree.build_tree`), one target-graph call over the tree with its packed ancestor mask,
-the acceptance walk (`tree.accept.accept`), and the commit, which keeps the committed KV rows and the accepted
-path's rows of the target's present KV. Greedy output is the target's own greedy decoding, token for token.
+A backend of the one round loop (`runtime.round_loop.run_rounds`) through `runtime.host_rounds.HostRounds`, as
+the reference decoder is, with the two graphs in place of the modules and contiguous KV in place of the paged
+cache: prefill through the target graph; then each round one draft-graph call (append the last round's committed
+features to the head's context, draft the block), the best-first tree (`tree.tree.build_tree`), one target-graph
+call over the tree with its packed ancestor mask, the acceptance walk (`tree.accept.accept`), and the commit,
+which keeps the committed KV rows and the accepted path's rows of the target's present KV. Greedy output is the
+target's own greedy decoding, token for token.
 
     runner = OnnxRunner("onnx_dir")
     tokens = runner.generate_ids(prompt_ids, max_new_tokens=64)
@@ -13,7 +14,6 @@ path's rows of the target's present KV. Greedy output is the target's own greedy
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -23,14 +23,14 @@ import torch
 from jetspec_trt.errors import JetSpecError
 from jetspec_trt.plugins.tree_attention import causal_mask
 from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
-from jetspec_trt.runtime.decoder import DecodeStats, TokenLimit, check_prompt
-from jetspec_trt.tree.accept import SamplingConfig, accept, next_token
-from jetspec_trt.tree.tree import build_tree
+from jetspec_trt.runtime.host_rounds import HostRounds
+from jetspec_trt.runtime.round_loop import DecodeStats, run_rounds
+from jetspec_trt.tree.accept import SamplingConfig
 
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
-class OnnxRunner:
+class OnnxRunner(HostRounds):
     def __init__(self, onnx_dir: Path | str, providers: tuple[str, ...] = ("CPUExecutionProvider",),
                  threads: int = 0, reference_plugin: bool = False):
         """`reference_plugin`: run `plugin` graphs with the TreeAttention op's ONNX reference function in place of
@@ -64,6 +64,10 @@ class OnnxRunner:
         self.target_outputs = list(self.config["graphs"]["target"]["outputs"])
         self.draft_outputs = list(self.config["graphs"]["draft"]["outputs"])
         self.stats: DecodeStats | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.target_shape["vocab_size"]
 
     def _model_bytes(self, graph: str):
         path = self.dir / self.config["graphs"][graph]["file"]
@@ -115,58 +119,32 @@ class OnnxRunner:
     def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
                  speculative: bool = True, tree: TreeConfig | None = None) -> Iterator[list[int]]:
         """Yield the new tokens of each round; `self.stats` describes the call once the iterator ends."""
-        runtime = self.runtime
-        max_new_tokens = check_prompt(prompt_ids, max_new_tokens, self.target_shape["vocab_size"],
-                                      runtime.max_seq_len)
-        tree = tree or runtime.tree
-        self.stats = stats = DecodeStats(prompt_tokens=len(prompt_ids))
-        generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
-        limit = TokenLimit(max_new_tokens, runtime.eos_token_ids, stats)
+        yield from run_rounds(self, prompt_ids, max_new_tokens, sampling, speculative, tree)
 
-        start = time.perf_counter()
+    # -- the graphs, for HostRounds ------------------------------------------------------------------------------
+
+    def _prefill_logits(self, prompt_ids: list[int], capture: bool) -> torch.Tensor:
         n = len(prompt_ids)
         prompt = np.asarray(prompt_ids, dtype=np.int64)
         kv = self._empty_kv(self.target_shape, len(self.target_kv_names))
-        logits, features, kv = self.run_target(prompt, np.arange(n), causal_mask(n).numpy(), kv)
-        length = n
-        anchor = next_token(torch.from_numpy(logits[-1]), sampling, generator)
-        stats.prefill_s = time.perf_counter() - start
-        tokens, done = limit.take([anchor])
-        yield tokens
-        start = time.perf_counter()
+        logits, features, self._kv = self.run_target(prompt, np.arange(n), causal_mask(n).numpy(), kv)
         self._draft_kv = self._empty_kv(self.draft_shape, len(self.draft_kv_names))
         self._pending = (features, np.arange(n))
-        drafting = speculative and tree.budget > 1
-        while not done:
-            position = length
-            if drafting:
-                draft_tree = build_tree(anchor, self.draft_depth_logits(anchor, position, tree.max_depth),
-                                        tree.budget, tree.topk, tree.max_depth)
-                tree_tokens = draft_tree.tokens.numpy()
-                positions = position + draft_tree.depths.numpy()
-                mask = draft_tree.packed_mask().numpy()
-            else:
-                draft_tree = None
-                tree_tokens, positions, mask = np.array([anchor]), np.array([position]), causal_mask(1).numpy()
-            logits, features, present = self.run_target(tree_tokens, positions, mask, kv)
-            if draft_tree is not None:
-                result = accept(draft_tree, torch.from_numpy(logits), sampling, generator)
-                path, emitted = result.path, result.emitted
-                stats.drafted_tokens += draft_tree.size - 1
-                stats.accepted_drafts += len(path) - 1
-            else:
-                path, emitted = [0], [next_token(torch.from_numpy(logits[0]), sampling, generator)]
-            # Commit: the context rows plus the accepted path's rows, in path order (ascending node indices).
-            keep = np.concatenate([np.arange(length), length + np.asarray(path)])
-            kv = [np.take(p, keep, axis=2) for p in present]
-            self._pending = (features[path], position + np.arange(len(path)))
-            length += len(path)
-            stats.rounds += 1
-            stats.emitted_per_round.append(len(emitted))
-            anchor = emitted[-1]
-            tokens, done = limit.take(emitted)
-            yield tokens
-        stats.decode_s = time.perf_counter() - start
+        return torch.from_numpy(logits[-1])
+
+    def _draft_logits(self, anchor: int, position: int, max_depth: int) -> torch.Tensor:
+        return self.draft_depth_logits(anchor, position, max_depth)
+
+    def _verify(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        logits, self._features, self._present = self.run_target(tokens.numpy(), positions.numpy(), mask.numpy(),
+                                                                self._kv)
+        return torch.from_numpy(logits)
+
+    def _commit(self, path: list[int], position: int) -> None:
+        # The context rows plus the accepted path's rows, in path order (ascending node indices).
+        keep = np.concatenate([np.arange(position), position + np.asarray(path)])
+        self._kv = [np.take(p, keep, axis=2) for p in self._present]
+        self._pending = (self._features[path], position + np.arange(len(path)))
 
     def generate_ids(self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
                      speculative: bool = True, tree: TreeConfig | None = None) -> list[int]:

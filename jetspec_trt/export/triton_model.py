@@ -115,7 +115,7 @@ class TritonPythonModel:
         return None
 
     def _parse(self, request, sender) -> Job:
-        from jetspec_trt.runtime.decoder import check_prompt
+        from jetspec_trt.runtime.round_loop import check_prompt
         from jetspec_trt.tree.accept import SamplingConfig
 
         unknown = sorted(set(json.loads(request.parameters() or "{}")) - self.allowed_parameters)

@@ -1,4 +1,7 @@
-"""Token-level decoding: JetSpec rounds (draft -> tree -> verify -> accept -> compact) and the plain AR path.
+"""The eager reference decoder: JetSpec rounds (draft -> tree -> verify -> accept -> compact) and the plain AR
+path, on the CPU or CUDA, greedy or sampling. The round loop is `runtime.round_loop.run_rounds`; this class is
+its backend through `runtime.host_rounds.HostRounds` (tree and acceptance on the host), running the PyTorch
+modules over paged caches.
 
 Invariant between rounds: the target cache holds the n committed tokens before the anchor; the draft cache
 holds the projected features of the same n tokens once `pending` features are appended; the anchor (the last
@@ -7,9 +10,6 @@ emitted token) is in neither and becomes the tree's root at position n.
 
 from __future__ import annotations
 
-import time
-from collections import Counter
-from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
@@ -19,70 +19,9 @@ from jetspec_trt.models.draft import DraftHead
 from jetspec_trt.models.target import TargetModel
 from jetspec_trt.plugins.tree_attention import causal_mask
 from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
-from jetspec_trt.tree.accept import SamplingConfig, accept, next_token
-from jetspec_trt.tree.tree import build_tree
-
-
-@dataclass
-class DecodeStats:
-    prompt_tokens: int = 0
-    new_tokens: int = 0
-    rounds: int = 0  # target forwards after prefill (tree verifies, or AR steps)
-    drafted_tokens: int = 0  # tree nodes below the root, summed over rounds
-    accepted_drafts: int = 0  # drafted tokens the target accepted
-    emitted_per_round: list[int] = field(default_factory=list)  # accepted drafts + bonus
-    prefill_s: float = 0.0
-    decode_s: float = 0.0
-    finish_reason: str = ""
-
-    @property
-    def tau(self) -> float:
-        """Mean tokens emitted per verify round (accepted drafts + the bonus token)."""
-        return sum(self.emitted_per_round) / max(1, len(self.emitted_per_round))
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.new_tokens / max(self.prefill_s + self.decode_s, 1e-9)
-
-    def histogram(self) -> dict[int, int]:
-        return dict(sorted(Counter(self.emitted_per_round).items()))
-
-
-class TokenLimit:
-    """Cuts each round's tokens at the first EOS or at the token limit, and says when generation is over."""
-
-    def __init__(self, max_new_tokens: int, eos_token_ids: tuple[int, ...], stats: DecodeStats):
-        self.max_new_tokens = max_new_tokens
-        self.eos = set(eos_token_ids)
-        self.stats = stats
-
-    def take(self, tokens: list[int]) -> tuple[list[int], bool]:
-        stats = self.stats
-        room = self.max_new_tokens - stats.new_tokens
-        for i, t in enumerate(tokens[:room]):
-            if t in self.eos:
-                stats.finish_reason = "stop"
-                tokens = tokens[: i + 1]
-                break
-        else:
-            if len(tokens) >= room:
-                stats.finish_reason = "length"
-            tokens = tokens[:room]
-        stats.new_tokens += len(tokens)
-        return tokens, bool(stats.finish_reason)
-
-
-def check_prompt(prompt_ids: list[int], max_new_tokens: int, vocab_size: int, max_seq_len: int) -> int:
-    """Validate a request; return the number of new tokens that fit in the engine's max_seq_len."""
-    if not prompt_ids:
-        raise JetSpecError("empty prompt")
-    if max_new_tokens < 1:
-        raise JetSpecError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if min(prompt_ids) < 0 or max(prompt_ids) >= vocab_size:
-        raise JetSpecError(f"prompt token ids must be in [0, {vocab_size})")
-    if len(prompt_ids) >= max_seq_len:
-        raise JetSpecError(f"prompt has {len(prompt_ids)} tokens; the engine's max_seq_len is {max_seq_len}")
-    return min(max_new_tokens, max_seq_len - len(prompt_ids))
+from jetspec_trt.runtime.host_rounds import HostRounds
+from jetspec_trt.runtime.round_loop import DecodeStats, run_rounds
+from jetspec_trt.tree.accept import SamplingConfig
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:
@@ -92,7 +31,7 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-class Decoder:
+class Decoder(HostRounds):
     def __init__(self, target: TargetModel, draft: DraftHead | None, runtime: RuntimeConfig):
         self.target = target
         self.draft = draft
@@ -102,7 +41,11 @@ class Decoder:
         self.target_cache = target.new_cache(runtime.cache_tokens(), runtime.page_size)
         self.draft_cache = draft.new_cache(runtime.cache_tokens(), runtime.page_size) if draft is not None else None
         self._block_mask = causal_mask(runtime.block_size, self.device)
-        self._one = causal_mask(1, self.device)
+        self.stats: DecodeStats | None = None
+
+    @property
+    def vocab_size(self) -> int:
+        return self.target.config.vocab_size
 
     @torch.inference_mode()
     def generate(
@@ -114,64 +57,41 @@ class Decoder:
         tree: TreeConfig | None = None,
     ) -> Iterator[list[int]]:
         """Yield the new tokens of each round. `self.stats` describes the call once the iterator ends."""
-        max_new_tokens = check_prompt(prompt_ids, max_new_tokens, self.target.config.vocab_size,
-                                      self.runtime.max_seq_len)
-        tree = tree or self.runtime.tree
         if speculative and self.draft is None:
             raise JetSpecError("speculative decoding needs a draft head")
-        self.stats = stats = DecodeStats(prompt_tokens=len(prompt_ids))
-        generator = torch.Generator().manual_seed(sampling.seed) if sampling.seed is not None else None
-        limit = TokenLimit(max_new_tokens, self.runtime.eos_token_ids, stats)
+        yield from run_rounds(self, prompt_ids, max_new_tokens, sampling, speculative, tree)
 
-        start = time.perf_counter()
-        prompt = torch.tensor(prompt_ids, device=self.device)
+    # -- the models, for HostRounds ------------------------------------------------------------------------------
+
+    def _prefill_logits(self, prompt_ids: list[int], capture: bool) -> torch.Tensor:
         n = len(prompt_ids)
+        self._capture = self.capture_layers if capture else ()
         cache = self.target_cache
         cache.reset()
-        capture = self.capture_layers if speculative else ()
-        out = self.target(prompt, torch.arange(n, device=self.device), cache, causal_mask(n, self.device), capture)
-        cache.commit(torch.arange(n, device=self.device))
-        anchor = next_token(out.logits[-1], sampling, generator)
-        stats.prefill_s = time.perf_counter() - start
-        tokens, done = limit.take([anchor])
-        yield tokens
-        start = time.perf_counter()
-        if speculative:
+        positions = torch.arange(n, device=self.device)
+        out = self.target(torch.tensor(prompt_ids, device=self.device), positions, cache,
+                          causal_mask(n, self.device), self._capture)
+        cache.commit(positions)
+        if capture:
             self.draft_cache.reset()
-            pending = (out.features, torch.arange(n, device=self.device))
-        while not done:
-            position = cache.length
-            if speculative and tree.budget > 1:
-                self.draft.extend_context(*pending, self.draft_cache)
-                draft_tree = self._draft_tree(anchor, position, tree)
-                tree_tokens, positions = draft_tree.tokens.to(self.device), position + draft_tree.depths.to(self.device)
-                mask = draft_tree.packed_mask().to(self.device)
-            else:
-                draft_tree = None
-                tree_tokens = torch.tensor([anchor], device=self.device)
-                positions, mask = torch.tensor([position], device=self.device), self._one
-            out = self.target(tree_tokens, positions, cache, mask, capture)
-            if draft_tree is not None:
-                result = accept(draft_tree, out.logits, sampling, generator)
-                path, emitted = result.path, result.emitted
-                stats.drafted_tokens += draft_tree.size - 1
-                stats.accepted_drafts += len(path) - 1
-            else:
-                path, emitted = [0], [next_token(out.logits[0], sampling, generator)]
-            kept = torch.tensor(path, device=self.device)
-            cache.commit(kept)
-            if speculative:
-                pending = (out.features[kept], position + torch.arange(len(path), device=self.device))
-            stats.rounds += 1
-            stats.emitted_per_round.append(len(emitted))
-            anchor = emitted[-1]
-            tokens, done = limit.take(emitted)
-            yield tokens
-        stats.decode_s = time.perf_counter() - start
+            self._pending = (out.features, positions)
+        return out.logits[-1]
 
-    def _draft_tree(self, anchor: int, position: int, tree: TreeConfig):
-        depth_logits = self.draft_depth_logits(anchor, position, tree.max_depth)
-        return build_tree(anchor, depth_logits, tree.budget, tree.topk, tree.max_depth)
+    def _draft_logits(self, anchor: int, position: int, max_depth: int) -> torch.Tensor:
+        self.draft.extend_context(*self._pending, self.draft_cache)
+        return self.draft_depth_logits(anchor, position, max_depth)
+
+    def _verify(self, tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        device = self.device
+        out = self.target(tokens.to(device), positions.to(device), self.target_cache, mask.to(device), self._capture)
+        self._features = out.features
+        return out.logits
+
+    def _commit(self, path: list[int], position: int) -> None:
+        kept = torch.tensor(path, device=self.device)
+        self.target_cache.commit(kept)
+        if self._capture:
+            self._pending = (self._features[kept], position + torch.arange(len(path), device=self.device))
 
     def draft_depth_logits(self, anchor: int, position: int, max_depth: int) -> torch.Tensor:
         """One draft pass over [anchor, MASK x (block_size-1)] at `position`: logits [max_depth, vocab]."""

@@ -23,8 +23,9 @@ from jetspec_trt.models.config import DecoderConfig
 from jetspec_trt.models.fused_layout import is_fused
 from jetspec_trt.models.target import TargetModel
 from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
-from jetspec_trt.runtime.decoder import DecodeStats, Decoder
+from jetspec_trt.runtime.decoder import Decoder
 from jetspec_trt.runtime.graph_decoder import GraphDecoder
+from jetspec_trt.runtime.round_loop import DecodeStats
 from jetspec_trt.tree.accept import SamplingConfig
 
 Prompt = str | list[dict]  # plain text, or chat messages [{"role": ..., "content": ...}]

@@ -13,26 +13,33 @@ Stages, each its own graph so the bench can time them apart (replayed back to ba
   accept  greedy walk as tensors, KV compaction to the accepted path, next round's anchor and features
 The eager `Decoder` stays the reference (CPU, sampling); this class must emit the same tokens.
 
-The host runs one round ahead: round r+1 is queued before round r's result is read (RoundPipeline), so the GPU
-never idles while Python handles a result (measured ~0.3-0.45 ms a round at the 0.5B shape on an H200, 15-20%
-of a round). The round after the last one needed runs to no effect: its KV lies past the committed length,
-which is restored from round r's own copy, and the caches are sized for it.
+`GraphDecoder` is a backend of the one round loop (`runtime.round_loop.run_rounds`, which owns EOS, the token
+limit, statistics and streaming): `prepare` captures the request's graphs (a tree bucket's stages, or the AR
+step) outside the timings, `prefill` runs the prompt eagerly and seeds the round state, and each `decode_round`
+replays the stages back to back and reads the round's result (the one sync).
+
+The host runs one round ahead: `decode_round` queues round r+1 before it reads round r's result
+(RoundPipeline), so the GPU never idles while Python handles a result (measured ~0.3-0.45 ms a round at the 0.5B
+shape on an H200, 15-20% of a round). The round after the last one needed runs to no effect: its KV lies past
+the committed length, which `finish` restores from round r's own copy, and the caches are sized for it.
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 
+from jetspec_trt.errors import JetSpecError
 from jetspec_trt.models.draft import DraftHead
 from jetspec_trt.models.target import TargetModel
 from jetspec_trt.models.target import compile_layers as compile_model_layers
 from jetspec_trt.plugins.tree_attention import causal_mask, load_gpu_kernels, pack_mask
+from jetspec_trt.runtime.backend import DecodeRequest, RoundResult
 from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
-from jetspec_trt.runtime.decoder import DecodeStats, TokenLimit, check_prompt
+from jetspec_trt.runtime.round_loop import DecodeStats, run_rounds
+from jetspec_trt.tree.accept import SamplingConfig
 from jetspec_trt.tree.tree_tensors import build_tree_tensors, greedy_accept_tensors, node_count
 
 STAGES = ("draft", "tree", "verify", "accept")
@@ -114,6 +121,19 @@ class RoundPipeline:
         return tuple(t.tolist() for t in self.slots[slot])
 
 
+@dataclass
+class _Round:
+    """One request's round on the device: the bucket's state (None for AR steps), what a round replays, the
+    pipeline that reads rounds back, and the committed length as of the last round read."""
+
+    state: RoundState | None
+    run: Callable[[], None]
+    pipeline: RoundPipeline
+    drafted: int  # tree nodes below the root
+    token: torch.Tensor | None = None  # the AR step's token buffer
+    committed: int = 0
+
+
 class GraphDecoder:
     def __init__(self, target: TargetModel, draft: DraftHead, runtime: RuntimeConfig, use_graphs: bool = True,
                  compile_layers: bool = False):
@@ -142,6 +162,8 @@ class GraphDecoder:
         self._one = causal_mask(1, self.device)
         self._stages: dict[TreeConfig, tuple[RoundState, dict[str, Callable[[], None]]]] = {}
         self._ar_step: Callable[[], None] | None = None
+        self._round: _Round | None = None
+        self.stats: DecodeStats | None = None
 
     def set_decode_gemv(self, enabled: bool) -> None:
         """Switch the target's single-token GEMMs between cuBLAS and plugins.gemv; drops captured graphs (they
@@ -251,8 +273,19 @@ class GraphDecoder:
             self._ar_step = (token, self._captured({"step": step}, self._snapshot())["step"])
         return self._ar_step
 
-    # ---- decoding ------------------------------------------------------------------------------------------
-    def prefill(self, prompt_ids: list[int], capture: bool):
+    # ---- decoding: the round loop's backend ------------------------------------------------------------------
+    @property
+    def vocab_size(self) -> int:
+        return self.target.config.vocab_size
+
+    @torch.inference_mode()
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, speculative: bool = True,
+                 tree: TreeConfig | None = None) -> Iterator[list[int]]:
+        """Yield the new tokens of each round (greedy). `self.stats` describes the call once the iterator ends."""
+        yield from run_rounds(self, prompt_ids, max_new_tokens, SamplingConfig(), speculative, tree)
+
+    def prefill_target(self, prompt_ids: list[int], capture: bool):
+        """The prompt through the target from an empty cache (eager): the target's output, all rows."""
         n = len(prompt_ids)
         self.target_cache.set_length(0)
         prompt = torch.tensor(prompt_ids, device=self.device)
@@ -263,61 +296,54 @@ class GraphDecoder:
         self.target_cache.set_length(n)
         return out
 
-    @torch.inference_mode()
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, speculative: bool = True,
-                 tree: TreeConfig | None = None) -> Iterator[list[int]]:
-        tree = tree or self.runtime.tree
-        max_new_tokens = check_prompt(prompt_ids, max_new_tokens, self.target.config.vocab_size,
-                                      self.runtime.max_seq_len)
-        self.stats = stats = DecodeStats(prompt_tokens=len(prompt_ids))
-        limit = TokenLimit(max_new_tokens, self.runtime.eos_token_ids, stats)
-        speculative = speculative and tree.budget > 1
-        if speculative:
-            state, stages = self.stages(tree)
+    def prepare(self, request: DecodeRequest) -> None:
+        """Capture the request's graphs (a tree bucket's stages, or the AR step) on first use: outside the timings."""
+        if not request.sampling.greedy:
+            raise JetSpecError("the graph decoder is greedy only: sampled requests run on the eager Decoder")
+        if request.speculative:
+            state, stages = self.stages(request.tree)
             replays = [stages[name] for name in STAGES]
-        else:
-            token, step = self.ar_step()
-        start = time.perf_counter()
-        out = self.prefill(prompt_ids, capture=speculative)
-        first = out.logits[-1].argmax(-1, keepdim=True)
-        if speculative:
-            self.draft_cache.set_length(0)
-            self.draft.extend_context(out.features, torch.arange(len(prompt_ids), device=self.device),
-                                      self.draft_cache)  # (no compiled layers: context K/V only)
-            state.anchor.copy_(first)
-            state.count.zero_()
-        else:
-            token.copy_(first)
-        tokens, done = limit.take([int(first)])
-        stats.prefill_s = time.perf_counter() - start
-        yield tokens
-        start = time.perf_counter()
-        tcache = self.target_cache
-        if speculative:
-            pipeline = RoundPipeline((state.result, tcache.ctx_len))
-            drafted = node_count(tree.budget, tree.topk, tree.max_depth) - 1
 
             def run() -> None:
                 for replay in replays:
                     replay()
+
+            tree = request.tree
+            self._round = _Round(state, run, RoundPipeline((state.result, self.target_cache.ctx_len)),
+                                 node_count(tree.budget, tree.topk, tree.max_depth) - 1)
         else:
-            pipeline, run = RoundPipeline((token, tcache.ctx_len)), step
-        committed = len(prompt_ids)
-        if not done:
-            pipeline.launch(run)
-        while not done:
-            pipeline.launch(run)  # queued before this round is read: the GPU never waits on the host
-            result, (committed,) = pipeline.read()  # the round's one host sync
-            if speculative:
-                emitted = result[1 : 1 + result[0]]
-                stats.drafted_tokens += drafted
-                stats.accepted_drafts += len(emitted) - 1
-            else:
-                emitted = result
-            stats.rounds += 1
-            stats.emitted_per_round.append(len(emitted))
-            tokens, done = limit.take(emitted)
-            yield tokens
-        tcache.set_length(committed)  # (the round queued past the last one committed nothing that counts)
-        stats.decode_s = time.perf_counter() - start
+            token, step = self.ar_step()
+            self._round = _Round(None, step, RoundPipeline((token, self.target_cache.ctx_len)), 0, token)
+
+    def prefill(self, request: DecodeRequest) -> int:
+        round_ = self._round
+        out = self.prefill_target(request.prompt_ids, capture=request.speculative)
+        first = out.logits[-1].argmax(-1, keepdim=True)
+        if round_.state is not None:
+            self.draft_cache.set_length(0)
+            self.draft.extend_context(out.features, torch.arange(len(request.prompt_ids), device=self.device),
+                                      self.draft_cache)  # (no compiled layers: context K/V only)
+            round_.state.anchor.copy_(first)
+            round_.state.count.zero_()
+        else:
+            round_.token.copy_(first)
+        round_.committed = len(request.prompt_ids)
+        return int(first)
+
+    def decode_round(self) -> RoundResult:
+        """Queue the next round, then read this one: round r+1 is on the GPU while the loop handles round r."""
+        round_ = self._round
+        pipeline = round_.pipeline
+        if pipeline.launched == 0:
+            pipeline.launch(round_.run)  # the first round
+        pipeline.launch(round_.run)  # queued before this round is read: the GPU never waits on the host
+        result, (round_.committed,) = pipeline.read()  # the round's one host sync
+        if round_.state is None:
+            return RoundResult(result)
+        emitted = result[1 : 1 + result[0]]
+        return RoundResult(emitted, round_.drafted, len(emitted) - 1)
+
+    def finish(self) -> None:
+        # The round queued past the last one read committed nothing that counts.
+        self.target_cache.set_length(self._round.committed)
 

@@ -87,3 +87,31 @@ def test_reset_and_fill_caches(pair):
         assert cache.length == int(cache.ctx_len) == 40
     fast.reset()
     assert fast.target_cache.length == fast.draft_cache.length == 0
+
+
+def test_graph_rounds_count_as_the_reference_rounds(pair):
+    """Through the one round loop both backends report the same rounds; the graph one drafts its full bucket."""
+    from jetspec_trt.tree.tree_tensors import node_count
+
+    target, draft = pair
+    tree = TreeConfig(16, 4, 3)
+    runtime = tiny_runtime(draft, tree)
+    reference, fast = Decoder(target, draft, runtime), GraphDecoder(target, draft, runtime)
+    prompt = list(range(5, 25))
+    assert list(fast.generate(prompt, 20)) == list(reference.generate(prompt, 20))
+    assert fast.stats.rounds == reference.stats.rounds > 0
+    assert fast.stats.emitted_per_round == reference.stats.emitted_per_round
+    assert fast.stats.accepted_drafts == reference.stats.accepted_drafts
+    assert fast.stats.drafted_tokens == fast.stats.rounds * (node_count(16, 4, 3) - 1)
+
+
+def test_graph_backend_refuses_sampling(pair):
+    """Engine routes sampled requests to the eager Decoder; the graph backend says so if one reaches it."""
+    from jetspec_trt.errors import JetSpecError
+    from jetspec_trt.runtime.round_loop import run_rounds
+    from jetspec_trt.tree.accept import SamplingConfig
+
+    target, draft = pair
+    fast = GraphDecoder(target, draft, tiny_runtime(draft, TreeConfig(16, 4, 7)))
+    with pytest.raises(JetSpecError, match="greedy only"):
+        next(run_rounds(fast, [1, 2, 3], 5, SamplingConfig(temperature=1.0)))

@@ -11,7 +11,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-import jetspec_trt.runtime.decoder as decoder_module
+import jetspec_trt.runtime.host_rounds as host_rounds_module
 from jetspec_trt.models.checkpoint import load_draft, load_target
 from jetspec_trt.models.presets import preset, write_random_pair
 from jetspec_trt.plugins.tree_attention import causal_mask
@@ -106,7 +106,7 @@ def wrong_accept(tree, logits, sampling, generator=None):
 
 
 def test_chi_square_catches_a_wrong_rule(decoder, monkeypatch):
-    monkeypatch.setattr(decoder_module, "accept", wrong_accept)
+    monkeypatch.setattr(host_rounds_module, "accept", wrong_accept)  # the rule the Decoder's rounds use
     p_value, stats = chi_square_p(decoder, SamplingConfig(1.0, 1.0))
     assert stats.accepted_drafts > 0
     assert p_value < 1e-3
