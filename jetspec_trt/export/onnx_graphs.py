@@ -3,9 +3,10 @@
 The serving models keep K/V in a paged cache that they write in place; ONNX graphs (and the TensorRT engines
 built from them) instead take each layer's past K/V as inputs `past_key_{i}` / `past_value_{i}`
 [1, Hkv, past, D] and return `present_key_{i}` / `present_value_{i}` [1, Hkv, past + new, D]; the caller keeps
-the rows it commits. The wrappers own no weights: they call the real modules (embedding, RMSNorm,
-AttentionProjections.query_key_value / key_value, RoPE, MLP, LM head) and only replace the cache write and the
-attention op:
+the rows it commits. The wrappers own no weights and write no layer code: they run the models' own passes
+(TargetModel.run_layers, DraftHead.context_key_values and DraftHead.run_layers), whose layers run their own body
+around the attention (DecoderLayer.attention_inputs / finish: norms, projections, q/k norm, RoPE, o_proj, MLP,
+residuals). Only the KV plumbing (`ContiguousKV`: past + new -> present) and the attention op are written here:
 
   * `standard`: masked softmax attention from plain ONNX ops (MatMul, Softmax, Where); the visibility
     [new, past + new] is built once per graph from the past length and the packed tree mask.
@@ -31,12 +32,13 @@ The head owns no embedding or LM head; the draft graph carries copies of the tar
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import chain
 
 import torch
 from torch import nn
 
 from jetspec_trt.models.draft import DraftHead
-from jetspec_trt.models.target import TargetModel
+from jetspec_trt.models.target import DecoderLayer, TargetModel
 
 ATTENTION_KINDS = ("standard", "plugin")
 NEG_INF = float("-inf")
@@ -94,13 +96,22 @@ def append_kv(past: torch.Tensor, new: torch.Tensor) -> torch.Tensor:
     return torch.cat([past, new.transpose(0, 1).unsqueeze(0).to(past.dtype)], dim=2)
 
 
-def layer_forward(layer, x, cos, sin, past_key, past_value, attend: Attend):
-    """DecoderLayer.forward with contiguous KV: the same submodules, the cache write replaced by a concat."""
-    attn = layer.self_attn
-    q, k, v = attn.query_key_value(layer.input_layernorm(x), cos, sin)
-    key, value = append_kv(past_key, k), append_kv(past_value, v)
-    x = x + attn.o_proj(attend(q, key, value, attn.scale).flatten(1))
-    return x + layer.mlp(layer.post_attention_layernorm(x)), key, value
+class ContiguousKV:
+    """A models.target.LayerCall over contiguous K/V for one graph call of num_new tokens: layer i's new K/V are
+    appended to its past (past_key_values[2i], [2i+1]), the layer attends over past + new (`kind` attention,
+    packed `tree_mask` among the new tokens) and the presents are kept in `presents` (key_0, value_0, key_1, ...).
+    The layer body around the attention is the layer's own."""
+
+    def __init__(self, past_key_values, kind: str, tree_mask: torch.Tensor, num_new: int):
+        self.past = past_key_values
+        self.attend = Attend(kind, tree_mask, num_new, past_key_values[0])
+        self.presents: list[torch.Tensor] = []
+
+    def __call__(self, i: int, layer: DecoderLayer, x, cos, sin):
+        q, k, v = layer.attention_inputs(x, cos, sin)
+        key, value = append_kv(self.past[2 * i], k), append_kv(self.past[2 * i + 1], v)
+        self.presents += [key, value]
+        return layer.finish(x, self.attend(q, key, value, layer.self_attn.scale))
 
 
 def _check_kind(kind: str) -> None:
@@ -119,23 +130,9 @@ class TargetVerifyGraph(nn.Module):
         self.attention = attention
 
     def forward(self, input_ids, position_ids, tree_mask, *past_key_values):
-        target = self.target
-        x = target.embed_tokens(input_ids)
-        cos, sin = target.rotary.cos_sin(position_ids, x.dtype)
-        attend = Attend(self.attention, tree_mask, input_ids.shape[0], past_key_values[0])
-        presents, captured = [], {}
-        last = len(target.layers) - 1
-        for i, layer in enumerate(target.layers):
-            x, key, value = layer_forward(layer, x, cos, sin, past_key_values[2 * i], past_key_values[2 * i + 1],
-                                          attend)
-            presents += [key, value]
-            if i in self.capture_layers and i != last:
-                captured[i] = x
-        x = target.norm(x)
-        if last in self.capture_layers:  # as TargetModel.forward: the last entry is taken after the final norm
-            captured[last] = x
-        features = torch.cat([captured[i] for i in self.capture_layers], dim=-1)
-        return (target.lm_head(x).float(), features, *presents)
+        layers = ContiguousKV(past_key_values, self.attention, tree_mask, input_ids.shape[0])
+        x, features = self.target.run_layers(input_ids, position_ids, layers, self.capture_layers)
+        return (self.target.lm_head(x).float(), features, *layers.presents)
 
 
 class DraftGraph(nn.Module):
@@ -149,20 +146,12 @@ class DraftGraph(nn.Module):
 
     def forward(self, hidden_states, context_position_ids, input_ids, position_ids, tree_mask, *past_key_values):
         draft = self.draft
-        # DraftHead.write_context: project the new context tokens' features into every layer's K/V.
-        context = draft.project_context(hidden_states)
-        cos, sin = draft.rotary.cos_sin(context_position_ids, context.dtype)
-        presents = []
-        for i, layer in enumerate(draft.layers):
-            k, v = layer.self_attn.key_value(context, cos, sin)
-            presents += [append_kv(past_key_values[2 * i], k), append_kv(past_key_values[2 * i + 1], v)]
-        # DraftHead.propose over the block, after the whole context.
-        x = self.embed_tokens(input_ids)
-        cos, sin = draft.rotary.cos_sin(position_ids, x.dtype)
-        attend = Attend(self.attention, tree_mask, input_ids.shape[0], presents[0])
-        for i, layer in enumerate(draft.layers):
-            x, _, _ = layer_forward(layer, x, cos, sin, presents[2 * i], presents[2 * i + 1], attend)
-        hidden = draft.norm(x)
+        # DraftHead.write_context's K/V, appended to the past: the presents, and the block's context.
+        context = chain.from_iterable(draft.context_key_values(hidden_states, context_position_ids))
+        presents = [append_kv(past, new) for past, new in zip(past_key_values, context, strict=True)]
+        # DraftHead.propose over the block after the whole context; the block's own K/V are dropped.
+        layers = ContiguousKV(presents, self.attention, tree_mask, input_ids.shape[0])
+        hidden = draft.run_layers(self.embed_tokens(input_ids), position_ids, layers)
         return (self.lm_head(hidden[1:]).float(), *presents)
 
 

@@ -14,6 +14,7 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from torch import nn
@@ -21,7 +22,7 @@ from torch import nn
 from jetspec_trt.errors import JetSpecError
 from jetspec_trt.models.config import DecoderConfig
 from jetspec_trt.models.layers import RMSNorm, Rotary
-from jetspec_trt.models.target import DecoderLayer, fuse_layers
+from jetspec_trt.models.target import DecoderLayer, LayerCall, fuse_layers, paged_layer_call
 from jetspec_trt.models.kv_cache import KVCacheSpec, PagedKVCache
 
 # TensorRT Edge-LLM reads either key; the published heads use dflash_config.
@@ -145,13 +146,19 @@ class DraftHead(nn.Module):
     def fuse_weights(self) -> None:
         fuse_layers(self.layers)
 
-    def write_context(self, features: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache) -> None:
-        """Write the K/V of m tokens' fused target features ([m, n_ids*H]) after the committed context."""
+    def context_key_values(self, features: torch.Tensor,
+                           positions: torch.Tensor) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Every layer's context K/V, in layer order: m tokens' fused target features [m, n_ids*H] projected once,
+        then each layer's k_proj/v_proj (+k_norm, RoPE at `positions`) -> k, v [m, Hkv, D]."""
         context = self.project_context(features)
         cos, sin = self.rotary.cos_sin(positions, context.dtype)
+        for layer in self.layers:
+            yield layer.self_attn.key_value(context, cos, sin)
+
+    def write_context(self, features: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache) -> None:
+        """Write the K/V of m tokens' fused target features ([m, n_ids*H]) after the committed context."""
         slots = cache.slots(cache.ctx_len, features.shape[0])
-        for i, layer in enumerate(self.layers):
-            k, v = layer.self_attn.key_value(context, cos, sin)
+        for i, (k, v) in enumerate(self.context_key_values(features, positions)):
             cache.write(i, slots, k, v)
 
     def extend_context(self, features: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache) -> None:
@@ -167,11 +174,15 @@ class DraftHead(nn.Module):
         The block's K/V go into the slots after the context without being committed: the next round's
         context overwrites them.
         """
+        return self.run_layers(block_embeds, positions, paged_layer_call(cache, block_embeds.shape[0], block_mask))
+
+    def run_layers(self, block_embeds: torch.Tensor, positions: torch.Tensor, layer_call: LayerCall) -> torch.Tensor:
+        """`propose` with each layer run by `layer_call` (its cache and attention): RoPE at `positions`, the
+        layers, the final norm; returns the normed hidden states [B, H]."""
         cos, sin = self.rotary.cos_sin(positions, block_embeds.dtype)
-        slots = cache.slots(cache.ctx_len, block_embeds.shape[0])
         x = block_embeds
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache.k[i], cache.v[i], cache.block_table, cache.ctx_len, slots, block_mask)
+            x = layer_call(i, layer, x, cos, sin)
         return self.norm(x)
 
 

@@ -6,12 +6,15 @@ logits of every new token and, concatenated, the hidden states after the request
 `output_hidden_states` entry L+1 for layer L), which the draft head reads. `forward_hidden` is the same pass
 without the lm_head, and `prefill` runs it causally over a whole sequence on a fresh cache with logits only where
 the caller needs them (the lm_head is about 1 GFLOP per token at Qwen's vocabulary).
+
+`run_layers` is that pass with the per-layer cache and attention left to a `LayerCall`: `paged_layer_call` for
+the paged cache here; the ONNX graphs (export/onnx_graphs.py) give one over contiguous past/present K/V.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Callable, Literal
 
 import torch
 from torch import nn
@@ -52,7 +55,8 @@ class DecoderLayer(nn.Module):
         return self.finish(x, o)
 
     # The attention seam: everything of the layer but the KV write and the attention itself, so a decoder with
-    # its own cache layout (runtime.batch_decode's batched static cache) runs the same layer body.
+    # its own cache layout (runtime.batch_decode's batched static cache, the ONNX graphs' contiguous past/present
+    # K/V, training's batched blocks) runs the same layer body.
     def attention_inputs(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
         """x [T, H] -> q [T, Hq, D], k and v [T, Hkv, D] (input norm, projections, q/k norm, RoPE)."""
         return self.self_attn.query_key_value(self.input_layernorm(x), cos, sin)
@@ -61,6 +65,21 @@ class DecoderLayer(nn.Module):
         """The residual stream after the attention output o [T, Hq, D]: o_proj residual, then the MLP residual."""
         x = x + self.self_attn.output(o.flatten(1))
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+# How a pass runs layer i over its cache: (i, layer, x [T, H], cos, sin) -> the layer's output [T, H].
+LayerCall = Callable[[int, DecoderLayer, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def paged_layer_call(cache: PagedKVCache, num_new: int, tree_mask: torch.Tensor) -> LayerCall:
+    """DecoderLayer.forward over `cache`: the num_new tokens' K/V go to the slots after the committed context
+    (not committed), and they see the context and each other as the packed `tree_mask` says."""
+    slots = cache.slots(cache.ctx_len, num_new)
+
+    def call(i, layer, x, cos, sin):
+        return layer(x, cos, sin, cache.k[i], cache.v[i], cache.block_table, cache.ctx_len, slots, tree_mask)
+
+    return call
 
 
 class TargetModel(nn.Module):
@@ -116,13 +135,23 @@ class TargetModel(nn.Module):
         capture_layers: tuple[int, ...] = (),
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`forward` without the lm_head: the final normed hidden states [T, H] and the captured features."""
+        return self.run_layers(tokens, positions, paged_layer_call(cache, tokens.shape[0], tree_mask), capture_layers)
+
+    def run_layers(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor,
+        layer_call: LayerCall,
+        capture_layers: tuple[int, ...] = (),
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`forward_hidden` with each layer run by `layer_call` (its cache and attention): embedding, RoPE at
+        `positions`, the layers, the final norm; returns the normed hidden states [T, H] and the captured features."""
         x = self.embed_tokens(tokens)
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
-        slots = cache.slots(cache.ctx_len, tokens.shape[0])
         captured = {}
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, cache.k[i], cache.v[i], cache.block_table, cache.ctx_len, slots, tree_mask)
+            x = layer_call(i, layer, x, cos, sin)
             if i in capture_layers and i != last:
                 captured[i] = x
         x = self.norm(x)

@@ -98,20 +98,19 @@ def block_hidden(head: DraftHead, target: TargetModel, batch: BlockBatch) -> tor
     dtype = head.fc.weight.dtype
     device = batch.features.device
 
-    context = head.project_context(batch.features.to(dtype)).reshape(n * length, -1)
-    context_pos = torch.arange(length, device=device).repeat(n)
-    cos_c, sin_c = head.rotary.cos_sin(context_pos, context.dtype)
+    # Context K/V, layer by layer, through DraftHead.write_context's own path (the features projected once, then
+    # each layer's k/v projections), every sequence's context at positions 0..L-1.
+    context_kv = head.context_key_values(batch.features.to(dtype).reshape(n * length, -1),
+                                         torch.arange(length, device=device).repeat(n))
 
     tokens, positions = block_tokens(batch, block_size, spec.mask_token_id)
     x = target.embed_tokens(tokens.reshape(-1)).to(dtype)  # [N*K*B, H]
     cos_b, sin_b = head.rotary.cos_sin(positions.reshape(-1), x.dtype)
     mask = block_mask(batch.anchors, length, block_size)
 
-    for layer in head.layers:
+    for layer, (k_ctx, v_ctx) in zip(head.layers, context_kv, strict=True):
         attn = layer.self_attn
         group = attn.num_heads // attn.num_kv_heads
-        # Context K/V: the same projected features feed every layer (as in DraftHead.write_context).
-        k_ctx, v_ctx = attn.key_value(context, cos_c, sin_c)
         q, k_blk, v_blk = layer.attention_inputs(x, cos_b, sin_b)  # the serving layer's own body around attention
         keys = torch.cat([k_ctx.view(n, length, *k_ctx.shape[1:]), k_blk.view(n, rows, *k_blk.shape[1:])], dim=1)
         values = torch.cat([v_ctx.view(n, length, *v_ctx.shape[1:]), v_blk.view(n, rows, *v_blk.shape[1:])],
