@@ -79,6 +79,15 @@ def processes_mentioning(text: str) -> list[int]:
     return found
 
 
+def wait_until(condition, timeout: float, what: str, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}"
+                        + (f":\n{log.read_text()[-4000:]}" if log is not None else ""))
+        time.sleep(0.2)
+
+
 class Served:
     def __init__(self, engine_dir: Path, repo: Path, process: subprocess.Popen, log: Path, ports: list[int]):
         self.engine_dir, self.repo, self.process, self.log = engine_dir, repo, process, log
@@ -424,6 +433,49 @@ def test_cancelled_stream_stops_generation(served, runner):
     while "request cancelled by the client" not in served.log.read_text():
         assert time.monotonic() < deadline, "the model never noticed the cancellation"
         time.sleep(0.2)
+    got = stream_one(served.grpc, PROMPTS[1], 8)  # the engine is free again
+    assert got["error"] is None and "".join(got["pieces"]) == reference(runner, PROMPTS[1], 8).text
+
+
+def metric(served, name: str, **labels) -> float:
+    """The sum of a Prometheus metric's series on the server's metrics endpoint that carry `labels`."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{served.metrics_port}/metrics", timeout=10) as reply:
+        lines = reply.read().decode().splitlines()
+    total = 0.0
+    for line in lines:
+        if line.startswith(name + "{"):
+            series, value = line.rsplit(" ", 1)
+            if all(f'{key}="{val}"' in series for key, val in labels.items()):
+                total += float(value)
+    return total
+
+
+QUEUED = 5
+
+
+def test_cancelled_queued_requests_cost_no_prefill(served, runner):
+    """Requests cancelled while they wait behind a running one are dropped before their prefill."""
+    before = {key: metric(served, name, **labels) for key, (name, labels) in {
+        "prefills": ("jetspec_prefills_total", {}),
+        "queued": ("jetspec_cancelled_total", {"stage": "queued"}),
+        "decoding": ("jetspec_cancelled_total", {"stage": "decoding"})}.items()}
+    busy, waiting = GrpcStream(served.grpc), GrpcStream(served.grpc)
+    try:
+        busy.send("busy", grpc_inputs(["count forever:"], 1000))
+        busy.responses.get(timeout=REQUEST_TIMEOUT_S)  # the engine is decoding it (about 15 s of work)
+        for i in range(QUEUED):
+            waiting.send(f"q{i}", grpc_inputs([f"queued prompt number {i}"], 8))
+        wait_until(lambda: metric(served, "jetspec_queued_requests") == QUEUED, 30, "the requests to be queued")
+        waiting.close(cancel=True)
+        time.sleep(1.0)  # the cancellations reach Triton before the engine is freed
+    finally:
+        busy.close(cancel=True)
+    wait_until(lambda: metric(served, "jetspec_cancelled_total", stage="queued") - before["queued"] == QUEUED,
+               REQUEST_TIMEOUT_S, "the queued cancellations", served.log)
+    assert metric(served, "jetspec_prefills_total") - before["prefills"] == 1  # the busy request's only
+    assert metric(served, "jetspec_cancelled_total", stage="decoding") - before["decoding"] == 1  # the busy one
+    assert metric(served, "jetspec_queued_requests") == 0
+    assert "request cancelled by the client before decoding (no prefill ran)" in served.log.read_text()
     got = stream_one(served.grpc, PROMPTS[1], 8)  # the engine is free again
     assert got["error"] is None and "".join(got["pieces"]) == reference(runner, PROMPTS[1], 8).text
 
