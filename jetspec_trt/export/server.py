@@ -10,10 +10,19 @@ wheel (`pip install 'jetspec-trt[serve]'`). Running it needs what pytriton itsel
     jetspec_trt and torch) through the `python3` it sees there.
 The child runs in its own session, so stopping it (SIGTERM, then SIGKILL of the whole group after a grace
 period) also ends its python stub processes.
+
+`serve` also watches the models: Triton 2.51 does not restart a python model's stub process that dies (kill -9,
+the OOM killer, a crash in native code), and keeps answering ready on every health endpoint while each request to
+that model fails ("Stub process ... is not healthy"); unloading such a model never finishes once a request has
+failed on it. So `serve` checks every instance stub's process each second, and when one has died restarts
+tritonserver (a fresh process loads every model again), at most --max-restarts times within --restart-window
+seconds; past that, or when the restarted server does not become ready, it stops and exits non-zero with one
+line on stderr, for a supervisor to act on. It exits 0 only when a signal stopped it and tritonserver exited 0.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import importlib.util
 import os
@@ -74,18 +83,55 @@ def _free_host(address: str) -> str:
     return "127.0.0.1" if address in ("0.0.0.0", "") else ("::1" if address == "::" else address)
 
 
+def _proc_stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat from field 3 (state) on; None where the process is gone."""
+    try:
+        text = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return text[text.rfind(")") + 2:].split()
+
+
+@dataclass(frozen=True)
+class StubProcess:
+    """One model instance's python backend stub: a child process of tritonserver."""
+
+    pid: int
+    start_time: str  # /proc/PID/stat field 22: tells a reused pid apart
+    model: str
+    instance: str
+
+    def death(self) -> str | None:
+        """None while the stub runs; else how it ended, e.g. "killed by SIGKILL"."""
+        fields = _proc_stat(self.pid)
+        if fields is None or fields[19] != self.start_time:
+            return "exited"
+        if fields[0] not in ("Z", "X"):
+            return None
+        if len(fields) > 49 and fields[49].isdigit():  # field 52, the wait status (Linux >= 3.5)
+            status = int(fields[49])
+            if status & 0x7F:
+                with contextlib.suppress(ValueError):
+                    return f"killed by {signal.Signals(status & 0x7F).name}"
+                return f"killed by signal {status & 0x7F}"
+            return f"exited with code {status >> 8}"
+        return "exited"
+
+
 class TritonServer:
     """One tritonserver child process over `repo`: start(), wait_ready(), stop(); also a context manager."""
 
     def __init__(self, repo: Path | str, http_port: int = 8000, grpc_port: int = 8001, metrics_port: int = 8002,
-                 address: str = "0.0.0.0", log: IO | None = None, log_verbose: int = 0):
+                 address: str = "0.0.0.0", log: IO | None = None, log_verbose: int = 0, exit_timeout: int = 30):
         self.repo = Path(repo)
         self.http_port, self.grpc_port, self.metrics_port = http_port, grpc_port, metrics_port
         self.address = address
         self.log = log  # None: the child writes to our stdout/stderr
         self.log_verbose = log_verbose
+        self.exit_timeout = exit_timeout  # tritonserver's --exit-timeout-secs: in-flight requests' time on SIGTERM
         self.process: subprocess.Popen | None = None
         self.workdir: Path | None = None
+        self.killed = False  # the last stop() had to SIGKILL the server
         self.shm_prefix = f"jetspec{os.getpid()}x{secrets.token_hex(4)}"
 
     @property
@@ -106,6 +152,8 @@ class TritonServer:
                 raise JetSpecError(f"{name} must be in 1..65535, got {port}")
         if len({self.http_port, self.grpc_port, self.metrics_port}) != 3:
             raise JetSpecError("--http-port, --grpc-port and --metrics-port must differ")
+        if self.exit_timeout < 1:
+            raise JetSpecError(f"--stop-timeout must be >= 1, got {self.exit_timeout}")
 
     def command(self, dist: TritonDistribution, backends: Path) -> list[str]:
         return [
@@ -114,7 +162,8 @@ class TritonServer:
             f"--grpc-address={self.address}", f"--grpc-port={self.grpc_port}",
             f"--metrics-address={self.address}", f"--metrics-port={self.metrics_port}",
             f"--backend-config=python,shm-region-prefix-name={self.shm_prefix}",
-            "--exit-on-error=true", "--strict-readiness=true", f"--log-verbose={self.log_verbose}",
+            "--exit-on-error=true", "--strict-readiness=true", f"--exit-timeout-secs={self.exit_timeout}",
+            f"--log-verbose={self.log_verbose}",
         ]
 
     def environment(self, dist: TritonDistribution) -> dict[str, str]:
@@ -165,17 +214,48 @@ class TritonServer:
                 raise JetSpecError(f"tritonserver was not ready within {timeout:g} s")
             time.sleep(0.25)
 
-    def stop(self, grace: float = 30.0) -> int | None:
-        """SIGTERM the server, wait up to `grace` s, then SIGKILL its whole process group. Returns its exit code."""
+    def stub_path(self) -> Path | None:
+        """The stub binary of this start (unique to it: the private backend directory)."""
+        return None if self.workdir is None else self.workdir / "backends" / "python" / "triton_python_backend_stub"
+
+    def stubs(self) -> list[StubProcess]:
+        """The running python-backend stubs of the model instances (not the short-lived auto-complete stubs)."""
+        binary = self.stub_path()
+        if binary is None:
+            return []
+        found = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if argv[0].decode(errors="replace") != str(binary) or len(argv) < 9:
+                continue
+            # argv: stub, <model dir>/<version>/model.py, shm region, shm sizes (2), parent pid, backend dir,
+            # ipc handle, instance name, ...
+            model = Path(argv[1].decode(errors="replace")).parent.parent.name
+            instance = argv[8].decode(errors="replace")
+            fields = _proc_stat(int(entry.name))
+            if fields is not None and fields[0] not in ("Z", "X") and instance != model:
+                found.append(StubProcess(int(entry.name), fields[19], model, instance))
+        return sorted(found, key=lambda stub: stub.instance)
+
+    def stop(self, grace: float | None = None) -> int | None:
+        """SIGTERM the server, wait up to `grace` s (default: its exit timeout + 10 s), then SIGKILL its whole
+        process group (setting `killed`). Returns its exit code."""
+        grace = self.exit_timeout + 10.0 if grace is None else grace
         process, code = self.process, None
         if process is not None:
+            self.killed = False
             if process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     process.send_signal(signal.SIGTERM)
                 try:
                     process.wait(timeout=grace)
                 except subprocess.TimeoutExpired:
-                    pass
+                    self.killed = True
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(process.pid, signal.SIGKILL)  # stubs left behind, or a server that did not stop
             code = process.wait(timeout=10)
@@ -198,12 +278,77 @@ class TritonServer:
         self.stop()
 
 
+WATCH_INTERVAL_S = 1.0  # how often serve checks tritonserver and the model stubs
+RESTART_GRACE_S = 5.0  # in-flight requests' time when serve restarts or gives up (a dead model's never finish)
+
+
 class _Terminated(Exception):
     pass
 
 
 def _raise_terminated(signum, frame):
     raise _Terminated()
+
+
+def _say(message: str) -> None:
+    click.echo(message, err=True)
+
+
+class Supervisor:
+    """Keeps one TritonServer serving: `run()` returns only by exception (JetSpecError: serving failed; or the
+    signal handler's). A model instance whose python stub dies gets tritonserver restarted, at most `max_restarts`
+    times within `restart_window` seconds."""
+
+    def __init__(self, server: TritonServer, ready_timeout: float, max_restarts: int = 1,
+                 restart_window: float = 300.0):
+        self.server, self.ready_timeout = server, ready_timeout
+        self.max_restarts, self.restart_window = max_restarts, restart_window
+        self.restarts: collections.deque[float] = collections.deque()  # monotonic times of recent restarts
+        self.watched: list[StubProcess] = []
+
+    def start(self) -> None:
+        self.server.start()
+        self.server.wait_ready(self.ready_timeout)
+        self.watched = self.server.stubs()
+        urls = self.server.endpoints
+        watched = ", ".join(f"{stub.instance} (pid {stub.pid})" for stub in self.watched) or "none"
+        _say(f"serving {self.server.repo}: HTTP {urls['http']}  gRPC {urls['grpc']}  metrics {urls['metrics']}  "
+             f"(Ctrl-C to stop; watching python stubs: {watched})")
+
+    def run(self) -> None:
+        while True:
+            try:
+                code = self.server.process.wait(timeout=WATCH_INTERVAL_S)
+            except subprocess.TimeoutExpired:
+                code = None
+            if code is not None:
+                raise JetSpecError(f"tritonserver exited on its own with code {code}")
+            for stub in self.watched:
+                how = stub.death()
+                if how is not None:
+                    self.restart(f"model '{stub.model}' instance {stub.instance} died (python stub pid {stub.pid} "
+                                 f"{how}); Triton does not restart it and every request to the model fails")
+                    break
+
+    def restart(self, what: str) -> None:
+        now = time.monotonic()
+        while self.restarts and now - self.restarts[0] > self.restart_window:
+            self.restarts.popleft()
+        if len(self.restarts) >= self.max_restarts:
+            self.server.stop(RESTART_GRACE_S)
+            if self.max_restarts == 0:
+                raise JetSpecError(f"{what}; --max-restarts is 0, so serve stops")
+            raise JetSpecError(f"{what}; tritonserver was already restarted {len(self.restarts)} time(s) in the "
+                               f"last {self.restart_window:g} s (--max-restarts {self.max_restarts}), so serve stops")
+        self.restarts.append(now)
+        _say(f"{what}; restarting tritonserver (restart {len(self.restarts)} of {self.max_restarts} allowed within "
+             f"{self.restart_window:g} s)")
+        code = self.server.stop(RESTART_GRACE_S)
+        _say(f"tritonserver stopped for the restart (exit code {code})")
+        try:
+            self.start()
+        except JetSpecError as err:
+            raise JetSpecError(f"{what}; the restart failed: {err}") from None
 
 
 @click.command("serve")
@@ -213,25 +358,57 @@ def _raise_terminated(signum, frame):
 @click.option("--metrics-port", type=int, default=8002, show_default=True)
 @click.option("--address", default="0.0.0.0", show_default=True, help="Address all three endpoints bind to.")
 @click.option("--ready-timeout", type=float, default=600.0, show_default=True,
-              help="Seconds to wait for the models to load.")
+              help="Seconds to wait for the models to load (at start and at a restart).")
+@click.option("--stop-timeout", type=int, default=30, show_default=True,
+              help="Seconds in-flight requests get on Ctrl-C / SIGTERM (tritonserver's --exit-timeout-secs); "
+                   "tritonserver is killed 10 s later.")
+@click.option("--max-restarts", type=int, default=1, show_default=True,
+              help="tritonserver restarts allowed within --restart-window after a model's python stub dies; "
+                   "0 = exit at the first death.")
+@click.option("--restart-window", type=float, default=300.0, show_default=True,
+              help="Seconds over which --max-restarts counts.")
 @click.option("--log-verbose", type=int, default=0, show_default=True, help="tritonserver's --log-verbose level.")
-def serve_command(repo, http_port, grpc_port, metrics_port, address, ready_timeout, log_verbose):
-    """Serve a model repository (from `export triton`) with Triton Inference Server until Ctrl-C or SIGTERM."""
-    server = TritonServer(repo, http_port, grpc_port, metrics_port, address, log_verbose=log_verbose)
+def serve_command(repo, http_port, grpc_port, metrics_port, address, ready_timeout, stop_timeout, max_restarts,
+                  restart_window, log_verbose):
+    """Serve a model repository (from `export triton`) with Triton Inference Server until Ctrl-C or SIGTERM.
+
+    \b
+    Triton does not restart a python model's stub process that dies (killed,
+    out of memory, crashed) and keeps reporting ready while every request to
+    that model fails. serve checks each model instance's stub every second;
+    when one has died it restarts tritonserver (all models load again), at
+    most --max-restarts times within --restart-window seconds.
+
+    \b
+    Exit status: 0 after Ctrl-C / SIGTERM once tritonserver has exited 0.
+    2, with one line on stderr, when tritonserver exits on its own, has to be
+    killed or exits non-zero while stopping, a model dies again past
+    --max-restarts, or a restarted tritonserver does not become ready.
+    """
+    if max_restarts < 0:
+        raise JetSpecError(f"--max-restarts must be >= 0, got {max_restarts}")
+    if not restart_window > 0:
+        raise JetSpecError(f"--restart-window must be > 0, got {restart_window:g}")
+    server = TritonServer(repo, http_port, grpc_port, metrics_port, address, log_verbose=log_verbose,
+                          exit_timeout=stop_timeout)
+    supervisor = Supervisor(server, ready_timeout, max_restarts, restart_window)
     # Both set explicitly: a shell starting us in the background leaves SIGINT ignored.
     previous = {sig: signal.signal(sig, _raise_terminated) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        server.start()
-        server.wait_ready(ready_timeout)
-        urls = server.endpoints
-        click.echo(f"serving {repo}: HTTP {urls['http']}  gRPC {urls['grpc']}  metrics {urls['metrics']}  "
-                   "(Ctrl-C to stop)", err=True)
-        code = server.process.wait()
-        raise JetSpecError(f"tritonserver exited on its own with code {code}")
+        supervisor.start()
+        supervisor.run()
     except _Terminated:
-        click.echo("stopping tritonserver ...", err=True)
-        code = server.stop()
-        click.echo(f"tritonserver stopped (exit code {code})", err=True)
+        _say("stopping tritonserver ...")
+        try:
+            code = server.stop()
+        except _Terminated:  # a second Ctrl-C / SIGTERM: stop waiting
+            server.stop(grace=0)
+            raise JetSpecError("a second signal while stopping: tritonserver was killed") from None
+        _say(f"tritonserver stopped (exit code {code})")
+        if server.killed:
+            raise JetSpecError(f"tritonserver did not stop within {stop_timeout + 10} s of SIGTERM and was killed")
+        if code != 0:
+            raise JetSpecError(f"tritonserver exited with code {code} while stopping")
     finally:
         server.stop()
         for sig, handler in previous.items():

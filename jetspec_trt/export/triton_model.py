@@ -6,8 +6,10 @@ cannot be imported outside Triton (`triton_python_backend_utils` exists only the
 
 Each model instance loads one engine and owns one worker thread: `execute` checks every request at once (bad
 input gets an error response right away) and queues it; the worker decodes queued requests one at a time, so the
-engine is never used by two requests at once. Between rounds the worker checks for client cancellation and
-unloading; every request ends with a response carrying TRITONSERVER_RESPONSE_COMPLETE_FINAL.
+engine is never used by two requests at once. The worker checks for client cancellation and unloading before it
+starts a prompt (a request cancelled while it waited in the queue costs no prefill) and between rounds; every
+request ends with a response carrying TRITONSERVER_RESPONSE_COMPLETE_FINAL. Custom metrics on Triton's metrics
+endpoint (METRICS below) count prefills, cancellations and the queue.
 Tensor names and meanings: `jetspec_trt/export/triton.py` (INPUTS, OUTPUTS) and the README.
 """
 
@@ -26,6 +28,13 @@ import triton_python_backend_utils as pb_utils
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 REQUIRED = object()
+# Custom metrics (Triton's /metrics, labelled model, version, instance): name -> (kind, description).
+METRICS = {
+    "jetspec_prefills_total": ("COUNTER", "Prompts whose decoding started: one target prefill each"),
+    "jetspec_cancelled_total": ("COUNTER", "Requests cancelled by the client; stage queued: seen before any "
+                                           "decoding (no prefill), stage decoding: seen between rounds"),
+    "jetspec_queued_requests": ("GAUGE", "Requests accepted and waiting for this instance's engine"),
+}
 
 
 class RequestError(Exception):
@@ -38,6 +47,44 @@ class Stop(Exception):
     def __init__(self, message: str, code):
         super().__init__(message)
         self.code = code
+
+
+class Metrics:
+    """The METRICS of one model instance; no-ops (with a warning) where Triton's metrics are off.
+
+    Updates are serialized: the stub (python backend 2.51) keeps a metric's pending operation in the Metric object
+    and sends it with the GIL released, so two threads updating one metric at once can crash tritonserver."""
+
+    def __init__(self, labels: dict):
+        self.families, self.metrics = {}, {}
+        self.lock = threading.Lock()
+        try:
+            for name, (kind, description) in METRICS.items():
+                self.families[name] = pb_utils.MetricFamily(name=name, description=description,
+                                                            kind=getattr(pb_utils.MetricFamily, kind))
+            self.metrics["prefills"] = self.families["jetspec_prefills_total"].Metric(labels=labels)
+            for stage in ("queued", "decoding"):
+                self.metrics[f"cancelled_{stage}"] = self.families["jetspec_cancelled_total"].Metric(
+                    labels={**labels, "stage": stage})
+            self.metrics["queued"] = self.families["jetspec_queued_requests"].Metric(labels=labels)
+        except Exception as err:  # noqa: BLE001 - metrics are optional (tritonserver --allow-metrics=false)
+            pb_utils.Logger.log_warn(f"jetspec: custom metrics unavailable: {one_line(err)}")
+            self.close()
+
+    def add(self, key: str, value: float = 1) -> None:
+        metric = self.metrics.get(key)
+        if metric is None:
+            return
+        try:
+            with self.lock:
+                metric.increment(value)
+        except Exception as err:  # noqa: BLE001 - a metric never fails a request
+            pb_utils.Logger.log_warn(f"jetspec: metric {key}: {one_line(err)}")
+
+    def close(self) -> None:
+        with self.lock:
+            self.metrics.clear()  # each Metric before its MetricFamily
+            self.families.clear()
 
 
 def one_line(err: BaseException) -> str:
@@ -92,6 +139,8 @@ class TritonPythonModel:
         self.max_batch_size = int(config.get("max_batch_size", 0))
         self.allowed_parameters = set(REQUEST_PARAMETERS)
         self.queue: queue.Queue = queue.Queue(maxsize=int(params.get("max_queue_size", "1024")))
+        self.metrics = Metrics({"model": args["model_name"], "version": args["model_version"],
+                                "instance": args["model_instance_name"]})
         self.stopping = threading.Event()
         self.worker = threading.Thread(target=self._work, name="jetspec-engine", daemon=True)
         self.worker.start()
@@ -103,6 +152,11 @@ class TritonPythonModel:
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
+            if request.is_cancelled():  # before any work, tokenizing included
+                self.metrics.add("cancelled_queued")
+                self._fail(sender, "request cancelled by the client before it was queued",
+                           pb_utils.TritonError.CANCELLED)
+                continue
             try:
                 job = self._parse(request, sender)
             except Exception as err:  # noqa: BLE001 - every bad request gets an answer, never a crash
@@ -112,6 +166,8 @@ class TritonPythonModel:
                 self.queue.put_nowait(job)
             except queue.Full:
                 self._fail(sender, f"server busy: {self.queue.maxsize} requests already queued on this instance")
+                continue
+            self.metrics.add("queued")
         return None
 
     def _parse(self, request, sender) -> Job:
@@ -179,6 +235,7 @@ class TritonPythonModel:
             job = self.queue.get()
             if job is None:
                 return
+            self.metrics.add("queued", -1)
             try:
                 self._run(job)
             except Stop as stop:
@@ -189,6 +246,7 @@ class TritonPythonModel:
                 self._fail(job.sender, f"internal error: {one_line(err)}")
 
     def _run(self, job: Job) -> None:
+        self._check(job.request, None)  # cancelled while it waited in the queue: stop before any work
         if job.stream:
             item = job.items[0]
             send = lambda piece, result: job.sender.send(self._response(job.items, [piece], [result]))  # noqa: E731
@@ -199,18 +257,27 @@ class TritonPythonModel:
         texts = [(r.text if item.exclude_input else item.text + r.text) for item, r in zip(job.items, results)]
         job.sender.send(self._response(job.items, texts, results), flags=FINAL)
 
+    def _check(self, request, done: int | None) -> None:
+        """Raise Stop where the client cancelled or the model is unloading; `done`: tokens so far, None before the
+        prompt's prefill."""
+        if request.is_cancelled():
+            self.metrics.add("cancelled_queued" if done is None else "cancelled_decoding")
+            raise Stop("request cancelled by the client " + ("before decoding (no prefill ran)" if done is None
+                                                             else f"after {done} tokens"),
+                       pb_utils.TritonError.CANCELLED)
+        if self.stopping.is_set():
+            raise Stop("the model is being unloaded", pb_utils.TritonError.UNAVAILABLE)
+
     def _generate(self, item: Item, request, on_piece) -> Result:
         """Decode one prompt; with `on_piece`, call it with each round's new text (held while a UTF-8 char is open)."""
         engine, decode = self.engine, self.engine.tokenizer.decode
+        self._check(request, 0)  # (a batch's later prompts) before this prompt's prefill
+        self.metrics.add("prefills")
         rounds = engine.stream_tokens(item.prompt_ids, item.max_new_tokens, item.sampling)
         ids, shown, finish = [], "", ""
         try:
             for tokens in rounds:
-                if request.is_cancelled():
-                    raise Stop(f"request cancelled by the client after {len(ids)} tokens",
-                               pb_utils.TritonError.CANCELLED)
-                if self.stopping.is_set():
-                    raise Stop("the model is being unloaded", pb_utils.TritonError.UNAVAILABLE)
+                self._check(request, len(ids))
                 if item.end_id is not None and item.end_id in tokens:
                     tokens, finish = tokens[: tokens.index(item.end_id) + 1], "stop"
                 ids.extend(tokens)
@@ -268,3 +335,4 @@ class TritonPythonModel:
                 self._fail(job.sender, "the model is being unloaded", pb_utils.TritonError.UNAVAILABLE)
         self.queue.put(None)
         self.worker.join(timeout=60)
+        self.metrics.close()

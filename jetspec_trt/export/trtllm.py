@@ -11,8 +11,11 @@ LLM-API model take (TensorRT-LLM >= 1.3, PyTorch backend, `DFlash` speculative d
 
 TensorRT-LLM reads Hugging Face tensor names, so the engine's fused q/k/v and gate/up tensors are written out split
 (models/weights.py `copy_as_hugging_face`); every other file, and the weights of an engine built with --no-fuse,
-is hard-linked from the engine when they share a filesystem (else copied). Paths inside the YAML files
-are absolute: the output's own location, or `path_prefix` when the directory will be mounted elsewhere.
+is hard-linked from the engine when they share a filesystem (else copied). The engine keeps each source
+checkpoint's config.json as it was, whose `torch_dtype` names the source's dtype, not the dtype the build wrote;
+the exported config.json files declare the dtype of the tensors beside them (what `dtype: auto` loads them as).
+Paths inside the YAML files are absolute: the output's own location, or `path_prefix` when the directory will be
+mounted elsewhere.
 TensorRT-LLM's DFlash drafts ONE chain of `max_draft_len` tokens with non-causal attention inside the block and
 verifies it as a chain; JetSpec drafts a causal tree. The target's output is the same (verification is
 lossless); the accepted length is not.
@@ -120,6 +123,49 @@ def llm_api_options(cfg: TrtllmExportConfig, runtime, spec, draft_dir: str) -> d
     }
 
 
+SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
+                      "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+CONFIG_DTYPE_KEYS = ("torch_dtype", "dtype")  # transformers < 4.56 writes torch_dtype, later ones dtype
+
+
+def written_dtype(model_dir: Path) -> str:
+    """The dtype of the floating-point tensors in `model_dir`'s safetensors files (one, or JetSpecError)."""
+    from safetensors import safe_open
+
+    from jetspec_trt.models.checkpoint import weight_files
+
+    found = set()
+    for path in weight_files(model_dir):
+        with safe_open(str(path), "pt") as handle:
+            for name in handle.keys():
+                dtype = handle.get_slice(name).get_dtype()
+                if dtype.startswith(("F", "BF")):
+                    found.add(SAFETENSORS_DTYPES.get(dtype, dtype))
+    if len(found) != 1:
+        raise JetSpecError(f"{model_dir}: expected one floating-point dtype in the weights, found "
+                           f"{sorted(found) or 'none'}")
+    return found.pop()
+
+
+def declare_dtype(model_dir: Path, dtype: str) -> None:
+    """Set config.json's dtype fields (top level and nested configs) to `dtype`. The file may be a hard link to
+    the engine's own, so it is replaced, never written in place."""
+    path = model_dir / "config.json"
+    config = json.loads(path.read_text())
+
+    def fix(block: dict) -> None:
+        for key in CONFIG_DTYPE_KEYS:
+            if key in block or (key == "torch_dtype" and block is config):
+                block[key] = dtype
+        for value in block.values():
+            if isinstance(value, dict) and any(key in value for key in CONFIG_DTYPE_KEYS):
+                fix(value)
+
+    fix(config)
+    path.unlink()
+    path.write_text(json.dumps(config, indent=2) + "\n")
+
+
 def export_trtllm(cfg: TrtllmExportConfig) -> Path:
     """Write the TensorRT-LLM export; returns its path. Raises JetSpecError on bad input."""
     from jetspec_trt.models.draft import read_draft_config
@@ -149,6 +195,11 @@ def export_trtllm(cfg: TrtllmExportConfig) -> Path:
             raw_draft["dflash_config"] = raw_draft.pop(spec.config_key)
             (staging / "draft" / "config.json").unlink()
             (staging / "draft" / "config.json").write_text(json.dumps(raw_draft, indent=2) + "\n")
+        for role in ("target", "draft"):  # config.json says what the tensors are (TensorRT-LLM's dtype: auto)
+            written = written_dtype(staging / role)
+            if written != runtime.dtype:
+                raise JetSpecError(f"{engine_dir / role}: weights are {written}, the engine says {runtime.dtype}")
+            declare_dtype(staging / role, written)
         usage = (f"# TensorRT-LLM {TENSORRT_LLM_VERSION} (PyTorch backend), DFlash speculative decoding.\n"
                  f"#   trtllm-serve serve {prefix / 'target'} --config {prefix / EXTRA_OPTIONS}\n")
         (staging / EXTRA_OPTIONS).write_text(_yaml(options, usage))

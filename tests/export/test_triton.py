@@ -79,6 +79,27 @@ def processes_mentioning(text: str) -> list[int]:
     return found
 
 
+def instance_stubs(repo: Path) -> list[int]:
+    """Running python-backend stubs of the model instances served from `repo` (not zombies)."""
+    found = []
+    for pid in processes_mentioning(str(repo)):
+        with contextlib.suppress(OSError):
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            if argv[0].endswith(b"triton_python_backend_stub") and argv[8] != MODEL.encode() and state != "Z":
+                found.append(pid)
+    return found
+
+
+def wait_until(condition, timeout: float, what: str, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:g} s waiting for {what}"
+                        + (f":\n{log.read_text()[-4000:]}" if log is not None else ""))
+        time.sleep(0.2)
+
+
 class Served:
     def __init__(self, engine_dir: Path, repo: Path, process: subprocess.Popen, log: Path, ports: list[int]):
         self.engine_dir, self.repo, self.process, self.log = engine_dir, repo, process, log
@@ -107,15 +128,13 @@ def reference(runner: Engine, prompt: str, max_tokens: int):
         return runner.generate(prompt, max_tokens)
 
 
-@pytest.fixture(scope="module")
-def served(workdir, engine_dir):
-    repo = export_triton(TritonExportConfig(engine_dir, workdir / "repo", max_batch_size=4, cpu_threads=1,
-                                            copy_engine=True))  # the engine path relative to the model
+@contextlib.contextmanager
+def serving(repo: Path, log: Path, engine_dir: Path, *extra: str):
+    """`jetspec-trt serve repo [extra]` in a subprocess, once ready; killed, with whatever it started, at exit."""
     ports = free_ports(3)
-    log = workdir / "serve.log"
     command = [sys.executable, "-m", "jetspec_trt.cli", "serve", str(repo), "--address", "127.0.0.1",
                "--http-port", str(ports[0]), "--grpc-port", str(ports[1]), "--metrics-port", str(ports[2]),
-               "--ready-timeout", str(READY_TIMEOUT_S)]
+               "--ready-timeout", str(READY_TIMEOUT_S), *extra]
     with open(log, "w") as handle:
         process = subprocess.Popen(command, stdout=handle, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                    start_new_session=True)
@@ -138,6 +157,14 @@ def served(workdir, engine_dir):
         for pid in processes_mentioning(str(repo)):  # tritonserver and its stubs, should any be left
             with contextlib.suppress(OSError):
                 os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def served(workdir, engine_dir):
+    repo = export_triton(TritonExportConfig(engine_dir, workdir / "repo", max_batch_size=4, cpu_threads=1,
+                                            copy_engine=True))  # the engine path relative to the model
+    with serving(repo, workdir / "serve.log", engine_dir) as server:
+        yield server
 
 
 # ---- clients ----
@@ -265,6 +292,28 @@ def test_serve_bad_repository(workdir, capsys):
         main(["serve", str(workdir / "no-such-repo")])
     assert exit_info.value.code == JetSpecError.exit_code
     assert "does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--max-restarts", "-1"], "--max-restarts must be >= 0"),
+    (["--restart-window", "0"], "--restart-window must be > 0"),
+    (["--stop-timeout", "0"], "--stop-timeout must be >= 1"),
+])
+def test_serve_bad_options(workdir, engine_dir, capsys, args, message):
+    repo = export_triton(TritonExportConfig(engine_dir, workdir / "options-repo", overwrite=True))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", str(repo), *args])
+    assert exit_info.value.code == JetSpecError.exit_code
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_serve_help_documents_restarts_and_exit_status(capsys):
+    main(["serve", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "Triton does not restart a python model's stub process that dies" in text
+    assert "restarts tritonserver" in text and "--max-restarts" in text and "--restart-window" in text
+    assert "Exit status: 0 after Ctrl-C / SIGTERM once tritonserver has exited 0." in text
 
 
 def test_serve_reports_a_model_that_fails_to_load(workdir, engine_dir, capfd):
@@ -428,6 +477,49 @@ def test_cancelled_stream_stops_generation(served, runner):
     assert got["error"] is None and "".join(got["pieces"]) == reference(runner, PROMPTS[1], 8).text
 
 
+def metric(served, name: str, **labels) -> float:
+    """The sum of a Prometheus metric's series on the server's metrics endpoint that carry `labels`."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{served.metrics_port}/metrics", timeout=10) as reply:
+        lines = reply.read().decode().splitlines()
+    total = 0.0
+    for line in lines:
+        if line.startswith(name + "{"):
+            series, value = line.rsplit(" ", 1)
+            if all(f'{key}="{val}"' in series for key, val in labels.items()):
+                total += float(value)
+    return total
+
+
+QUEUED = 5
+
+
+def test_cancelled_queued_requests_cost_no_prefill(served, runner):
+    """Requests cancelled while they wait behind a running one are dropped before their prefill."""
+    before = {key: metric(served, name, **labels) for key, (name, labels) in {
+        "prefills": ("jetspec_prefills_total", {}),
+        "queued": ("jetspec_cancelled_total", {"stage": "queued"}),
+        "decoding": ("jetspec_cancelled_total", {"stage": "decoding"})}.items()}
+    busy, waiting = GrpcStream(served.grpc), GrpcStream(served.grpc)
+    try:
+        busy.send("busy", grpc_inputs(["count forever:"], 1000))
+        busy.responses.get(timeout=REQUEST_TIMEOUT_S)  # the engine is decoding it (about 15 s of work)
+        for i in range(QUEUED):
+            waiting.send(f"q{i}", grpc_inputs([f"queued prompt number {i}"], 8))
+        wait_until(lambda: metric(served, "jetspec_queued_requests") == QUEUED, 30, "the requests to be queued")
+        waiting.close(cancel=True)
+        time.sleep(1.0)  # the cancellations reach Triton before the engine is freed
+    finally:
+        busy.close(cancel=True)
+    wait_until(lambda: metric(served, "jetspec_cancelled_total", stage="queued") - before["queued"] == QUEUED,
+               REQUEST_TIMEOUT_S, "the queued cancellations", served.log)
+    assert metric(served, "jetspec_prefills_total") - before["prefills"] == 1  # the busy request's only
+    assert metric(served, "jetspec_cancelled_total", stage="decoding") - before["decoding"] == 1  # the busy one
+    assert metric(served, "jetspec_queued_requests") == 0
+    assert "request cancelled by the client before decoding (no prefill ran)" in served.log.read_text()
+    got = stream_one(served.grpc, PROMPTS[1], 8)  # the engine is free again
+    assert got["error"] is None and "".join(got["pieces"]) == reference(runner, PROMPTS[1], 8).text
+
+
 CLIENTS, REQUESTS_PER_CLIENT, CONCURRENT_MAX_TOKENS = 64, 4, 12
 
 
@@ -490,3 +582,58 @@ def test_sigterm_stops_server_cleanly(served):
     assert "tritonserver stopped (exit code 0)" in served.log.read_text()
     assert processes_mentioning(str(served.repo)) == []
     assert not http_ready(served.http)
+
+
+# ---- faults: a dead model, a server that dies or will not stop (each on a server of its own) ----
+
+def last_line(log: Path) -> str:
+    return log.read_text().strip().splitlines()[-1]
+
+
+def test_serve_restarts_tritonserver_when_a_model_stub_dies(workdir, engine_dir, runner):
+    """Triton 2.51 keeps a model whose python stub was killed 'ready' while every request fails. serve restarts
+    tritonserver once; a second death within --restart-window ends serve with exit code 2 and one line."""
+    repo = export_triton(TritonExportConfig(engine_dir, workdir / "restart-repo", cpu_threads=1, copy_engine=True))
+    log = workdir / "serve-restart.log"
+    with serving(repo, log, engine_dir, "--max-restarts", "1", "--restart-window", "600") as server:
+        expected = reference(runner, PROMPTS[0], 8).text
+        first = stream_one(server.grpc, PROMPTS[0], 8)
+        assert first["error"] is None and "".join(first["pieces"]) == expected, first
+        [stub] = instance_stubs(repo)
+        os.kill(stub, signal.SIGKILL)
+        wait_until(lambda: log.read_text().count("serving ") == 2 and http_ready(server.http), READY_TIMEOUT_S,
+                   "serve to restart tritonserver", log)
+        text = log.read_text()
+        assert (f"model '{MODEL}' instance {MODEL}_0_0 died (python stub pid {stub} killed by SIGKILL)" in text
+                and "restarting tritonserver (restart 1 of 1 allowed within 600 s)" in text)
+        assert server.process.poll() is None
+        got = stream_one(server.grpc, PROMPTS[0], 8)
+        assert got["error"] is None and "".join(got["pieces"]) == expected  # the model serves again
+        [second] = instance_stubs(repo)
+        assert second != stub
+        os.kill(second, signal.SIGKILL)  # again, within the window: serve gives up
+        assert server.process.wait(timeout=60) == JetSpecError.exit_code
+        error = last_line(log)
+        assert error.startswith("error: ") and f"python stub pid {second} killed by SIGKILL" in error
+        assert "already restarted 1 time(s) in the last 600 s (--max-restarts 1), so serve stops" in error
+        assert processes_mentioning(str(repo)) == []
+
+
+@pytest.mark.parametrize("fault", ["tritonserver killed", "tritonserver will not stop"])
+def test_serve_exits_nonzero_when_tritonserver_dies_or_is_killed(workdir, engine_dir, fault):
+    repo = export_triton(TritonExportConfig(engine_dir, workdir / f"{fault.split()[-1]}-repo", cpu_threads=1,
+                                            copy_engine=True))
+    log = workdir / f"serve-{fault.split()[-1]}.log"
+    with serving(repo, log, engine_dir, "--stop-timeout", "1") as server:
+        [tritonserver] = [pid for pid in processes_mentioning(str(repo))
+                          if Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].endswith(b"/tritonserver")]
+        if fault == "tritonserver killed":
+            os.kill(tritonserver, signal.SIGKILL)
+            message = "error: tritonserver exited on its own with code -9"
+        else:  # stopped: SIGTERM cannot end it, so serve has to kill it after --stop-timeout + 10 s
+            os.kill(tritonserver, signal.SIGSTOP)
+            server.process.send_signal(signal.SIGTERM)
+            message = "error: tritonserver did not stop within 11 s of SIGTERM and was killed"
+        assert server.process.wait(timeout=60) == JetSpecError.exit_code
+        assert last_line(log) == message
+        assert processes_mentioning(str(repo)) == []

@@ -17,12 +17,13 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from jetspec_trt.builders.engine_builder import BuildConfig, build_engine
 from jetspec_trt.cli import main
 from jetspec_trt.errors import JetSpecError
 from jetspec_trt.export.trtllm import TrtllmExportConfig, export_trtllm
 from jetspec_trt.models.checkpoint import hf_state_dict
 from jetspec_trt.quickstart import make_tiny_engine
-from jetspec_trt.runtime.config import RuntimeConfig
+from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
 
 DFLASH_FIELDS = {
     "max_draft_len", "max_total_draft_tokens", "speculative_model", "max_concurrency", "draft_len_schedule",
@@ -176,6 +177,50 @@ def test_jetspec_config_key_becomes_dflash_config(engine_dir, tmp_path):
     exported = json.loads((out / "draft" / "config.json").read_text())
     assert "dflash_config" in exported and "jetspec_config" not in exported
     assert "jetspec_config" in json.loads(path.read_text())  # the engine's own file is untouched
+
+
+SAFETENSORS_DTYPES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def declared_dtypes(config: dict) -> list[str]:
+    """Every torch_dtype / dtype value in a config.json, nested configs included."""
+    found = [config[key] for key in ("torch_dtype", "dtype") if key in config]
+    return found + [d for value in config.values() if isinstance(value, dict) for d in declared_dtypes(value)]
+
+
+def stored_dtypes(model_dir: Path) -> set[str]:
+    found = set()
+    for path in model_dir.glob("*.safetensors"):
+        with safe_open(str(path), "pt") as handle:
+            found |= {SAFETENSORS_DTYPES[handle.get_slice(name).get_dtype()] for name in handle.keys()}
+    return found
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_config_dtype_is_the_dtype_written(engine_dir, tmp_path, dtype):
+    """config.json's dtype is what `dtype: auto` loads the weights as: it must name the tensors written beside it.
+    The engine keeps its sources' config.json (the tiny pair says bfloat16); the quickstart engine is float32, and
+    the bfloat16 engine here is built from sources that say float32."""
+    if dtype == "float32":
+        engine = engine_dir
+    else:
+        sources = {}
+        for role in ("tiny-target", "tiny-draft"):
+            sources[role] = shutil.copytree(engine_dir.parent / role, tmp_path / role)
+            config = json.loads((sources[role] / "config.json").read_text())
+            config["torch_dtype"] = "float32"
+            (sources[role] / "config.json").write_text(json.dumps(config))
+        engine = build_engine(BuildConfig(sources["tiny-target"], sources["tiny-draft"], tmp_path / "engine",
+                                          tree=TreeConfig(budget=8, topk=2, max_depth=3), dtype="bfloat16",
+                                          max_seq_len=1024))
+    engine_configs = {role: (engine / role / "config.json").read_text() for role in ("target", "draft")}
+    out = export_trtllm(TrtllmExportConfig(engine, tmp_path / "export"))
+    for role in ("target", "draft"):
+        declared = declared_dtypes(json.loads((out / role / "config.json").read_text()))
+        assert declared and set(declared) == stored_dtypes(out / role) == {dtype}, role
+        assert (engine / role / "config.json").read_text() == engine_configs[role]  # the engine's own: untouched
+    assert yaml.safe_load((out / "extra_llm_api_options.yaml").read_text())["dtype"] == dtype
+    assert AutoConfig.from_pretrained(out / "target", local_files_only=True).torch_dtype == getattr(torch, dtype)
 
 
 @pytest.mark.parametrize("args, message", [
