@@ -13,7 +13,8 @@
 # step 2800 that way). Budget from the first call of the lease: ~1.5 min of GGUF transfers, ~1.5 min convert, ~1 min
 # data prep + model load, GEN_S (+ ~15 s of rows finishing), TRAIN_S (+ ~30 s features and evals), ~40 s build,
 # ~4-5 min bench (17 prompts a suite, HF on 5). Copy WORK/head1 out as soon as it is written.
-# Env: TAG (bench file tag), BENCH_PROMPTS (17), HF_PROMPTS (5).
+# Env: TAG (bench file tag), BENCH_PROMPTS (17), HF_PROMPTS (5), PROMPT_OFFSET (0): runs 3 and 4 answered prompts
+# from the first 12000 of the mix (run 3 the longest of the first 60000), so run 5 should pass PROMPT_OFFSET=12000.
 set -uo pipefail
 WORK=${1:?work dir}
 GEN_S=${2:-150}
@@ -31,7 +32,8 @@ if [ ! -f "$WORK/qwen/config.json" ]; then
 convert_gguf(Path('$WORK/gguf/source.gguf'), Path('$WORK/qwen'), progress=False)" || exit 1
 fi
 
-common=(--target "$WORK/qwen" --data /tmp/keep/prompts-mix.jsonl.gz --num-prompts 60000 --max-new-tokens 512
+common=(--target "$WORK/qwen" --data /tmp/keep/prompts-mix.jsonl.gz --num-prompts 40000
+        --prompt-offset "${PROMPT_OFFSET:-0}" --max-new-tokens 512
         --max-seq-len 2048 --gen-batch-size 1024 --gen-time-budget "$GEN_S" --init-head heads/qwen2.5-coder-0.5b-jetspec
         --steps 1000000 --time-budget "$TRAIN_S" --batch-size 8 --lr 6e-4 --eval-every 400 --save-every 100000
         --device cuda --quiet)

@@ -15,6 +15,8 @@ import click
               help="Prompt suite (sharegpt, mtbench, math500, aime, humaneval) or a .jsonl of "
                    '{"messages": [...]} / {"prompt": "..."} lines.')
 @click.option("--num-prompts", type=int, default=1000, show_default=True)
+@click.option("--prompt-offset", type=int, default=0, show_default=True,
+              help="Skip the data's first N prompts (after mixing), e.g. the ones earlier runs of --init-head answered.")
 @click.option("--max-new-tokens", type=int, default=512, show_default=True, help="Response length cap.")
 @click.option("--gen-temperature", type=float, default=0.0, show_default=True,
               help="Sampling temperature of the regenerated responses (0 = greedy).")
@@ -71,7 +73,7 @@ import click
 @click.option("--overwrite", is_flag=True, help="Discard an earlier run's checkpoints and start over.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def train_command(target_dir, output_dir, source, num_prompts, max_new_tokens, gen_temperature, gen_batch_size,
+def train_command(target_dir, output_dir, source, num_prompts, prompt_offset, max_new_tokens, gen_temperature, gen_batch_size,
                   max_seq_len, steps, batch_size, lr, warmup_steps, weight_decay, grad_clip, block_size,
                   num_layers, target_layer_ids, mask_token_id, loss_kind, loss_gamma, loss_backend, temperature,
                   anchors_per_seq, anchor_group, depth_sampling, eval_every, heldout, warm_start,
@@ -83,7 +85,7 @@ def train_command(target_dir, output_dir, source, num_prompts, max_new_tokens, g
     from jetspec_trt.train.trainer import TrainConfig, train
 
     data = DataConfig(source, num_prompts, max_new_tokens, gen_temperature, gen_batch_size, max_seq_len,
-                      gen_time_budget_s)
+                      gen_time_budget_s, prompt_offset)
     cfg = TrainConfig(
         target_dir, output_dir, data, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
         weight_decay=weight_decay, grad_clip=grad_clip, block_size=block_size, num_layers=num_layers,

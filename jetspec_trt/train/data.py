@@ -41,6 +41,9 @@ class DataConfig:
     # Stop admitting prompts after this many seconds (rows in flight finish) and use what is cached; a later run
     # with the same settings generates the rest. For fixed-size GPU leases. Not part of the cache key.
     gen_time_budget_s: float | None = None
+    # Skip the source's first N prompts (after mixing): a head continued run after run then answers prompts no
+    # earlier run used, instead of the same first few thousand each time.
+    prompt_offset: int = 0
 
 
 @dataclass(frozen=True)
@@ -150,6 +153,8 @@ def cache_key(target_dir: Path, cfg: DataConfig, seed: int) -> str:
     settings = asdict(cfg) | {"source": ",".join(parts), "seed": seed}
     settings.pop("gen_batch_size")  # batching does not change greedy output (up to numerics)
     settings.pop("gen_time_budget_s")  # how long one run may generate, not what it generates
+    if not settings["prompt_offset"]:
+        settings.pop("prompt_offset")  # keys of caches made before the field existed stay valid
     digest.update(json.dumps(settings, sort_keys=True).encode())
     return digest.hexdigest()[:12]
 
@@ -240,7 +245,11 @@ def generate_responses(target_dir: Path, cfg: DataConfig, out_dir: Path, device:
     settings_path(cache_path).write_text(json.dumps(settings, indent=2) + "\n")
 
     tokenizer = AutoTokenizer.from_pretrained(str(target_dir), local_files_only=True)
-    messages = load_prompt_messages(cfg.source, cfg.num_prompts)
+    if cfg.prompt_offset < 0:
+        raise JetSpecError(f"--prompt-offset must be >= 0, got {cfg.prompt_offset}")
+    messages = load_prompt_messages(cfg.source, cfg.prompt_offset + cfg.num_prompts)[cfg.prompt_offset :]
+    if not messages:
+        raise JetSpecError(f"--prompt-offset {cfg.prompt_offset} skips every prompt of {cfg.source}")
     prompts = encode_prompts(tokenizer, messages)
     done = _read_cache(cache_path)
     todo = [i for i in range(len(prompts)) if i not in done and len(prompts[i]) < cfg.max_seq_len - 1]

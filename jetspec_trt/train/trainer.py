@@ -518,6 +518,7 @@ def data_summary(cfg: TrainConfig, sequences, train_seqs, heldout, cache_path: P
         "source": cfg.data.source,
         "cache_file": str(cache_path),
         "num_prompts": cfg.data.num_prompts,
+        "prompt_offset": cfg.data.prompt_offset,
         "max_new_tokens": cfg.data.max_new_tokens,
         "gen_temperature": cfg.data.gen_temperature,
         "max_seq_len": cfg.data.max_seq_len,

@@ -409,3 +409,24 @@ def test_batched_prompt_encoding_equals_one_by_one(tiny):
                                                      return_dict=False, enable_thinking=False))
                   for c in conversations]
     assert encode_prompts(tokenizer, conversations, chunk=2) == one_by_one
+
+
+def test_prompt_offset_answers_later_prompts(tiny, tmp_path, capsys):
+    """--prompt-offset 20 --num-prompts 4: the responses are to prompts 20..23 of the source, in order."""
+    from transformers import AutoTokenizer
+
+    from jetspec_trt.train.data import encode_prompts, load_prompt_messages
+
+    out = tmp_path / "offset"
+    argv = [a for a in train_args(tiny, out) if a not in ("--num-prompts", "24")]
+    argv = argv[: argv.index("--steps")] + ["--steps", "0", "--num-prompts", "4", "--prompt-offset", "20",
+                                             "--heldout", "1"]
+    code, _, err = invoke(argv, capsys)
+    assert code == 0, err
+    (cache,) = (out / "data").glob("responses-*.jsonl")
+    rows = [json.loads(line) for line in cache.read_text().splitlines()]
+    tokenizer = AutoTokenizer.from_pretrained(str(tiny / "target"), local_files_only=True)
+    expected = encode_prompts(tokenizer, load_prompt_messages(str(tiny / "prompts.jsonl"), 24)[20:])
+    assert [r["prompt_ids"] for r in sorted(rows, key=lambda r: r["index"])] == expected
+    code, _, err = invoke(argv[:-4] + ["--prompt-offset", "24"], capsys)
+    assert code == 2 and "skips every prompt" in err
