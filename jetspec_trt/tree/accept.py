@@ -19,6 +19,7 @@ this.)
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -73,9 +74,12 @@ def accept(
     """logits [N, V]: the target's logits at each tree node (row i predicts the token after node i)."""
     if sampling.greedy:
         choices = logits.argmax(-1).tolist()  # one host transfer for the whole tree
-        pick = lambda node: choices[node]  # noqa: E731
-    else:
-        pick = lambda node: next_token(logits[node], sampling, generator)  # noqa: E731
+        return walk(tree, lambda node: choices[node])
+    return walk(tree, lambda node: next_token(logits[node], sampling, generator))
+
+
+def walk(tree: DraftTree, pick: Callable[[int], int]) -> Acceptance:
+    """From the root: emit pick(node); move to the child holding that token, or stop. `pick` is the rule."""
     node, path, emitted = 0, [0], []
     while True:
         token = pick(node)

@@ -17,7 +17,7 @@ from jetspec_trt.models.presets import preset, write_random_pair
 from jetspec_trt.plugins.tree_attention import causal_mask
 from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
 from jetspec_trt.runtime.decoder import Decoder
-from jetspec_trt.tree.accept import Acceptance, SamplingConfig, target_probs
+from jetspec_trt.tree.accept import SamplingConfig, target_probs, walk
 
 VOCAB = 5
 NEW_TOKENS = 3
@@ -87,22 +87,15 @@ def test_speculative_sampling_matches_target(decoder, sampling):
 
 def wrong_accept(tree, logits, sampling, generator=None):
     """A plausible but wrong rule: accept the first child outright when the target gives it >= 30%."""
-    node, path, emitted = 0, [0], []
-    while True:
+
+    def pick(node):
         probs = target_probs(logits[node], sampling)
-        first = next(iter(tree.children[node].items()), None)
-        if first is not None and probs[first[0]] >= 0.3:
-            emitted.append(first[0])
-            node = first[1]
-            path.append(node)
-            continue
-        token = int(torch.multinomial(probs, 1, generator=generator))
-        emitted.append(token)
-        child = tree.children[node].get(token)
-        if child is None:
-            return Acceptance(path, emitted)
-        node = child
-        path.append(node)
+        first = next(iter(tree.children[node]), None)
+        if first is not None and probs[first] >= 0.3:
+            return first
+        return int(torch.multinomial(probs, 1, generator=generator))
+
+    return walk(tree, pick)
 
 
 def test_chi_square_catches_a_wrong_rule(decoder, monkeypatch):
