@@ -159,24 +159,24 @@ class EngineBench:
         result["round_ms"] = _events_ms(whole_round, self.cfg.reps, reset)
         return result
 
-    def ar_generate_tok_s(self, prompt_len: int = 128) -> dict:
+    def _timed_generate(self, prompt_len: int, **kwargs):
+        """One generate() of cfg.ar_tokens new tokens after a short warm-up (capture) on the same prompt;
+        returns its DecodeStats (wall times with the host loop included)."""
         prompt = torch.randint(0, self.target.config.vocab_size, (prompt_len,)).tolist()
-        list(self.decoder.generate(prompt, 8, speculative=False))  # warm-up
+        list(self.decoder.generate(prompt, 8, **kwargs))  # warm-up
         torch.cuda.synchronize()
-        tokens = sum(len(t) for t in self.decoder.generate(prompt, self.cfg.ar_tokens, speculative=False))
-        stats = self.decoder.stats
-        return {"prompt_tokens": prompt_len, "new_tokens": tokens, "decode_s": stats.decode_s,
-                "decode_tok_s": (tokens - 1) / stats.decode_s}
+        list(self.decoder.generate(prompt, self.cfg.ar_tokens, **kwargs))
+        return self.decoder.stats
+
+    def ar_generate_tok_s(self, prompt_len: int = 128) -> dict:
+        stats = self._timed_generate(prompt_len, speculative=False)
+        return {"prompt_tokens": prompt_len, "new_tokens": stats.new_tokens, "decode_s": stats.decode_s,
+                "decode_tok_s": (stats.new_tokens - 1) / stats.decode_s}
 
     def generate_round_ms(self, budget: int, prompt_len: int = 128) -> dict:
         """Wall time per round inside generate(), host loop included (what a user's request pays per verify),
         beside the same for the AR step: the stage timings above are device time of graphs replayed alone."""
-        tree = TreeConfig(budget, self.cfg.topk, self.cfg.max_depth)
-        prompt = torch.randint(0, self.target.config.vocab_size, (prompt_len,)).tolist()
-        list(self.decoder.generate(prompt, 8, tree=tree))  # warm-up (capture)
-        torch.cuda.synchronize()
-        list(self.decoder.generate(prompt, self.cfg.ar_tokens, tree=tree))
-        stats = self.decoder.stats
+        stats = self._timed_generate(prompt_len, tree=TreeConfig(budget, self.cfg.topk, self.cfg.max_depth))
         return {"budget": budget, "rounds": stats.rounds, "tokens": stats.new_tokens,
                 "ms_per_round": 1000 * stats.decode_s / max(1, stats.rounds)}
 
