@@ -19,8 +19,10 @@ step) outside the timings, `prefill` runs the prompt eagerly and seeds the round
 replays the stages back to back and reads the round's result (the one sync).
 
 The host runs one round ahead: `decode_round` queues round r+1 before it reads round r's result
-(RoundPipeline), so the GPU never idles while Python handles a result (measured ~0.3-0.45 ms a round at the 0.5B
-shape on an H200, 15-20% of a round). The round after the last one needed runs to no effect: its KV lies past
+(RoundPipeline), so the GPU never idles while Python handles a result. (Estimated, not timed directly: the
+per-round wall time of bench/results/suites-nvidia-h200-head4.json exceeds the graphed round of
+engine-qwen2.5-0.5b-h200-compiled-tree.json by ~0.3-0.45 ms at the 0.5B shape; the engine bench's
+`generate_rounds` now times it.) The round after the last one needed runs to no effect: its KV lies past
 the committed length, which `finish` restores from round r's own copy, and the caches are sized for it.
 """
 
