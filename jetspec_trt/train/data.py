@@ -236,6 +236,10 @@ def generate_responses(target_dir: Path, cfg: DataConfig, out_dir: Path, device:
 
     if cfg.gen_temperature > 0:
         raise JetSpecError("--gen-temperature > 0 is not supported: response generation is greedy only")
+    # The prompts first: a bad source or offset fails before anything is written.
+    messages = load_prompt_messages(cfg.source, cfg.prompt_offset + cfg.num_prompts)[cfg.prompt_offset :]
+    if not messages:
+        raise JetSpecError(f"--prompt-offset {cfg.prompt_offset} skips every prompt of {cfg.source}")
     target_dir = Path(target_dir)
     data_dir = Path(out_dir) / DATA_DIR
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -245,11 +249,6 @@ def generate_responses(target_dir: Path, cfg: DataConfig, out_dir: Path, device:
     settings_path(cache_path).write_text(json.dumps(settings, indent=2) + "\n")
 
     tokenizer = AutoTokenizer.from_pretrained(str(target_dir), local_files_only=True)
-    if cfg.prompt_offset < 0:
-        raise JetSpecError(f"--prompt-offset must be >= 0, got {cfg.prompt_offset}")
-    messages = load_prompt_messages(cfg.source, cfg.prompt_offset + cfg.num_prompts)[cfg.prompt_offset :]
-    if not messages:
-        raise JetSpecError(f"--prompt-offset {cfg.prompt_offset} skips every prompt of {cfg.source}")
     prompts = encode_prompts(tokenizer, messages)
     done = _read_cache(cache_path)
     todo = [i for i in range(len(prompts)) if i not in done and len(prompts[i]) < cfg.max_seq_len - 1]

@@ -104,6 +104,7 @@ class TrainConfig:
             (self.time_budget_s is None or self.time_budget_s > 0,
              f"--time-budget must be > 0 seconds, got {self.time_budget_s}"),
             (self.data.max_new_tokens >= 2, f"--max-new-tokens must be >= 2, got {self.data.max_new_tokens}"),
+            (self.data.prompt_offset >= 0, f"--prompt-offset must be >= 0, got {self.data.prompt_offset}"),
             (self.data.gen_temperature >= 0, f"--gen-temperature must be >= 0, got {self.data.gen_temperature}"),
             (self.data.gen_batch_size >= 1, f"--gen-batch-size must be >= 1, got {self.data.gen_batch_size}"),
             (self.data.gen_time_budget_s is None or self.data.gen_time_budget_s >= 0,

@@ -202,6 +202,7 @@ def test_time_limit_stops_with_checkpoint(tiny, trained, tmp_path):
     (lambda a: a + ["--resume"], "--resume: no checkpoint"),
     (lambda a: a + ["--block-size", "1"], "--block-size must be >= 2"),
     (lambda a: a + ["--device", "tpu"], "--device must be cpu or cuda"),
+    (lambda a: a + ["--prompt-offset", "-1"], "--prompt-offset must be >= 0"),
 ])
 def test_bad_input_one_line_error(tiny, tmp_path, capsys, change, message):
     args = train_args(tiny, tmp_path / "out")
@@ -428,5 +429,8 @@ def test_prompt_offset_answers_later_prompts(tiny, tmp_path, capsys):
     tokenizer = AutoTokenizer.from_pretrained(str(tiny / "target"), local_files_only=True)
     expected = encode_prompts(tokenizer, load_prompt_messages(str(tiny / "prompts.jsonl"), 24)[20:])
     assert [r["prompt_ids"] for r in sorted(rows, key=lambda r: r["index"])] == expected
+    empty = tmp_path / "offset-past-the-end"
+    argv[argv.index("--output") + 1] = str(empty)
     code, _, err = invoke(argv[:-4] + ["--prompt-offset", "24"], capsys)
-    assert code == 2 and "skips every prompt" in err
+    assert code == 2 and "skips every prompt" in err and len(err.strip().splitlines()) == 1
+    assert not (empty / "data").exists()  # nothing written for a request that cannot run
