@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One GPU lease's head-training run for the default pair (Qwen2.5-Coder-0.5B-Instruct + its JetSpec head), as run
 # through the device tool: join and convert the carried GGUF, regenerate responses with the batched decoder,
-# continue the committed 1-layer head, build its engine and bench it on MT-Bench / HumanEval / MATH-500 against
-# our AR decoding and HF generate. Everything lands in $WORK; the polling calls copy results to $OUT.
+# continue the committed head (one or several depths side by side on the same responses), build each engine and
+# bench it on MT-Bench / HumanEval / MATH-500 against our AR decoding (and HF generate for the first head).
+# Everything lands in $WORK; the polling calls copy results to $OUT.
 #
 #   setsid bash scripts/device_head_pipeline.sh WORK GEN_SECONDS TRAIN_SECONDS > WORK/log 2>&1 < /dev/null &
 #
@@ -10,11 +11,13 @@
 # wheels installed into /tmp/site (gguf, liger-kernel). Poll it from the session itself, call after call: the
 # machine goes back after 30 s without a call, and everything on it with it.
 # It also goes back 30 minutes after the lease began, busy or not (2026-12-04: a 540 s training run died at
-# step 2800 that way). Budget from the first call of the lease: ~1.5 min of GGUF transfers, ~1.5 min convert, ~1 min
-# data prep + model load, GEN_S (+ ~15 s of rows finishing), TRAIN_S (+ ~30 s features and evals), ~40 s build,
-# ~4-5 min bench (17 prompts a suite, HF on 5). Copy WORK/head1 out as soon as it is written.
-# Env: TAG (bench file tag), BENCH_PROMPTS (17), HF_PROMPTS (5), PROMPT_OFFSET (0): runs 3 and 4 answered prompts
-# from the first 12000 of the mix (run 3 the longest of the first 60000), so run 5 should pass PROMPT_OFFSET=12000.
+# step 2800 that way). Budget from the first call of the lease: ~2 min of GGUF transfers, ~1.5 min convert, ~1 min
+# data prep + model load, GEN_S (+ ~15 s of rows finishing), TRAIN_S (+ ~60 s load, features and evals; heads
+# train at once, so each gets a share of the GPU), ~40 s build per head, ~3-4 min bench per head (17 prompts a
+# suite; HF on HF_PROMPTS for the first head only). Copy WORK/head-L* out as soon as they are written.
+# Env: TAG (bench file tag prefix), LAYERS ("1": head depths to train side by side, e.g. "1 3"; a depth above the
+# committed head's grows it by identity layers), BENCH_PROMPTS (17), HF_PROMPTS (3), PROMPT_OFFSET (0; runs 3-4
+# answered prompts from the first 12000 of the mix, so later runs pass 12000 or more).
 set -uo pipefail
 WORK=${1:?work dir}
 GEN_S=${2:-150}
@@ -24,6 +27,8 @@ export PYTHONPATH=$REPO:/tmp/site PYTHONUNBUFFERED=1
 jt() { python3 -m jetspec_trt.cli "$@"; }
 stage() { echo "=== $(date +%T) $*"; }
 mkdir -p "$WORK"
+LAYERS=${LAYERS:-1}
+TAG=${TAG:-head}
 
 stage "convert GGUF"
 if [ ! -f "$WORK/qwen/config.json" ]; then
@@ -32,19 +37,35 @@ if [ ! -f "$WORK/qwen/config.json" ]; then
 convert_gguf(Path('$WORK/gguf/source.gguf'), Path('$WORK/qwen'), progress=False)" || exit 1
 fi
 
-common=(--target "$WORK/qwen" --data /tmp/keep/prompts-mix.jsonl.gz --num-prompts 40000
-        --prompt-offset "${PROMPT_OFFSET:-0}" --max-new-tokens 512
-        --max-seq-len 2048 --gen-batch-size 1024 --gen-time-budget "$GEN_S" --init-head heads/qwen2.5-coder-0.5b-jetspec
-        --steps 1000000 --time-budget "$TRAIN_S" --batch-size 8 --lr 6e-4 --eval-every 400 --save-every 100000
-        --device cuda --quiet)
-TAG=${TAG:-head}
-stage "train 1-layer (continues the committed head)"
-jt train --output "$WORK/head1" "${common[@]}" || exit 1
-stage "build engine"
-jt build --target "$WORK/qwen" --draft "$WORK/head1" --output "$WORK/engine1" --budget 256 --topk 7 --max-depth 15 \
-   --dtype bfloat16 --max-seq-len 4096 || exit 1
-stage "suite bench head 1 (HF generate on 5 prompts a suite)"
-# 17 prompts a suite: >= 50 greedy AR requests for the per-request tok/s percentiles.
-jt bench --engine "$WORK/engine1" --prompts-file /tmp/keep/bench-prompts.jsonl --num-prompts "${BENCH_PROMPTS:-17}" --max-new-tokens 256 \
-   --budgets 16,64 --temperatures 0 --hf-prompts "${HF_PROMPTS:-5}" --output-dir "$WORK/results" --tag "$TAG"
+# The data flags are part of the responses cache's key: every head's run passes the same ones.
+data=(--target "$WORK/qwen" --data /tmp/keep/prompts-mix.jsonl.gz --num-prompts 40000
+      --prompt-offset "${PROMPT_OFFSET:-0}" --max-new-tokens 512 --max-seq-len 2048 --gen-batch-size 1024
+      --device cuda --quiet)
+stage "regenerate responses (GEN_S=$GEN_S)"
+jt train --output "$WORK/responses" --steps 0 --gen-time-budget "$GEN_S" "${data[@]}" || exit 1
+
+stage "train heads with layers: $LAYERS (TRAIN_S=$TRAIN_S each, side by side)"
+pids=()
+for n in $LAYERS; do
+  mkdir -p "$WORK/head-L$n" && cp -r "$WORK/responses/data" "$WORK/head-L$n/"
+  jt train --output "$WORK/head-L$n" --init-head heads/qwen2.5-coder-0.5b-jetspec --num-layers "$n" \
+     --gen-time-budget 0 --steps 1000000 --time-budget "$TRAIN_S" --batch-size 8 --lr 6e-4 --eval-every 400 \
+     --save-every 100000 "${data[@]}" > "$WORK/train-L$n.log" 2>&1 &
+  pids+=($!)
+done
+for pid in "${pids[@]}"; do wait "$pid" || echo "a training run failed (see $WORK/train-L*.log)"; done
+
+hf=${HF_PROMPTS:-3}
+for n in $LAYERS; do
+  [ -f "$WORK/head-L$n/model.safetensors" ] || continue
+  stage "build engine, head with $n layer(s)"
+  jt build --target "$WORK/qwen" --draft "$WORK/head-L$n" --output "$WORK/engine-L$n" --budget 256 --topk 7 \
+     --max-depth 15 --dtype bfloat16 --max-seq-len 4096 || continue
+  stage "suite bench, head with $n layer(s) (HF generate on $hf prompts a suite)"
+  # 17 prompts a suite: >= 50 greedy AR requests for the per-request tok/s percentiles.
+  jt bench --engine "$WORK/engine-L$n" --prompts-file /tmp/keep/bench-prompts.jsonl \
+     --num-prompts "${BENCH_PROMPTS:-17}" --max-new-tokens 256 --budgets 16,64 --temperatures 0 --hf-prompts "$hf" \
+     --output-dir "$WORK/results" --tag "$TAG-L$n"
+  hf=0
+done
 stage "done"

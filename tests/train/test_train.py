@@ -22,7 +22,7 @@ from jetspec_trt.runtime.config import TreeConfig
 from jetspec_trt.runtime.decoder import Decoder
 from jetspec_trt.runtime.engine import Engine
 from jetspec_trt.train import data as train_data
-from jetspec_trt.train.data import DataConfig, generate_responses
+from jetspec_trt.train.data import DataConfig, generate_responses, generation_stats
 from jetspec_trt.train.data import TrainSequence
 from jetspec_trt.train.features import FeatureStore
 from jetspec_trt.train.objective import BlockBatch, depth_logits
@@ -336,14 +336,21 @@ def test_init_head_shape_must_agree_with_flags(tiny, trained, tmp_path, capsys):
 
 
 def test_generation_time_budget_stops_and_a_later_run_completes(tiny, tmp_path):
-    """A zero generation budget generates nothing; the same data settings without it fill the same cache file."""
+    """A zero generation budget generates nothing (no target load); the same data settings without it fill the same
+    cache file."""
     cfg = DataConfig(str(tiny / "prompts.jsonl"), 6, 8, 0.0, 2, gen_time_budget_s=0.0)
     sequences, path = generate_responses(tiny / "target", cfg, tmp_path, "cpu", torch.float32, seed=0,
                                          progress=False)
-    assert sequences == [] and path.read_text() == ""
+    assert sequences == [] and not path.exists()
     full, full_path = generate_responses(tiny / "target", dataclasses.replace(cfg, gen_time_budget_s=None), tmp_path,
                                          "cpu", torch.float32, seed=0, progress=False)
     assert full_path == path and len(full) == 6
+    made = generation_stats(path)
+    assert made["prompts"] == 6
+    # A zero budget over a full cache trains on it as is and keeps the stats of the call that generated it.
+    again, again_path = generate_responses(tiny / "target", cfg, tmp_path, "cpu", torch.float32, seed=0,
+                                           progress=False)
+    assert again_path == path and again == full and generation_stats(path) == made
 
 
 def test_packs_group_consecutive_sequences():
