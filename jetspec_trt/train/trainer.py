@@ -107,6 +107,8 @@ class TrainConfig:
             (self.data.prompt_offset >= 0, f"--prompt-offset must be >= 0, got {self.data.prompt_offset}"),
             (self.data.gen_temperature >= 0, f"--gen-temperature must be >= 0, got {self.data.gen_temperature}"),
             (self.data.gen_batch_size >= 1, f"--gen-batch-size must be >= 1, got {self.data.gen_batch_size}"),
+            (self.data.gen_prefill_tokens >= 1,
+             f"--gen-prefill-tokens must be >= 1, got {self.data.gen_prefill_tokens}"),
             (self.data.gen_time_budget_s is None or self.data.gen_time_budget_s >= 0,
              f"--gen-time-budget must be >= 0 seconds, got {self.data.gen_time_budget_s}"),
             (not (self.resume and self.overwrite), "--resume and --overwrite exclude each other"),

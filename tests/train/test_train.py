@@ -203,6 +203,7 @@ def test_time_limit_stops_with_checkpoint(tiny, trained, tmp_path):
     (lambda a: a + ["--block-size", "1"], "--block-size must be >= 2"),
     (lambda a: a + ["--device", "tpu"], "--device must be cpu or cuda"),
     (lambda a: a + ["--prompt-offset", "-1"], "--prompt-offset must be >= 0"),
+    (lambda a: a + ["--gen-prefill-tokens", "0"], "--gen-prefill-tokens must be >= 1"),
 ])
 def test_bad_input_one_line_error(tiny, tmp_path, capsys, change, message):
     args = train_args(tiny, tmp_path / "out")
