@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from jetspec_trt.models.target import TargetModel
 from jetspec_trt.plugins.tree_attention import load_gpu_kernels
+from jetspec_trt.plugins.triton_batch_attention import batch_decode_attention, triton
 from jetspec_trt.runtime.graph_decoder import capture_graphs
 
 # SDPA's memory-efficient kernel wants the mask's last dimension aligned to 16 and pads a misaligned mask on
@@ -38,6 +39,9 @@ class BatchDecodeConfig:
     refill_every: int = 16  # steps between host syncs (finished rows are read back and refilled there)
     prefill_tokens: int = 4096  # tokens per packed prefill forward (a longer prompt goes alone)
     use_graphs: bool = True  # capture the step as one CUDA graph (CUDA only; eager elsewhere, same code)
+    # Decode attention: "triton" walks each row's own keys (plugins/triton_batch_attention.py), "sdpa" reads all
+    # S slots of every row under a mask; "auto" is triton on CUDA with Triton, sdpa elsewhere.
+    attention: str = "auto"
 
 
 class Finished(NamedTuple):
@@ -50,10 +54,16 @@ class BatchDecoder:
     def __init__(self, target: TargetModel, config: BatchDecodeConfig):
         if config.max_batch < 1 or config.max_seq_len < 2 or config.refill_every < 1:
             raise ValueError(f"BatchDecodeConfig needs max_batch >= 1, max_seq_len >= 2, refill_every >= 1: {config}")
+        if config.attention not in ("auto", "triton", "sdpa"):
+            raise ValueError(f"BatchDecodeConfig.attention is auto, triton or sdpa, not {config.attention!r}")
         self.target, self.config = target, config
         cfg = target.config
         param = target.embed_tokens.weight
         self.device = param.device
+        triton_ok = self.device.type == "cuda" and triton is not None
+        if config.attention == "triton" and not triton_ok:
+            raise ValueError("BatchDecodeConfig.attention='triton' needs CUDA and Triton")
+        self.triton_attention = triton_ok and config.attention != "sdpa"
         rows, slots = config.max_batch, -(-config.max_seq_len // SLOT_ALIGN) * SLOT_ALIGN
         shape = (cfg.num_layers, rows, cfg.num_kv_heads, slots, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=param.dtype, device=self.device)
@@ -87,18 +97,23 @@ class BatchDecoder:
             pos = self.length - 1
             x = target.embed_tokens(self.history[self._rows, pos])
             cos, sin = target.rotary.cos_sin(pos, x.dtype)
-            # One additive mask for all layers: slot s of row r is visible iff s <= pos[r].
-            visible = self._slots[None, :] <= pos[:, None]
-            bias = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill_(~visible, float("-inf"))
-            bias = bias[:, None, None, :]  # [B, 1, 1, S]
+            if not self.triton_attention:
+                # One additive mask for all layers: slot s of row r is visible iff s <= pos[r].
+                visible = self._slots[None, :] <= pos[:, None]
+                bias = torch.zeros(visible.shape, dtype=x.dtype, device=x.device).masked_fill_(~visible,
+                                                                                               float("-inf"))
+                bias = bias[:, None, None, :]  # [B, 1, 1, S]
             for i, layer in enumerate(target.layers):
                 q, k, v = layer.attention_inputs(x, cos, sin)
                 # index_put on the [B, S, Hkv, D] view: row r's K/V land at slot pos[r] (capturable, no sync).
                 self.k[i].transpose(1, 2).index_put_((self._rows, pos), k.to(self.k.dtype))
                 self.v[i].transpose(1, 2).index_put_((self._rows, pos), v.to(self.v.dtype))
-                # GQA without copying K/V: the query heads of one KV head are that head's `group` query rows.
-                o = F.scaled_dot_product_attention(q.view(rows, attn.num_kv_heads, group, attn.head_dim),
-                                                   self.k[i], self.v[i], attn_mask=bias, scale=attn.scale)
+                if self.triton_attention:
+                    o = batch_decode_attention(q.contiguous(), self.k[i], self.v[i], pos, attn.scale)
+                else:
+                    # GQA without copying K/V: the query heads of one KV head are that head's `group` query rows.
+                    o = F.scaled_dot_product_attention(q.view(rows, attn.num_kv_heads, group, attn.head_dim),
+                                                       self.k[i], self.v[i], attn_mask=bias, scale=attn.scale)
                 x = layer.finish(x, o.reshape(rows, attn.num_heads, attn.head_dim))
             token = target.lm_head(target.norm(x)).argmax(-1)
             active = ~self.done

@@ -23,6 +23,8 @@ import click
 @click.option("--gen-batch-size", type=int, default=32, show_default=True, help="Rows the batched generator decodes together.")
 @click.option("--gen-prefill-tokens", type=int, default=16384, show_default=True,
               help="Prompt tokens per packed prefill forward of the batched generator.")
+@click.option("--gen-attention", type=click.Choice(["auto", "triton", "sdpa"]), default="auto", show_default=True,
+              help="The batched generator's decode attention (auto: the Triton kernel on CUDA).")
 @click.option("--max-seq-len", type=int, default=2048, show_default=True, help="Prompt + response tokens kept.")
 @click.option("--steps", type=int, default=2000, show_default=True, help="Optimizer steps (0 = make data only).")
 @click.option("--batch-size", type=int, default=4, show_default=True, help="Sequences per step.")
@@ -77,7 +79,7 @@ import click
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train_command(target_dir, output_dir, source, num_prompts, prompt_offset, max_new_tokens, gen_temperature, gen_batch_size,
-                  gen_prefill_tokens, max_seq_len, steps, batch_size, lr, warmup_steps, weight_decay, grad_clip, block_size,
+                  gen_prefill_tokens, gen_attention, max_seq_len, steps, batch_size, lr, warmup_steps, weight_decay, grad_clip, block_size,
                   num_layers, target_layer_ids, mask_token_id, loss_kind, loss_gamma, loss_backend, temperature,
                   anchors_per_seq, anchor_group, depth_sampling, eval_every, heldout, warm_start,
                   init_head, gen_time_budget_s, device, dtype, save_every, max_time_s, time_budget_s, resume,
@@ -88,7 +90,7 @@ def train_command(target_dir, output_dir, source, num_prompts, prompt_offset, ma
     from jetspec_trt.train.trainer import TrainConfig, train
 
     data = DataConfig(source, num_prompts, max_new_tokens, gen_temperature, gen_batch_size, max_seq_len,
-                      gen_time_budget_s, prompt_offset, gen_prefill_tokens)
+                      gen_time_budget_s, prompt_offset, gen_prefill_tokens, gen_attention)
     cfg = TrainConfig(
         target_dir, output_dir, data, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
         weight_decay=weight_decay, grad_clip=grad_clip, block_size=block_size, num_layers=num_layers,

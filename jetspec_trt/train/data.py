@@ -48,6 +48,7 @@ class DataConfig:
     # H200 packed 4096 and prefilled at ~53 K tokens/s, half of its generation time; bigger packs mean fewer,
     # fuller forwards. Not part of the cache key (packing does not change greedy output, up to numerics).
     gen_prefill_tokens: int = 16384
+    gen_attention: str = "auto"  # BatchDecoder's decode attention: auto, triton or sdpa (not in the cache key)
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,7 @@ def cache_key(target_dir: Path, cfg: DataConfig, seed: int) -> str:
     settings = asdict(cfg) | {"source": ",".join(parts), "seed": seed}
     settings.pop("gen_batch_size")  # batching does not change greedy output (up to numerics)
     settings.pop("gen_prefill_tokens")  # nor does packing
+    settings.pop("gen_attention")  # nor the attention kernel
     settings.pop("gen_time_budget_s")  # how long one run may generate, not what it generates
     if not settings["prompt_offset"]:
         settings.pop("prompt_offset")  # keys of caches made before the field existed stay valid
@@ -281,7 +283,8 @@ def generate_responses(target_dir: Path, cfg: DataConfig, out_dir: Path, device:
         target = load_target(target_dir, dtype, device, fused_gemm=device.startswith("cuda"))
         decoder = BatchDecoder(target, BatchDecodeConfig(max_batch=min(cfg.gen_batch_size, len(todo)),
                                                          max_seq_len=row_len,
-                                                         prefill_tokens=cfg.gen_prefill_tokens))
+                                                         prefill_tokens=cfg.gen_prefill_tokens,
+                                                         attention=cfg.gen_attention))
         bar = tqdm(total=len(todo), desc="generating responses", unit="prompt", disable=not progress)
         started = time.perf_counter()
         generated = new_tokens = 0

@@ -98,3 +98,11 @@ def test_prompts_that_do_not_fit_are_refused(target):
         next(decoder.generate([[1, 2], [3] * MAX_SEQ_LEN], 4, []))
     with pytest.raises(ValueError, match="rows take"):
         next(decoder.generate([[]], 4, []))
+
+
+def test_attention_choice_is_checked(target):
+    with pytest.raises(ValueError, match="auto, triton or sdpa, not 'flash'"):
+        BatchDecoder(target, BatchDecodeConfig(max_batch=2, max_seq_len=40, attention="flash"))
+    with pytest.raises(ValueError, match="needs CUDA and Triton"):
+        BatchDecoder(target, BatchDecodeConfig(max_batch=2, max_seq_len=40, attention="triton"))
+    assert not BatchDecoder(target, BatchDecodeConfig(max_batch=2, max_seq_len=40)).triton_attention  # CPU: sdpa

@@ -21,20 +21,24 @@ def random_prompts(count, low, high, vocab, seed=0):
 
 
 def test_graphed_step_matches_eager_fp32():
+    """Graphed and eager steps, and the Triton and SDPA decode attentions, emit the same tokens in fp32."""
     target = random_models("tiny", "cuda", torch.float32, seed=2)[0]
     target.fuse_weights()
     prompts = random_prompts(40, 1, 120, 256)
     eos = [258, 42]  # 42: a byte the random model emits now and then, so some rows stop early
     outputs = {}
-    for graphs in (False, True):
+    for graphs, attention in ((False, "sdpa"), (True, "sdpa"), (True, "triton")):
         config = BatchDecodeConfig(max_batch=16, max_seq_len=192, refill_every=8, prefill_tokens=512,
-                                   use_graphs=graphs)
+                                   use_graphs=graphs, attention=attention)
         decoder = BatchDecoder(target, config)
-        outputs[graphs] = {r.index: (r.response_ids, r.finish) for r in decoder.generate(prompts, 64, eos)}
-    assert sorted(outputs[True]) == list(range(len(prompts)))
-    assert outputs[True] == outputs[False]
-    finishes = [finish for _, finish in outputs[True].values()]
-    print(f"fp32 graphed == eager on {len(prompts)} prompts ({finishes.count('stop')} stopped at EOS)")
+        assert decoder.triton_attention == (attention == "triton")
+        outputs[graphs, attention] = {r.index: (r.response_ids, r.finish)
+                                      for r in decoder.generate(prompts, 64, eos)}
+    assert sorted(outputs[True, "sdpa"]) == list(range(len(prompts)))
+    assert outputs[True, "sdpa"] == outputs[False, "sdpa"]
+    assert outputs[True, "triton"] == outputs[False, "sdpa"]
+    finishes = [finish for _, finish in outputs[True, "sdpa"].values()]
+    print(f"fp32 graphed == eager, triton == sdpa on {len(prompts)} prompts ({finishes.count('stop')} stopped at EOS)")
 
 
 def qwen25_05b_shape(dtype):
@@ -61,13 +65,15 @@ def qwen25_05b_shape(dtype):
     return target
 
 
-@pytest.mark.parametrize("max_batch", [64, 256])
-def test_bf16_rate_on_qwen25_05b_shape(max_batch):
+@pytest.mark.parametrize("attention", ["sdpa", "triton"])
+@pytest.mark.parametrize("max_batch", [256, 1024])
+def test_bf16_rate_on_qwen25_05b_shape(max_batch, attention):
     target = qwen25_05b_shape(torch.bfloat16)
     max_new = 256
-    prompts = random_prompts(4 * max_batch, 32, 512, 151936, seed=1)
+    prompts = random_prompts(2 * max_batch, 32, 512, 151936, seed=1)
     start = time.perf_counter()
-    decoder = BatchDecoder(target, BatchDecodeConfig(max_batch=max_batch, max_seq_len=512 + max_new))
+    decoder = BatchDecoder(target, BatchDecodeConfig(max_batch=max_batch, max_seq_len=512 + max_new,
+                                                     prefill_tokens=16384, attention=attention))
     torch.cuda.synchronize()
     capture_s = time.perf_counter() - start
     start = time.perf_counter()
@@ -75,6 +81,7 @@ def test_bf16_rate_on_qwen25_05b_shape(max_batch):
     seconds = time.perf_counter() - start
     tokens = sum(len(r.response_ids) for r in results)
     assert len(results) == len(prompts)
-    print(f"bf16 Qwen2.5-0.5B shape, B={max_batch}: {tokens} tokens in {seconds:.2f} s = {tokens / seconds:,.0f} "
-          f"tokens/s ({decoder.steps} steps, {1e3 * seconds / decoder.steps:.2f} ms/step incl. prefill; "
+    print(f"bf16 Qwen2.5-0.5B shape, B={max_batch}, {attention} attention: {tokens} tokens in {seconds:.2f} s = "
+          f"{tokens / seconds:,.0f} tokens/s ({decoder.steps} steps, {1e3 * (seconds - decoder.prefill_s) / decoder.steps:.2f} ms/step, "
+          f"prefill {decoder.prefill_tokens / decoder.prefill_s:,.0f} tok/s in {decoder.prefill_packs} packs; "
           f"setup + capture {capture_s:.1f} s)")
