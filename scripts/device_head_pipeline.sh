@@ -15,7 +15,7 @@
 # data prep + model load, GEN_S (+ ~15 s of rows finishing), TRAIN_S (+ ~60 s load, features and evals; heads
 # train at once, so each gets a share of the GPU), ~40 s build per head, ~3-4 min bench per head (17 prompts a
 # suite; HF on HF_PROMPTS for the first head only). Copy WORK/head-L* out as soon as they are written.
-# Env: TAG (bench file tag prefix), LAYERS ("1": head depths to train side by side, e.g. "1 3"; a depth above the
+# Env: GEN_ATTENTION (auto; sdpa if tests/plugins/test_triton_batch_attention.py fails there), TAG (bench file tag prefix), LAYERS ("1": head depths to train side by side, e.g. "1 3"; a depth above the
 # committed head's grows it by identity layers), BENCH_PROMPTS (17), HF_PROMPTS (3), PROMPT_OFFSET (0; runs 3-4
 # answered prompts from the first 12000 of the mix, so later runs pass 12000 or more).
 set -uo pipefail
@@ -40,6 +40,7 @@ fi
 # The data flags are part of the responses cache's key: every head's run passes the same ones.
 data=(--target "$WORK/qwen" --data /tmp/keep/prompts-mix.jsonl.gz --num-prompts 40000
       --prompt-offset "${PROMPT_OFFSET:-0}" --max-new-tokens 512 --max-seq-len 2048 --gen-batch-size 1024
+      --gen-attention "${GEN_ATTENTION:-auto}"
       --device cuda --quiet)
 stage "regenerate responses (GEN_S=$GEN_S)"
 jt train --output "$WORK/responses" --steps 0 --gen-time-budget "$GEN_S" "${data[@]}" || exit 1
