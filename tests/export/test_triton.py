@@ -614,6 +614,13 @@ def test_tensorrt_llm_http_generate_example(served, runner):
         direct = runner.generate(PROMPTS[1], 20, SamplingConfig(0.8, 1.0, 3, top_k=5))
     assert sampled["text_output"] == direct.text
     assert len(sampled["output_log_probs"]) == len(direct.token_ids)
+    decode = lambda ids: runner.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    word = decode(expected.token_ids[:5])[-2:]
+    keep = StopWords((word,)).keep(decode, expected.token_ids, len(expected.token_ids))
+    with http_post(f"{served.http}/v2/models/{MODEL}/generate",  # a JSON list is the word list
+                   {"text_input": PROMPTS[1], "max_tokens": 20, "stop_words": ["never appears here", word],
+                    "exclude_input_in_output": True}) as reply:
+        assert json.loads(reply.read())["text_output"] == decode(expected.token_ids[:keep])
 
 
 def test_cancelled_stream_stops_generation(served, runner):
