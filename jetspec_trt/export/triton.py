@@ -1,7 +1,7 @@
 """`jetspec-trt export triton`: an engine directory -> a Triton Inference Server model repository.
 
     REPO/
-      <model>/config.pbtxt    python backend, decoupled (streaming), TensorRT-LLM's tensor names
+      <model>/config.pbtxt    python backend, decoupled (streaming), TensorRT-LLM's request contract
       <model>/1/model.py      jetspec_trt/export/triton_model.py: loads the engine with our Python runner
       <model>/engine/         only with copy_engine: the engine itself (else config.pbtxt names its path)
 
@@ -36,7 +36,13 @@ class TensorSpec:
     doc: str = ""
 
 
-# TensorRT-LLM's Triton names and types (the tensorrt_llm_bls / ensemble inputs; the LLM-API model's outputs).
+# TensorRT-LLM's Triton request contract: the inputs of its ensemble / tensorrt_llm_bls models as last shipped
+# (TensorRT-LLM's triton_backend/all_models/inflight_batcher_llm/ensemble/config.pbtxt, which declared its integer
+# inputs INT32 from tensorrtllm_backend v0.7.0 on; v0.5 and v0.6 declared them UINT32, and Triton rejects a
+# tensor whose type differs from the declared one, so those old clients get Triton's dtype error). Names the
+# ensemble renamed keep both spellings (random_seed -> seed, min_length -> min_tokens). Inputs for features this
+# model does not have (LoRA, prompt tables, guided decoding, embedding bias, encoder-decoder) are not declared:
+# Triton refuses them as unexpected. Each `doc` is what this model does with the input.
 INPUTS = (
     TensorSpec("text_input", "STRING", doc="prompt text (UTF-8), used as is (no chat template)"),
     TensorSpec("max_tokens", "INT32", doc="new tokens, 1..max_seq_len; the output also stops at max_seq_len"),
@@ -44,15 +50,51 @@ INPUTS = (
                doc="true: a response per decoding round that adds text, each with that text"),
     TensorSpec("temperature", "FP32", optional=True,
                doc="0 (default) = greedy; > 0 samples (distributed as the target's own sampling)"),
-    TensorSpec("top_p", "FP32", optional=True, doc="nucleus mass in (0, 1], default 1"),
-    TensorSpec("seed", "UINT64", optional=True, doc="sampling seed"),
+    TensorSpec("top_k", "INT32", optional=True, doc="sample among the k most likely tokens; 0 (default) = all"),
+    TensorSpec("top_p", "FP32", optional=True, doc="nucleus mass in (0, 1] after top_k, default 1"),
+    TensorSpec("seed", "UINT64", optional=True, doc="sampling seed (the ensemble's name in its last releases)"),
+    TensorSpec("random_seed", "UINT64", optional=True,
+               doc="sampling seed (the ensemble's name up to tensorrtllm_backend v0.19); with seed, they must agree"),
     TensorSpec("end_id", "INT32", optional=True, doc="an extra stop token id (the engine's EOS ids always stop)"),
+    TensorSpec("pad_id", "INT32", optional=True, doc="accepted, no effect: outputs are text, never padded ids"),
+    TensorSpec("stop_words", "STRING", (-1,), optional=True,
+               doc="words (one per element) that end the output once the generated text contains one; the "
+                   "output keeps the token completing it and nothing after"),
+    TensorSpec("bad_words", "STRING", (-1,), optional=True,
+               doc="single-token words never generated (greedy or sampled); a longer word is an error"),
+    TensorSpec("return_log_probs", "BOOL", optional=True,
+               doc="true: cum_log_probs and output_log_probs of the generated tokens"),
     TensorSpec("exclude_input_in_output", "BOOL", optional=True,
                doc="non-streaming only: false (default) puts the prompt before the generated text"),
+    TensorSpec("beam_width", "INT32", optional=True, doc="1 only (no beam search)"),
+    TensorSpec("num_return_sequences", "INT32", optional=True, doc="1 only"),
+    TensorSpec("length_penalty", "FP32", optional=True, doc="accepted, no effect: it applies to beam search only"),
+    TensorSpec("repetition_penalty", "FP32", optional=True, doc="1 only (a penalty would change the distribution)"),
+    TensorSpec("presence_penalty", "FP32", optional=True, doc="0 only"),
+    TensorSpec("frequency_penalty", "FP32", optional=True, doc="0 only"),
+    TensorSpec("min_tokens", "INT32", optional=True, doc="0 or 1 only (every output has a token)"),
+    TensorSpec("min_length", "INT32", optional=True, doc="min_tokens' earlier name; 0 or 1 only"),
+    TensorSpec("return_context_logits", "BOOL", optional=True, doc="false only"),
+    TensorSpec("return_generation_logits", "BOOL", optional=True, doc="false only"),
+    TensorSpec("return_perf_metrics", "BOOL", optional=True, doc="false only"),
+    TensorSpec("return_num_input_tokens", "BOOL", optional=True,
+               doc="accepted; num_input_tokens is always returned"),
+    TensorSpec("return_num_output_tokens", "BOOL", optional=True,
+               doc="accepted; num_output_tokens is always returned"),
 )
 OUTPUTS = (
     TensorSpec("text_output", "STRING", (-1,), doc="streaming: the new text of the round; else the whole text"),
-    TensorSpec("finish_reason", "STRING", (-1,), doc='"" while streaming, then "stop" (EOS/end_id) or "length"'),
+    TensorSpec("cum_log_probs", "FP32", (-1,),
+               doc="with return_log_probs: [1] (one beam), the sum of the generated tokens' log probs so far"),
+    TensorSpec("output_log_probs", "FP32", (-1, -1),
+               doc="with return_log_probs: [1, n], the log probs of the tokens this response adds "
+                   "(streaming: since the previous response; else all)"),
+    TensorSpec("context_logits", "FP32", (-1, -1), doc="never sent (return_context_logits is refused)"),
+    TensorSpec("generation_logits", "FP32", (-1, -1, -1), doc="never sent (return_generation_logits is refused)"),
+    TensorSpec("batch_index", "INT32", doc="the prompt's row in the request (one response per prompt)"),
+    TensorSpec("sequence_index", "INT32", doc="always 0 (one sequence per prompt)"),
+    TensorSpec("finish_reason", "STRING", (-1,), doc='"" while streaming, then "stop" (EOS, end_id, a stop '
+                                                     'word) or "length"'),
     TensorSpec("num_input_tokens", "INT32", doc="prompt tokens"),
     TensorSpec("num_output_tokens", "INT32", doc="tokens generated so far"),
     TensorSpec("decoding_iter", "INT32", doc="verify rounds so far (target forwards after prefill)"),

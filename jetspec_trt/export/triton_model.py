@@ -10,7 +10,9 @@ engine is never used by two requests at once. The worker checks for client cance
 starts a prompt (a request cancelled while it waited in the queue costs no prefill) and between rounds; every
 request ends with a response carrying TRITONSERVER_RESPONSE_COMPLETE_FINAL. Custom metrics on Triton's metrics
 endpoint (METRICS below) count prefills, cancellations and the queue.
-Tensor names and meanings: `jetspec_trt/export/triton.py` (INPUTS, OUTPUTS) and the README.
+Tensor names and meanings: `jetspec_trt/export/triton.py` (INPUTS, OUTPUTS, TensorRT-LLM's request contract)
+and docs/triton.md. Like TensorRT-LLM's model, a request of several prompts gets one response per prompt, each
+carrying its `batch_index`.
 """
 
 from __future__ import annotations
@@ -28,6 +30,21 @@ import triton_python_backend_utils as pb_utils
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 REQUIRED = object()
+# Inputs of TensorRT-LLM's contract this model takes only at the value that leaves decoding as it is (a penalty or
+# a minimum length would change the distribution, which the sampler does not implement): name -> (default, the
+# values allowed, what the error says).
+NEUTRAL_ONLY = {
+    "beam_width": (1, lambda v: v == 1, "must be 1 (no beam search)"),
+    "num_return_sequences": (1, lambda v: v == 1, "must be 1"),
+    "repetition_penalty": (1.0, lambda v: v == 1.0, "must be 1 (penalties are not implemented)"),
+    "presence_penalty": (0.0, lambda v: v == 0.0, "must be 0 (penalties are not implemented)"),
+    "frequency_penalty": (0.0, lambda v: v == 0.0, "must be 0 (penalties are not implemented)"),
+    "min_tokens": (0, lambda v: v <= 1, "must be 0 or 1 (a minimum length is not implemented)"),
+    "min_length": (0, lambda v: v <= 1, "must be 0 or 1 (a minimum length is not implemented)"),
+    "return_context_logits": (False, lambda v: not v, "must be false (context logits are not returned)"),
+    "return_generation_logits": (False, lambda v: not v, "must be false (generation logits are not returned)"),
+    "return_perf_metrics": (False, lambda v: not v, "must be false (perf metrics are not returned)"),
+}
 # Custom metrics (Triton's /metrics, labelled model, version, instance): name -> (kind, description).
 METRICS = {
     "jetspec_prefills_total": ("COUNTER", "Prompts whose decoding started: one target prefill each"),
@@ -99,6 +116,8 @@ class Item:
     sampling: object  # jetspec_trt.tree.accept.SamplingConfig
     end_id: int | None
     exclude_input: bool
+    stop_words: object  # jetspec_trt.export.word_lists.StopWords
+    logprobs: bool
 
 
 @dataclass
@@ -116,6 +135,8 @@ class Result:
     num_output_tokens: int
     stats: object  # DecodeStats
     finish_reason: str
+    logprobs: list  # with return_log_probs: of the tokens this response adds
+    cum_logprob: float  # of every token so far
 
 
 class TritonPythonModel:
@@ -171,6 +192,7 @@ class TritonPythonModel:
         return None
 
     def _parse(self, request, sender) -> Job:
+        from jetspec_trt.export.word_lists import StopWords, banned_token_ids, read_words
         from jetspec_trt.runtime.round_loop import check_prompt
         from jetspec_trt.tree.accept import SamplingConfig
 
@@ -184,10 +206,16 @@ class TritonPythonModel:
         stream = column("stream", False)
         if any(stream) and batch != 1:
             raise RequestError(f"a streaming request carries one prompt, got {batch}")
+        for name, (default, allowed, what) in NEUTRAL_ONLY.items():
+            for value in column(name, default):
+                if not allowed(value):
+                    raise RequestError(f"{name} {what}, got {value}")
+        stop_rows, bad_rows = self._words(request, "stop_words", batch), self._words(request, "bad_words", batch)
         items = []
-        for raw, max_tokens, temperature, top_p, seed, end_id, exclude in zip(
-                texts, column("max_tokens"), column("temperature", 0.0), column("top_p", 1.0),
-                column("seed", None), column("end_id", None), column("exclude_input_in_output", False)):
+        for i, (raw, max_tokens, temperature, top_k, top_p, seed, random_seed, end_id, exclude, logprobs) in enumerate(
+                zip(texts, column("max_tokens"), column("temperature", 0.0), column("top_k", 0), column("top_p", 1.0),
+                    column("seed", None), column("random_seed", None), column("end_id", None),
+                    column("exclude_input_in_output", False), column("return_log_probs", False))):
             try:
                 text = raw.decode("utf-8") if isinstance(raw, bytes) else str(raw)
             except UnicodeDecodeError as err:
@@ -198,19 +226,38 @@ class TritonPythonModel:
             if not 1 <= max_tokens <= self.max_seq_len:
                 raise RequestError(f"max_tokens must be in 1..{self.max_seq_len} (the engine's max_seq_len), "
                                    f"got {max_tokens}")
-            temperature, top_p = float(temperature), float(top_p)
+            temperature, top_p, top_k = float(temperature), float(top_p), int(top_k)
             if not (math.isfinite(temperature) and temperature >= 0):
                 raise RequestError(f"temperature must be >= 0, got {temperature}")
             if not 0.0 < top_p <= 1.0:
                 raise RequestError(f"top_p must be in (0, 1], got {top_p}")
+            if top_k < 0:
+                raise RequestError(f"top_k must be >= 0 (0 = no limit), got {top_k}")
+            if seed is not None and random_seed is not None and int(seed) != int(random_seed):
+                raise RequestError(f"seed ({int(seed)}) and random_seed ({int(random_seed)}) differ; send one")
+            seed = seed if seed is not None else random_seed
             if end_id is not None and not 0 <= int(end_id) < self.vocab_size:
                 raise RequestError(f"end_id must be in [0, {self.vocab_size}), got {int(end_id)}")
+            banned = banned_token_ids(read_words(bad_rows[i]), self.engine.encode)
+            if any(t >= self.vocab_size for t in banned):
+                raise RequestError(f"a bad word's token is outside the model's vocabulary ({self.vocab_size})")
             prompt_ids = self.engine.encode(text)
             new_tokens = check_prompt(prompt_ids, max_tokens, self.vocab_size, self.max_seq_len)
-            sampling = SamplingConfig(temperature, top_p, None if seed is None else int(seed))
+            sampling = SamplingConfig(temperature, top_p, None if seed is None else int(seed), top_k, banned)
             items.append(Item(text, prompt_ids, new_tokens, sampling, None if end_id is None else int(end_id),
-                              bool(exclude)))
+                              bool(exclude), StopWords(read_words(stop_rows[i])), bool(logprobs)))
         return Job(request, sender, items, bool(stream[0]))
+
+    def _words(self, request, name: str, batch: int) -> list:
+        """A word-list input (STRING [-1] per prompt): one row of elements per prompt, empty where absent."""
+        tensor = pb_utils.get_input_tensor_by_name(request, name)
+        if tensor is None:
+            return [()] * batch
+        values = tensor.as_numpy()
+        values = values.reshape(values.shape[0] if self.max_batch_size > 0 else 1, -1)
+        if values.shape[0] != batch:
+            raise RequestError(f"input {name} has batch size {values.shape[0]}, text_input has {batch}")
+        return list(values)
 
     def _column(self, request, name, default=REQUIRED, batch=None) -> list:
         """One value per prompt of the request's batch; `default` for each prompt where the input is absent."""
@@ -249,13 +296,16 @@ class TritonPythonModel:
         self._check(job.request, None)  # cancelled while it waited in the queue: stop before any work
         if job.stream:
             item = job.items[0]
-            send = lambda piece, result: job.sender.send(self._response(job.items, [piece], [result]))  # noqa: E731
+            send = lambda piece, result: job.sender.send(self._response(item, 0, piece, result))  # noqa: E731
             result = self._generate(item, job.request, send)
-            job.sender.send(self._response(job.items, [result.tail], [result]), flags=FINAL)
+            job.sender.send(self._response(item, 0, result.tail, result), flags=FINAL)
             return
-        results = [self._generate(item, job.request, None) for item in job.items]
-        texts = [(r.text if item.exclude_input else item.text + r.text) for item, r in zip(job.items, results)]
-        job.sender.send(self._response(job.items, texts, results), flags=FINAL)
+        # One response per prompt, as TensorRT-LLM answers a batched request; each is sent once decoded.
+        for index, item in enumerate(job.items):
+            result = self._generate(item, job.request, None)
+            text = result.text if item.exclude_input else item.text + result.text
+            last = index == len(job.items) - 1
+            job.sender.send(self._response(item, index, text, result), flags=FINAL if last else 0)
 
     def _check(self, request, done: int | None) -> None:
         """Raise Stop where the client cancelled or the model is unloading; `done`: tokens so far, None before the
@@ -270,50 +320,67 @@ class TritonPythonModel:
 
     def _generate(self, item: Item, request, on_piece) -> Result:
         """Decode one prompt; with `on_piece`, call it with each round's new text (held while a UTF-8 char is open)."""
-        engine, decode = self.engine, self.engine.tokenizer.decode
+        engine = self.engine
+        decode = lambda ids: engine.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
         self._check(request, 0)  # (a batch's later prompts) before this prompt's prefill
         self.metrics.add("prefills")
-        rounds = engine.stream_tokens(item.prompt_ids, item.max_new_tokens, item.sampling)
-        ids, shown, finish = [], "", ""
+        rounds = engine.stream_tokens(item.prompt_ids, item.max_new_tokens, item.sampling, logprobs=item.logprobs)
+        ids, shown, sent, finish = [], "", 0, ""  # sent: tokens whose log probs a response carried
         try:
             for tokens in rounds:
                 self._check(request, len(ids))
                 if item.end_id is not None and item.end_id in tokens:
                     tokens, finish = tokens[: tokens.index(item.end_id) + 1], "stop"
                 ids.extend(tokens)
+                keep = item.stop_words.keep(decode, ids, len(tokens))
+                if keep is not None:
+                    del ids[len(ids) - len(tokens) + keep:]
+                    finish = "stop"
                 if finish:
                     break
                 if on_piece is not None:
-                    text = decode(ids, skip_special_tokens=True)
+                    text = decode(ids)
                     if len(text) > len(shown) and not text.endswith("\ufffd"):
-                        on_piece(text[len(shown):], Result(text, "", len(ids), self._stats(item), ""))
-                        shown = text
+                        on_piece(text[len(shown):], self._result(item, text, "", ids, sent, None))
+                        shown, sent = text, len(ids)
         finally:
             rounds.close()
-        text = decode(ids, skip_special_tokens=True)
+        text = decode(ids)
+        return self._result(item, text, text[len(shown):], ids, sent, finish or self._stats(item).finish_reason)
+
+    def _result(self, item: Item, text: str, tail: str, ids: list, sent: int, finish: str | None) -> Result:
+        """The prompt's state for a response; `finish` None while it is still decoding."""
         stats = self._stats(item)
-        return Result(text, text[len(shown):], len(ids), stats, finish or stats.finish_reason)
+        # The loop's log probs cover the tokens it yielded; end_id and stop words may have cut some since.
+        logprobs = stats.token_logprobs[: len(ids)] if item.logprobs else []
+        return Result(text, tail, len(ids), stats, finish or "", logprobs[sent:], float(sum(logprobs)))
 
     def _stats(self, item: Item):
         """The running request's DecodeStats, updated every round."""
         return self.engine.current_stats
 
-    def _response(self, items: list, texts: list, results: list):
-        def column(values, dtype):
-            return np.array(values, dtype=dtype).reshape(len(values), 1)
+    def _response(self, item: Item, index: int, text: str, result: Result):
+        """One prompt's response: every tensor has batch size 1; `index` is the prompt's row in the request."""
+        def row(value, dtype):
+            return np.array([[value]], dtype=dtype)
 
-        stats = [r.stats for r in results]
+        stats = result.stats
         tensors = {
-            "text_output": column([t.encode("utf-8") for t in texts], np.object_),
-            "finish_reason": column([r.finish_reason.encode() for r in results], np.object_),
-            "num_input_tokens": column([len(item.prompt_ids) for item in items], np.int32),
-            "num_output_tokens": column([r.num_output_tokens for r in results], np.int32),
-            "decoding_iter": column([s.rounds for s in stats], np.int32),
-            "avg_decoded_tokens_per_iter": column([s.tau for s in stats], np.float32),
-            "total_draft_tokens": column([s.drafted_tokens for s in stats], np.int32),
-            "total_accepted_draft_tokens": column([s.accepted_drafts for s in stats], np.int32),
-            "acceptance_rate": column([s.accepted_drafts / max(1, s.drafted_tokens) for s in stats], np.float32),
+            "text_output": row(text.encode("utf-8"), np.object_),
+            "batch_index": row(index, np.int32),
+            "sequence_index": row(0, np.int32),
+            "finish_reason": row(result.finish_reason.encode(), np.object_),
+            "num_input_tokens": row(len(item.prompt_ids), np.int32),
+            "num_output_tokens": row(result.num_output_tokens, np.int32),
+            "decoding_iter": row(stats.rounds, np.int32),
+            "avg_decoded_tokens_per_iter": row(stats.tau, np.float32),
+            "total_draft_tokens": row(stats.drafted_tokens, np.int32),
+            "total_accepted_draft_tokens": row(stats.accepted_drafts, np.int32),
+            "acceptance_rate": row(stats.accepted_drafts / max(1, stats.drafted_tokens), np.float32),
         }
+        if item.logprobs:  # TensorRT-LLM's shapes: [batch, beam] and [batch, beam, tokens], one beam
+            tensors["cum_log_probs"] = row(result.cum_logprob, np.float32)
+            tensors["output_log_probs"] = np.array(result.logprobs, dtype=np.float32).reshape(1, 1, -1)
         return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(k, v) for k, v in tensors.items()])
 
     @staticmethod

@@ -11,6 +11,9 @@ state that lives between rounds (the anchor, the features the draft has not seen
                                     tokens it emitted and what it drafted / accepted
     backend.finish()                after the last round the loop reads: leave the caches at the committed length
 
+A backend that takes `request.logprobs` sets `backend.logprobs` after prefill and after each round: the log
+probability of each token it returned (tree.accept.token_logprobs); one that cannot refuses it in `prepare`.
+
 A backend may work ahead of the loop (the graph backend queues round r+1 before it returns round r): what a
 round returns is what the loop counts, and `finish` undoes whatever ran past the last round the loop read.
 
@@ -38,6 +41,7 @@ class DecodeRequest:
     sampling: SamplingConfig
     speculative: bool  # draft a tree every round (asked for, and the tree's budget is over 1); else AR steps
     tree: TreeConfig
+    logprobs: bool = False  # report each emitted token's log probability under the target (backend.logprobs)
 
 
 @dataclass(frozen=True)

@@ -55,11 +55,13 @@ class Decoder(HostRounds):
         sampling: SamplingConfig = SamplingConfig(),
         speculative: bool = True,
         tree: TreeConfig | None = None,
+        logprobs: bool = False,
     ) -> Iterator[list[int]]:
-        """Yield the new tokens of each round. `self.stats` describes the call once the iterator ends."""
+        """Yield the new tokens of each round. `self.stats` describes the call once the iterator ends (with
+        `logprobs`, stats.token_logprobs too)."""
         if speculative and self.draft is None:
             raise JetSpecError("speculative decoding needs a draft head")
-        yield from run_rounds(self, prompt_ids, max_new_tokens, sampling, speculative, tree)
+        yield from run_rounds(self, prompt_ids, max_new_tokens, sampling, speculative, tree, logprobs)
 
     # -- the models, for HostRounds ------------------------------------------------------------------------------
 

@@ -108,12 +108,16 @@ class Engine:
         sampling: SamplingConfig = SamplingConfig(),
         speculative: bool = True,
         tree: TreeConfig | None = None,
+        logprobs: bool = False,
     ) -> Iterator[list[int]]:
-        self._active = self.fast if self.fast is not None and sampling.greedy else self.decoder
+        """Yield each round's new tokens; with `logprobs`, current_stats.token_logprobs holds their log
+        probabilities under the target (tree.accept.token_logprobs)."""
+        use_graphs = self.fast is not None and GraphDecoder.handles(sampling, logprobs)
+        self._active = self.fast if use_graphs else self.decoder
         if self._active is self.fast:
             yield from self.fast.generate(prompt_ids, max_new_tokens, speculative, tree)
         else:
-            yield from self.decoder.generate(prompt_ids, max_new_tokens, sampling, speculative, tree)
+            yield from self.decoder.generate(prompt_ids, max_new_tokens, sampling, speculative, tree, logprobs)
         self.last_stats = self._active.stats
 
     @property

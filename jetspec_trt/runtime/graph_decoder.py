@@ -298,10 +298,16 @@ class GraphDecoder:
         self.target_cache.set_length(n)
         return out
 
+    @staticmethod
+    def handles(sampling: SamplingConfig, logprobs: bool = False) -> bool:
+        """Whether the graphs run this request: plain greedy (argmax, no banned tokens), no log probabilities."""
+        return sampling.greedy and not sampling.banned_token_ids and not logprobs
+
     def prepare(self, request: DecodeRequest) -> None:
         """Capture the request's graphs (a tree bucket's stages, or the AR step) on first use: outside the timings."""
-        if not request.sampling.greedy:
-            raise JetSpecError("the graph decoder is greedy only: sampled requests run on the eager Decoder")
+        if not self.handles(request.sampling, request.logprobs):
+            raise JetSpecError("the graph decoder is plain greedy only (no banned tokens, no log probabilities): "
+                               "other requests run on the eager Decoder")
         if request.speculative:
             state, stages = self.stages(request.tree)
             replays = [stages[name] for name in STAGES]

@@ -18,11 +18,13 @@ import torch
 
 from jetspec_trt.plugins.tree_attention import causal_mask
 from jetspec_trt.runtime.backend import DecodeRequest, RoundResult
-from jetspec_trt.tree.accept import accept, next_token
+from jetspec_trt.tree.accept import accept, next_token, token_logprobs
 from jetspec_trt.tree.tree import build_tree
 
 
 class HostRounds:
+    logprobs: list[float] | None = None  # with request.logprobs: of the tokens the last prefill / round returned
+
     def prepare(self, request: DecodeRequest) -> None:
         pass
 
@@ -33,6 +35,8 @@ class HostRounds:
         logits = self._prefill_logits(request.prompt_ids, request.speculative)
         self._length = len(request.prompt_ids)  # committed tokens: the anchor's position
         self._anchor = next_token(logits, request.sampling, self._generator)
+        if request.logprobs:
+            self.logprobs = token_logprobs(logits[None], [self._anchor], request.sampling)
         return self._anchor
 
     def decode_round(self) -> RoundResult:
@@ -47,6 +51,8 @@ class HostRounds:
         else:
             logits = self._verify(torch.tensor([anchor]), torch.tensor([position]), causal_mask(1))
             path, emitted, drafted = [0], [next_token(logits[0], sampling, self._generator)], 0
+        if request.logprobs:  # emitted[j] was chosen at path node j, from that node's verified logits
+            self.logprobs = token_logprobs(logits[path], emitted, sampling)
         self._commit(path, position)
         self._length += len(path)
         self._anchor = emitted[-1]

@@ -29,6 +29,7 @@ class DecodeStats:
     prefill_s: float = 0.0
     decode_s: float = 0.0
     finish_reason: str = ""
+    token_logprobs: list[float] = field(default_factory=list)  # with logprobs: log p of each new token
 
     @property
     def tau(self) -> float:
@@ -82,14 +83,15 @@ def check_prompt(prompt_ids: list[int], max_new_tokens: int, vocab_size: int, ma
 
 def run_rounds(backend: DecodeBackend, prompt_ids: list[int], max_new_tokens: int,
                sampling: SamplingConfig = SamplingConfig(), speculative: bool = True,
-               tree: TreeConfig | None = None) -> Iterator[list[int]]:
+               tree: TreeConfig | None = None, logprobs: bool = False) -> Iterator[list[int]]:
     """Yield the prefill's token, then the new tokens of each round; `backend.stats` describes the call once the
     iterator ends (and the request so far while it runs). `tree` defaults to the backend's runtime tree; a tree
-    of budget 1 drafts nothing, so its rounds are AR steps."""
+    of budget 1 drafts nothing, so its rounds are AR steps. With `logprobs`, stats.token_logprobs holds the log
+    probability of every yielded token (the backend's, cut where the tokens are cut)."""
     runtime = backend.runtime
     max_new_tokens = check_prompt(prompt_ids, max_new_tokens, backend.vocab_size, runtime.max_seq_len)
     tree = tree or runtime.tree
-    request = DecodeRequest(list(prompt_ids), sampling, speculative and tree.budget > 1, tree)
+    request = DecodeRequest(list(prompt_ids), sampling, speculative and tree.budget > 1, tree, logprobs)
     backend.stats = stats = DecodeStats(prompt_tokens=len(prompt_ids))
     limit = TokenLimit(max_new_tokens, runtime.eos_token_ids, stats)
     backend.prepare(request)
@@ -98,6 +100,8 @@ def run_rounds(backend: DecodeBackend, prompt_ids: list[int], max_new_tokens: in
     first = backend.prefill(request)
     stats.prefill_s = time.perf_counter() - start
     tokens, done = limit.take([first])
+    if logprobs:
+        stats.token_logprobs.extend(backend.logprobs[: len(tokens)])
     yield tokens
     start = time.perf_counter()
     while not done:
@@ -107,6 +111,8 @@ def run_rounds(backend: DecodeBackend, prompt_ids: list[int], max_new_tokens: in
         stats.accepted_drafts += result.accepted
         stats.emitted_per_round.append(len(result.emitted))
         tokens, done = limit.take(result.emitted)
+        if logprobs:
+            stats.token_logprobs.extend(backend.logprobs[: len(tokens)])
         yield tokens
     backend.finish()
     stats.decode_s = time.perf_counter() - start

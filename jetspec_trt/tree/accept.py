@@ -6,14 +6,17 @@ Greedy: take the target's argmax y at the node; if a child holds y, move to it, 
 the accepted children plus y at the last node (the bonus token), so the output is the target's own greedy
 decoding, token for token.
 
-Sampling ("draw from the target, then match"): at the node, draw y from the target's tempered, top-p filtered
-distribution p(. | prefix). If a child holds y, move to it; otherwise emit y and stop. Why this is exact: every
+Sampling ("draw from the target, then match"): at the node, draw y from the target's tempered, top-k and top-p
+filtered distribution p(. | prefix). If a child holds y, move to it; otherwise emit y and stop. Why this is exact: every
 emitted token is a fresh draw from p(. | the tokens emitted before it), the same law as plain sampling; the
 tree only decides whether the next draw can reuse an already-computed forward. Because our children are the
 deterministic top-k of the draft (not samples from it), this rule also accepts as often as any exact rule can:
 the chance to advance is p(children), the mass the target puts on the drafted set. (SpecInfer-style
 multi-draft rejection sampling needs sampled drafts to be exact; with a deterministic draft set it reduces to
 this.)
+
+Banned tokens (single-token bad words) are removed from the target's logits before either rule picks, at every
+node and at prefill, so the walk stays exact for the banned-token distribution: the filter is part of p.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ class SamplingConfig:
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
     seed: int | None = None
+    top_k: int = 0  # sample among the k most likely tokens (before top-p); 0 = no limit
+    banned_token_ids: tuple[int, ...] = ()  # never emitted, greedy or sampled (single-token bad words)
 
     @property
     def greedy(self) -> bool:
@@ -47,9 +52,23 @@ class Acceptance:
         return len(self.path) - 1
 
 
+def allowed_logits(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
+    """The logits greedy and sampling both choose from: the banned tokens at -inf."""
+    if not sampling.banned_token_ids:
+        return logits
+    banned = torch.tensor(sampling.banned_token_ids, device=logits.device)
+    return logits.index_fill(-1, banned, float("-inf"))
+
+
 def target_probs(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
-    """The distribution plain sampling draws from: softmax(logits / T), restricted to the top-p nucleus."""
-    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
+    """The distribution plain sampling draws from: softmax(logits / T) without the banned tokens, restricted to
+    the top-k tokens, then to the top-p nucleus of what is left (TensorRT-LLM's order)."""
+    logits = allowed_logits(logits.float(), sampling) / sampling.temperature
+    if 0 < sampling.top_k < logits.shape[-1]:
+        # Exactly k tokens (ties broken by topk's order), as TensorRT-LLM's top-k keeps k.
+        keep = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, logits.topk(sampling.top_k).indices, True)
+        logits = logits.masked_fill(~keep, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
     if sampling.top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True)
         # Keep the smallest prefix whose mass reaches top_p (the first token is always kept).
@@ -63,9 +82,19 @@ def target_probs(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor
 def next_token(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> int:
     """One token the way plain decoding picks it (argmax, or a draw from target_probs)."""
     if sampling.greedy:
-        return int(logits.argmax(-1))
+        return int(allowed_logits(logits, sampling).argmax(-1))
     probs = target_probs(logits, sampling)
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], sampling: SamplingConfig) -> list[float]:
+    """log p(tokens[i]) under the distribution row i of logits [n, V] chose it from: target_probs when sampling;
+    greedy, the target's softmax at temperature 1 without the banned tokens (argmax has no distribution)."""
+    rows = logits.float()
+    logp = (torch.log_softmax(allowed_logits(rows, sampling), dim=-1) if sampling.greedy
+            else target_probs(rows, sampling).log())
+    index = torch.tensor(tokens, device=logits.device).reshape(-1, 1)
+    return logp.gather(-1, index).reshape(-1).tolist()
 
 
 def accept(
@@ -73,7 +102,7 @@ def accept(
 ) -> Acceptance:
     """logits [N, V]: the target's logits at each tree node (row i predicts the token after node i)."""
     if sampling.greedy:
-        choices = logits.argmax(-1).tolist()  # one host transfer for the whole tree
+        choices = allowed_logits(logits, sampling).argmax(-1).tolist()  # one host transfer for the whole tree
         return walk(tree, lambda node: choices[node])
     return walk(tree, lambda node: next_token(logits[node], sampling, generator))
 

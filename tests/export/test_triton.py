@@ -1,7 +1,8 @@
 """`export triton` + `serve`: a real tritonserver (nvidia-pytriton's, CPU, loopback only) serving the quickstart
 engine, driven over gRPC (tritonclient streaming) and HTTP (Triton's generate / generate_stream endpoints; HTTP
 `infer` does not take decoupled models). The server starts once for the module through `jetspec-trt serve` in a
-subprocess and is always killed at teardown; every wait is bounded.
+subprocess and is always killed at teardown; every wait is bounded. A client built the way TensorRT-LLM's own
+end_to_end_grpc_client builds its requests checks the TensorRT-LLM request contract.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from tritonclient.utils import np_to_triton_dtype
 from jetspec_trt.cli import main
 from jetspec_trt.errors import JetSpecError
 from jetspec_trt.export.triton import INPUTS, OUTPUTS, TritonExportConfig, export_triton
+from jetspec_trt.export.word_lists import StopWords
 from jetspec_trt.quickstart import make_tiny_engine
 from jetspec_trt.runtime.engine import Engine
 from jetspec_trt.tree.accept import SamplingConfig
@@ -192,11 +194,12 @@ class GrpcStream:
         self.responses: queue.Queue = queue.Queue()
         self.client.start_stream(callback=lambda result, error: self.responses.put((result, error)))
 
-    def send(self, request_id: str, inputs: list, parameters: dict | None = None) -> None:
-        self.client.async_stream_infer(MODEL, inputs, request_id=request_id, parameters=parameters)
+    def send(self, request_id: str, inputs: list, parameters: dict | None = None, outputs: list | None = None) -> None:
+        self.client.async_stream_infer(MODEL, inputs, request_id=request_id, parameters=parameters, outputs=outputs)
 
     def collect(self, count: int, timeout: float = REQUEST_TIMEOUT_S) -> dict[str, dict]:
-        """{request id: {"pieces": [...], "last": result or None, "error": str or None, "finals": n}}."""
+        """{request id: {"pieces": [...], "last": result or None, "error": str or None, "finals": n,
+        "results": [every result]}}."""
         got: dict[str, dict] = {}
         deadline = time.monotonic() + timeout
         while sum(entry["finals"] for entry in got.values()) < count:
@@ -206,9 +209,11 @@ class GrpcStream:
                 got[key] = {"pieces": [], "last": None, "error": error.message(), "finals": 1}
                 continue
             response = result.get_response()
-            entry = got.setdefault(response.id, {"pieces": [], "last": None, "error": None, "finals": 0})
+            entry = got.setdefault(response.id, {"pieces": [], "last": None, "error": None, "finals": 0,
+                                                 "results": []})
             entry["pieces"].append(result.as_numpy("text_output")[0, 0].decode())
             entry["last"] = result
+            entry["results"].append(result)
             entry["finals"] += int(response.parameters["triton_final_response"].bool_param)
         return got
 
@@ -239,6 +244,24 @@ def scalar(result, name):
     return result.as_numpy(name)[0, 0]
 
 
+# TensorRT-LLM's ensemble inputs as it last declared them (triton_backend/all_models/inflight_batcher_llm/
+# ensemble/config.pbtxt), with the names it used before (random_seed, min_length); the ones this model serves.
+TRTLLM_INPUTS = {
+    "text_input": "STRING", "max_tokens": "INT32", "num_return_sequences": "INT32", "bad_words": "STRING",
+    "stop_words": "STRING", "exclude_input_in_output": "BOOL", "end_id": "INT32", "pad_id": "INT32",
+    "top_k": "INT32", "top_p": "FP32", "temperature": "FP32", "length_penalty": "FP32",
+    "repetition_penalty": "FP32", "min_tokens": "INT32", "presence_penalty": "FP32", "frequency_penalty": "FP32",
+    "seed": "UINT64", "return_log_probs": "BOOL", "return_context_logits": "BOOL",
+    "return_generation_logits": "BOOL", "return_perf_metrics": "BOOL", "return_num_input_tokens": "BOOL",
+    "return_num_output_tokens": "BOOL", "beam_width": "INT32", "stream": "BOOL",
+    "random_seed": "UINT64", "min_length": "INT32",
+}
+TRTLLM_OUTPUTS = {"text_output": "STRING", "cum_log_probs": "FP32", "output_log_probs": "FP32",
+                  "context_logits": "FP32", "generation_logits": "FP32", "batch_index": "INT32",
+                  "sequence_index": "INT32", "acceptance_rate": "FP32", "total_accepted_draft_tokens": "INT32",
+                  "total_draft_tokens": "INT32", "num_input_tokens": "INT32", "num_output_tokens": "INT32"}
+
+
 # ---- export (no server) ----
 
 def test_export_repository_layout(workdir, engine_dir):
@@ -251,9 +274,10 @@ def test_export_repository_layout(workdir, engine_dir):
         block = config.split(f'name: "{spec.name}"', 1)[1].split("}", 1)[0]
         assert f"data_type: TYPE_{spec.data_type}" in block
         assert ("optional: true" in block) == spec.optional
-    assert {s.name for s in INPUTS} >= {"text_input", "max_tokens", "stream", "temperature", "top_p", "seed", "end_id"}
-    assert {s.name for s in OUTPUTS} >= {"text_output", "total_draft_tokens", "total_accepted_draft_tokens",
-                                         "acceptance_rate", "avg_decoded_tokens_per_iter"}
+    assert {s.name: s.data_type for s in INPUTS} == TRTLLM_INPUTS
+    assert {s.name: s.data_type for s in OUTPUTS}.items() >= TRTLLM_OUTPUTS.items()
+    assert [s.name for s in INPUTS if not s.optional] == ["text_input", "max_tokens"]
+    assert {s.name: s.dims for s in INPUTS if s.dims != (1,)} == {"stop_words": (-1,), "bad_words": (-1,)}
     assert 'key: "engine_dir"' in config and 'string_value: "engine"' in config
     assert (repo / "spec-1" / "engine" / "runtime_config.json").is_file()
     model = (repo / "spec-1" / "1" / "model.py").read_text()
@@ -340,7 +364,9 @@ def test_health_and_metadata(served):
     client = httpclient.InferenceServerClient(served.http.removeprefix("http://"))
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(MODEL)
     metadata = client.get_model_metadata(MODEL)
-    assert {i["name"]: i["datatype"] for i in metadata["inputs"]}["max_tokens"] == "INT32"
+    triton_type = {"STRING": "BYTES"}  # Triton's metadata spells TYPE_STRING as BYTES
+    assert {i["name"]: i["datatype"] for i in metadata["inputs"]} == {
+        name: triton_type.get(kind, kind) for name, kind in TRTLLM_INPUTS.items()}
     assert {o["name"] for o in metadata["outputs"]} == {s.name for s in OUTPUTS}
     with urllib.request.urlopen(f"http://127.0.0.1:{served.metrics_port}/metrics", timeout=10) as reply:
         assert b"nv_inference_request_success" in reply.read()
@@ -393,6 +419,7 @@ def test_http_generate_stream_equals_direct_runner(served, runner):
 
 
 def test_grpc_batch_and_end_id(served, runner):
+    """A request of several prompts gets one response per prompt (batch_index says which), as TensorRT-LLM's."""
     prompts = PROMPTS[:2]
     expected = [reference(runner, p, 12) for p in prompts]
     stream = GrpcStream(served.grpc)
@@ -405,9 +432,10 @@ def test_grpc_batch_and_end_id(served, runner):
     finally:
         stream.close()
     batch = got["batch"]
-    assert batch["error"] is None and len(batch["pieces"]) == 1
-    texts = [t[0].decode() for t in batch["last"].as_numpy("text_output")]
-    assert texts == [e.text for e in expected]
+    assert batch["error"] is None and batch["finals"] == 1
+    assert batch["pieces"] == [e.text for e in expected]
+    assert [scalar(r, "batch_index") for r in batch["results"]] == [0, 1]
+    assert [scalar(r, "num_output_tokens") for r in batch["results"]] == [len(e.token_ids) for e in expected]
     cut = expected[0].token_ids[: expected[0].token_ids.index(end_id) + 1]
     assert "".join(got["end"]["pieces"]) == runner.tokenizer.decode(cut, skip_special_tokens=True)
     assert scalar(got["end"]["last"], "finish_reason") == b"stop"
@@ -427,6 +455,24 @@ BAD_REQUESTS = {
     "top_p zero": (dict(extra={"top_p": np.array([[0.0]], dtype=np.float32)}), "top_p must be in (0, 1]"),
     "end_id out of vocab": (dict(extra={"end_id": np.array([[99999]], dtype=np.int32)}), "end_id must be in"),
     "streaming batch": (dict(prompts=["a", "b"]), "a streaming request carries one prompt"),
+    # TensorRT-LLM's contract: the ensemble's types (a v0.5 client's UINT32 is Triton's dtype error) ...
+    "max_tokens UINT32": (dict(max_tokens=np.array([[8]], dtype=np.uint32)), "expects 'INT32'"),
+    "seed INT64": (dict(extra={"seed": np.array([[1]], dtype=np.int64)}), "expects 'UINT64'"),
+    # ... and its knobs this model has no implementation of, refused rather than ignored
+    "beam search": (dict(extra={"beam_width": np.array([[2]], dtype=np.int32)}), "beam_width must be 1"),
+    "repetition penalty": (dict(extra={"repetition_penalty": np.array([[1.2]], dtype=np.float32)}),
+                           "repetition_penalty must be 1 (penalties are not implemented)"),
+    "min_length": (dict(extra={"min_length": np.array([[4]], dtype=np.int32)}), "min_length must be 0 or 1"),
+    "context logits": (dict(extra={"return_context_logits": np.array([[True]])}),
+                       "return_context_logits must be false"),
+    "two sequences": (dict(extra={"num_return_sequences": np.array([[2]], dtype=np.int32)}),
+                      "num_return_sequences must be 1"),
+    "top_k negative": (dict(extra={"top_k": np.array([[-1]], dtype=np.int32)}), "top_k must be >= 0"),
+    "seeds differ": (dict(extra={"seed": np.array([[1]], dtype=np.uint64),
+                                 "random_seed": np.array([[2]], dtype=np.uint64)}),
+                     "seed (1) and random_seed (2) differ"),
+    "multi-token bad word": (dict(extra={"bad_words": np.array([[b"The capital of France"]], dtype=object)}),
+                             "single-token bad words only"),
 }
 
 
@@ -460,6 +506,121 @@ def test_http_bad_request_gets_error(served, body, status, message):
     text = json.loads(error.value.read())["error"]
     assert message in text and "\n" not in text
     assert http_ready(served.http)
+
+
+def trtllm_client_inputs(prompt: str, max_tokens: int, **optional) -> list:
+    """Inputs built as TensorRT-LLM's end_to_end_grpc_client.prepare_inputs builds them: [[value]] arrays of the
+    ensemble's types, word lists as [[words]] of object dtype."""
+    arrays = {"text_input": np.array([[prompt]]).astype(object),
+              "max_tokens": np.ones((1, 1), dtype=np.int32) * max_tokens,
+              "stream": np.array([[True]], dtype=bool), "beam_width": np.array([[1]], dtype=np.int32),
+              "temperature": np.array([[optional.pop("temperature", 0.0)]], dtype=np.float32),
+              "num_return_sequences": np.array([[1]], dtype=np.int32)}
+    kinds = {"top_k": np.int32, "top_p": np.float32, "random_seed": np.uint64, "seed": np.uint64,
+             "end_id": np.int32, "pad_id": np.int32, "repetition_penalty": np.float32, "presence_penalty": np.float32,
+             "frequency_penalty": np.float32, "return_log_probs": bool, "exclude_input_in_output": bool}
+    for name, value in optional.items():
+        arrays[name] = np.array([value], dtype=object) if name.endswith("_words") else np.array([[value]],
+                                                                                                dtype=kinds[name])
+    inputs = []
+    for name, array in arrays.items():
+        tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def trtllm_stream(served, inputs: list, *extra_outputs: str) -> dict:
+    """One streaming request asking, as TensorRT-LLM's client does, for text_output (and `extra_outputs`) by name."""
+    outputs = [grpcclient.InferRequestedOutput(name) for name in ("text_output", *extra_outputs)]
+    stream = GrpcStream(served.grpc)
+    try:
+        stream.send("trtllm", inputs, outputs=outputs)
+        return next(iter(stream.collect(1).values()))
+    finally:
+        stream.close()
+
+
+def test_tensorrt_llm_client_sampled_stream_with_random_seed_top_k_and_log_probs(served, runner):
+    """The ensemble's tensors as TensorRT-LLM's client sends them; random_seed and seed seed alike; the streamed
+    log probs are the target's, read off the verify logits."""
+    prompt = PROMPTS[2]
+    sampling = SamplingConfig(temperature=0.9, top_p=0.95, seed=77, top_k=8)
+    with torch_threads(1):
+        ids = runner.encode(prompt)
+        tokens = [t for chunk in runner.stream_tokens(ids, 16, sampling, logprobs=True) for t in chunk]
+        logprobs = runner.last_stats.token_logprobs
+    expected = runner.tokenizer.decode(tokens, skip_special_tokens=True)
+    for seed_name in ("random_seed", "seed"):
+        got = trtllm_stream(served, trtllm_client_inputs(
+            prompt, 16, temperature=0.9, top_p=0.95, top_k=8, **{seed_name: 77}, stop_words=[""], bad_words=[""],
+            end_id=runner.runtime.eos_token_ids[0], pad_id=0, return_log_probs=True, repetition_penalty=1.0,
+            presence_penalty=0.0, frequency_penalty=0.0, exclude_input_in_output=True),
+            "cum_log_probs", "output_log_probs")
+        assert got["error"] is None and got["finals"] == 1, got["error"]
+        assert "".join(got["pieces"]) == expected and len(got["pieces"]) > 1
+        streamed = np.concatenate([r.as_numpy("output_log_probs").reshape(-1) for r in got["results"]])
+        assert streamed.shape == (len(tokens),) and streamed == pytest.approx(logprobs, abs=1e-5)
+        assert all(r.as_numpy("output_log_probs").shape[:2] == (1, 1) for r in got["results"])
+        assert scalar(got["last"], "cum_log_probs") == pytest.approx(sum(logprobs), abs=1e-4)
+        assert got["last"].as_numpy("batch_index") is None  # not asked for: TensorRT-LLM's client asks by name
+    without = SamplingConfig(temperature=0.9, top_p=0.95, seed=77)  # top_k changes the draws
+    with torch_threads(1):
+        assert runner.generate(prompt, 16, without).text != expected
+
+
+def test_tensorrt_llm_client_stop_words_end_the_stream(served, runner):
+    prompt = PROMPTS[0]
+    full = reference(runner, prompt, 24)
+    decode = lambda ids: runner.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    word = decode(full.token_ids[:8])[-3:]  # three characters the greedy output reaches at its 8th token
+    keep = StopWords((word,)).keep(decode, full.token_ids, len(full.token_ids))
+    assert keep is not None and keep <= 8
+    got = trtllm_stream(served, trtllm_client_inputs(prompt, 24, stop_words=["never appears here", word]),
+                        "finish_reason", "num_output_tokens")
+    assert got["error"] is None, got["error"]
+    assert "".join(got["pieces"]) == decode(full.token_ids[:keep])
+    assert word in decode(full.token_ids[:keep]) and word not in decode(full.token_ids[: keep - 1])
+    assert scalar(got["last"], "finish_reason") == b"stop" and scalar(got["last"], "num_output_tokens") == keep
+
+
+def test_tensorrt_llm_client_bad_words_are_never_generated(served, runner):
+    """A single-token bad word is banned in the one sampler: greedy output is the target's greedy decoding
+    without that token (the direct runner with the same banned id), so the speculative output stays exact."""
+    prompt = PROMPTS[1]
+    full = reference(runner, prompt, 16)
+    text_of = {t: runner.tokenizer.decode([t]) for t in set(full.token_ids)}
+    banned = next(t for t in full.token_ids if text_of[t].strip() and runner.encode(text_of[t]) == [t])
+    with torch_threads(1):
+        expected = runner.generate(prompt, 16, SamplingConfig(banned_token_ids=(banned,)))
+    assert banned not in expected.token_ids and expected.text != full.text
+    got = trtllm_stream(served, trtllm_client_inputs(prompt, 16, bad_words=[text_of[banned]]))
+    assert got["error"] is None, got["error"]
+    assert "".join(got["pieces"]) == expected.text
+
+
+def test_tensorrt_llm_http_generate_example(served, runner):
+    """TensorRT-LLM's README request, unchanged: empty bad_words / stop_words strings mean none."""
+    expected = reference(runner, PROMPTS[1], 20)
+    with http_post(f"{served.http}/v2/models/{MODEL}/generate",
+                   {"text_input": PROMPTS[1], "max_tokens": 20, "bad_words": "", "stop_words": ""}) as reply:
+        whole = json.loads(reply.read())
+    assert whole["text_output"] == PROMPTS[1] + expected.text and whole["batch_index"] == 0
+    with http_post(f"{served.http}/v2/models/{MODEL}/generate",
+                   {"text_input": PROMPTS[1], "max_tokens": 20, "temperature": 0.8, "top_k": 5,
+                    "random_seed": 3, "return_log_probs": True, "exclude_input_in_output": True}) as reply:
+        sampled = json.loads(reply.read())
+    with torch_threads(1):
+        direct = runner.generate(PROMPTS[1], 20, SamplingConfig(0.8, 1.0, 3, top_k=5))
+    assert sampled["text_output"] == direct.text
+    assert len(sampled["output_log_probs"]) == len(direct.token_ids)
+    decode = lambda ids: runner.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    word = decode(expected.token_ids[:5])[-2:]
+    keep = StopWords((word,)).keep(decode, expected.token_ids, len(expected.token_ids))
+    with http_post(f"{served.http}/v2/models/{MODEL}/generate",  # a JSON list is the word list
+                   {"text_input": PROMPTS[1], "max_tokens": 20, "stop_words": ["never appears here", word],
+                    "exclude_input_in_output": True}) as reply:
+        assert json.loads(reply.read())["text_output"] == decode(expected.token_ids[:keep])
 
 
 def test_cancelled_stream_stops_generation(served, runner):

@@ -38,12 +38,14 @@ class ScriptedBackend:
     def prefill(self, request: DecodeRequest) -> int:
         self.calls.append("prefill")
         assert request is self.request
+        self.logprobs = [-float(self.first)]  # a token's "log prob" is minus the token: easy to check
         return self.first
 
     def decode_round(self) -> RoundResult:
         self.calls.append("round")
         self.seen_stats.append(self.stats)
         tokens, drafted = self.rounds.pop(0)
+        self.logprobs = [-float(t) for t in tokens]
         return RoundResult(tokens, drafted, min(drafted, len(tokens) - 1))
 
     def finish(self) -> None:
@@ -122,6 +124,19 @@ def test_one_token_a_round_is_ar():
     assert stats.rounds == 19 and stats.emitted_per_round == [1] * 19 and stats.tau == 1
     assert stats.drafted_tokens == stats.accepted_drafts == 0
     assert backend.request.speculative is False
+
+
+def test_logprobs_follow_the_tokens_the_loop_keeps():
+    backend = ScriptedBackend(7, spec_rounds([1, 2], [3, EOS, 4, 5], [6]))
+    chunks = list(run_rounds(backend, [3], 50, logprobs=True))
+    assert backend.request.logprobs is True
+    assert backend.stats.token_logprobs == [-float(t) for c in chunks for t in c] == [-7, -1, -2, -3, -EOS]
+    limited = ScriptedBackend(7, spec_rounds([1, 2, 3, 4]))
+    list(run_rounds(limited, [3], 3, logprobs=True))  # cut at the limit, mid-round
+    assert limited.stats.token_logprobs == [-7, -1, -2]
+    plain = ScriptedBackend(7, spec_rounds([1, 2, 3, 4]))
+    list(run_rounds(plain, [3], 3))
+    assert plain.request.logprobs is False and plain.stats.token_logprobs == []
 
 
 def test_the_request_the_backend_sees():

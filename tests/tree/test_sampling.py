@@ -1,7 +1,8 @@
 """Speculative sampling draws from the target's distribution: a chi-square test over whole sequences.
 
 A tiny-vocabulary target makes the exact law of the first three generated tokens computable by enumeration;
-thousands of seeded speculative runs must fit it, and a deliberately wrong acceptance rule must not.
+thousands of seeded speculative runs must fit it (top-k and banned tokens included), and a deliberately wrong
+acceptance rule must not. The filters and the reported log probabilities are checked on their own too.
 """
 
 import dataclasses
@@ -17,7 +18,7 @@ from jetspec_trt.models.presets import preset, write_random_pair
 from jetspec_trt.plugins.tree_attention import causal_mask
 from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
 from jetspec_trt.runtime.decoder import Decoder
-from jetspec_trt.tree.accept import SamplingConfig, target_probs, walk
+from jetspec_trt.tree.accept import SamplingConfig, next_token, target_probs, token_logprobs, walk
 
 VOCAB = 5
 NEW_TOKENS = 3
@@ -79,7 +80,9 @@ def chi_square_p(decoder, sampling):
     return chisquare(observed, expected).pvalue, decoder.stats
 
 
-@pytest.mark.parametrize("sampling", [SamplingConfig(1.0, 1.0), SamplingConfig(0.7, 0.9)], ids=["T1", "T0.7-p0.9"])
+@pytest.mark.parametrize("sampling", [SamplingConfig(1.0, 1.0), SamplingConfig(0.7, 0.9),
+                                      SamplingConfig(1.0, 1.0, top_k=3, banned_token_ids=(2,))],
+                         ids=["T1", "T0.7-p0.9", "T1-k3-ban2"])
 def test_speculative_sampling_matches_target(decoder, sampling):
     p_value, _ = chi_square_p(decoder, sampling)
     assert p_value > 1e-3
@@ -103,3 +106,58 @@ def test_chi_square_catches_a_wrong_rule(decoder, monkeypatch):
     p_value, stats = chi_square_p(decoder, SamplingConfig(1.0, 1.0))
     assert stats.accepted_drafts > 0
     assert p_value < 1e-3
+
+
+LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, 3.0])
+
+
+def test_top_k_keeps_the_k_most_likely_then_top_p():
+    probs = target_probs(LOGITS, SamplingConfig(1.0, 1.0, top_k=3))
+    assert probs.nonzero().flatten().tolist() == [0, 1, 5]
+    assert torch.allclose(probs[[0, 1, 5]], torch.softmax(LOGITS[[0, 1, 5]], -1))
+    # top-p applies to what top-k left: 5 alone holds 0.67 of it, 5 and 0 hold 0.91.
+    assert target_probs(LOGITS, SamplingConfig(1.0, 0.8, top_k=3)).nonzero().flatten().tolist() == [0, 5]
+    assert torch.equal(target_probs(LOGITS, SamplingConfig(1.0, 1.0, top_k=0)),
+                       target_probs(LOGITS, SamplingConfig(1.0, 1.0, top_k=len(LOGITS))))
+    one = target_probs(LOGITS, SamplingConfig(0.5, 1.0, top_k=1))
+    assert one.tolist() == [0, 0, 0, 0, 0, 1.0]
+
+
+def test_banned_tokens_are_never_chosen_greedy_or_sampled():
+    banned = SamplingConfig(banned_token_ids=(5, 0))
+    assert next_token(LOGITS, SamplingConfig(), None) == 5
+    assert next_token(LOGITS, banned, None) == 1  # the best allowed token
+    sampled = SamplingConfig(1.0, 1.0, banned_token_ids=(5, 0), top_k=2)
+    probs = target_probs(LOGITS, sampled)
+    assert probs.nonzero().flatten().tolist() == [1, 2]  # top-k among the allowed tokens
+    generator = torch.Generator().manual_seed(0)
+    assert {next_token(LOGITS, sampled, generator) for _ in range(200)} == {1, 2}
+
+
+def test_token_logprobs_are_of_the_distribution_the_token_came_from():
+    rows = torch.stack([LOGITS, LOGITS.flip(0)])
+    greedy = token_logprobs(rows, [5, 3], SamplingConfig(banned_token_ids=(0,)))
+    allowed = torch.log_softmax(LOGITS.masked_fill(torch.arange(6) == 0, float("-inf")), -1)
+    flipped = torch.log_softmax(LOGITS.flip(0).masked_fill(torch.arange(6) == 0, float("-inf")), -1)
+    assert greedy == pytest.approx([float(allowed[5]), float(flipped[3])])
+    sampling = SamplingConfig(0.7, 0.9, top_k=4)
+    assert token_logprobs(rows, [1, 2], sampling) == pytest.approx(
+        [float(target_probs(rows[0], sampling)[1].log()), float(target_probs(rows[1], sampling)[2].log())])
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig(), SamplingConfig(0.8, 0.9, seed=5, top_k=3)],
+                         ids=["greedy", "sampled"])
+def test_decoder_reports_each_tokens_logprob_under_the_target(decoder, sampling):
+    """The log probs a speculative run reports (read off the tree's verify logits) equal a teacher-forced pass
+    over the same tokens."""
+    out = [t for chunk in decoder.generate(PROMPT, 8, sampling, logprobs=True) for t in chunk]
+    reported = decoder.stats.token_logprobs
+    assert decoder.stats.drafted_tokens > 0 and len(reported) == len(out) == 8
+    tokens = torch.tensor(PROMPT + out)
+    with torch.no_grad():
+        logits = decoder.target(tokens, torch.arange(len(tokens)), decoder.target.new_cache(32, 16),
+                                causal_mask(len(tokens))).logits
+    expected = token_logprobs(logits[len(PROMPT) - 1: -1], out, sampling)
+    assert reported == pytest.approx(expected, abs=1e-4)
+    assert [t for chunk in decoder.generate(PROMPT, 8, sampling) for t in chunk] == out  # same tokens without
+    assert decoder.stats.token_logprobs == []
