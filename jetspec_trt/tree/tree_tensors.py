@@ -8,6 +8,8 @@ along a path, so the set is prefix-closed). Level by level, only the best `budge
 belong to it (any other has that many better nodes at its own level), and their children are the next level's
 candidates. So: expand level by level keeping the top `budget - 1`, then take the global top `budget - 1`.
 Scores run in float64 with a tiny per-depth penalty so a child never ties its parent (logp can round to 0).
+Exact ties between different nodes (common with bf16 logits) may be resolved differently from the heap's
+push order: the tree is then another of the equally scored best-first trees (tests check the node scores).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def build_tree_tensors(anchor: torch.Tensor, depth_logits: torch.Tensor, budget:
     keep = node_count(budget, topk, max_depth) - 1
     levels = min(max_depth, keep)  # a node at depth d has d - 1 ancestors below the root: deeper ones never fit
     if levels == 0:
-        return _assemble(anchor, *(torch.zeros(0, dtype=torch.long, device=device),) * 3, max_depth)
+        return _assemble(anchor, *(torch.zeros(0, dtype=torch.long, device=device),) * 3, 0)
     top_logp, top_ids = depth_top_logp(depth_logits[:levels], topk)
     # Non-finite logits (e.g. a graph warm-up reading a buffer nothing wrote yet) would break the "children
     # score below parents" order the construction relies on; finite values <= 0 keep the tree valid. (Only the
