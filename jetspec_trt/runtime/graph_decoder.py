@@ -42,9 +42,18 @@ from jetspec_trt.runtime.backend import DecodeRequest, RoundResult
 from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
 from jetspec_trt.runtime.round_loop import DecodeStats, run_rounds
 from jetspec_trt.tree.accept import SamplingConfig
-from jetspec_trt.tree.tree_tensors import build_tree_tensors, greedy_accept_tensors, node_count
+from jetspec_trt.tree.tree_tensors import TreeTensors, build_tree_tensors, greedy_accept_tensors, node_count
 
 STAGES = ("draft", "tree", "verify", "accept")
+
+
+def build_tree_and_mask(anchor: torch.Tensor, depth_logits: torch.Tensor, budget: int, topk: int,
+                        max_depth: int) -> tuple[TreeTensors, torch.Tensor]:
+    """The tree stage's work: the tree and its packed ancestor mask, in one function so that compiled, the
+    mask packing (a handful of elementwise ops over [N, N]) fuses with the ancestor build instead of running
+    as its own eager kernels."""
+    built = build_tree_tensors(anchor, depth_logits, budget, topk, max_depth)
+    return built, pack_mask(built.ancestors)
 
 
 @dataclass
@@ -145,14 +154,15 @@ class GraphDecoder:
         self.triton_kernels = self.device.type == "cuda" and load_gpu_kernels()
         if self.device.type == "cuda":
             target.set_decode_gemv(runtime.decode_gemv)
-        # The tree build (one top-k per level, ancestor passes) and the greedy walk are ~100-200 tiny kernels a
-        # round at batch 1 (H200, 0.5B shape: tree 0.66 ms of a 2.50 ms budget-16 round); compiled, Inductor fuses
-        # what lies between the top-k calls. Shapes are fixed per tree bucket, so each compiles once.
-        self.build_tree, self.greedy_accept = build_tree_tensors, greedy_accept_tensors
+        # The tree build (one sort per level) and the greedy walk are ~100-200 tiny kernels a round at batch 1
+        # eager (H200, 0.5B shape: tree 0.66 ms of a 2.50 ms budget-16 round); compiled, Inductor fuses what lies
+        # between the top-k/sort calls (and sorts of <= 512 entries themselves). Shapes are fixed per tree
+        # bucket, so each compiles once.
+        self.build_tree, self.greedy_accept = build_tree_and_mask, greedy_accept_tensors
         if compile_layers:
             compile_model_layers(target.layers)
             compile_model_layers(draft.layers)
-            self.build_tree = torch.compile(build_tree_tensors, dynamic=False, fullgraph=True)
+            self.build_tree = torch.compile(build_tree_and_mask, dynamic=False, fullgraph=True)
             self.greedy_accept = torch.compile(greedy_accept_tensors, dynamic=False, fullgraph=True)
         self.capture_layers = tuple(runtime.target_layer_ids)
         # A tree or padded context + block past the limit, plus the round the pipeline runs past the last one.
@@ -217,9 +227,8 @@ class GraphDecoder:
             scratch["depth_logits"] = target.lm_head(hidden[1 : 1 + depth])
 
         def tree_stage() -> None:
-            built = self.build_tree(state.anchor, scratch["depth_logits"], tree.budget, tree.topk, depth)
-            scratch["tree"] = built
-            scratch["mask"] = pack_mask(built.ancestors)
+            scratch["tree"], scratch["mask"] = self.build_tree(state.anchor, scratch["depth_logits"], tree.budget,
+                                                               tree.topk, depth)
 
         def verify_stage() -> None:
             built = scratch["tree"]

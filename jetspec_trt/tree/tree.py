@@ -34,12 +34,23 @@ class DraftTree:
         return pack_mask(self.ancestors)
 
 
+def depth_top_logp(depth_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """depth_logits [D, V] (any float dtype) -> the k best tokens of each row, best first, and their float32
+    log-probabilities. Both tree builds take their scores from here, so they rank the same values.
+
+    log_softmax is a per-row shift, so the top-k of the raw logits is the top-k of the log-probabilities; only
+    those k values get the normaliser subtracted (the [D, V] log-probabilities are never written, and the top-k
+    reads the logits in their own dtype: exact, bf16 -> fp32 is)."""
+    top, ids = depth_logits.topk(k, dim=-1)
+    log_norm = torch.logsumexp(depth_logits.float(), dim=-1, keepdim=True)
+    return top.float() - log_norm, ids
+
+
 def build_tree(anchor: int, depth_logits: torch.Tensor, budget: int, topk: int, max_depth: int) -> DraftTree:
     """depth_logits [D, V]: row d scores the token at depth d+1. Returns at most `budget` nodes."""
     max_depth = min(max_depth, depth_logits.shape[0])
-    logp = torch.log_softmax(depth_logits[:max_depth].float(), dim=-1)
-    k = min(topk, logp.shape[-1])
-    top_logp, top_ids = logp.topk(k, dim=-1) if max_depth > 0 else (logp, logp.long())
+    k = min(topk, depth_logits.shape[-1])
+    top_logp, top_ids = depth_top_logp(depth_logits[:max_depth], k)
     top_logp, top_ids = top_logp.tolist(), top_ids.tolist()
 
     tokens, parents, depths = [anchor], [-1], [0]

@@ -8,6 +8,8 @@ along a path, so the set is prefix-closed). Level by level, only the best `budge
 belong to it (any other has that many better nodes at its own level), and their children are the next level's
 candidates. So: expand level by level keeping the top `budget - 1`, then take the global top `budget - 1`.
 Scores run in float64 with a tiny per-depth penalty so a child never ties its parent (logp can round to 0).
+Exact ties between different nodes (common with bf16 logits) may be resolved differently from the heap's
+push order: the tree is then another of the equally scored best-first trees (tests check the node scores).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from jetspec_trt.tree.tree import depth_top_logp
 
 # Breaks child/parent ties (a child whose logp rounds to 0): far below float32 score differences.
 DEPTH_PENALTY = 1e-9
@@ -42,53 +46,71 @@ def build_tree_tensors(anchor: torch.Tensor, depth_logits: torch.Tensor, budget:
     """anchor: int64 [1] on the device; depth_logits [>= max_depth, V]. Returns node_count(...) nodes."""
     device = depth_logits.device
     keep = node_count(budget, topk, max_depth) - 1
-    # Non-finite logits (e.g. a graph warm-up reading a buffer nothing wrote yet) would break the
-    # "children score below parents" order the construction relies on; finite values keep the tree valid.
-    finite = torch.nan_to_num(depth_logits[:max_depth].float(), nan=-1e4, posinf=1e4, neginf=-1e4)
-    logp = torch.log_softmax(finite, dim=-1)
-    top_logp, top_ids = logp.topk(topk, dim=-1)
-    top_logp = top_logp.double()
+    levels = min(max_depth, keep)  # a node at depth d has d - 1 ancestors below the root: deeper ones never fit
+    if levels == 0:
+        return _assemble(anchor, *(torch.zeros(0, dtype=torch.long, device=device),) * 3, 0)
+    top_logp, top_ids = depth_top_logp(depth_logits[:levels], topk)
+    # Non-finite logits (e.g. a graph warm-up reading a buffer nothing wrote yet) would break the "children
+    # score below parents" order the construction relies on; finite values <= 0 keep the tree valid. (Only the
+    # k values per depth are cleaned: the top-k itself is safe on NaN, it ranks NaN first.)
+    top_logp = torch.where(top_logp.isfinite(), top_logp, -1e4).double()
 
-    scores, parents, tokens, depths = [], [], [], []
-    prev_scores = torch.zeros(1, dtype=torch.float64, device=device)
-    offset_prev, offset = -1, 0  # candidate-list offsets of the previous and the current level
-    for depth in range(1, max_depth + 1):
-        if keep == 0:
-            break
-        cand = (prev_scores[:, None] + top_logp[depth - 1][None, :] - DEPTH_PENALTY).flatten()
-        count = min(keep, cand.numel())
-        level_scores, index = cand.topk(count)  # sorted, best first
-        parent_local, rank = index // topk, index % topk
-        scores.append(level_scores)
-        parents.append(parent_local + offset_prev if depth > 1 else torch.full_like(parent_local, -1))
-        tokens.append(top_ids[depth - 1][rank])
-        depths.append(torch.full_like(rank, depth))
-        prev_scores = level_scores
-        offset_prev, offset = offset, offset + count
-    if keep == 0:
-        return _assemble(anchor, *(torch.zeros(0, dtype=torch.long, device=device),) * 3, max_depth)
+    # Every level is `keep` slots, best first; slots past the level's real nodes (7^d of them at shallow depths)
+    # score -inf, so a level is one fixed-shape sort whatever its fill, and a sort of <= 512 entries (budgets
+    # <= 64 at top-k 7) is one Triton kernel under torch.compile with the candidate sums fused in (top-k is not:
+    # it always falls back to the aten kernels). Stable sorts make ties go to the earlier slot, deterministically.
+    slot = torch.arange(keep, device=device)
+    prev_scores = torch.where(slot == 0, 0.0, -torch.inf).to(torch.float64)  # the root, then empty slots
+    level_scores, level_index = [], []
+    for depth in range(levels):
+        cand = (prev_scores[:, None] + top_logp[depth][None, :] - DEPTH_PENALTY).flatten()  # parent-major
+        ranked, index = cand.sort(descending=True, stable=True)
+        prev_scores = ranked[:keep]
+        level_scores.append(prev_scores)
+        level_index.append(index[:keep])
+    scores, index = torch.stack(level_scores), torch.stack(level_index)  # [levels, keep]
 
-    all_scores, all_parents = torch.cat(scores), torch.cat(parents)
-    all_tokens, all_depths = torch.cat(tokens), torch.cat(depths)
-    chosen = all_scores.topk(keep).indices.sort().values  # candidate order = level order: parents first
-    node_of = torch.full((all_scores.numel() + 1,), 0, dtype=torch.long, device=device)  # last slot: root
-    node_of[chosen] = torch.arange(1, keep + 1, device=device)
-    parent_cand = all_parents[chosen]
-    parent_nodes = node_of[torch.where(parent_cand < 0, all_scores.numel(), parent_cand)]
-    return _assemble(anchor, all_tokens[chosen], parent_nodes, all_depths[chosen], max_depth)
+    # The tree is the global best `keep`. Children score strictly below parents and a level is sorted, so within
+    # a level the chosen slots are a prefix and every chosen slot's parent slot is chosen: a level's nodes are
+    # numbered in slot order after the earlier levels' ones (level order, parents first).
+    # In the stable descending order a slot is among the first `keep` exactly when it is not behind the
+    # keep-th one: a comparison with that one slot's (score, flat index), no scatter of the chosen set.
+    flat = scores.flatten()
+    ranked, order = flat.sort(descending=True, stable=True)
+    last_score, last_slot = ranked[keep - 1], order[keep - 1]
+    slots = torch.arange(flat.numel(), device=device)
+    chosen = (flat > last_score) | ((flat == last_score) & (slots <= last_slot))
+    counts = chosen.view(levels, keep).sum(1)
+    # One past each level's last node id (node 0 is the root). A masked sum, not cumsum: Inductor makes a scan
+    # a kernel of its own, while this sum of <= 15 x 15 fuses.
+    level_ids = torch.arange(levels, device=device)
+    ends = (counts[None, :] * (level_ids[None, :] <= level_ids[:, None])).sum(1) + 1
+    starts = ends - counts
+    node = torch.arange(1, keep + 1, device=device)
+    level = (node[None, :] >= ends[:, None]).sum(0)  # [keep]: the level of node id 1..keep
+    picked = index[level, node - starts[level]]  # the node's candidate: parent slot * topk + rank
+    parent_slot, rank = picked // topk, picked % topk
+    parents = torch.where(level == 0, 0, starts[(level - 1).clamp(min=0)] + parent_slot)
+    return _assemble(anchor, top_ids[level, rank], parents, level + 1, levels)
 
 
 def _assemble(anchor, tokens, parents, depths, max_depth: int) -> TreeTensors:
+    """max_depth: the deepest any node can be (ancestor chains are followed that far)."""
     device = anchor.device
     zero = torch.zeros(1, dtype=torch.long, device=device)
     tokens = torch.cat([anchor.long().reshape(1), tokens])
     parents = torch.cat([zero, parents])
     depths = torch.cat([zero, depths])
-    eye = torch.eye(tokens.shape[0], dtype=torch.bool, device=device)
-    ancestors = eye
-    # Each pass adds one more generation of ancestors; max_depth passes reach the root from every node.
-    for _ in range(max_depth if tokens.shape[0] > 1 else 0):
-        ancestors = eye | ancestors[parents]
+    ids = torch.arange(tokens.shape[0], device=device)
+    # chain[h, i]: node i's ancestor h generations up, by gathers on [N] vectors (the root is its own parent).
+    chain = [ids]
+    for _ in range(max_depth):
+        chain.append(parents[chain[-1]])
+    chain = torch.stack(chain)
+    # Node j (at depth d_j) is i or an ancestor of i exactly when it is i's ancestor d_i - d_j generations up:
+    # one [N, N] pass instead of max_depth [N, N] gathers.
+    up = depths[:, None] - depths[None, :]
+    ancestors = (up >= 0) & (chain[up.clamp(min=0), ids[:, None]] == ids[None, :])
     return TreeTensors(tokens, parents, depths, ancestors)
 
 

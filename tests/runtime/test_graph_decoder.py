@@ -115,3 +115,13 @@ def test_graph_backend_refuses_sampling(pair):
     fast = GraphDecoder(target, draft, tiny_runtime(draft, TreeConfig(16, 4, 7)))
     with pytest.raises(JetSpecError, match="greedy only"):
         next(run_rounds(fast, [1, 2, 3], 5, SamplingConfig(temperature=1.0)))
+
+
+def test_tree_stage_mask_packs_the_tree_ancestors():
+    from jetspec_trt.plugins.tree_attention import unpack_mask
+    from jetspec_trt.runtime.graph_decoder import build_tree_and_mask
+
+    logits = torch.randn(15, 100, generator=torch.Generator().manual_seed(2))
+    for budget in (1, 16, 64):
+        built, mask = build_tree_and_mask(torch.tensor([3]), logits, budget, 7, 15)
+        assert torch.equal(unpack_mask(mask, built.tokens.shape[0]), built.ancestors)

@@ -41,3 +41,42 @@ def test_graphed_rounds_match_eager_and_ar(dtype):
             logits = graphed.prefill_target(prompt + ar[:first], capture=False).logits[-1].float()
             assert abs(float(logits[ar[first]] - logits[spec[first]])) < 0.25
     print(f"{dtype}: {mismatches}/16 prompts diverged from AR greedy")
+
+
+@pytest.mark.parametrize("budget", [16, 64, 256])
+def test_compiled_tree_stage_equals_eager_and_the_reference(budget):
+    """Compiled on CUDA, Inductor makes the tree build's sorts of <= 512 entries Triton kernels (budgets <= 64 at
+    top-k 7; larger ones stay aten sorts): the same tree and mask as eager, and the reference's tree."""
+    from jetspec_trt.plugins.tree_attention import unpack_mask
+    from jetspec_trt.runtime.graph_decoder import build_tree_and_mask
+    from jetspec_trt.tree.tree import build_tree
+
+    build = torch.compile(build_tree_and_mask, dynamic=False, fullgraph=True)
+    g = torch.Generator(device="cuda").manual_seed(budget)
+    anchor = torch.tensor([5], device="cuda")
+    for dtype in (torch.float32, torch.bfloat16):
+        logits = (torch.randn(15, 151936, device="cuda", generator=g) * 3).to(dtype)
+        want, want_mask = build_tree_and_mask(anchor, logits, budget, 7, 15)
+        got, got_mask = build(anchor, logits, budget, 7, 15)
+        for name in ("tokens", "parents", "depths", "ancestors"):
+            assert torch.equal(getattr(got, name), getattr(want, name)), (dtype, name)
+        assert torch.equal(got_mask, want_mask)
+        assert torch.equal(unpack_mask(got_mask, budget), got.ancestors)
+        # The heap reference (CPU): the same node scores (bf16 logits tie, so the same nodes up to tied swaps).
+        reference = build_tree(5, logits.cpu(), budget, 7, 15)
+        logp = torch.log_softmax(logits.float().cpu(), -1).double()
+
+        def scores(tokens, parents):
+            tokens, parents, out = tokens.tolist(), parents.tolist(), []
+            for i in range(len(tokens)):
+                j, depth = i, []
+                while j != 0:
+                    depth.append(tokens[j])
+                    j = parents[j]
+                out.append(sum(float(logp[d, t]) for d, t in enumerate(reversed(depth))))
+            return sorted(out)
+
+        ref_parents = reference.parents.clone()
+        ref_parents[0] = 0
+        assert scores(got.tokens.cpu(), got.parents.cpu()) == pytest.approx(
+            scores(reference.tokens, ref_parents), abs=1e-6)

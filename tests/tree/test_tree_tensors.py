@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from jetspec_trt.tree.accept import SamplingConfig, accept
-from jetspec_trt.tree.tree import build_tree
+from jetspec_trt.tree.tree import build_tree, depth_top_logp
 from jetspec_trt.tree.tree_tensors import build_tree_tensors, greedy_accept_tensors, node_count
 
 
@@ -81,3 +81,65 @@ def test_compiled_tree_build_and_walk_equal_eager():
         a, b = greedy_accept_tensors(want, target_logits, 7), walk(want, target_logits, 7)
         for name in ("path", "length", "emitted"):
             assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def _check_tree_shape(t, n):
+    """Parents before children, depths one below the parent's, ancestors = the parent's plus the node itself."""
+    assert t.tokens.shape[0] == n and t.ancestors.shape == (n, n)
+    assert int(t.parents[0]) == 0 and int(t.depths[0]) == 0
+    for i in range(1, n):
+        p = int(t.parents[i])
+        assert p < i and t.depths[i] == t.depths[p] + 1
+        assert torch.equal(t.ancestors[i], t.ancestors[p] | (torch.arange(n) == i))
+
+
+def _node_scores(t, depth_logits):
+    logp = torch.log_softmax(depth_logits.float(), -1).double()
+    return sorted(sum(float(logp[d, tok]) for d, tok in enumerate(path[1:])) for path in _node_paths(t.tokens, t.parents))
+
+
+@pytest.mark.parametrize("budget,topk,depth", [(16, 7, 15), (64, 7, 15), (64, 2, 15), (256, 7, 15), (64, 7, 3)])
+def test_bf16_logits_with_ties_give_a_best_first_tree(budget, topk, depth):
+    """bf16 logits tie often (equal top values, equal path sums). Ties may pick a different one of the tied nodes
+    than the heap does, but the tree must still be a best-first tree: the same node scores as the reference."""
+    g = torch.Generator().manual_seed(budget + depth)
+    depth_logits = (torch.randn(15, 3000, generator=g) * 3).bfloat16()
+    tied = depth_logits.float().topk(7, -1).values
+    assert (tied[:, 1:] == tied[:, :-1]).any(), "the data must contain tied top logits"
+    reference = build_tree(7, depth_logits, budget, topk, depth)
+    tensors = build_tree_tensors(torch.tensor([7]), depth_logits, budget, topk, depth)
+    _check_tree_shape(tensors, reference.size)
+    assert _node_scores(tensors, depth_logits) == pytest.approx(_node_scores(reference, depth_logits), abs=1e-9)
+    again = build_tree_tensors(torch.tensor([7]), depth_logits, budget, topk, depth)
+    assert torch.equal(again.tokens, tensors.tokens) and torch.equal(again.parents, tensors.parents)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_logits_still_give_a_valid_tree(bad):
+    """A graph warm-up can read logits nothing wrote: the tree may be garbage but its indices must be valid."""
+    g = torch.Generator().manual_seed(1)
+    depth_logits = torch.randn(15, 50, generator=g)
+    depth_logits[0, 3] = bad
+    depth_logits[2] = bad
+    depth_logits[5, ::2] = bad
+    for budget in (16, 64):
+        t = build_tree_tensors(torch.tensor([7]), depth_logits, budget, 7, 15)
+        _check_tree_shape(t, budget)
+        assert ((t.tokens >= 0) & (t.tokens < 50)).all()
+
+
+def test_depth_top_logp_is_the_top_of_log_softmax():
+    g = torch.Generator().manual_seed(0)
+    depth_logits = torch.randn(15, 1000, generator=g) * 4
+    logp = torch.log_softmax(depth_logits, -1)
+    want_values, want_ids = logp.topk(7, -1)
+    values, ids = depth_top_logp(depth_logits, 7)
+    assert torch.equal(ids, want_ids)
+    torch.testing.assert_close(values, want_values, rtol=0, atol=1e-5)
+    # bf16 logits: the top-k reads them as they are, the same ids and values as their exact fp32 copy
+    half = depth_logits.bfloat16()
+    v16, i16 = depth_top_logp(half, 7)
+    v32, i32 = depth_top_logp(half.float(), 7)
+    assert v16.dtype == torch.float32
+    torch.testing.assert_close(v16, v32, rtol=0, atol=1e-6)
+    assert torch.equal(half.float().gather(1, i16), half.float().gather(1, i32))  # ids may differ only by ties
