@@ -42,7 +42,7 @@ class Engine:
     def __init__(self, decoder: Decoder, tokenizer, engine_dir: Path, fast: GraphDecoder | None = None,
                  summary: dict[str, str] | None = None):
         self.decoder = decoder
-        self.fast = fast  # CUDA: graphed greedy rounds; sampling stays on the reference decoder
+        self.fast = fast  # CUDA: graphed rounds, greedy and sampling; the reference decoder serves the CPU
         self.tokenizer = tokenizer
         self.engine_dir = engine_dir
         # How this engine runs here, one line per aspect: "weights" (fused at build, or at load) and
@@ -53,6 +53,11 @@ class Engine:
     @property
     def runtime(self) -> RuntimeConfig:
         return self.decoder.runtime
+
+    @property
+    def backend(self) -> Decoder | GraphDecoder:
+        """What serves every request here, greedy and sampled: the GraphDecoder on CUDA, else the reference Decoder."""
+        return self.fast if self.fast is not None else self.decoder
 
     @property
     def target(self) -> TargetModel:
@@ -109,11 +114,8 @@ class Engine:
         speculative: bool = True,
         tree: TreeConfig | None = None,
     ) -> Iterator[list[int]]:
-        self._active = self.fast if self.fast is not None and sampling.greedy else self.decoder
-        if self._active is self.fast:
-            yield from self.fast.generate(prompt_ids, max_new_tokens, speculative, tree)
-        else:
-            yield from self.decoder.generate(prompt_ids, max_new_tokens, sampling, speculative, tree)
+        self._active = self.backend
+        yield from self._active.generate(prompt_ids, max_new_tokens, sampling, speculative, tree)
         self.last_stats = self._active.stats
 
     @property

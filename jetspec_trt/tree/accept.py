@@ -14,6 +14,11 @@ deterministic top-k of the draft (not samples from it), this rule also accepts a
 the chance to advance is p(children), the mass the target puts on the drafted set. (SpecInfer-style
 multi-draft rejection sampling needs sampled drafts to be exact; with a deterministic draft set it reduces to
 this.)
+
+Both rules are one walk over a per-node choice (`choose_tokens`: the argmax, or one draw): greedy is the T = 0
+case. The walk may draw at every node up front (the CUDA-graph path, `tree.tree_tensors.accept_tensors`, has no
+host branch) or only at the nodes it visits (this module's host walk): draws at nodes off the path are never
+used, so both give the same law.
 """
 
 from __future__ import annotations
@@ -36,6 +41,15 @@ class SamplingConfig:
     def greedy(self) -> bool:
         return self.temperature <= 0.0
 
+    @property
+    def mode(self) -> str:
+        """How a node's token is chosen: "greedy" (argmax), "sample" (a draw at the temperature) or "nucleus" (a
+        draw inside the top-p nucleus). The mode fixes a captured CUDA graph; the temperature and top_p values do
+        not (the graph reads them from device scalars). top_p = 1 skips the nucleus's vocabulary sort."""
+        if self.greedy:
+            return "greedy"
+        return "nucleus" if self.top_p < 1.0 else "sample"
+
 
 @dataclass
 class Acceptance:
@@ -47,25 +61,50 @@ class Acceptance:
         return len(self.path) - 1
 
 
+Scalar = float | torch.Tensor  # a Python number, or a 0-d tensor on the logits' device (graph-captured reads)
+
+
+def tempered_logits(logits: torch.Tensor, temperature: Scalar, top_p: Scalar | None) -> torch.Tensor:
+    """logits / T in float32 with every token outside the top-p nucleus at -inf (top_p None: no nucleus).
+    Its softmax is the distribution plain sampling draws from."""
+    scaled = logits.float() / temperature
+    if top_p is None:
+        return scaled
+    sorted_logits, order = scaled.sort(dim=-1, descending=True)
+    sorted_probs = sorted_logits.softmax(-1)
+    # Keep the smallest prefix whose mass reaches top_p (the first token is always kept).
+    outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+    return scaled.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
+
+
 def target_probs(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
     """The distribution plain sampling draws from: softmax(logits / T), restricted to the top-p nucleus."""
-    probs = torch.softmax(logits.float() / sampling.temperature, dim=-1)
-    if sampling.top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (the first token is always kept).
-        before = sorted_probs.cumsum(-1) - sorted_probs
-        sorted_probs = sorted_probs.masked_fill(before >= sampling.top_p, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
+    top_p = sampling.top_p if sampling.mode == "nucleus" else None
+    return torch.softmax(tempered_logits(logits, sampling.temperature, top_p), dim=-1)
+
+
+def choose_tokens(logits: torch.Tensor, mode: str, temperature: Scalar = 0.0, top_p: Scalar = 1.0,
+                  generator: torch.Generator | None = None) -> torch.Tensor:
+    """The token each row of logits [..., V] emits: its argmax ("greedy"), or one independent draw per row from
+    softmax(tempered_logits) ("sample", "nucleus"; SamplingConfig.mode). int64 [...], on the logits' device.
+
+    The draw is the exponential race: with E_i ~ Exp(1) i.i.d., argmax_i p_i / E_i is i with probability p_i
+    (torch.multinomial's own one-sample path, whose input checks sync with the host and so cannot be captured).
+    In log space, argmax(log p_i - log E_i) = argmax(tempered logit_i - log E_i): no softmax is needed.
+    """
+    if mode == "greedy":
+        return logits.argmax(-1)
+    scaled = tempered_logits(logits, temperature, top_p if mode == "nucleus" else None)
+    race = torch.empty_like(scaled).exponential_(generator=generator)
+    # An exact 0 from exponential_ would make -log E infinite (argmax then ignores p); tiny keeps it finite and
+    # is below any non-zero float32 draw, so no other outcome changes.
+    return (scaled - race.clamp_min_(torch.finfo(race.dtype).tiny).log_()).argmax(-1)
 
 
 def next_token(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> int:
-    """One token the way plain decoding picks it (argmax, or a draw from target_probs)."""
-    if sampling.greedy:
-        return int(logits.argmax(-1))
-    probs = target_probs(logits, sampling)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+    """One token the way plain decoding picks it (argmax, or a draw from target_probs). The generator, when
+    given, lives on the logits' device."""
+    return int(choose_tokens(logits, sampling.mode, sampling.temperature, sampling.top_p, generator))
 
 
 def accept(
@@ -73,8 +112,9 @@ def accept(
 ) -> Acceptance:
     """logits [N, V]: the target's logits at each tree node (row i predicts the token after node i)."""
     if sampling.greedy:
-        choices = logits.argmax(-1).tolist()  # one host transfer for the whole tree
+        choices = choose_tokens(logits, "greedy").tolist()  # one host transfer for the whole tree
         return walk(tree, lambda node: choices[node])
+    # Draws only at the nodes the walk visits: on the host a vocabulary-wide draw costs, and unused ones don't count.
     return walk(tree, lambda node: next_token(logits[node], sampling, generator))
 
 
