@@ -123,8 +123,8 @@ def test_graph_sampling_is_seeded_and_keeps_greedy_unchanged(pair):
     vocab = target.config.vocab_size
     for speculative in (True, False):
         for sampling in (SamplingConfig(1.0, seed=1), SamplingConfig(0.8, 0.9, seed=1)):
-            runs = [[t for c in fast.generate(prompt, 20, dataclasses.replace(sampling, seed=s), speculative) for t in c]
-                    for s in (1, 1, 2, 3)]
+            seeded = [dataclasses.replace(sampling, seed=s) for s in (1, 1, 2, 3)]
+            runs = [[t for c in fast.generate(prompt, 20, one, speculative) for t in c] for one in seeded]
             assert runs[0] == runs[1]  # same seed, same tokens
             assert len({tuple(r) for r in runs[1:]}) == 3  # other seeds, other tokens
             assert all(0 <= t < vocab for r in runs for t in r) and all(len(r) == 20 for r in runs)
