@@ -81,7 +81,10 @@ def test_rounds_draw_fresh_numbers_on_every_replay(tiny_fp32):
 
 @pytest.fixture(scope="module")
 def small_vocab(tmp_path_factory):
-    return small_vocab_pair(tmp_path_factory.mktemp("small-vocab"), device="cuda")
+    target, draft, runtime = small_vocab_pair(tmp_path_factory.mktemp("small-vocab"), device="cuda")
+    target.fuse_weights()  # as GPU engines run
+    draft.fuse_weights()
+    return target, draft, runtime
 
 
 def graphed_p_value(decoder, sampling, speculative=True):
