@@ -18,6 +18,76 @@ def tiny_pair(directory: Path):
     return load_target(directory / "target"), load_draft(directory / "draft")
 
 
+SMALL_VOCAB = 5  # sampling tests: few enough tokens that the law of a short continuation is enumerable
+
+
+def small_vocab_pair(directory: Path, device: str = "cpu"):
+    """A random pair with a SMALL_VOCAB-token vocabulary (written once into `directory`) and its runtime."""
+    shape = dataclasses.replace(preset("tiny"), vocab_size=SMALL_VOCAB, mask_token_id=SMALL_VOCAB - 1,
+                                eos_token_id=SMALL_VOCAB - 1, init_std=0.3, tie_word_embeddings=False)
+    if not (directory / "draft").exists():
+        write_random_pair(shape, directory / "target", directory / "draft", seed=3)
+    target, draft = load_target(directory / "target", device=device), load_draft(directory / "draft", device=device)
+    runtime = RuntimeConfig(TreeConfig(16, 2, 3), "float32", 64, shape.block_size, shape.mask_token_id,
+                            draft.spec.target_layer_ids, eos_token_ids=(), page_size=16)
+    return target, draft, runtime
+
+
+def sequence_law(target, prompt: list[int], new_tokens: int, sampling) -> dict[tuple[int, ...], float]:
+    """P(t1..tn | prompt) under plain sampling (tree.accept.target_probs at every step), by enumerating every
+    continuation through the target."""
+    import itertools
+
+    from jetspec_trt.plugins.tree_attention import causal_mask
+    from jetspec_trt.tree.accept import target_probs
+
+    device = target.embed_tokens.weight.device
+    vocab = target.config.vocab_size
+    law = {}
+    with torch.no_grad():
+        for seq in itertools.product(range(vocab), repeat=new_tokens - 1):
+            tokens = torch.tensor(prompt + list(seq), device=device)
+            cache = target.new_cache(len(tokens) + 16, 16)
+            logits = target(tokens, torch.arange(len(tokens), device=device), cache,
+                            causal_mask(len(tokens), device)).logits
+            probs = [target_probs(logits[len(prompt) - 1 + i], sampling).cpu() for i in range(new_tokens)]
+            for last in range(vocab):
+                p = probs[-1][last]
+                for i, token in enumerate(seq):
+                    p = p * probs[i][token]
+                law[seq + (last,)] = float(p)
+    return law
+
+
+def chi_square_p(samples: list[tuple[int, ...]], law: dict[tuple[int, ...], float]) -> float:
+    """Chi-square p-value of observed outcomes against their exact law. Cells expecting fewer than 5 are pooled so
+    the chi-square approximation holds; an outcome of law 0 (cut by top-p) must never occur."""
+    from scipy.stats import chisquare
+
+    runs = len(samples)
+    counts = dict.fromkeys(law, 0)
+    for sample in samples:
+        assert sample in counts, sample
+        counts[sample] += 1
+    assert not any(counts[cell] for cell in law if law[cell] == 0.0)  # (exact zeros: cut by top-p)
+    cells = sorted(law, key=law.get, reverse=True)
+    observed, expected, pool_o, pool_e = [], [], 0, 0.0
+    for cell in cells:
+        if law[cell] * runs >= 5:
+            observed.append(counts[cell])
+            expected.append(law[cell] * runs)
+        else:
+            pool_o, pool_e = pool_o + counts[cell], pool_e + law[cell] * runs
+    if pool_e > 0:
+        observed.append(pool_o)
+        expected.append(pool_e)
+    else:  # top-p removed these outcomes: none may ever be drawn
+        assert pool_o == 0
+    total = sum(observed)
+    expected = [e * total / sum(expected) for e in expected]
+    return chisquare(observed, expected).pvalue
+
+
 def tiny_runtime(draft, tree: TreeConfig = TreeConfig(64, 4, 7), max_seq_len: int = 256, **changes) -> RuntimeConfig:
     shape = preset("tiny")
     runtime = RuntimeConfig(tree, "float32", max_seq_len, shape.block_size, shape.mask_token_id,

@@ -303,11 +303,13 @@ def run_suite_bench(cfg: SuiteBenchConfig, command: list[str] | None = None) -> 
         hf_model = load_hf_model(Path(cfg.engine_dir) / "target", engine.dtype).to(cfg.device)
         hf_model.generation_config.pad_token_id = engine.tokenizer.pad_token_id or engine.tokenizer.eos_token_id
 
-    # warm-up (CUDA graph capture, kernels) on a short request, not timed
+    # warm-up (CUDA graph capture, kernels) on a short request, not timed: each budget at each temperature, since
+    # the graph decoder captures a bucket once per sampling mode (greedy, sample)
     warm_ids = engine.encode(prompts[cfg.suites[0]][0][1])
     for b in cfg.budgets:
-        for _ in engine.stream_tokens(warm_ids, 8, SamplingConfig(), True, trees[b]):
-            pass
+        for t in cfg.temperatures:
+            for _ in engine.stream_tokens(warm_ids, 8, SamplingConfig(temperature=t, seed=cfg.seed), True, trees[b]):
+                pass
     for _ in engine.stream_tokens(warm_ids, 8, SamplingConfig(), False, None):
         pass
     if hf_model is not None:
@@ -377,6 +379,8 @@ def run_suite_bench(cfg: SuiteBenchConfig, command: list[str] | None = None) -> 
         "device": cfg.device,
         "device_name": device_name,
         "dtype": dtype_name(engine.dtype),
+        # what ran every request, greedy and sampled (GraphDecoder on CUDA; before it sampled, T > 0 ran eager)
+        "decoder": type(engine.backend).__name__,
         "versions": library_versions("torch", "transformers", "python", "cuda"),
         "command": " ".join(command or []),
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),

@@ -18,7 +18,7 @@ A backend may work ahead of the loop (the graph backend queues round r+1 before 
 round returns is what the loop counts, and `finish` undoes whatever ran past the last round the loop read.
 
 Backends: runtime/decoder.py (eager reference, CPU or CUDA, greedy and sampling) and export/onnx_runner.py
-(onnxruntime), both through runtime/host_rounds.py; runtime/graph_decoder.py (CUDA graphs, greedy).
+(onnxruntime), both through runtime/host_rounds.py; runtime/graph_decoder.py (CUDA graphs, greedy and sampling).
 """
 
 from __future__ import annotations

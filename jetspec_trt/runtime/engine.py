@@ -42,7 +42,7 @@ class Engine:
     def __init__(self, decoder: Decoder, tokenizer, engine_dir: Path, fast: GraphDecoder | None = None,
                  summary: dict[str, str] | None = None):
         self.decoder = decoder
-        self.fast = fast  # CUDA: graphed greedy rounds; sampling stays on the reference decoder
+        self.fast = fast  # CUDA: graphed rounds, greedy and sampling; the reference decoder serves the CPU
         self.tokenizer = tokenizer
         self.engine_dir = engine_dir
         # How this engine runs here, one line per aspect: "weights" (fused at build, or at load) and
@@ -53,6 +53,12 @@ class Engine:
     @property
     def runtime(self) -> RuntimeConfig:
         return self.decoder.runtime
+
+    @property
+    def backend(self) -> Decoder | GraphDecoder:
+        """What serves greedy and sampled requests here: the GraphDecoder on CUDA, else the reference Decoder. (Top-k,
+        banned tokens and log probabilities always run on the reference Decoder: GraphDecoder.handles.)"""
+        return self.fast if self.fast is not None else self.decoder
 
     @property
     def target(self) -> TargetModel:
@@ -114,8 +120,8 @@ class Engine:
         probabilities under the target (tree.accept.token_logprobs)."""
         use_graphs = self.fast is not None and GraphDecoder.handles(sampling, logprobs)
         self._active = self.fast if use_graphs else self.decoder
-        if self._active is self.fast:
-            yield from self.fast.generate(prompt_ids, max_new_tokens, speculative, tree)
+        if use_graphs:
+            yield from self.fast.generate(prompt_ids, max_new_tokens, sampling, speculative, tree)
         else:
             yield from self.decoder.generate(prompt_ids, max_new_tokens, sampling, speculative, tree, logprobs)
         self.last_stats = self._active.stats

@@ -1,4 +1,4 @@
-"""Greedy decoding on the GPU with the whole round on the device and replayed from CUDA graphs.
+"""Decoding on the GPU (greedy and sampling) with the whole round on the device and replayed from CUDA graphs.
 
 At batch 1 a round is launch-bound unless it is graphed: hundreds of small kernels for the draft head, the
 tree build and the accept step. Here every stage is a fixed-shape tensor program over static buffers, with the
@@ -6,12 +6,21 @@ context length read from device tensors (the tree-attention kernel loops to it),
 bucket (budget, topk, max_depth) serves every context length. The host reads back one small tensor per round
 (accepted count + tokens) and that is the only sync.
 
+Sampling runs in the same graphs. A bucket is captured once per sampling mode (`SamplingConfig.mode`: greedy,
+sample, nucleus); the temperature and top_p are device scalars written per request, so new values need no
+capture. The draws come from the decoder's own CUDA generator, registered with every graph that draws (a
+replay then advances its Philox offset like an eager call) and seeded at the start of each request: the same
+seed gives the same tokens run after run.
+
 Stages, each its own graph so the bench can time them apart (replayed back to back they are one round):
   draft   append the previous round's accepted features to the head's cache, run the block, per-depth logits
   tree    best-first tree as tensors (tree.tree_tensors)
   verify  the target over all tree nodes with the ancestor mask, capturing the draft's target-layer features
-  accept  greedy walk as tensors, KV compaction to the accepted path, next round's anchor and features
-The eager `Decoder` stays the reference (CPU, sampling); this class must emit the same tokens.
+  accept  a choice per node (argmax, or one draw), the walk as tensors, KV compaction to the accepted path,
+          next round's anchor and features
+The eager `Decoder` stays the reference: greedy, this class must emit the same tokens; sampling, tokens with the
+same law (both walk over tree.accept.choose_tokens, which draws the same way, but they draw from different RNG
+streams: the eager walk draws at the visited nodes only).
 
 `GraphDecoder` is a backend of the one round loop (`runtime.round_loop.run_rounds`, which owns EOS, the token
 limit, statistics and streaming): `prepare` captures the request's graphs (a tree bucket's stages, or the AR
@@ -41,8 +50,8 @@ from jetspec_trt.plugins.tree_attention import causal_mask, load_gpu_kernels, pa
 from jetspec_trt.runtime.backend import DecodeRequest, RoundResult
 from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
 from jetspec_trt.runtime.round_loop import DecodeStats, run_rounds
-from jetspec_trt.tree.accept import SamplingConfig
-from jetspec_trt.tree.tree_tensors import TreeTensors, build_tree_tensors, greedy_accept_tensors, node_count
+from jetspec_trt.tree.accept import SamplingConfig, choose_tokens
+from jetspec_trt.tree.tree_tensors import TreeTensors, accept_tensors, build_tree_tensors, node_count
 
 STAGES = ("draft", "tree", "verify", "accept")
 
@@ -78,11 +87,14 @@ class GraphReplay:
         self.graph.replay()
 
 
-def capture_graphs(fns: dict[str, Callable[[], None]], restore: Callable[[], None]) -> dict[str, GraphReplay]:
+def capture_graphs(fns: dict[str, Callable[[], None]], restore: Callable[[], None],
+                   generator: torch.Generator | None = None) -> dict[str, GraphReplay]:
     """Warm up on a side stream, capture each function in order, and undo the warm-up's cache effects.
 
     Functions that feed each other are warmed up together, in order: a later stage warmed up alone would
-    read the earlier stage's capture-time output buffer, which nothing has written yet.
+    read the earlier stage's capture-time output buffer, which nothing has written yet. `generator`: a CUDA
+    generator the functions draw from, registered with each graph so that every replay draws fresh numbers from
+    its current state (unregistered, a replay would repeat the capture's draws).
     """
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -95,6 +107,8 @@ def capture_graphs(fns: dict[str, Callable[[], None]], restore: Callable[[], Non
     replays = {}
     for name, fn in fns.items():
         graph = torch.cuda.CUDAGraph()
+        if generator is not None:
+            graph.register_generator_state(generator)
         with torch.cuda.graph(graph):
             fn()
         replays[name] = GraphReplay(graph, fn)
@@ -141,6 +155,7 @@ class _Round:
     run: Callable[[], None]
     pipeline: RoundPipeline
     drafted: int  # tree nodes below the root
+    mode: str  # SamplingConfig.mode: how the prefill's token is chosen, as the graphs choose the rounds' tokens
     token: torch.Tensor | None = None  # the AR step's token buffer
     committed: int = 0
 
@@ -154,16 +169,22 @@ class GraphDecoder:
         self.triton_kernels = self.device.type == "cuda" and load_gpu_kernels()
         if self.device.type == "cuda":
             target.set_decode_gemv(runtime.decode_gemv)
-        # The tree build (one sort per level) and the greedy walk are ~100-200 tiny kernels a round at batch 1
+        # The tree build (one sort per level) and the acceptance walk are ~100-200 tiny kernels a round at batch 1
         # eager (H200, 0.5B shape: tree 0.66 ms of a 2.50 ms budget-16 round); compiled, Inductor fuses what lies
         # between the top-k/sort calls (and sorts of <= 512 entries themselves). Shapes are fixed per tree
-        # bucket, so each compiles once.
-        self.build_tree, self.greedy_accept = build_tree_and_mask, greedy_accept_tensors
+        # bucket, so each compiles once. The per-node choice (choose_tokens) stays eager: a handful of
+        # vocabulary-wide kernels, and its draws use a generator.
+        self.build_tree, self.accept_path = build_tree_and_mask, accept_tensors
         if compile_layers:
             compile_model_layers(target.layers)
             compile_model_layers(draft.layers)
             self.build_tree = torch.compile(build_tree_and_mask, dynamic=False, fullgraph=True)
-            self.greedy_accept = torch.compile(greedy_accept_tensors, dynamic=False, fullgraph=True)
+            self.accept_path = torch.compile(accept_tensors, dynamic=False, fullgraph=True)
+        # Sampling: the request's temperature and top_p as device scalars (graphs read them at replay) and the
+        # generator every draw uses, seeded per request (prepare).
+        self.temperature = torch.ones((), device=self.device)
+        self.top_p = torch.ones((), device=self.device)
+        self.generator = torch.Generator(device=self.device)
         self.capture_layers = tuple(runtime.target_layer_ids)
         # A tree or padded context + block past the limit, plus the round the pipeline runs past the last one.
         slack = max(runtime.tree.budget, 2 * runtime.block_size) + runtime.block_size
@@ -172,8 +193,8 @@ class GraphDecoder:
         self.draft_cache = draft.new_cache(tokens, runtime.page_size)
         self._block_mask = causal_mask(runtime.block_size, self.device)
         self._one = causal_mask(1, self.device)
-        self._stages: dict[TreeConfig, tuple[RoundState, dict[str, Callable[[], None]]]] = {}
-        self._ar_step: Callable[[], None] | None = None
+        self._stages: dict[tuple[TreeConfig, str], tuple[RoundState, dict[str, Callable[[], None]]]] = {}
+        self._ar_steps: dict[str, tuple[torch.Tensor, Callable[[], None]]] = {}
         self._round: _Round | None = None
         self.stats: DecodeStats | None = None
 
@@ -181,7 +202,7 @@ class GraphDecoder:
         """Switch the target's single-token GEMMs between cuBLAS and plugins.gemv; drops captured graphs (they
         baked in the other kernels) so the next use re-captures."""
         self.target.set_decode_gemv(enabled)
-        self._ar_step = None
+        self._ar_steps.clear()
         self._stages.clear()
 
     def reset(self, context: int = 0) -> None:
@@ -208,7 +229,11 @@ class GraphDecoder:
         )
 
     # ---- stages (fixed shapes, no host sync) -----------------------------------------------------------
-    def _make_stages(self, tree: TreeConfig, state: RoundState) -> dict[str, Callable[[], None]]:
+    def choose(self, logits: torch.Tensor, mode: str) -> torch.Tensor:
+        """The token after each row of logits, by the request's rule (tree.accept.choose_tokens)."""
+        return choose_tokens(logits, mode, self.temperature, self.top_p, self.generator)
+
+    def _make_stages(self, tree: TreeConfig, state: RoundState, mode: str) -> dict[str, Callable[[], None]]:
         target, draft, depth = self.target, self.draft, tree.max_depth
         tcache, dcache = self.target_cache, self.draft_cache
         block_size = self.runtime.block_size
@@ -237,7 +262,7 @@ class GraphDecoder:
 
         def accept_stage() -> None:
             out = scratch["out"]
-            walk = self.greedy_accept(scratch["tree"], out.logits, depth)
+            walk = self.accept_path(scratch["tree"], self.choose(out.logits, mode), depth)
             state.features.copy_(out.features[walk.path])
             state.count.copy_(walk.length)
             tcache.commit_path(walk.path, walk.length)
@@ -247,9 +272,11 @@ class GraphDecoder:
 
         return {"draft": draft_stage, "tree": tree_stage, "verify": verify_stage, "accept": accept_stage}
 
-    def _captured(self, fns: dict[str, Callable[[], None]], restore: Callable[[], None]) -> dict:
+    def _captured(self, fns: dict[str, Callable[[], None]], restore: Callable[[], None], mode: str) -> dict:
         """The functions as graphs (capture_graphs), or as they are when graphs are off."""
-        return capture_graphs(fns, restore) if self.use_graphs else fns
+        if not self.use_graphs:
+            return fns
+        return capture_graphs(fns, restore, None if mode == "greedy" else self.generator)
 
     def _snapshot(self) -> Callable[[], None]:
         saved = (self.target_cache.ctx_len.clone(), self.draft_cache.ctx_len.clone())
@@ -260,18 +287,19 @@ class GraphDecoder:
 
         return restore
 
-    def stages(self, tree: TreeConfig) -> tuple[RoundState, dict[str, Callable[[], None]]]:
-        """The (captured) stages of a tree bucket; captured once, on first use."""
-        if tree not in self._stages:
+    def stages(self, tree: TreeConfig, mode: str = "greedy") -> tuple[RoundState, dict[str, Callable[[], None]]]:
+        """The (captured) stages of a tree bucket in a sampling mode; captured once, on first use."""
+        key = (tree, mode)
+        if key not in self._stages:
             state = self._new_state(tree.max_depth)
-            eager = self._make_stages(tree, state)
+            eager = self._make_stages(tree, state, mode)
             restore = self._snapshot()
-            self._stages[tree] = (state, self._captured({name: eager[name] for name in STAGES}, restore))
-        return self._stages[tree]
+            self._stages[key] = (state, self._captured({name: eager[name] for name in STAGES}, restore, mode))
+        return self._stages[key]
 
-    def ar_step(self) -> tuple[torch.Tensor, Callable[[], None]]:
-        """One autoregressive step over static buffers: token in, next token out, context + 1."""
-        if self._ar_step is None:
+    def ar_step(self, mode: str = "greedy") -> tuple[torch.Tensor, Callable[[], None]]:
+        """One autoregressive step over static buffers: token in, next token out (argmax or a draw), context + 1."""
+        if mode not in self._ar_steps:
             token = torch.zeros(1, dtype=torch.long, device=self.device)
             one = torch.ones(1, dtype=torch.long, device=self.device)
 
@@ -279,10 +307,10 @@ class GraphDecoder:
                 positions = self.target_cache.ctx_len.long()
                 out = self.target(token, positions, self.target_cache, self._one)
                 self.target_cache.advance(one)
-                token.copy_(out.logits[0].argmax(-1, keepdim=True))
+                token.copy_(self.choose(out.logits, mode))
 
-            self._ar_step = (token, self._captured({"step": step}, self._snapshot())["step"])
-        return self._ar_step
+            self._ar_steps[mode] = (token, self._captured({"step": step}, self._snapshot(), mode)["step"])
+        return self._ar_steps[mode]
 
     # ---- decoding: the round loop's backend ------------------------------------------------------------------
     @property
@@ -290,10 +318,10 @@ class GraphDecoder:
         return self.target.config.vocab_size
 
     @torch.inference_mode()
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, speculative: bool = True,
-                 tree: TreeConfig | None = None) -> Iterator[list[int]]:
-        """Yield the new tokens of each round (greedy). `self.stats` describes the call once the iterator ends."""
-        yield from run_rounds(self, prompt_ids, max_new_tokens, SamplingConfig(), speculative, tree)
+    def generate(self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
+                 speculative: bool = True, tree: TreeConfig | None = None) -> Iterator[list[int]]:
+        """Yield the new tokens of each round. `self.stats` describes the call once the iterator ends."""
+        yield from run_rounds(self, prompt_ids, max_new_tokens, sampling, speculative, tree)
 
     def prefill_target(self, prompt_ids: list[int], capture: bool):
         """The prompt through the target from an empty cache (eager): the target's output, all rows."""
@@ -309,16 +337,20 @@ class GraphDecoder:
 
     @staticmethod
     def handles(sampling: SamplingConfig, logprobs: bool = False) -> bool:
-        """Whether the graphs run this request: plain greedy (argmax, no banned tokens), no log probabilities."""
-        return sampling.greedy and not sampling.banned_token_ids and not logprobs
+        """Whether the graphs run this request: greedy or sampled (temperature, top-p, seed), with no banned tokens,
+        no top-k and no log probabilities (those run on the eager Decoder)."""
+        return not sampling.banned_token_ids and not sampling.top_k and not logprobs
 
     def prepare(self, request: DecodeRequest) -> None:
-        """Capture the request's graphs (a tree bucket's stages, or the AR step) on first use: outside the timings."""
+        """Capture the request's graphs (a tree bucket's stages, or the AR step, in its sampling mode) on first use,
+        then set its sampling values and seed: all outside the timings."""
         if not self.handles(request.sampling, request.logprobs):
-            raise JetSpecError("the graph decoder is plain greedy only (no banned tokens, no log probabilities): "
-                               "other requests run on the eager Decoder")
+            raise JetSpecError("the graph decoder takes no banned tokens, top-k or log probabilities: "
+                               "those requests run on the eager Decoder")
+        sampling = request.sampling
+        mode = sampling.mode
         if request.speculative:
-            state, stages = self.stages(request.tree)
+            state, stages = self.stages(request.tree, mode)
             replays = [stages[name] for name in STAGES]
 
             def run() -> None:
@@ -327,15 +359,22 @@ class GraphDecoder:
 
             tree = request.tree
             self._round = _Round(state, run, RoundPipeline((state.result, self.target_cache.ctx_len)),
-                                 node_count(tree.budget, tree.topk, tree.max_depth) - 1)
+                                 node_count(tree.budget, tree.topk, tree.max_depth) - 1, mode)
         else:
-            token, step = self.ar_step()
-            self._round = _Round(None, step, RoundPipeline((token, self.target_cache.ctx_len)), 0, token)
+            token, step = self.ar_step(mode)
+            self._round = _Round(None, step, RoundPipeline((token, self.target_cache.ctx_len)), 0, mode, token)
+        if mode != "greedy":
+            self.temperature.fill_(sampling.temperature)
+            self.top_p.fill_(sampling.top_p)
+            # After the capture (its warm-up draws too). No seed: one from torch's global RNG, as the eager
+            # decoder's draws are then (torch.manual_seed makes both repeatable).
+            seed = sampling.seed if sampling.seed is not None else int(torch.randint(0, 2**62, ()))
+            self.generator.manual_seed(seed)
 
     def prefill(self, request: DecodeRequest) -> int:
         round_ = self._round
         out = self.prefill_target(request.prompt_ids, capture=request.speculative)
-        first = out.logits[-1].argmax(-1, keepdim=True)
+        first = self.choose(out.logits[-1], round_.mode)  # eager, from the same generator as the rounds' draws
         if round_.state is not None:
             self.draft_cache.set_length(0)
             self.draft.extend_context(out.features, torch.arange(len(request.prompt_ids), device=self.device),

@@ -30,9 +30,9 @@ class HostRounds:
 
     def prefill(self, request: DecodeRequest) -> int:
         self._request = request
-        seed = request.sampling.seed
-        self._generator = torch.Generator().manual_seed(seed) if seed is not None else None
         logits = self._prefill_logits(request.prompt_ids, request.speculative)
+        seed = request.sampling.seed  # draws run where the logits are: the generator lives there too
+        self._generator = torch.Generator(logits.device).manual_seed(seed) if seed is not None else None
         self._length = len(request.prompt_ids)  # committed tokens: the anchor's position
         self._anchor = next_token(logits, request.sampling, self._generator)
         if request.logprobs:

@@ -17,6 +17,11 @@ this.)
 
 Banned tokens (single-token bad words) are removed from the target's logits before either rule picks, at every
 node and at prefill, so the walk stays exact for the banned-token distribution: the filter is part of p.
+
+Both rules are one walk over a per-node choice (`choose_tokens`: the argmax, or one draw): greedy is the T = 0
+case. The walk may draw at every node up front (the CUDA-graph path, `tree.tree_tensors.accept_tensors`, has no
+host branch) or only at the nodes it visits (this module's host walk): draws at nodes off the path are never
+used, so both give the same law.
 """
 
 from __future__ import annotations
@@ -41,6 +46,15 @@ class SamplingConfig:
     def greedy(self) -> bool:
         return self.temperature <= 0.0
 
+    @property
+    def mode(self) -> str:
+        """How a node's token is chosen: "greedy" (argmax), "sample" (a draw at the temperature) or "nucleus" (a
+        draw inside the top-p nucleus). The mode fixes a captured CUDA graph; the temperature and top_p values do
+        not (the graph reads them from device scalars). top_p = 1 skips the nucleus's vocabulary sort."""
+        if self.greedy:
+            return "greedy"
+        return "nucleus" if self.top_p < 1.0 else "sample"
+
 
 @dataclass
 class Acceptance:
@@ -60,31 +74,59 @@ def allowed_logits(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tens
     return logits.index_fill(-1, banned, float("-inf"))
 
 
+Scalar = float | torch.Tensor  # a Python number, or a 0-d tensor on the logits' device (graph-captured reads)
+
+
+def tempered_logits(logits: torch.Tensor, temperature: Scalar, top_p: Scalar | None, top_k: int = 0) -> torch.Tensor:
+    """logits / T in float32, restricted to the top-k tokens (0: no limit), then with every token outside the
+    top-p nucleus of what is left at -inf (top_p None: no nucleus; TensorRT-LLM's order). Its softmax is the
+    distribution plain sampling draws from."""
+    scaled = logits.float() / temperature
+    if 0 < top_k < scaled.shape[-1]:
+        # Exactly k tokens (ties broken by topk's order), as TensorRT-LLM's top-k keeps k.
+        keep = torch.zeros_like(scaled, dtype=torch.bool).scatter(-1, scaled.topk(top_k).indices, True)
+        scaled = scaled.masked_fill(~keep, float("-inf"))
+    if top_p is None:
+        return scaled
+    sorted_logits, order = scaled.sort(dim=-1, descending=True)
+    sorted_probs = sorted_logits.softmax(-1)
+    # Keep the smallest prefix whose mass reaches top_p (the first token is always kept).
+    outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+    return scaled.scatter(-1, order, sorted_logits.masked_fill(outside, float("-inf")))
+
+
 def target_probs(logits: torch.Tensor, sampling: SamplingConfig) -> torch.Tensor:
     """The distribution plain sampling draws from: softmax(logits / T) without the banned tokens, restricted to
-    the top-k tokens, then to the top-p nucleus of what is left (TensorRT-LLM's order)."""
-    logits = allowed_logits(logits.float(), sampling) / sampling.temperature
-    if 0 < sampling.top_k < logits.shape[-1]:
-        # Exactly k tokens (ties broken by topk's order), as TensorRT-LLM's top-k keeps k.
-        keep = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, logits.topk(sampling.top_k).indices, True)
-        logits = logits.masked_fill(~keep, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    if sampling.top_p < 1.0:
-        sorted_probs, order = probs.sort(dim=-1, descending=True)
-        # Keep the smallest prefix whose mass reaches top_p (the first token is always kept).
-        before = sorted_probs.cumsum(-1) - sorted_probs
-        sorted_probs = sorted_probs.masked_fill(before >= sampling.top_p, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-        probs = probs / probs.sum(-1, keepdim=True)
-    return probs
+    the top-k tokens, then to the top-p nucleus of what is left."""
+    top_p = sampling.top_p if sampling.mode == "nucleus" else None
+    return torch.softmax(tempered_logits(allowed_logits(logits, sampling), sampling.temperature, top_p,
+                                         sampling.top_k), dim=-1)
+
+
+def choose_tokens(logits: torch.Tensor, mode: str, temperature: Scalar = 0.0, top_p: Scalar = 1.0,
+                  generator: torch.Generator | None = None, top_k: int = 0) -> torch.Tensor:
+    """The token each row of logits [..., V] emits: its argmax ("greedy"), or one independent draw per row from
+    softmax(tempered_logits) ("sample", "nucleus"; SamplingConfig.mode). int64 [...], on the logits' device.
+    Banned tokens are the caller's to mask first (allowed_logits).
+
+    The draw is the exponential race: with E_i ~ Exp(1) i.i.d., argmax_i p_i / E_i is i with probability p_i
+    (torch.multinomial's own one-sample path, whose input checks sync with the host and so cannot be captured).
+    In log space, argmax(log p_i - log E_i) = argmax(tempered logit_i - log E_i): no softmax is needed.
+    """
+    if mode == "greedy":
+        return logits.argmax(-1)
+    scaled = tempered_logits(logits, temperature, top_p if mode == "nucleus" else None, top_k)
+    race = torch.empty_like(scaled).exponential_(generator=generator)
+    # An exact 0 from exponential_ would make -log E infinite (argmax then ignores p); tiny keeps it finite and
+    # is below any non-zero float32 draw, so no other outcome changes.
+    return (scaled - race.clamp_min_(torch.finfo(race.dtype).tiny).log_()).argmax(-1)
 
 
 def next_token(logits: torch.Tensor, sampling: SamplingConfig, generator: torch.Generator | None) -> int:
-    """One token the way plain decoding picks it (argmax, or a draw from target_probs)."""
-    if sampling.greedy:
-        return int(allowed_logits(logits, sampling).argmax(-1))
-    probs = target_probs(logits, sampling)
-    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+    """One token the way plain decoding picks it (argmax, or a draw from target_probs), banned tokens never.
+    The generator, when given, lives on the logits' device."""
+    return int(choose_tokens(allowed_logits(logits, sampling), sampling.mode, sampling.temperature, sampling.top_p,
+                             generator, sampling.top_k))
 
 
 def token_logprobs(logits: torch.Tensor, tokens: list[int], sampling: SamplingConfig) -> list[float]:
@@ -102,8 +144,9 @@ def accept(
 ) -> Acceptance:
     """logits [N, V]: the target's logits at each tree node (row i predicts the token after node i)."""
     if sampling.greedy:
-        choices = allowed_logits(logits, sampling).argmax(-1).tolist()  # one host transfer for the whole tree
+        choices = choose_tokens(allowed_logits(logits, sampling), "greedy").tolist()  # one host transfer
         return walk(tree, lambda node: choices[node])
+    # Draws only at the nodes the walk visits: on the host a vocabulary-wide draw costs, and unused ones don't count.
     return walk(tree, lambda node: next_token(logits[node], sampling, generator))
 
 

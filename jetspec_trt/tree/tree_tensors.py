@@ -1,7 +1,7 @@
-"""Tree build and greedy acceptance as fixed-shape tensor programs: no host sync, so CUDA graphs can hold them.
+"""Tree build and acceptance walk as fixed-shape tensor programs: no host sync, so CUDA graphs can hold them.
 
-They compute exactly what `tree.tree.build_tree` and `tree.accept.accept` (greedy) compute, node for node,
-and are tested against them. Shapes depend only on (budget, topk, max_depth), which fix a graph bucket.
+They compute exactly what `tree.tree.build_tree` and `tree.accept.walk` compute, node for node, and are tested
+against them. Shapes depend only on (budget, topk, max_depth), which fix a graph bucket.
 
 Tree build. The best-first tree is the set of the `budget - 1` highest-scoring rank sequences (scores only drop
 along a path, so the set is prefix-closed). Level by level, only the best `budget - 1` nodes of a level can
@@ -115,26 +115,28 @@ def _assemble(anchor, tokens, parents, depths, max_depth: int) -> TreeTensors:
 
 
 @dataclass
-class GreedyResult:
+class AcceptedPath:
     path: torch.Tensor  # [max_depth + 1] node ids, root first; entries past `length` repeat the last node
     length: torch.Tensor  # [1] int64: path nodes kept (root included) = tokens emitted this round
     emitted: torch.Tensor  # [max_depth + 1] tokens: accepted drafts then the bonus token; valid up to `length`
 
 
-def greedy_accept_tensors(tree: TreeTensors, logits: torch.Tensor, max_depth: int) -> GreedyResult:
-    """The greedy walk as tensor ops: a node is accepted when it and all its ancestors match the target's argmax."""
-    choice = logits.argmax(-1)  # [N]: the target's token after each node
-    is_root = torch.arange(tree.tokens.shape[0], device=logits.device) == 0
+def accept_tensors(tree: TreeTensors, choice: torch.Tensor, max_depth: int) -> AcceptedPath:
+    """The walk of `tree.accept.walk` as tensor ops. choice [N]: the token the target emits after each node
+    (`tree.accept.choose_tokens`: the argmax, or one draw per node). From the root the walk moves to the child
+    holding the node's choice, so a node is on the path when it and all its ancestors hold their parent's choice;
+    the last path node's choice is the bonus token."""
+    is_root = torch.arange(tree.tokens.shape[0], device=choice.device) == 0
     correct = (tree.tokens == choice[tree.parents]) | is_root  # (no host scalar writes: graph capture)
     accepted = ~(tree.ancestors & ~correct[None, :]).any(-1)
     slot = torch.where(accepted, tree.depths, max_depth + 1)
-    path = torch.zeros(max_depth + 2, dtype=torch.long, device=logits.device)
-    path.scatter_(0, slot, torch.arange(tree.tokens.shape[0], device=logits.device))
+    path = torch.zeros(max_depth + 2, dtype=torch.long, device=choice.device)
+    path.scatter_(0, slot, torch.arange(tree.tokens.shape[0], device=choice.device))
     length = accepted.sum().reshape(1)
-    positions = torch.arange(max_depth + 1, device=logits.device)
+    positions = torch.arange(max_depth + 1, device=choice.device)
     last = path.gather(0, length - 1)
     path = torch.where(positions < length, path[: max_depth + 1], last)
-    # Emitted j = token of path node j+1 for accepted drafts; the bonus (argmax at the last node) at length-1.
+    # Emitted j = token of path node j+1 for accepted drafts; the bonus (the last node's choice) at length-1.
     next_tokens = tree.tokens[path.roll(-1)]
     emitted = torch.where(positions < length - 1, next_tokens, choice[last])
-    return GreedyResult(path, length, emitted)
+    return AcceptedPath(path, length, emitted)

@@ -35,3 +35,4 @@ def test_suite_bench_tiny(tmp_path):
     assert q["ar"]["requests"] == 2 and q["hf"]["requests"] == 1 and q["b8_t0"]["requests"] == 2
     assert q["ar"]["min"] <= q["ar"]["p99_slow"] <= q["ar"]["p50"] <= q["ar"]["max"]
     assert path.name == "suites-cpu-test.json" and res["device"] == "cpu" and res["dtype"] == "float32"
+    assert res["decoder"] == "Decoder"  # the CPU's (CUDA: GraphDecoder, for sampled runs too)

@@ -1,5 +1,7 @@
 """The fixed-shape GPU round (run eagerly here) emits exactly the reference decoder's tokens."""
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -105,16 +107,32 @@ def test_graph_rounds_count_as_the_reference_rounds(pair):
     assert fast.stats.drafted_tokens == fast.stats.rounds * (node_count(16, 4, 3) - 1)
 
 
-def test_graph_backend_refuses_sampling(pair):
-    """Engine routes sampled requests to the eager Decoder; the graph backend says so if one reaches it."""
-    from jetspec_trt.errors import JetSpecError
-    from jetspec_trt.runtime.round_loop import run_rounds
+def test_graph_sampling_is_seeded_and_keeps_greedy_unchanged(pair):
+    """Sampling on the fixed-shape path (eager here; tests/runtime/test_graph_sampling_gpu.py replays the graphs):
+    a seed fixes the tokens, different seeds differ, each sampling mode gets its own stages, and greedy requests
+    around sampled ones still equal the reference decoder."""
     from jetspec_trt.tree.accept import SamplingConfig
 
     target, draft = pair
-    fast = GraphDecoder(target, draft, tiny_runtime(draft, TreeConfig(16, 4, 7)))
-    with pytest.raises(JetSpecError, match="greedy only"):
-        next(run_rounds(fast, [1, 2, 3], 5, SamplingConfig(temperature=1.0)))
+    tree = TreeConfig(16, 4, 3)
+    runtime = tiny_runtime(draft, tree)
+    reference, fast = Decoder(target, draft, runtime), GraphDecoder(target, draft, runtime)
+    prompt = list(range(5, 25))
+    greedy = [t for c in reference.generate(prompt, 20) for t in c]
+    assert [t for c in fast.generate(prompt, 20) for t in c] == greedy
+    vocab = target.config.vocab_size
+    for speculative in (True, False):
+        for sampling in (SamplingConfig(1.0, seed=1), SamplingConfig(0.8, 0.9, seed=1)):
+            seeded = [dataclasses.replace(sampling, seed=s) for s in (1, 1, 2, 3)]
+            runs = [[t for c in fast.generate(prompt, 20, one, speculative) for t in c] for one in seeded]
+            assert runs[0] == runs[1]  # same seed, same tokens
+            assert len({tuple(r) for r in runs[1:]}) == 3  # other seeds, other tokens
+            assert all(0 <= t < vocab for r in runs for t in r) and all(len(r) == 20 for r in runs)
+            assert fast.stats.new_tokens == 20
+    assert {mode for _, mode in fast._stages} == {"greedy", "sample", "nucleus"}
+    assert set(fast._ar_steps) == {"sample", "nucleus"}
+    assert [t for c in fast.generate(prompt, 20) for t in c] == greedy
+    assert [t for c in fast.generate(prompt, 20, speculative=False) for t in c] == greedy
 
 
 def test_tree_stage_mask_packs_the_tree_ancestors():

@@ -1,4 +1,5 @@
-"""Speculative sampling draws from the target's distribution: a chi-square test over whole sequences.
+"""Speculative sampling draws from the target's distribution: chi-square tests over whole sequences, and of the
+parts: the per-node choice (temperature, top-p, the draw) and the tensor walk over sampled choices.
 
 A tiny-vocabulary target makes the exact law of the first three generated tokens computable by enumeration;
 thousands of seeded speculative runs must fit it (top-k and banned tokens included), and a deliberately wrong
@@ -6,85 +7,56 @@ acceptance rule must not. The filters and the reported log probabilities are che
 """
 
 import dataclasses
-import itertools
 
 import pytest
 import torch
-from scipy.stats import chisquare
 
 import jetspec_trt.runtime.host_rounds as host_rounds_module
-from jetspec_trt.models.checkpoint import load_draft, load_target
-from jetspec_trt.models.presets import preset, write_random_pair
 from jetspec_trt.plugins.tree_attention import causal_mask
-from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
 from jetspec_trt.runtime.decoder import Decoder
-from jetspec_trt.tree.accept import SamplingConfig, next_token, target_probs, token_logprobs, walk
+from jetspec_trt.runtime.graph_decoder import GraphDecoder
+from jetspec_trt.tree.accept import (SamplingConfig, choose_tokens, next_token, target_probs, tempered_logits,
+                                     token_logprobs, walk)
+from jetspec_trt.tree.tree_tensors import accept_tensors, build_tree_tensors
+from tests.helpers import chi_square_p, sequence_law, small_vocab_pair
 
-VOCAB = 5
 NEW_TOKENS = 3
 RUNS = 2500
 PROMPT = [0, 1, 2]
 
 
 @pytest.fixture(scope="module")
-def decoder(tmp_path_factory):
+def pair(tmp_path_factory):
     torch.set_num_threads(1)
-    shape = dataclasses.replace(preset("tiny"), vocab_size=VOCAB, mask_token_id=VOCAB - 1, eos_token_id=VOCAB - 1,
-                                init_std=0.3, tie_word_embeddings=False)
-    root = tmp_path_factory.mktemp("small-vocab")
-    write_random_pair(shape, root / "target", root / "draft", seed=3)
-    target, draft = load_target(root / "target"), load_draft(root / "draft")
-    runtime = RuntimeConfig(TreeConfig(16, 2, 3), "float32", 64, shape.block_size, shape.mask_token_id,
-                            draft.spec.target_layer_ids, eos_token_ids=(), page_size=16)
-    return Decoder(target, draft, runtime)
+    return small_vocab_pair(tmp_path_factory.mktemp("small-vocab"))
 
 
-def exact_law(decoder, sampling):
-    """P(t1, t2, t3 | prompt) by enumerating every continuation through the target."""
-    target = decoder.target
-    law = {}
-    with torch.no_grad():
-        for seq in itertools.product(range(VOCAB), repeat=NEW_TOKENS - 1):
-            tokens = torch.tensor(PROMPT + list(seq))
-            cache = target.new_cache(32, 16)
-            logits = target(tokens, torch.arange(len(tokens)), cache, causal_mask(len(tokens))).logits
-            probs = [target_probs(logits[len(PROMPT) - 1 + i], sampling) for i in range(NEW_TOKENS)]
-            for last in range(VOCAB):
-                p = probs[0][seq[0]] * probs[1][seq[1]] * probs[2][last]
-                law[seq + (last,)] = float(p)
-    return law
+@pytest.fixture(scope="module")
+def decoder(pair):
+    return Decoder(*pair)
 
 
-def chi_square_p(decoder, sampling):
-    law = exact_law(decoder, sampling)
-    counts = dict.fromkeys(law, 0)
+def speculative_p_value(decoder, sampling):
+    law = sequence_law(decoder.target, PROMPT, NEW_TOKENS, sampling)
+    samples = []
     for seed in range(RUNS):
         out = [t for c in decoder.generate(PROMPT, NEW_TOKENS, dataclasses.replace(sampling, seed=seed)) for t in c]
-        counts[tuple(out[:NEW_TOKENS])] += 1
-    # Pool cells with small expected counts so the chi-square approximation holds.
-    cells = sorted(law, key=law.get, reverse=True)
-    observed, expected, pool_o, pool_e = [], [], 0, 0.0
-    for cell in cells:
-        if law[cell] * RUNS >= 5:
-            observed.append(counts[cell])
-            expected.append(law[cell] * RUNS)
-        else:
-            pool_o, pool_e = pool_o + counts[cell], pool_e + law[cell] * RUNS
-    if pool_e > 0:
-        observed.append(pool_o)
-        expected.append(pool_e)
-    else:  # top-p removed these sequences: none may ever be drawn
-        assert pool_o == 0
-    total = sum(observed)
-    expected = [e * total / sum(expected) for e in expected]
-    return chisquare(observed, expected).pvalue, decoder.stats
+        samples.append(tuple(out[:NEW_TOKENS]))
+    return chi_square_p(samples, law), decoder.stats
 
 
 @pytest.mark.parametrize("sampling", [SamplingConfig(1.0, 1.0), SamplingConfig(0.7, 0.9),
                                       SamplingConfig(1.0, 1.0, top_k=3, banned_token_ids=(2,))],
                          ids=["T1", "T0.7-p0.9", "T1-k3-ban2"])
 def test_speculative_sampling_matches_target(decoder, sampling):
-    p_value, _ = chi_square_p(decoder, sampling)
+    p_value, _ = speculative_p_value(decoder, sampling)
+    assert p_value > 1e-3
+
+
+def test_fixed_shape_rounds_sample_from_the_target(pair):
+    """The CUDA-graph round (GraphDecoder: a draw at every node, the tensor walk, device-scalar temperature and
+    top_p), its stages run eagerly on the CPU; tests/runtime/test_graph_sampling_gpu.py replays the graphs."""
+    p_value, stats = speculative_p_value(GraphDecoder(*pair), SamplingConfig(0.7, 0.9))
     assert p_value > 1e-3
 
 
@@ -96,14 +68,18 @@ def wrong_accept(tree, logits, sampling, generator=None):
         first = next(iter(tree.children[node]), None)
         if first is not None and probs[first] >= 0.3:
             return first
-        return int(torch.multinomial(probs, 1, generator=generator))
+        return next_draw(logits[node], sampling, generator)
 
     return walk(tree, pick)
 
 
+def next_draw(logits, sampling, generator):
+    return int(choose_tokens(logits, sampling.mode, sampling.temperature, sampling.top_p, generator))
+
+
 def test_chi_square_catches_a_wrong_rule(decoder, monkeypatch):
     monkeypatch.setattr(host_rounds_module, "accept", wrong_accept)  # the rule the Decoder's rounds use
-    p_value, stats = chi_square_p(decoder, SamplingConfig(1.0, 1.0))
+    p_value, stats = speculative_p_value(decoder, SamplingConfig(1.0, 1.0))
     assert stats.accepted_drafts > 0
     assert p_value < 1e-3
 
@@ -161,3 +137,109 @@ def test_decoder_reports_each_tokens_logprob_under_the_target(decoder, sampling)
     assert reported == pytest.approx(expected, abs=1e-4)
     assert [t for chunk in decoder.generate(PROMPT, 8, sampling) for t in chunk] == out  # same tokens without
     assert decoder.stats.token_logprobs == []
+
+
+# ---- the per-node choice ---------------------------------------------------------------------------------------
+
+
+def test_tempered_logits_temperature_and_nucleus():
+    logits = torch.log(torch.tensor([0.05, 0.5, 0.15, 0.3]))  # sorted: 1 (0.5), 3 (0.3), 2 (0.15), 0 (0.05)
+    assert torch.allclose(tempered_logits(logits, 0.5, None), logits / 0.5)
+    assert torch.allclose(tempered_logits(logits, torch.tensor(2.0), None), logits / 2)  # a device scalar
+    # The nucleus is the smallest prefix (by probability) whose mass reaches top_p.
+    for top_p, kept in ((0.3, [1]), (0.5, [1]), (0.7, [1, 3]), (0.8, [1, 3]), (0.81, [1, 3, 2]), (0.99, [0, 1, 2, 3])):
+        out = tempered_logits(logits, 1.0, top_p)
+        assert torch.isfinite(out).nonzero().flatten().sort().values.tolist() == sorted(kept), top_p
+        assert torch.equal(out, tempered_logits(logits, 1.0, torch.tensor(top_p)))
+        probs = target_probs(logits, SamplingConfig(1.0, top_p))
+        want = torch.zeros(4)
+        want[kept] = torch.tensor([0.05, 0.5, 0.15, 0.3])[kept]
+        assert torch.allclose(probs, want / want.sum())
+    # Temperature first, then the nucleus of the tempered distribution: at T=0.5 token 1 alone holds 0.69.
+    assert torch.isfinite(tempered_logits(logits, 0.5, 0.65)).nonzero().flatten().tolist() == [1]
+    # Rows are independent.
+    rows = torch.stack([logits, logits.flip(0)])
+    assert torch.equal(tempered_logits(rows, 1.0, 0.7)[1], tempered_logits(logits.flip(0), 1.0, 0.7))
+    assert SamplingConfig().mode == "greedy" and SamplingConfig(1.0).mode == "sample"
+    assert SamplingConfig(1.0, 0.9).mode == "nucleus" and SamplingConfig(0.0, 0.9).mode == "greedy"
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig(1.0, 1.0), SamplingConfig(0.6, 1.0), SamplingConfig(1.3, 0.8)],
+                         ids=["T1", "T0.6", "T1.3-p0.8"])
+def test_choose_tokens_draws_each_row_from_target_probs(sampling):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(8, generator=g) * 1.5
+    rows = logits.expand(40000, 8)  # one independent draw per row
+    law = target_probs(logits, sampling)
+    for temperature, top_p in ((sampling.temperature, sampling.top_p),
+                               (torch.tensor(sampling.temperature), torch.tensor(sampling.top_p))):
+        drawn = choose_tokens(rows, sampling.mode, temperature, top_p, g)
+        assert drawn.shape == (40000,) and drawn.dtype == torch.long
+        p_value = chi_square_p([(int(t),) for t in drawn], {(i,): float(law[i]) for i in range(8)})
+        assert p_value > 1e-3
+    # The wrong temperature fails the same test (so it can fail).
+    drawn = choose_tokens(rows, sampling.mode, sampling.temperature * 1.5, sampling.top_p, g)
+    assert chi_square_p([(int(t),) for t in drawn], {(i,): float(law[i]) for i in range(8)}) < 1e-3
+
+
+def test_choose_tokens_greedy_and_seeded():
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(6, 30, generator=g)
+    assert torch.equal(choose_tokens(logits, "greedy"), logits.argmax(-1))
+    a = choose_tokens(logits, "nucleus", 0.9, 0.95, torch.Generator().manual_seed(5))
+    b = choose_tokens(logits, "nucleus", 0.9, 0.95, torch.Generator().manual_seed(5))
+    c = torch.stack([choose_tokens(logits, "sample", 1.0, 1.0, torch.Generator().manual_seed(s)) for s in range(8)])
+    assert torch.equal(a, b) and len({tuple(row.tolist()) for row in c}) > 1
+
+
+# ---- the tensor walk (the CUDA-graph path's rule) over sampled choices -------------------------------------------
+
+
+def first_child_tokens(tree):
+    """For each node, the token of its first (highest-scored) child, or -1."""
+    first = torch.full_like(tree.tokens, -1)
+    for i in reversed(range(1, tree.tokens.shape[0])):
+        first[tree.parents[i]] = tree.tokens[i]
+    return first
+
+
+def tensor_walk_samples(right: bool, sampling: SamplingConfig, runs: int):
+    """(first, second) emitted tokens of `runs` tensor walks (second = -1 when the walk stops after one) over a
+    fixed small tree, and their exact law: the first token is a draw at the root; when it is a child, the second
+    is a draw at that child. right=False: the wrong rule of wrong_accept, in tensor form."""
+    g = torch.Generator().manual_seed(2)
+    vocab, depth = 5, 2
+    tree = build_tree_tensors(torch.tensor([0]), torch.randn(depth, vocab, generator=g), 7, 2, depth)
+    n = tree.tokens.shape[0]
+    logits = torch.randn(n, vocab, generator=g)
+    logits[tree.parents[1:], tree.tokens[1:]] += 1.0  # the target likes the drafts, but not always
+    logits[0, tree.tokens[1]] += 1.0  # the root's first child: over 30% (where the wrong rule acts), under 100%
+    probs = target_probs(logits, sampling)
+    children = {int(tree.tokens[i]): i for i in range(1, n) if int(tree.parents[i]) == 0}
+    law = {}
+    for first in range(vocab):
+        if first in children:
+            for second in range(vocab):
+                law[(first, second)] = float(probs[0, first] * probs[children[first], second])
+        else:
+            law[(first, -1)] = float(probs[0, first])
+    first_child = first_child_tokens(tree)
+    wrong = (first_child >= 0) & (probs.gather(1, first_child.clamp_min(0)[:, None])[:, 0] >= 0.3)
+    samples = []
+    for _ in range(runs):
+        choice = choose_tokens(logits, sampling.mode, sampling.temperature, sampling.top_p, g)
+        if not right:
+            choice = torch.where(wrong, first_child, choice)
+        walked = accept_tensors(tree, choice, depth)
+        emitted = walked.emitted[: int(walked.length)].tolist()
+        samples.append((emitted[0], emitted[1] if len(emitted) > 1 else -1))
+    return samples, law
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig(1.0, 1.0), SamplingConfig(0.7, 0.9)], ids=["T1", "T0.7-p0.9"])
+def test_tensor_walk_over_sampled_choices_matches_target(sampling):
+    samples, law = tensor_walk_samples(True, sampling, 4000)
+    assert sum(s[1] >= 0 for s in samples) > 500  # drafts were accepted: the second token was tested too
+    assert chi_square_p(samples, law) > 1e-3
+    samples, law = tensor_walk_samples(False, sampling, 4000)
+    assert chi_square_p(samples, law) < 1e-3
