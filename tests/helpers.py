@@ -85,7 +85,8 @@ class Fp8Pair:
 
 
 def write_fp8_pair(root: Path) -> Fp8Pair:
-    """A tiny target + draft, and the target quantized to FP8 with modelopt on the CPU (calibration prompts above)."""
+    """A tiny target + draft, and the target quantized to FP8 with modelopt on the CPU (calibration prompts above;
+    the CPU on GPU machines too, so the fixture is the same everywhere)."""
     import json
 
     from jetspec_trt.builders.quantize import QuantizeConfig, quantize_target
@@ -99,6 +100,7 @@ def write_fp8_pair(root: Path) -> Fp8Pair:
     calib = root / "calib.jsonl"
     calib.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in CALIBRATION_PROMPTS))
     recipe = quantize_target(root / "target", root / "fp8-target",
-                             QuantizeConfig(calib_source=str(calib), calib_samples=len(CALIBRATION_PROMPTS)),
+                             QuantizeConfig(calib_source=str(calib), calib_samples=len(CALIBRATION_PROMPTS),
+                                            calib_device="cpu"),
                              torch.bfloat16)
     return Fp8Pair(root, root / "target", root / "draft", root / "fp8-target", calib, recipe)

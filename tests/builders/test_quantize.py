@@ -4,7 +4,10 @@ CPU, losslessly). Also: building from a checkpoint that is FP8 already, and the 
 
 import json
 
+import pytest
+import torch
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from jetspec_trt.models.fp8 import FP8_DTYPE
 from jetspec_trt.runtime.engine import Engine
@@ -25,7 +28,7 @@ def test_build_quantize_fp8(fp8_pair, tmp_path, capsys):
     engine = tmp_path / "engine"
     code, _, err = invoke_cli(build_args(fp8_pair.target, fp8_pair.draft, engine, "--quantize", "fp8",
                                          "--calib-prompts", str(fp8_pair.calib), "--calib-samples", "4",
-                                         "--calib-max-tokens", "16"), capsys)
+                                         "--calib-max-tokens", "16", "--calib-device", "cpu"), capsys)
     assert code == 0, err
     manifest = json.loads((engine / "manifest.json").read_text())
     recipe = manifest["quantization"]
@@ -83,3 +86,22 @@ def test_quantized_draft_is_refused(fp8_pair, tmp_path, capsys):
     (draft / "config.json").write_text(json.dumps(config))
     code, _, err = invoke_cli(build_args(fp8_pair.target, draft, tmp_path / "engine"), capsys)
     assert code == 2 and "draft head is quantized" in err
+
+
+@pytest.mark.gpu
+def test_calibration_on_cuda(fp8_pair, tmp_path):
+    """modelopt on the GPU (bf16 model): the same layout, the same weight scales (amax of the same bf16 weights),
+    input scales within bf16's effect on the activations' amax."""
+    from jetspec_trt.builders.quantize import QuantizeConfig, quantize_target
+
+    recipe = quantize_target(fp8_pair.target, tmp_path / "fp8", QuantizeConfig(calib_source=str(fp8_pair.calib),
+                                                                                 calib_samples=6), torch.bfloat16)
+    assert recipe["calibration"]["device"] == "cuda" and recipe["calibration"]["dtype"] == "bfloat16"
+    gpu, cpu = load_file(str(tmp_path / "fp8" / "model.safetensors")), load_file(str(fp8_pair.fp8_target /
+                                                                                     "model.safetensors"))
+    assert set(gpu) == set(cpu) and all(gpu[k].dtype == cpu[k].dtype for k in cpu)
+    for name in cpu:
+        if name.endswith("weight_scale"):
+            assert torch.allclose(gpu[name], cpu[name], rtol=1e-6)
+        elif name.endswith("input_scale"):
+            assert torch.allclose(gpu[name], cpu[name], rtol=0.05)
