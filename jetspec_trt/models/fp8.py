@@ -6,7 +6,8 @@ Per quantized Linear, under its Hugging Face name:
     <name>.weight        float8_e4m3fn [N, K]   round_e4m3(W / weight_scale)
     <name>.weight_scale  float32 scalar         so that W ~= weight.float() * weight_scale
     <name>.input_scale   float32 scalar         static activation scale: x is fed as round_e4m3(x / input_scale);
-                                                absent in "dynamic" checkpoints (scale = amax(|x|) / 448 per call)
+                                                absent in "dynamic" checkpoints (then each token's
+                                                activations are scaled by their own amax / 448)
 
 and in config.json either modelopt's block (what `jetspec-trt build --quantize fp8` writes; modelopt also writes
 hf_quant_config.json with the same facts, which older modelopt exports carry alone)

@@ -7,7 +7,10 @@ GEMV (plugins/gemv.py) when the decode-GEMV switch is on. Both quantize the inpu
 and a verify of the same token compute the same products (only the accumulation order differs).
 
 The input scale is the checkpoint's static `input_scale` where it has one (modelopt's calibrated amax / 448), else
-dynamic: amax(|x|) / 448 of this call's input, computed on the device (no host sync; safe inside a CUDA graph).
+dynamic and per token: amax(|x_row|) / 448 for each row, computed on the device (no host sync; safe inside a CUDA
+graph). Per token rather than per call so that a token's activations round the same way whatever else is in the
+forward: the tree verify then computes each node as the AR step would, which keeps speculative decoding's output
+equal to AR decoding's (a per-call amax would let the other tree nodes change every node's rounding).
 """
 
 from __future__ import annotations
@@ -33,11 +36,11 @@ def dequantize(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) ->
 
 
 def input_scale_of(x: torch.Tensor, input_scale: torch.Tensor | None) -> torch.Tensor:
-    """The scale x is quantized with: the static one, or amax(|x|) / 448 (at least a tiny positive value, so an
-    all-zero input does not divide by zero)."""
+    """The scale x [M, K] is quantized with: the static scalar, or per row amax(|x_row|) / 448 as [M, 1] (at least
+    a tiny positive value, so an all-zero row does not divide by zero)."""
     if input_scale is not None:
         return input_scale
-    return (x.abs().amax().float() / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
+    return (x.abs().amax(dim=-1, keepdim=True).float() / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_scale: torch.Tensor,
@@ -49,11 +52,15 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     x_scale = input_scale_of(x2, input_scale)
     xq = quantize(x2, x_scale)
     if use_gemv and xq.shape[0] == 1:
-        y = gemv_fp8(xq, weight, x_scale * weight_scale, bias, x.dtype)
-    else:
+        y = gemv_fp8(xq, weight, (x_scale * weight_scale).reshape(1), bias, x.dtype)
+    elif input_scale is not None:  # per-tensor scales on both sides: _scaled_mm applies them (and the bias)
         fused_bias = bias if x.dtype in _FUSED_BIAS_DTYPES else None
         y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale, bias=fused_bias,
                              out_dtype=x.dtype)
         if bias is not None and fused_bias is None:
             y = y + bias
+    else:  # per-token input scales: applied to the float32 product's rows (rowwise _scaled_mm needs sm90 + bf16)
+        y = torch._scaled_mm(xq, weight.t(), scale_a=weight_scale.new_ones(()), scale_b=weight_scale,
+                             out_dtype=torch.float32) * x_scale
+        y = (y if bias is None else y + bias.float()).to(x.dtype)
     return y.reshape(*shape[:-1], weight.shape[0])
