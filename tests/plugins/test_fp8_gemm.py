@@ -140,14 +140,19 @@ def test_fp8_model_on_cuda(fp8_pair):
 
 
 @pytest.mark.gpu
-def test_fp8_engine_speculative_matches_ar_on_cuda(fp8_pair, tmp_path):
+@pytest.mark.parametrize("layout", ["modelopt", "autofp8"])
+def test_fp8_engine_speculative_matches_ar_on_cuda(fp8_pair, tmp_path, layout):
+    """Ours (static input scales) and an AutoFP8 checkpoint (dynamic, per-token scales; q/k/v requantized at
+    fusion): graphed speculative greedy decoding equals AR greedy up to near-tie flips, as in bf16."""
     from jetspec_trt.builders.engine_builder import BuildConfig, build_engine
     from jetspec_trt.runtime.config import TreeConfig
     from jetspec_trt.runtime.decoder import first_difference
     from jetspec_trt.runtime.engine import Engine
+    from tests.models.test_fp8 import autofp8_checkpoint
 
-    engine_dir = build_engine(BuildConfig(fp8_pair.fp8_target, fp8_pair.draft, tmp_path / "engine",
-                                          TreeConfig(32, 4, 7), progress=False))
+    source = fp8_pair.fp8_target if layout == "modelopt" else autofp8_checkpoint(fp8_pair.target, tmp_path / "src")
+    engine_dir = build_engine(BuildConfig(source, fp8_pair.draft, tmp_path / "engine",
+                                          TreeConfig(32, 4, 7), progress=False, tune=False))
     engine = Engine.load(engine_dir, device="cuda")
     assert engine.summary["quantization"].endswith("FP8 GEMMs and FP8 GEMV")
     assert engine.target.layers[0].mlp.gate_up_weight.dtype == FP8_DTYPE
