@@ -51,12 +51,33 @@ def _floats(text: str) -> tuple[float, ...]:
 @click.option("--device", default="cuda", show_default=True, help="cuda, or cpu (float32, HF generate on CPU too).")
 @click.option("--diagnose-fp32", is_flag=True,
               help="Suite bench: also diagnose greedy AR/speculative divergences on a float32 copy of the target.")
+@click.option("--quantize-compare", "reference_dir", type=click.Path(path_type=Path), default=None,
+              help="Quality instead of speed: --engine (e.g. an FP8 engine or checkpoint) against this unquantized "
+                   "reference, teacher-forced on held-out text (--num-prompts per --suite, or from --prompts-file, "
+                   "which may also be a .txt): top-1 agreement, perplexities, KL (JSON).")
+@click.option("--compare-max-tokens", type=int, default=1024, show_default=True,
+              help="--quantize-compare: tokens per held-out text.")
 def bench_command(random_target, budgets, contexts, topk, max_depth, taus, dtype, reps, no_hf, hf_prompts,
                   compile_layers, output_dir, tag, engine_dir, suites, prompts_file, num_prompts, max_new_tokens, temperatures, device,
-                  diagnose_fp32):
+                  diagnose_fp32, reference_dir, compare_max_tokens):
     """Measure AR decoding, the split of a speculative round, projected tok/s and HF generate on the GPU.
 
-    With --engine: tau and wall-clock speed per prompt suite, budget and temperature (JSON + PNG)."""
+    With --engine: tau and wall-clock speed per prompt suite, budget and temperature (JSON + PNG).
+    With --engine and --quantize-compare: a quantized target's quality against the unquantized one (JSON)."""
+    if reference_dir is not None:
+        if engine_dir is None:
+            raise click.UsageError("--quantize-compare needs --engine (the quantized engine or checkpoint)")
+        from jetspec_trt.bench.quantize_compare import QuantizeCompareConfig, format_summary, run_quantize_compare
+
+        sources = [str(prompts_file)] if prompts_file else suites.split(",")
+        ccfg = QuantizeCompareConfig(quantized=engine_dir, reference=reference_dir, texts=",".join(sources),
+                                     num_texts=num_prompts * len(sources), max_tokens=compare_max_tokens,
+                                     device=device, dtype="float32" if device == "cpu" else dtype,
+                                     output_dir=output_dir, tag=tag)
+        path = run_quantize_compare(ccfg, command=sys.argv)
+        click.echo(format_summary(json.loads(path.read_text())))
+        click.echo(f"wrote {path}")
+        return
     if engine_dir is not None:
         from jetspec_trt.bench.suites import SuiteBenchConfig, format_summary, run_suite_bench
 

@@ -46,21 +46,36 @@ def tree_options(func):
               help="Keep cuBLAS for the AR step's single-token GEMMs instead of the Triton GEMV kernel.")
 @click.option("--no-compile", is_flag=True,
               help="Run the CUDA graphs' layers and tree/accept stages eager (no torch.compile at first use).")
+@click.option("--quantize", type=click.Choice(["fp8"]), default=None,
+              help="Quantize the target with nvidia-modelopt (FP8 e4m3, per-tensor scales, calibrated on prompts); "
+                   "lm_head, embeddings and the draft head stay unquantized. Needs an FP8 GPU (sm89+) to run.")
+@click.option("--calib-prompts", default="sharegpt", show_default=True,
+              help="--quantize: calibration prompts, a prompt suite or a .jsonl of {\"messages\"}/{\"prompt\"} lines.")
+@click.option("--calib-samples", type=int, default=32, show_default=True, help="--quantize: calibration prompts used.")
+@click.option("--calib-max-tokens", type=int, default=512, show_default=True,
+              help="--quantize: calibration prompts are cut to this many tokens.")
+@click.option("--calib-device", default=None, help="--quantize: where to calibrate [default: cuda if available].")
 def build(target_dir, draft_dir, output_dir, budget, topk, max_depth, dtype, max_seq_len, overwrite, backend,
-          attention, no_fuse, no_tune, no_decode_gemv, no_compile):
+          attention, no_fuse, no_tune, no_decode_gemv, no_compile, quantize, calib_prompts, calib_samples,
+          calib_max_tokens, calib_device):
     """Check a target/draft pair and write an engine directory."""
+    if backend == "tensorrt" and quantize:
+        raise JetSpecError("--quantize builds PyTorch engines only (drop --backend tensorrt)")
     if backend == "tensorrt":  # fail at once, before any check or write, where TensorRT is missing
         from jetspec_trt.builders.tensorrt_builder import require_tensorrt
 
         require_tensorrt(attention)
     from jetspec_trt.builders.engine_builder import BuildConfig, build_engine
+    from jetspec_trt.builders.quantize import QuantizeConfig
     from jetspec_trt.models.checkpoint import draft_spec_of
 
     spec = draft_spec_of(draft_dir) if draft_dir.is_dir() else None
     depth = max_depth if max_depth is not None else (spec.max_depth if spec else 1)
+    quantize_config = None if quantize is None else QuantizeConfig(quantize, calib_prompts, calib_samples,
+                                                                   calib_max_tokens, calib_device)
     config = BuildConfig(target_dir, draft_dir, output_dir, TreeConfig(budget, topk, depth), dtype, max_seq_len,
                          overwrite=overwrite, fuse=not no_fuse, tune=not no_tune,
-                         decode_gemv=not no_decode_gemv, compile_graphs=not no_compile)
+                         decode_gemv=not no_decode_gemv, compile_graphs=not no_compile, quantize=quantize_config)
     if backend == "tensorrt":
         from jetspec_trt.builders.tensorrt_builder import build_tensorrt_engine
 

@@ -8,6 +8,7 @@ the file's own order, so a `limit` always picks the same prompts.
 from __future__ import annotations
 
 import gzip
+import itertools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -213,3 +214,79 @@ def suite_packages(suite: str) -> list[str]:
     """pip requirements that carry `suite`'s data."""
     _check_suite(suite)
     return [SUITE_FILES[suite].requirement]
+
+
+# ------------------------------------------------------------------ prompt sources (training, FP8 calibration)
+
+# Suites a prompt source may name (training's --data, quantization's calibration prompts).
+PROMPT_SUITES = ("sharegpt", "sharegpt_turns", "mtbench", "math500", "aime", "humaneval")
+
+
+def load_prompt_messages(source: str, limit: int) -> list[list[dict]]:
+    """Chat messages of up to `limit` prompts from a suite name or a jsonl file, or from several of them
+    (comma-separated), interleaved one from each in turn until `limit` or all are used up.
+
+    A jsonl line (plain or .jsonl.gz) is {"messages": [{"role": ..., "content": ...}, ...]} or {"prompt": "..."}.
+    """
+    if limit < 1:
+        raise JetSpecError(f"the number of prompts must be >= 1, got {limit}")
+    sources = [part.strip() for part in source.split(",")]
+    if len(sources) > 1:
+        lists = [_one_source(part, limit) for part in sources]
+        mixed = [p for group in itertools.zip_longest(*lists) for p in group if p is not None]
+        return mixed[:limit]
+    return _one_source(source, limit)
+
+
+def _one_source(source: str, limit: int) -> list[list[dict]]:
+    path = Path(source)
+    if source.endswith((".jsonl", ".jsonl.gz")) or path.is_file():
+        return _prompts_from_jsonl(path, limit)
+    if source not in PROMPT_SUITES:
+        raise JetSpecError(f"prompt source must be one of {', '.join(PROMPT_SUITES)} or a .jsonl file, got {source!r}")
+    return [p.messages for p in load_prompts(source, limit)]
+
+
+def _prompts_from_jsonl(path: Path, limit: int) -> list[list[dict]]:
+    if not path.is_file():
+        raise JetSpecError(f"prompt file {path} does not exist")
+    prompts = []
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise JetSpecError(f"{path}:{number}: not valid JSON ({err.msg})") from err
+            if isinstance(record, dict) and isinstance(record.get("messages"), list) and record["messages"]:
+                prompts.append(record["messages"])
+            elif isinstance(record, dict) and isinstance(record.get("prompt"), str) and record["prompt"].strip():
+                prompts.append([{"role": "user", "content": record["prompt"]}])
+            else:
+                raise JetSpecError(f"{path}:{number}: expected {{\"messages\": [...]}} or {{\"prompt\": \"...\"}}")
+            if len(prompts) >= limit:
+                break
+    if not prompts:
+        raise JetSpecError(f"prompt file {path} holds no prompts")
+    return prompts
+
+
+def encode_prompts(tokenizer, conversations: list[list[dict]], chunk: int = 4096) -> list[list[int]]:
+    """Token ids of each conversation's chat prompt (generation prompt added).
+
+    The same ids as apply_chat_template(..., tokenize=True) one by one, but the templates are rendered first and
+    the texts tokenized in batches by the Rust tokenizer, which spreads them over every core: on 2 cores 0.4 ms
+    a prompt instead of 0.6 ms, and the GPU machine's 16 cores take the 53 K-prompt mix in seconds, not ~35 s
+    of a device lease."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise JetSpecError("the target's tokenizer has no chat template; chat prompts need one")
+    ids: list[list[int]] = []
+    for start in range(0, len(conversations), chunk):
+        # enable_thinking=False: Qwen3 heads are trained on non-thinking responses (the paper's setting); other
+        # templates ignore the variable. The rendered template carries its special tokens as text.
+        texts = tokenizer.apply_chat_template(conversations[start : start + chunk], add_generation_prompt=True,
+                                              tokenize=False, enable_thinking=False)
+        ids.extend(list(x) for x in tokenizer(texts, add_special_tokens=False)["input_ids"])
+    return ids

@@ -135,3 +135,42 @@ def invoke_cli(argv: list[str], capsys) -> tuple[int, str, str]:
         raise SystemExit(0)
     captured = capsys.readouterr()
     return exit_info.value.code, captured.out, captured.err
+
+
+# A tiny pair with small weights (std 0.05 instead of the preset's 0.15): the preset's large weights make a chaotic
+# random model in which any rounding grows layer by layer, so FP8-vs-unquantized closeness could not be tested.
+FP8_TEST_SHAPE_STD = 0.05
+CALIBRATION_PROMPTS = ("Write a short poem about the sea.", "def fib(n):\n    return", "Solve 2x + 3 = 7.",
+                       "Explain how a hash map works.", "List three prime numbers.", "What is the capital of France?")
+
+
+@dataclasses.dataclass(frozen=True)
+class Fp8Pair:
+    root: Path
+    target: Path  # the unquantized (bf16) target
+    draft: Path
+    fp8_target: Path  # the target quantized by nvidia-modelopt (builders.quantize)
+    calib: Path  # the calibration prompts (.jsonl)
+    recipe: dict
+
+
+def write_fp8_pair(root: Path) -> Fp8Pair:
+    """A tiny target + draft, and the target quantized to FP8 with modelopt on the CPU (calibration prompts above;
+    the CPU on GPU machines too, so the fixture is the same everywhere)."""
+    import json
+
+    from jetspec_trt.builders.quantize import QuantizeConfig, quantize_target
+    from jetspec_trt.models.presets import TINY_SPECIALS, tiny_tokenizer
+
+    shape = dataclasses.replace(preset("tiny"), init_std=FP8_TEST_SHAPE_STD)
+    write_random_pair(shape, root / "target", root / "draft", seed=0)
+    tiny_tokenizer().save_pretrained(str(root / "target"))
+    (root / "target" / "generation_config.json").write_text(json.dumps({"eos_token_id": shape.eos_token_id}))
+    assert shape.vocab_size == 256 + len(TINY_SPECIALS)
+    calib = root / "calib.jsonl"
+    calib.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in CALIBRATION_PROMPTS))
+    recipe = quantize_target(root / "target", root / "fp8-target",
+                             QuantizeConfig(calib_source=str(calib), calib_samples=len(CALIBRATION_PROMPTS),
+                                            calib_device="cpu"),
+                             torch.bfloat16)
+    return Fp8Pair(root, root / "target", root / "draft", root / "fp8-target", calib, recipe)

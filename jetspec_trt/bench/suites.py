@@ -219,6 +219,9 @@ def _fp32_target(target, device: str):
     or the copy would not fit in free GPU memory)."""
     if target.embed_tokens.weight.dtype == torch.float32:
         return None, "engine already runs in float32"
+    if any(p.dtype == torch.float8_e4m3fn for p in target.parameters()):
+        # .to(float32) would turn FP8 codes into numbers without their scales
+        return None, "FP8 target (compare it with its bf16 engine: bench --quantize-compare)"
     # float32 parameters and buffers (fused GEMM weights are buffers) plus the transient deepcopy in engine dtype
     elements = sum(p.numel() for p in target.parameters()) + sum(b.numel() for b in target.buffers())
     need = (4 + target.embed_tokens.weight.element_size()) * elements

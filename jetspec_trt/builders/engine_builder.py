@@ -5,7 +5,10 @@ Layout of an engine directory:
     runtime_config.json   tree budget/top-k/depth, block size, mask token, target layers, EOS, max_seq_len
     target/               the target's config, tokenizer and weights in the engine dtype, in the fused layout
                           (models/fused_layout.py: one qkv_proj and one gate_up_proj tensor per layer, every other
-                          tensor under its Hugging Face name); Hugging Face's own layout with --no-fuse
+                          tensor under its Hugging Face name); Hugging Face's own layout with --no-fuse. An FP8
+                          target (--quantize fp8, or a source checkpoint already in FP8) is stored in the Hugging
+                          Face FP8 layout that TensorRT-LLM and vLLM read (models/fp8.py), never fused: fusing FP8
+                          parts means requantizing them to one scale, which the loader does on the GPU
     draft/                the draft head in the published JetSpec (DFlash-format) layout, converted likewise
     kernels/tuning.json   tree-attention launch configs timed on the build machine's GPU, keyed by GPU model
                           (only where the build ran with CUDA; see builders/kernel_tuning.py)
@@ -25,6 +28,7 @@ from pathlib import Path
 import torch
 
 from jetspec_trt.builders.kernel_tuning import tune_engine_kernels
+from jetspec_trt.builders.quantize import QuantizeConfig, quantize_target
 from jetspec_trt.builders.validate import CheckedPair, check_pair
 from jetspec_trt.dtypes import parse_dtype
 from jetspec_trt.errors import JetSpecError
@@ -55,6 +59,7 @@ class BuildConfig:
     tune: bool = True  # time tree-attention launch configs on this machine's GPU (skipped without CUDA)
     decode_gemv: bool = True  # CUDA AR step: single-token GEMMs through plugins.gemv (False: cuBLAS)
     compile_graphs: bool = True  # CUDA: torch.compile layers and tree/accept stages inside the graphs
+    quantize: QuantizeConfig | None = None  # quantize the target (FP8 through nvidia-modelopt); None: as it is
 
 
 def sha256_of(path: Path) -> str:
@@ -65,20 +70,22 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def source_hashes(src: Path) -> dict[str, str]:
+    """sha256 of a checkpoint's files: config/tokenizer files and weight shards."""
+    hashes = {item.name: sha256_of(item) for item in sorted(src.iterdir())
+              if item.is_file() and item.suffix != ".safetensors" and item.name != SHARD_INDEX}
+    return hashes | {shard.name: sha256_of(shard) for shard in weight_files(src)}
+
+
 def _convert_checkpoint(src: Path, dst: Path, dtype: torch.dtype, fuse: bool, progress: bool,
-                        label: str) -> tuple[dict[str, str], list[str]]:
-    """Copy config/tokenizer files and write the weights cast to `dtype`, fused unless `fuse` is False.
-    Returns the source files' hashes and the written tensor names."""
+                        label: str) -> list[str]:
+    """Copy config/tokenizer files and write the weights cast to `dtype` (FP8 weights and scales keep theirs),
+    fused unless `fuse` is False. Returns the written tensor names."""
     dst.mkdir(parents=True)
-    hashes = {}
     for item in sorted(src.iterdir()):
         if item.is_file() and item.suffix != ".safetensors" and item.name != SHARD_INDEX:
             shutil.copy2(item, dst / item.name)
-            hashes[item.name] = sha256_of(item)
-    for shard in weight_files(src):
-        hashes[shard.name] = sha256_of(shard)
-    names = write_weights(src, dst, fuse_plan if fuse else keep_plan, dtype, progress, label)
-    return hashes, names
+    return write_weights(src, dst, fuse_plan if fuse else keep_plan, dtype, progress, label)
 
 
 def runtime_config_for(pair: CheckedPair, cfg: BuildConfig) -> RuntimeConfig:
@@ -108,13 +115,28 @@ def build_engine(cfg: BuildConfig, command: list[str] | None = None) -> Path:
     check_output(output, cfg.overwrite)
     pair = check_pair(cfg.target_dir, cfg.draft_dir)
     runtime = runtime_config_for(pair, cfg)
+    if cfg.quantize is not None:
+        cfg.quantize.validate()
+        if pair.target_fp8 is not None:
+            raise JetSpecError(f"{cfg.target_dir} is already quantized ({pair.target_fp8.describe()}); "
+                               "build from it without --quantize")
 
     with staged_directory(output, cfg.overwrite) as staging:
         sources, written = {}, []
-        for role, src in (("target", Path(cfg.target_dir)), ("draft", Path(cfg.draft_dir))):
-            hashes, names = _convert_checkpoint(src, staging / role, dtype, cfg.fuse, cfg.progress, role)
-            sources[role] = {"path": str(src.resolve()), "sha256": hashes}
-            written += names
+        quantization = None
+        target_src = Path(cfg.target_dir)
+        if cfg.quantize is not None:  # the FP8 export goes beside the engine's files, converted below, then removed
+            target_src = staging / ".quantized-target"
+            quantization = quantize_target(Path(cfg.target_dir), target_src, cfg.quantize, dtype)
+        elif pair.target_fp8 is not None:
+            quantization = {"method": "fp8", "format": pair.target_fp8.describe(), "source": "the target checkpoint"}
+        for role, src, orig in (("target", target_src, Path(cfg.target_dir)),
+                                ("draft", Path(cfg.draft_dir), Path(cfg.draft_dir))):
+            fuse = cfg.fuse and not (role == "target" and quantization is not None)
+            written += _convert_checkpoint(src, staging / role, dtype, fuse, cfg.progress, role)
+            sources[role] = {"path": str(orig.resolve()), "sha256": source_hashes(orig)}
+        if target_src != Path(cfg.target_dir):
+            shutil.rmtree(target_src)
         (staging / RUNTIME_CONFIG).write_text(runtime.to_json())
         kernel_tuning = tune_engine_kernels(staging, runtime, pair.target, pair.draft, cfg.tune, cfg.progress)
         manifest = {
@@ -130,7 +152,10 @@ def build_engine(cfg: BuildConfig, command: list[str] | None = None) -> Path:
                       "target_layer_ids": list(pair.spec.target_layer_ids)},
             # fused: each fused tensor is its parts' rows concatenated in the order listed (dim 0).
             "weights": ({"layout": "fused", "fused": LAYOUT_DESCRIPTION} if is_fused(written)
-                        else {"layout": "hugging-face"}),
+                        else {"layout": "hugging-face"}) | (
+                {"target": "hugging-face (FP8: q/k/v and gate/up fused at load on the GPU)"} if quantization else {}),
+            # The target's quantization and how it was made (modelopt recipe, calibration); null: unquantized.
+            "quantization": quantization,
             "kernel_tuning": kernel_tuning,
             "sources": sources,
         }

@@ -134,6 +134,8 @@ def build_tensorrt_engine(cfg: BuildConfig, attention: str = "plugin", command: 
     if attention not in ("plugin", "standard"):
         raise JetSpecError(f"--attention must be plugin or standard, got {attention!r}")
     pair = check_pair(cfg.target_dir, cfg.draft_dir)  # the PyTorch build's checks, before any work
+    if cfg.quantize is not None or pair.target_fp8 is not None:
+        raise JetSpecError("TensorRT engines are built unquantized; FP8 targets run on the PyTorch backend")
     runtime_config_for(pair, cfg)
     require_onnx()
 

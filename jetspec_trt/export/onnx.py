@@ -169,6 +169,11 @@ def export_onnx(cfg: OnnxExportConfig, command: list[str] | None = None) -> Path
     from jetspec_trt.staging import staged_directory
 
     runtime = check_engine_dir(cfg.engine_dir)
+    from jetspec_trt.models.fp8 import read_fp8_format
+
+    if read_fp8_format(Path(cfg.engine_dir) / "target") is not None:
+        # the graphs would hold the dequantized weights: an unquantized model under an FP8 engine's name
+        raise JetSpecError(f"{cfg.engine_dir} has an FP8 target; ONNX export supports unquantized engines only")
     if cfg.attention not in ("standard", "plugin"):
         raise JetSpecError(f"--attention must be standard or plugin, got {cfg.attention!r}")
     if cfg.opset not in OPSETS:

@@ -14,6 +14,8 @@ from torch import nn
 from jetspec_trt.errors import JetSpecError
 from jetspec_trt.models.config import DecoderConfig, load_hf_config, rope_inverse_frequencies
 from jetspec_trt.models.draft import DraftHead, DraftSpec, draft_config_dict, read_draft_config
+from jetspec_trt.models.fp8 import (dequantized_state, keeps_dtype, normalized_scales, prepare_fp8_modules,
+                                    read_fp8_format, require_fp8_device)
 from jetspec_trt.models.fused_layout import fused_tensors, split_fused
 from jetspec_trt.models.target import TargetModel
 
@@ -74,21 +76,29 @@ def hf_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
 
 
 def load_hf_model(model_dir: Path, dtype: torch.dtype = torch.float32):
-    """transformers' own model (AutoModelForCausalLM) of a target checkpoint in either layout."""
+    """transformers' own model (AutoModelForCausalLM) of a target checkpoint in either layout. An FP8 checkpoint
+    comes dequantized into `dtype` (its weights times their scales; transformers' own FP8 loaders need a GPU)."""
     from transformers import MODEL_FOR_CAUSAL_LM_MAPPING
 
     config = load_hf_config(model_dir)
+    state = hf_state_dict(model_dir)
+    if read_fp8_format(model_dir) is not None:
+        state = dequantized_state(state, dtype)
+        if hasattr(config, "quantization_config"):
+            del config.quantization_config
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
-    return model_class.from_pretrained(None, config=config, state_dict=hf_state_dict(model_dir), dtype=dtype).eval()
+    return model_class.from_pretrained(None, config=config, state_dict=state, dtype=dtype).eval()
 
 
 def _converted(state: dict[str, torch.Tensor], dtype: torch.dtype, device: str) -> dict[str, torch.Tensor]:
-    """Cast and move each tensor once: a tensor stored under two names (a tied embedding) stays one tensor."""
+    """Cast and move each tensor once: a tensor stored under two names (a tied embedding) stays one tensor. FP8
+    weights and their float32 scales only move."""
     done: dict[int, torch.Tensor] = {}
     out = {}
     for name, tensor in state.items():
         if id(tensor) not in done:
-            done[id(tensor)] = tensor.to(device=device, dtype=dtype)
+            keep = keeps_dtype(name, tensor.dtype)
+            done[id(tensor)] = tensor.to(device=device, dtype=None if keep else dtype)
         out[name] = done[id(tensor)]
     return out
 
@@ -129,19 +139,30 @@ def _load_weights(model: TargetModel | DraftHead, state: dict[str, torch.Tensor]
 
 
 def load_target(model_dir: Path, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                fused_gemm: bool = False) -> TargetModel:
+                fused_gemm: bool = False, keep_fp8: bool | None = None) -> TargetModel:
     """The target on `device`. fused_gemm: compute q/k/v and gate/up with one GEMM each (the GPU engine); the
-    tensors are concatenated here only if the checkpoint is not fused already (engines built with --no-fuse)."""
+    tensors are concatenated here only if the checkpoint is not fused already (engines built with --no-fuse).
+
+    An FP8 checkpoint (models/fp8.py): keep_fp8 keeps its weights FP8 and runs FP8 GEMMs (JetSpecError on a GPU
+    without FP8), False dequantizes them into `dtype` (the reference). None: keep on CUDA, dequantize elsewhere."""
     model_dir = Path(model_dir)
     hf = load_hf_config(model_dir)
     cfg = DecoderConfig.from_hf(hf)
     inv_freq, scaling = rope_inverse_frequencies(hf, cfg.head_dim)
     state = read_state_dict(model_dir)
+    fp8 = read_fp8_format(model_dir) is not None
+    if fp8:
+        keep_fp8 = torch.device(device).type == "cuda" if keep_fp8 is None else keep_fp8
+        if keep_fp8:
+            require_fp8_device(device)
+        state = normalized_scales(state) if keep_fp8 else dequantized_state(state, dtype)
     if cfg.tie_word_embeddings:
         # Tied checkpoints may store only the embedding; the tie is re-made after the load.
         state["lm_head.weight"] = state.get("embed_tokens.weight", state.get("lm_head.weight"))
     with torch.device("meta"):
         model = TargetModel(cfg, inv_freq, scaling)
+    if fp8 and keep_fp8:
+        prepare_fp8_modules(model, state)
     _load_weights(model, state, cfg, model_dir, dtype, device)
     if cfg.tie_word_embeddings:
         model.lm_head.weight = model.embed_tokens.weight

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from jetspec_trt.plugins.gemv import linear
+from jetspec_trt.models.fp8 import fuse_fp8
+from jetspec_trt.plugins.linear import linear
 
 
 class RMSNorm(nn.Module):
@@ -45,49 +46,83 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
 
 
+class Linear(nn.Linear):
+    """nn.Linear whose weight may be FP8 (e4m3, models/fp8.py): then `weight_scale` (and `input_scale`, for
+    static activation scales) hold its per-tensor scales, under the names FP8 checkpoints give them, so a
+    checkpoint's state dict loads as it is. Unquantized, both are None and the layer is a plain nn.Linear.
+    Every projection of the decoder layers is one; all run through plugins.linear."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True):
+        super().__init__(in_features, out_features, bias=bias)
+        self.register_buffer("weight_scale", None)
+        self.register_buffer("input_scale", None)
+
+    def forward(self, x: torch.Tensor, use_gemv: bool = False) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, use_gemv, self.weight_scale, self.input_scale)
+
+
 class MLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
-        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.gate_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = Linear(intermediate_size, hidden_size, bias=False)
         # gate and up weights concatenated by rows (set by set_fused/fuse). A buffer, so .to() moves it too, but
         # not persistent: state_dict() keeps the Hugging Face names, whose weights are views of this tensor.
+        # FP8 weights: the fused tensor's one weight scale and input scale (None otherwise).
         self.register_buffer("gate_up_weight", None, persistent=False)
+        self.register_buffer("gate_up_weight_scale", None, persistent=False)
+        self.register_buffer("gate_up_input_scale", None, persistent=False)
         self.fused_gemm = False  # one GEMM over gate_up_weight instead of two (GPU engines)
         self.decode_gemv = False  # single-token GEMMs through plugins.gemv (see TargetModel.set_decode_gemv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fused_gemm:
-            gate, up = linear(x, self.gate_up_weight, None, self.decode_gemv).chunk(2, dim=-1)
-            return linear(F.silu(gate) * up, self.down_proj.weight, None, self.decode_gemv)
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            gate, up = linear(x, self.gate_up_weight, None, self.decode_gemv, self.gate_up_weight_scale,
+                              self.gate_up_input_scale).chunk(2, dim=-1)
+        else:
+            gate, up = self.gate_proj(x, self.decode_gemv), self.up_proj(x, self.decode_gemv)
+        return self.down_proj(F.silu(gate) * up, self.decode_gemv)
 
-    def set_fused(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    def set_fused(self, weight: torch.Tensor, bias: torch.Tensor | None = None, weight_scale: torch.Tensor | None = None,
+                  input_scale: torch.Tensor | None = None) -> None:
         """Take gate/up from one row-concatenated weight (built at engine build time): the two Linear weights
-        become views of it, so the model holds one copy."""
+        become views of it, so the model holds one copy. FP8: the fused weight's scales, which both parts take."""
         assert bias is None, "the MLP has no bias"
-        _share_rows(weight, None, (self.gate_proj, self.up_proj))
-        self.gate_up_weight = weight
+        _share_rows(weight, None, (self.gate_proj, self.up_proj), weight_scale, input_scale)
+        self.gate_up_weight, self.gate_up_weight_scale, self.gate_up_input_scale = weight, weight_scale, input_scale
 
     def fuse(self) -> None:
         """Compute gate and up with one GEMM; concatenates the weights only if they are not fused already."""
         if self.gate_up_weight is None:
-            self.gate_up_weight = torch.cat([self.gate_proj.weight.data, self.up_proj.weight.data])
-        self.set_fused(self.gate_up_weight)
+            weight, weight_scale, input_scale = _concatenated((self.gate_proj, self.up_proj))
+            self.set_fused(weight, None, weight_scale, input_scale)
         self.fused_gemm = True
 
 
-def _share_rows(weight: torch.Tensor, bias: torch.Tensor | None, projections: tuple[nn.Linear, ...]) -> None:
-    """Point each Linear's weight (and bias) at its rows of the concatenated tensors."""
+def _concatenated(projections: tuple[Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """The projections' weights as one row-concatenated tensor, with its scales where they are FP8 (each part
+    requantized to one shared scale: models.fp8.fuse_fp8)."""
+    if projections[0].weight_scale is None:
+        return torch.cat([p.weight.data for p in projections]), None, None
+    return fuse_fp8([p.weight.data for p in projections], [p.weight_scale for p in projections],
+                    [p.input_scale for p in projections])
+
+
+def _share_rows(weight: torch.Tensor, bias: torch.Tensor | None, projections: tuple[Linear, ...],
+                weight_scale: torch.Tensor | None = None, input_scale: torch.Tensor | None = None) -> None:
+    """Point each Linear's weight (and bias) at its rows of the concatenated tensors; FP8 parts take the fused
+    tensor's scales (its rows were quantized with them)."""
     rows = [p.out_features for p in projections]
     if weight.shape[0] != sum(rows):
         raise ValueError(f"fused weight has {weight.shape[0]} rows, the projections need {sum(rows)}")
     biases = bias.split(rows) if bias is not None else [None] * len(rows)
     for p, w, b in zip(projections, weight.split(rows), biases):
-        p.weight = nn.Parameter(w, requires_grad=p.weight.requires_grad)
+        p.weight = nn.Parameter(w, requires_grad=p.weight.requires_grad and weight_scale is None)
         if b is not None:
             p.bias = nn.Parameter(b, requires_grad=p.bias.requires_grad)
+        if weight_scale is not None:
+            p.weight_scale, p.input_scale = weight_scale, input_scale
 
 
 class AttentionProjections(nn.Module):
@@ -108,35 +143,39 @@ class AttentionProjections(nn.Module):
         self.num_kv_heads = num_kv_heads
         self.head_dim = head_dim
         self.scale = head_dim**-0.5
-        self.q_proj = nn.Linear(hidden_size, num_heads * head_dim, bias=qkv_bias)
-        self.k_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
-        self.v_proj = nn.Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
-        self.o_proj = nn.Linear(num_heads * head_dim, hidden_size, bias=False)
+        self.q_proj = Linear(hidden_size, num_heads * head_dim, bias=qkv_bias)
+        self.k_proj = Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
+        self.v_proj = Linear(hidden_size, num_kv_heads * head_dim, bias=qkv_bias)
+        self.o_proj = Linear(num_heads * head_dim, hidden_size, bias=False)
         if qk_norm:
             self.q_norm = RMSNorm(head_dim, eps)
             self.k_norm = RMSNorm(head_dim, eps)
         else:
             self.q_norm = self.k_norm = None
-        # q/k/v weights (and biases) concatenated by rows; see MLP for why these are non-persistent buffers.
+        # q/k/v weights (and biases, and FP8 scales) concatenated by rows; see MLP for why these are
+        # non-persistent buffers.
         self.register_buffer("qkv_weight", None, persistent=False)
         self.register_buffer("qkv_bias", None, persistent=False)
+        self.register_buffer("qkv_weight_scale", None, persistent=False)
+        self.register_buffer("qkv_input_scale", None, persistent=False)
         self.fused_gemm = False  # one GEMM over qkv_weight instead of three (GPU engines)
         self.decode_gemv = False  # single-token GEMMs through plugins.gemv (see TargetModel.set_decode_gemv)
 
-    def set_fused(self, weight: torch.Tensor, bias: torch.Tensor | None = None) -> None:
+    def set_fused(self, weight: torch.Tensor, bias: torch.Tensor | None = None, weight_scale: torch.Tensor | None = None,
+                  input_scale: torch.Tensor | None = None) -> None:
         """Take q/k/v from one row-concatenated weight (and bias), as the engine stores them: the three Linear
-        weights become views of it, so the model holds one copy."""
-        _share_rows(weight, bias, (self.q_proj, self.k_proj, self.v_proj))
+        weights become views of it, so the model holds one copy. FP8: the fused weight's scales."""
+        _share_rows(weight, bias, (self.q_proj, self.k_proj, self.v_proj), weight_scale, input_scale)
         self.qkv_weight, self.qkv_bias = weight, bias
+        self.qkv_weight_scale, self.qkv_input_scale = weight_scale, input_scale
 
     def fuse(self) -> None:
         """Compute q/k/v with one GEMM; concatenates the weights only if they are not fused already."""
         projections = (self.q_proj, self.k_proj, self.v_proj)
         if self.qkv_weight is None:
-            self.qkv_weight = torch.cat([p.weight.data for p in projections])
-            if self.q_proj.bias is not None:
-                self.qkv_bias = torch.cat([p.bias.data for p in projections])
-        self.set_fused(self.qkv_weight, self.qkv_bias)
+            weight, weight_scale, input_scale = _concatenated(projections)
+            bias = torch.cat([p.bias.data for p in projections]) if self.q_proj.bias is not None else None
+            self.set_fused(weight, bias, weight_scale, input_scale)
         self.fused_gemm = True
 
     def _finish_query(self, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -154,15 +193,15 @@ class AttentionProjections(nn.Module):
 
     def output(self, o: torch.Tensor) -> torch.Tensor:
         """o_proj over the attention output [T, Hq*D]."""
-        return linear(o, self.o_proj.weight, None, self.decode_gemv)
+        return self.o_proj(o, self.decode_gemv)
 
     def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return self._finish_query(self.q_proj(x), cos, sin)
+        return self._finish_query(self.q_proj(x, self.decode_gemv), cos, sin)
 
     def key_value(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._finish_key_value(self.k_proj(x), self.v_proj(x), cos, sin)
+        return self._finish_key_value(self.k_proj(x, self.decode_gemv), self.v_proj(x, self.decode_gemv), cos, sin)
 
     def query_key_value(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
@@ -170,6 +209,6 @@ class AttentionProjections(nn.Module):
         if not self.fused_gemm:
             return self.query(x, cos, sin), *self.key_value(x, cos, sin)
         q_rows, kv_rows = self.q_proj.weight.shape[0], self.k_proj.weight.shape[0]
-        q, k, v = linear(x, self.qkv_weight, self.qkv_bias, self.decode_gemv).split([q_rows, kv_rows, kv_rows],
-                                                                                    dim=-1)
+        q, k, v = linear(x, self.qkv_weight, self.qkv_bias, self.decode_gemv, self.qkv_weight_scale,
+                         self.qkv_input_scale).split([q_rows, kv_rows, kv_rows], dim=-1)
         return self._finish_query(q, cos, sin), *self._finish_key_value(k, v, cos, sin)

@@ -21,7 +21,7 @@ from torch import nn
 
 from jetspec_trt.models.config import DecoderConfig
 from jetspec_trt.models.layers import MLP, AttentionProjections, RMSNorm, Rotary
-from jetspec_trt.plugins.gemv import linear
+from jetspec_trt.plugins.linear import linear
 from jetspec_trt.plugins.tree_attention import causal_mask, pack_mask, tree_attention
 from jetspec_trt.models.kv_cache import KVCacheSpec, PagedKVCache, write_kv
 

@@ -23,10 +23,12 @@ from tqdm import tqdm
 from jetspec_trt.errors import JetSpecError
 from jetspec_trt.models.checkpoint import SHARD_INDEX, SINGLE_FILE, stored_names, weight_files
 from jetspec_trt.models.config import DecoderConfig, load_hf_config
+from jetspec_trt.models.fp8 import is_scale, keeps_dtype
 from jetspec_trt.models.fused_layout import Plan, assemble, is_fused, split_plan
 
 MAX_SHARD_BYTES = 4 << 30
-_ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+               "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 def keep_plan(names: list[str]) -> Plan:
@@ -36,7 +38,7 @@ def keep_plan(names: list[str]) -> Plan:
 def write_weights(src: Path, dst: Path, make_plan: Callable[[list[str]], Plan], dtype: torch.dtype | None = None,
                   progress: bool = False, label: str = "weights", max_shard_bytes: int = MAX_SHARD_BYTES) -> list[str]:
     """Write the tensors `make_plan(source names)` describes into `dst`, cast to `dtype` (None keeps each
-    tensor's own). Returns the written tensor names."""
+    tensor's own; FP8 weights and their scales always keep theirs). Returns the written tensor names."""
     src, dst = Path(src), Path(dst)
     with ExitStack() as stack:
         handles = {}
@@ -57,7 +59,9 @@ def write_weights(src: Path, dst: Path, make_plan: Callable[[list[str]], Plan], 
                 view = handles[name].get_slice(name)
                 shape = view.get_shape()
                 count = (rows.stop - rows.start) if rows is not None else shape[0] if shape else 1
-                item = dtype.itemsize if dtype is not None else _ITEM_BYTES.get(view.get_dtype(), 4)
+                stored = _ITEM_BYTES.get(view.get_dtype(), 4)
+                keep = dtype is None or view.get_dtype().startswith("F8") or is_scale(name)
+                item = stored if keep else dtype.itemsize
                 total += count * math.prod(shape[1:]) * item
             return total
 
@@ -77,7 +81,8 @@ def write_weights(src: Path, dst: Path, make_plan: Callable[[list[str]], Plan], 
             tensors = {}
             for out in outs:
                 tensor = assemble(plan[out], read)
-                tensors[out] = (tensor if dtype is None else tensor.to(dtype)).contiguous()
+                cast = dtype is not None and not keeps_dtype(out, tensor.dtype)
+                tensors[out] = (tensor.to(dtype) if cast else tensor).contiguous()
                 weight_map[out] = file
             save_file(tensors, str(dst / file), metadata={"format": "pt"})
             del tensors

@@ -10,6 +10,13 @@ the CUDA-graph warm-up, never inside a capture.
 Op contract: ``torch.ops.jetspec_trt.gemv(x, weight, bias)`` with x [1, K], weight [N, K] contiguous, bias [N] or
 None, all one dtype (bf16/fp16/fp32); returns [1, N] in that dtype. CPU (and any non-Triton device) falls back to
 F.linear, so models can call the op unconditionally; the CUDA kernel must match F.linear to rounding (tests).
+
+The FP8 variant ``torch.ops.jetspec_trt.gemv_fp8(x, weight, scale, bias, out_dtype)`` streams an e4m3 weight (half
+the bytes of bf16, so the AR step's GEMMs take about half the time) and dequantizes it in registers: y = (x @ W^T)
+* scale (+ bias), float32 accumulation, scale a one-element float32 tensor on the device (read by the kernel, so
+the op needs no host sync inside a CUDA graph). x is [1, K] in any float dtype: the FP8 linear passes the input
+already rounded to e4m3 with its input scale, so that scale = weight_scale * input_scale and the step computes what
+torch._scaled_mm computes for prefill and verify (plugins/fp8_gemm.py). The same Triton kernel serves both ops.
 """
 
 from __future__ import annotations
@@ -34,11 +41,18 @@ def _gemv_fake(x, weight, bias):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, use_gemv: bool) -> torch.Tensor:
-    """F.linear, or the GEMV op for a single row when `use_gemv` (the model's decode-GEMV switch) is on."""
-    if use_gemv and x.dim() == 2 and x.shape[0] == 1:
-        return gemv(x, weight, bias)
-    return F.linear(x, weight, bias)
+@torch.library.custom_op(f"{LIBRARY}::{OP_NAME}_fp8", mutates_args=())
+def gemv_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
+             out_dtype: torch.dtype) -> torch.Tensor:
+    if x.is_cuda and _kernel() is not None and x.shape[0] == 1:
+        return _triton_gemv(x, weight, bias, scale, out_dtype)
+    y = F.linear(x.float(), weight.float()) * scale.float()
+    return (y if bias is None else y + bias.float()).to(out_dtype)
+
+
+@gemv_fp8.register_fake
+def _gemv_fp8_fake(x, weight, scale, bias, out_dtype):
+    return x.new_empty(x.shape[0], weight.shape[0], dtype=out_dtype)
 
 
 _KERNEL = None
@@ -67,8 +81,8 @@ def _build_kernel():
 
     @triton.autotune(configs=configs, key=["N", "K"])
     @triton.jit
-    def gemv_kernel(x_ptr, w_ptr, b_ptr, y_ptr, N, K, HAS_BIAS: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
+    def gemv_kernel(x_ptr, w_ptr, b_ptr, s_ptr, y_ptr, N, K, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
+                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -80,21 +94,26 @@ def _build_kernel():
             x = tl.load(x_ptr + cols, mask=col_ok, other=0.0)
             acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         y = tl.sum(acc, axis=1)
+        if HAS_SCALE:  # FP8 weights: one per-tensor scale, applied once after the reduction
+            y *= tl.load(s_ptr).to(tl.float32)
         if HAS_BIAS:
             y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
-    def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None,
+               out_dtype: torch.dtype) -> torch.Tensor:
         n, k = weight.shape
-        y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+        y = torch.empty(1, n, dtype=out_dtype, device=x.device)
         grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        gemv_kernel[grid](x, weight, bias if bias is not None else y, y, n, k, HAS_BIAS=bias is not None)
+        gemv_kernel[grid](x, weight, bias if bias is not None else y, scale if scale is not None else y, y, n, k,
+                          HAS_BIAS=bias is not None, HAS_SCALE=scale is not None)
         return y
 
     return launch
 
 
-def _triton_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def _triton_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None = None,
+                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
     if weight.stride(-1) != 1 or weight.stride(0) != weight.shape[1]:
         weight = weight.contiguous()
-    return _kernel()(x.contiguous(), weight, bias)
+    return _kernel()(x.contiguous(), weight, bias, scale, out_dtype or x.dtype)

@@ -20,6 +20,7 @@ from jetspec_trt.dtypes import parse_dtype
 from jetspec_trt.errors import JetSpecError
 from jetspec_trt.models.checkpoint import load_draft, load_target, stored_names
 from jetspec_trt.models.config import DecoderConfig
+from jetspec_trt.models.fp8 import read_fp8_format
 from jetspec_trt.models.fused_layout import is_fused
 from jetspec_trt.models.target import TargetModel
 from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
@@ -45,8 +46,9 @@ class Engine:
         self.fast = fast  # CUDA: graphed rounds, greedy and sampling; the reference decoder serves the CPU
         self.tokenizer = tokenizer
         self.engine_dir = engine_dir
-        # How this engine runs here, one line per aspect: "weights" (fused at build, or at load) and
-        # "kernel_tuning" (tuned launches for this GPU, or default_launch and why).
+        # How this engine runs here, one line per aspect: "weights" (fused at build, or at load),
+        # "quantization" (FP8 GEMMs, dequantized, or none) and "kernel_tuning" (tuned launches for this GPU, or
+        # default_launch and why).
         self.summary = summary or {}
         self.last_stats: DecodeStats | None = None
 
@@ -90,10 +92,12 @@ class Engine:
         # On the GPU q/k/v and gate/up run as one GEMM each, over the fused tensors the build stored. The CPU
         # keeps the separate GEMMs (the reference path: bit-identical to the Hugging Face checkpoint's logits);
         # their weights are views of the same fused tensors, so either way there is one copy in memory.
+        # An FP8 target keeps its FP8 weights on CUDA (an error on a GPU without FP8) and is dequantized on the CPU.
         target = load_target(engine_dir / "target", torch_dtype, device, fused_gemm=cuda)
         draft = load_draft(engine_dir / "draft", torch_dtype, device, fused_gemm=cuda)
         tokenizer = AutoTokenizer.from_pretrained(str(engine_dir / "target"), local_files_only=True)
         summary = {"weights": _weights_summary(engine_dir, cuda),
+                   "quantization": _quantization_summary(engine_dir, cuda),
                    "kernel_tuning": _use_kernel_tuning(engine_dir, device)}
         fast = GraphDecoder(target, draft, runtime, compile_layers=runtime.compile_graphs) if cuda else None
         return cls(Decoder(target, draft, runtime), tokenizer, engine_dir, fast, summary)
@@ -159,6 +163,13 @@ def _weights_summary(engine_dir: Path, cuda: bool) -> str:
     if is_fused(stored_names(engine_dir / "target")):
         return "fused at build (qkv_proj, gate_up_proj)" + (": one GEMM each" if cuda else "; separate GEMMs on cpu")
     return "Hugging Face layout" + ("; fused at load" if cuda else "")
+
+
+def _quantization_summary(engine_dir: Path, cuda: bool) -> str:
+    fmt = read_fp8_format(engine_dir / "target")
+    if fmt is None:
+        return "none"
+    return fmt.describe() + (": FP8 GEMMs and FP8 GEMV" if cuda else ": dequantized into the reference dtype here")
 
 
 def _use_kernel_tuning(engine_dir: Path, device: str) -> str:

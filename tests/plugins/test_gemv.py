@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from jetspec_trt.models.presets import random_models
-from jetspec_trt.plugins.gemv import gemv, linear
+from jetspec_trt.plugins.gemv import gemv
+from jetspec_trt.plugins.linear import linear
 from jetspec_trt.plugins.tree_attention import causal_mask
 
 

@@ -1,0 +1,148 @@
+"""FP8 quantization of a target checkpoint with nvidia-modelopt: calibrate on a few prompts, export the Hugging
+Face FP8 layout (models/fp8.py) that TensorRT-LLM, vLLM and our engine read.
+
+modelopt works on transformers' own model of the checkpoint (models.checkpoint.load_hf_model: the same weights and
+numerics as ours), so its export writes the tensor names, scales and quantization_config those readers expect:
+`mtq.quantize` with FP8_DEFAULT_CFG puts e4m3 per-tensor quantizers on every Linear except lm_head (embeddings
+too are left alone), runs the calibration prompts through the model to record each input's amax ("max"
+algorithm), and `export_hf_checkpoint` writes weight (e4m3), weight_scale = amax(|W|)/448 and input_scale =
+calibrated amax(|x|)/448 per Linear. The draft head is never quantized.
+
+Before the export, each layer's q/k/v and gate/up quantizers get one shared weight amax (modelopt's own
+preprocess_linear_fusion, what its TensorRT-LLM export does): the engine runs each group as one GEMM with one
+scale, and a shared amax lets the export round every weight once, with that scale, instead of the loader
+requantizing parts rounded with another.
+
+Calibration runs on CUDA in the engine dtype where a GPU is there, else on the CPU in float32 (modelopt's fake
+quantization runs on both; the CPU is fine for small models and the tests, slow for 8B).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from jetspec_trt.dtypes import dtype_name
+from jetspec_trt.errors import JetSpecError
+from jetspec_trt.models.checkpoint import SHARD_INDEX, load_hf_model
+from jetspec_trt.models.fp8 import read_fp8_format
+from jetspec_trt.models.weights import keep_plan, write_weights
+from jetspec_trt.versions import library_versions
+
+METHODS = ("fp8",)
+MODELOPT_CONFIG = "FP8_DEFAULT_CFG"  # the modelopt recipe: per-tensor e4m3 weights and inputs, "max" calibration
+
+
+@dataclass(frozen=True)
+class QuantizeConfig:
+    method: str = "fp8"
+    # Calibration prompts: a prompt suite of jetspec_trt.datasets or a .jsonl file of {"messages"} / {"prompt"}
+    # lines (datasets.load_prompt_messages), sent through the tokenizer's chat template as the engine sees them.
+    calib_source: str = "sharegpt"
+    calib_samples: int = 32
+    calib_max_tokens: int = 512  # longer prompts are cut
+    calib_device: str | None = None  # None: cuda where available, else cpu
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise JetSpecError(f"unknown quantization {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.calib_samples < 1 or self.calib_max_tokens < 2:
+            raise JetSpecError(f"calibration needs >= 1 sample of >= 2 tokens, got {self.calib_samples} samples "
+                               f"of up to {self.calib_max_tokens} tokens")
+
+
+def calibration_sequences(target_dir: Path, cfg: QuantizeConfig) -> list[list[int]]:
+    """Token ids of the calibration prompts, chat-templated with the target's tokenizer, cut to calib_max_tokens."""
+    from transformers import AutoTokenizer
+
+    from jetspec_trt.datasets import encode_prompts, load_prompt_messages
+
+    tokenizer = AutoTokenizer.from_pretrained(str(target_dir), local_files_only=True)
+    ids = encode_prompts(tokenizer, load_prompt_messages(cfg.calib_source, cfg.calib_samples))
+    return [seq[: cfg.calib_max_tokens] for seq in ids if seq]
+
+
+def _modelopt():
+    try:
+        import modelopt.torch.quantization as mtq
+        from modelopt.torch.export import export_hf_checkpoint
+        from modelopt.torch.export.quant_utils import preprocess_linear_fusion
+    except ImportError as err:
+        raise JetSpecError(f"--quantize needs nvidia-modelopt (pip install nvidia-modelopt): {err}") from err
+    return mtq, export_hf_checkpoint, preprocess_linear_fusion
+
+
+# The projections the engine fuses into one GEMM (models/fused_layout.py), as transformers' layers name them.
+FUSED_GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj")))
+
+
+def _share_fused_scales(model, preprocess_linear_fusion) -> None:
+    for layer in model.model.layers:
+        for parent, names in FUSED_GROUPS:
+            block = getattr(layer, parent)
+            preprocess_linear_fusion([getattr(block, name) for name in names])
+
+
+def quantize_target(target_dir: Path, out_dir: Path, cfg: QuantizeConfig, dtype: torch.dtype) -> dict:
+    """Write an FP8 copy of the target checkpoint at `target_dir` into `out_dir` (config, tokenizer and
+    generation files beside the weights; unquantized tensors in `dtype`). Returns the recipe for the manifest."""
+    cfg.validate()
+    target_dir, out_dir = Path(target_dir), Path(out_dir)
+    if read_fp8_format(target_dir) is not None:
+        raise JetSpecError(f"{target_dir} is already quantized; build from it without --quantize")
+    mtq, export_hf_checkpoint, preprocess_linear_fusion = _modelopt()
+    sequences = calibration_sequences(target_dir, cfg)
+    device = cfg.calib_device or ("cuda" if torch.cuda.is_available() else "cpu")
+    calib_dtype = dtype if torch.device(device).type == "cuda" else torch.float32
+    model = load_hf_model(target_dir, calib_dtype).to(device)
+
+    @torch.no_grad()
+    def forward_loop(m) -> None:
+        for seq in sequences:
+            m(torch.tensor([seq], device=device))
+
+    mtq.quantize(model, getattr(mtq, MODELOPT_CONFIG), forward_loop)
+    _share_fused_scales(model, preprocess_linear_fusion)
+    out_dir.mkdir(parents=True)
+    export_dir = out_dir / ".modelopt-export"
+    with torch.inference_mode():
+        export_hf_checkpoint(model, dtype=dtype, export_dir=export_dir)
+    del model
+    _finish_export(target_dir, export_dir, out_dir, dtype)
+    fmt = read_fp8_format(out_dir)
+    if fmt is None:
+        raise JetSpecError(f"modelopt wrote no FP8 quantization_config into {out_dir / 'config.json'}")
+    return {
+        "method": cfg.method,
+        "format": fmt.describe() + "; Hugging Face layout with weight_scale / input_scale per Linear",
+        "tool": f"nvidia-modelopt {library_versions('modelopt')['modelopt']}",
+        "modelopt_config": MODELOPT_CONFIG,
+        "algorithm": "max",
+        "unquantized": list(fmt.excluded) + ["norms", "the draft head"],
+        "calibration": {"source": cfg.calib_source, "samples": len(sequences),
+                        "tokens": sum(len(s) for s in sequences), "max_tokens": cfg.calib_max_tokens,
+                        "device": device, "dtype": dtype_name(calib_dtype)},
+    }
+
+
+def _finish_export(target_dir: Path, export_dir: Path, out_dir: Path, dtype: torch.dtype) -> None:
+    """The export, moved into `out_dir` with what it leaves out or states otherwise: unquantized tensors in
+    `dtype` (modelopt keeps a CPU calibration's float32 for them), the source's tokenizer and other side files,
+    and config's dtype."""
+    write_weights(export_dir, out_dir, keep_plan, dtype)
+    for directory in (export_dir, target_dir):  # the export's own config files first, then the source's others
+        for item in sorted(directory.iterdir()):
+            if (item.is_file() and not (out_dir / item.name).exists() and item.suffix != ".safetensors"
+                    and item.name != SHARD_INDEX):
+                shutil.copy2(item, out_dir / item.name)
+    shutil.rmtree(export_dir)
+    config_path = out_dir / "config.json"
+    config = json.loads(config_path.read_text())
+    for key in ("dtype", "torch_dtype"):
+        if key in config:
+            config[key] = dtype_name(dtype)
+    config_path.write_text(json.dumps(config, indent=2) + "\n")

@@ -1,0 +1,20 @@
+"""The one linear layer every projection of the target and the draft head goes through."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from jetspec_trt.plugins.fp8_gemm import fp8_linear
+from jetspec_trt.plugins.gemv import gemv
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, use_gemv: bool,
+           weight_scale: torch.Tensor | None = None, input_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """F.linear, or the GEMV op for a single row when `use_gemv` (the model's decode-GEMV switch) is on. An FP8
+    weight (its `weight_scale` given) runs the FP8 GEMM or FP8 GEMV instead (plugins/fp8_gemm.py)."""
+    if weight_scale is not None:
+        return fp8_linear(x, weight, bias, weight_scale, input_scale, use_gemv)
+    if use_gemv and x.dim() == 2 and x.shape[0] == 1:
+        return gemv(x, weight, bias)
+    return F.linear(x, weight, bias)

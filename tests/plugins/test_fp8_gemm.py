@@ -1,0 +1,171 @@
+"""The FP8 GEMM and GEMV (plugins/fp8_gemm.py, plugins/gemv.py): they compute exactly (x rounded to e4m3 with
+its scale) @ (the FP8 weight) * scales, on the CPU with torch's kernels and on CUDA with _scaled_mm and the Triton
+FP8 GEMV; an FP8 model on CUDA gives the CPU's logits up to rounding, its AR step through the GEMV matches its
+GEMM, and an FP8 engine's graphed speculative decoding matches its AR greedy decoding."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from jetspec_trt.plugins.fp8_gemm import FP8_DTYPE, FP8_MAX, dequantize, fp8_linear, quantize
+from jetspec_trt.plugins.gemv import gemv_fp8
+from jetspec_trt.plugins.linear import linear
+from tests.plugins.test_gemv import SHAPES
+
+
+def operands(n, k, device="cpu", seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(5, k, device=device, generator=g) * 3
+    w = torch.randn(n, k, device=device, generator=g) / k**0.5
+    w_scale = w.abs().max() / FP8_MAX
+    bias = torch.randn(n, device=device, generator=g)
+    return x, quantize(w, w_scale), w_scale, bias
+
+
+def emulated(x, weight, weight_scale, input_scale, bias):
+    """What the FP8 GEMM computes, in float64: both operands rounded to e4m3, products summed, scaled."""
+    x_scale = input_scale if input_scale is not None else x.abs().amax(-1, keepdim=True).float() / FP8_MAX
+    xq = quantize(x, x_scale).double() * x_scale.double()
+    y = F.linear(xq, weight.double() * weight_scale.double())
+    return y if bias is None else y + bias.double()
+
+
+@pytest.mark.parametrize("static", [True, False])
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_fp8_linear_on_cpu_is_the_emulated_product(static, with_bias):
+    x, w, w_scale, bias = operands(96, 64)
+    bias = bias if with_bias else None
+    input_scale = torch.tensor(x.abs().max().item() * 1.2 / FP8_MAX) if static else None
+    want = emulated(x, w, w_scale, input_scale, bias)
+    got = fp8_linear(x, w, bias, w_scale, input_scale, use_gemv=False)  # torch._scaled_mm
+    assert got.dtype == torch.float32 and got.shape == (5, 96)
+    assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5)
+    for row in range(2):  # one row through the GEMV op (its CPU fallback): the same product
+        one = fp8_linear(x[row : row + 1], w, bias, w_scale, input_scale, use_gemv=True)
+        assert torch.allclose(one.double(), emulated(x[row : row + 1], w, w_scale, input_scale, bias), rtol=1e-5,
+                              atol=1e-5)
+    # the one linear dispatches on the scale; a 3-D input keeps its leading shape
+    assert torch.equal(linear(x, w, bias, False, w_scale, input_scale), got)
+    assert fp8_linear(x.view(5, 1, 64), w, bias, w_scale, input_scale, False).shape == (5, 1, 96)
+
+
+def test_rounding_saturates_instead_of_overflowing():
+    scale = torch.tensor(1.0)
+    q = quantize(torch.tensor([1000.0, -1e6, 3.0]), scale)
+    assert q.dtype == FP8_DTYPE and q.float().tolist() == [448.0, -448.0, 3.0]
+    assert dequantize(q, torch.tensor(0.5), torch.float32).tolist() == [224.0, -224.0, 1.5]
+
+
+def test_dynamic_scales_are_per_token():
+    """Without a static input scale each row is scaled by its own amax: a row's result does not depend on the
+    other rows of the forward (a tree verify computes each node as the AR step does), and an all-zero row is 0."""
+    x, w, w_scale, bias = operands(32, 64)
+    x[1] *= 100  # a large row must not coarsen the others' rounding
+    x[3] = 0
+    together = fp8_linear(x, w, bias, w_scale, None, False)
+    for row in range(5):
+        alone = fp8_linear(x[row : row + 1], w, bias, w_scale, None, False)
+        assert torch.allclose(together[row : row + 1], alone, rtol=1e-5, atol=1e-3)  # summation order only
+    assert torch.allclose(together[3], bias)
+
+
+# ------------------------------------------------------------------------------------------------------ CUDA
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("n, k", SHAPES)
+def test_triton_gemv_fp8_matches_reference(n, k, out_dtype):
+    x, w, w_scale, b = operands(n, k, "cuda", seed=n * 31 + k)
+    xq = quantize(x[:1], torch.tensor(0.01, device="cuda"))
+    scale = (w_scale * 0.01).reshape(1)
+    for bias in (None, b.to(out_dtype)):
+        got = gemv_fp8(xq, w, scale, bias, out_dtype)
+        ref = F.linear(xq.double(), w.double()) * scale.double()
+        ref = ref if bias is None else ref + bias.double()
+        assert got.dtype == out_dtype and got.shape == (1, n)
+        err = (got.double() - ref).norm() / ref.norm()
+        assert err < {torch.float32: 1e-5, torch.bfloat16: 1e-2}[out_dtype], float(err)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("static", [True, False])
+def test_scaled_mm_on_cuda_matches_cpu(static):
+    """Static (per-tensor _scaled_mm) and dynamic (per-token) input scales; GEMM and the AR step's GEMV agree."""
+    x, w, w_scale, bias = operands(1152, 896)
+    input_scale = torch.tensor(x.abs().max().item() / FP8_MAX) if static else None
+    cpu = fp8_linear(x, w, bias, w_scale, input_scale, False)
+    cuda = [t.cuda() if t is not None else None for t in (x, w, bias, w_scale, input_scale)]
+    for dtype in (torch.bfloat16, torch.float32):
+        xc, wc, bc, sc, ic = cuda
+        got = fp8_linear(xc.to(dtype), wc, bc.to(dtype), sc, ic, False)
+        assert got.dtype == dtype
+        # bf16 input: x rounds to bf16 before e4m3 (a few e4m3 roundings flip), and the output rounds to bf16
+        tolerance = {torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+        assert float((got.float().cpu() - cpu).norm() / cpu.norm()) < tolerance
+        gemv = fp8_linear(xc[:1].to(dtype), wc, bc.to(dtype), sc, ic, True)  # the AR step's path
+        gemm = fp8_linear(xc[:1].to(dtype), wc, bc.to(dtype), sc, ic, False)
+        assert float((gemv.float() - gemm.float()).norm() / gemm.float().norm()) < tolerance
+
+
+@pytest.mark.gpu
+def test_fp8_model_on_cuda(fp8_pair):
+    from jetspec_trt.models.checkpoint import load_target
+    from jetspec_trt.plugins.tree_attention import causal_mask
+    from tests.models.test_fp8 import TEXT, rel
+
+    cpu = load_target(fp8_pair.fp8_target, keep_fp8=True).prefill(TEXT).logits  # the same FP8 GEMMs in fp32
+    unquantized = load_target(fp8_pair.target).prefill(TEXT).logits
+    model = load_target(fp8_pair.fp8_target, torch.bfloat16, "cuda", fused_gemm=True)
+    attn = model.layers[0].self_attn
+    assert attn.qkv_weight.dtype == FP8_DTYPE and attn.qkv_weight.is_cuda and attn.qkv_input_scale is not None
+    assert model.lm_head.weight.dtype == torch.bfloat16
+    logits = model.prefill(TEXT).logits.cpu()
+    # bf16 activations round before e4m3 (a few e4m3 roundings flip) and the random model amplifies any change
+    assert rel(logits, cpu) < 0.06 and rel(logits, unquantized) < 0.2
+
+    cache = model.new_cache(64, 16)
+
+    def step():  # the AR step's shape: one token after a short context
+        model.prefill(TEXT[:8], cache, logits="none")
+        return model(torch.tensor([TEXT[8]], device="cuda"), torch.tensor([8], device="cuda"), cache,
+                     causal_mask(1, "cuda")).logits
+
+    gemm = step()
+    model.set_decode_gemv(True)
+    gemv = step()
+    model.set_decode_gemv(False)
+    assert rel(gemv, gemm) < 2e-2
+    assert rel(gemm.cpu(), cpu[8:9]) < 0.06
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["modelopt", "autofp8"])
+def test_fp8_engine_speculative_matches_ar_on_cuda(fp8_pair, tmp_path, layout):
+    """Ours (static input scales) and an AutoFP8 checkpoint (dynamic, per-token scales; q/k/v requantized at
+    fusion): graphed speculative greedy decoding equals AR greedy up to near-tie flips, as in bf16."""
+    from jetspec_trt.builders.engine_builder import BuildConfig, build_engine
+    from jetspec_trt.runtime.config import TreeConfig
+    from jetspec_trt.runtime.decoder import first_difference
+    from jetspec_trt.runtime.engine import Engine
+    from tests.models.test_fp8 import autofp8_checkpoint
+
+    source = fp8_pair.fp8_target if layout == "modelopt" else autofp8_checkpoint(fp8_pair.target, tmp_path / "src")
+    engine_dir = build_engine(BuildConfig(source, fp8_pair.draft, tmp_path / "engine",
+                                          TreeConfig(32, 4, 7), progress=False, tune=False))
+    engine = Engine.load(engine_dir, device="cuda")
+    assert engine.summary["quantization"].endswith("FP8 GEMMs and FP8 GEMV")
+    assert engine.target.layers[0].mlp.gate_up_weight.dtype == FP8_DTYPE
+    g = torch.Generator().manual_seed(0)
+    mismatches = 0
+    for _ in range(8):
+        prompt = torch.randint(0, 256, (int(torch.randint(4, 40, (1,), generator=g)),), generator=g).tolist()
+        spec = [t for c in engine.fast.generate(prompt, 48) for t in c]
+        ar = [t for c in engine.fast.generate(prompt, 48, speculative=False) for t in c]
+        if spec != ar:
+            # as in bf16: tree GEMMs and the AR step's GEMV round differently, which may flip a near tie only
+            mismatches += 1
+            first = first_difference(ar, spec)
+            logits = engine.fast.prefill_target(prompt + ar[:first], capture=False).logits[-1].float()
+            assert abs(float(logits[ar[first]] - logits[spec[first]])) < 0.25
+    assert mismatches <= 2
