@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One GPU lease's head-training run for the default pair (Qwen2.5-Coder-0.5B-Instruct + its JetSpec head), as run
 # through the device tool: join and convert the carried GGUF, regenerate responses with the batched decoder,
-# continue the committed head (one or several depths side by side on the same responses), build each engine and
+# continue the committed head (one or several depths, one after another on the same responses), build each engine and
 # bench it on MT-Bench / HumanEval / MATH-500 against our AR decoding (and HF generate for the first head).
 # Everything lands in $WORK; the polling calls copy results to $OUT.
 #
@@ -12,12 +12,14 @@
 # machine goes back after 30 s without a call, and everything on it with it.
 # It also goes back 30 minutes after the lease began, busy or not (2026-12-04: a 540 s training run died at
 # step 2800 that way). Budget from the first call of the lease: ~2 min of GGUF transfers, ~1.5 min convert, ~1 min
-# data prep + model load, GEN_S (+ ~15 s of rows finishing), TRAIN_S (+ ~60 s load, features and evals; heads
-# train at once, so each gets a share of the GPU), ~40 s build per head, ~3-4 min bench per head (17 prompts a
-# suite; HF on HF_PROMPTS for the first head only). Copy WORK/head-L* out as soon as they are written.
-# Env: GEN_ATTENTION (auto; sdpa if tests/plugins/test_triton_batch_attention.py fails there), TAG (bench file tag prefix), LAYERS ("1": head depths to train side by side, e.g. "1 3"; a depth above the
-# committed head's grows it by identity layers), BENCH_PROMPTS (17), HF_PROMPTS (3), PROMPT_OFFSET (0; runs 3-4
-# answered prompts from the first 12000 of the mix, so later runs pass 12000 or more).
+# data prep + model load, GEN_S (+ ~15 s of rows finishing; 90 s made 4.0 M tokens on 2026-12-04), TRAIN_S per
+# head (+ ~60 s load and evals; --time-budget is a hard deadline), ~40 s build per head, ~3-4 min bench per head
+# (17 prompts a suite; HF on HF_PROMPTS for the first head only). Nothing else on the GPU meanwhile. Copy
+# WORK/head-L* out as soon as they are written.
+# Env: GEN_ATTENTION (auto; sdpa if tests/plugins/test_triton_batch_attention.py fails there), TAG (bench file tag
+# prefix), LAYERS ("1": head depths to train one after another, e.g. "1 2"; a depth above the committed head's
+# grows it by identity layers), BENCH_PROMPTS (17), HF_PROMPTS (3), PROMPT_OFFSET (0; runs 3-4 answered prompts
+# from the first 12000 of the mix, run 5 (lost) from 12000-27000, so the next run passes 27000).
 set -uo pipefail
 WORK=${1:?work dir}
 GEN_S=${2:-150}
@@ -45,16 +47,15 @@ data=(--target "$WORK/qwen" --data /tmp/keep/prompts-mix.jsonl.gz --num-prompts 
 stage "regenerate responses (GEN_S=$GEN_S)"
 jt train --output "$WORK/responses" --steps 0 --gen-time-budget "$GEN_S" "${data[@]}" || exit 1
 
-stage "train heads with layers: $LAYERS (TRAIN_S=$TRAIN_S each, side by side)"
-pids=()
+# One head after another, each alone on the GPU for TRAIN_S: two trainings side by side (64 + 73 GB) ran the
+# H200 out of memory on 2026-12-04, and each one's pace, hence its plan, was the other's hostage.
 for n in $LAYERS; do
+  stage "train the head with $n layer(s) (TRAIN_S=$TRAIN_S)"
   mkdir -p "$WORK/head-L$n" && cp -r "$WORK/responses/data" "$WORK/head-L$n/"
   jt train --output "$WORK/head-L$n" --init-head heads/qwen2.5-coder-0.5b-jetspec --num-layers "$n" \
      --gen-time-budget 0 --steps 1000000 --time-budget "$TRAIN_S" --batch-size 8 --lr 6e-4 --eval-every 400 \
-     --save-every 100000 "${data[@]}" > "$WORK/train-L$n.log" 2>&1 &
-  pids+=($!)
+     --save-every 100000 "${data[@]}" > "$WORK/train-L$n.log" 2>&1 || echo "training L$n failed (see $WORK/train-L$n.log)"
 done
-for pid in "${pids[@]}"; do wait "$pid" || echo "a training run failed (see $WORK/train-L*.log)"; done
 
 hf=${HF_PROMPTS:-3}
 for n in $LAYERS; do

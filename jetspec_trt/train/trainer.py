@@ -40,6 +40,11 @@ CARD = "training_card.json"
 # the first steps carry one-off costs (allocator growth, kernel caches), so an early plan errs short and the
 # later one corrects it (on an H200 the pace over steps 10-20 was 1.5x slower than the run's average).
 PLAN_AT_STEPS = (20, 200)
+# After the last of those, the plan is redone every REPLAN_EVERY steps from the pace since the previous plan, and
+# the budget is a hard deadline: a run still short of its plan when the budget is spent stops there and writes its
+# head (the cosine then ends above 0). A lease's GPU is shared or its pace drifts: on 2026-12-04 a run planned for
+# 660 s at its step-200 pace ran 23+ minutes beside a second training and lost its head when the lease ended.
+REPLAN_EVERY = 200
 EVAL_SEED = 12345  # the held-out anchors are the same before and after training, and across runs
 BETAS = (0.9, 0.95)
 CURVE_DEPTHS = (1, 2, 4, 8, 15)  # depths whose held-out agreement the card's curve follows during training
@@ -83,8 +88,9 @@ class TrainConfig:
     resume: bool = False
     overwrite: bool = False
     max_time_s: float | None = None  # stop (with a checkpoint) after this much training time; resume later
-    # Fit the whole schedule (warmup + cosine to 0) into this much training time: at PLAN_AT_STEPS
-    # steps, the run's step count becomes what fits (at most `steps`). For fixed-size GPU leases.
+    # Fit the whole schedule (warmup + cosine to 0) into this much training time: at PLAN_AT_STEPS steps and
+    # every REPLAN_EVERY after, the run's step count becomes what fits (at most `steps`); once the time is spent
+    # the run stops and writes its head. For fixed-size GPU leases.
     time_budget_s: float | None = None
     # Target feature pass: sequences packed up to this many tokens per forward (None: 4096 on CUDA, where
     # per-sequence forwards are launch-bound; 0 on CPU, where packing only adds masked-out attention work).
@@ -217,6 +223,7 @@ class Trainer:
         self.optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, betas=BETAS,
                                            weight_decay=cfg.weight_decay)
         self.total_steps = cfg.steps  # lowered by plan_steps() under a time budget
+        self.stopped_at_time_budget = False  # the budget ran out before the planned steps (run_loop)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, cfg.warmup(self.total_steps), self.total_steps))
         self.step = 0
@@ -478,17 +485,21 @@ def run_loop(trainer: Trainer, ckpt_dir: Path) -> bool:
     started = time.perf_counter()
     base = trainer.elapsed_s
     smoothed = None
-    pace_mark = None  # set in this process only: a resumed run plans from its own pace
+    marks: dict[int, float] = {}  # step -> elapsed_s, in this process only: a resumed run plans from its own pace
     while trainer.step < trainer.total_steps:
         loss = trainer.train_step()
         smoothed = loss if smoothed is None else 0.9 * smoothed + 0.1 * loss
         trainer.elapsed_s = base + time.perf_counter() - started
-        if any(trainer.step == at // 2 for at in PLAN_AT_STEPS):
-            pace_mark = trainer.elapsed_s
-        if (cfg.time_budget_s is not None and pace_mark is not None and trainer.step in PLAN_AT_STEPS
-                and trainer.step < trainer.total_steps):
-            pace = (trainer.elapsed_s - pace_mark) / (trainer.step - trainer.step // 2)
-            trainer.total_steps = planned_steps(cfg, trainer.step, trainer.elapsed_s, pace)
+        if cfg.time_budget_s is not None:
+            plan_from = plan_window_start(trainer.step)
+            if trainer.elapsed_s >= cfg.time_budget_s and trainer.step < trainer.total_steps:
+                trainer.total_steps = trainer.step
+                trainer.stopped_at_time_budget = True
+            elif plan_from in marks and trainer.step < trainer.total_steps:
+                pace = (trainer.elapsed_s - marks[plan_from]) / (trainer.step - plan_from)
+                trainer.total_steps = planned_steps(cfg, trainer.step, trainer.elapsed_s, pace)
+            if is_plan_mark(trainer.step):
+                marks[trainer.step] = trainer.elapsed_s
             bar.total = trainer.total_steps
         bar.update(1)
         bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{trainer.scheduler.get_last_lr()[0]:.2e}")
@@ -505,6 +516,20 @@ def run_loop(trainer: Trainer, ckpt_dir: Path) -> bool:
             return False
     bar.close()
     return True
+
+
+def is_plan_mark(step: int) -> bool:
+    """Steps whose elapsed time starts a pace window: half of each PLAN_AT_STEPS step, then every REPLAN_EVERY."""
+    return any(step == at // 2 for at in PLAN_AT_STEPS) or (step >= PLAN_AT_STEPS[-1] and step % REPLAN_EVERY == 0)
+
+
+def plan_window_start(step: int) -> int | None:
+    """The step whose mark the plan at `step` measures the pace from; None where no plan is made."""
+    if step in PLAN_AT_STEPS:
+        return step // 2
+    if step > PLAN_AT_STEPS[-1] and step % REPLAN_EVERY == 0:
+        return step - REPLAN_EVERY
+    return None
 
 
 def planned_steps(cfg: TrainConfig, step: int, elapsed_s: float, s_per_step: float) -> int:
@@ -577,6 +602,7 @@ def write_outputs(trainer: Trainer, out: Path, tokenizer, tcfg: DecoderConfig, d
         "training": {
             "steps": trainer.step, "batch_size": cfg.batch_size, "lr": cfg.lr,
             "warmup_steps": cfg.warmup(trainer.total_steps), "time_budget_s": cfg.time_budget_s,
+            "stopped_at_time_budget": trainer.stopped_at_time_budget,
             "schedule": "linear warmup, cosine to 0", "optimizer": f"AdamW betas={list(BETAS)}",
             "weight_decay": cfg.weight_decay, "grad_clip": cfg.grad_clip, "seed": cfg.seed,
             "device": trainer.device, "device_name": device_name(trainer.device),

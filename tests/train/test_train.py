@@ -8,6 +8,7 @@ import dataclasses
 import json
 import random
 import shutil
+import types
 
 import pytest
 import torch
@@ -250,6 +251,48 @@ def test_time_budget_plans_the_schedule():
     assert planned_steps(cfg, step=20, elapsed_s=10.0, s_per_step=0.5) == 20 + 180
     assert planned_steps(cfg, step=20, elapsed_s=200.0, s_per_step=0.5) == 20  # already over: stop now
     assert planned_steps(cfg, step=20, elapsed_s=0.0, s_per_step=1e-6) == 10_000  # capped by --steps
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class _PacedTrainer:
+    """run_loop's view of a Trainer whose steps take step_s(step) seconds of a fake clock."""
+
+    def __init__(self, cfg, clock, step_s):
+        self.cfg, self.clock, self.step_s = cfg, clock, step_s
+        self.step, self.total_steps, self.elapsed_s, self.stopped_at_time_budget = 0, cfg.steps, 0.0, False
+        self.scheduler = types.SimpleNamespace(get_last_lr=lambda: [1e-3])
+
+    def train_step(self) -> float:
+        self.clock.now += self.step_s(self.step)
+        self.step += 1
+        return 1.0
+
+    def payload(self) -> dict:
+        return {}
+
+
+@pytest.mark.parametrize("slow_from, slow_s, steps, stopped", [
+    (300, 1.0, 370, True),  # pace drops 10x after the last fixed plan: the deadline stops it at 100 s
+    (250, 0.15, 750, False),  # a drift: the re-plans every 200 steps end the schedule at 100 s
+])
+def test_time_budget_is_a_deadline_when_the_pace_changes(monkeypatch, tmp_path, slow_from, slow_s, steps, stopped):
+    import jetspec_trt.train.trainer as trainer_module
+
+    clock = _Clock()
+    monkeypatch.setattr(trainer_module.time, "perf_counter", clock)
+    monkeypatch.setattr(trainer_module, "save_checkpoint", lambda *args: None)
+    cfg = TrainConfig("t", "o", steps=100_000, time_budget_s=100.0, save_every=10**9, progress=False)
+    trainer = _PacedTrainer(cfg, clock, lambda step: 0.1 if step < slow_from else slow_s)
+    assert trainer_module.run_loop(trainer, tmp_path) is True
+    assert abs(trainer.step - steps) <= 1 and trainer.stopped_at_time_budget is stopped
+    assert trainer.elapsed_s == pytest.approx(100.0, abs=1.0)
 
 
 def test_time_budget_run_finishes_with_a_head(tiny, tmp_path, capsys):
