@@ -178,6 +178,11 @@ def grpc_inputs(prompts: list[str], max_tokens: int | list, stream: bool = True,
               if np.isscalar(max_tokens) else np.asarray(max_tokens),
               "stream": np.array([[stream]] * batch, dtype=bool)}
     arrays.update(extra)
+    return infer_inputs(arrays)
+
+
+def infer_inputs(arrays: dict) -> list:
+    """gRPC InferInputs holding each named numpy array."""
     inputs = []
     for name, array in arrays.items():
         tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
@@ -522,12 +527,7 @@ def trtllm_client_inputs(prompt: str, max_tokens: int, **optional) -> list:
     for name, value in optional.items():
         arrays[name] = np.array([value], dtype=object) if name.endswith("_words") else np.array([[value]],
                                                                                                 dtype=kinds[name])
-    inputs = []
-    for name, array in arrays.items():
-        tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    return inputs
+    return infer_inputs(arrays)
 
 
 def trtllm_stream(served, inputs: list, *extra_outputs: str) -> dict:
