@@ -64,11 +64,11 @@ def kernel_table(prof, cuda: bool, rows: int) -> tuple[list[str], int, float]:
 def profile_stages(bench: EngineBench, tree: TreeConfig, context: int, stages: list[str], rows: int,
                    out: list[str]) -> None:
     decoder, cuda = bench.decoder, bench.cfg.device.startswith("cuda")
-    decoder.stages(tree)  # capture (and compile) first, as the bench does
+    decoder.stages(tree, "greedy")  # capture (and compile) first, as the bench does
     # A fresh eager stage set with its own scratch buffers: running the captured functions themselves would
     # rebind the scratch tensors whose addresses the graphs baked in.
     state = decoder._new_state(tree.max_depth)
-    eager = decoder._make_stages(tree, state)
+    eager = decoder._make_stages(tree, state, "greedy")  # the greedy round, as the bench times it
     state.anchor.fill_(11)
     reset = bench._at_context(context, state)
     for _ in range(2):  # warm-up: allocator, autotune, lazy init

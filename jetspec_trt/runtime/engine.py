@@ -97,7 +97,7 @@ class Engine:
         draft = load_draft(engine_dir / "draft", torch_dtype, device, fused_gemm=cuda)
         tokenizer = AutoTokenizer.from_pretrained(str(engine_dir / "target"), local_files_only=True)
         summary = {"weights": _weights_summary(engine_dir, cuda),
-                   "quantization": _quantization_summary(engine_dir, cuda),
+                   "quantization": _quantization_summary(engine_dir, cuda, runtime.decode_gemv),
                    "kernel_tuning": _use_kernel_tuning(engine_dir, device)}
         fast = GraphDecoder(target, draft, runtime, compile_layers=runtime.compile_graphs) if cuda else None
         return cls(Decoder(target, draft, runtime), tokenizer, engine_dir, fast, summary)
@@ -165,11 +165,13 @@ def _weights_summary(engine_dir: Path, cuda: bool) -> str:
     return "Hugging Face layout" + ("; fused at load" if cuda else "")
 
 
-def _quantization_summary(engine_dir: Path, cuda: bool) -> str:
+def _quantization_summary(engine_dir: Path, cuda: bool, decode_gemv: bool) -> str:
     fmt = read_fp8_format(engine_dir / "target")
     if fmt is None:
         return "none"
-    return fmt.describe() + (": FP8 GEMMs and FP8 GEMV" if cuda else ": dequantized into the reference dtype here")
+    if not cuda:
+        return fmt.describe() + ": dequantized into the reference dtype here"
+    return fmt.describe() + (": FP8 GEMMs and FP8 GEMV" if decode_gemv else ": FP8 GEMMs")
 
 
 def _use_kernel_tuning(engine_dir: Path, device: str) -> str:
