@@ -52,6 +52,9 @@ import click
 @click.option("--anchor-group", type=int, default=64, show_default=True,
               help="Anchors per attention row: a sequence's blocks are split into rows of this many (its context "
                    "repeated), so each block attends context + group*block keys, not every block of the sequence.")
+@click.option("--feature-store", type=click.Choice(["auto", "device", "host"]), default="auto", show_default=True,
+              help="Where the target's stored features live: the GPU, pinned host memory (gathered per step), or "
+                   "auto (the GPU while they take at most half its free memory).")
 @click.option("--depth-sampling/--no-depth-sampling", default=True, show_default=True,
               help="Keep depth k's row with probability exp(-(k-1)/gamma) instead of weighting it: the same expected "
                    "loss at ~45% of the lm_head work (gamma 7, block 16).")
@@ -81,7 +84,7 @@ import click
 def train_command(target_dir, output_dir, source, num_prompts, prompt_offset, max_new_tokens, gen_temperature, gen_batch_size,
                   gen_prefill_tokens, gen_attention, max_seq_len, steps, batch_size, lr, warmup_steps, weight_decay, grad_clip, block_size,
                   num_layers, target_layer_ids, mask_token_id, loss_kind, loss_gamma, loss_backend, temperature,
-                  anchors_per_seq, anchor_group, depth_sampling, eval_every, heldout, warm_start,
+                  anchors_per_seq, anchor_group, feature_store, depth_sampling, eval_every, heldout, warm_start,
                   init_head, gen_time_budget_s, device, dtype, save_every, max_time_s, time_budget_s, resume,
                   overwrite, seed, quiet):
     """Train a draft head for TARGET on the target's own responses; write it in the published layout."""
@@ -96,7 +99,8 @@ def train_command(target_dir, output_dir, source, num_prompts, prompt_offset, ma
         weight_decay=weight_decay, grad_clip=grad_clip, block_size=block_size, num_layers=num_layers,
         target_layer_ids=target_layer_ids, mask_token_id=mask_token_id,
         loss=LossConfig(loss_kind, temperature, loss_gamma or None, backend=loss_backend),
-        anchors_per_seq=anchors_per_seq, anchor_group=anchor_group, depth_sampling=depth_sampling,
+        anchors_per_seq=anchors_per_seq, anchor_group=anchor_group, feature_store=feature_store,
+        depth_sampling=depth_sampling,
         eval_every=eval_every, heldout=heldout, warm_start=warm_start, init_head=init_head,
         device=device, dtype=dtype, save_every=save_every, resume=resume, overwrite=overwrite, max_time_s=max_time_s,
         time_budget_s=time_budget_s, seed=seed, progress=not quiet,

@@ -1,4 +1,5 @@
-"""The frozen target's outputs for every training sequence, computed once and kept on the device.
+"""The frozen target's outputs for every training sequence, computed once and kept on the device (or, when they
+would crowd the GPU, in pinned host memory, gathered per step).
 
 The target never changes during training, so running it again every step (as a naive loop does) only burns
 time: one pass per sequence up front gives each token's fused context features (the head's input) and, for the
@@ -7,6 +8,10 @@ rows a step needs. Storing logits instead would cost vocab/hidden (170x for Qwen
 cross-entropy objective needs only the token ids (its labels), kept here too.
 
 A step then gathers its sequences' rows into a padded batch with one index_select.
+
+Size: 3 captured layers of a 0.5B target are 2688 bf16 values, 5.4 KB a token. Run 5 on the H200 (10.4 M
+prompt + response tokens) kept 56 GB of features on the GPU; twice that data would not fit, so `auto` keeps
+them on the GPU only while they take at most DEVICE_SHARE of its free memory.
 """
 
 from __future__ import annotations
@@ -18,6 +23,24 @@ from tqdm import tqdm
 
 from jetspec_trt.models.target import TargetModel
 from jetspec_trt.train.data import TrainSequence
+
+DEVICE_SHARE = 0.5  # of the GPU's free memory, at most, for the stored features (`auto`)
+FEATURE_STORES = ("auto", "device", "host")
+
+
+def store_on_host(where: str, need_bytes: int, device: torch.device) -> bool:
+    """Whether the store lives in (pinned) host memory: "host", or "auto" on a GPU with too little free memory."""
+    if device.type != "cuda" or where == "device":
+        return False
+    if where == "host":
+        return True
+    free, _ = torch.cuda.mem_get_info(device)
+    return need_bytes > DEVICE_SHARE * free
+
+
+def gather(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """table[index] on index's device, wherever the table lives (a host table is gathered there, then copied)."""
+    return table[index.to(table.device)].to(index.device, non_blocking=True)
 
 
 @dataclass
@@ -31,21 +54,26 @@ class FeatureStore:
     @classmethod
     @torch.no_grad()
     def build(cls, target: TargetModel, sequences: list[TrainSequence], capture: tuple[int, ...],
-              progress: bool = True, pack_tokens: int = 0, keep_hidden: bool = True) -> "FeatureStore":
+              progress: bool = True, pack_tokens: int = 0, keep_hidden: bool = True,
+              where: str = "device") -> "FeatureStore":
         """One causal target pass over every sequence (no lm_head: the teacher's logits come later, per step).
 
         pack_tokens > 0: consecutive sequences go through the target together, up to that many tokens per
         forward (TargetModel.prefill_packed; a longer sequence runs alone). Same features up to rounding, far
         fewer forwards: at batch 1 a 0.5B target's forward over a few hundred tokens is launch-bound.
         keep_hidden=False drops the final hidden states (only the KL teacher needs them).
+        where: "device", "host" or "auto" (store_on_host); ids, offsets and lengths always stay on the device.
         """
         device = target.embed_tokens.weight.device
         dtype = target.embed_tokens.weight.dtype
         hidden_size = target.config.hidden_size
         lengths = [len(s) for s in sequences]
         total = sum(lengths)
-        features = torch.empty(total, len(capture) * hidden_size, dtype=dtype, device=device)
-        final_hidden = torch.empty(total, hidden_size, dtype=dtype, device=device) if keep_hidden else None
+        width = len(capture) * hidden_size + (hidden_size if keep_hidden else 0)
+        host = store_on_host(where, total * width * dtype.itemsize, device)
+        place = dict(device="cpu", pin_memory=True) if host else dict(device=device)
+        features = torch.empty(total, len(capture) * hidden_size, dtype=dtype, **place)
+        final_hidden = torch.empty(total, hidden_size, dtype=dtype, **place) if keep_hidden else None
         cache = target.new_cache(max(max(lengths), pack_tokens), page_size=64)
         row = 0
         bar = tqdm(total=len(sequences), desc="target features", unit="seq", disable=not progress)
@@ -54,9 +82,9 @@ class FeatureStore:
             hidden, captured = target.prefill_packed(group, cache, tuple(capture))  # a group of one is causal
             n = hidden.shape[0]
             if final_hidden is not None:
-                final_hidden[row : row + n] = hidden
+                final_hidden[row : row + n].copy_(hidden)
             if capture:
-                features[row : row + n] = captured
+                features[row : row + n].copy_(captured)
             row += n
             bar.update(count)
         bar.close()
@@ -67,7 +95,11 @@ class FeatureStore:
     def padded_features(self, rows: list[int]) -> torch.Tensor:
         """[len(rows), max length, F]: the sequences' features, zero past each one's end."""
         index, valid = self._index(rows)
-        return self.features[index] * valid[..., None].to(self.features.dtype)
+        return gather(self.features, index) * valid[..., None].to(self.features.dtype)
+
+    def final_hidden_rows(self, index: torch.Tensor) -> torch.Tensor:
+        """The final hidden states of store rows `index`, on index's device."""
+        return gather(self.final_hidden, index)
 
     def flat_index(self, rows: list[int], positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Store rows of `positions` [N, K, D] of sequences `rows`, valid entries only (boolean-mask order)."""

@@ -28,7 +28,7 @@ from jetspec_trt.models.config import DecoderConfig, load_hf_config
 from jetspec_trt.models.draft import DraftHead
 from jetspec_trt.models.target import TargetModel
 from jetspec_trt.train.data import DataConfig, TrainSequence, generate_responses, generation_stats, split_heldout
-from jetspec_trt.train.features import FeatureStore
+from jetspec_trt.train.features import FEATURE_STORES, FeatureStore
 from jetspec_trt.train.head import (choose_mask_token, freeze, init_head_shape, load_head_weights, new_head,
                                     parse_layer_ids, rope_theta, warm_start_from_target)
 from jetspec_trt.train.loss import LossConfig, chunked_argmax, depth_weights, head_loss, resolve_backend
@@ -95,6 +95,9 @@ class TrainConfig:
     # Target feature pass: sequences packed up to this many tokens per forward (None: 4096 on CUDA, where
     # per-sequence forwards are launch-bound; 0 on CPU, where packing only adds masked-out attention work).
     feature_pack_tokens: int | None = None
+    # Where the target's features live: "device", "host" (pinned, gathered per step) or "auto" (the device while
+    # they take at most half its free memory: train/features.py).
+    feature_store: str = "auto"
     seed: int = 0
     progress: bool = True
 
@@ -113,6 +116,8 @@ class TrainConfig:
             (self.data.prompt_offset >= 0, f"--prompt-offset must be >= 0, got {self.data.prompt_offset}"),
             (self.data.gen_temperature >= 0, f"--gen-temperature must be >= 0, got {self.data.gen_temperature}"),
             (self.data.gen_batch_size >= 1, f"--gen-batch-size must be >= 1, got {self.data.gen_batch_size}"),
+            (self.feature_store in FEATURE_STORES,
+             f"--feature-store must be one of {', '.join(FEATURE_STORES)}, got {self.feature_store!r}"),
             (self.data.gen_prefill_tokens >= 1,
              f"--gen-prefill-tokens must be >= 1, got {self.data.gen_prefill_tokens}"),
             (self.data.gen_time_budget_s is None or self.data.gen_time_budget_s >= 0,
@@ -216,7 +221,8 @@ class Trainer:
         self.device = device
         self.capture = head.spec.target_layer_ids
         self.store = FeatureStore.build(target, self.sequences, self.capture, cfg.progress,
-                                        cfg.feature_pack_tokens_on(device), keep_hidden=cfg.loss.kind == "kl")
+                                        cfg.feature_pack_tokens_on(device), keep_hidden=cfg.loss.kind == "kl",
+                                        where=cfg.feature_store)
         self.autocast = device.startswith("cuda") and target.embed_tokens.weight.dtype != torch.float32
         self.loss_backend = resolve_backend(cfg.loss, device)
         self.depth_weights = depth_weights(head.spec.block_size - 1, cfg.loss.decay_gamma).to(device)
@@ -282,7 +288,7 @@ class Trainer:
         teacher_rows = store.flat_index(rows, teacher_pos, valid)
         depth = torch.arange(block - 1, device=self.device).expand(valid.shape)[valid]
         batch = BlockBatch(store.padded_features(rows), lengths, anchor_t, anchor_tokens, anchor_valid)
-        teacher = None if store.final_hidden is None else store.final_hidden[teacher_rows]
+        teacher = None if store.final_hidden is None else store.final_hidden_rows(teacher_rows)
         return StepRows(batch, valid, depth, store.tokens[teacher_rows + 1], teacher)
 
     def head_hidden(self, rows: StepRows) -> torch.Tensor:

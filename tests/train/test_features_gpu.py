@@ -25,3 +25,20 @@ def test_packed_feature_pass_matches_per_sequence_on_cuda(dtype):
     for got, ref in ((packed.features, alone.features), (packed.final_hidden, alone.final_hidden)):
         err = (got.float() - ref.float()).norm() / ref.float().norm()
         assert err < (1e-5 if dtype == torch.float32 else 2e-2), float(err)
+
+
+def test_host_store_gathers_what_the_device_store_holds():
+    """A store in pinned host memory (too big for the GPU) hands a step the same rows as one on the device."""
+    target, _, _ = random_models("tiny", "cuda", torch.bfloat16)
+    gen = torch.Generator().manual_seed(1)
+    lengths = [int(n) for n in torch.randint(5, 300, (10,), generator=gen)]
+    seqs = [TrainSequence(s[:3].tolist(), s[3:].tolist())
+            for s in (torch.randint(0, 256, (n,), generator=gen) for n in lengths)]
+    on_device = FeatureStore.build(target, seqs, (0, 1), progress=False, pack_tokens=4096, where="device")
+    on_host = FeatureStore.build(target, seqs, (0, 1), progress=False, pack_tokens=4096, where="host")
+    assert on_device.features.is_cuda and on_host.features.device.type == "cpu" and on_host.features.is_pinned()
+    assert on_host.offsets.is_cuda  # only the big tables move
+    rows = [7, 2, 9]
+    assert torch.equal(on_host.padded_features(rows), on_device.padded_features(rows))
+    index = torch.tensor([0, 5, 17, 40], device="cuda")
+    assert torch.equal(on_host.final_hidden_rows(index), on_device.final_hidden_rows(index))

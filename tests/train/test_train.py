@@ -420,6 +420,18 @@ def test_packed_feature_pass_equals_per_sequence(tiny):
     assert torch.equal(packed.offsets, alone.offsets) and torch.equal(packed.lengths, alone.lengths)
 
 
+def test_feature_store_placement():
+    from jetspec_trt.train.features import gather, store_on_host
+
+    cuda = torch.device("cuda")
+    assert store_on_host("host", 10, cuda) and not store_on_host("device", 10**15, cuda)
+    assert not store_on_host("host", 10, torch.device("cpu"))  # a CPU run has no other place
+    table = torch.arange(12.0).view(6, 2)
+    assert torch.equal(gather(table, torch.tensor([4, 0])), torch.tensor([[8.0, 9.0], [0.0, 1.0]]))
+    with pytest.raises(JetSpecError, match="--feature-store must be one of auto, device, host"):
+        TrainConfig("t", "o", feature_store="disk").validate()
+
+
 def test_depth_sampling_keeps_rows_at_their_weight(tiny, trained, tmp_path, capsys):
     """With depth sampling a step supervises depth k's rows with probability w_k: the kept share of rows is
     sum(w)/depths, and the card says which estimator ran."""
