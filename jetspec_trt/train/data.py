@@ -19,8 +19,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-# The prompt sources live in datasets (calibration reads them too); imported here under the names training uses.
-from jetspec_trt.datasets import PROMPT_SUITES, encode_prompts, load_prompt_messages  # noqa: F401
+from jetspec_trt.datasets import encode_prompts, load_prompt_messages
 from jetspec_trt.errors import JetSpecError
 
 DATA_DIR = "data"
@@ -185,16 +184,16 @@ def generate_responses(target_dir: Path, cfg: DataConfig, out_dir: Path, device:
     made_it = generation_stats(cache_path)  # the stats of the call that generated the cache, if this one makes none
     settings_path(cache_path).write_text(json.dumps(settings, indent=2) + "\n")
 
-    tokenizer = AutoTokenizer.from_pretrained(str(target_dir), local_files_only=True)
-    prompts = encode_prompts(tokenizer, messages)
     done = _read_cache(cache_path)
-    todo = [i for i in range(len(prompts)) if i not in done and len(prompts[i]) < cfg.max_seq_len - 1]
-    if cfg.gen_time_budget_s == 0:
-        # No generation, not even a target load: train on what an earlier run with the same data flags cached
-        # (e.g. a second head trained side by side on the same responses).
-        todo = []
     stats = GenerationStats(0, 0, 0.0)
-    if todo:
+    todo: list[int] = []
+    # --gen-time-budget 0: no generation, and no tokenizer or target load for it: train on what an earlier run
+    # with the same data flags cached (e.g. a second head trained on the same responses).
+    if cfg.gen_time_budget_s != 0:
+        tokenizer = AutoTokenizer.from_pretrained(str(target_dir), local_files_only=True)
+        prompts = encode_prompts(tokenizer, messages)
+        todo = [i for i in range(len(prompts)) if i not in done and len(prompts[i]) < cfg.max_seq_len - 1]
+    if todo:  # (prompts and tokenizer exist)
         # Rewrite the cache without a torn last line before appending to it.
         with open(cache_path, "w", encoding="utf-8") as handle:
             for i in sorted(done):
@@ -237,7 +236,7 @@ def generate_responses(target_dir: Path, cfg: DataConfig, out_dir: Path, device:
     generation = stats.as_dict() if stats.prompts or made_it is None else made_it
     settings_path(cache_path).write_text(json.dumps(settings | {"generation": generation}, indent=2) + "\n")
     sequences = [TrainSequence(done[i]["prompt_ids"], done[i]["response_ids"])
-                 for i in sorted(done) if i < len(prompts)]
+                 for i in sorted(done) if i < len(messages)]
     return [s for s in (truncate(s, cfg.max_seq_len) for s in sequences) if s is not None], cache_path
 
 

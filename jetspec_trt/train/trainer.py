@@ -504,8 +504,7 @@ def run_loop(trainer: Trainer, ckpt_dir: Path) -> bool:
             elif plan_from in marks and trainer.step < trainer.total_steps:
                 pace = (trainer.elapsed_s - marks[plan_from]) / (trainer.step - plan_from)
                 trainer.total_steps = planned_steps(cfg, trainer.step, trainer.elapsed_s, pace)
-            if is_plan_mark(trainer.step):
-                marks[trainer.step] = trainer.elapsed_s
+            marks[trainer.step] = trainer.elapsed_s
             bar.total = trainer.total_steps
         bar.update(1)
         bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{trainer.scheduler.get_last_lr()[0]:.2e}")
@@ -522,11 +521,6 @@ def run_loop(trainer: Trainer, ckpt_dir: Path) -> bool:
             return False
     bar.close()
     return True
-
-
-def is_plan_mark(step: int) -> bool:
-    """Steps whose elapsed time starts a pace window: half of each PLAN_AT_STEPS step, then every REPLAN_EVERY."""
-    return any(step == at // 2 for at in PLAN_AT_STEPS) or (step >= PLAN_AT_STEPS[-1] and step % REPLAN_EVERY == 0)
 
 
 def plan_window_start(step: int) -> int | None:

@@ -462,7 +462,7 @@ def test_card_reports_where_generation_time_went(trained):
 def test_batched_prompt_encoding_equals_one_by_one(tiny):
     from transformers import AutoTokenizer
 
-    from jetspec_trt.train.data import encode_prompts
+    from jetspec_trt.datasets import encode_prompts
 
     tokenizer = AutoTokenizer.from_pretrained(str(tiny / "target"), local_files_only=True)
     conversations = [[{"role": "user", "content": "sort a list"}],
@@ -479,7 +479,7 @@ def test_prompt_offset_answers_later_prompts(tiny, tmp_path, capsys):
     """--prompt-offset 20 --num-prompts 4: the responses are to prompts 20..23 of the source, in order."""
     from transformers import AutoTokenizer
 
-    from jetspec_trt.train.data import encode_prompts, load_prompt_messages
+    from jetspec_trt.datasets import encode_prompts, load_prompt_messages
 
     out = tmp_path / "offset"
     argv = [a for a in train_args(tiny, out) if a not in ("--num-prompts", "24")]
