@@ -15,10 +15,12 @@
 # data prep + model load, GEN_S (+ ~15 s of rows finishing; 90 s made 4.0 M tokens on 2026-12-04), TRAIN_S per
 # head (+ ~60 s load and evals; --time-budget is a hard deadline), ~40 s build per head, ~3-4 min bench per head
 # (17 prompts a suite; HF on HF_PROMPTS for the first head only). Nothing else on the GPU meanwhile. Copy
-# WORK/head-L* out as soon as they are written.
+# WORK/head-* out as soon as they are written.
 # Env: GEN_ATTENTION (auto; sdpa if tests/plugins/test_triton_batch_attention.py fails there), TAG (bench file tag
-# prefix), LAYERS ("1": head depths to train one after another, e.g. "1 2"; a depth above the committed head's
-# grows it by identity layers), BENCH_PROMPTS (17), HF_PROMPTS (3), PROMPT_OFFSET (0; runs 3-4 answered prompts
+# prefix), LAYERS ("1": head shapes to train one after another, each N or NxWIDTH, e.g. "2x4096 1"; a depth above
+# the committed head's grows it by identity layers, a WIDTH below its MLP width narrows the MLPs to their strongest
+# neurons), BENCH_PROMPTS (17), HF_PROMPTS (3), TEMPS ("0": the first head's bench temperatures, e.g. "0,1"; later
+# heads bench greedy only), PROMPT_OFFSET (0; runs 3-4 answered prompts
 # from the first 12000 of the mix, run 5 (lost) from 12000-27000, so the next run passes 27000).
 set -uo pipefail
 WORK=${1:?work dir}
@@ -49,25 +51,27 @@ jt train --output "$WORK/responses" --steps 0 --gen-time-budget "$GEN_S" "${data
 
 # One head after another, each alone on the GPU for TRAIN_S: two trainings side by side (64 + 73 GB) ran the
 # H200 out of memory on 2026-12-04, and each one's pace, hence its plan, was the other's hostage.
-for n in $LAYERS; do
-  stage "train the head with $n layer(s) (TRAIN_S=$TRAIN_S)"
-  mkdir -p "$WORK/head-L$n" && cp -r "$WORK/responses/data" "$WORK/head-L$n/"
-  jt train --output "$WORK/head-L$n" --init-head heads/qwen2.5-coder-0.5b-jetspec --num-layers "$n" \
+for shape in $LAYERS; do
+  n=${shape%%x*}; width=(); [ "$shape" != "$n" ] && width=(--intermediate-size "${shape#*x}")
+  stage "train the head $shape (TRAIN_S=$TRAIN_S)"
+  mkdir -p "$WORK/head-$shape" && cp -r "$WORK/responses/data" "$WORK/head-$shape/"
+  jt train --output "$WORK/head-$shape" --init-head heads/qwen2.5-coder-0.5b-jetspec --num-layers "$n" "${width[@]}" \
      --gen-time-budget 0 --steps 1000000 --time-budget "$TRAIN_S" --batch-size 8 --lr 6e-4 --eval-every 400 \
-     --save-every 100000 "${data[@]}" > "$WORK/train-L$n.log" 2>&1 || echo "training L$n failed (see $WORK/train-L$n.log)"
+     --save-every 100000 "${data[@]}" > "$WORK/train-$shape.log" 2>&1 || echo "training $shape failed (see $WORK/train-$shape.log)"
 done
 
 hf=${HF_PROMPTS:-3}
-for n in $LAYERS; do
-  [ -f "$WORK/head-L$n/model.safetensors" ] || continue
-  stage "build engine, head with $n layer(s)"
-  jt build --target "$WORK/qwen" --draft "$WORK/head-L$n" --output "$WORK/engine-L$n" --budget 256 --topk 7 \
+temps=${TEMPS:-0}
+for shape in $LAYERS; do
+  [ -f "$WORK/head-$shape/model.safetensors" ] || continue
+  stage "build engine, head $shape"
+  jt build --target "$WORK/qwen" --draft "$WORK/head-$shape" --output "$WORK/engine-$shape" --budget 256 --topk 7 \
      --max-depth 15 --dtype bfloat16 --max-seq-len 4096 || continue
-  stage "suite bench, head with $n layer(s) (HF generate on $hf prompts a suite)"
+  stage "suite bench, head $shape (HF generate on $hf prompts a suite, temperatures $temps)"
   # 17 prompts a suite: >= 50 greedy AR requests for the per-request tok/s percentiles.
-  jt bench --engine "$WORK/engine-L$n" --prompts-file /tmp/keep/bench-prompts.jsonl \
-     --num-prompts "${BENCH_PROMPTS:-17}" --max-new-tokens 256 --budgets 16,64 --temperatures 0 --hf-prompts "$hf" \
-     --output-dir "$WORK/results" --tag "$TAG-L$n"
-  hf=0
+  jt bench --engine "$WORK/engine-$shape" --prompts-file /tmp/keep/bench-prompts.jsonl \
+     --num-prompts "${BENCH_PROMPTS:-17}" --max-new-tokens 256 --budgets 16,64 --temperatures "$temps" \
+     --hf-prompts "$hf" --output-dir "$WORK/results" --tag "$TAG-$shape"
+  hf=0; temps=0
 done
 stage "done"

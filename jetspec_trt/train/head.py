@@ -57,11 +57,17 @@ def choose_mask_token(tokenizer, vocab_size: int, explicit: int | None) -> int:
                        f"{', '.join(RESERVED_MASK_TOKENS)}; pass --mask-token-id")
 
 
-def head_decoder_config(target: DecoderConfig, num_layers: int) -> DecoderConfig:
+def head_decoder_config(target: DecoderConfig, num_layers: int, intermediate_size: int | None = None
+                        ) -> DecoderConfig:
+    """The head's decoder shape: the target's layers (MLP width `intermediate_size` if given: at a small target
+    the head's file size, not its speed, limits its depth, and a narrower MLP buys a layer)."""
     if num_layers < 1:
         raise JetSpecError(f"--num-layers must be >= 1, got {num_layers}")
+    if intermediate_size is not None and intermediate_size < 1:
+        raise JetSpecError(f"--intermediate-size must be >= 1, got {intermediate_size}")
     return dataclasses.replace(target, model_type="qwen3", num_layers=num_layers, qkv_bias=False, qk_norm=True,
                                tie_word_embeddings=False,
+                               intermediate_size=intermediate_size or target.intermediate_size,
                                rope_parameters={"rope_type": "default", "rope_theta": rope_theta(target)})
 
 
@@ -76,12 +82,12 @@ def plain_inv_freq(theta: float, head_dim: int) -> torch.Tensor:
 
 
 def new_head(target: TargetModel, num_layers: int, block_size: int, layer_ids: tuple[int, ...],
-             mask_token_id: int, generator: torch.Generator) -> DraftHead:
+             mask_token_id: int, generator: torch.Generator, intermediate_size: int | None = None) -> DraftHead:
     """A randomly initialised head: Linear weights normal(0, 0.02), norm weights 1 (float32, on CPU)."""
     if block_size < 2:
         raise JetSpecError(f"--block-size must be >= 2, got {block_size}")
     tcfg = target.config
-    cfg = head_decoder_config(tcfg, num_layers)
+    cfg = head_decoder_config(tcfg, num_layers, intermediate_size)
     spec = DraftSpec(block_size=block_size, num_target_layers=tcfg.num_layers, target_layer_ids=tuple(layer_ids),
                      mask_token_id=mask_token_id, target_hidden_size=tcfg.hidden_size)
     head = DraftHead(cfg, spec, plain_inv_freq(rope_theta(cfg), cfg.head_dim))
@@ -118,19 +124,26 @@ class HeadShape:
     block_size: int
     target_layer_ids: tuple[int, ...]
     mask_token_id: int
+    intermediate_size: int
 
 
 def init_head_shape(head_dir: Path, target_dir: Path, num_layers: int, block_size: int, target_layer_ids: str,
-                    mask_token_id: int | None) -> HeadShape:
+                    mask_token_id: int | None, intermediate_size: int | None = None) -> HeadShape:
     """The shape of a trained head to continue training from, checked against the target (the same checks as
     `jetspec-trt build`) and against the shape flags, which must agree with it or stay at their defaults
     (num_layers 1, block_size 16, target_layer_ids 'auto', mask_token_id None). A larger --num-layers grows
-    the head (load_head_weights adds the new layers as identities)."""
+    the head (load_head_weights adds the new layers as identities); a smaller --intermediate-size narrows its
+    MLPs (load_head_weights keeps the strongest neurons)."""
     from jetspec_trt.builders.validate import check_pair
 
     pair = check_pair(target_dir, head_dir)
     spec = pair.spec
-    shape = HeadShape(pair.draft.num_layers, spec.block_size, tuple(spec.target_layer_ids), spec.mask_token_id)
+    stored_width = pair.draft.intermediate_size
+    if intermediate_size is not None and not 1 <= intermediate_size <= stored_width:
+        raise JetSpecError(f"--intermediate-size {intermediate_size}: --init-head {head_dir} has MLPs of width "
+                           f"{stored_width}, which can be narrowed (1..{stored_width}) but not widened")
+    shape = HeadShape(pair.draft.num_layers, spec.block_size, tuple(spec.target_layer_ids), spec.mask_token_id,
+                      intermediate_size or stored_width)
     ids = None if target_layer_ids.strip() == "auto" else parse_layer_ids(target_layer_ids, spec.num_target_layers,
                                                                             shape.num_layers)
     if num_layers > shape.num_layers:
@@ -150,11 +163,13 @@ def load_head_weights(head: DraftHead, head_dir: Path) -> list[int]:
     A head with more layers than the checkpoint grows: the stored layers fill the first ones, and each new
     layer keeps its random init but with zero o_proj and down_proj, so it adds nothing to the residual stream
     and the grown head computes exactly what the trained one did; training then decides what it adds.
+    A head with narrower MLPs than the checkpoint keeps each layer's strongest neurons (narrow_mlp).
     Returns the indices of the new layers."""
     from jetspec_trt.models.checkpoint import load_checked, read_state_dict
 
     dtype = next(head.parameters()).dtype
     state = {name: t.to(dtype) for name, t in read_state_dict(head_dir).items()}
+    narrow_mlp(state, head.config.intermediate_size)
     stored = 1 + max((int(name.split(".")[1]) for name in state if name.startswith("layers.")), default=-1)
     grown = list(range(stored, len(head.layers)))
     for name, tensor in head.state_dict().items():
@@ -163,6 +178,22 @@ def load_head_weights(head: DraftHead, head_dir: Path) -> list[int]:
             state[name] = torch.zeros_like(tensor) if zero else tensor.clone()
     load_checked(head, state, head_dir)
     return grown
+
+
+def narrow_mlp(state: dict[str, torch.Tensor], width: int) -> None:
+    """Keep, in every layer's MLP of `state`, the `width` neurons with the largest contribution bound
+    |gate row| * |up row| * |down column|: a neuron's output is down[:, j] * silu(gate_j . x) * (up_j . x), so
+    this ranks what dropping it can change. Neurons keep their order; a neuron whose down column is zero (or
+    any beyond the stored width) changes nothing when dropped. In place; no-op at the stored width."""
+    for name in [n for n in state if n.endswith("mlp.down_proj.weight")]:
+        prefix = name[: -len("down_proj.weight")]
+        gate, up, down = state[prefix + "gate_proj.weight"], state[prefix + "up_proj.weight"], state[name]
+        if down.shape[1] <= width:
+            continue
+        score = gate.float().norm(dim=1) * up.float().norm(dim=1) * down.float().norm(dim=0)
+        keep = score.topk(width).indices.sort().values
+        state[prefix + "gate_proj.weight"], state[prefix + "up_proj.weight"] = gate[keep], up[keep]
+        state[name] = down[:, keep]
 
 
 def freeze(module: nn.Module) -> None:

@@ -63,6 +63,9 @@ class TrainConfig:
     grad_clip: float = 1.0
     block_size: int = 16
     num_layers: int = 1
+    # The head's MLP width (None: the target's, or the --init-head's); a narrower one than the init head's keeps
+    # its strongest neurons. At a 0.5B target a second full-width layer would take the head past ~60 MB.
+    intermediate_size: int | None = None
     target_layer_ids: str = "auto"
     mask_token_id: int | None = None  # None: the tokenizer's mask token or a reserved special
     loss: LossConfig = field(default_factory=LossConfig)
@@ -109,6 +112,8 @@ class TrainConfig:
             (self.anchors_per_seq >= 1, f"--anchors-per-seq must be >= 1, got {self.anchors_per_seq}"),
             (self.save_every >= 1, f"--save-every must be >= 1, got {self.save_every}"),
             (self.eval_every >= 0, f"--eval-every must be >= 0, got {self.eval_every}"),
+            (self.intermediate_size is None or self.intermediate_size >= 1,
+             f"--intermediate-size must be >= 1, got {self.intermediate_size}"),
             (self.anchor_group >= 1, f"--anchor-group must be >= 1, got {self.anchor_group}"),
             (self.time_budget_s is None or self.time_budget_s > 0,
              f"--time-budget must be > 0 seconds, got {self.time_budget_s}"),
@@ -413,8 +418,8 @@ class Trainer:
 
 def head_identity(head: DraftHead) -> dict:
     spec = head.spec
-    return {"num_layers": len(head.layers), "block_size": spec.block_size,
-            "target_layer_ids": list(spec.target_layer_ids), "mask_token_id": spec.mask_token_id}
+    return {"num_layers": len(head.layers), "intermediate_size": head.config.intermediate_size,
+            "block_size": spec.block_size, "target_layer_ids": list(spec.target_layer_ids), "mask_token_id": spec.mask_token_id}
 
 
 # ------------------------------------------------------------------------------------------------- entry point
@@ -430,10 +435,10 @@ def train(cfg: TrainConfig) -> TrainResult:
     tcfg = DecoderConfig.from_hf(load_hf_config(target_dir))
     if cfg.init_head is not None:  # the run takes the trained head's shape (checked against target and flags)
         shape = init_head_shape(Path(cfg.init_head), target_dir, cfg.num_layers, cfg.block_size,
-                                cfg.target_layer_ids, cfg.mask_token_id)
+                                cfg.target_layer_ids, cfg.mask_token_id, cfg.intermediate_size)
         cfg = dataclasses.replace(cfg, num_layers=shape.num_layers, block_size=shape.block_size,
                                   target_layer_ids=",".join(map(str, shape.target_layer_ids)),
-                                  mask_token_id=shape.mask_token_id)
+                                  mask_token_id=shape.mask_token_id, intermediate_size=shape.intermediate_size)
     layer_ids = parse_layer_ids(cfg.target_layer_ids, tcfg.num_layers, cfg.num_layers)
     if cfg.block_size < 2:
         raise JetSpecError(f"--block-size must be >= 2, got {cfg.block_size}")
@@ -463,10 +468,14 @@ def train(cfg: TrainConfig) -> TrainResult:
     target = load_target(target_dir, dtype, device)
     freeze(target)
     generator = torch.Generator().manual_seed(cfg.seed)
-    head = new_head(target, cfg.num_layers, cfg.block_size, layer_ids, mask_token_id, generator)
+    head = new_head(target, cfg.num_layers, cfg.block_size, layer_ids, mask_token_id, generator,
+                    cfg.intermediate_size)
     copied = warm_start_from_target(head, target) if cfg.warm_start else []
     grown: list[int] = []
+    narrowed = False
     if cfg.init_head is not None:
+        stored = DecoderConfig.from_hf(load_hf_config(cfg.init_head))
+        narrowed = head.config.intermediate_size < stored.intermediate_size
         grown = load_head_weights(head, cfg.init_head)
     head = head.to(device).train()
     trainer = Trainer(cfg, target, head, train_seqs, heldout, generator, device)
@@ -478,7 +487,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     finished = run_loop(trainer, ckpt_dir)
     card = {"data": data_card}
     if finished:
-        card = write_outputs(trainer, out, tokenizer, tcfg, dtype, data_card, copied, grown)
+        card = write_outputs(trainer, out, tokenizer, tcfg, dtype, data_card, copied, grown, narrowed)
     return TrainResult(out, trainer.step, finished, card)
 
 
@@ -570,7 +579,7 @@ def loss_curve(losses: list[float], points: int = 50) -> list[list[float]]:
 
 
 def write_outputs(trainer: Trainer, out: Path, tokenizer, tcfg: DecoderConfig, dtype: torch.dtype,
-                  data_card: dict, copied: list[str], grown: list[int]) -> dict:
+                  data_card: dict, copied: list[str], grown: list[int], narrowed: bool) -> dict:
     cfg, head = trainer.cfg, trainer.head
     proxy_after = trainer.record_curve()
     saved = copy.deepcopy(head).to("cpu", dtype)  # the published heads are stored in the serving dtype
@@ -583,12 +592,15 @@ def write_outputs(trainer: Trainer, out: Path, tokenizer, tcfg: DecoderConfig, d
         "target": {"path": str(Path(cfg.target_dir).resolve()), "model_type": tcfg.model_type,
                    "num_layers": tcfg.num_layers, "hidden_size": tcfg.hidden_size, "vocab_size": tcfg.vocab_size},
         "head": {
-            "num_layers": len(head.layers), "block_size": spec.block_size,
+            "num_layers": len(head.layers), "intermediate_size": head.config.intermediate_size,
+            "block_size": spec.block_size,
             "target_layer_ids": list(spec.target_layer_ids), "mask_token_id": spec.mask_token_id,
             "mask_token": tokenizer.convert_ids_to_tokens(spec.mask_token_id),
             "parameters": sum(p.numel() for p in head.parameters()),
             "init": (f"trained head {Path(cfg.init_head).resolve()}"
                      + (f", grown by layers {grown} (zero o_proj/down_proj: identities at start)" if grown else "")
+                     + (f", MLPs narrowed to their {head.config.intermediate_size} strongest neurons"
+                        if narrowed else "")
                      if cfg.init_head is not None else
                      f"warm start: {len(copied)} tensors from the last target layers, rest normal(0, 0.02)"
                      if cfg.warm_start else "normal(0, 0.02), norms 1"),

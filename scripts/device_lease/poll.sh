@@ -7,5 +7,5 @@ while [ $SECONDS -lt $end ]; do
   sleep 5
 done
 date +%T; grep "^===" /tmp/w.log | tail -4; tail -2 /tmp/w.log | cut -c1-300
-for f in /tmp/w/train-L*.log; do [ -f "$f" ] && { echo "-- $f"; tail -c 600 "$f" | tr '\r' '\n' | tail -3; }; done
-grep "===" /tmp/gputests.log 2>/dev/null | tail -3
+for f in /tmp/w/train-*.log; do [ -f "$f" ] && { echo "-- $f"; tail -c 600 "$f" | tr '\r' '\n' | tail -3; }; done
+[ -f /tmp/gputests.log ] && { echo "-- gpu tests"; grep -E "passed|failed|error|===" /tmp/gputests.log | tail -4; }

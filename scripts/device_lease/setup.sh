@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Lease call 1 (carry .carry/prompts-mix.jsonl.gz, .carry/bench-prompts.jsonl, .whl): inputs to the fixed paths the
 # pipeline reads, wheels into /tmp/site, a copy of the repo in /tmp/prepo, and what is quick on an idle GPU: the
-# batched-generator kernel test, then (detached) the 0.5B-shape engine bench while the GGUF travels and converts.
+# GPU tests named by GPU_TESTS (detached, at most 170 s) while the GGUF travels and converts.
 # Long GPU test runs do not belong beside a training (2026-12-04: cut off at 900 s, one OOM): run them after the
 # pipeline's benches, or in a lease of their own.
 export PYTHONUNBUFFERED=1
@@ -12,7 +12,9 @@ rm -rf /tmp/prepo && mkdir -p /tmp/prepo && tar --exclude=./.carry --exclude=./.
 cp scripts/device_lease/*.sh /tmp/
 cd /tmp/prepo && export PYTHONPATH=/tmp/prepo:/tmp/site
 nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
-timeout 150 python3 -m pytest -q -x tests/plugins/test_triton_batch_attention.py 2>&1 | tail -2
-setsid bash -c 'python3 -m jetspec_trt.cli bench --random-target qwen2.5-0.5b --budgets 16,64,256 --contexts 512 \
-  --no-hf --reps 20 --output-dir /tmp/eng --tag 05b-h200 > /tmp/engbench.log 2>&1' < /dev/null > /dev/null 2>&1 &
-echo "engine bench started"
+# The idle window (GGUF pieces travel, then convert on the CPU) holds the GPU tests of what changed since the
+# last lease, detached and capped so they end before the pipeline generates: poll.sh shows their summary line.
+setsid bash -c "timeout 170 python3 -m pytest -q -p no:cacheprovider ${GPU_TESTS:-tests/runtime/test_graph_sampling_gpu.py \
+  tests/runtime/test_graph_decoder_gpu.py tests/train/test_features_gpu.py} > /tmp/gputests.log 2>&1; \
+  echo \"=== gpu tests exit \$?\" >> /tmp/gputests.log" < /dev/null > /dev/null 2>&1 &
+echo "gpu tests started"

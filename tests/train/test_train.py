@@ -342,6 +342,50 @@ def test_init_head_grows_by_identity_layers(tiny, trained, tmp_path, capsys):
     assert card["history"][1]["cumulative_response_tokens"] == 2 * reference["data"]["train_response_tokens"]
 
 
+def test_init_head_narrows_mlp_to_its_strongest_neurons(tiny, trained, tmp_path, capsys):
+    """--intermediate-size below the trained head's keeps each MLP's strongest neurons: a head whose dropped
+    neurons had zero down columns starts exactly where it was (held-out proxy equal), the written config says the
+    new width, and it grows and narrows in one run."""
+    from safetensors.torch import load_file, save_file
+
+    width = json.loads((trained / "config.json").read_text())["intermediate_size"]
+    keep = width // 2
+    weak = tmp_path / "weak"
+    shutil.copytree(trained, weak, ignore=shutil.ignore_patterns("checkpoints", "data"))
+    state = load_file(weak / "model.safetensors")
+    gen = torch.Generator().manual_seed(3)
+    dropped = torch.randperm(width, generator=gen)[: width - keep]
+    state["layers.0.mlp.down_proj.weight"][:, dropped] = 0  # these neurons contribute nothing
+    save_file(state, weak / "model.safetensors")
+    proxies = []
+    for name, extra in (("same", ()), ("narrow", ("--intermediate-size", str(keep))),
+                        ("narrow-grown", ("--intermediate-size", str(keep), "--num-layers", "2"))):
+        out = tmp_path / name
+        shutil.copytree(trained / "data", out / "data")
+        code, _, err = invoke(train_args(tiny, out, "--init-head", str(weak), "--steps", "1", "--lr", "1e-12",
+                                         *extra), capsys)
+        assert code == 0, err
+        card = json.loads((out / "training_card.json").read_text())
+        proxies.append(card["acceptance_proxy"]["before"])
+        if name != "same":
+            assert card["head"]["intermediate_size"] == keep and "narrowed" in card["head"]["init"]
+            assert json.loads((out / "config.json").read_text())["intermediate_size"] == keep
+            assert load_draft(out).layers[0].mlp.down_proj.weight.shape[1] == keep
+    assert proxies[1]["top1_agreement_per_depth"] == proxies[0]["top1_agreement_per_depth"]
+    assert proxies[1]["loss"] == pytest.approx(proxies[0]["loss"], abs=1e-4)
+    assert proxies[2]["loss"] == pytest.approx(proxies[0]["loss"], abs=1e-4)
+    # the narrowed, grown head builds into an engine that drafts and stays lossless
+    build_engine(BuildConfig(tiny / "target", tmp_path / "narrow-grown", tmp_path / "engine",
+                             tree=TreeConfig(32, 4, 7), dtype="float32", max_seq_len=256, progress=False))
+    engine = Engine.load(tmp_path / "engine")
+    spec = engine.generate("sort the list", max_new_tokens=24, chat=True)
+    assert spec.token_ids == engine.generate("sort the list", max_new_tokens=24, chat=True,
+                                             speculative=False).token_ids
+    code, _, err = invoke(train_args(tiny, tmp_path / "wide", "--init-head", str(weak), "--intermediate-size",
+                                     str(width + 1)), capsys)
+    assert code == 2 and err.count("\n") == 1 and "can be narrowed" in err
+
+
 def test_anchor_groups_change_cost_not_result(tiny, trained, tmp_path, capsys):
     """Splitting a sequence's blocks into attention rows of 3 anchors gives the held-out proxy of one row per
     sequence: blocks never see each other, so only the masked-out keys change."""
