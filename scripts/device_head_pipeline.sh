@@ -13,13 +13,14 @@
 # It also goes back 30 minutes after the lease began, busy or not (2026-12-04: a 540 s training run died at
 # step 2800 that way). Budget from the first call of the lease: ~2 min of GGUF transfers, ~1.5 min convert, ~1 min
 # data prep + model load, GEN_S (+ ~15 s of rows finishing; 90 s made 4.0 M tokens on 2026-12-04), TRAIN_S per
-# head (+ ~60 s load and evals; --time-budget is a hard deadline), ~40 s build per head, ~3-4 min bench per head
+# head (+ ~5 min before the first step at 9.8 M tokens on 2026-12-04: target load, feature pass, first eval;
+# --time-budget is a hard deadline and does not count it), ~40 s build per head, ~3-4 min bench per head
 # (17 prompts a suite; HF on HF_PROMPTS for the first head only). Nothing else on the GPU meanwhile. Copy
 # WORK/head-* out as soon as they are written.
 # Env: GEN_ATTENTION (auto; sdpa if tests/plugins/test_triton_batch_attention.py fails there), TAG (bench file tag
-# prefix), LAYERS ("1": head shapes to train one after another, each N or NxWIDTH, e.g. "2x4096 1"; a depth above
+# prefix), LAYERS ("1": head shapes to train one after another, each N[xWIDTH][kKV], e.g. "1k14 1"; a depth above
 # the committed head's grows it by identity layers, a WIDTH below its MLP width narrows the MLPs to their strongest
-# neurons), BENCH_PROMPTS (17), HF_PROMPTS (3), TEMPS ("0": the first head's bench temperatures, e.g. "0,1"; later
+# neurons, KV heads above its own widen its attention exactly), BENCH_PROMPTS (17), HF_PROMPTS (3), TEMPS ("0": the first head's bench temperatures, e.g. "0,1"; later
 # heads bench greedy only), PROMPT_OFFSET (0; runs 3-4 answered prompts
 # from the first 12000 of the mix, run 5 (lost) from 12000-27000, so the next run passes 27000).
 set -uo pipefail
@@ -52,10 +53,13 @@ jt train --output "$WORK/responses" --steps 0 --gen-time-budget "$GEN_S" "${data
 # One head after another, each alone on the GPU for TRAIN_S: two trainings side by side (64 + 73 GB) ran the
 # H200 out of memory on 2026-12-04, and each one's pace, hence its plan, was the other's hostage.
 for shape in $LAYERS; do
-  n=${shape%%x*}; width=(); [ "$shape" != "$n" ] && width=(--intermediate-size "${shape#*x}")
+  # N[xWIDTH][kKV_HEADS]: layers, MLP width, KV heads (e.g. 1k14, 2x4096, 2x4096k14)
+  n=${shape%%[xk]*}; opts=()
+  [[ $shape =~ x([0-9]+) ]] && opts+=(--intermediate-size "${BASH_REMATCH[1]}")
+  [[ $shape =~ k([0-9]+) ]] && opts+=(--num-kv-heads "${BASH_REMATCH[1]}")
   stage "train the head $shape (TRAIN_S=$TRAIN_S)"
   mkdir -p "$WORK/head-$shape" && cp -r "$WORK/responses/data" "$WORK/head-$shape/"
-  jt train --output "$WORK/head-$shape" --init-head heads/qwen2.5-coder-0.5b-jetspec --num-layers "$n" "${width[@]}" \
+  jt train --output "$WORK/head-$shape" --init-head heads/qwen2.5-coder-0.5b-jetspec --num-layers "$n" "${opts[@]}" \
      --gen-time-budget 0 --steps 1000000 --time-budget "$TRAIN_S" --batch-size 8 --lr 6e-4 --eval-every 400 \
      --save-every 100000 "${data[@]}" > "$WORK/train-$shape.log" 2>&1 || echo "training $shape failed (see $WORK/train-$shape.log)"
 done

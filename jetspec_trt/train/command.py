@@ -36,6 +36,8 @@ import click
 @click.option("--num-layers", type=int, default=1, show_default=True, help="Head decoder layers.")
 @click.option("--intermediate-size", type=int, default=None,
               help="Head MLP width [default: the target's, or --init-head's; smaller narrows an --init-head].")
+@click.option("--num-kv-heads", type=int, default=None,
+              help="Head KV heads [default: the target's, or --init-head's; a multiple widens an --init-head].")
 @click.option("--target-layer-ids", default="auto", show_default=True,
               help="Target layers whose hidden states feed the head: auto or e.g. 1,5,9.")
 @click.option("--mask-token-id", type=int, default=None,
@@ -85,7 +87,7 @@ import click
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train_command(target_dir, output_dir, source, num_prompts, prompt_offset, max_new_tokens, gen_temperature, gen_batch_size,
                   gen_prefill_tokens, gen_attention, max_seq_len, steps, batch_size, lr, warmup_steps, weight_decay, grad_clip, block_size,
-                  num_layers, intermediate_size, target_layer_ids, mask_token_id, loss_kind, loss_gamma, loss_backend, temperature,
+                  num_layers, intermediate_size, num_kv_heads, target_layer_ids, mask_token_id, loss_kind, loss_gamma, loss_backend, temperature,
                   anchors_per_seq, anchor_group, feature_store, depth_sampling, eval_every, heldout, warm_start,
                   init_head, gen_time_budget_s, device, dtype, save_every, max_time_s, time_budget_s, resume,
                   overwrite, seed, quiet):
@@ -99,7 +101,7 @@ def train_command(target_dir, output_dir, source, num_prompts, prompt_offset, ma
     cfg = TrainConfig(
         target_dir, output_dir, data, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
         weight_decay=weight_decay, grad_clip=grad_clip, block_size=block_size, num_layers=num_layers,
-        intermediate_size=intermediate_size,
+        intermediate_size=intermediate_size, num_kv_heads=num_kv_heads,
         target_layer_ids=target_layer_ids, mask_token_id=mask_token_id,
         loss=LossConfig(loss_kind, temperature, loss_gamma or None, backend=loss_backend),
         anchors_per_seq=anchors_per_seq, anchor_group=anchor_group, feature_store=feature_store,

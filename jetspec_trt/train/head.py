@@ -57,16 +57,26 @@ def choose_mask_token(tokenizer, vocab_size: int, explicit: int | None) -> int:
                        f"{', '.join(RESERVED_MASK_TOKENS)}; pass --mask-token-id")
 
 
-def head_decoder_config(target: DecoderConfig, num_layers: int, intermediate_size: int | None = None
-                        ) -> DecoderConfig:
-    """The head's decoder shape: the target's layers (MLP width `intermediate_size` if given: at a small target
-    the head's file size, not its speed, limits its depth, and a narrower MLP buys a layer)."""
+def head_decoder_config(target: DecoderConfig, num_layers: int, intermediate_size: int | None = None,
+                        num_kv_heads: int | None = None) -> DecoderConfig:
+    """The head's decoder shape: the target's layers, with two knobs the published format allows.
+
+    intermediate_size: the MLP width. At a small target the head's file size, not its speed, limits its depth,
+    and a narrower MLP buys a layer.
+    num_kv_heads: at block positions past the anchor the first layer's queries carry no content (the MASK
+    embedding at a position), so everything a draft token knows arrives through attention values: with a
+    small target's GQA (Qwen2.5-0.5B: 2 KV heads of 64) that is 128 dimensions per source token for all 14
+    query heads. More KV heads (up to one per query head) widen that path for a few MB of k/v projections.
+    """
     if num_layers < 1:
         raise JetSpecError(f"--num-layers must be >= 1, got {num_layers}")
     if intermediate_size is not None and intermediate_size < 1:
         raise JetSpecError(f"--intermediate-size must be >= 1, got {intermediate_size}")
+    kv_heads = num_kv_heads or target.num_kv_heads
+    if kv_heads < 1 or target.num_heads % kv_heads:
+        raise JetSpecError(f"--num-kv-heads {kv_heads} must divide the {target.num_heads} attention heads")
     return dataclasses.replace(target, model_type="qwen3", num_layers=num_layers, qkv_bias=False, qk_norm=True,
-                               tie_word_embeddings=False,
+                               tie_word_embeddings=False, num_kv_heads=kv_heads,
                                intermediate_size=intermediate_size or target.intermediate_size,
                                rope_parameters={"rope_type": "default", "rope_theta": rope_theta(target)})
 
@@ -82,12 +92,13 @@ def plain_inv_freq(theta: float, head_dim: int) -> torch.Tensor:
 
 
 def new_head(target: TargetModel, num_layers: int, block_size: int, layer_ids: tuple[int, ...],
-             mask_token_id: int, generator: torch.Generator, intermediate_size: int | None = None) -> DraftHead:
+             mask_token_id: int, generator: torch.Generator, intermediate_size: int | None = None,
+             num_kv_heads: int | None = None) -> DraftHead:
     """A randomly initialised head: Linear weights normal(0, 0.02), norm weights 1 (float32, on CPU)."""
     if block_size < 2:
         raise JetSpecError(f"--block-size must be >= 2, got {block_size}")
     tcfg = target.config
-    cfg = head_decoder_config(tcfg, num_layers, intermediate_size)
+    cfg = head_decoder_config(tcfg, num_layers, intermediate_size, num_kv_heads)
     spec = DraftSpec(block_size=block_size, num_target_layers=tcfg.num_layers, target_layer_ids=tuple(layer_ids),
                      mask_token_id=mask_token_id, target_hidden_size=tcfg.hidden_size)
     head = DraftHead(cfg, spec, plain_inv_freq(rope_theta(cfg), cfg.head_dim))
@@ -125,15 +136,18 @@ class HeadShape:
     target_layer_ids: tuple[int, ...]
     mask_token_id: int
     intermediate_size: int
+    num_kv_heads: int
 
 
 def init_head_shape(head_dir: Path, target_dir: Path, num_layers: int, block_size: int, target_layer_ids: str,
-                    mask_token_id: int | None, intermediate_size: int | None = None) -> HeadShape:
+                    mask_token_id: int | None, intermediate_size: int | None = None,
+                    num_kv_heads: int | None = None) -> HeadShape:
     """The shape of a trained head to continue training from, checked against the target (the same checks as
     `jetspec-trt build`) and against the shape flags, which must agree with it or stay at their defaults
     (num_layers 1, block_size 16, target_layer_ids 'auto', mask_token_id None). A larger --num-layers grows
     the head (load_head_weights adds the new layers as identities); a smaller --intermediate-size narrows its
-    MLPs (load_head_weights keeps the strongest neurons)."""
+    MLPs (load_head_weights keeps the strongest neurons); a --num-kv-heads that is a multiple of the head's
+    widens its attention (each stored KV head repeated over its query group)."""
     from jetspec_trt.builders.validate import check_pair
 
     pair = check_pair(target_dir, head_dir)
@@ -142,8 +156,12 @@ def init_head_shape(head_dir: Path, target_dir: Path, num_layers: int, block_siz
     if intermediate_size is not None and not 1 <= intermediate_size <= stored_width:
         raise JetSpecError(f"--intermediate-size {intermediate_size}: --init-head {head_dir} has MLPs of width "
                            f"{stored_width}, which can be narrowed (1..{stored_width}) but not widened")
+    stored_kv, heads = pair.draft.num_kv_heads, pair.draft.num_heads
+    if num_kv_heads is not None and (num_kv_heads % stored_kv or heads % num_kv_heads):
+        raise JetSpecError(f"--num-kv-heads {num_kv_heads}: --init-head {head_dir} has {stored_kv} KV heads for "
+                           f"{heads} attention heads; widen to a multiple of {stored_kv} that divides {heads}")
     shape = HeadShape(pair.draft.num_layers, spec.block_size, tuple(spec.target_layer_ids), spec.mask_token_id,
-                      intermediate_size or stored_width)
+                      intermediate_size or stored_width, num_kv_heads or stored_kv)
     ids = None if target_layer_ids.strip() == "auto" else parse_layer_ids(target_layer_ids, spec.num_target_layers,
                                                                             shape.num_layers)
     if num_layers > shape.num_layers:
@@ -157,34 +175,61 @@ def init_head_shape(head_dir: Path, target_dir: Path, num_layers: int, block_siz
     return shape
 
 
-def load_head_weights(head: DraftHead, head_dir: Path) -> list[int]:
-    """Load a trained head's tensors into `head` (same shape, checked; each cast to the head's dtype).
+def load_head_weights(head: DraftHead, head_dir: Path) -> list[str]:
+    """Load a trained head's tensors into `head` (same shape, checked; each cast to the head's dtype), reshaped
+    where `head` is wider or deeper; returns what was reshaped, in words (for the training card).
 
     A head with more layers than the checkpoint grows: the stored layers fill the first ones, and each new
     layer keeps its random init but with zero o_proj and down_proj, so it adds nothing to the residual stream
     and the grown head computes exactly what the trained one did; training then decides what it adds.
-    A head with narrower MLPs than the checkpoint keeps each layer's strongest neurons (narrow_mlp).
-    Returns the indices of the new layers."""
+    A head with narrower MLPs than the checkpoint keeps each layer's strongest neurons (narrow_mlp); one with
+    more KV heads computes exactly what the stored one did (widen_kv_heads)."""
     from jetspec_trt.models.checkpoint import load_checked, read_state_dict
 
+    cfg = head.config
     dtype = next(head.parameters()).dtype
     state = {name: t.to(dtype) for name, t in read_state_dict(head_dir).items()}
-    narrow_mlp(state, head.config.intermediate_size)
+    notes = []
+    if narrow_mlp(state, cfg.intermediate_size):
+        notes.append(f"MLPs narrowed to their {cfg.intermediate_size} strongest neurons")
+    widened = widen_kv_heads(state, cfg.num_kv_heads, cfg.head_dim)
+    if widened:
+        notes.append(f"KV heads widened {widened} -> {cfg.num_kv_heads} (each repeated over its query group: "
+                     "the same function at start)")
     stored = 1 + max((int(name.split(".")[1]) for name in state if name.startswith("layers.")), default=-1)
     grown = list(range(stored, len(head.layers)))
     for name, tensor in head.state_dict().items():
         if name.startswith("layers.") and int(name.split(".")[1]) in grown:
             zero = name.endswith(("self_attn.o_proj.weight", "mlp.down_proj.weight"))
             state[name] = torch.zeros_like(tensor) if zero else tensor.clone()
+    if grown:
+        notes.insert(0, f"grown by layers {grown} (zero o_proj/down_proj: identities at start)")
     load_checked(head, state, head_dir)
-    return grown
+    return notes
+
+
+def widen_kv_heads(state: dict[str, torch.Tensor], num_kv_heads: int, head_dim: int) -> int:
+    """Give every layer of `state` `num_kv_heads` KV heads by repeating each stored one over the query heads
+    it served: query head h reads KV head h // (heads / kv), so with r times the KV heads new head j must be
+    stored head j // r. In place; returns the stored KV head count if it widened, else 0."""
+    widened = 0
+    for name in [n for n in state if n.endswith(("self_attn.k_proj.weight", "self_attn.v_proj.weight"))]:
+        weight = state[name]
+        stored = weight.shape[0] // head_dim
+        if stored == num_kv_heads:
+            continue
+        repeat = num_kv_heads // stored
+        state[name] = weight.view(stored, head_dim, -1).repeat_interleave(repeat, dim=0).reshape(-1, weight.shape[1])
+        widened = stored
+    return widened
 
 
 def narrow_mlp(state: dict[str, torch.Tensor], width: int) -> None:
     """Keep, in every layer's MLP of `state`, the `width` neurons with the largest contribution bound
     |gate row| * |up row| * |down column|: a neuron's output is down[:, j] * silu(gate_j . x) * (up_j . x), so
     this ranks what dropping it can change. Neurons keep their order; a neuron whose down column is zero (or
-    any beyond the stored width) changes nothing when dropped. In place; no-op at the stored width."""
+    any beyond the stored width) changes nothing when dropped. In place; returns whether it narrowed."""
+    narrowed = False
     for name in [n for n in state if n.endswith("mlp.down_proj.weight")]:
         prefix = name[: -len("down_proj.weight")]
         gate, up, down = state[prefix + "gate_proj.weight"], state[prefix + "up_proj.weight"], state[name]
@@ -194,6 +239,8 @@ def narrow_mlp(state: dict[str, torch.Tensor], width: int) -> None:
         keep = score.topk(width).indices.sort().values
         state[prefix + "gate_proj.weight"], state[prefix + "up_proj.weight"] = gate[keep], up[keep]
         state[name] = down[:, keep]
+        narrowed = True
+    return narrowed
 
 
 def freeze(module: nn.Module) -> None:

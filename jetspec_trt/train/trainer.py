@@ -66,6 +66,9 @@ class TrainConfig:
     # The head's MLP width (None: the target's, or the --init-head's); a narrower one than the init head's keeps
     # its strongest neurons. At a 0.5B target a second full-width layer would take the head past ~60 MB.
     intermediate_size: int | None = None
+    # The head's KV heads (None: the target's, or the --init-head's); a multiple of the init head's widens it
+    # exactly (train/head.py head_decoder_config says why a small target's GQA starves the first layer).
+    num_kv_heads: int | None = None
     target_layer_ids: str = "auto"
     mask_token_id: int | None = None  # None: the tokenizer's mask token or a reserved special
     loss: LossConfig = field(default_factory=LossConfig)
@@ -114,6 +117,8 @@ class TrainConfig:
             (self.eval_every >= 0, f"--eval-every must be >= 0, got {self.eval_every}"),
             (self.intermediate_size is None or self.intermediate_size >= 1,
              f"--intermediate-size must be >= 1, got {self.intermediate_size}"),
+            (self.num_kv_heads is None or self.num_kv_heads >= 1,
+             f"--num-kv-heads must be >= 1, got {self.num_kv_heads}"),
             (self.anchor_group >= 1, f"--anchor-group must be >= 1, got {self.anchor_group}"),
             (self.time_budget_s is None or self.time_budget_s > 0,
              f"--time-budget must be > 0 seconds, got {self.time_budget_s}"),
@@ -225,9 +230,15 @@ class Trainer:
         self.generator = generator
         self.device = device
         self.capture = head.spec.target_layer_ids
+        started = time.perf_counter()
         self.store = FeatureStore.build(target, self.sequences, self.capture, cfg.progress,
                                         cfg.feature_pack_tokens_on(device), keep_hidden=cfg.loss.kind == "kl",
                                         where=cfg.feature_store)
+        # Before the first step: in a fixed GPU lease this is time the step plan cannot see (2026-12-04: the
+        # stage took ~5 minutes before a 300 s schedule, 9.8 M tokens, unexplained for want of this line).
+        self.features_s = time.perf_counter() - started
+        tqdm.write(f"target features: {self.store.tokens.numel()} tokens of {len(self.sequences)} sequences in "
+                   f"{self.features_s:.1f} s (store on {self.store.features.device})")
         self.autocast = device.startswith("cuda") and target.embed_tokens.weight.dtype != torch.float32
         self.loss_backend = resolve_backend(cfg.loss, device)
         self.depth_weights = depth_weights(head.spec.block_size - 1, cfg.loss.decay_gamma).to(device)
@@ -419,7 +430,7 @@ class Trainer:
 def head_identity(head: DraftHead) -> dict:
     spec = head.spec
     return {"num_layers": len(head.layers), "intermediate_size": head.config.intermediate_size,
-            "block_size": spec.block_size, "target_layer_ids": list(spec.target_layer_ids), "mask_token_id": spec.mask_token_id}
+            "num_kv_heads": head.config.num_kv_heads, "block_size": spec.block_size, "target_layer_ids": list(spec.target_layer_ids), "mask_token_id": spec.mask_token_id}
 
 
 # ------------------------------------------------------------------------------------------------- entry point
@@ -435,10 +446,11 @@ def train(cfg: TrainConfig) -> TrainResult:
     tcfg = DecoderConfig.from_hf(load_hf_config(target_dir))
     if cfg.init_head is not None:  # the run takes the trained head's shape (checked against target and flags)
         shape = init_head_shape(Path(cfg.init_head), target_dir, cfg.num_layers, cfg.block_size,
-                                cfg.target_layer_ids, cfg.mask_token_id, cfg.intermediate_size)
+                                cfg.target_layer_ids, cfg.mask_token_id, cfg.intermediate_size, cfg.num_kv_heads)
         cfg = dataclasses.replace(cfg, num_layers=shape.num_layers, block_size=shape.block_size,
                                   target_layer_ids=",".join(map(str, shape.target_layer_ids)),
-                                  mask_token_id=shape.mask_token_id, intermediate_size=shape.intermediate_size)
+                                  mask_token_id=shape.mask_token_id, intermediate_size=shape.intermediate_size,
+                                  num_kv_heads=shape.num_kv_heads)
     layer_ids = parse_layer_ids(cfg.target_layer_ids, tcfg.num_layers, cfg.num_layers)
     if cfg.block_size < 2:
         raise JetSpecError(f"--block-size must be >= 2, got {cfg.block_size}")
@@ -469,14 +481,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     freeze(target)
     generator = torch.Generator().manual_seed(cfg.seed)
     head = new_head(target, cfg.num_layers, cfg.block_size, layer_ids, mask_token_id, generator,
-                    cfg.intermediate_size)
+                    cfg.intermediate_size, cfg.num_kv_heads)
     copied = warm_start_from_target(head, target) if cfg.warm_start else []
-    grown: list[int] = []
-    narrowed = False
-    if cfg.init_head is not None:
-        stored = DecoderConfig.from_hf(load_hf_config(cfg.init_head))
-        narrowed = head.config.intermediate_size < stored.intermediate_size
-        grown = load_head_weights(head, cfg.init_head)
+    reshaped = load_head_weights(head, cfg.init_head) if cfg.init_head is not None else []
     head = head.to(device).train()
     trainer = Trainer(cfg, target, head, train_seqs, heldout, generator, device)
     if cfg.resume:
@@ -487,7 +494,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     finished = run_loop(trainer, ckpt_dir)
     card = {"data": data_card}
     if finished:
-        card = write_outputs(trainer, out, tokenizer, tcfg, dtype, data_card, copied, grown, narrowed)
+        card = write_outputs(trainer, out, tokenizer, tcfg, dtype, data_card, copied, reshaped)
     return TrainResult(out, trainer.step, finished, card)
 
 
@@ -579,7 +586,7 @@ def loss_curve(losses: list[float], points: int = 50) -> list[list[float]]:
 
 
 def write_outputs(trainer: Trainer, out: Path, tokenizer, tcfg: DecoderConfig, dtype: torch.dtype,
-                  data_card: dict, copied: list[str], grown: list[int], narrowed: bool) -> dict:
+                  data_card: dict, copied: list[str], reshaped: list[str]) -> dict:
     cfg, head = trainer.cfg, trainer.head
     proxy_after = trainer.record_curve()
     saved = copy.deepcopy(head).to("cpu", dtype)  # the published heads are stored in the serving dtype
@@ -593,14 +600,11 @@ def write_outputs(trainer: Trainer, out: Path, tokenizer, tcfg: DecoderConfig, d
                    "num_layers": tcfg.num_layers, "hidden_size": tcfg.hidden_size, "vocab_size": tcfg.vocab_size},
         "head": {
             "num_layers": len(head.layers), "intermediate_size": head.config.intermediate_size,
-            "block_size": spec.block_size,
+            "num_kv_heads": head.config.num_kv_heads, "block_size": spec.block_size,
             "target_layer_ids": list(spec.target_layer_ids), "mask_token_id": spec.mask_token_id,
             "mask_token": tokenizer.convert_ids_to_tokens(spec.mask_token_id),
             "parameters": sum(p.numel() for p in head.parameters()),
-            "init": (f"trained head {Path(cfg.init_head).resolve()}"
-                     + (f", grown by layers {grown} (zero o_proj/down_proj: identities at start)" if grown else "")
-                     + (f", MLPs narrowed to their {head.config.intermediate_size} strongest neurons"
-                        if narrowed else "")
+            "init": (", ".join([f"trained head {Path(cfg.init_head).resolve()}", *reshaped])
                      if cfg.init_head is not None else
                      f"warm start: {len(copied)} tensors from the last target layers, rest normal(0, 0.02)"
                      if cfg.warm_start else "normal(0, 0.02), norms 1"),
@@ -619,6 +623,7 @@ def write_outputs(trainer: Trainer, out: Path, tokenizer, tcfg: DecoderConfig, d
             "weight_decay": cfg.weight_decay, "grad_clip": cfg.grad_clip, "seed": cfg.seed,
             "device": trainer.device, "device_name": device_name(trainer.device),
             "target_dtype": dtype_name(dtype), "bf16_autocast": trainer.autocast,
+            "features_s": round(trainer.features_s, 2),
             "time_s": round(trainer.elapsed_s, 2), "s_per_step": round(trainer.elapsed_s / max(1, trainer.step), 4),
             "positions": trainer.positions,
             "positions_per_s": round(trainer.positions / max(trainer.elapsed_s, 1e-9)),

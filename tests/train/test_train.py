@@ -386,6 +386,33 @@ def test_init_head_narrows_mlp_to_its_strongest_neurons(tiny, trained, tmp_path,
     assert code == 2 and err.count("\n") == 1 and "can be narrowed" in err
 
 
+def test_init_head_widens_kv_heads_exactly(tiny, trained, tmp_path, capsys):
+    """--num-kv-heads 4 on a 2-KV-head head repeats each KV head over its query group: before any training the
+    held-out proxy is the trained head's; the wider head builds into a lossless engine; a count that is not a
+    multiple, or does not divide the heads, fails in one line."""
+    out = tmp_path / "mha"
+    shutil.copytree(trained / "data", out / "data")
+    code, _, err = invoke(train_args(tiny, out, "--init-head", str(trained), "--num-kv-heads", "4", "--steps", "1",
+                                     "--lr", "1e-12", "--warmup-steps", "0"), capsys)
+    assert code == 0, err
+    card = json.loads((out / "training_card.json").read_text())
+    assert card["head"]["num_kv_heads"] == 4 and "KV heads widened 2 -> 4" in card["head"]["init"]
+    assert json.loads((out / "config.json").read_text())["num_key_value_heads"] == 4
+    reference = json.loads((trained / "training_card.json").read_text())["acceptance_proxy"]["after"]
+    assert card["acceptance_proxy"]["before"]["top1_agreement_per_depth"] == reference["top1_agreement_per_depth"]
+    assert card["acceptance_proxy"]["before"]["loss"] == pytest.approx(reference["loss"], abs=1e-4)
+    build_engine(BuildConfig(tiny / "target", out, tmp_path / "engine", tree=TreeConfig(32, 4, 7), dtype="float32",
+                             max_seq_len=256, progress=False))
+    engine = Engine.load(tmp_path / "engine")
+    spec = engine.generate("hello world in rust", max_new_tokens=24, chat=True)
+    assert spec.token_ids == engine.generate("hello world in rust", max_new_tokens=24, chat=True,
+                                             speculative=False).token_ids
+    for bad in ("3", "1"):
+        code, _, err = invoke(train_args(tiny, tmp_path / "bad", "--init-head", str(trained), "--num-kv-heads", bad),
+                              capsys)
+        assert code == 2 and err.count("\n") == 1 and "--num-kv-heads" in err
+
+
 def test_anchor_groups_change_cost_not_result(tiny, trained, tmp_path, capsys):
     """Splitting a sequence's blocks into attention rows of 3 anchors gives the held-out proxy of one row per
     sequence: blocks never see each other, so only the masked-out keys change."""
