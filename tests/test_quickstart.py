@@ -38,7 +38,7 @@ def test_quickstart_tiny_refuses_target_and_head(tmp_path, capsys):
 def test_run_tree_defaults_and_budget_bounds():
     built = TreeConfig(256, 7, 15)
     assert run_tree("cpu", None, built) == TreeConfig(8, 7, 4)
-    assert run_tree("cuda", None, built) == TreeConfig(64, 7, 15)
+    assert run_tree("cuda", None, built) == TreeConfig(16, 7, 15)
     assert run_tree("cpu", 1, built) == TreeConfig(1, 7, 1)  # autoregressive
     assert run_tree("cpu", 3, built) == TreeConfig(3, 7, 2)  # no deeper than the budget can reach
     with pytest.raises(Exception, match="--budget must be in 1..256"):
