@@ -94,7 +94,13 @@ if triton is not None:
             acc = tl.dot(p.to(v.dtype), v, acc)
         return acc, m_new, l_i
 
-    @triton.jit
+    # Triton compiles a kernel per value class of its int arguments (== 1, divisible by 16) besides the
+    # constexprs. The arguments below follow the request's prompt length in an eager prefill, which made 52
+    # variants of this kernel for prompts up to 1168 tokens at the 0.5B shape: every prompt in a new class paid a
+    # compile (one AR request in a dozen at 83-160 tok/s instead of ~720 on an H200, first process of a lease
+    # only). Unspecialised, the variants are the launch shapes (14 at that shape), which warm_causal_prefill
+    # compiles at engine load. They are bounds and loop counts, not strides: vector widths do not depend on them.
+    @triton.jit(do_not_specialize=["num_new", "mask_words", "num_row_blocks", "stride_mt"])
     def _tree_attention_kernel(
         q_ptr, k_ptr, v_ptr, table_ptr, ctx_ptr, mask_ptr, out_ptr, part_ptr, lse_ptr,
         qk_scale, num_new, num_heads, mask_words, num_row_blocks,
@@ -201,7 +207,7 @@ if triton is not None:
             tl.store(part_ptr + split * (num_new * num_heads * HEAD_DIM) + out_off, result, mask=row_ok[:, None])
             tl.store(lse_ptr + split * (num_new * num_heads) + token * num_heads + head, lse, mask=row_ok)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["num_rows"])
     def _merge_kernel(part_ptr, lse_ptr, out_ptr, num_rows, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
         """out[row] = sum_s w_s * part_s[row] / sum_s w_s with w_s = 2^(lse_s - max lse): one (token, head)."""
         row = tl.program_id(0)
@@ -299,6 +305,42 @@ def launch_for(num_new: int, num_heads: int, num_kv_heads: int, head_dim: int, p
     return default_launch(num_new, num_heads, num_kv_heads, head_dim, dtype, sm_count)
 
 
+def mask_scan_width(words: int) -> int:
+    """Mask words a program scans at once (a constexpr: one compiled variant per value)."""
+    return min(32, 1 << (max(1, words) - 1).bit_length())
+
+
+def prefill_lengths(max_tokens: int, num_heads: int, num_kv_heads: int, head_dim: int, page_size: int,
+                    dtype: torch.dtype, sm_count: int | None = None) -> list[int]:
+    """One causal-prefill length per compiled variant of the kernel among lengths 1..max_tokens: the first
+    length of each distinct (launch shape, mask scan width), the constexprs a prefill's length decides."""
+    first: dict[tuple, int] = {}
+    for n in range(1, max_tokens + 1):
+        launch = launch_for(n, num_heads, num_kv_heads, head_dim, page_size, dtype, sm_count)
+        first.setdefault((launch, mask_scan_width(-(-n // 32))), n)
+    return sorted(first.values())
+
+
+def warm_causal_prefill(k_cache: torch.Tensor, v_cache: torch.Tensor, block_table: torch.Tensor,
+                        ctx_len: torch.Tensor, num_heads: int, max_tokens: int) -> list[int]:
+    """Compile, before any request, every variant a causal prefill of up to `max_tokens` tokens can launch, on
+    one layer's cache tensors (their K/V rows are overwritten by the next prefill anyway). Triton keeps the
+    binaries on disk, so a later process only loads them. Returns the lengths run."""
+    from jetspec_trt.plugins.tree_attention import causal_mask, tree_attention
+
+    page, num_kv_heads, head_dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    max_tokens = min(max_tokens, k_cache.shape[0] * page)
+    lengths = prefill_lengths(max_tokens, num_heads, num_kv_heads, head_dim, page, k_cache.dtype,
+                              _sm_count(k_cache.device))
+    saved = ctx_len.clone()
+    ctx_len.zero_()
+    for n in lengths:
+        q = torch.zeros(n, num_heads, head_dim, dtype=k_cache.dtype, device=k_cache.device)
+        tree_attention(q, k_cache, v_cache, block_table, ctx_len, causal_mask(n, k_cache.device), 1.0)
+    ctx_len.copy_(saved)
+    return lengths
+
+
 def _supported(q, k_cache, tree_mask) -> bool:
     d = q.shape[-1]
     return (
@@ -333,7 +375,7 @@ def tree_attention_triton(q, k_cache, v_cache, block_table, ctx_len, tree_mask, 
     else:
         part = lse = out  # not touched
     words = tree_mask.shape[1]
-    scan_w = min(32, triton.next_power_of_2(max(1, words)))
+    scan_w = mask_scan_width(words)
     _tree_attention_kernel[(row_blocks, num_kv_heads, launch.splits)](
         q, k_cache, v_cache, block_table, ctx_len, tree_mask, out, part, lse,
         scale * LOG2E, num_new, num_heads, words, row_blocks,

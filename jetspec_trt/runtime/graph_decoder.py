@@ -191,12 +191,22 @@ class GraphDecoder:
         tokens = runtime.max_seq_len + slack + 1
         self.target_cache = target.new_cache(tokens, runtime.page_size)
         self.draft_cache = draft.new_cache(tokens, runtime.page_size)
+        # Prompts run eager and their attention kernel compiles per launch shape: compile them all now, not in
+        # the first request of each shape (plugins/triton_tree_attention.py, _tree_attention_kernel's comment).
+        self.prefill_lengths = self._warm_prefill(runtime.max_seq_len) if self.triton_kernels else []
         self._block_mask = causal_mask(runtime.block_size, self.device)
         self._one = causal_mask(1, self.device)
         self._stages: dict[tuple[TreeConfig, str], tuple[RoundState, dict[str, Callable[[], None]]]] = {}
         self._ar_steps: dict[str, tuple[torch.Tensor, Callable[[], None]]] = {}
         self._round: _Round | None = None
         self.stats: DecodeStats | None = None
+
+    def _warm_prefill(self, max_tokens: int) -> list[int]:
+        from jetspec_trt.plugins.triton_tree_attention import warm_causal_prefill
+
+        cache = self.target_cache
+        return warm_causal_prefill(cache.k[0], cache.v[0], cache.block_table, cache.ctx_len,
+                                   self.target.config.num_heads, max_tokens)
 
     def set_decode_gemv(self, enabled: bool) -> None:
         """Switch the target's single-token GEMMs between cuBLAS and plugins.gemv; drops captured graphs (they

@@ -160,3 +160,54 @@ def test_graph_replay_follows_ctx_len(kernel, t):
         got = out.cpu().double()
         assert not torch.isnan(got).any()
         assert ((got - ref).norm() / ref.norm()) < 1e-2, length
+
+
+# ------------------------------------------------------------------------------------- compiled variants of prefill
+
+
+def test_prefill_lengths_cover_every_prompt_length():
+    """One warm-up length per (launch shape, mask scan width): every length up to the maximum launches what some
+    warmed length launched, so no request compiles. The 0.5B shape needs 14 (52 before the unspecialised
+    bounds); a tuned launch for some token count adds that count."""
+    from jetspec_trt.plugins.triton_tree_attention import (clear_tuned_launches, install_tuned_launches,
+                                                           LaunchConfig, LaunchKey, launch_for, mask_scan_width,
+                                                           prefill_lengths)
+
+    def variant(n):
+        return launch_for(n, 14, 2, 64, 64, torch.bfloat16, 132), mask_scan_width(-(-n // 32))
+
+    lengths = prefill_lengths(4096, 14, 2, 64, 64, torch.bfloat16, 132)
+    assert lengths[0] == 1 and lengths == sorted(lengths) and len(lengths) == 14
+    warmed = {variant(n) for n in lengths}
+    assert len(warmed) == len(lengths)
+    assert all(variant(n) in warmed for n in range(1, 4097))
+    try:
+        install_tuned_launches({LaunchKey(100, 14, 2, 64, 64, "bfloat16"): LaunchConfig(32, 32, 4, 2, 1)})
+        assert 100 in prefill_lengths(4096, 14, 2, 64, 64, torch.bfloat16, 132)
+    finally:
+        clear_tuned_launches()
+
+
+@pytest.mark.gpu
+def test_warm_prefill_leaves_nothing_to_compile(kernel):
+    """After warm_causal_prefill, causal prefills of 40 random lengths add no compiled variant of the kernel."""
+    from jetspec_trt.plugins.triton_tree_attention import _tree_attention_kernel, warm_causal_prefill
+
+    def compiled() -> int:
+        caches = getattr(_tree_attention_kernel, "device_caches", None)
+        if caches is None:
+            pytest.skip("this Triton version keeps no device_caches to count")
+        return sum(len(entry[0]) for entry in caches.values())
+
+    k = torch.randn(40, 64, 2, 64, dtype=torch.bfloat16, device="cuda")
+    v = torch.randn_like(k)
+    table = torch.arange(40, dtype=torch.int32, device="cuda")
+    ctx = torch.zeros(1, dtype=torch.int32, device="cuda")
+    lengths = warm_causal_prefill(k, v, table, ctx, 14, 2048)
+    before = compiled()
+    g = torch.Generator().manual_seed(0)
+    for n in torch.randint(1, 2049, (40,), generator=g).tolist():
+        q = torch.randn(n, 14, 64, dtype=torch.bfloat16, device="cuda")
+        tree_attention(q, k, v, table, ctx, causal_mask(n, "cuda"), 0.125)
+    torch.cuda.synchronize()
+    assert compiled() == before, f"warmed {lengths}; a prefill compiled a new variant"
