@@ -237,6 +237,7 @@ class Trainer:
         # Before the first step: in a fixed GPU lease this is time the step plan cannot see (2026-12-04: the
         # stage took ~5 minutes before a 300 s schedule, 9.8 M tokens, unexplained for want of this line).
         self.features_s = time.perf_counter() - started
+        self.setup_s = 0.0  # train() sets it: data, target load, features, first evaluation
         tqdm.write(f"target features: {self.store.tokens.numel()} tokens of {len(self.sequences)} sequences in "
                    f"{self.features_s:.1f} s (store on {self.store.features.device})")
         self.autocast = device.startswith("cuda") and target.embed_tokens.weight.dtype != torch.float32
@@ -439,6 +440,7 @@ def head_identity(head: DraftHead) -> dict:
 def train(cfg: TrainConfig) -> TrainResult:
     """Prepare data, train (or resume), write the head and its training card. Raises JetSpecError."""
     cfg.validate()
+    run_start = time.perf_counter()
     target_dir, out = Path(cfg.target_dir), Path(cfg.output_dir)
     if not target_dir.is_dir():
         raise JetSpecError(f"target directory {target_dir} does not exist")
@@ -491,6 +493,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     else:
         trainer.proxy_before = trainer.record_curve()
 
+    trainer.setup_s = time.perf_counter() - run_start  # everything before the first step (the card shows it)
     finished = run_loop(trainer, ckpt_dir)
     card = {"data": data_card}
     if finished:
@@ -623,7 +626,7 @@ def write_outputs(trainer: Trainer, out: Path, tokenizer, tcfg: DecoderConfig, d
             "weight_decay": cfg.weight_decay, "grad_clip": cfg.grad_clip, "seed": cfg.seed,
             "device": trainer.device, "device_name": device_name(trainer.device),
             "target_dtype": dtype_name(dtype), "bf16_autocast": trainer.autocast,
-            "features_s": round(trainer.features_s, 2),
+            "setup_s": round(trainer.setup_s, 2), "features_s": round(trainer.features_s, 2),
             "time_s": round(trainer.elapsed_s, 2), "s_per_step": round(trainer.elapsed_s / max(1, trainer.step), 4),
             "positions": trainer.positions,
             "positions_per_s": round(trainer.positions / max(trainer.elapsed_s, 1e-9)),
