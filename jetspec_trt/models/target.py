@@ -22,7 +22,7 @@ from torch import nn
 from jetspec_trt.models.config import DecoderConfig
 from jetspec_trt.models.layers import MLP, AttentionProjections, RMSNorm, Rotary
 from jetspec_trt.plugins.linear import linear
-from jetspec_trt.plugins.tree_attention import causal_mask, pack_mask, tree_attention
+from jetspec_trt.plugins.tree_attention import causal_mask, packed_causal_mask, tree_attention
 from jetspec_trt.models.kv_cache import KVCacheSpec, PagedKVCache, write_kv
 
 
@@ -216,10 +216,9 @@ class TargetModel(nn.Module):
         segment = torch.repeat_interleave(torch.arange(len(sequences), device=device), lengths)
         index = torch.arange(total, device=device)
         positions = index - (torch.cumsum(lengths, 0) - lengths)[segment]
-        visible = (segment[:, None] == segment[None, :]) & (index[None, :] <= index[:, None])
         cache.reset()
         with torch.compiler.set_stance("force_eager"):
-            hidden, features = self.forward_hidden(tokens, positions, cache, pack_mask(visible),
+            hidden, features = self.forward_hidden(tokens, positions, cache, packed_causal_mask(lengths),
                                                    tuple(capture_layers))
         cache.reset()
         return hidden, features

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from jetspec_trt.plugins.tree_attention import causal_mask, pack_mask, tree_attention, unpack_mask
+from jetspec_trt.plugins.tree_attention import (causal_mask, pack_mask, packed_causal_mask, tree_attention,
+                                                unpack_mask)
 from jetspec_trt.models.kv_cache import KVCacheSpec, PagedKVCache
 
 
@@ -68,3 +69,17 @@ def test_whole_cache_variant_equals_prefix_variant():
     expected = tree_attention_reference(q, cache.k[0], cache.v[0], cache.block_table, cache.ctx_len, mask, 0.3)
     keys, values, visible = _whole_cache(cache.k[0], cache.v[0], cache.block_table, cache.ctx_len, mask, 9)
     assert (expected - _masked_attention(q, keys, values, visible, 0.3)).abs().max() < 1e-5
+
+
+def test_causal_masks_built_word_by_word_equal_packing_the_dense_ones():
+    """causal_mask and packed_causal_mask (block-diagonal, sequences packed back to back) equal pack_mask of the
+    dense boolean masks, across word boundaries and sequences that start mid-word."""
+    for n in (1, 31, 32, 33, 64, 100):
+        assert torch.equal(causal_mask(n), pack_mask(torch.ones(n, n, dtype=torch.bool).tril()))
+    g = torch.Generator().manual_seed(0)
+    for _ in range(20):
+        lengths = torch.randint(1, 80, (int(torch.randint(1, 6, (1,), generator=g)),), generator=g)
+        segment = torch.repeat_interleave(torch.arange(len(lengths)), lengths)
+        index = torch.arange(int(lengths.sum()))
+        dense = (segment[:, None] == segment[None, :]) & (index[None, :] <= index[:, None])
+        assert torch.equal(packed_causal_mask(lengths), pack_mask(dense)), lengths.tolist()
