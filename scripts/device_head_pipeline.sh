@@ -19,10 +19,11 @@
 # WORK/head-* out as soon as they are written.
 # Env: GEN_ATTENTION (auto; sdpa if tests/plugins/test_triton_batch_attention.py fails there), TAG (bench file tag
 # prefix), LAYERS ("1": head shapes to train one after another, each N[xWIDTH][kKV], e.g. "1k14 1"; a depth above
-# the committed head's grows it by identity layers, a WIDTH below its MLP width narrows the MLPs to their strongest
-# neurons, KV heads above its own widen its attention exactly), BENCH_PROMPTS (17), HF_PROMPTS (3), TEMPS ("0": the first head's bench temperatures, e.g. "0,1"; later
-# heads bench greedy only), PROMPT_OFFSET (0; runs 3-4 answered prompts
-# from the first 12000 of the mix, run 5 (lost) from 12000-27000, so the next run passes 27000).
+# the committed head's grows it by identity layers, a WIDTH below its MLP width narrows the MLPs to their
+# strongest neurons, KV heads above its own widen its attention exactly), BENCH_PROMPTS (17), HF_PROMPTS (3),
+# TEMPS ("0": the first head's bench temperatures, e.g. "0,1"; later heads bench greedy only), BASELINE (0; 1
+# benches the committed head last, on the same prompts), PROMPT_OFFSET (0; runs 3-4 answered prompts from the
+# first 12000 of the mix, run 5 (lost) 12000-27000, run 6 27000-38458, so the next run passes 38500).
 set -uo pipefail
 WORK=${1:?work dir}
 GEN_S=${2:-150}
@@ -78,4 +79,13 @@ for shape in $LAYERS; do
      --hf-prompts "$hf" --output-dir "$WORK/results" --tag "$TAG-$shape"
   hf=0; temps=0
 done
+if [ "${BASELINE:-0}" = 1 ]; then  # the head the runs started from, benched in the same lease on the same prompts
+  stage "build engine, committed head"
+  jt build --target "$WORK/qwen" --draft heads/qwen2.5-coder-0.5b-jetspec --output "$WORK/engine-base" --budget 256 \
+     --topk 7 --max-depth 15 --dtype bfloat16 --max-seq-len 4096 && \
+  { stage "suite bench, committed head"
+    jt bench --engine "$WORK/engine-base" --prompts-file /tmp/keep/bench-prompts.jsonl \
+       --num-prompts "${BENCH_PROMPTS:-17}" --max-new-tokens 256 --budgets 16,64 --temperatures 0 --hf-prompts 0 \
+       --output-dir "$WORK/results" --tag "$TAG-base"; }
+fi
 stage "done"
