@@ -32,12 +32,15 @@ from jetspec_trt.runtime.graph_decoder import capture_graphs
 SLOT_ALIGN = 16
 
 
+CPU_PACK_TOKENS = 1024  # prefill pack cap on the CPU: dense fp32 scores of 14 heads take 59 MB
+
+
 @dataclass(frozen=True)
 class BatchDecodeConfig:
     max_batch: int = 64  # B: rows decoded together
     max_seq_len: int = 2048  # tokens a row holds, prompt + response; a row that fills up finishes ("length")
     refill_every: int = 16  # steps between host syncs (finished rows are read back and refilled there)
-    prefill_tokens: int = 4096  # tokens per packed prefill forward (a longer prompt goes alone)
+    prefill_tokens: int = 4096  # tokens per packed prefill forward on CUDA (a longer prompt goes alone; CPU: none)
     use_graphs: bool = True  # capture the step as one CUDA graph (CUDA only; eager elsewhere, same code)
     # Decode attention: "triton" walks each row's own keys (plugins/triton_batch_attention.py), "sdpa" reads all
     # S slots of every row under a mask; "auto" is triton on CUDA with Triton, sdpa elsewhere.
@@ -78,7 +81,12 @@ class BatchDecoder:
         self.is_eos = torch.zeros(cfg.vocab_size, dtype=torch.bool, device=self.device)  # any number of EOS ids
         self._rows = torch.arange(rows, device=self.device)
         self._slots = torch.arange(slots, device=self.device)
-        self._prefill_cache = target.new_cache(max(config.prefill_tokens, config.max_seq_len))
+        # Packing prompts pays where a prefill forward is launch-bound (CUDA). On the CPU the reference attention
+        # scores a pack densely, [heads, T, T] in fp32: a 16 K-token pack is 15 GB at 14 heads, which killed a
+        # 24 GB machine; packs stay small there.
+        self.pack_tokens = config.prefill_tokens if self.device.type == "cuda" else min(config.prefill_tokens,
+                                                                                        CPU_PACK_TOKENS)
+        self._prefill_cache = target.new_cache(max(self.pack_tokens, config.max_seq_len))
         if self.device.type == "cuda":
             load_gpu_kernels()  # the packed prefill's tree attention (the reference would attend the whole cache)
         # For throughput reports: decode steps run (each emits up to B tokens), prompt tokens prefilled and the
@@ -86,7 +94,7 @@ class BatchDecoder:
         self.steps = 0
         self.prefill_tokens = 0
         self.prefill_s = 0.0
-        self.prefill_packs = 0  # packed prefill forwards (at most prefill_tokens tokens each)
+        self.prefill_packs = 0  # packed prefill forwards (at most pack_tokens tokens each)
         self._step = self._make_step()
 
     # ---- the step (fixed shapes, no host sync) ------------------------------------------------------------
@@ -149,7 +157,7 @@ class BatchDecoder:
         start = 0
         while start < len(admitted):
             end, used = start, 0
-            while end < len(admitted) and (end == start or used + len(admitted[end][1]) <= self.config.prefill_tokens):
+            while end < len(admitted) and (end == start or used + len(admitted[end][1]) <= self.pack_tokens):
                 used += len(admitted[end][1])
                 end += 1
             self._prefill(admitted[start:end], max_new_tokens)

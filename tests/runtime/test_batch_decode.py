@@ -106,3 +106,13 @@ def test_attention_choice_is_checked(target):
     with pytest.raises(ValueError, match="needs CUDA and Triton"):
         BatchDecoder(target, BatchDecodeConfig(max_batch=2, max_seq_len=40, attention="triton"))
     assert not BatchDecoder(target, BatchDecodeConfig(max_batch=2, max_seq_len=40)).triton_attention  # CPU: sdpa
+
+
+def test_cpu_prefill_packs_stay_small(target):
+    """On the CPU the reference attention scores a pack densely, so packs are capped at CPU_PACK_TOKENS whatever
+    the configured size (a 16 K-token pack of a 0.5B target needed 15 GB there)."""
+    from jetspec_trt.runtime.batch_decode import CPU_PACK_TOKENS
+
+    decoder = BatchDecoder(target, BatchDecodeConfig(max_batch=2, max_seq_len=MAX_SEQ_LEN, use_graphs=False,
+                                                     prefill_tokens=16384))
+    assert decoder.pack_tokens == CPU_PACK_TOKENS and decoder._prefill_cache.capacity < 16384
