@@ -65,27 +65,24 @@ for shape in $LAYERS; do
      --save-every 100000 "${data[@]}" > "$WORK/train-$shape.log" 2>&1 || echo "training $shape failed (see $WORK/train-$shape.log)"
 done
 
+# build_and_bench HEAD_DIR NAME HF_PROMPTS TEMPERATURES: an engine of the head, then its suite bench (17 prompts a
+# suite: >= 50 greedy AR requests for the per-request tok/s percentiles).
+build_and_bench() {
+  stage "build engine, head $2"
+  jt build --target "$WORK/qwen" --draft "$1" --output "$WORK/engine-$2" --budget 256 --topk 7 --max-depth 15 \
+     --dtype bfloat16 --max-seq-len 4096 || return
+  stage "suite bench, head $2 (HF generate on $3 prompts a suite, temperatures $4)"
+  jt bench --engine "$WORK/engine-$2" --prompts-file /tmp/keep/bench-prompts.jsonl \
+     --num-prompts "${BENCH_PROMPTS:-17}" --max-new-tokens 256 --budgets 16,64 --temperatures "$4" \
+     --hf-prompts "$3" --output-dir "$WORK/results" --tag "$TAG-$2"
+}
 hf=${HF_PROMPTS:-3}
 temps=${TEMPS:-0}
 for shape in $LAYERS; do
   [ -f "$WORK/head-$shape/model.safetensors" ] || continue
-  stage "build engine, head $shape"
-  jt build --target "$WORK/qwen" --draft "$WORK/head-$shape" --output "$WORK/engine-$shape" --budget 256 --topk 7 \
-     --max-depth 15 --dtype bfloat16 --max-seq-len 4096 || continue
-  stage "suite bench, head $shape (HF generate on $hf prompts a suite, temperatures $temps)"
-  # 17 prompts a suite: >= 50 greedy AR requests for the per-request tok/s percentiles.
-  jt bench --engine "$WORK/engine-$shape" --prompts-file /tmp/keep/bench-prompts.jsonl \
-     --num-prompts "${BENCH_PROMPTS:-17}" --max-new-tokens 256 --budgets 16,64 --temperatures "$temps" \
-     --hf-prompts "$hf" --output-dir "$WORK/results" --tag "$TAG-$shape"
+  build_and_bench "$WORK/head-$shape" "$shape" "$hf" "$temps"
   hf=0; temps=0
 done
-if [ "${BASELINE:-0}" = 1 ]; then  # the head the runs started from, benched in the same lease on the same prompts
-  stage "build engine, committed head"
-  jt build --target "$WORK/qwen" --draft heads/qwen2.5-coder-0.5b-jetspec --output "$WORK/engine-base" --budget 256 \
-     --topk 7 --max-depth 15 --dtype bfloat16 --max-seq-len 4096 && \
-  { stage "suite bench, committed head"
-    jt bench --engine "$WORK/engine-base" --prompts-file /tmp/keep/bench-prompts.jsonl \
-       --num-prompts "${BENCH_PROMPTS:-17}" --max-new-tokens 256 --budgets 16,64 --temperatures 0 --hf-prompts 0 \
-       --output-dir "$WORK/results" --tag "$TAG-base"; }
-fi
+# The head the runs started from, benched in the same lease on the same prompts.
+[ "${BASELINE:-0}" = 1 ] && build_and_bench heads/qwen2.5-coder-0.5b-jetspec base 0 0
 stage "done"

@@ -99,7 +99,8 @@ if triton is not None:
     # variants of this kernel for prompts up to 1168 tokens at the 0.5B shape: every prompt in a new class paid a
     # compile (one AR request in a dozen at 83-160 tok/s instead of ~720 on an H200, first process of a lease
     # only). Unspecialised, the variants are the launch shapes (14 at that shape), which warm_causal_prefill
-    # compiles at engine load. They are bounds and loop counts, not strides: vector widths do not depend on them.
+    # compiles at engine load. They are bounds, loop counts and the mask's row stride (mask words are
+    # loaded one per row, never as vectors), so no load's vector width depends on their specialisation.
     @triton.jit(do_not_specialize=["num_new", "mask_words", "num_row_blocks", "stride_mt"])
     def _tree_attention_kernel(
         q_ptr, k_ptr, v_ptr, table_ptr, ctx_ptr, mask_ptr, out_ptr, part_ptr, lse_ptr,

@@ -40,7 +40,8 @@ class BatchDecodeConfig:
     max_batch: int = 64  # B: rows decoded together
     max_seq_len: int = 2048  # tokens a row holds, prompt + response; a row that fills up finishes ("length")
     refill_every: int = 16  # steps between host syncs (finished rows are read back and refilled there)
-    prefill_tokens: int = 4096  # tokens per packed prefill forward on CUDA (a longer prompt goes alone; CPU: none)
+    # Tokens per packed prefill forward (a longer prompt goes alone); on the CPU at most CPU_PACK_TOKENS.
+    prefill_tokens: int = 4096
     use_graphs: bool = True  # capture the step as one CUDA graph (CUDA only; eager elsewhere, same code)
     # Decode attention: "triton" walks each row's own keys (plugins/triton_batch_attention.py), "sdpa" reads all
     # S slots of every row under a mask; "auto" is triton on CUDA with Triton, sdpa elsewhere.

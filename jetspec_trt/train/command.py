@@ -85,12 +85,12 @@ import click
 @click.option("--overwrite", is_flag=True, help="Discard an earlier run's checkpoints and start over.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def train_command(target_dir, output_dir, source, num_prompts, prompt_offset, max_new_tokens, gen_temperature, gen_batch_size,
-                  gen_prefill_tokens, gen_attention, max_seq_len, steps, batch_size, lr, warmup_steps, weight_decay, grad_clip, block_size,
-                  num_layers, intermediate_size, num_kv_heads, target_layer_ids, mask_token_id, loss_kind, loss_gamma, loss_backend, temperature,
-                  anchors_per_seq, anchor_group, feature_store, depth_sampling, eval_every, heldout, warm_start,
-                  init_head, gen_time_budget_s, device, dtype, save_every, max_time_s, time_budget_s, resume,
-                  overwrite, seed, quiet):
+def train_command(target_dir, output_dir, source, num_prompts, prompt_offset, max_new_tokens, gen_temperature,
+                  gen_batch_size, gen_prefill_tokens, gen_attention, max_seq_len, steps, batch_size, lr, warmup_steps,
+                  weight_decay, grad_clip, block_size, num_layers, intermediate_size, num_kv_heads, target_layer_ids,
+                  mask_token_id, loss_kind, loss_gamma, loss_backend, temperature, anchors_per_seq, anchor_group,
+                  feature_store, depth_sampling, eval_every, heldout, warm_start, init_head, gen_time_budget_s, device,
+                  dtype, save_every, max_time_s, time_budget_s, resume, overwrite, seed, quiet):
     """Train a draft head for TARGET on the target's own responses; write it in the published layout."""
     from jetspec_trt.train.data import DataConfig
     from jetspec_trt.train.loss import LossConfig

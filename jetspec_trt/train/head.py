@@ -70,10 +70,8 @@ def head_decoder_config(target: DecoderConfig, num_layers: int, intermediate_siz
     """
     if num_layers < 1:
         raise JetSpecError(f"--num-layers must be >= 1, got {num_layers}")
-    if intermediate_size is not None and intermediate_size < 1:
-        raise JetSpecError(f"--intermediate-size must be >= 1, got {intermediate_size}")
-    kv_heads = num_kv_heads or target.num_kv_heads
-    if kv_heads < 1 or target.num_heads % kv_heads:
+    kv_heads = num_kv_heads or target.num_kv_heads  # (>= 1: TrainConfig.validate)
+    if target.num_heads % kv_heads:
         raise JetSpecError(f"--num-kv-heads {kv_heads} must divide the {target.num_heads} attention heads")
     return dataclasses.replace(target, model_type="qwen3", num_layers=num_layers, qkv_bias=False, qk_norm=True,
                                tie_word_embeddings=False, num_kv_heads=kv_heads,
@@ -224,11 +222,11 @@ def widen_kv_heads(state: dict[str, torch.Tensor], num_kv_heads: int, head_dim: 
     return widened
 
 
-def narrow_mlp(state: dict[str, torch.Tensor], width: int) -> None:
+def narrow_mlp(state: dict[str, torch.Tensor], width: int) -> bool:
     """Keep, in every layer's MLP of `state`, the `width` neurons with the largest contribution bound
     |gate row| * |up row| * |down column|: a neuron's output is down[:, j] * silu(gate_j . x) * (up_j . x), so
-    this ranks what dropping it can change. Neurons keep their order; a neuron whose down column is zero (or
-    any beyond the stored width) changes nothing when dropped. In place; returns whether it narrowed."""
+    this ranks what dropping it can change (a neuron whose down column is zero changes nothing when dropped).
+    Neurons keep their order. In place; returns whether it narrowed (a no-op at the stored width)."""
     narrowed = False
     for name in [n for n in state if n.endswith("mlp.down_proj.weight")]:
         prefix = name[: -len("down_proj.weight")]

@@ -431,7 +431,8 @@ class Trainer:
 def head_identity(head: DraftHead) -> dict:
     spec = head.spec
     return {"num_layers": len(head.layers), "intermediate_size": head.config.intermediate_size,
-            "num_kv_heads": head.config.num_kv_heads, "block_size": spec.block_size, "target_layer_ids": list(spec.target_layer_ids), "mask_token_id": spec.mask_token_id}
+            "num_kv_heads": head.config.num_kv_heads, "block_size": spec.block_size,
+            "target_layer_ids": list(spec.target_layer_ids), "mask_token_id": spec.mask_token_id}
 
 
 # ------------------------------------------------------------------------------------------------- entry point
