@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 
 from jetspec_trt.models.target import TargetModel
-from jetspec_trt.plugins.tree_attention import load_gpu_kernels
 from jetspec_trt.plugins.triton_batch_attention import batch_decode_attention, triton
 from jetspec_trt.runtime.graph_decoder import capture_graphs
 
@@ -88,8 +87,6 @@ class BatchDecoder:
         self.pack_tokens = config.prefill_tokens if self.device.type == "cuda" else min(config.prefill_tokens,
                                                                                         CPU_PACK_TOKENS)
         self._prefill_cache = target.new_cache(max(self.pack_tokens, config.max_seq_len))
-        if self.device.type == "cuda":
-            load_gpu_kernels()  # the packed prefill's tree attention (the reference would attend the whole cache)
         # For throughput reports: decode steps run (each emits up to B tokens), prompt tokens prefilled and the
         # wall time of those prefills (synchronised, so it is theirs and not the steps queued before them).
         self.steps = 0

@@ -42,3 +42,25 @@ def test_host_store_gathers_what_the_device_store_holds():
     assert torch.equal(on_host.padded_features(rows), on_device.padded_features(rows))
     index = torch.tensor([0, 5, 17, 40], device="cuda")
     assert torch.equal(on_host.final_hidden_rows(index), on_device.final_hidden_rows(index))
+
+
+def test_feature_pass_loads_the_kernel_itself():
+    """A fresh process that builds features and nothing else (the training command on the device) runs the packed
+    pass on the Triton kernel: the reference attends the whole cache densely (2026-12-04: 346 s for 10.9 M tokens)."""
+    import subprocess
+    import sys
+
+    script = (
+        "import torch\n"
+        "from jetspec_trt.models.presets import random_models\n"
+        "from jetspec_trt.plugins import triton_tree_attention as tta\n"
+        "from jetspec_trt.train.data import TrainSequence\n"
+        "from jetspec_trt.train.features import FeatureStore\n"
+        "target, _, _ = random_models('tiny', 'cuda', torch.bfloat16)\n"
+        "assert not tta._REGISTERED\n"
+        "FeatureStore.build(target, [TrainSequence([1, 2, 3], [4, 5])] * 3, (0, 1), progress=False, pack_tokens=64)\n"
+        "print('registered', tta._REGISTERED)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "registered True" in out.stdout
