@@ -13,8 +13,9 @@
 # It also goes back 30 minutes after the lease began, busy or not (2026-12-04: a 540 s training run died at
 # step 2800 that way). Budget from the first call of the lease: ~2 min of GGUF transfers, ~1.5 min convert, ~1 min
 # data prep + model load, GEN_S (+ ~15 s of rows finishing; 90 s made 4.0 M tokens on 2026-12-04), TRAIN_S per
-# head (+ ~5 min before the first step at 9.8 M tokens on 2026-12-04: target load, feature pass, first eval;
-# --time-budget is a hard deadline and does not count it), ~40 s build per head, ~3-4 min bench per head
+# head (+ the setup before the first step: target load, feature pass, first eval; ~6 min at 10.9 M tokens on
+# 2026-12-04 while the feature pass ran on the reference attention, about 1.5 min expected since; each train
+# command ends within TRAIN_S + SETUP_S), ~40 s build per head, ~3-4 min bench per head
 # (17 prompts a suite; HF on HF_PROMPTS for the first head only). Nothing else on the GPU meanwhile. Copy
 # WORK/head-* out as soon as they are written.
 # Env: GEN_ATTENTION (auto; sdpa if tests/plugins/test_triton_batch_attention.py fails there), TAG (bench file tag
@@ -23,7 +24,9 @@
 # strongest neurons, KV heads above its own widen its attention exactly), BENCH_PROMPTS (17), HF_PROMPTS (3),
 # TEMPS ("0": the first head's bench temperatures, e.g. "0,1"; later heads bench greedy only), BASELINE (0; 1
 # benches the committed head last, on the same prompts), PROMPT_OFFSET (0; runs 3-4 answered prompts from the
-# first 12000 of the mix, run 5 (lost) 12000-27000, run 6 27000-38458, so the next run passes 38500).
+# first 12000 of the mix, run 5 (lost) 12000-27000, run 6 27000-38458, run 7 38500-49262; the mix has 53,319 and
+# 50000-50063 are scripts/probe_anchor_use.py's held-out prompts, so the next run starts a second pass at 0),
+# SETUP_S (150).
 set -uo pipefail
 WORK=${1:?work dir}
 GEN_S=${2:-150}
@@ -34,6 +37,9 @@ jt() { python3 -m jetspec_trt.cli "$@"; }
 stage() { echo "=== $(date +%T) $*"; }
 mkdir -p "$WORK"
 LAYERS=${LAYERS:-1}
+# Each head's train command ends within TRAIN_S + SETUP_S (train --wall-budget): a slow setup (target load,
+# feature pass, first evaluation) eats into the training instead of running the lease out.
+SETUP_S=${SETUP_S:-150}
 TAG=${TAG:-head}
 
 stage "convert GGUF"
@@ -61,7 +67,8 @@ for shape in $LAYERS; do
   stage "train the head $shape (TRAIN_S=$TRAIN_S)"
   mkdir -p "$WORK/head-$shape" && cp -r "$WORK/responses/data" "$WORK/head-$shape/"
   jt train --output "$WORK/head-$shape" --init-head heads/qwen2.5-coder-0.5b-jetspec --num-layers "$n" "${opts[@]}" \
-     --gen-time-budget 0 --steps 1000000 --time-budget "$TRAIN_S" --batch-size 8 --lr 6e-4 --eval-every 400 \
+     --gen-time-budget 0 --steps 1000000 --time-budget "$TRAIN_S" --wall-budget "$((TRAIN_S + SETUP_S))" \
+     --batch-size 8 --lr 6e-4 --eval-every 400 \
      --save-every 100000 "${data[@]}" > "$WORK/train-$shape.log" 2>&1 || echo "training $shape failed (see $WORK/train-$shape.log)"
 done
 

@@ -81,6 +81,9 @@ import click
               help="Stop with a checkpoint after this many seconds of training (continue with --resume).")
 @click.option("--time-budget", "time_budget_s", type=float, default=None,
               help="Fit warmup + cosine schedule into this many seconds of training (--steps is then a cap).")
+@click.option("--wall-budget", "wall_budget_s", type=float, default=None,
+              help="End the whole command, setup included, within this many seconds (the training time budget "
+                   "becomes what the setup leaves; at most --time-budget).")
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in OUTPUT/checkpoints.")
 @click.option("--overwrite", is_flag=True, help="Discard an earlier run's checkpoints and start over.")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -90,7 +93,7 @@ def train_command(target_dir, output_dir, source, num_prompts, prompt_offset, ma
                   weight_decay, grad_clip, block_size, num_layers, intermediate_size, num_kv_heads, target_layer_ids,
                   mask_token_id, loss_kind, loss_gamma, loss_backend, temperature, anchors_per_seq, anchor_group,
                   feature_store, depth_sampling, eval_every, heldout, warm_start, init_head, gen_time_budget_s, device,
-                  dtype, save_every, max_time_s, time_budget_s, resume, overwrite, seed, quiet):
+                  dtype, save_every, max_time_s, time_budget_s, wall_budget_s, resume, overwrite, seed, quiet):
     """Train a draft head for TARGET on the target's own responses; write it in the published layout."""
     from jetspec_trt.train.data import DataConfig
     from jetspec_trt.train.loss import LossConfig
@@ -108,7 +111,7 @@ def train_command(target_dir, output_dir, source, num_prompts, prompt_offset, ma
         depth_sampling=depth_sampling,
         eval_every=eval_every, heldout=heldout, warm_start=warm_start, init_head=init_head,
         device=device, dtype=dtype, save_every=save_every, resume=resume, overwrite=overwrite, max_time_s=max_time_s,
-        time_budget_s=time_budget_s, seed=seed, progress=not quiet,
+        time_budget_s=time_budget_s, wall_budget_s=wall_budget_s, seed=seed, progress=not quiet,
     )
     result = train(cfg)
     if steps == 0:

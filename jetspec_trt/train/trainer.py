@@ -45,6 +45,10 @@ PLAN_AT_STEPS = (20, 200)
 # head (the cosine then ends above 0). A lease's GPU is shared or its pace drifts: on 2026-12-04 a run planned for
 # 660 s at its step-200 pace ran 23+ minutes beside a second training and lost its head when the lease ended.
 REPLAN_EVERY = 200
+# --wall-budget: kept back for the final held-out evaluation and the writes (~30 s on an H200 on 2026-12-04),
+# and the least training a run gets however long its setup took.
+WRAP_UP_S = 45.0
+MIN_TRAIN_S = 10.0
 EVAL_SEED = 12345  # the held-out anchors are the same before and after training, and across runs
 BETAS = (0.9, 0.95)
 CURVE_DEPTHS = (1, 2, 4, 8, 15)  # depths whose held-out agreement the card's curve follows during training
@@ -98,6 +102,11 @@ class TrainConfig:
     # every REPLAN_EVERY after, the run's step count becomes what fits (at most `steps`); once the time is spent
     # the run stops and writes its head. For fixed-size GPU leases.
     time_budget_s: float | None = None
+    # The whole command, setup included (data, target load, feature pass, first evaluation), ends within this many
+    # seconds: once set up, the training time budget becomes what is left of it, less WRAP_UP_S for the final
+    # evaluation and the writes (at most time_budget_s where both are given). A fixed lease counts the setup too:
+    # on 2026-12-04 a 346 s feature pass ran before a 330 s schedule that had been planned without it.
+    wall_budget_s: float | None = None
     # Target feature pass: sequences packed up to this many tokens per forward (None: 4096 on CUDA, where
     # per-sequence forwards are launch-bound; 0 on CPU, where packing only adds masked-out attention work).
     feature_pack_tokens: int | None = None
@@ -122,6 +131,8 @@ class TrainConfig:
             (self.anchor_group >= 1, f"--anchor-group must be >= 1, got {self.anchor_group}"),
             (self.time_budget_s is None or self.time_budget_s > 0,
              f"--time-budget must be > 0 seconds, got {self.time_budget_s}"),
+            (self.wall_budget_s is None or self.wall_budget_s > 0,
+             f"--wall-budget must be > 0 seconds, got {self.wall_budget_s}"),
             (self.data.max_new_tokens >= 2, f"--max-new-tokens must be >= 2, got {self.data.max_new_tokens}"),
             (self.data.prompt_offset >= 0, f"--prompt-offset must be >= 0, got {self.data.prompt_offset}"),
             (self.data.gen_temperature >= 0, f"--gen-temperature must be >= 0, got {self.data.gen_temperature}"),
@@ -495,6 +506,8 @@ def train(cfg: TrainConfig) -> TrainResult:
         trainer.proxy_before = trainer.record_curve()
 
     trainer.setup_s = time.perf_counter() - run_start  # everything before the first step (the card shows it)
+    if cfg.wall_budget_s is not None:
+        trainer.cfg = cfg = fit_wall_budget(cfg, trainer.setup_s, trainer.elapsed_s)
     finished = run_loop(trainer, ckpt_dir)
     card = {"data": data_card}
     if finished:
@@ -541,6 +554,16 @@ def run_loop(trainer: Trainer, ckpt_dir: Path) -> bool:
             return False
     bar.close()
     return True
+
+
+def fit_wall_budget(cfg: TrainConfig, setup_s: float, elapsed_s: float) -> TrainConfig:
+    """cfg with the time budget that ends the command within cfg.wall_budget_s, after `setup_s` of setup;
+    `elapsed_s` is the training time a resumed run already has (the budget counts it). At least MIN_TRAIN_S."""
+    left = max(MIN_TRAIN_S, cfg.wall_budget_s - setup_s - WRAP_UP_S)
+    budget = elapsed_s + left
+    if cfg.time_budget_s is not None:
+        budget = min(budget, cfg.time_budget_s)
+    return dataclasses.replace(cfg, time_budget_s=budget)
 
 
 def plan_window_start(step: int) -> int | None:
@@ -622,6 +645,7 @@ def write_outputs(trainer: Trainer, out: Path, tokenizer, tcfg: DecoderConfig, d
         "training": {
             "steps": trainer.step, "batch_size": cfg.batch_size, "lr": cfg.lr,
             "warmup_steps": cfg.warmup(trainer.total_steps), "time_budget_s": cfg.time_budget_s,
+            "wall_budget_s": cfg.wall_budget_s,
             "stopped_at_time_budget": trainer.stopped_at_time_budget,
             "schedule": "linear warmup, cosine to 0", "optimizer": f"AdamW betas={list(BETAS)}",
             "weight_decay": cfg.weight_decay, "grad_clip": cfg.grad_clip, "seed": cfg.seed,

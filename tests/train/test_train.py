@@ -8,6 +8,7 @@ import dataclasses
 import json
 import random
 import shutil
+import time
 import types
 
 import pytest
@@ -27,7 +28,8 @@ from jetspec_trt.train.data import DataConfig, generate_responses, generation_st
 from jetspec_trt.train.data import TrainSequence
 from jetspec_trt.train.features import FeatureStore
 from jetspec_trt.train.objective import BlockBatch, depth_logits
-from jetspec_trt.train.trainer import TrainConfig, checkpoint_files, planned_steps, train
+from jetspec_trt.train.trainer import (MIN_TRAIN_S, WRAP_UP_S, TrainConfig, checkpoint_files, fit_wall_budget,
+                                      planned_steps, train)
 from tests.helpers import tiny_runtime
 from tests.helpers import invoke_cli
 
@@ -293,6 +295,28 @@ def test_time_budget_is_a_deadline_when_the_pace_changes(monkeypatch, tmp_path, 
     assert trainer_module.run_loop(trainer, tmp_path) is True
     assert abs(trainer.step - steps) <= 1 and trainer.stopped_at_time_budget is stopped
     assert trainer.elapsed_s == pytest.approx(100.0, abs=1.0)
+
+
+def test_wall_budget_leaves_training_what_the_setup_did_not_use():
+    cfg = TrainConfig("t", "o", steps=10_000, wall_budget_s=600.0)
+    assert fit_wall_budget(cfg, setup_s=346.0, elapsed_s=0.0).time_budget_s == 600.0 - 346.0 - WRAP_UP_S
+    assert fit_wall_budget(cfg, setup_s=30.0, elapsed_s=100.0).time_budget_s == 100.0 + 600.0 - 30.0 - WRAP_UP_S
+    assert fit_wall_budget(cfg, setup_s=900.0, elapsed_s=0.0).time_budget_s == MIN_TRAIN_S  # setup ran over
+    both = dataclasses.replace(cfg, time_budget_s=300.0)
+    assert fit_wall_budget(both, setup_s=30.0, elapsed_s=0.0).time_budget_s == 300.0  # the tighter one
+    assert fit_wall_budget(both, setup_s=346.0, elapsed_s=0.0).time_budget_s == 600.0 - 346.0 - WRAP_UP_S
+
+
+def test_wall_budget_run_finishes_within_it(tiny, tmp_path, capsys):
+    out = tmp_path / "head"
+    started = time.perf_counter()
+    code, _, err = invoke(train_args(tiny, out, "--steps", "100000", "--wall-budget", "52"), capsys)
+    assert code == 0, err
+    card = json.loads((out / "training_card.json").read_text())["training"]
+    assert card["wall_budget_s"] == 52.0 and card["steps"] < 100000
+    assert card["time_budget_s"] == pytest.approx(max(MIN_TRAIN_S, 52.0 - card["setup_s"] - WRAP_UP_S), abs=0.5)
+    assert card["time_s"] <= card["time_budget_s"] + 2.0
+    assert time.perf_counter() - started < 52.0
 
 
 def test_time_budget_run_finishes_with_a_head(tiny, tmp_path, capsys):
