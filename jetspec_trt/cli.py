@@ -159,7 +159,7 @@ def run(engine_dir, prompt, max_new_tokens, temperature, top_p, seed, chat, no_s
 @click.option("--workdir", type=click.Path(path_type=Path), default=None, help="--tiny: where the pair is written.")
 @click.option("--prompt", default=None, help="Prompt text (sent through the chat template, except with --tiny).")
 @click.option("--max-new-tokens", type=int, default=None, help="[default: 64 on CPU, 256 on CUDA, 96 with --tiny]")
-@click.option("--budget", type=int, default=None, help="Tree budget [default: 8 on CPU, 64 on CUDA, 64 with --tiny].")
+@click.option("--budget", type=int, default=None, help="Tree budget [default: 8 on CPU, 16 on CUDA, 64 with --tiny].")
 @click.option("--device", default=None, help="cpu or cuda [default: cuda if available, else cpu; cpu with --tiny].")
 def quickstart(tiny, target_dir, head_dir, workdir, prompt, max_new_tokens, budget, device):
     """Run the default pair: build (once) its engine, stream an answer, compare with autoregressive decoding.

@@ -42,9 +42,9 @@ class RunDefaults:
 
 # A CPU verifies a tree at roughly the cost of its tokens, and the draft's lm_head costs one target-vocab row per
 # depth, so the CPU runs a small, shallow tree and a short answer (cached quickstart: about a minute on 2 cores).
-# On the GPU the committed head is fastest at budget 16: 1.01-1.12x our AR per prompt on an H200, against
-# 0.80-0.90x at budget 64, whose 0.1 extra tokens a round do not pay for the bigger verify
-# (bench/results/suites-nvidia-h200-head-v5.json).
+# On the GPU the committed head is fastest at budget 16: 1.04-1.08x our AR per prompt on an H200, against
+# 0.88-0.92x at budget 64, whose ~0.1 extra tokens a round do not pay for the bigger verify
+# (bench/results/suites-nvidia-h200-head-v6.json).
 DEFAULTS = {
     "cpu": RunDefaults(budget=8, max_depth=4, max_new_tokens=64),
     "cuda": RunDefaults(budget=16, max_depth=DEFAULT_TREE.max_depth, max_new_tokens=256),
