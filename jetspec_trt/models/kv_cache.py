@@ -1,4 +1,5 @@
-"""Paged KV cache for one sequence (batch 1), shared by prefill, decode, tree verify and the draft head.
+"""Paged KV cache for one sequence (batch 1), shared by prefill, decode, tree verify and the draft head; and
+`PagePool`, which hands one cache's pages out to many sequences.
 
 Every layer owns K and V tensors of shape [num_pages, page_size, num_kv_heads, head_dim]. The block table maps
 the sequence's logical pages to physical ones. With one stream the table is the identity, but the kernels and
@@ -9,6 +10,7 @@ gets its caches from `TargetModel.new_cache` / `DraftHead.new_cache`.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -46,7 +48,17 @@ class PagedKVCache:
 
     @property
     def capacity(self) -> int:
-        return self.spec.num_pages * self.spec.page_size
+        return self.block_table.numel() * self.spec.page_size
+
+    def over_pages(self, pages: list[int]) -> "PagedKVCache":
+        """A cache of its own over some of this one's pages: the same K/V tensors, its own block table (logical
+        page i is physical page pages[i]) and its own length, starting empty. Every read and write of the
+        sequence goes through the block table, so the pages need not be contiguous or in order."""
+        view = copy.copy(self)  # shares spec, k_all / v_all and the per-layer views
+        view.block_table = torch.tensor(pages, dtype=torch.int32, device=self.block_table.device)
+        view.ctx_len = torch.zeros_like(self.ctx_len)
+        view.length = 0
+        return view
 
     def reset(self) -> None:
         self.set_length(0)
@@ -110,3 +122,40 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, 
     """Store K/V [T, Hkv, D] at flat slots of one layer's paged cache [P, S, Hkv, D]."""
     k_cache.view(-1, *k.shape[1:]).index_copy_(0, slots, k.to(k_cache.dtype))
     v_cache.view(-1, *v.shape[1:]).index_copy_(0, slots, v.to(v_cache.dtype))
+
+
+class PagePool:
+    """The pages of one cache handed out to many sequences (runtime/scheduler.py): each sequence decodes in a
+    `PagedKVCache.over_pages` view of its own pages, and its pages come back when it ends."""
+
+    def __init__(self, store: PagedKVCache):
+        self.store = store
+        self._free = list(range(store.spec.num_pages))
+
+    @property
+    def page_size(self) -> int:
+        return self.store.spec.page_size
+
+    @property
+    def num_pages(self) -> int:
+        return self.store.spec.num_pages
+
+    @property
+    def free_pages(self) -> int:
+        return len(self._free)
+
+    def pages_for(self, tokens: int) -> int:
+        return math.ceil(tokens / self.page_size)
+
+    def allocate(self, tokens: int) -> PagedKVCache | None:
+        """A cache of room for `tokens` slots from free pages, or None when too few are free."""
+        need = self.pages_for(tokens)
+        if need > len(self._free):
+            return None
+        pages, self._free = self._free[:need], self._free[need:]
+        return self.store.over_pages(pages)
+
+    def release(self, cache: PagedKVCache) -> None:
+        """Give a view's pages back (their contents are garbage to the next owner, who writes before reading)."""
+        self._free.extend(cache.block_table.tolist())
+        cache.block_table = cache.block_table[:0]  # a released view holds no pages: releasing it again is a no-op

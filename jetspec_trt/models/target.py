@@ -124,7 +124,11 @@ class TargetModel(nn.Module):
     ) -> TargetOutput:
         """tokens/positions [T]; the new tokens' K/V land at slots ctx_len .. ctx_len+T-1 (not yet committed)."""
         x, features = self.forward_hidden(tokens, positions, cache, tree_mask, capture_layers)
-        return TargetOutput(linear(x, self.lm_head.weight, None, self.decode_gemv).float(), features)
+        return TargetOutput(self.logits(x), features)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The lm_head over final normed hidden states [T, H] as `forward` runs it: float32 [T, vocab]."""
+        return linear(hidden, self.lm_head.weight, None, self.decode_gemv).float()
 
     def forward_hidden(
         self,

@@ -16,6 +16,7 @@ import torch
 
 from jetspec_trt.errors import JetSpecError
 from jetspec_trt.models.draft import DraftHead
+from jetspec_trt.models.kv_cache import PagedKVCache
 from jetspec_trt.models.target import TargetModel
 from jetspec_trt.plugins.tree_attention import causal_mask
 from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
@@ -32,14 +33,19 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 
 
 class Decoder(HostRounds):
-    def __init__(self, target: TargetModel, draft: DraftHead | None, runtime: RuntimeConfig):
+    def __init__(self, target: TargetModel, draft: DraftHead | None, runtime: RuntimeConfig,
+                 caches: tuple[PagedKVCache, PagedKVCache | None] | None = None):
+        """`caches` (target, draft): caches to decode in instead of new ones of runtime.cache_tokens() each (the
+        scheduler's sequences take theirs from its page pools)."""
         self.target = target
         self.draft = draft
         self.runtime = runtime
         self.device = target.embed_tokens.weight.device
         self.capture_layers = tuple(runtime.target_layer_ids)
-        self.target_cache = target.new_cache(runtime.cache_tokens(), runtime.page_size)
-        self.draft_cache = draft.new_cache(runtime.cache_tokens(), runtime.page_size) if draft is not None else None
+        if caches is None:
+            caches = (target.new_cache(runtime.cache_tokens(), runtime.page_size),
+                      draft.new_cache(runtime.cache_tokens(), runtime.page_size) if draft is not None else None)
+        self.target_cache, self.draft_cache = caches
         self._block_mask = causal_mask(runtime.block_size, self.device)
         self.stats: DecodeStats | None = None
 

@@ -14,12 +14,24 @@ round over the anchor alone. A subclass runs the models:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from jetspec_trt.plugins.tree_attention import causal_mask
 from jetspec_trt.runtime.backend import DecodeRequest, RoundResult
 from jetspec_trt.tree.accept import accept, next_token, token_logprobs
-from jetspec_trt.tree.tree import build_tree
+from jetspec_trt.tree.tree import DraftTree, build_tree
+
+
+@dataclass(frozen=True)
+class RoundInputs:
+    """The nodes one round verifies: the tree's (or the anchor's alone), their RoPE positions and packed mask."""
+
+    tree: DraftTree | None  # None: an AR step
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    mask: torch.Tensor
 
 
 class HostRounds:
@@ -40,18 +52,33 @@ class HostRounds:
         return self._anchor
 
     def decode_round(self) -> RoundResult:
-        request, anchor, position = self._request, self._anchor, self._length
-        sampling, tree = request.sampling, request.tree
-        if request.speculative:
-            draft_tree = build_tree(anchor, self._draft_logits(anchor, position, tree.max_depth), tree.budget,
-                                    tree.topk, tree.max_depth)
-            logits = self._verify(draft_tree.tokens, position + draft_tree.depths, draft_tree.packed_mask())
-            result = accept(draft_tree, logits, sampling, self._generator)
-            path, emitted, drafted = result.path, result.emitted, draft_tree.size - 1
+        request = self._request
+        depth_logits = (self._draft_logits(self._anchor, self._length, request.tree.max_depth)
+                        if request.speculative else None)
+        inputs = self.round_inputs(depth_logits)
+        return self.round_result(inputs, self._verify(inputs.tokens, inputs.positions, inputs.mask))
+
+    # The round's two halves around the target pass, public so runtime/scheduler.py can run many sequences'
+    # rounds with ONE draft pass and ONE target pass between them (decode_round above is the batch-1 case).
+
+    def round_inputs(self, depth_logits: torch.Tensor | None) -> RoundInputs:
+        """What the target verifies this round: the tree built from the draft's per-depth logits, or (None) the
+        anchor alone for an AR step."""
+        anchor, position, tree = self._anchor, self._length, self._request.tree
+        if depth_logits is None:
+            return RoundInputs(None, torch.tensor([anchor]), torch.tensor([position]), causal_mask(1))
+        draft_tree = build_tree(anchor, depth_logits, tree.budget, tree.topk, tree.max_depth)
+        return RoundInputs(draft_tree, draft_tree.tokens, position + draft_tree.depths, draft_tree.packed_mask())
+
+    def round_result(self, inputs: RoundInputs, logits: torch.Tensor) -> RoundResult:
+        """Accept from the target's logits [T, V] over `inputs`, commit the kept path, move the anchor."""
+        sampling, position = self._request.sampling, self._length
+        if inputs.tree is not None:
+            result = accept(inputs.tree, logits, sampling, self._generator)
+            path, emitted, drafted = result.path, result.emitted, inputs.tree.size - 1
         else:
-            logits = self._verify(torch.tensor([anchor]), torch.tensor([position]), causal_mask(1))
             path, emitted, drafted = [0], [next_token(logits[0], sampling, self._generator)], 0
-        if request.logprobs:  # emitted[j] was chosen at path node j, from that node's verified logits
+        if self._request.logprobs:  # emitted[j] was chosen at path node j, from that node's verified logits
             self.logprobs = token_logprobs(logits[path], emitted, sampling)
         self._commit(path, position)
         self._length += len(path)

@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from jetspec_trt.errors import JetSpecError
-from jetspec_trt.runtime.backend import DecodeBackend, DecodeRequest
-from jetspec_trt.runtime.config import TreeConfig
+from jetspec_trt.runtime.backend import DecodeBackend, DecodeRequest, RoundResult
+from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
 from jetspec_trt.tree.accept import SamplingConfig
 
 
@@ -42,6 +42,13 @@ class DecodeStats:
 
     def histogram(self) -> dict[int, int]:
         return dict(sorted(Counter(self.emitted_per_round).items()))
+
+    def count_round(self, result: RoundResult) -> None:
+        """Add one decode round (before the token limit cuts its tokens: tau counts what the round emitted)."""
+        self.rounds += 1
+        self.drafted_tokens += result.drafted
+        self.accepted_drafts += result.accepted
+        self.emitted_per_round.append(len(result.emitted))
 
 
 class TokenLimit:
@@ -81,6 +88,16 @@ def check_prompt(prompt_ids: list[int], max_new_tokens: int, vocab_size: int, ma
     return min(max_new_tokens, max_seq_len - len(prompt_ids))
 
 
+def new_request(runtime: RuntimeConfig, vocab_size: int, prompt_ids: list[int], max_new_tokens: int,
+                sampling: SamplingConfig, speculative: bool, tree: TreeConfig | None,
+                logprobs: bool) -> tuple[DecodeRequest, int]:
+    """The checked request (check_prompt) and the new tokens it may make. `tree` defaults to the runtime's; a tree
+    of budget 1 drafts nothing, so the request is not speculative."""
+    max_new_tokens = check_prompt(prompt_ids, max_new_tokens, vocab_size, runtime.max_seq_len)
+    tree = tree or runtime.tree
+    return DecodeRequest(list(prompt_ids), sampling, speculative and tree.budget > 1, tree, logprobs), max_new_tokens
+
+
 def run_rounds(backend: DecodeBackend, prompt_ids: list[int], max_new_tokens: int,
                sampling: SamplingConfig = SamplingConfig(), speculative: bool = True,
                tree: TreeConfig | None = None, logprobs: bool = False) -> Iterator[list[int]]:
@@ -89,9 +106,8 @@ def run_rounds(backend: DecodeBackend, prompt_ids: list[int], max_new_tokens: in
     of budget 1 drafts nothing, so its rounds are AR steps. With `logprobs`, stats.token_logprobs holds the log
     probability of every yielded token (the backend's, cut where the tokens are cut)."""
     runtime = backend.runtime
-    max_new_tokens = check_prompt(prompt_ids, max_new_tokens, backend.vocab_size, runtime.max_seq_len)
-    tree = tree or runtime.tree
-    request = DecodeRequest(list(prompt_ids), sampling, speculative and tree.budget > 1, tree, logprobs)
+    request, max_new_tokens = new_request(runtime, backend.vocab_size, prompt_ids, max_new_tokens, sampling,
+                                          speculative, tree, logprobs)
     backend.stats = stats = DecodeStats(prompt_tokens=len(prompt_ids))
     limit = TokenLimit(max_new_tokens, runtime.eos_token_ids, stats)
     backend.prepare(request)
@@ -106,10 +122,7 @@ def run_rounds(backend: DecodeBackend, prompt_ids: list[int], max_new_tokens: in
     start = time.perf_counter()
     while not done:
         result = backend.decode_round()
-        stats.rounds += 1
-        stats.drafted_tokens += result.drafted
-        stats.accepted_drafts += result.accepted
-        stats.emitted_per_round.append(len(result.emitted))
+        stats.count_round(result)
         tokens, done = limit.take(result.emitted)
         if logprobs:
             stats.token_logprobs.extend(backend.logprobs[: len(tokens)])

@@ -1,0 +1,301 @@
+"""In-flight batching on the eager reference path: requests join and leave between rounds, and every step runs
+ONE batched round for all running sequences, each with its own tree (or none), its own sampling and limits.
+
+How a step relates to the single-request path. A running sequence is the eager `Decoder` (runtime/decoder.py)
+decoding in caches over pages of two shared pools: its prefill, its tree, its acceptance and its commit are the
+Decoder's own (HostRounds.prefill, round_inputs, round_result). What the batch shares are the two model passes
+that HostRounds.decode_round makes for one sequence between those halves:
+
+    1. admission   waiting requests whose pages fit are given them and prefilled (HostRounds.prefill, one
+                   forward each); they take part in this step's round
+    2. draft       ONE draft pass over every speculative sequence's block [anchor, MASK ...]
+    3. trees       per sequence, HostRounds.round_inputs: its best-first tree (tree.tree.build_tree), or its
+                   anchor alone for an AR step (a sequence of budget 1 or not speculative)
+    4. verify      ONE target pass over all sequences' nodes concatenated
+    5. accept      per sequence, HostRounds.round_result: the one acceptance rule (tree.accept.accept) with the
+                   sequence's own generator, and the commit of its path in its own pages
+    6. bookkeeping the round loop's TokenLimit and DecodeStats per sequence (EOS, token limit, tau); finished
+                   sequences leave and their pages go back to the pools at once
+
+In both passes the GEMMs see every sequence's tokens at once and the attention op (batch-1 contract,
+plugins/tree_attention.py) runs once per sequence with that sequence's block table, ctx_len and tree mask
+(`batched_layer_call`). A sequence's tokens are therefore its single-request tokens: the same tree, the same
+draws from the same per-request generator in the same order, on logits equal up to GEMM rounding.
+
+The round loop (`run_rounds`) is a generator per request that calls decode_round whole, so it cannot interleave
+requests; the scheduler does its few lines of per-round bookkeeping itself, through the same TokenLimit and
+DecodeStats.count_round.
+
+Pages are reserved at admission for the request's whole life (prompt + max_new_tokens + one tree or draft
+block): a running sequence never waits for memory, so nothing is ever preempted; a request that does not fit
+now waits in the queue (first come, first served), and one that could never fit is refused when added.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+
+from jetspec_trt.errors import JetSpecError
+from jetspec_trt.models.draft import DraftHead
+from jetspec_trt.models.kv_cache import PagedKVCache, PagePool, write_kv
+from jetspec_trt.models.target import LayerCall, TargetModel
+from jetspec_trt.plugins.tree_attention import causal_mask, tree_attention
+from jetspec_trt.runtime.backend import DecodeRequest
+from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
+from jetspec_trt.runtime.decoder import Decoder
+from jetspec_trt.runtime.round_loop import DecodeStats, TokenLimit, new_request
+from jetspec_trt.tree.accept import SamplingConfig
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    num_pages: int = 64  # pages in each pool (target K/V; draft K/V with a draft head), runtime.page_size slots each
+    max_batch: int = 8  # sequences decoding together; further requests wait in the queue
+
+    def validate(self) -> None:
+        if self.num_pages < 1 or self.max_batch < 1:
+            raise JetSpecError(f"SchedulerConfig needs num_pages >= 1 and max_batch >= 1, got {self}")
+
+
+@dataclass
+class StepOutput:
+    """What one request did in one step (streaming)."""
+
+    request_id: int
+    tokens: list[int]  # emitted this step, cut at EOS / the limit (on admission the prefill's token comes first)
+    finished: bool
+    stats: DecodeStats  # the request so far; finish_reason "stop", "length" or "cancelled" once it is over
+
+
+class SequenceDecoder(Decoder):
+    """The eager Decoder of one sequence, with the model calls of its rounds left to the scheduler's batched
+    passes: it hands out what the draft pass needs and takes the features the target pass captured for it."""
+
+    @property
+    def anchor(self) -> int:
+        return self._anchor
+
+    @property
+    def length(self) -> int:
+        return self._length  # committed tokens: the anchor's position
+
+    def take_pending(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The captured features (and positions) of tokens committed since the last draft pass."""
+        pending, self._pending = self._pending, None
+        return pending
+
+    def set_verified(self, features: torch.Tensor | None) -> None:
+        """The target pass's captured features of this sequence's nodes (what Decoder._verify keeps for _commit)."""
+        self._features = features
+
+
+@dataclass
+class Sequence:
+    request_id: int
+    request: DecodeRequest
+    limit: TokenLimit
+    stats: DecodeStats
+    slots: int  # KV slots reserved in each pool it uses
+    decoder: SequenceDecoder | None = None  # set on admission
+
+
+def batched_layer_call(segments: list[tuple[PagedKVCache, torch.Tensor]]) -> LayerCall:
+    """A decoder layer over several sequences' new tokens, concatenated in `segments` order: (the sequence's
+    cache, the packed mask of its new tokens). The layer body (norms, projections, RoPE, MLP) runs once over all
+    tokens; the KV write and the attention run per sequence, after that sequence's committed context, as
+    target.paged_layer_call does for one."""
+    counts = [mask.shape[0] for _, mask in segments]
+    slots = [cache.slots(cache.ctx_len, n) for (cache, _), n in zip(segments, counts)]
+
+    def call(i, layer, x, cos, sin):
+        q, k, v = layer.attention_inputs(x, cos, sin)
+        outs = []
+        for (cache, mask), where, q_s, k_s, v_s in zip(segments, slots, q.split(counts), k.split(counts),
+                                                        v.split(counts)):
+            write_kv(cache.k[i], cache.v[i], where, k_s, v_s)
+            outs.append(tree_attention(q_s, cache.k[i], cache.v[i], cache.block_table, cache.ctx_len, mask,
+                                       layer.self_attn.scale))
+        return layer.finish(x, torch.cat(outs))
+
+    return call
+
+
+class Scheduler:
+    """Requests in, tokens out, a batched round per step:
+
+        scheduler = Scheduler(target, draft, runtime, SchedulerConfig(num_pages=256, max_batch=16))
+        rid = scheduler.add_request(prompt_ids, 64, SamplingConfig(0.7, seed=1))   # at any time
+        while not scheduler.idle:
+            for out in scheduler.step():   # out.tokens: this step's tokens of request out.request_id
+                ...
+    """
+
+    def __init__(self, target: TargetModel, draft: DraftHead | None, runtime: RuntimeConfig,
+                 config: SchedulerConfig = SchedulerConfig()):
+        config.validate()
+        self.target, self.draft, self.runtime, self.config = target, draft, runtime, config
+        self.device = target.embed_tokens.weight.device
+        pool_tokens = config.num_pages * runtime.page_size
+        self.target_pool = PagePool(target.new_cache(pool_tokens, runtime.page_size))
+        self.draft_pool = PagePool(draft.new_cache(pool_tokens, runtime.page_size)) if draft is not None else None
+        self._block_mask = causal_mask(runtime.block_size, self.device)
+        self.waiting: deque[Sequence] = deque()
+        self.running: dict[int, Sequence] = {}  # admission order
+        self._next_id = 0
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and not self.running
+
+    def add_request(self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
+                    speculative: bool = True, tree: TreeConfig | None = None, logprobs: bool = False) -> int:
+        """Queue a request; returns its id. A bad request raises JetSpecError here, before anything runs."""
+        request, max_new_tokens = new_request(self.runtime, self.target.config.vocab_size, prompt_ids,
+                                              max_new_tokens, sampling, speculative, tree, logprobs)
+        if request.speculative:
+            if self.draft is None:
+                raise JetSpecError("speculative decoding needs a draft head")
+            request.tree.validate(self.runtime.block_size)
+        # The committed context reaches prompt + max_new - 1 tokens at most before the last round, which writes
+        # one tree (or, in the draft cache, one block) after it.
+        beyond = max(request.tree.budget, self.runtime.block_size) if request.speculative else 1
+        slots = len(prompt_ids) + max_new_tokens + beyond
+        if self.target_pool.pages_for(slots) > self.target_pool.num_pages:
+            raise JetSpecError(f"request needs {self.target_pool.pages_for(slots)} KV pages; the pool has "
+                               f"{self.target_pool.num_pages}")
+        stats = DecodeStats(prompt_tokens=len(prompt_ids))
+        sequence = Sequence(self._next_id, request, TokenLimit(max_new_tokens, self.runtime.eos_token_ids, stats),
+                            stats, slots)
+        self._next_id += 1
+        self.waiting.append(sequence)
+        return sequence.request_id
+
+    def cancel(self, request_id: int) -> bool:
+        """Drop a waiting or running request (its pages return at once); False if it is not here."""
+        for sequence in self.waiting:
+            if sequence.request_id == request_id:
+                self.waiting.remove(sequence)
+                sequence.stats.finish_reason = "cancelled"
+                return True
+        sequence = self.running.get(request_id)
+        if sequence is None:
+            return False
+        sequence.stats.finish_reason = "cancelled"
+        self._leave(sequence)
+        return True
+
+    @torch.inference_mode()
+    def step(self) -> list[StepOutput]:
+        """Admit what fits, then one batched round of every running sequence. Returns, per request that ran,
+        its tokens of this step and whether it finished (finished requests are gone from the scheduler)."""
+        outputs: dict[int, StepOutput] = {}
+        self._admit(outputs)
+        sequences = list(self.running.values())
+        if sequences:
+            start = time.perf_counter()
+            results = self._round(sequences)
+            elapsed = time.perf_counter() - start
+            for sequence, result in zip(sequences, results):
+                sequence.stats.decode_s += elapsed  # the batch's round: each request waited for all of it
+                sequence.stats.count_round(result)
+                self._take(sequence, result.emitted, outputs)
+        return list(outputs.values())
+
+    # -- admission and leaving -----------------------------------------------------------------------------------
+
+    def _admit(self, outputs: dict[int, StepOutput]) -> None:
+        """Prefill waiting requests, first come first served, while the batch and the pools have room."""
+        while self.waiting and len(self.running) < self.config.max_batch:
+            sequence = self.waiting[0]
+            caches = self._allocate(sequence)
+            if caches is None:
+                break  # the head waits for pages; later requests wait behind it (no overtaking)
+            self.waiting.popleft()
+            sequence.decoder = decoder = SequenceDecoder(self.target, self.draft, self.runtime, caches)
+            decoder.stats = sequence.stats
+            self.running[sequence.request_id] = sequence
+            start = time.perf_counter()
+            first = decoder.prefill(sequence.request)
+            sequence.stats.prefill_s = time.perf_counter() - start
+            self._take(sequence, [first], outputs)  # its first token may end it: its pages are free again now
+
+    def _allocate(self, sequence: Sequence) -> tuple[PagedKVCache, PagedKVCache | None] | None:
+        target = self.target_pool.allocate(sequence.slots)
+        if target is None or not sequence.request.speculative:
+            return None if target is None else (target, None)
+        draft = self.draft_pool.allocate(sequence.slots)
+        if draft is None:
+            self.target_pool.release(target)
+            return None
+        return target, draft
+
+    def _leave(self, sequence: Sequence) -> None:
+        del self.running[sequence.request_id]
+        decoder = sequence.decoder
+        self.target_pool.release(decoder.target_cache)
+        if decoder.draft_cache is not None:
+            self.draft_pool.release(decoder.draft_cache)
+
+    def _take(self, sequence: Sequence, tokens: list[int], outputs: dict[int, StepOutput]) -> None:
+        """Add `tokens`, cut at EOS / the limit, to the request's output of this step; a finished sequence
+        leaves (its pages return now)."""
+        tokens, done = sequence.limit.take(tokens)
+        if sequence.request.logprobs:
+            sequence.stats.token_logprobs.extend(sequence.decoder.logprobs[: len(tokens)])
+        out = outputs.setdefault(sequence.request_id, StepOutput(sequence.request_id, [], False, sequence.stats))
+        out.tokens.extend(tokens)
+        if done:
+            out.finished = True
+            self._leave(sequence)
+
+    # -- the batched round ---------------------------------------------------------------------------------------
+
+    def _round(self, sequences: list[Sequence]) -> list:
+        speculative = [s for s in sequences if s.request.speculative]
+        depth_logits = dict(zip((s.request_id for s in speculative), self._draft_pass(speculative)))
+        inputs = [s.decoder.round_inputs(depth_logits.get(s.request_id)) for s in sequences]
+        segments = [(s.decoder.target_cache, i.mask.to(self.device)) for s, i in zip(sequences, inputs)]
+        capture = tuple(self.runtime.target_layer_ids) if speculative else ()
+        hidden, features = self.target.run_layers(torch.cat([i.tokens for i in inputs]).to(self.device),
+                                                  torch.cat([i.positions for i in inputs]).to(self.device),
+                                                  batched_layer_call(segments), capture)
+        logits = self.target.logits(hidden)
+        counts = [i.tokens.numel() for i in inputs]
+        parts = features.split(counts) if features is not None else [None] * len(sequences)
+        results = []
+        for sequence, step_inputs, seq_logits, seq_features in zip(sequences, inputs, logits.split(counts), parts):
+            sequence.decoder.set_verified(seq_features)
+            results.append(sequence.decoder.round_result(step_inputs, seq_logits))
+        return results
+
+    def _draft_pass(self, sequences: list[Sequence]) -> list[torch.Tensor]:
+        """Per speculative sequence, the draft's per-depth logits [max_depth, vocab] at its anchor
+        (Decoder._draft_logits for all of them in one pass)."""
+        if not sequences:
+            return []
+        decoders = [s.decoder for s in sequences]
+        caches = [d.draft_cache for d in decoders]
+        # Context: the features each sequence committed since its last pass, projected to K/V in one pass.
+        pending = [d.take_pending() for d in decoders]
+        counts = [f.shape[0] for f, _ in pending]
+        slots = [c.slots(c.ctx_len, n) for c, n in zip(caches, counts)]
+        kv = self.draft.context_key_values(torch.cat([f for f, _ in pending]), torch.cat([p for _, p in pending]))
+        for layer, (k, v) in enumerate(kv):
+            for cache, where, k_s, v_s in zip(caches, slots, k.split(counts), v.split(counts)):
+                cache.write(layer, where, k_s, v_s)
+        for cache, n in zip(caches, counts):
+            cache.set_length(cache.length + n)
+        # The blocks [anchor, MASK x (block_size - 1)] at each anchor's position, back to back.
+        block_size, device = self.runtime.block_size, self.device
+        blocks = torch.full((len(decoders), block_size), self.runtime.mask_token_id, device=device)
+        blocks[:, 0] = torch.tensor([d.anchor for d in decoders], device=device)
+        offsets = torch.arange(block_size, device=device)
+        positions = torch.cat([d.length + offsets for d in decoders])
+        hidden = self.draft.run_layers(self.target.embed_tokens(blocks.flatten()), positions,
+                                       batched_layer_call([(c, self._block_mask) for c in caches]))
+        hidden = hidden.view(len(decoders), block_size, -1)
+        return [self.target.lm_head(hidden[j, 1 : 1 + s.request.tree.max_depth]) for j, s in enumerate(sequences)]
