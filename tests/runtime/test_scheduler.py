@@ -56,10 +56,9 @@ def alone(decoder: Decoder, job: Job) -> tuple[list[int], object]:
     return tokens, decoder.stats
 
 
-def run_schedule(scheduler: Scheduler, jobs: list[Job], cancel: dict[int, int] | None = None,
-                 check=lambda scheduler, step: None):
+def run_schedule(scheduler: Scheduler, jobs: list[Job], check=lambda scheduler, step: None):
     """Add each job before its step and step until everything is done: per job index, the tokens streamed and
-    the final stats. `cancel`: job index -> step before which it is cancelled."""
+    the final stats. `check(scheduler, step)` runs after every step."""
     streamed: dict[int, list[int]] = {}
     stats: dict[int, object] = {}
     ids: dict[int, int] = {}
@@ -69,10 +68,6 @@ def run_schedule(scheduler: Scheduler, jobs: list[Job], cancel: dict[int, int] |
             if job.at == step:
                 ids[index] = scheduler.add_request(job.prompt, job.max_new, job.sampling, job.speculative, job.tree)
                 streamed[index] = []
-        for index, when in (cancel or {}).items():
-            if when == step:
-                assert scheduler.cancel(ids[index])
-                stats[index] = None
         job_of = {rid: index for index, rid in ids.items()}
         for out in scheduler.step():
             index = job_of[out.request_id]
