@@ -25,7 +25,7 @@
 # TEMPS ("0": the first head's bench temperatures, e.g. "0,1"; later heads bench greedy only), BASELINE (0; 1
 # benches the committed head last, on the same prompts), PROMPT_OFFSET (0; runs 3-4 answered prompts from the
 # first 12000 of the mix, run 5 (lost) 12000-27000, run 6 27000-38458, run 7 38500-49262; the mix has 53,319 and
-# 50000-50063 are scripts/probe_anchor_use.py's held-out prompts, so the next run starts a second pass at 0),
+# 50000-50063 are scripts/probe_head.py's held-out prompts, so the next run starts a second pass at 0),
 # SETUP_S (150).
 set -uo pipefail
 WORK=${1:?work dir}
