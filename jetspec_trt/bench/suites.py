@@ -91,22 +91,24 @@ def export_prompts(path: Path, suites: tuple[str, ...], num_prompts: int) -> int
     return n
 
 
-def _load_prompts(cfg: SuiteBenchConfig) -> dict[str, list[tuple[str, list[dict]]]]:
-    out: dict[str, list[tuple[str, list[dict]]]] = {s: [] for s in cfg.suites}
-    if cfg.prompts_file is not None:
-        with open(cfg.prompts_file, encoding="utf-8") as f:
+def load_suite_prompts(suites: tuple[str, ...], num_prompts: int,
+                       prompts_file: Path | None = None) -> dict[str, list[tuple[str, list[dict]]]]:
+    """Up to num_prompts (id, messages) per suite, from prompts_file (export_prompts' jsonl) or the packages."""
+    out: dict[str, list[tuple[str, list[dict]]]] = {s: [] for s in suites}
+    if prompts_file is not None:
+        with open(prompts_file, encoding="utf-8") as f:
             for line in f:
                 if not line.strip():
                     continue
                 row = json.loads(line)
                 suite = row.get("suite")
-                if suite in out and len(out[suite]) < cfg.num_prompts:
+                if suite in out and len(out[suite]) < num_prompts:
                     out[suite].append((str(row.get("id", len(out[suite]))), row["messages"]))
     else:
         from jetspec_trt.datasets import load_prompts
 
-        for suite in cfg.suites:
-            out[suite] = [(p.id, p.messages) for p in load_prompts(suite, cfg.num_prompts)]
+        for suite in suites:
+            out[suite] = [(p.id, p.messages) for p in load_prompts(suite, num_prompts)]
     for suite, rows in out.items():
         if not rows:
             raise JetSpecError(f"no prompts for suite {suite!r}")
@@ -118,7 +120,7 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _device_name(device: str) -> str:
+def device_name(device: str) -> str:
     if torch.device(device).type == "cuda":
         return torch.cuda.get_device_name(torch.device(device))
     name = ""
@@ -131,7 +133,7 @@ def _device_name(device: str) -> str:
     return f"{name} ({torch.get_num_threads()} threads)"
 
 
-def _slug(text: str) -> str:
+def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
 
 
@@ -290,7 +292,7 @@ def run_suite_bench(cfg: SuiteBenchConfig, command: list[str] | None = None) -> 
     from jetspec_trt.runtime.engine import Engine
     from jetspec_trt.tree.accept import SamplingConfig
 
-    prompts = _load_prompts(cfg)
+    prompts = load_suite_prompts(cfg.suites, cfg.num_prompts, cfg.prompts_file)
     engine = Engine.load(cfg.engine_dir, device=cfg.device)
     rt = engine.runtime
     base = getattr(rt, "tree", None)
@@ -376,12 +378,12 @@ def run_suite_bench(cfg: SuiteBenchConfig, command: list[str] | None = None) -> 
         suites_out[suite] = {"num_prompts": len(rows), "ar": ar_agg, "hf": hf_agg, "spec": spec_agg,
                              "lossless": lossless, "prompts": per_prompt}
 
-    device_name = _device_name(cfg.device)
+    machine_name = device_name(cfg.device)
     result = {
         "kind": "suite-bench",
         "engine": str(cfg.engine_dir),
         "device": cfg.device,
-        "device_name": device_name,
+        "device_name": machine_name,
         "dtype": dtype_name(engine.dtype),
         # what ran every request, greedy and sampled (GraphDecoder on CUDA; before it sampled, T > 0 ran eager)
         "decoder": type(engine.backend).__name__,
@@ -403,8 +405,8 @@ def run_suite_bench(cfg: SuiteBenchConfig, command: list[str] | None = None) -> 
     }
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device_slug = "cpu" if torch.device(cfg.device).type == "cpu" else _slug(device_name)
-    name = "-".join(x for x in ("suites", device_slug, _slug(cfg.tag)) if x)
+    device_slug = "cpu" if torch.device(cfg.device).type == "cpu" else slug(machine_name)
+    name = "-".join(x for x in ("suites", device_slug, slug(cfg.tag)) if x)
     path = out_dir / f"{name}.json"
     path.write_text(json.dumps(result, indent=1))
     plot_suites(result, path.with_suffix(".png"))

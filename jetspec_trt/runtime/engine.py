@@ -27,6 +27,7 @@ from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
 from jetspec_trt.runtime.decoder import Decoder
 from jetspec_trt.runtime.graph_decoder import GraphDecoder
 from jetspec_trt.runtime.round_loop import DecodeStats
+from jetspec_trt.runtime.scheduler import Scheduler, SchedulerConfig
 from jetspec_trt.tree.accept import SamplingConfig
 
 Prompt = str | list[dict]  # plain text, or chat messages [{"role": ..., "content": ...}]
@@ -72,6 +73,11 @@ class Engine:
     def target_config(self) -> DecoderConfig:
         """The target's shape (vocab_size, num_layers, ...)."""
         return self.decoder.target.config
+
+    def new_scheduler(self, config: SchedulerConfig = SchedulerConfig()) -> Scheduler:
+        """In-flight batching over this engine's own models (one copy of the weights): runtime/scheduler.py. Its
+        rounds are eager on every device (CUDA graphs per batch bucket are not built yet)."""
+        return Scheduler(self.decoder.target, self.decoder.draft, self.runtime, config)
 
     @property
     def dtype(self) -> torch.dtype:

@@ -1,0 +1,167 @@
+"""`jetspec-trt bench --engine DIR --batch 1,4,16`: in-flight batching of a real engine, speculative against AR.
+
+The same N = max(batch sizes) prompts (taken from the suites in turn) are submitted at once to the engine's
+scheduler (runtime/scheduler.py) with max_batch = B, for each B, speculative (one tree per sequence at
+--budgets' first value) and AR (budget 1) in the same process. Reported per (B, mode): aggregate tok/s (all
+tokens over the wall time of the whole run), per-stream tok/s (a request's tokens over the time from its admission
+to its end), mean tau, and how many outputs equal the same prompt's output at B = 1 (the single-stream outputs:
+greedy batching is exact in fp32; in bf16 the batched GEMMs round differently and near-ties may flip).
+
+The scheduler's rounds are eager on every device today (no CUDA graphs per batch bucket yet), so on a GPU B = 1
+is slower than the engine's graphed single stream: the JSON says which path ran.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from jetspec_trt.bench.suites import device_name, load_suite_prompts, slug
+from jetspec_trt.versions import library_versions
+
+
+@dataclass(frozen=True)
+class BatchBenchConfig:
+    engine_dir: Path
+    batches: tuple[int, ...] = (1, 4, 16)
+    budget: int = 16
+    suites: tuple[str, ...] = ("mtbench", "math500", "humaneval")
+    prompts_file: Path | None = None
+    max_new_tokens: int = 128
+    device: str = "cuda"
+    output_dir: Path = Path("bench/results")
+    tag: str = ""
+    num_prompts: int = field(init=False, default=0)  # per suite, as load_suite_prompts reads it: enough for N
+
+    def __post_init__(self):
+        if not self.batches or min(self.batches) < 1:
+            raise ValueError(f"--batch sizes must be >= 1, got {self.batches}")
+        object.__setattr__(self, "num_prompts", -(-max(self.batches) // len(self.suites)))
+
+
+def _prompt_ids(engine, cfg: BatchBenchConfig) -> list[list[int]]:
+    """N prompts, one suite after another in turn (mtbench 0, math500 0, humaneval 0, mtbench 1, ...)."""
+    by_suite = load_suite_prompts(cfg.suites, cfg.num_prompts, cfg.prompts_file)
+    mixed = [rows[i] for i in range(cfg.num_prompts) for rows in by_suite.values() if i < len(rows)]
+    return [engine.encode(messages) for _, messages in mixed[: max(cfg.batches)]]
+
+
+def run_batched(engine, prompts: list[list[int]], max_batch: int, max_new_tokens: int, speculative: bool,
+                tree) -> dict:
+    """All prompts submitted at once to a scheduler of max_batch sequences; stepped until idle (synchronised)."""
+    from jetspec_trt.runtime.scheduler import SchedulerConfig
+
+    page = engine.runtime.page_size
+    need = max(-(-(len(p) + max_new_tokens + max(tree.budget, engine.runtime.block_size)) // page) for p in prompts)
+    scheduler = engine.new_scheduler(SchedulerConfig(num_pages=need * max_batch, max_batch=max_batch))
+    ids = [scheduler.add_request(p, max_new_tokens, speculative=speculative, tree=tree) for p in prompts]
+    tokens = {i: [] for i in ids}
+    admitted, ended, stats = {}, {}, {}
+    _sync(engine)
+    start = time.perf_counter()
+    while not scheduler.idle:
+        outputs = scheduler.step()
+        _sync(engine)
+        now = time.perf_counter() - start
+        for out in outputs:
+            admitted.setdefault(out.request_id, now)  # admission and its prefill happen in the step that ends here
+            tokens[out.request_id].extend(out.tokens)
+            if out.finished:
+                ended[out.request_id], stats[out.request_id] = now, out.stats
+    wall = time.perf_counter() - start
+    total = sum(len(t) for t in tokens.values())
+    per_stream = [len(tokens[i]) / max(ended[i] - admitted[i], 1e-9) for i in ids]
+    return {"outputs": [tokens[i] for i in ids], "wall_s": wall, "tokens": total, "aggregate_tok_s": total / wall,
+            "per_stream_tok_s_median": statistics.median(per_stream),
+            "tau_mean": statistics.fmean(stats[i].tau for i in ids)}
+
+
+def _sync(engine) -> None:
+    if engine.target.embed_tokens.weight.is_cuda:
+        torch.cuda.synchronize()
+
+
+def run_batch_bench(cfg: BatchBenchConfig, command: list[str] | None = None) -> Path:
+    from jetspec_trt.runtime.config import TreeConfig
+    from jetspec_trt.runtime.engine import Engine
+
+    engine = Engine.load(cfg.engine_dir, device=cfg.device)
+    base = engine.runtime.tree
+    trees = {"spec": TreeConfig(cfg.budget, base.topk, base.max_depth), "ar": TreeConfig(1, 1, 1)}
+    prompts = _prompt_ids(engine, cfg)
+    for mode, tree in trees.items():  # warm-up, untimed: kernels, allocator
+        run_batched(engine, prompts[:2], 2, 4, mode == "spec", tree)
+    rows, reference = [], {}
+    for batch in sorted(set(cfg.batches)):
+        for mode, tree in trees.items():
+            run = run_batched(engine, prompts, batch, cfg.max_new_tokens, mode == "spec", tree)
+            outputs = run.pop("outputs")
+            reference.setdefault(mode, outputs)  # the smallest batch size runs first: B = 1 when it is asked for
+            run["identical_to_smallest_batch"] = sum(a == b for a, b in zip(outputs, reference[mode]))
+            rows.append({"batch": batch, "mode": mode, **run})
+    for batch in sorted(set(cfg.batches)):
+        spec, ar = (next(r for r in rows if r["batch"] == batch and r["mode"] == m) for m in ("spec", "ar"))
+        spec["speedup_vs_batched_ar"] = spec["aggregate_tok_s"] / ar["aggregate_tok_s"]
+    name = device_name(cfg.device)
+    result = {
+        "kind": "batch",
+        "engine": str(cfg.engine_dir),
+        "device": cfg.device,
+        "device_name": name,
+        "dtype": str(engine.dtype).removeprefix("torch."),
+        "decoder": "scheduler (eager batched rounds)",
+        "versions": library_versions("jetspec_trt", "torch", "transformers", "python", "cuda"),
+        "command": command or [],
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "config": {**{k: v for k, v in asdict(cfg).items() if k != "engine_dir"}, "requests": len(prompts),
+                   "topk": base.topk, "max_depth": base.max_depth},
+        "results": rows,
+    }
+    out_dir = Path(cfg.output_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device_slug = "cpu" if torch.device(cfg.device).type == "cpu" else slug(name)
+    path = out_dir / ("-".join(x for x in ("batch", device_slug, slug(cfg.tag)) if x) + ".json")
+    path.write_text(json.dumps(result, indent=1, default=str))
+    plot_batch(result, path.with_suffix(".png"))
+    return path
+
+
+def format_summary(result: dict) -> str:
+    lines = [f"{result['device_name']} ({result['dtype']}), {result['config']['requests']} requests x "
+             f"{result['config']['max_new_tokens']} new tokens, {result['decoder']}",
+             "batch  mode  aggregate tok/s  per-stream tok/s  tau   same as smallest batch"]
+    for r in result["results"]:
+        lines.append(f"{r['batch']:>5}  {r['mode']:>4}  {r['aggregate_tok_s']:>15.1f}  "
+                     f"{r['per_stream_tok_s_median']:>16.1f}  {r['tau_mean']:.2f}  "
+                     f"{r['identical_to_smallest_batch']}/{result['config']['requests']}"
+                     + (f"   spec/AR {r['speedup_vs_batched_ar']:.2f}x" if "speedup_vs_batched_ar" in r else ""))
+    return "\n".join(lines)
+
+
+def plot_batch(result: dict, path: Path) -> None:
+    from jetspec_trt.bench.plots import plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for mode, color in (("spec", "C0"), ("ar", "C1")):
+        rows = [r for r in result["results"] if r["mode"] == mode]
+        batches = [r["batch"] for r in rows]
+        label = f"speculative (budget {result['config']['budget']})" if mode == "spec" else "AR"
+        axes[0].plot(batches, [r["aggregate_tok_s"] for r in rows], "o-", color=color, label=label)
+        axes[1].plot(batches, [r["per_stream_tok_s_median"] for r in rows], "o-", color=color, label=label)
+    for ax, title in zip(axes, ("aggregate tok/s", "per-stream tok/s (median)")):
+        ax.set(title=title, xlabel="max batch (sequences)", ylabel="tok/s", xscale="log")
+        ax.set_xticks(sorted({r["batch"] for r in result["results"]}),
+                      [str(b) for b in sorted({r["batch"] for r in result["results"]})])
+        ax.minorticks_off()
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{Path(result['engine']).name} on {result['device_name']} ({result['dtype']}, "
+                 f"{result['decoder']})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

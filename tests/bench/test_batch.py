@@ -1,0 +1,42 @@
+import json
+
+import pytest
+
+from jetspec_trt.bench.batch import BatchBenchConfig, run_batch_bench
+from jetspec_trt.quickstart import make_tiny_engine
+from tests.helpers import invoke_cli
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    work = tmp_path_factory.mktemp("batch")
+    paths = make_tiny_engine(work)
+    prompts = work / "prompts.jsonl"
+    texts = ["def add(a, b):", "Explain recursion.", "x = [1, 2", "Sum 1 to 10.", "class A:"]
+    with open(prompts, "w") as f:
+        for i, text in enumerate(texts):
+            suite = ("mtbench", "math500")[i % 2]
+            f.write(json.dumps({"suite": suite, "id": str(i), "messages": [{"role": "user", "content": text}]}) + "\n")
+    return paths.engine, prompts
+
+
+def test_batch_bench_tiny(tiny, tmp_path):
+    engine_dir, prompts = tiny
+    cfg = BatchBenchConfig(engine_dir=engine_dir, batches=(1, 2, 4), budget=8, suites=("mtbench", "math500"),
+                           prompts_file=prompts, max_new_tokens=10, device="cpu", output_dir=tmp_path, tag="t")
+    path = run_batch_bench(cfg, command=["test"])
+    assert path.name == "batch-cpu-t.json" and path.with_suffix(".png").exists()
+    res = json.loads(path.read_text())
+    assert res["config"]["requests"] == 4 and res["device"] == "cpu" and res["dtype"] == "float32"
+    rows = {(r["batch"], r["mode"]): r for r in res["results"]}
+    assert set(rows) == {(b, m) for b in (1, 2, 4) for m in ("spec", "ar")}
+    for (batch, mode), r in rows.items():
+        assert r["tokens"] == 4 * 10 and r["aggregate_tok_s"] > 0 and r["per_stream_tok_s_median"] > 0
+        assert r["identical_to_smallest_batch"] == 4  # fp32 on the CPU: batching changes no token
+        assert (r["tau_mean"] > 1.0) if mode == "spec" else (r["tau_mean"] == 1.0)
+        assert ("speedup_vs_batched_ar" in r) == (mode == "spec")
+
+
+def test_batch_flag_needs_an_engine(capsys):
+    code, _, err = invoke_cli(["bench", "--batch", "1,4"], capsys)
+    assert code != 0 and "--batch needs --engine" in err
