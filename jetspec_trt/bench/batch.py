@@ -13,8 +13,6 @@ is slower than the engine's graphed single stream: the JSON says which path ran.
 
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -22,8 +20,7 @@ from pathlib import Path
 
 import torch
 
-from jetspec_trt.bench.suites import device_name, load_suite_prompts, slug
-from jetspec_trt.versions import library_versions
+from jetspec_trt.bench.suites import engine_report_header, load_suite_prompts, write_report
 
 
 @dataclass(frozen=True)
@@ -108,28 +105,13 @@ def run_batch_bench(cfg: BatchBenchConfig, command: list[str] | None = None) -> 
     for batch in sorted(set(cfg.batches)):
         spec, ar = (next(r for r in rows if r["batch"] == batch and r["mode"] == m) for m in ("spec", "ar"))
         spec["speedup_vs_batched_ar"] = spec["aggregate_tok_s"] / ar["aggregate_tok_s"]
-    name = device_name(cfg.device)
     result = {
-        "kind": "batch",
-        "engine": str(cfg.engine_dir),
-        "device": cfg.device,
-        "device_name": name,
-        "dtype": str(engine.dtype).removeprefix("torch."),
-        "decoder": "scheduler (eager batched rounds)",
-        "versions": library_versions("jetspec_trt", "torch", "transformers", "python", "cuda"),
-        "command": command or [],
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **engine_report_header("batch", engine, cfg.device, "scheduler (eager batched rounds)", command),
         "config": {**{k: v for k, v in asdict(cfg).items() if k != "engine_dir"}, "requests": len(prompts),
                    "topk": base.topk, "max_depth": base.max_depth},
         "results": rows,
     }
-    out_dir = Path(cfg.output_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    device_slug = "cpu" if torch.device(cfg.device).type == "cpu" else slug(name)
-    path = out_dir / ("-".join(x for x in ("batch", device_slug, slug(cfg.tag)) if x) + ".json")
-    path.write_text(json.dumps(result, indent=1, default=str))
-    plot_batch(result, path.with_suffix(".png"))
-    return path
+    return write_report(result, "batch", cfg.output_dir, cfg.tag, plot_batch)
 
 
 def format_summary(result: dict) -> str:

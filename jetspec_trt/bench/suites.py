@@ -378,18 +378,10 @@ def run_suite_bench(cfg: SuiteBenchConfig, command: list[str] | None = None) -> 
         suites_out[suite] = {"num_prompts": len(rows), "ar": ar_agg, "hf": hf_agg, "spec": spec_agg,
                              "lossless": lossless, "prompts": per_prompt}
 
-    machine_name = device_name(cfg.device)
+    # "decoder": what ran every request, greedy and sampled (GraphDecoder on CUDA; before it sampled, T > 0 ran
+    # eager)
     result = {
-        "kind": "suite-bench",
-        "engine": str(cfg.engine_dir),
-        "device": cfg.device,
-        "device_name": machine_name,
-        "dtype": dtype_name(engine.dtype),
-        # what ran every request, greedy and sampled (GraphDecoder on CUDA; before it sampled, T > 0 ran eager)
-        "decoder": type(engine.backend).__name__,
-        "versions": library_versions("torch", "transformers", "python", "cuda"),
-        "command": " ".join(command or []),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        **engine_report_header("suite-bench", engine, cfg.device, type(engine.backend).__name__, command),
         "config": {"suites": list(cfg.suites), "num_prompts": cfg.num_prompts, "max_new_tokens": cfg.max_new_tokens,
                    "budgets": list(cfg.budgets), "temperatures": list(cfg.temperatures), "topk": topk,
                    "max_depth": depth, "seed": cfg.seed, "batch_size": 1, "hf_generate": cfg.hf_generate,
@@ -403,13 +395,32 @@ def run_suite_bench(cfg: SuiteBenchConfig, command: list[str] | None = None) -> 
         "request_tok_s": request_percentiles(suites_out),
         "suites": suites_out,
     }
-    out_dir = Path(cfg.output_dir)
+    return write_report(result, "suites", cfg.output_dir, cfg.tag, plot_suites)
+
+
+def engine_report_header(kind: str, engine, device: str, decoder: str, command: list[str] | None) -> dict:
+    """The fields every real-engine bench report starts with: what ran, where, with which libraries, when."""
+    return {
+        "kind": kind,
+        "engine": str(engine.engine_dir),
+        "device": device,
+        "device_name": device_name(device),
+        "dtype": dtype_name(engine.dtype),
+        "decoder": decoder,
+        "versions": library_versions("jetspec_trt", "torch", "transformers", "python", "cuda"),
+        "command": " ".join(command or []),
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def write_report(result: dict, prefix: str, output_dir: Path, tag: str, plot) -> Path:
+    """OUTPUT_DIR/PREFIX-<cpu or the GPU's name>[-TAG].json and its PNG (plot(result, png_path))."""
+    out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    device_slug = "cpu" if torch.device(cfg.device).type == "cpu" else slug(machine_name)
-    name = "-".join(x for x in ("suites", device_slug, slug(cfg.tag)) if x)
-    path = out_dir / f"{name}.json"
-    path.write_text(json.dumps(result, indent=1))
-    plot_suites(result, path.with_suffix(".png"))
+    where = "cpu" if torch.device(result["device"]).type == "cpu" else slug(result["device_name"])
+    path = out_dir / ("-".join(x for x in (prefix, where, slug(tag)) if x) + ".json")
+    path.write_text(json.dumps(result, indent=1, default=str))
+    plot(result, path.with_suffix(".png"))
     return path
 
 
