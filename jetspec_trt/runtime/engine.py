@@ -74,11 +74,6 @@ class Engine:
         """The target's shape (vocab_size, num_layers, ...)."""
         return self.decoder.target.config
 
-    def new_scheduler(self, config: SchedulerConfig = SchedulerConfig()) -> Scheduler:
-        """In-flight batching over this engine's own models (one copy of the weights): runtime/scheduler.py. Its
-        rounds are eager on every device (CUDA graphs per batch bucket are not built yet)."""
-        return Scheduler(self.decoder.target, self.decoder.draft, self.runtime, config)
-
     @property
     def dtype(self) -> torch.dtype:
         """The dtype the engine runs in here (float32 on the CPU for an engine built in bfloat16)."""
@@ -135,6 +130,13 @@ class Engine:
         else:
             yield from self.decoder.generate(prompt_ids, max_new_tokens, sampling, speculative, tree, logprobs)
         self.last_stats = self._active.stats
+
+    def new_scheduler(self, config: SchedulerConfig) -> Scheduler:
+        """An in-flight batching scheduler (runtime/scheduler.py) over this engine's own target, draft and runtime:
+        the same weights, no copy; its KV pages are its own. It runs the eager reference path (no CUDA graphs).
+        Not thread-safe: one thread makes every call (runtime/scheduler_thread.py does that for servers)."""
+        decoder = self.decoder
+        return Scheduler(decoder.target, decoder.draft, decoder.runtime, config)
 
     @property
     def current_stats(self) -> DecodeStats | None:
