@@ -120,6 +120,11 @@ class TritonExportConfig:
     max_queue_size: int = 1024  # requests waiting per instance before new ones are refused
     copy_engine: bool = False
     overwrite: bool = False
+    # Sequences decoding together in each instance's one engine (in-flight batching, runtime/scheduler.py); 1 =
+    # one request at a time. Default 1: the scheduler runs the eager reference path, so on CUDA it gives up the
+    # graphed decoder that serves a single stream fastest; the trade (throughput of many streams for latency of
+    # one) is the operator's to make. On the CPU every stream is eager anyway, and N > 1 is the better choice.
+    inflight_batch: int = 1
 
 
 def _dims(dims: tuple[int, ...]) -> str:
@@ -153,6 +158,7 @@ def config_pbtxt(cfg: TritonExportConfig, engine_ref: str) -> str:
         + _parameter("device", cfg.device)
         + _parameter("cpu_threads", str(cfg.cpu_threads))
         + _parameter("max_queue_size", str(cfg.max_queue_size))
+        + _parameter("inflight_batch", str(cfg.inflight_batch))
     )
 
 
@@ -185,6 +191,8 @@ def export_triton(cfg: TritonExportConfig) -> Path:
         raise JetSpecError(f"--instances must be >= 1, got {cfg.instances}")
     if cfg.cpu_threads < 0:
         raise JetSpecError(f"--cpu-threads must be >= 0, got {cfg.cpu_threads}")
+    if cfg.inflight_batch < 1:
+        raise JetSpecError(f"--inflight-batch must be >= 1, got {cfg.inflight_batch}")
     if cfg.max_queue_size < 1:
         raise JetSpecError(f"--max-queue-size must be >= 1, got {cfg.max_queue_size}")
     if cfg.device.split(":")[0] not in ("cpu", "cuda"):
@@ -215,12 +223,15 @@ def export_triton(cfg: TritonExportConfig) -> Path:
               help="torch threads per instance (0 = torch's default).")
 @click.option("--max-queue-size", type=int, default=1024, show_default=True,
               help="Requests waiting per instance before new ones get an error.")
+@click.option("--inflight-batch", type=int, default=1, show_default=True,
+              help="Sequences decoding together in each instance's engine (in-flight batching on the eager path); "
+                   "1 = one request at a time (on CUDA: the graphed decoder).")
 @click.option("--copy-engine", is_flag=True, help="Copy the engine into the repository (else it is referenced).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing repository.")
 def triton_command(engine_dir, output, model_name, max_batch_size, instances, device, cpu_threads, max_queue_size,
-                   copy_engine, overwrite):
+                   inflight_batch, copy_engine, overwrite):
     """Write a Triton model repository (python backend, decoupled streaming) serving ENGINE_DIR."""
     cfg = TritonExportConfig(engine_dir, output, model_name, max_batch_size, instances, device, cpu_threads,
-                             max_queue_size, copy_engine, overwrite)
+                             max_queue_size, copy_engine, overwrite, inflight_batch)
     out = export_triton(cfg)
     click.echo(f"model repository written to {out} (model {model_name!r}); serve it with: jetspec-trt serve {out}")

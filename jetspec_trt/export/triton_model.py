@@ -4,12 +4,24 @@
 and imports `jetspec_trt` from the Python environment the stub runs in (`jetspec-trt serve` arranges that). It
 cannot be imported outside Triton (`triton_python_backend_utils` exists only there).
 
-Each model instance loads one engine and owns one worker thread: `execute` checks every request at once (bad
-input gets an error response right away) and queues it; the worker decodes queued requests one at a time, so the
-engine is never used by two requests at once. The worker checks for client cancellation and unloading before it
-starts a prompt (a request cancelled while it waited in the queue costs no prefill) and between rounds; every
-request ends with a response carrying TRITONSERVER_RESPONSE_COMPLETE_FINAL. Custom metrics on Triton's metrics
-endpoint (METRICS below) count prefills, cancellations and the queue.
+Each model instance loads one engine; `execute` checks every request at once (bad input gets an error response
+right away) and hands it on, one of two ways (the model parameter `inflight_batch`):
+
+    1 (default)  one worker thread decodes queued requests one at a time (Engine.stream_tokens, the graphed
+                 decoder on CUDA), so the engine is never used by two requests at once. It checks for client
+                 cancellation and unloading before it starts a prompt (a request cancelled while it waited costs
+                 no prefill) and between rounds.
+    N > 1        in-flight batching: every prompt joins one scheduler over the engine's weights
+                 (Engine.new_scheduler), driven by one thread (runtime/scheduler_thread.py) that runs a batched
+                 round of up to N sequences per step and polls each request's cancellation before every step
+                 (a cancelled request leaves the scheduler at once; one still waiting never pays its prefill).
+                 The scheduler runs every request the eager Decoder runs (greedy, sampling, top_k, top_p, bad
+                 words, log probs); end_id and stop words cut the token stream here, as on the other path, and
+                 end the request in the scheduler.
+
+Both paths build their responses from the same per-prompt `Output`. Every request ends with a response carrying
+TRITONSERVER_RESPONSE_COMPLETE_FINAL. Custom metrics on Triton's metrics endpoint (METRICS below) count prefills,
+cancellations, the queue and the batched steps.
 Tensor names and meanings: `jetspec_trt/export/triton.py` (INPUTS, OUTPUTS, TensorRT-LLM's request contract)
 and docs/triton.md. Like TensorRT-LLM's model, a request of several prompts gets one response per prompt, each
 carrying its `batch_index`.
@@ -51,6 +63,9 @@ METRICS = {
     "jetspec_cancelled_total": ("COUNTER", "Requests cancelled by the client; stage queued: seen before any "
                                            "decoding (no prefill), stage decoding: seen between rounds"),
     "jetspec_queued_requests": ("GAUGE", "Requests accepted and waiting for this instance's engine"),
+    "jetspec_steps_total": ("COUNTER", "In-flight batching: scheduler steps, one batched round each"),
+    "jetspec_step_sequences_total": ("COUNTER", "In-flight batching: sequences the steps ran, summed (divided by "
+                                                "jetspec_steps_total: the mean batch)"),
 }
 
 
@@ -84,6 +99,8 @@ class Metrics:
                 self.metrics[f"cancelled_{stage}"] = self.families["jetspec_cancelled_total"].Metric(
                     labels={**labels, "stage": stage})
             self.metrics["queued"] = self.families["jetspec_queued_requests"].Metric(labels=labels)
+            self.metrics["steps"] = self.families["jetspec_steps_total"].Metric(labels=labels)
+            self.metrics["step_sequences"] = self.families["jetspec_step_sequences_total"].Metric(labels=labels)
         except Exception as err:  # noqa: BLE001 - metrics are optional (tritonserver --allow-metrics=false)
             pb_utils.Logger.log_warn(f"jetspec: custom metrics unavailable: {one_line(err)}")
             self.close()
@@ -139,6 +156,62 @@ class Result:
     cum_logprob: float  # of every token so far
 
 
+class Output:
+    """One prompt's generated tokens and text as its rounds arrive, on either path: end_id and stop words cut
+    them, streamed pieces hold back an unfinished UTF-8 character, and each Result carries the log probs that no
+    response carried yet. `stats`: the request's DecodeStats, updated every round."""
+
+    def __init__(self, item: Item, decode):
+        self.item, self.decode = item, decode
+        self.ids: list = []
+        self.shown, self.sent, self.finish = "", 0, ""  # sent: tokens whose log probs a response carried
+
+    def add(self, tokens: list) -> bool:
+        """Add a round's tokens; True when end_id or a stop word ended the output (finish "stop")."""
+        item = self.item
+        if item.end_id is not None and item.end_id in tokens:
+            tokens, self.finish = tokens[: tokens.index(item.end_id) + 1], "stop"
+        self.ids.extend(tokens)
+        keep = item.stop_words.keep(self.decode, self.ids, len(tokens))
+        if keep is not None:
+            del self.ids[len(self.ids) - len(tokens) + keep:]
+            self.finish = "stop"
+        return bool(self.finish)
+
+    def piece(self, stats) -> tuple[str, Result] | None:
+        """The text added since the last piece and the state for its streaming response, or None (no new text,
+        or a UTF-8 character still open)."""
+        text = self.decode(self.ids)
+        if len(text) <= len(self.shown) or text.endswith("\ufffd"):
+            return None
+        piece, result = text[len(self.shown):], self._result(text, "", stats, None)
+        self.shown, self.sent = text, len(self.ids)
+        return piece, result
+
+    def final(self, stats) -> Result:
+        text = self.decode(self.ids)
+        return self._result(text, text[len(self.shown):], stats, self.finish or stats.finish_reason)
+
+    def _result(self, text: str, tail: str, stats, finish: str | None) -> Result:
+        """The prompt's state for a response; `finish` None while it is still decoding."""
+        # The loop's log probs cover the tokens it yielded; end_id and stop words may have cut some since.
+        logprobs = stats.token_logprobs[: len(self.ids)] if self.item.logprobs else []
+        return Result(text, tail, len(self.ids), stats, finish or "", logprobs[self.sent:], float(sum(logprobs)))
+
+
+@dataclass
+class BatchedJob:
+    """A Job on the in-flight batching path: the state its prompts' callbacks share (driver thread only)."""
+
+    job: Job
+    outputs: list  # Output per prompt
+    results: list  # final Result per prompt, None until it finishes
+    prefilled: set  # prompts whose first output came (their prefill ran)
+    answered: int = 0  # prompts whose response went out (non-streaming: in order)
+    started: bool = False  # left the queue: a prompt's prefill ran, or the job ended before
+    over: bool = False  # the job's final response went out: its other prompts leave the scheduler
+
+
 class TritonPythonModel:
     def initialize(self, args):
         import torch
@@ -155,6 +228,7 @@ class TritonPythonModel:
         if threads > 0:
             torch.set_num_threads(threads)
         self.engine = Engine.load(engine_dir, device=params.get("device", "cpu"))
+        self.decode = lambda ids: self.engine.tokenizer.decode(ids, skip_special_tokens=True)
         self.vocab_size = self.engine.target_config.vocab_size
         self.max_seq_len = self.engine.runtime.max_seq_len
         self.max_batch_size = int(config.get("max_batch_size", 0))
@@ -163,10 +237,21 @@ class TritonPythonModel:
         self.metrics = Metrics({"model": args["model_name"], "version": args["model_version"],
                                 "instance": args["model_instance_name"]})
         self.stopping = threading.Event()
-        self.worker = threading.Thread(target=self._work, name="jetspec-engine", daemon=True)
-        self.worker.start()
+        self.inflight_batch = int(params.get("inflight_batch", "1"))
+        if self.inflight_batch > 1:
+            from jetspec_trt.runtime.scheduler import SchedulerConfig
+            from jetspec_trt.runtime.scheduler_thread import SchedulerThread, full_batch_pages
+
+            config = SchedulerConfig(full_batch_pages(self.engine.runtime, self.inflight_batch), self.inflight_batch)
+            self.waiting_jobs, self.waiting_lock = 0, threading.Lock()  # the queue bound: jobs not started yet
+            self.driver = SchedulerThread(lambda: self.engine.new_scheduler(config), on_step=self._count_step)
+        else:
+            self.driver = None
+            self.worker = threading.Thread(target=self._work, name="jetspec-engine", daemon=True)
+            self.worker.start()
         pb_utils.Logger.log_info(f"jetspec: loaded {engine_dir} on {params.get('device', 'cpu')} "
-                                 f"(max_seq_len {self.max_seq_len}, tree {self.engine.runtime.tree})")
+                                 f"(max_seq_len {self.max_seq_len}, tree {self.engine.runtime.tree}, "
+                                 f"inflight_batch {self.inflight_batch})")
 
     # ---- request intake (Triton's thread) ----
 
@@ -183,13 +268,27 @@ class TritonPythonModel:
             except Exception as err:  # noqa: BLE001 - every bad request gets an answer, never a crash
                 self._fail(sender, one_line(err))
                 continue
+            if not self._enqueue(job):
+                self._fail(sender, f"server busy: {self.queue.maxsize} requests already queued on this instance")
+        return None
+
+    def _enqueue(self, job: Job) -> bool:
+        """Hand the job to the worker or the scheduler's driver, counted as queued; False (and nothing counted)
+        when max_queue_size jobs already wait."""
+        if self.driver is None:
             try:
                 self.queue.put_nowait(job)
             except queue.Full:
-                self._fail(sender, f"server busy: {self.queue.maxsize} requests already queued on this instance")
-                continue
+                return False
             self.metrics.add("queued")
-        return None
+            return True
+        with self.waiting_lock:
+            if self.waiting_jobs >= self.queue.maxsize:
+                return False
+            self.waiting_jobs += 1
+        self.metrics.add("queued")  # before the driver thread can see the job start
+        self._submit(job)
+        return True
 
     def _parse(self, request, sender) -> Job:
         from jetspec_trt.export.word_lists import StopWords, banned_token_ids, read_words
@@ -311,53 +410,111 @@ class TritonPythonModel:
         """Raise Stop where the client cancelled or the model is unloading; `done`: tokens so far, None before the
         prompt's prefill."""
         if request.is_cancelled():
-            self.metrics.add("cancelled_queued" if done is None else "cancelled_decoding")
-            raise Stop("request cancelled by the client " + ("before decoding (no prefill ran)" if done is None
-                                                             else f"after {done} tokens"),
-                       pb_utils.TritonError.CANCELLED)
+            raise self._cancelled(done)
         if self.stopping.is_set():
             raise Stop("the model is being unloaded", pb_utils.TritonError.UNAVAILABLE)
 
+    def _cancelled(self, done: int | None) -> Stop:
+        """Count a client's cancellation; the Stop that answers it. `done`: as in _check."""
+        self.metrics.add("cancelled_queued" if done is None else "cancelled_decoding")
+        return Stop("request cancelled by the client " + ("before decoding (no prefill ran)" if done is None
+                                                          else f"after {done} tokens"),
+                    pb_utils.TritonError.CANCELLED)
+
     def _generate(self, item: Item, request, on_piece) -> Result:
         """Decode one prompt; with `on_piece`, call it with each round's new text (held while a UTF-8 char is open)."""
-        engine = self.engine
-        decode = lambda ids: engine.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
         self._check(request, 0)  # (a batch's later prompts) before this prompt's prefill
         self.metrics.add("prefills")
-        rounds = engine.stream_tokens(item.prompt_ids, item.max_new_tokens, item.sampling, logprobs=item.logprobs)
-        ids, shown, sent, finish = [], "", 0, ""  # sent: tokens whose log probs a response carried
+        rounds = self.engine.stream_tokens(item.prompt_ids, item.max_new_tokens, item.sampling,
+                                           logprobs=item.logprobs)
+        output = Output(item, self.decode)
         try:
             for tokens in rounds:
-                self._check(request, len(ids))
-                if item.end_id is not None and item.end_id in tokens:
-                    tokens, finish = tokens[: tokens.index(item.end_id) + 1], "stop"
-                ids.extend(tokens)
-                keep = item.stop_words.keep(decode, ids, len(tokens))
-                if keep is not None:
-                    del ids[len(ids) - len(tokens) + keep:]
-                    finish = "stop"
-                if finish:
+                self._check(request, len(output.ids))
+                if output.add(tokens):
                     break
-                if on_piece is not None:
-                    text = decode(ids)
-                    if len(text) > len(shown) and not text.endswith("\ufffd"):
-                        on_piece(text[len(shown):], self._result(item, text, "", ids, sent, None))
-                        shown, sent = text, len(ids)
+                piece = output.piece(self.engine.current_stats) if on_piece is not None else None
+                if piece is not None:
+                    on_piece(*piece)
         finally:
             rounds.close()
-        text = decode(ids)
-        return self._result(item, text, text[len(shown):], ids, sent, finish or self._stats(item).finish_reason)
+        return output.final(self.engine.current_stats)
 
-    def _result(self, item: Item, text: str, tail: str, ids: list, sent: int, finish: str | None) -> Result:
-        """The prompt's state for a response; `finish` None while it is still decoding."""
-        stats = self._stats(item)
-        # The loop's log probs cover the tokens it yielded; end_id and stop words may have cut some since.
-        logprobs = stats.token_logprobs[: len(ids)] if item.logprobs else []
-        return Result(text, tail, len(ids), stats, finish or "", logprobs[sent:], float(sum(logprobs)))
+    # ---- in-flight batching (submission on Triton's thread, callbacks on the scheduler's driver thread) ----
 
-    def _stats(self, item: Item):
-        """The running request's DecodeStats, updated every round."""
-        return self.engine.current_stats
+    def _submit(self, job: Job) -> None:
+        from jetspec_trt.runtime.scheduler_thread import Submission
+
+        batched = BatchedJob(job, [Output(item, self.decode) for item in job.items], [None] * len(job.items), set())
+        # A prompt leaves the scheduler when the client cancels, or when its job is over (a sibling failed).
+        cancelled = lambda: batched.over or job.request.is_cancelled()  # noqa: E731
+        for index, item in enumerate(job.items):
+            self.driver.submit(Submission(
+                item.prompt_ids, item.max_new_tokens, item.sampling, item.logprobs,
+                on_output=lambda out, index=index: self._on_output(batched, index, out),
+                on_abort=lambda reason, started, error, index=index: self._on_abort(batched, index, reason, started,
+                                                                                   error),
+                is_cancelled=cancelled))
+
+    def _on_output(self, batched: BatchedJob, index: int, out) -> bool:
+        """A step's tokens of one prompt: stream the new text, answer finished prompts. True: end_id or a stop word
+        ended the prompt (the scheduler drops it)."""
+        if index not in batched.prefilled:
+            batched.prefilled.add(index)
+            self.metrics.add("prefills")
+            self._leave_queue(batched)
+        job, output = batched.job, batched.outputs[index]
+        ended = output.add(out.tokens)
+        if job.stream and not ended:
+            piece = output.piece(out.stats)
+            if piece is not None:
+                job.sender.send(self._response(output.item, 0, *piece))
+        if ended or out.finished:
+            batched.results[index] = output.final(out.stats)
+            self._answer(batched)
+        return ended
+
+    def _answer(self, batched: BatchedJob) -> None:
+        """Send the responses of the finished prompts, in order (as the one-at-a-time path sends them); the last
+        carries the final flag."""
+        job = batched.job
+        while batched.answered < len(job.items) and batched.results[batched.answered] is not None:
+            index, result = batched.answered, batched.results[batched.answered]
+            item, last = job.items[index], index == len(job.items) - 1
+            if job.stream:
+                text = result.tail
+            else:
+                text = result.text if item.exclude_input else item.text + result.text
+            batched.answered += 1
+            batched.over = last
+            job.sender.send(self._response(item, index, text, result), flags=FINAL if last else 0)
+
+    def _on_abort(self, batched: BatchedJob, index: int, reason: str, started: bool, error) -> None:
+        """A prompt ended without finishing: the job's error response (once)."""
+        if batched.over:
+            return  # a sibling's end already answered the job
+        batched.over = True
+        self._leave_queue(batched)
+        if reason == "cancelled":
+            stop = self._cancelled(len(batched.outputs[index].ids) if started else None)
+            pb_utils.Logger.log_info(f"jetspec: {stop}")
+            self._fail(batched.job.sender, str(stop), stop.code)
+        elif reason == "unloading":
+            self._fail(batched.job.sender, "the model is being unloaded", pb_utils.TritonError.UNAVAILABLE)
+        else:
+            pb_utils.Logger.log_error(f"jetspec: request failed: {one_line(error)}")
+            self._fail(batched.job.sender, f"internal error: {one_line(error)}")
+
+    def _leave_queue(self, batched: BatchedJob) -> None:
+        if not batched.started:
+            batched.started = True
+            self.metrics.add("queued", -1)
+            with self.waiting_lock:
+                self.waiting_jobs -= 1
+
+    def _count_step(self, sequences: int) -> None:
+        self.metrics.add("steps")
+        self.metrics.add("step_sequences", sequences)
 
     def _response(self, item: Item, index: int, text: str, result: Result):
         """One prompt's response: every tensor has batch size 1; `index` is the prompt's row in the request."""
@@ -393,6 +550,10 @@ class TritonPythonModel:
 
     def finalize(self):
         self.stopping.set()
+        if self.driver is not None:
+            self.driver.close(timeout=60)  # every live request gets its UNAVAILABLE answer
+            self.metrics.close()
+            return
         while True:
             try:
                 job = self.queue.get_nowait()

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from jetspec_trt.runtime.config import RuntimeConfig
-from jetspec_trt.runtime.scheduler import Scheduler, SchedulerConfig, StepOutput
+from jetspec_trt.runtime.scheduler import Scheduler, StepOutput
 from jetspec_trt.tree.accept import SamplingConfig
 
 

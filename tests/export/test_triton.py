@@ -284,6 +284,7 @@ def test_export_repository_layout(workdir, engine_dir):
     assert [s.name for s in INPUTS if not s.optional] == ["text_input", "max_tokens"]
     assert {s.name: s.dims for s in INPUTS if s.dims != (1,)} == {"stop_words": (-1,), "bad_words": (-1,)}
     assert 'key: "engine_dir"' in config and 'string_value: "engine"' in config
+    assert 'key: "inflight_batch"\n  value: { string_value: "1" }' in config  # one request at a time by default
     assert (repo / "spec-1" / "engine" / "runtime_config.json").is_file()
     model = (repo / "spec-1" / "1" / "model.py").read_text()
     assert "class TritonPythonModel" in model and "TRITONSERVER_RESPONSE_COMPLETE_FINAL" in model
@@ -294,6 +295,7 @@ def test_export_repository_layout(workdir, engine_dir):
     (["missing-engine"], "does not exist"),
     (["{engine}", "--max-batch-size", "0"], "--max-batch-size must be >= 1"),
     (["{engine}", "--instances", "0"], "--instances must be >= 1"),
+    (["{engine}", "--inflight-batch", "0"], "--inflight-batch must be >= 1"),
     (["{engine}", "--model-name", "a b"], "model name"),
     (["{engine}", "--device", "tpu"], "--device"),
 ])
@@ -685,6 +687,12 @@ CLIENTS, REQUESTS_PER_CLIENT, CONCURRENT_MAX_TOKENS = 64, 4, 12
 
 
 def test_concurrent_streaming_clients(served, runner):
+    concurrent_streaming_clients(served, runner)
+
+
+def concurrent_streaming_clients(served, runner):
+    """CLIENTS gRPC streams send REQUESTS_PER_CLIENT requests each at once: nothing is lost or mixed up, and every
+    output is the direct runner's."""
     prompts = {f"c{c}-r{r}": f"client {c} asks question {r}: what is {c} * {r}?"
                for c in range(CLIENTS) for r in range(REQUESTS_PER_CLIENT)}
     expected = {key: reference(runner, prompt, CONCURRENT_MAX_TOKENS).text for key, prompt in prompts.items()}
@@ -743,6 +751,105 @@ def test_sigterm_stops_server_cleanly(served):
     assert "tritonserver stopped (exit code 0)" in served.log.read_text()
     assert processes_mentioning(str(served.repo)) == []
     assert not http_ready(served.http)
+
+
+# ---- in-flight batching: every request of the instance in one engine's scheduler (a server of its own) ----
+
+INFLIGHT_BATCH = 8
+
+
+@pytest.fixture(scope="module")
+def served_batched(workdir, engine_dir):
+    repo = export_triton(TritonExportConfig(engine_dir, workdir / "batched-repo", max_batch_size=4, cpu_threads=1,
+                                            copy_engine=True, inflight_batch=INFLIGHT_BATCH))
+    assert 'key: "inflight_batch"' in (repo / MODEL / "config.pbtxt").read_text()
+    with serving(repo, workdir / "serve-batched.log", engine_dir) as server:
+        yield server
+
+
+def step_counts(server) -> tuple[float, float]:
+    return metric(server, "jetspec_steps_total"), metric(server, "jetspec_step_sequences_total")
+
+
+def test_batched_concurrent_streaming_clients_share_one_engine(served_batched, runner):
+    """The 64 x 4 clients against one instance batching up to INFLIGHT_BATCH sequences: every output is the direct
+    runner's, and the scheduler's steps ran several sequences at once (the instance's one engine interleaved
+    them: more sequence-rounds than steps)."""
+    steps, sequences = step_counts(served_batched)
+    concurrent_streaming_clients(served_batched, runner)
+    steps, sequences = (now - before for now, before in zip(step_counts(served_batched), (steps, sequences)))
+    print(f"in-flight batching: {sequences:g} sequence-rounds in {steps:g} steps (mean batch {sequences / steps:.2f})")
+    assert steps > 0 and sequences / steps > 2
+    assert metric(served_batched, "jetspec_queued_requests") == 0
+
+
+def test_batched_requests_with_every_setting_equal_the_direct_runner(served_batched, runner):
+    """Concurrent requests of different settings in one batch, each as the direct runner decodes it alone:
+    seeded sampling with top_k and log probs, a stop word, end_id, a bad word, and a non-streaming batch of
+    prompts (answered in order)."""
+    decode = lambda ids: runner.tokenizer.decode(ids, skip_special_tokens=True)  # noqa: E731
+    greedy = [reference(runner, p, 20) for p in PROMPTS]
+    sampling = SamplingConfig(temperature=0.9, top_p=0.95, seed=77, top_k=8)
+    with torch_threads(1):
+        tokens = [t for chunk in runner.stream_tokens(runner.encode(PROMPTS[2]), 16, sampling, logprobs=True)
+                  for t in chunk]
+        logprobs = runner.last_stats.token_logprobs
+    word = decode(greedy[0].token_ids[:8])[-3:]
+    keep = StopWords((word,)).keep(decode, greedy[0].token_ids, len(greedy[0].token_ids))
+    end_id = greedy[1].token_ids[3]
+    cases = {
+        "sampled": (trtllm_client_inputs(PROMPTS[2], 16, temperature=0.9, top_p=0.95, top_k=8, seed=77,
+                                         return_log_probs=True), decode(tokens)),
+        "stop": (trtllm_client_inputs(PROMPTS[0], 20, stop_words=[word]), decode(greedy[0].token_ids[:keep])),
+        "end": (trtllm_client_inputs(PROMPTS[1], 20, end_id=end_id),
+                decode(greedy[1].token_ids[: greedy[1].token_ids.index(end_id) + 1])),
+        "greedy": (trtllm_client_inputs(PROMPTS[2], 20), greedy[2].text),
+    }
+    outputs = [grpcclient.InferRequestedOutput(n) for n in ("text_output", "output_log_probs", "finish_reason")]
+    stream = GrpcStream(served_batched.grpc)
+    try:
+        for key, (inputs, _) in cases.items():
+            stream.send(key, inputs, outputs=outputs)
+        stream.send("batch", grpc_inputs(PROMPTS, 20, stream=False,
+                                         exclude_input_in_output=np.array([[True]] * len(PROMPTS))))
+        got = stream.collect(len(cases) + 1, timeout=120)
+    finally:
+        stream.close()
+    for key, (_, expected) in cases.items():
+        assert got[key]["error"] is None and got[key]["finals"] == 1, (key, got[key]["error"])
+        assert "".join(got[key]["pieces"]) == expected, key
+    assert scalar(got["stop"]["last"], "finish_reason") == scalar(got["end"]["last"], "finish_reason") == b"stop"
+    streamed = np.concatenate([r.as_numpy("output_log_probs").reshape(-1) for r in got["sampled"]["results"]])
+    assert streamed == pytest.approx(logprobs, abs=1e-5)
+    assert got["batch"]["pieces"] == [g.text for g in greedy] and got["batch"]["finals"] == 1
+    assert [scalar(r, "batch_index") for r in got["batch"]["results"]] == [0, 1, 2]
+    assert [scalar(r, "decoding_iter") for r in got["batch"]["results"]] == [g.stats.rounds for g in greedy]
+
+
+def test_batched_cancellation_drops_waiting_requests_without_prefill(served_batched, runner):
+    """INFLIGHT_BATCH long requests fill the batch; requests waiting behind them in the scheduler, then cancelled,
+    leave it at once and never prefill; the long ones, cancelled, free the engine."""
+    before = (metric(served_batched, "jetspec_prefills_total"),
+              metric(served_batched, "jetspec_cancelled_total", stage="queued"))
+    busy, waiting = GrpcStream(served_batched.grpc), GrpcStream(served_batched.grpc)
+    try:
+        for i in range(INFLIGHT_BATCH):
+            busy.send(f"busy{i}", grpc_inputs([f"count forever {i}:"], 1000))
+        wait_until(lambda: metric(served_batched, "jetspec_prefills_total") - before[0] == INFLIGHT_BATCH, 60,
+                   "the batch to fill", served_batched.log)
+        for i in range(QUEUED):
+            waiting.send(f"q{i}", grpc_inputs([f"queued prompt number {i}"], 8))
+        wait_until(lambda: metric(served_batched, "jetspec_queued_requests") == QUEUED, 30, "the requests to wait")
+        waiting.close(cancel=True)
+        wait_until(lambda: metric(served_batched, "jetspec_cancelled_total", stage="queued") - before[1] == QUEUED,
+                   30, "the waiting requests' cancellations", served_batched.log)
+        assert metric(served_batched, "jetspec_prefills_total") - before[0] == INFLIGHT_BATCH
+    finally:
+        busy.close(cancel=True)
+    wait_until(lambda: metric(served_batched, "jetspec_queued_requests") == 0, 30, "an empty queue")
+    got = stream_one(served_batched.grpc, PROMPTS[1], 8)  # the engine is free again
+    assert got["error"] is None and "".join(got["pieces"]) == reference(runner, PROMPTS[1], 8).text
+    assert metric(served_batched, "jetspec_prefills_total") - before[0] == INFLIGHT_BATCH + 1
 
 
 # ---- faults: a dead model, a server that dies or will not stop (each on a server of its own) ----
