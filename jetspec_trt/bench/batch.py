@@ -3,8 +3,8 @@
 The same N = max(batch sizes) prompts (taken from the suites in turn) are submitted at once to the engine's
 scheduler (runtime/scheduler.py) with max_batch = B, for each B, speculative (one tree per sequence at
 --budgets' first value) and AR (budget 1) in the same process. Reported per (B, mode): aggregate tok/s (all
-tokens over the wall time of the whole run), per-stream tok/s (a request's tokens over the time from its admission
-to its end), mean tau, and how many outputs equal the same prompt's output at B = 1 (the single-stream outputs:
+tokens over the wall time of the whole run), per-stream tok/s (a request's tokens over the time from the end of the
+step that prefilled it to its end), mean tau, and how many outputs equal the same prompt's output at B = 1 (the single-stream outputs:
 greedy batching is exact in fp32; in bf16 the batched GEMMs round differently and near-ties may flip).
 
 The scheduler's rounds are eager on every device today (no CUDA graphs per batch bucket yet), so on a GPU B = 1
@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
-import torch
 
-from jetspec_trt.bench.suites import engine_report_header, load_suite_prompts, write_report
+from jetspec_trt.bench.suites import engine_report_header, load_suite_prompts, sync, write_report
 
 
 @dataclass(frozen=True)
@@ -34,37 +33,39 @@ class BatchBenchConfig:
     device: str = "cuda"
     output_dir: Path = Path("bench/results")
     tag: str = ""
-    num_prompts: int = field(init=False, default=0)  # per suite, as load_suite_prompts reads it: enough for N
 
     def __post_init__(self):
         if not self.batches or min(self.batches) < 1:
             raise ValueError(f"--batch sizes must be >= 1, got {self.batches}")
-        object.__setattr__(self, "num_prompts", -(-max(self.batches) // len(self.suites)))
+
+    @property
+    def prompts_per_suite(self) -> int:
+        """Enough prompts per suite for N = max(batches) requests."""
+        return -(-max(self.batches) // len(self.suites))
 
 
 def _prompt_ids(engine, cfg: BatchBenchConfig) -> list[list[int]]:
     """N prompts, one suite after another in turn (mtbench 0, math500 0, humaneval 0, mtbench 1, ...)."""
-    by_suite = load_suite_prompts(cfg.suites, cfg.num_prompts, cfg.prompts_file)
-    mixed = [rows[i] for i in range(cfg.num_prompts) for rows in by_suite.values() if i < len(rows)]
+    per_suite = cfg.prompts_per_suite
+    by_suite = load_suite_prompts(cfg.suites, per_suite, cfg.prompts_file)
+    mixed = [rows[i] for i in range(per_suite) for rows in by_suite.values() if i < len(rows)]
     return [engine.encode(messages) for _, messages in mixed[: max(cfg.batches)]]
 
 
-def run_batched(engine, prompts: list[list[int]], max_batch: int, max_new_tokens: int, speculative: bool,
-                tree) -> dict:
+def run_batched(engine, device: str, prompts: list[list[int]], max_batch: int, max_new_tokens: int,
+                speculative: bool, tree) -> dict:
     """All prompts submitted at once to a scheduler of max_batch sequences; stepped until idle (synchronised)."""
     from jetspec_trt.runtime.scheduler import SchedulerConfig
 
-    page = engine.runtime.page_size
-    need = max(-(-(len(p) + max_new_tokens + max(tree.budget, engine.runtime.block_size)) // page) for p in prompts)
-    scheduler = engine.new_scheduler(SchedulerConfig(num_pages=need * max_batch, max_batch=max_batch))
+    scheduler = engine.new_scheduler(SchedulerConfig.full_batch(engine.runtime, max_batch))
     ids = [scheduler.add_request(p, max_new_tokens, speculative=speculative, tree=tree) for p in prompts]
     tokens = {i: [] for i in ids}
     admitted, ended, stats = {}, {}, {}
-    _sync(engine)
+    sync(device)
     start = time.perf_counter()
     while not scheduler.idle:
         outputs = scheduler.step()
-        _sync(engine)
+        sync(device)
         now = time.perf_counter() - start
         for out in outputs:
             admitted.setdefault(out.request_id, now)  # admission and its prefill happen in the step that ends here
@@ -79,11 +80,6 @@ def run_batched(engine, prompts: list[list[int]], max_batch: int, max_new_tokens
             "tau_mean": statistics.fmean(stats[i].tau for i in ids)}
 
 
-def _sync(engine) -> None:
-    if engine.target.embed_tokens.weight.is_cuda:
-        torch.cuda.synchronize()
-
-
 def run_batch_bench(cfg: BatchBenchConfig, command: list[str] | None = None) -> Path:
     from jetspec_trt.runtime.config import TreeConfig
     from jetspec_trt.runtime.engine import Engine
@@ -93,11 +89,11 @@ def run_batch_bench(cfg: BatchBenchConfig, command: list[str] | None = None) -> 
     trees = {"spec": TreeConfig(cfg.budget, base.topk, base.max_depth), "ar": TreeConfig(1, 1, 1)}
     prompts = _prompt_ids(engine, cfg)
     for mode, tree in trees.items():  # warm-up, untimed: kernels, allocator
-        run_batched(engine, prompts[:2], 2, 4, mode == "spec", tree)
+        run_batched(engine, cfg.device, prompts[:2], 2, 4, mode == "spec", tree)
     rows, reference = [], {}
     for batch in sorted(set(cfg.batches)):
         for mode, tree in trees.items():
-            run = run_batched(engine, prompts, batch, cfg.max_new_tokens, mode == "spec", tree)
+            run = run_batched(engine, cfg.device, prompts, batch, cfg.max_new_tokens, mode == "spec", tree)
             outputs = run.pop("outputs")
             reference.setdefault(mode, outputs)  # the smallest batch size runs first: B = 1 when it is asked for
             run["identical_to_smallest_batch"] = sum(a == b for a, b in zip(outputs, reference[mode]))

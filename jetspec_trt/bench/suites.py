@@ -115,7 +115,8 @@ def load_suite_prompts(suites: tuple[str, ...], num_prompts: int,
     return out
 
 
-def _sync(device: str) -> None:
+def sync(device: str) -> None:
+    """Wait for the device's queued work (timings end here)."""
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
@@ -138,12 +139,12 @@ def slug(text: str) -> str:
 
 
 def _generate(engine, ids, cfg, sampling, speculative, tree):
-    _sync(cfg.device)
+    sync(cfg.device)
     t0 = time.perf_counter()
     out: list[int] = []
     for tokens in engine.stream_tokens(ids, cfg.max_new_tokens, sampling, speculative, tree):
         out.extend(tokens)
-    _sync(cfg.device)
+    sync(cfg.device)
     wall = time.perf_counter() - t0
     stats = engine.last_stats
     return out, {"tokens": len(out), "wall_s": wall, "tok_s": len(out) / max(wall, 1e-9), "tau": stats.tau,
@@ -152,13 +153,13 @@ def _generate(engine, ids, cfg, sampling, speculative, tree):
 
 def _hf_generate(model, ids, cfg) -> dict:
     input_ids = torch.tensor([ids], device=cfg.device)
-    _sync(cfg.device)
+    sync(cfg.device)
     t0 = time.perf_counter()
     with torch.no_grad():
         out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
                              max_new_tokens=cfg.max_new_tokens, temperature=None, top_p=None, top_k=None,
                              repetition_penalty=None)
-    _sync(cfg.device)
+    sync(cfg.device)
     wall = time.perf_counter() - t0
     n = int(out.shape[1] - input_ids.shape[1])
     return {"tokens": n, "wall_s": wall, "tok_s": n / max(wall, 1e-9)}

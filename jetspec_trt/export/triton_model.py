@@ -240,9 +240,9 @@ class TritonPythonModel:
         self.inflight_batch = int(params.get("inflight_batch", "1"))
         if self.inflight_batch > 1:
             from jetspec_trt.runtime.scheduler import SchedulerConfig
-            from jetspec_trt.runtime.scheduler_thread import SchedulerThread, full_batch_pages
+            from jetspec_trt.runtime.scheduler_thread import SchedulerThread
 
-            config = SchedulerConfig(full_batch_pages(self.engine.runtime, self.inflight_batch), self.inflight_batch)
+            config = SchedulerConfig.full_batch(self.engine.runtime, self.inflight_batch)
             self.waiting_jobs, self.waiting_lock = 0, threading.Lock()  # the queue bound: jobs not started yet
             self.driver = SchedulerThread(lambda: self.engine.new_scheduler(config), on_step=self._count_step)
         else:

@@ -33,6 +33,7 @@ now waits in the queue (first come, first served), and one that could never fit 
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -55,6 +56,12 @@ from jetspec_trt.tree.accept import SamplingConfig
 class SchedulerConfig:
     num_pages: int = 64  # pages in each pool (target K/V; draft K/V with a draft head), runtime.page_size slots each
     max_batch: int = 8  # sequences decoding together; further requests wait in the queue
+
+    @classmethod
+    def full_batch(cls, runtime: RuntimeConfig, max_batch: int) -> "SchedulerConfig":
+        """Pages for `max_batch` requests of the engine's longest (max_seq_len and one tree beyond): any
+        admissible request fits, and a full batch never waits for pages."""
+        return cls(max_batch * math.ceil(runtime.cache_tokens() / runtime.page_size), max_batch)
 
     def validate(self) -> None:
         if self.num_pages < 1 or self.max_batch < 1:

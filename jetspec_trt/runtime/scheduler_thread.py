@@ -6,7 +6,7 @@ requests over through a queue (`submit`), and each request's tokens come back th
 run on the driver thread. Between steps the driver polls each request's `is_cancelled` and cancels it in the
 scheduler at once, waiting ones included (they never pay their prefill).
 
-    driver = SchedulerThread(lambda: engine.new_scheduler(SchedulerConfig(num_pages, max_batch)))
+    driver = SchedulerThread(lambda: engine.new_scheduler(SchedulerConfig.full_batch(engine.runtime, max_batch)))
     driver.submit(Submission(prompt_ids, 64, SamplingConfig(), False, on_output=..., on_abort=...))
     ...
     driver.close()   # live requests end with on_abort("unloading")
@@ -14,13 +14,11 @@ scheduler at once, waiting ones included (they never pay their prefill).
 
 from __future__ import annotations
 
-import math
 import queue
 import threading
 from dataclasses import dataclass
 from typing import Callable
 
-from jetspec_trt.runtime.config import RuntimeConfig
 from jetspec_trt.runtime.scheduler import Scheduler, StepOutput
 from jetspec_trt.tree.accept import SamplingConfig
 
@@ -42,12 +40,6 @@ class Submission:
     on_abort: Callable[[str, bool, BaseException | None], None]
     is_cancelled: Callable[[], bool] = lambda: False  # polled before every step
     started: bool = False  # set by the driver at the first output
-
-
-def full_batch_pages(runtime: RuntimeConfig, max_batch: int) -> int:
-    """Pages per pool for `max_batch` requests of the engine's longest (max_seq_len and one tree beyond): any
-    admissible request fits, and a full batch never waits for pages."""
-    return max_batch * math.ceil(runtime.cache_tokens() / runtime.page_size)
 
 
 class SchedulerThread:

@@ -16,7 +16,7 @@ from jetspec_trt.runtime.config import TreeConfig
 from jetspec_trt.runtime.decoder import Decoder
 from jetspec_trt.runtime.engine import Engine
 from jetspec_trt.runtime.scheduler import SchedulerConfig
-from jetspec_trt.runtime.scheduler_thread import SchedulerThread, Submission, full_batch_pages
+from jetspec_trt.runtime.scheduler_thread import SchedulerThread, Submission
 from jetspec_trt.tree.accept import SamplingConfig
 from tests.helpers import tiny_pair, tiny_runtime
 
@@ -66,8 +66,7 @@ class Client:
 
 
 def driver_for(engine: Engine, max_batch: int) -> SchedulerThread:
-    pages = full_batch_pages(engine.runtime, max_batch)
-    return SchedulerThread(lambda: engine.new_scheduler(SchedulerConfig(pages, max_batch)))
+    return SchedulerThread(lambda: engine.new_scheduler(SchedulerConfig.full_batch(engine.runtime, max_batch)))
 
 
 def alone(engine: Engine, client: Client) -> tuple[list[int], object]:
