@@ -12,15 +12,23 @@ from pathlib import Path
 
 import click
 
+from jetspec_trt.errors import JetSpecError
 from jetspec_trt.runtime.config import DEFAULT_TREE
 
 
+def _numbers(text: str, kind: type) -> tuple:
+    try:
+        return tuple(kind(x) for x in text.split(","))
+    except ValueError:
+        raise JetSpecError(f"expected comma-separated {kind.__name__}s, got {text!r}") from None
+
+
 def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.split(","))
+    return _numbers(text, int)
 
 
 def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(x) for x in text.split(","))
+    return _numbers(text, float)
 
 
 @click.command("bench")

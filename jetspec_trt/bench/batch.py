@@ -18,8 +18,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-
 from jetspec_trt.bench.suites import engine_report_header, load_suite_prompts, sync, write_report
+from jetspec_trt.errors import JetSpecError
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class BatchBenchConfig:
 
     def __post_init__(self):
         if not self.batches or min(self.batches) < 1:
-            raise ValueError(f"--batch sizes must be >= 1, got {self.batches}")
+            raise JetSpecError(f"--batch sizes must be >= 1, got {','.join(map(str, self.batches))}")
 
     @property
     def prompts_per_suite(self) -> int:

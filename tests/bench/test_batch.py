@@ -40,3 +40,10 @@ def test_batch_bench_tiny(tiny, tmp_path):
 def test_batch_flag_needs_an_engine(capsys):
     code, _, err = invoke_cli(["bench", "--batch", "1,4"], capsys)
     assert code != 0 and "--batch needs --engine" in err
+
+
+def test_bad_batch_sizes_get_one_line(tiny, capsys):
+    engine_dir, _ = tiny
+    for value, message in (("0,4", "--batch sizes must be >= 1, got 0,4"), ("1,x", "expected comma-separated ints")):
+        code, _, err = invoke_cli(["bench", "--engine", str(engine_dir), "--batch", value, "--device", "cpu"], capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
