@@ -46,6 +46,8 @@ def tree_options(func):
               help="Keep cuBLAS for the AR step's single-token GEMMs instead of the Triton GEMV kernel.")
 @click.option("--no-compile", is_flag=True,
               help="Run the CUDA graphs' layers and tree/accept stages eager (no torch.compile at first use).")
+@click.option("--tree-kernel", is_flag=True,
+              help="Build each round's tree with the Triton tree kernels instead of the compiled torch ops (CUDA).")
 @click.option("--quantize", type=click.Choice(["fp8"]), default=None,
               help="Quantize the target with nvidia-modelopt (FP8 e4m3, per-tensor scales, calibrated on prompts); "
                    "lm_head, embeddings and the draft head stay unquantized. Needs an FP8 GPU (sm89+) to run.")
@@ -56,8 +58,8 @@ def tree_options(func):
               help="--quantize: calibration prompts are cut to this many tokens.")
 @click.option("--calib-device", default=None, help="--quantize: where to calibrate [default: cuda if available].")
 def build(target_dir, draft_dir, output_dir, budget, topk, max_depth, dtype, max_seq_len, overwrite, backend,
-          attention, no_fuse, no_tune, no_decode_gemv, no_compile, quantize, calib_prompts, calib_samples,
-          calib_max_tokens, calib_device):
+          attention, no_fuse, no_tune, no_decode_gemv, no_compile, tree_kernel, quantize, calib_prompts,
+          calib_samples, calib_max_tokens, calib_device):
     """Check a target/draft pair and write an engine directory."""
     if backend == "tensorrt" and quantize:
         raise JetSpecError("--quantize builds PyTorch engines only (drop --backend tensorrt)")
@@ -75,7 +77,8 @@ def build(target_dir, draft_dir, output_dir, budget, topk, max_depth, dtype, max
                                                                    calib_max_tokens, calib_device)
     config = BuildConfig(target_dir, draft_dir, output_dir, TreeConfig(budget, topk, depth), dtype, max_seq_len,
                          overwrite=overwrite, fuse=not no_fuse, tune=not no_tune,
-                         decode_gemv=not no_decode_gemv, compile_graphs=not no_compile, quantize=quantize_config)
+                         decode_gemv=not no_decode_gemv, compile_graphs=not no_compile, tree_kernel=tree_kernel,
+                         quantize=quantize_config)
     if backend == "tensorrt":
         from jetspec_trt.builders.tensorrt_builder import build_tensorrt_engine
 

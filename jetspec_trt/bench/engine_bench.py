@@ -2,7 +2,8 @@
 
 Everything is measured in one run on one device, so the ratios in the JSON are side by side:
   * AR: one graphed decode step at each context (CUDA events, median), and an end-to-end greedy generate
-  * round split: draft / tree / verify / accept+compaction, per tree budget and context (graph replays)
+  * round split: draft / tree / verify / accept+compaction, per tree budget and context (graph replays); with
+    compare_tree_kernel the same split again with the tree stage on the Triton tree kernels ("rounds_tree_kernel")
   * projected tok/s = tau / round time, for tau values given (e.g. the paper's) and measured ones
   * Hugging Face transformers `generate` on the same shape and dtype
   * agreement: speculative greedy output vs the engine's own AR greedy output, over several prompts
@@ -45,6 +46,7 @@ class BenchConfig:
     reps: int = 30
     compile_layers: bool = True  # torch.compile the decoder layers (fuses norms, RoPE, activations)
     compare_gemv: bool = True  # also time the AR step with plugins.gemv for the single-token GEMMs
+    compare_tree_kernel: bool = True  # also time the rounds with the tree stage on plugins.triton_tree_build
     output_dir: Path = Path("bench/results")
     tag: str = ""
 
@@ -262,6 +264,15 @@ def run_bench(cfg: BenchConfig, command: list[str] | None = None) -> Path:
                                   for c in cfg.contexts]
         report["ar_generate_gemv"] = bench.ar_generate_tok_s()
         bench.decoder.set_decode_gemv(False)
+    if cfg.compare_tree_kernel and bench.decoder.triton_kernels:
+        # The same rounds with the tree stage on the Triton kernels, and their greedy agreement with AR.
+        bench.decoder.set_tree_kernel(True)
+        report["rounds_tree_kernel"] = [
+            dict(split, budget=budget, context=context)
+            for context in cfg.contexts for budget in cfg.budgets
+            for split in (bench.round_split_ms(budget, context),)]
+        report["agreement_tree_kernel"] = bench.agreement()
+        bench.decoder.set_tree_kernel(False)
     report["agreement"] = bench.agreement()
     progress.update()
     if cfg.hf_generate:

@@ -59,6 +59,7 @@ class BuildConfig:
     tune: bool = True  # time tree-attention launch configs on this machine's GPU (skipped without CUDA)
     decode_gemv: bool = True  # CUDA AR step: single-token GEMMs through plugins.gemv (False: cuBLAS)
     compile_graphs: bool = True  # CUDA: torch.compile layers and tree/accept stages inside the graphs
+    tree_kernel: bool = False  # CUDA: the round's tree stage on the Triton tree kernels (plugins.triton_tree_build)
     quantize: QuantizeConfig | None = None  # quantize the target (FP8 through nvidia-modelopt); None: as it is
 
 
@@ -105,6 +106,7 @@ def runtime_config_for(pair: CheckedPair, cfg: BuildConfig) -> RuntimeConfig:
         page_size=cfg.page_size,
         decode_gemv=cfg.decode_gemv,
         compile_graphs=cfg.compile_graphs,
+        tree_kernel=cfg.tree_kernel,
     )
 
 

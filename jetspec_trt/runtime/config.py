@@ -47,6 +47,10 @@ class RuntimeConfig:
     # they are hundreds of tiny kernels that Inductor fuses (H200, Qwen2.5-0.5B shape: AR step 2.94 -> 1.38 ms,
     # budget-16 verify 3.41 -> 1.43 ms). Costs a compile on the first use of each tree bucket.
     compile_graphs: bool = True
+    # CUDA: the round's tree stage as three Triton kernels (plugins/triton_tree_build.py) instead of the compiled
+    # torch build (aten top-k, a sort per level): the torch build took 0.47-1.18 ms of a 2.3-3.6 ms round at the
+    # 0.5B shape. Off until the engine bench has timed both side by side on a GPU.
+    tree_kernel: bool = False
     extras: dict = field(default_factory=dict)  # backend-specific (e.g. tuned kernel configs)
 
     def cache_tokens(self) -> int:

@@ -175,6 +175,7 @@ class GraphDecoder:
         # bucket, so each compiles once. The per-node choice (choose_tokens) stays eager: a handful of
         # vocabulary-wide kernels, and its draws use a generator.
         self.build_tree, self.accept_path = build_tree_and_mask, accept_tensors
+        self.tree_kernel = runtime.tree_kernel
         if compile_layers:
             compile_model_layers(target.layers)
             compile_model_layers(draft.layers)
@@ -215,6 +216,20 @@ class GraphDecoder:
         self._ar_steps.clear()
         self._stages.clear()
 
+    def set_tree_kernel(self, enabled: bool) -> None:
+        """Switch the tree stage between the Triton kernels and the torch build; drops captured rounds."""
+        self.tree_kernel = enabled
+        self._stages.clear()
+
+    def _tree_builder(self, tree: TreeConfig) -> Callable:
+        """The tree stage's function for a bucket: the Triton kernels where asked for and able, else the torch build."""
+        if self.tree_kernel and self.triton_kernels:
+            from jetspec_trt.plugins import triton_tree_build
+
+            if triton_tree_build.supports(tree.budget, tree.topk, tree.max_depth):
+                return triton_tree_build.build_tree_and_mask
+        return self.build_tree
+
     def reset(self, context: int = 0) -> None:
         """Both caches back to `context` committed tokens (0: empty), whatever their K/V rows hold: benchmarks
         replay steps and rounds at contexts nobody prefilled."""
@@ -251,6 +266,7 @@ class GraphDecoder:
         offsets_block = torch.arange(block_size, device=self.device)
         block = torch.full((block_size,), self.runtime.mask_token_id, dtype=torch.long, device=self.device)
         scratch: dict[str, object] = {}
+        build_tree = self._tree_builder(tree)
 
         def draft_stage() -> None:
             # Padded rows past `count` are written too but not committed: the block overwrites them.
@@ -262,8 +278,8 @@ class GraphDecoder:
             scratch["depth_logits"] = target.lm_head(hidden[1 : 1 + depth])
 
         def tree_stage() -> None:
-            scratch["tree"], scratch["mask"] = self.build_tree(state.anchor, scratch["depth_logits"], tree.budget,
-                                                               tree.topk, depth)
+            scratch["tree"], scratch["mask"] = build_tree(state.anchor, scratch["depth_logits"], tree.budget,
+                                                          tree.topk, depth)
 
         def verify_stage() -> None:
             built = scratch["tree"]

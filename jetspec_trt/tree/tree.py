@@ -51,7 +51,14 @@ def build_tree(anchor: int, depth_logits: torch.Tensor, budget: int, topk: int, 
     max_depth = min(max_depth, depth_logits.shape[0])
     k = min(topk, depth_logits.shape[-1])
     top_logp, top_ids = depth_top_logp(depth_logits[:max_depth], k)
-    top_logp, top_ids = top_logp.tolist(), top_ids.tolist()
+    return build_tree_from_top(anchor, top_logp, top_ids, budget, k, max_depth)
+
+
+def build_tree_from_top(anchor: int, top_logp: torch.Tensor, top_ids: torch.Tensor, budget: int, k: int,
+                        max_depth: int) -> DraftTree:
+    """The best-first tree over per-depth candidates: top_logp / top_ids [>= max_depth, >= k], row d holding the
+    k best tokens for depth d+1 and their log-probabilities, best first. Scores add in Python floats (float64)."""
+    top_logp, top_ids = top_logp[:max_depth, :k].tolist(), top_ids[:max_depth, :k].tolist()
 
     tokens, parents, depths = [anchor], [-1], [0]
     children: list[dict[int, int]] = [{}]

@@ -11,17 +11,20 @@ from jetspec_trt.runtime.graph_decoder import GraphDecoder
 pytestmark = pytest.mark.gpu
 
 
-def runtime_for(draft, tree):
+def runtime_for(draft, tree, tree_kernel=False):
     spec = draft.spec
-    return RuntimeConfig(tree, "float32", 512, spec.block_size, spec.mask_token_id, spec.target_layer_ids, ())
+    return RuntimeConfig(tree, "float32", 512, spec.block_size, spec.mask_token_id, spec.target_layer_ids, (),
+                         tree_kernel=tree_kernel)
 
 
+@pytest.mark.parametrize("tree_kernel", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_graphed_rounds_match_eager_and_ar(dtype):
+def test_graphed_rounds_match_eager_and_ar(dtype, tree_kernel):
+    """With the torch tree build and with the Triton tree kernels (plugins/triton_tree_build.py)."""
     target, draft, _ = random_models("tiny", "cuda", dtype)
     target.fuse_weights()
     draft.fuse_weights()
-    runtime = runtime_for(draft, TreeConfig(64, 4, 7))
+    runtime = runtime_for(draft, TreeConfig(64, 4, 7), tree_kernel)
     graphed, eager = GraphDecoder(target, draft, runtime), Decoder(target, draft, runtime)
     g = torch.Generator().manual_seed(0)
     mismatches = 0
