@@ -174,3 +174,30 @@ def write_fp8_pair(root: Path) -> Fp8Pair:
                                             calib_device="cpu"),
                              torch.bfloat16)
     return Fp8Pair(root, root / "target", root / "draft", root / "fp8-target", calib, recipe)
+
+
+def check_bucketed_prefill(fast, prompt: list[int], speculative: bool,
+                           atol: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """GraphDecoder.prefill_logits (the prompt padded to its bucket) against the eager prefill of the n prompt tokens
+    alone: the K/V of every real slot of the target's cache and, speculative, of the draft's, within `atol`
+    (padding changes every GEMM's M, which may round differently), and both caches committed at n, not at the
+    bucket. Returns (got, want): the next-token logits [vocab] of each."""
+    from jetspec_trt.plugins.tree_attention import causal_mask
+
+    target, draft, device, n = fast.target, fast.draft, fast.device, len(prompt)
+    page_size = fast.runtime.page_size
+    with torch.inference_mode(), torch.compiler.set_stance("force_eager"):
+        cache, draft_cache = target.new_cache(n, page_size), draft.new_cache(n, page_size)
+        positions = torch.arange(n, device=device)
+        want = target(torch.tensor(prompt, device=device), positions, cache, causal_mask(n, device),
+                      fast.capture_layers if speculative else ())
+        if speculative:
+            draft.extend_context(want.features, positions, draft_cache)
+        got = fast.prefill_logits(prompt, speculative)
+    pairs = [(fast.target_cache, cache)] + ([(fast.draft_cache, draft_cache)] if speculative else [])
+    for ours, reference in pairs:
+        assert ours.length == int(ours.ctx_len) == n
+        for name in ("k_all", "v_all"):
+            a, b = (getattr(c, name).flatten(1, 2)[:, :n] for c in (ours, reference))
+            assert torch.allclose(a.float(), b.float(), atol=atol, rtol=0), (n, speculative, name)
+    return got, want.logits[-1]

@@ -22,10 +22,23 @@ The eager `Decoder` stays the reference: greedy, this class must emit the same t
 same law (both walk over tree.accept.choose_tokens, which draws the same way, but they draw from different RNG
 streams: the eager walk draws at the visited nodes only).
 
+Prefill runs in prompt-length buckets (`prefill_buckets`: powers of two from 32, then max_seq_len), each a
+fixed-shape pass over static buffers: the prompt padded to the bucket length L, its real length n as a device
+tensor, causal positions and mask over L (a real token never sees padding: it lies after every real token), the
+target's layers, the logits of row n-1 only (gathered on the device, then the lm_head over one row), and for a
+speculative request the draft's context K/V from the captured features (rows past n too: written beyond the
+committed length, never committed, overwritten by later rounds like a tree's slack). On CUDA each bucket (AR and
+speculative) is a graph captured at load: one launch instead of an eager launch per kernel (24 layers x dozens
+at the 0.5B shape).
+Padding changes the M of every prefill GEMM, which may round differently (bf16 on the GPU; fp32 CPU GEMMs too,
+by ~1e-5): AR and speculative requests share the one prefill, so their first tokens agree with each other, and
+with the unpadded eager prefill up to that rounding.
+
 `GraphDecoder` is a backend of the one round loop (`runtime.round_loop.run_rounds`, which owns EOS, the token
 limit, statistics and streaming): `prepare` captures the request's graphs (a tree bucket's stages, or the AR
-step) outside the timings, `prefill` runs the prompt eagerly and seeds the round state, and each `decode_round`
-replays the stages back to back and reads the round's result (the one sync).
+step, and its prefill bucket if not yet captured) outside the timings, `prefill` replays the prompt's bucket and
+seeds the round state, and each `decode_round` replays the stages back to back and reads the round's result
+(the one sync).
 
 The host runs one round ahead: `decode_round` queues round r+1 before it reads round r's result
 (RoundPipeline), so the GPU never idles while Python handles a result. (Estimated, not timed directly: the
@@ -37,7 +50,8 @@ the committed length, which `finish` restores from round r's own copy, and the c
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import bisect
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -54,6 +68,22 @@ from jetspec_trt.tree.accept import SamplingConfig, choose_tokens
 from jetspec_trt.tree.tree_tensors import TreeTensors, accept_tensors, build_tree_tensors, node_count
 
 STAGES = ("draft", "tree", "verify", "accept")
+
+
+def prefill_buckets(max_seq_len: int, smallest: int = 32) -> tuple[int, ...]:
+    """Prompt-length buckets: powers of two from `smallest`, then max_seq_len (prompts are shorter: check_prompt).
+
+    Doubling keeps the padding under half of a bucket and the graph count logarithmic (8 buckets up to 4096, two
+    graphs each). At the 0.5B shape a prefill of a few hundred tokens is launch-bound, so padded rows cost
+    little next to the ~20-30 ms of eager launches they replace; for a large target near the top of a bucket (a
+    1025-token prompt in 2048) the padding may cost more than the launches: finer steps there if the bench shows
+    it. 32: one mask word, and shorter prompts gain nothing from a smaller GEMM at batch 1."""
+    buckets = []
+    size = smallest
+    while size < max_seq_len:
+        buckets.append(size)
+        size *= 2
+    return (*buckets, max_seq_len)
 
 
 def build_tree_and_mask(anchor: torch.Tensor, depth_logits: torch.Tensor, budget: int, topk: int,
@@ -88,13 +118,14 @@ class GraphReplay:
 
 
 def capture_graphs(fns: dict[str, Callable[[], None]], restore: Callable[[], None],
-                   generator: torch.Generator | None = None) -> dict[str, GraphReplay]:
+                   generator: torch.Generator | None = None, pool: tuple | None = None) -> dict[str, GraphReplay]:
     """Warm up on a side stream, capture each function in order, and undo the warm-up's cache effects.
 
     Functions that feed each other are warmed up together, in order: a later stage warmed up alone would
     read the earlier stage's capture-time output buffer, which nothing has written yet. `generator`: a CUDA
     generator the functions draw from, registered with each graph so that every replay draws fresh numbers from
-    its current state (unregistered, a replay would repeat the capture's draws).
+    its current state (unregistered, a replay would repeat the capture's draws). `pool`: a graph memory pool
+    (torch.cuda.graph_pool_handle) shared with other captures whose replays never interleave with these.
     """
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
@@ -109,7 +140,7 @@ def capture_graphs(fns: dict[str, Callable[[], None]], restore: Callable[[], Non
         graph = torch.cuda.CUDAGraph()
         if generator is not None:
             graph.register_generator_state(generator)
-        with torch.cuda.graph(graph):
+        with torch.cuda.graph(graph, pool=pool):
             fn()
         replays[name] = GraphReplay(graph, fn)
     restore()
@@ -144,6 +175,17 @@ class RoundPipeline:
             self.events[slot].synchronize()
         self.read_count += 1
         return tuple(t.tolist() for t in self.slots[slot])
+
+
+@dataclass(eq=False)
+class PrefillStage:
+    """One prompt-length bucket's prefill: static inputs, its output, and what runs it (a graph on CUDA)."""
+
+    size: int  # the bucket length L
+    tokens: torch.Tensor  # [L] int64: the prompt, padded with token 0 (padded rows are computed, never read)
+    length: torch.Tensor  # [1] int64: the prompt's real length n
+    out: dict[str, torch.Tensor] = field(default_factory=dict)  # "logits": [1, vocab] float32, row n-1's
+    run: Callable[[], None] = lambda: None
 
 
 @dataclass
@@ -188,17 +230,31 @@ class GraphDecoder:
         self.generator = torch.Generator(device=self.device)
         self.capture_layers = tuple(runtime.target_layer_ids)
         # A tree or padded context + block past the limit, plus the round the pipeline runs past the last one.
+        # (The largest prefill bucket, max_seq_len, writes slots below max_seq_len: it fits.)
         slack = max(runtime.tree.budget, 2 * runtime.block_size) + runtime.block_size
         tokens = runtime.max_seq_len + slack + 1
         self.target_cache = target.new_cache(tokens, runtime.page_size)
         self.draft_cache = draft.new_cache(tokens, runtime.page_size)
-        # Prompts run eager and their attention kernel compiles per launch shape: compile them all now, not in
-        # the first request of each shape (plugins/triton_tree_attention.py, _tree_attention_kernel's comment).
+        # This decoder prefills at bucket lengths only, but the eager Decoder beside it (top-k, banned tokens, log
+        # probabilities; the scheduler) and teacher-forced prefills run prompts of any length, and the attention
+        # kernel compiles per launch shape: compile them all now, not in the first request of each shape
+        # (plugins/triton_tree_attention.py, _tree_attention_kernel's comment).
         self.prefill_lengths = self._warm_prefill(runtime.max_seq_len) if self.triton_kernels else []
         self._block_mask = causal_mask(runtime.block_size, self.device)
         self._one = causal_mask(1, self.device)
         self._stages: dict[tuple[TreeConfig, str], tuple[RoundState, dict[str, Callable[[], None]]]] = {}
         self._ar_steps: dict[str, tuple[torch.Tensor, Callable[[], None]]] = {}
+        self.prefill_buckets = prefill_buckets(runtime.max_seq_len)
+        self._prefills: dict[tuple[int, bool], PrefillStage] = {}
+        self._prefill_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        if self.use_graphs:
+            # Captured now, not in a request (about three eager prefills per graph, twice per bucket). Largest
+            # first: the buckets share one memory pool, so the smaller captures reuse its blocks and the pool
+            # holds about one largest prefill's activations, not the sum. Sharing is safe because a replay's
+            # output (the logits row) is read before any other prefill replays.
+            for size in reversed(self.prefill_buckets):
+                for speculative in (True, False):
+                    self.prefill_stage(size, speculative)
         self._round: _Round | None = None
         self.stats: DecodeStats | None = None
 
@@ -215,6 +271,8 @@ class GraphDecoder:
         self.target.set_decode_gemv(enabled)
         self._ar_steps.clear()
         self._stages.clear()
+        self._prefills.clear()  # (the last row's lm_head is a single-token GEMM); recaptured by prepare
+        self._prefill_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
 
     def set_tree_kernel(self, enabled: bool) -> None:
         """Switch the tree stage between the Triton kernels and the torch build; drops captured rounds."""
@@ -349,17 +407,61 @@ class GraphDecoder:
         """Yield the new tokens of each round. `self.stats` describes the call once the iterator ends."""
         yield from run_rounds(self, prompt_ids, max_new_tokens, sampling, speculative, tree)
 
-    def prefill_target(self, prompt_ids: list[int], capture: bool):
-        """The prompt through the target from an empty cache (eager): the target's output, all rows."""
+    # ---- prefill in length buckets ------------------------------------------------------------------------
+    def _make_prefill(self, size: int, speculative: bool) -> PrefillStage:
+        """The prefill of one bucket as a fixed-shape function over static buffers (module docstring). It
+        writes the caches from slot 0, whatever their committed lengths: the caller resets and commits them."""
+        target, draft, tcache, dcache = self.target, self.draft, self.target_cache, self.draft_cache
+        stage = PrefillStage(size, torch.zeros(size, dtype=torch.long, device=self.device),
+                             torch.ones(1, dtype=torch.long, device=self.device))
+        positions = torch.arange(size, device=self.device)
+        mask = causal_mask(size, self.device)
+        capture_layers = self.capture_layers if speculative else ()
+
+        def prefill() -> None:
+            # Eager layers even where the rounds' are compiled: Inductor would compile the layer once per
+            # bucket (load time, and entries of dynamo's cache limit), and inside a graph what it would save is
+            # GPU time of a few unfused elementwise kernels per layer, not launches; not measured yet.
+            with torch.compiler.set_stance("force_eager"):
+                hidden, features = target.forward_hidden(stage.tokens, positions, tcache, mask, capture_layers)
+                stage.out["logits"] = target.logits(hidden.index_select(0, stage.length - 1))
+                if speculative:  # rows past n are written past the committed length: never committed
+                    draft.write_context(features, positions, dcache)
+
+        stage.run = prefill
+        return stage
+
+    @torch.inference_mode()
+    def prefill_stage(self, prompt_tokens: int, speculative: bool) -> PrefillStage:
+        """The prefill of the smallest bucket that holds `prompt_tokens`; built (on CUDA: captured) on first use."""
+        buckets = self.prefill_buckets
+        if not 0 < prompt_tokens <= buckets[-1]:
+            raise JetSpecError(f"a prompt of {prompt_tokens} tokens; the engine prefills 1 to {buckets[-1]}")
+        size = buckets[bisect.bisect_left(buckets, prompt_tokens)]
+        key = (size, speculative)
+        if key not in self._prefills:
+            stage = self._make_prefill(size, speculative)
+            if self.use_graphs:
+                self.reset()  # the warm-up runs write from slot 0 anyway; a prefill follows any capture
+                stage.run = capture_graphs({"prefill": stage.run}, self._snapshot(), pool=self._prefill_pool)["prefill"]
+            self._prefills[key] = stage
+        return self._prefills[key]
+
+    @torch.inference_mode()
+    def prefill_logits(self, prompt_ids: list[int], speculative: bool) -> torch.Tensor:
+        """The prompt through the target from empty caches, in its bucket, and when `speculative` its features
+        into the draft's cache; both caches then hold the prompt as committed context. Returns the next-token
+        logits [vocab] (float32) after the prompt."""
         n = len(prompt_ids)
-        self.target_cache.set_length(0)
-        prompt = torch.tensor(prompt_ids, device=self.device)
-        # Prompt lengths vary: compiled layers would specialise (recompile) per length, so prefill runs eager.
-        with torch.compiler.set_stance("force_eager"):
-            out = self.target(prompt, torch.arange(n, device=self.device), self.target_cache,
-                              causal_mask(n, self.device), self.capture_layers if capture else ())
+        stage = self.prefill_stage(n, speculative)
+        stage.tokens.copy_(torch.tensor(prompt_ids + [0] * (stage.size - n)))
+        stage.length.fill_(n)
+        self.reset()
+        stage.run()
         self.target_cache.set_length(n)
-        return out
+        if speculative:
+            self.draft_cache.set_length(n)
+        return stage.out["logits"][0]
 
     @staticmethod
     def handles(sampling: SamplingConfig, logprobs: bool = False) -> bool:
@@ -375,6 +477,7 @@ class GraphDecoder:
                                "those requests run on the eager Decoder")
         sampling = request.sampling
         mode = sampling.mode
+        self.prefill_stage(len(request.prompt_ids), request.speculative)
         if request.speculative:
             state, stages = self.stages(request.tree, mode)
             replays = [stages[name] for name in STAGES]
@@ -399,12 +502,9 @@ class GraphDecoder:
 
     def prefill(self, request: DecodeRequest) -> int:
         round_ = self._round
-        out = self.prefill_target(request.prompt_ids, capture=request.speculative)
-        first = self.choose(out.logits[-1], round_.mode)  # eager, from the same generator as the rounds' draws
+        logits = self.prefill_logits(request.prompt_ids, request.speculative)
+        first = self.choose(logits, round_.mode)  # eager, from the same generator as the rounds' draws
         if round_.state is not None:
-            self.draft_cache.set_length(0)
-            self.draft.extend_context(out.features, torch.arange(len(request.prompt_ids), device=self.device),
-                                      self.draft_cache)  # (no compiled layers: context K/V only)
             round_.state.anchor.copy_(first)
             round_.state.count.zero_()
         else:

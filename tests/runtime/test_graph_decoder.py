@@ -5,10 +5,16 @@ import dataclasses
 import pytest
 import torch
 
+from jetspec_trt.errors import JetSpecError
 from jetspec_trt.runtime.config import TreeConfig
 from jetspec_trt.runtime.decoder import Decoder
-from jetspec_trt.runtime.graph_decoder import GraphDecoder
-from tests.helpers import tiny_pair, tiny_runtime
+from jetspec_trt.runtime.graph_decoder import GraphDecoder, prefill_buckets
+from jetspec_trt.tree.accept import SamplingConfig
+from tests.helpers import check_bucketed_prefill, tiny_pair, tiny_runtime
+
+# Prompt lengths around every prefill bucket edge of tiny_runtime's max_seq_len 256 (buckets 32, 64, 128, 256),
+# up to the longest prompt it takes.
+EDGE_LENGTHS = (1, 2, 31, 32, 33, 63, 64, 65, 127, 128, 129, 200, 255)
 
 
 @pytest.fixture(scope="module")
@@ -143,3 +149,54 @@ def test_tree_stage_mask_packs_the_tree_ancestors():
     for budget in (1, 16, 64):
         built, mask = build_tree_and_mask(torch.tensor([3]), logits, budget, 7, 15)
         assert torch.equal(unpack_mask(mask, built.tokens.shape[0]), built.ancestors)
+
+
+def test_prefill_buckets():
+    assert prefill_buckets(256) == (32, 64, 128, 256)
+    assert prefill_buckets(300) == (32, 64, 128, 256, 300)
+    assert prefill_buckets(32) == (32,) and prefill_buckets(20) == (20,)
+
+
+@pytest.mark.parametrize("speculative", [False, True])
+def test_bucketed_prefill_equals_the_eager_prefill(pair, speculative):
+    """A prompt padded to its bucket: the unpadded eager prefill's next token and, for every real slot, its target
+    and draft K/V (to fp32 GEMM rounding: CPU GEMMs of another M round differently, by ~1e-5; exactly when the
+    prompt fills its bucket), with the caches committed at the prompt's length."""
+    target, draft = pair
+    fast = GraphDecoder(target, draft, tiny_runtime(draft, TreeConfig(16, 4, 3)))
+    for n in EDGE_LENGTHS:
+        prompt = torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+        got, want = check_bucketed_prefill(fast, prompt, speculative, atol=0.0 if n in fast.prefill_buckets else 1e-4)
+        assert torch.allclose(got, want, atol=1e-4, rtol=0) and int(got.argmax()) == int(want.argmax())
+    assert set(fast._prefills) == {(size, speculative) for size in fast.prefill_buckets}
+    with pytest.raises(JetSpecError, match="prefills 1 to 256"):
+        fast.prefill_stage(257, speculative)
+
+
+def test_bucketed_prefill_generates_the_reference_tokens(pair):
+    """Whole generations from prompts around every bucket edge, greedy: speculative and AR equal the eager Decoder."""
+    target, draft = pair
+    runtime = tiny_runtime(draft, TreeConfig(16, 4, 3))
+    reference, fast = Decoder(target, draft, runtime), GraphDecoder(target, draft, runtime)
+    for n in EDGE_LENGTHS:
+        prompt = torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(100 + n)).tolist()
+        expected = [t for c in reference.generate(prompt, 12, speculative=False) for t in c]
+        assert [t for c in fast.generate(prompt, 12) for t in c] == expected, n
+        assert [t for c in fast.generate(prompt, 12, speculative=False) for t in c] == expected, n
+
+
+def test_bucketed_prefill_samples_as_the_unpadded_one(pair):
+    """Seeded sampling, speculative and AR: the same tokens with buckets as with every length its own bucket (no
+    padding: today's prefill shapes), the first token drawn first from the request's generator either way."""
+    target, draft = pair
+    runtime = tiny_runtime(draft, TreeConfig(16, 4, 3))
+    padded, unpadded = GraphDecoder(target, draft, runtime), GraphDecoder(target, draft, runtime)
+    unpadded.prefill_buckets = tuple(range(1, runtime.max_seq_len + 1))
+    for n in (1, 33, 100):
+        prompt = torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(200 + n)).tolist()
+        for sampling in (SamplingConfig(1.0, seed=n), SamplingConfig(0.8, 0.9, seed=n)):
+            for speculative in (True, False):
+                runs = [[t for c in d.generate(prompt, 12, sampling, speculative) for t in c]
+                        for d in (padded, unpadded)]
+                assert runs[0] == runs[1], (n, sampling, speculative)
+    assert {size for size, _ in unpadded._prefills} == {1, 33, 100}

@@ -6,7 +6,8 @@ import torch
 from jetspec_trt.models.presets import random_models
 from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
 from jetspec_trt.runtime.decoder import Decoder, first_difference
-from jetspec_trt.runtime.graph_decoder import GraphDecoder
+from jetspec_trt.runtime.graph_decoder import GraphDecoder, GraphReplay, prefill_buckets
+from tests.helpers import check_bucketed_prefill
 
 pytestmark = pytest.mark.gpu
 
@@ -41,7 +42,7 @@ def test_graphed_rounds_match_eager_and_ar(dtype, tree_kernel):
             # flip a near tie. Every divergence must be one: the two tokens' logits nearly equal.
             mismatches += 1
             first = first_difference(ar, spec)
-            logits = graphed.prefill_target(prompt + ar[:first], capture=False).logits[-1].float()
+            logits = graphed.prefill_logits(prompt + ar[:first], speculative=False)
             assert abs(float(logits[ar[first]] - logits[spec[first]])) < 0.25
     print(f"{dtype}: {mismatches}/16 prompts diverged from AR greedy")
 
@@ -83,3 +84,29 @@ def test_compiled_tree_stage_equals_eager_and_the_reference(budget):
         ref_parents[0] = 0
         assert scores(got.tokens.cpu(), got.parents.cpu()) == pytest.approx(
             scores(reference.tokens, ref_parents), abs=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_graphed_bucket_prefill_equals_the_eager_prefill(dtype):
+    """Every bucket is captured at load (AR and speculative) and replays at any length within it: the eager unpadded
+    prefill's next token (bf16: unless a near tie, since padding changes the GEMMs' M) and, for the real slots, its
+    target and draft K/V; no capture after load."""
+    target, draft, _ = random_models("tiny", "cuda", dtype)
+    target.fuse_weights()
+    draft.fuse_weights()
+    fast = GraphDecoder(target, draft, runtime_for(draft, TreeConfig(16, 4, 3)))  # max_seq_len 512
+    captured = dict(fast._prefills)
+    assert set(captured) == {(size, s) for size in prefill_buckets(512) for s in (False, True)}
+    assert all(isinstance(stage.run, GraphReplay) for stage in captured.values())
+    atol = 1e-3 if dtype == torch.float32 else 0.1
+    g = torch.Generator().manual_seed(0)
+    # Several lengths in bucket 64 (33..64), its neighbours' edges, and the longest prompt.
+    for n in (1, 2, 31, 32, 33, 40, 47, 58, 63, 64, 65, 300, 511):
+        prompt = torch.randint(0, 256, (n,), generator=g).tolist()
+        for speculative in (False, True):
+            got, want = check_bucketed_prefill(fast, prompt, speculative, atol)
+            top2 = want.topk(2).values
+            if dtype == torch.float32 or float(top2[0] - top2[1]) > 0.25:
+                assert int(got.argmax()) == int(want.argmax()), (n, speculative)
+            assert torch.allclose(got, want, atol=10 * atol, rtol=0), (n, speculative)
+    assert fast._prefills.keys() == captured.keys() and all(fast._prefills[k] is v for k, v in captured.items())
