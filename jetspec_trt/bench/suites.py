@@ -148,7 +148,7 @@ def _generate(engine, ids, cfg, sampling, speculative, tree):
     wall = time.perf_counter() - t0
     stats = engine.last_stats
     return out, {"tokens": len(out), "wall_s": wall, "tok_s": len(out) / max(wall, 1e-9), "tau": stats.tau,
-                 "rounds": stats.rounds}
+                 "rounds": stats.rounds, "prefill_s": stats.prefill_s}
 
 
 def _hf_generate(model, ids, cfg) -> dict:
@@ -287,6 +287,20 @@ def request_percentiles(suites_out: dict) -> dict:
                    "min": min(v), "max": max(v)} for mode, v in modes.items()}
 
 
+def request_prefill_ms(suites_out: dict) -> dict:
+    """Per-request prefill time (DecodeStats.prefill_s: the prompt through the models up to the first token), per
+    mode (AR, each spec run), in ms: count, mean, p50, max. Part of every request's wall time, the whole of a
+    short answer's fixed cost."""
+    modes: dict[str, list[float]] = {}
+    for suite in suites_out.values():
+        for entry in suite["prompts"]:
+            modes.setdefault("ar", []).append(1e3 * entry["ar"]["prefill_s"])
+            for key, run in entry["spec"].items():
+                modes.setdefault(key, []).append(1e3 * run["prefill_s"])
+    return {mode: {"requests": len(v), "mean": mean(v), "p50": nearest_rank(v, 0.5), "max": max(v)}
+            for mode, v in modes.items()}
+
+
 def run_suite_bench(cfg: SuiteBenchConfig, command: list[str] | None = None) -> Path:
     from jetspec_trt.runtime.config import DEFAULT_TREE, TreeConfig
     from jetspec_trt.runtime.decoder import first_difference
@@ -394,6 +408,7 @@ def run_suite_bench(cfg: SuiteBenchConfig, command: list[str] | None = None) -> 
                        "total": _divergence_summary([r for s_ in suites_out.values() for e in s_["prompts"]
                                                      for r in e["spec"].values() if "identical" in r])},
         "request_tok_s": request_percentiles(suites_out),
+        "request_prefill_ms": request_prefill_ms(suites_out),
         "suites": suites_out,
     }
     return write_report(result, "suites", cfg.output_dir, cfg.tag, plot_suites)
@@ -452,6 +467,9 @@ def format_summary(result: dict) -> str:
     for mode, q in result.get("request_tok_s", {}).items():
         lines.append(f"per-request tok/s {mode:<8} n={q['requests']:<3} p50 {q['p50']:.1f}  p99-slow {q['p99_slow']:.1f}"
                      f"  min {q['min']:.1f}")
+    for mode, q in result.get("request_prefill_ms", {}).items():
+        lines.append(f"prefill ms        {mode:<8} n={q['requests']:<3} mean {q['mean']:.2f}  p50 {q['p50']:.2f}"
+                     f"  max {q['max']:.2f}")
     tot = result.get("divergence", {}).get("total")
     if tot:
         lines.append(f"greedy speculative vs AR: {tot['identical']}/{tot['runs']} identical, "

@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from jetspec_trt.bench.suites import SuiteBenchConfig, run_suite_bench
 from jetspec_trt.quickstart import make_tiny_engine
 
@@ -34,5 +36,9 @@ def test_suite_bench_tiny(tmp_path):
     q = res["request_tok_s"]
     assert q["ar"]["requests"] == 2 and q["hf"]["requests"] == 1 and q["b8_t0"]["requests"] == 2
     assert q["ar"]["min"] <= q["ar"]["p99_slow"] <= q["ar"]["p50"] <= q["ar"]["max"]
+    prefill = res["request_prefill_ms"]
+    assert set(prefill) == {"ar", "b8_t0", "b8_t1", "b32_t0", "b32_t1"}  # (HF: no prefill of ours to time)
+    assert prefill["ar"]["requests"] == 2 and 0 < prefill["ar"]["p50"] <= prefill["ar"]["max"]
+    assert prefill["ar"]["mean"] == pytest.approx(1e3 * sum(e["ar"]["prefill_s"] for e in s["prompts"]) / 2)
     assert path.name == "suites-cpu-test.json" and res["device"] == "cpu" and res["dtype"] == "float32"
     assert res["decoder"] == "Decoder"  # the CPU's (CUDA: GraphDecoder, for sampled runs too)
