@@ -51,7 +51,7 @@ the committed length, which `finish` restores from round r's own copy, and the c
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
@@ -184,8 +184,8 @@ class PrefillStage:
     size: int  # the bucket length L
     tokens: torch.Tensor  # [L] int64: the prompt, padded with token 0 (padded rows are computed, never read)
     length: torch.Tensor  # [1] int64: the prompt's real length n
-    out: dict[str, torch.Tensor] = field(default_factory=dict)  # "logits": [1, vocab] float32, row n-1's
-    run: Callable[[], None] = lambda: None
+    out: dict[str, torch.Tensor]  # "logits": [1, vocab] float32, row n-1's (a static buffer under graphs)
+    run: Callable[[], None]
 
 
 @dataclass
@@ -409,11 +409,13 @@ class GraphDecoder:
 
     # ---- prefill in length buckets ------------------------------------------------------------------------
     def _make_prefill(self, size: int, speculative: bool) -> PrefillStage:
-        """The prefill of one bucket as a fixed-shape function over static buffers (module docstring). It
-        writes the caches from slot 0, whatever their committed lengths: the caller resets and commits them."""
+        """The prefill of one bucket as a fixed-shape function over static buffers (module docstring). Its K/V go
+        after the caches' committed lengths and it commits nothing: the caller empties the caches first and
+        commits the prompt's n tokens after."""
         target, draft, tcache, dcache = self.target, self.draft, self.target_cache, self.draft_cache
-        stage = PrefillStage(size, torch.zeros(size, dtype=torch.long, device=self.device),
-                             torch.ones(1, dtype=torch.long, device=self.device))
+        tokens = torch.zeros(size, dtype=torch.long, device=self.device)
+        length = torch.ones(1, dtype=torch.long, device=self.device)
+        out: dict[str, torch.Tensor] = {}
         positions = torch.arange(size, device=self.device)
         mask = causal_mask(size, self.device)
         capture_layers = self.capture_layers if speculative else ()
@@ -423,13 +425,12 @@ class GraphDecoder:
             # bucket (load time, and entries of dynamo's cache limit), and inside a graph what it would save is
             # GPU time of a few unfused elementwise kernels per layer, not launches; not measured yet.
             with torch.compiler.set_stance("force_eager"):
-                hidden, features = target.forward_hidden(stage.tokens, positions, tcache, mask, capture_layers)
-                stage.out["logits"] = target.logits(hidden.index_select(0, stage.length - 1))
+                hidden, features = target.forward_hidden(tokens, positions, tcache, mask, capture_layers)
+                out["logits"] = target.logits(hidden.index_select(0, length - 1))
                 if speculative:  # rows past n are written past the committed length: never committed
                     draft.write_context(features, positions, dcache)
 
-        stage.run = prefill
-        return stage
+        return PrefillStage(size, tokens, length, out, prefill)
 
     @torch.inference_mode()
     def prefill_stage(self, prompt_tokens: int, speculative: bool) -> PrefillStage:
@@ -442,8 +443,11 @@ class GraphDecoder:
         if key not in self._prefills:
             stage = self._make_prefill(size, speculative)
             if self.use_graphs:
-                self.reset()  # the warm-up runs write from slot 0 anyway; a prefill follows any capture
-                stage.run = capture_graphs({"prefill": stage.run}, self._snapshot(), pool=self._prefill_pool)["prefill"]
+                # Empty caches, so that the warm-up runs' K/V land within them (a prefill, which empties them
+                # anyway, follows every capture).
+                self.reset()
+                replays = capture_graphs({"prefill": stage.run}, self._snapshot(), pool=self._prefill_pool)
+                stage.run = replays["prefill"]
             self._prefills[key] = stage
         return self._prefills[key]
 
@@ -451,7 +455,8 @@ class GraphDecoder:
     def prefill_logits(self, prompt_ids: list[int], speculative: bool) -> torch.Tensor:
         """The prompt through the target from empty caches, in its bucket, and when `speculative` its features
         into the draft's cache; both caches then hold the prompt as committed context. Returns the next-token
-        logits [vocab] (float32) after the prompt."""
+        logits [vocab] (float32) after the prompt: on CUDA a view of the graphs' memory, valid until the next
+        prefill."""
         n = len(prompt_ids)
         stage = self.prefill_stage(n, speculative)
         stage.tokens.copy_(torch.tensor(prompt_ids + [0] * (stage.size - n)))

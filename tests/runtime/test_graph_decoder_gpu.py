@@ -98,7 +98,8 @@ def test_graphed_bucket_prefill_equals_the_eager_prefill(dtype):
     captured = dict(fast._prefills)
     assert set(captured) == {(size, s) for size in prefill_buckets(512) for s in (False, True)}
     assert all(isinstance(stage.run, GraphReplay) for stage in captured.values())
-    atol = 1e-3 if dtype == torch.float32 else 0.1
+    # bf16: K/V up to ~8 (ulp 1/32) and logits up to ~6 on this pair; a slot at the wrong position is off by O(1).
+    atol, logits_atol = (1e-3, 1e-2) if dtype == torch.float32 else (0.25, 0.5)
     g = torch.Generator().manual_seed(0)
     # Several lengths in bucket 64 (33..64), its neighbours' edges, and the longest prompt.
     for n in (1, 2, 31, 32, 33, 40, 47, 58, 63, 64, 65, 300, 511):
@@ -108,5 +109,5 @@ def test_graphed_bucket_prefill_equals_the_eager_prefill(dtype):
             top2 = want.topk(2).values
             if dtype == torch.float32 or float(top2[0] - top2[1]) > 0.25:
                 assert int(got.argmax()) == int(want.argmax()), (n, speculative)
-            assert torch.allclose(got, want, atol=10 * atol, rtol=0), (n, speculative)
+            assert torch.allclose(got, want, atol=logits_atol, rtol=0), (n, speculative)
     assert fast._prefills.keys() == captured.keys() and all(fast._prefills[k] is v for k, v in captured.items())
