@@ -29,10 +29,9 @@ target's layers, the logits of row n-1 only (gathered on the device, then the lm
 speculative request the draft's context K/V from the captured features (rows past n too: written beyond the
 committed length, never committed, overwritten by later rounds like a tree's slack). On CUDA each bucket (AR and
 speculative) is a graph captured at load: one launch instead of an eager launch per kernel (24 layers x dozens
-at the 0.5B shape).
-Padding changes the M of every prefill GEMM, which may round differently (bf16 on the GPU; fp32 CPU GEMMs too,
-by ~1e-5): AR and speculative requests share the one prefill, so their first tokens agree with each other, and
-with the unpadded eager prefill up to that rounding.
+at the 0.5B shape). Padding changes the M of every prefill GEMM, which may round differently (bf16 on the GPU;
+fp32 CPU GEMMs too, by ~1e-5): AR and speculative requests run the same target pass, so their first tokens agree
+with each other, and with the unpadded eager prefill (the eager `Decoder`'s) up to that rounding.
 
 `GraphDecoder` is a backend of the one round loop (`runtime.round_loop.run_rounds`, which owns EOS, the token
 limit, statistics and streaming): `prepare` captures the request's graphs (a tree bucket's stages, or the AR
@@ -74,8 +73,9 @@ def prefill_buckets(max_seq_len: int, smallest: int = 32) -> tuple[int, ...]:
     """Prompt-length buckets: powers of two from `smallest`, then max_seq_len (prompts are shorter: check_prompt).
 
     Doubling keeps the padding under half of a bucket and the graph count logarithmic (8 buckets up to 4096, two
-    graphs each). At the 0.5B shape a prefill of a few hundred tokens is launch-bound, so padded rows cost
-    little next to the ~20-30 ms of eager launches they replace; for a large target near the top of a bucket (a
+    graphs each). At the 0.5B shape a prefill of a few hundred tokens should be launch-bound (not measured: the
+    H200 suite runs showed a fixed ~20-29 ms per request, which eager prefill launches would explain), so padded
+    rows cost little next to the launches a graph saves; for a large target near the top of a bucket (a
     1025-token prompt in 2048) the padding may cost more than the launches: finer steps there if the bench shows
     it. 32: one mask word, and shorter prompts gain nothing from a smaller GEMM at batch 1."""
     buckets = []
