@@ -48,6 +48,8 @@ def tree_options(func):
               help="Run the CUDA graphs' layers and tree/accept stages eager (no torch.compile at first use).")
 @click.option("--tree-kernel", is_flag=True,
               help="Build each round's tree with the Triton tree kernels instead of the compiled torch ops (CUDA).")
+@click.option("--no-prefill-graphs", is_flag=True,
+              help="Run the prompt-length buckets' prefills eagerly instead of from CUDA graphs captured at load.")
 @click.option("--quantize", type=click.Choice(["fp8"]), default=None,
               help="Quantize the target with nvidia-modelopt (FP8 e4m3, per-tensor scales, calibrated on prompts); "
                    "lm_head, embeddings and the draft head stay unquantized. Needs an FP8 GPU (sm89+) to run.")
@@ -58,8 +60,8 @@ def tree_options(func):
               help="--quantize: calibration prompts are cut to this many tokens.")
 @click.option("--calib-device", default=None, help="--quantize: where to calibrate [default: cuda if available].")
 def build(target_dir, draft_dir, output_dir, budget, topk, max_depth, dtype, max_seq_len, overwrite, backend,
-          attention, no_fuse, no_tune, no_decode_gemv, no_compile, tree_kernel, quantize, calib_prompts,
-          calib_samples, calib_max_tokens, calib_device):
+          attention, no_fuse, no_tune, no_decode_gemv, no_compile, tree_kernel, no_prefill_graphs, quantize,
+          calib_prompts, calib_samples, calib_max_tokens, calib_device):
     """Check a target/draft pair and write an engine directory."""
     if backend == "tensorrt" and quantize:
         raise JetSpecError("--quantize builds PyTorch engines only (drop --backend tensorrt)")
@@ -78,7 +80,7 @@ def build(target_dir, draft_dir, output_dir, budget, topk, max_depth, dtype, max
     config = BuildConfig(target_dir, draft_dir, output_dir, TreeConfig(budget, topk, depth), dtype, max_seq_len,
                          overwrite=overwrite, fuse=not no_fuse, tune=not no_tune,
                          decode_gemv=not no_decode_gemv, compile_graphs=not no_compile, tree_kernel=tree_kernel,
-                         quantize=quantize_config)
+                         prefill_graphs=not no_prefill_graphs, quantize=quantize_config)
     if backend == "tensorrt":
         from jetspec_trt.builders.tensorrt_builder import build_tensorrt_engine
 

@@ -60,6 +60,7 @@ class BuildConfig:
     decode_gemv: bool = True  # CUDA AR step: single-token GEMMs through plugins.gemv (False: cuBLAS)
     compile_graphs: bool = True  # CUDA: torch.compile layers and tree/accept stages inside the graphs
     tree_kernel: bool = False  # CUDA: the round's tree stage on the Triton tree kernels (plugins.triton_tree_build)
+    prefill_graphs: bool = True  # CUDA: prompt-length buckets' prefills as CUDA graphs captured at load
     quantize: QuantizeConfig | None = None  # quantize the target (FP8 through nvidia-modelopt); None: as it is
 
 
@@ -107,6 +108,7 @@ def runtime_config_for(pair: CheckedPair, cfg: BuildConfig) -> RuntimeConfig:
         decode_gemv=cfg.decode_gemv,
         compile_graphs=cfg.compile_graphs,
         tree_kernel=cfg.tree_kernel,
+        prefill_graphs=cfg.prefill_graphs,
     )
 
 

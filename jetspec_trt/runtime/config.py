@@ -51,6 +51,9 @@ class RuntimeConfig:
     # torch build (aten top-k, a sort per level): the torch build took 0.47-1.18 ms of a 2.3-3.6 ms round at the
     # 0.5B shape. Off until the engine bench has timed both side by side on a GPU.
     tree_kernel: bool = False
+    # CUDA: each prompt-length bucket's prefill replayed from a CUDA graph captured at load (False: the same
+    # bucketed pass run eagerly, one launch per kernel).
+    prefill_graphs: bool = True
     extras: dict = field(default_factory=dict)  # backend-specific (e.g. tuned kernel configs)
 
     def cache_tokens(self) -> int:

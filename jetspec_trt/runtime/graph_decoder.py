@@ -29,7 +29,7 @@ target's layers, the logits of row n-1 only (gathered on the device, then the lm
 speculative request the draft's context K/V from the captured features (rows past n too: written beyond the
 committed length, never committed, overwritten by later rounds like a tree's slack). On CUDA each bucket (AR and
 speculative) is a graph captured at load: one launch instead of an eager launch per kernel (24 layers x dozens
-at the 0.5B shape). Padding changes the M of every prefill GEMM, which may round differently (bf16 on the GPU;
+at the 0.5B shape); runtime.prefill_graphs = False (build --no-prefill-graphs) runs the same passes eagerly. Padding changes the M of every prefill GEMM, which may round differently (bf16 on the GPU;
 fp32 CPU GEMMs too, by ~1e-5): AR and speculative requests run the same target pass, so their first tokens agree
 with each other, and with the unpadded eager prefill (the eager `Decoder`'s) up to that rounding.
 
@@ -208,6 +208,7 @@ class GraphDecoder:
         self.target, self.draft, self.runtime = target, draft, runtime
         self.device = target.embed_tokens.weight.device
         self.use_graphs = use_graphs and self.device.type == "cuda"
+        self.prefill_graphs = self.use_graphs and runtime.prefill_graphs
         self.triton_kernels = self.device.type == "cuda" and load_gpu_kernels()
         if self.device.type == "cuda":
             target.set_decode_gemv(runtime.decode_gemv)
@@ -246,8 +247,8 @@ class GraphDecoder:
         self._ar_steps: dict[str, tuple[torch.Tensor, Callable[[], None]]] = {}
         self.prefill_buckets = prefill_buckets(runtime.max_seq_len)
         self._prefills: dict[tuple[int, bool], PrefillStage] = {}
-        self._prefill_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
-        if self.use_graphs:
+        self._prefill_pool = torch.cuda.graph_pool_handle() if self.prefill_graphs else None
+        if self.prefill_graphs:
             # Captured now, not in a request (about three eager prefills per graph, twice per bucket). Largest
             # first: the buckets share one memory pool, so the smaller captures reuse its blocks and the pool
             # holds about one largest prefill's activations, not the sum. Sharing is safe because a replay's
@@ -272,7 +273,7 @@ class GraphDecoder:
         self._ar_steps.clear()
         self._stages.clear()
         self._prefills.clear()  # (the last row's lm_head is a single-token GEMM); recaptured by prepare
-        self._prefill_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
+        self._prefill_pool = torch.cuda.graph_pool_handle() if self.prefill_graphs else None
 
     def set_tree_kernel(self, enabled: bool) -> None:
         """Switch the tree stage between the Triton kernels and the torch build; drops captured rounds."""
@@ -442,7 +443,7 @@ class GraphDecoder:
         key = (size, speculative)
         if key not in self._prefills:
             stage = self._make_prefill(size, speculative)
-            if self.use_graphs:
+            if self.prefill_graphs:
                 # Empty caches, so that the warm-up runs' K/V land within them (a prefill, which empties them
                 # anyway, follows every capture).
                 self.reset()
