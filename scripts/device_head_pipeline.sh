@@ -26,7 +26,8 @@
 # benches the committed head last, on the same prompts), PROMPT_OFFSET (0; runs 3-4 answered prompts from the
 # first 12000 of the mix, run 5 (lost) 12000-27000, run 6 27000-38458, run 7 38500-49262; the mix has 53,319 and
 # 50000-50063 are scripts/probe_head.py's held-out prompts, so the next run starts a second pass at 0),
-# SETUP_S (150).
+# SETUP_S (150), ENGINE_BENCH (0; 1 ends with the engine bench at the pair's shape), BUILD_FLAGS (extra build
+# flags for every engine, e.g. --no-prefill-graphs where the idle window's GPU tests showed the captures failing).
 set -uo pipefail
 WORK=${1:?work dir}
 GEN_S=${2:-150}
@@ -77,7 +78,7 @@ done
 build_and_bench() {
   stage "build engine, head $2"
   jt build --target "$WORK/qwen" --draft "$1" --output "$WORK/engine-$2" --budget 256 --topk 7 --max-depth 15 \
-     --dtype bfloat16 --max-seq-len 4096 || return
+     --dtype bfloat16 --max-seq-len 4096 ${BUILD_FLAGS:-} || return
   stage "suite bench, head $2 (HF generate on $3 prompts a suite, temperatures $4)"
   jt bench --engine "$WORK/engine-$2" --prompts-file /tmp/keep/bench-prompts.jsonl \
      --num-prompts "${BENCH_PROMPTS:-17}" --max-new-tokens 256 --budgets 16,64 --temperatures "$4" \
@@ -92,4 +93,11 @@ for shape in $LAYERS; do
 done
 # The head the runs started from, benched in the same lease on the same prompts.
 [ "${BASELINE:-0}" = 1 ] && build_and_bench heads/qwen2.5-coder-0.5b-jetspec base 0 0
+# The engine bench at the pair's shape (random weights): round stages with the torch tree build and with the Triton
+# tree kernels side by side (rounds / rounds_tree_kernel), the AR step and its breakdown; ~2-3 minutes.
+if [ "${ENGINE_BENCH:-0}" = 1 ]; then
+  stage "engine bench, qwen2.5-0.5b shape"
+  jt bench --random-target qwen2.5-0.5b --budgets 16,64,256 --contexts 512 --no-hf --reps 20 \
+     --output-dir "$WORK/results" --tag "qwen2.5-0.5b-h200-$TAG"
+fi
 stage "done"
