@@ -4,20 +4,13 @@ They run on CUDA where there is one, and on the CPU in Triton's interpreter (a s
 TRITON_INTERPRET when it is imported), so CI checks the kernels' logic without a GPU.
 """
 
-import importlib.util
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
 from jetspec_trt.tree.accept import SamplingConfig, accept
 from jetspec_trt.tree.tree import build_tree_from_top, depth_top_logp
 from jetspec_trt.tree.tree_tensors import accept_tensors, node_count
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.plugins.interpreter import needs_triton, run_in_interpreter
 
 # (vocab, budget, topk, max_depth, logits): vocabularies that take 1, 2 and 8 splits of the top-k pass;
 # "ties" logits are small integers, so most candidates tie exactly with others (the counter order decides).
@@ -123,13 +116,10 @@ def test_supports_bounds():
     assert not triton_tree_build.supports(16, 65, 15) and not triton_tree_build.supports(16, 7, 64)
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+@pytest.mark.slow
+@needs_triton
 def test_kernels_in_the_triton_interpreter():
-    env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join(filter(None, (str(ROOT),
-                                                                                          os.environ.get("PYTHONPATH")))))
-    run = subprocess.run([sys.executable, "-c", "from tests.plugins.test_triton_tree_build import check_all; "
-                          "check_all('cpu')"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert run.returncode == 0, run.stderr[-4000:]
+    run_in_interpreter(check_all)
 
 
 @pytest.mark.gpu

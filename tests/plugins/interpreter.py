@@ -1,0 +1,38 @@
+"""Run a test module's check function in Triton's CPU interpreter, so CI checks our kernels without a GPU.
+
+The check function takes the device first; the same function runs on CUDA in a gpu-marked test. It runs in a
+subprocess because Triton reads TRITON_INTERPRET once, when it is first imported (this process may have imported
+it already, compiling for the GPU). The interpreter runs each program of a grid one after the other on numpy, about
+a thousand times slower than a GPU: interpreter checks use small shapes.
+
+Known gap of the interpreter (Triton 3.6): it stores bfloat16 as uint16 and computes tl.dot (and bf16 arithmetic)
+on the bit patterns (triton-lang/triton#11584, "we just don't support it yet"); only casts convert. Kernels that
+dot or add bf16 values are checked in float16 and float32 here, bf16 on CUDA only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+
+
+def run_in_interpreter(check: Callable, *args, timeout: float = 600) -> None:
+    """check("cpu", *args) in a subprocess with TRITON_INTERPRET=1; fails with the subprocess's stderr tail.
+    `check` must be a module-level function of a file under the repository, args literals (passed by repr)."""
+    module = ".".join(Path(check.__code__.co_filename).resolve().relative_to(ROOT).with_suffix("").parts)
+    env = dict(os.environ, TRITON_INTERPRET="1",
+               PYTHONPATH=os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH")))))
+    call = f"from {module} import {check.__name__} as check; check('cpu', *{args!r})"
+    run = subprocess.run([sys.executable, "-c", call], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=timeout)
+    assert run.returncode == 0, run.stderr[-4000:]
