@@ -3,12 +3,16 @@
 Every check draws fresh random inputs, computes the reference in float64 on the CPU, poisons the CUDA caching
 allocator with NaN first (the op returns a fresh tensor, so an unwritten element would show up as NaN), and
 compares by relative error ||out - ref|| / ||ref||.
+
+The checks take a device: on CUDA they call the registered op, on the CPU (Triton's interpreter, a subprocess:
+tests/plugins/interpreter.py) the kernels' launcher, at small shapes in float16 and float32.
 """
 
 import pytest
 import torch
 
 from jetspec_trt.plugins.tree_attention import causal_mask, pack_mask, tree_attention, tree_attention_reference
+from tests.plugins.interpreter import needs_triton, run_in_interpreter
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +49,12 @@ def poison_allocator():
     del junk
 
 
-def run_case(t, ctx, hq, hkv, d, dtype, g, page=64, dense=None):
+# The interpreter runs a grid's programs one by one: launch for a GPU of 8 SMs, whose splits (still more than one
+# for decode) are not mostly empty programs as a 132-SM GPU's are for small shapes.
+INTERPRETER_SM_COUNT = 8
+
+
+def run_case(t, ctx, hq, hkv, d, dtype, g, page=64, dense=None, device="cuda"):
     pages = (ctx + t + page - 1) // page + 3
     k = torch.randn(pages, page, hkv, d, generator=g).to(dtype)
     v = torch.randn(pages, page, hkv, d, generator=g).to(dtype)
@@ -54,9 +63,14 @@ def run_case(t, ctx, hq, hkv, d, dtype, g, page=64, dense=None):
     mask = pack_mask(random_tree(t, g) if dense is None else dense)
     ctx_len = torch.tensor([ctx], dtype=torch.int32)
     ref = tree_attention_reference(q.double(), k.double(), v.double(), table, ctx_len, mask, d**-0.5)
-    cuda = [x.cuda() for x in (q, k, v, table, ctx_len, mask)]
-    poison_allocator()
-    out = tree_attention(*cuda, d**-0.5)
+    if device == "cuda":
+        poison_allocator()
+        out = tree_attention(*[x.cuda() for x in (q, k, v, table, ctx_len, mask)], d**-0.5)
+    else:  # the op's CPU implementation is the reference itself: call the kernels' launcher
+        from jetspec_trt.plugins.triton_tree_attention import launch_for, tree_attention_triton
+
+        launch = launch_for(t, hq, hkv, d, page, dtype, INTERPRETER_SM_COUNT)
+        out = tree_attention_triton(q, k, v, table, ctx_len, mask, d**-0.5, launch)
     assert out.dtype == dtype and out.shape == q.shape
     out = out.double().cpu()
     assert not torch.isnan(out).any(), "unwritten or NaN outputs"
@@ -90,44 +104,88 @@ def test_long_contexts_qwen3_8b_shape(kernel, t, ctx):
     assert run_case(t, ctx, 32, 8, 128, torch.bfloat16, g) < 1e-2
 
 
-@pytest.mark.gpu
-def test_unordered_tree(kernel):
+def check_unordered_tree(device, t, ctx, hq, hkv, d, dtype):
     """A tree whose tokens are not in topological order: the kernel must not assume parents come first."""
     g = torch.Generator().manual_seed(5)
-    t = 100
     perm = torch.randperm(t, generator=g)
     dense = random_tree(t, g)[perm][:, perm]
-    assert run_case(t, 333, 32, 8, 128, torch.bfloat16, g, dense=dense) < 1e-2
+    assert run_case(t, ctx, hq, hkv, d, dtype, g, dense=dense, device=device) < 1e-2
+
+
+@pytest.mark.gpu
+def test_unordered_tree(kernel):
+    check_unordered_tree("cuda", 100, 333, 32, 8, 128, torch.bfloat16)
+
+
+def check_packed_prefill(device, lengths, ctx, shapes, dtype):
+    """A packed prefill's mask: each sequence causal over itself only. Programs skip the tiles left of their
+    sequence (no row sees them), so every sequence must still get exactly its own attention."""
+    g = torch.Generator().manual_seed(ctx)
+    segment = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
+    index = torch.arange(segment.numel())
+    dense = (segment[:, None] == segment[None, :]) & (index[None, :] <= index[:, None])
+    for hq, hkv, d in shapes:
+        assert run_case(segment.numel(), ctx, hq, hkv, d, dtype, g, dense=dense, device=device) < 1e-2
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("ctx", [0, 50])
 def test_packed_block_diagonal_prefill(kernel, ctx):
-    """A packed prefill's mask: each sequence causal over itself only. Programs skip the tiles left of their
-    sequence (no row sees them), so every sequence must still get exactly its own attention."""
-    g = torch.Generator().manual_seed(ctx)
-    lengths = [37, 300, 5, 700, 64, 1, 129]
-    segment = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))
-    index = torch.arange(segment.numel())
-    dense = (segment[:, None] == segment[None, :]) & (index[None, :] <= index[:, None])
-    for hq, hkv, d in ((14, 2, 64), (32, 8, 128)):
-        assert run_case(segment.numel(), ctx, hq, hkv, d, torch.bfloat16, g, dense=dense) < 1e-2
+    check_packed_prefill("cuda", [37, 300, 5, 700, 64, 1, 129], ctx, ((14, 2, 64), (32, 8, 128)), torch.bfloat16)
+
+
+def check_causal_prefill(device, t, ctx, hq, hkv, d, dtype):
+    g = torch.Generator().manual_seed(t)
+    dense = torch.ones(t, t, dtype=torch.bool).tril()
+    assert torch.equal(pack_mask(dense), causal_mask(t))
+    assert run_case(t, ctx, hq, hkv, d, dtype, g, dense=dense, device=device) < 1e-2
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("t,ctx,hq,hkv,d", [(1000, 0, 32, 8, 128), (300, 77, 16, 2, 64)])
 def test_causal_prefill(kernel, t, ctx, hq, hkv, d):
+    check_causal_prefill("cuda", t, ctx, hq, hkv, d, torch.bfloat16)
+
+
+def check_fp32_is_exact(device, t):
     g = torch.Generator().manual_seed(t)
-    dense = torch.ones(t, t, dtype=torch.bool).tril()
-    assert torch.equal(pack_mask(dense), causal_mask(t))
-    assert run_case(t, ctx, hq, hkv, d, torch.bfloat16, g, dense=dense) < 1e-2
+    assert run_case(t, 150, 8, 2, 64, torch.float32, g, page=16, device=device) < 1e-5
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("t", [1, 40])
 def test_fp32_is_exact(kernel, t):
-    g = torch.Generator().manual_seed(t)
-    assert run_case(t, 150, 8, 2, 64, torch.float32, g, page=16) < 1e-5
+    check_fp32_is_exact("cuda", t)
+
+
+# Small cases for the interpreter, float16 (see tests/plugins/interpreter.py on bf16): (t, ctx, hq, hkv, d, page).
+# Decode with splits and the merge kernel, contexts with and without a partial tile, GQA ratios 1, 4 and 8.
+SMALL_CASES = [(1, 0, 8, 2, 64, 16), (1, 100, 8, 2, 64, 16), (1, 128, 4, 4, 32, 64), (7, 300, 8, 1, 64, 64),
+               (64, 70, 4, 2, 32, 16)]
+
+
+def check_small(device):
+    """Every path of both kernels at shapes the interpreter runs in seconds."""
+    for index, (t, ctx, hq, hkv, d, page) in enumerate(SMALL_CASES):
+        g = torch.Generator().manual_seed(index)
+        err = run_case(t, ctx, hq, hkv, d, torch.float16, g, page=page, device=device)
+        assert err < 1e-2, (t, ctx, hq, hkv, d, page, err)
+    check_unordered_tree(device, 40, 33, 4, 2, 32, torch.float16)
+    check_packed_prefill(device, [37, 70, 5, 1, 20], 10, ((4, 1, 32),), torch.float16)  # skips tiles left of 96
+    check_causal_prefill(device, 130, 77, 4, 1, 64, torch.float16)  # unmasked new-token tiles left of the band
+    for t in (1, 40):
+        check_fp32_is_exact(device, t)
+
+
+@pytest.mark.slow
+@needs_triton
+def test_kernels_in_the_triton_interpreter():
+    run_in_interpreter(check_small)
+
+
+@pytest.mark.gpu
+def test_small_cases_on_cuda(kernel):
+    check_small("cuda")
 
 
 @pytest.mark.gpu
