@@ -79,7 +79,6 @@ def _build_kernel():
         if bn * bk <= 8192
     ]
 
-    @triton.autotune(configs=configs, key=["N", "K"])
     @triton.jit
     def gemv_kernel(x_ptr, w_ptr, b_ptr, s_ptr, y_ptr, N, K, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
                     BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -100,20 +99,27 @@ def _build_kernel():
             y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
+    tuned_kernel = triton.autotune(configs=configs, key=["N", "K"])(gemv_kernel)
+
     def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None,
-               out_dtype: torch.dtype) -> torch.Tensor:
+               out_dtype: torch.dtype, block: tuple[int, int] | None = None) -> torch.Tensor:
         n, k = weight.shape
         y = torch.empty(1, n, dtype=out_dtype, device=x.device)
-        grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
-        gemv_kernel[grid](x, weight, bias if bias is not None else y, scale if scale is not None else y, y, n, k,
-                          HAS_BIAS=bias is not None, HAS_SCALE=scale is not None)
+        args = (x, weight, bias if bias is not None else y, scale if scale is not None else y, y, n, k)
+        flags = dict(HAS_BIAS=bias is not None, HAS_SCALE=scale is not None)
+        if block is None:
+            grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+            tuned_kernel[grid](*args, **flags)
+        else:  # one (BLOCK_N, BLOCK_K), untuned: tests check each (Triton's interpreter cannot time configs)
+            gemv_kernel[(triton.cdiv(n, block[0]),)](*args, **flags, BLOCK_N=block[0], BLOCK_K=block[1])
         return y
 
     return launch
 
 
 def _triton_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None = None,
-                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
+                 out_dtype: torch.dtype | None = None, block: tuple[int, int] | None = None) -> torch.Tensor:
+    """The Triton kernel on x's device, autotuned, or at one (BLOCK_N, BLOCK_K) `block` (tests)."""
     if weight.stride(-1) != 1 or weight.stride(0) != weight.shape[1]:
         weight = weight.contiguous()
-    return _kernel()(x.contiguous(), weight, bias, scale, out_dtype or x.dtype)
+    return _kernel()(x.contiguous(), weight, bias, scale, out_dtype or x.dtype, block)

@@ -3,14 +3,17 @@ its scale) @ (the FP8 weight) * scales, on the CPU with torch's kernels and on C
 FP8 GEMV (the latter to the tensor cores' accumulation); an FP8 model on CUDA gives the CPU's logits up to rounding,
 and an FP8 engine's graphed speculative decoding matches its AR greedy decoding up to a few near-tie flips."""
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 from jetspec_trt.plugins.fp8_gemm import FP8_DTYPE, FP8_MAX, dequantize, fp8_linear, quantize
-from jetspec_trt.plugins.gemv import gemv_fp8
+from jetspec_trt.plugins.gemv import _triton_gemv, gemv_fp8
 from jetspec_trt.plugins.linear import linear
-from tests.plugins.test_gemv import SHAPES
+from tests.plugins.interpreter import needs_triton, run_in_interpreter
+from tests.plugins.test_gemv import BLOCKS, SHAPES, SMALL_SHAPES
 
 
 def operands(n, k, device="cpu", seed=0):
@@ -71,23 +74,48 @@ def test_dynamic_scales_are_per_token():
     assert torch.allclose(together[3], bias)
 
 
-# ------------------------------------------------------------------------------------------------------ CUDA
+# ------------------------------------------------------------------------------- the Triton FP8 GEMV; CUDA
+
+
+def check_gemv_fp8(device, n, k, out_dtype, block=None):
+    """The op (autotuned) or, with `block`, the kernel at that (BLOCK_N, BLOCK_K) against the float64 product."""
+    x, w, w_scale, b = operands(n, k, device, seed=n * 31 + k)
+    xq = quantize(x[:1], torch.tensor(0.01, device=device))
+    scale = (w_scale * 0.01).reshape(1)
+    for bias in (None, b.to(out_dtype)):
+        if block is None:
+            got = gemv_fp8(xq, w, scale, bias, out_dtype)
+        else:
+            got = _triton_gemv(xq, w, bias, scale, out_dtype, block)
+        ref = F.linear(xq.double(), w.double()) * scale.double()
+        ref = ref if bias is None else ref + bias.double()
+        assert got.dtype == out_dtype and got.shape == (1, n)
+        err = (got.double() - ref).norm() / ref.norm()
+        assert err < {torch.float32: 1e-5, torch.bfloat16: 1e-2}[out_dtype], (n, k, block, float(err))
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("n, k", SHAPES)
 def test_triton_gemv_fp8_matches_reference(n, k, out_dtype):
-    x, w, w_scale, b = operands(n, k, "cuda", seed=n * 31 + k)
-    xq = quantize(x[:1], torch.tensor(0.01, device="cuda"))
-    scale = (w_scale * 0.01).reshape(1)
-    for bias in (None, b.to(out_dtype)):
-        got = gemv_fp8(xq, w, scale, bias, out_dtype)
-        ref = F.linear(xq.double(), w.double()) * scale.double()
-        ref = ref if bias is None else ref + bias.double()
-        assert got.dtype == out_dtype and got.shape == (1, n)
-        err = (got.double() - ref).norm() / ref.norm()
-        assert err < {torch.float32: 1e-5, torch.bfloat16: 1e-2}[out_dtype], float(err)
+    check_gemv_fp8("cuda", n, k, out_dtype)
+
+
+def check_blocks(device):
+    """Each block at each shape. The interpreter (Triton 3.6) holds e4m3 as uint8 and converts every finite value
+    exactly (checked: all 254; the NaN encodings read as +-480, and quantize never makes them)."""
+    for i, (block, (n, k)) in enumerate(itertools.product(BLOCKS, SMALL_SHAPES)):
+        check_gemv_fp8(device, n, k, (torch.bfloat16, torch.float32)[i % 2], block)
+
+
+@needs_triton
+def test_kernel_in_the_triton_interpreter():
+    run_in_interpreter(check_blocks)
+
+
+@pytest.mark.gpu
+def test_blocks_on_cuda():
+    check_blocks("cuda")
 
 
 # FP8 tensor-core GEMMs do not accumulate in full float32: Hopper's FP8 WGMMA keeps about 14 mantissa bits in its

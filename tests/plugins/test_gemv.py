@@ -1,15 +1,18 @@
 """The decode GEMV op: CPU fallback is F.linear exactly; on CUDA the Triton kernel matches a float64 reference
 over the decode shapes of the 0.5B and 8B models (and odd ones), with and without bias; models switched to it give
-the same logits on CPU and rounding-close ones on CUDA."""
+the same logits on CPU and rounding-close ones on CUDA. The kernel at fixed blocks also runs in Triton's interpreter on
+the CPU (tests/plugins/interpreter.py; the interpreter cannot time the autotuner's configs)."""
+
+import itertools
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from jetspec_trt.models.presets import random_models
-from jetspec_trt.plugins.gemv import gemv
+from jetspec_trt.plugins.gemv import _triton_gemv, gemv
 from jetspec_trt.plugins.linear import linear
 from jetspec_trt.plugins.tree_attention import causal_mask
+from tests.plugins.interpreter import needs_triton, run_in_interpreter
 
 
 def test_cpu_fallback_is_f_linear():
@@ -24,6 +27,8 @@ def test_cpu_fallback_is_f_linear():
 
 
 def test_model_switch_keeps_cpu_logits():
+    from jetspec_trt.models.presets import random_models  # here: 1 s of imports the interpreter test need not pay
+
     target, _, _ = random_models("tiny", "cpu", torch.float32)
     target.fuse_weights()
     ids = torch.tensor([5, 9, 200])
@@ -45,25 +50,56 @@ SHAPES = [(896, 896), (1152, 896), (9728, 896), (896, 4864), (6144, 4096), (4096
           (1000, 1000), (7, 300), (33, 4097)]
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("n, k", SHAPES)
-def test_triton_gemv_matches_reference(n, k, dtype):
-    g = torch.Generator(device="cuda").manual_seed(n * 31 + k)
-    x = torch.randn(1, k, device="cuda", generator=g).to(dtype)
-    w = (torch.randn(n, k, device="cuda", generator=g) / k**0.5).to(dtype)
-    b = torch.randn(n, device="cuda", generator=g).to(dtype)
+# The interpreter's shapes (N below, at and past a multiple of BLOCK_N; K past a multiple of BLOCK_K) and
+# (BLOCK_N, BLOCK_K) blocks: every BLOCK_N and BLOCK_K of the autotuner's configs.
+SMALL_SHAPES = [(7, 300), (33, 1025), (100, 1000)]
+BLOCKS = [(4, 256), (8, 1024), (16, 512)]
+
+
+def check_gemv(device, n, k, dtype, block=None):
+    """The op (autotuned) or, with `block`, the kernel at that (BLOCK_N, BLOCK_K) against float64 F.linear."""
+    g = torch.Generator(device=device).manual_seed(n * 31 + k)
+    x = torch.randn(1, k, device=device, generator=g).to(dtype)
+    w = (torch.randn(n, k, device=device, generator=g) / k**0.5).to(dtype)
+    b = torch.randn(n, device=device, generator=g).to(dtype)
     for bias in (None, b):
-        got = gemv(x, w, bias)
+        got = gemv(x, w, bias) if block is None else _triton_gemv(x, w, bias, block=block)
         ref = F.linear(x.double(), w.double(), None if bias is None else bias.double())
         assert got.dtype == dtype and got.shape == (1, n)
         err = (got.double() - ref).norm() / ref.norm()
         # float32 accumulation; the output rounding of the dtype dominates
-        assert err < {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype], float(err)
+        assert err < {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype], (n, k, block, float(err))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n, k", SHAPES)
+def test_triton_gemv_matches_reference(n, k, dtype):
+    check_gemv("cuda", n, k, dtype)
+
+
+def check_blocks(device):
+    """Each block at each shape, the dtypes in turn (bf16 too: the kernel only casts its loads to float32, which the
+    interpreter does right, unlike bf16 arithmetic)."""
+    dtypes = (torch.bfloat16, torch.float16, torch.float32)
+    for i, (block, (n, k)) in enumerate(itertools.product(BLOCKS, SMALL_SHAPES)):
+        check_gemv(device, n, k, dtypes[i % 3 - i // 3 % 3], block)
+
+
+@needs_triton
+def test_kernel_in_the_triton_interpreter():
+    run_in_interpreter(check_blocks)
+
+
+@pytest.mark.gpu
+def test_blocks_on_cuda():
+    check_blocks("cuda")
 
 
 @pytest.mark.gpu
 def test_decode_gemv_model_logits_close_on_cuda():
+    from jetspec_trt.models.presets import random_models
+
     target, _, _ = random_models("tiny", "cuda", torch.bfloat16)
     target.fuse_weights()
     cache = target.new_cache(16, 8)
