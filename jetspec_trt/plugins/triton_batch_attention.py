@@ -61,6 +61,11 @@ def batch_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, po
     """q [B, Hq, D]; k, v [B, Hkv, S, D] (row b's keys at slots 0..pos[b]); pos [B] int64 -> out [B, Hq, D]."""
     if triton is None or not q.is_cuda:
         raise RuntimeError("batch_decode_attention needs Triton and CUDA tensors")
+    return _launch(q, k, v, pos, scale)
+
+
+def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor, scale: float) -> torch.Tensor:
+    """The kernel on q's device (tests call it on CPU tensors in Triton's interpreter)."""
     rows, num_heads, head_dim = q.shape
     num_kv_heads = k.shape[1]
     group = num_heads // num_kv_heads
