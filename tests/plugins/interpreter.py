@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
 
 
-def run_in_interpreter(check: Callable, *args, timeout: float = 600) -> None:
+def run_in_interpreter(check: Callable, *args, timeout: float = 300) -> None:
     """check("cpu", *args) in a subprocess with TRITON_INTERPRET=1; fails with the subprocess's stderr tail.
     `check` must be a module-level function of a file under the repository, args literals (passed by repr)."""
     module = ".".join(Path(check.__code__.co_filename).resolve().relative_to(ROOT).with_suffix("").parts)
