@@ -12,7 +12,6 @@ dot or add bf16 values are checked in float16 and float32 here, bf16 on CUDA onl
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -21,9 +20,11 @@ from typing import Callable
 
 import pytest
 
+from jetspec_trt.plugins.triton_tree_attention import triton  # None where Triton is missing or fails to import
+
 ROOT = Path(__file__).resolve().parents[2]
 
-needs_triton = pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="Triton is not installed")
+needs_triton = pytest.mark.skipif(triton is None, reason="Triton is not installed (or fails to import)")
 
 
 def run_in_interpreter(check: Callable, *args, timeout: float = 300) -> None:
