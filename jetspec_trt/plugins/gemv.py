@@ -122,4 +122,5 @@ def _triton_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     """The Triton kernel on x's device, autotuned, or at one (BLOCK_N, BLOCK_K) `block` (tests)."""
     if weight.stride(-1) != 1 or weight.stride(0) != weight.shape[1]:
         weight = weight.contiguous()
+    bias = bias.contiguous() if bias is not None else None  # read at b_ptr + row; the models' biases already are
     return _kernel()(x.contiguous(), weight, bias, scale, out_dtype or x.dtype, block)

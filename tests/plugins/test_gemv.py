@@ -84,6 +84,18 @@ def check_blocks(device):
     dtypes = (torch.bfloat16, torch.float16, torch.float32)
     for i, (block, (n, k)) in enumerate(itertools.product(BLOCKS, SMALL_SHAPES)):
         check_gemv(device, n, k, dtypes[i % 3 - i // 3 % 3], block)
+    check_strided_operands(device, BLOCKS[0] if device == "cpu" else None)
+
+
+def check_strided_operands(device, block=None):
+    """Views with other strides (x, weight and bias every other element) give F.linear's result: the op takes
+    any tensors, like F.linear on the CPU, and the kernel reads them contiguous."""
+    g = torch.Generator(device=device).manual_seed(3)
+    x = torch.randn(1, 2 * 300, device=device, generator=g)[:, ::2]
+    w = torch.randn(2 * 7, 2 * 300, device=device, generator=g)[::2, ::2]
+    b = torch.randn(2 * 7, device=device, generator=g)[::2]
+    got = gemv(x, w, b) if block is None else _triton_gemv(x, w, b, block=block)
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
 @needs_triton
