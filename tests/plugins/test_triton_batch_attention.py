@@ -77,7 +77,7 @@ def test_layer_slice_of_the_batch_cache():
 def check_small(device):
     """Every head shape at 6 rows, float16 and float32 (the interpreter computes bf16 dots wrongly: interpreter.py)."""
     for heads in HEADS:
-        check_matches_reference(device, torch.float16, 2e-3, *heads, rows=6)
+        check_matches_reference(device, torch.float16, 5e-3, *heads, rows=6)  # 6e-4 measured
         check_matches_reference(device, torch.float32, 1e-5, *heads, rows=6)
     check_layer_slice_of_the_batch_cache(device)
 
