@@ -72,6 +72,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor
     if k.stride(3) != 1 or v.stride() != k.stride() or q.stride(2) != 1:
         raise ValueError("batch_decode_attention wants K/V [B, Hkv, S, D] with equal strides and unit-stride heads")
     out = torch.empty_like(q)
+    pos = pos.contiguous()  # read as pos_ptr + b (a no-op for the decoder's own positions)
     block_m = max(16, triton.next_power_of_2(group))  # tl.dot wants M >= 16
     _batch_decode_kernel[(rows, num_kv_heads)](
         q, k, v, pos, out, scale * LOG2E,

@@ -360,6 +360,7 @@ def tree_attention_triton(q, k_cache, v_cache, block_table, ctx_len, tree_mask, 
         return tree_attention_reference(q, k_cache, v_cache, block_table, ctx_len, tree_mask, scale)
     out_dtype = q.dtype
     q = q.to(k_cache.dtype).contiguous()  # tl.dot wants one operand dtype; a no-op in the engine
+    block_table = block_table.contiguous()  # read as table_ptr + page (a no-op for the caches' own tables)
     num_new, num_heads, head_dim = q.shape
     page, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
