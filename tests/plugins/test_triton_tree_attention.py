@@ -54,11 +54,13 @@ def poison_allocator():
 INTERPRETER_SM_COUNT = 8
 
 
-def run_case(t, ctx, hq, hkv, d, dtype, g, page=64, dense=None, device="cuda"):
+def run_case(t, ctx, hq, hkv, d, dtype, g, page=64, dense=None, device="cuda", strided_table=False):
     pages = (ctx + t + page - 1) // page + 3
     k = torch.randn(pages, page, hkv, d, generator=g).to(dtype)
     v = torch.randn(pages, page, hkv, d, generator=g).to(dtype)
     table = torch.randperm(pages, generator=g).to(torch.int32)  # non-identity: pages shuffled
+    if strided_table:  # every other entry of a wider tensor (out-of-range page ids in between)
+        table = torch.stack([table, torch.full_like(table, 10**6)], 1)[:, 0]
     q = torch.randn(t, hq, d, generator=g).to(dtype)
     mask = pack_mask(random_tree(t, g) if dense is None else dense)
     ctx_len = torch.tensor([ctx], dtype=torch.int32)
@@ -170,6 +172,9 @@ def check_small(device):
         g = torch.Generator().manual_seed(index)
         err = run_case(t, ctx, hq, hkv, d, torch.float16, g, page=page, device=device)
         assert err < 1e-2, (t, ctx, hq, hkv, d, page, err)
+    err = run_case(5, 70, 4, 2, 32, torch.float16, torch.Generator().manual_seed(99), page=16, device=device,
+                   strided_table=True)
+    assert err < 1e-2, ("strided block table", err)
     check_unordered_tree(device, 40, 33, 4, 2, 32, torch.float16)
     check_packed_prefill(device, [37, 70, 5, 1, 20], 10, ((4, 1, 32),), torch.float16)  # skips tiles left of 96
     check_causal_prefill(device, 130, 77, 4, 1, 64, torch.float16)  # unmasked new-token tiles left of the band
