@@ -98,6 +98,6 @@ done
 if [ "${ENGINE_BENCH:-0}" = 1 ]; then
   stage "engine bench, qwen2.5-0.5b shape"
   jt bench --random-target qwen2.5-0.5b --budgets 16,64,256 --contexts 512 --no-hf --reps 20 \
-     --output-dir "$WORK/results" --tag "qwen2.5-0.5b-h200-$TAG"
+     --output-dir "$WORK/results" --tag "tree-kernel"
 fi
 stage "done"

@@ -2,6 +2,7 @@
 
 Everything is measured in one run on one device, so the ratios in the JSON are side by side:
   * AR: one graphed decode step at each context (CUDA events, median), and an end-to-end greedy generate
+  * sampled rounds (T=1) per budget and context, as a ratio to the greedy round
   * round split: draft / tree / verify / accept+compaction, per tree budget and context (graph replays); with
     compare_tree_kernel the same split again with the tree stage on the Triton tree kernels ("rounds_tree_kernel")
   * projected tok/s = tau / round time, for tau values given (e.g. the paper's) and measured ones
@@ -154,12 +155,20 @@ class EngineBench:
 
             result[f"{name}_ms"] = _events_ms(stages[name], self.cfg.reps, before)
 
+        result["round_ms"] = self.round_ms(budget, context)
+        return result
+
+    def round_ms(self, budget: int, context: int, mode: str = "greedy") -> float:
+        """One whole round (the stages replayed back to back) in a sampling mode (GraphDecoder.stages); "sample"
+        draws at the decoder's temperature, 1 unless a request set another."""
+        state, stages = self.decoder.stages(TreeConfig(budget, self.cfg.topk, self.cfg.max_depth), mode)
+        state.anchor.fill_(11)
+
         def whole_round() -> None:
             for name in STAGES:
                 stages[name]()
 
-        result["round_ms"] = _events_ms(whole_round, self.cfg.reps, reset)
-        return result
+        return _events_ms(whole_round, self.cfg.reps, self._at_context(context, state))
 
     def _timed_generate(self, prompt_len: int, **kwargs):
         """One generate() of cfg.ar_tokens new tokens after a short warm-up (capture) on the same prompt;
@@ -253,6 +262,12 @@ def run_bench(cfg: BenchConfig, command: list[str] | None = None) -> Path:
             report["rounds"].append(split)
             progress.set_postfix(budget=budget, context=context, round_ms=f"{split['round_ms']:.2f}")
             progress.update()
+    # Sampled rounds (T=1) beside greedy ones: what a chat request pays per round.
+    greedy_ms = {(r["budget"], r["context"]): r["round_ms"] for r in report["rounds"]}
+    report["rounds_sampled"] = [
+        {"budget": b, "context": c, "mode": "sample", "temperature": 1.0, "round_ms": ms,
+         "vs_greedy_round": ms / greedy_ms[b, c]}
+        for c in cfg.contexts for b in cfg.budgets for ms in (bench.round_ms(b, c, "sample"),)]
     report["ar_generate"] = ar = bench.ar_generate_tok_s()
     ar_ms = 1000 / ar["decode_tok_s"]
     report["generate_rounds"] = [dict(r, vs_ar_generate_step=r["ms_per_round"] / ar_ms)

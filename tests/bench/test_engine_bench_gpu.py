@@ -1,0 +1,25 @@
+"""The engine bench end to end on CUDA at a tiny shape: every section it reports is there and well formed."""
+
+import json
+
+import pytest
+import torch
+
+from jetspec_trt.bench.engine_bench import BenchConfig, run_bench
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def test_engine_bench_reports_every_section(tmp_path):
+    cfg = BenchConfig(random_target="tiny", budgets=(4, 16), contexts=(64,), topk=4, max_depth=7, reps=3,
+                      ar_tokens=16, hf_generate=False, agreement_prompts=2, agreement_tokens=16,
+                      compile_layers=False, output_dir=tmp_path, tag="tiny")
+    report = json.loads(run_bench(cfg).with_suffix(".json").read_text())
+    assert [r["budget"] for r in report["rounds"]] == [4, 16]
+    for row in report["rounds"]:
+        assert row["round_ms"] > 0 and all(row[f"{s}_ms"] > 0 for s in ("draft", "tree", "verify", "accept"))
+    assert [(r["budget"], r["mode"]) for r in report["rounds_sampled"]] == [(4, "sample"), (16, "sample")]
+    assert all(r["vs_greedy_round"] > 0 for r in report["rounds_sampled"])
+    assert [r["budget"] for r in report["rounds_tree_kernel"]] == [4, 16]
+    assert report["agreement_tree_kernel"]["prompts"] == 2
+    assert report["ar_step"][0]["step_ms"] > 0 and report["ar_generate"]["decode_tok_s"] > 0
