@@ -64,10 +64,18 @@ class HostRounds:
     def round_inputs(self, depth_logits: torch.Tensor | None) -> RoundInputs:
         """What the target verifies this round: the tree built from the draft's per-depth logits, or (None) the
         anchor alone for an AR step."""
-        anchor, position, tree = self._anchor, self._length, self._request.tree
-        if depth_logits is None:
+        return self.tree_inputs(self.draft_tree(depth_logits) if depth_logits is not None else None)
+
+    def draft_tree(self, depth_logits: torch.Tensor) -> DraftTree:
+        """The request's best-first tree (of its own budget) from the draft's per-depth logits at the anchor."""
+        tree = self._request.tree
+        return build_tree(self._anchor, depth_logits, tree.budget, tree.topk, tree.max_depth)
+
+    def tree_inputs(self, draft_tree: DraftTree | None) -> RoundInputs:
+        """The round's inputs for `draft_tree` at the anchor (None: an AR step)."""
+        anchor, position = self._anchor, self._length
+        if draft_tree is None:
             return RoundInputs(None, torch.tensor([anchor]), torch.tensor([position]), causal_mask(1))
-        draft_tree = build_tree(anchor, depth_logits, tree.budget, tree.topk, tree.max_depth)
         return RoundInputs(draft_tree, draft_tree.tokens, position + draft_tree.depths, draft_tree.packed_mask())
 
     def round_result(self, inputs: RoundInputs, logits: torch.Tensor) -> RoundResult:

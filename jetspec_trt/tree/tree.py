@@ -25,10 +25,23 @@ class DraftTree:
     depths: torch.Tensor  # [N] int64, depths[0] = 0
     ancestors: torch.Tensor  # [N, N] bool, [i, j] = j is i or an ancestor of i
     children: list[dict[int, int]]  # per node: token -> child node index
+    scores: torch.Tensor  # [N] float32: cumulative draft log-probability of each node's path (root 0)
 
     @property
     def size(self) -> int:
         return self.tokens.shape[0]
+
+    def prefix(self, n: int) -> "DraftTree":
+        """Its first n nodes: build_tree's tree of budget n from the same logits (nodes are added best first, and
+        a smaller budget only stops the same sequence of pops earlier)."""
+        return DraftTree(self.tokens[:n], self.parents[:n], self.depths[:n], self.ancestors[:n, :n],
+                         [{t: c for t, c in kids.items() if c < n} for kids in self.children[:n]], self.scores[:n])
+
+    def expected_accepted(self) -> torch.Tensor:
+        """[N]: entry j-1 is the expected number of accepted drafts of the tree's first j nodes if the target
+        followed the draft's own probabilities: a node is accepted iff its whole path is, so each node adds the
+        product of the probabilities along its path, exp(score)."""
+        return torch.cumsum(self.scores.exp(), 0) - 1.0  # minus the root's exp(0)
 
     def packed_mask(self) -> torch.Tensor:
         return pack_mask(self.ancestors)
@@ -96,4 +109,5 @@ def build_tree_from_top(anchor: int, top_logp: torch.Tensor, top_ids: torch.Tens
         depths=torch.tensor(depths, dtype=torch.long),
         ancestors=ancestors,
         children=children,
+        scores=torch.tensor(scores, dtype=torch.float32),
     )

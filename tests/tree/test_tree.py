@@ -57,3 +57,23 @@ def test_best_first_matches_brute_force(seed):
         d = int(tree.depths[i])
         node_scores.append(node_scores[int(tree.parents[i])] + float(logp[d - 1, tree.tokens[i]]))
     assert sorted(node_scores, reverse=True) == pytest.approx(best, abs=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_prefix_is_the_smaller_budget_tree_and_expected_accepted(seed):
+    """A best-first tree's first n nodes are the tree of budget n (the cost-model policy cuts trees so), and its
+    expected accepted drafts are the sums of path probabilities under the draft (brute force over the tree)."""
+    logits = random_logits(6, vocab=12, seed=seed)
+    full = build_tree(5, logits, 60, 3, 6)
+    for n in (1, 2, 9, 31, 60):
+        small, cut = build_tree(5, logits, n, 3, 6), full.prefix(n)
+        for field in ("tokens", "parents", "depths", "ancestors", "scores"):
+            assert torch.equal(getattr(cut, field), getattr(small, field)), (n, field)
+        assert cut.children == small.children
+    probs = torch.softmax(logits, -1)
+    path_prob = [1.0]
+    for i in range(1, full.size):
+        path_prob.append(path_prob[int(full.parents[i])] * float(probs[int(full.depths[i]) - 1, full.tokens[i]]))
+    expected = [sum(path_prob[1 : j + 1]) for j in range(full.size)]
+    assert full.expected_accepted().tolist() == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    assert sorted(path_prob, reverse=True) == path_prob  # best first: each added node adds less than the last
