@@ -42,6 +42,10 @@ def tree_options(func):
               help="tensorrt: tree attention as the jetspec_trt::TreeAttention plugin, or plain ONNX ops.")
 @click.option("--no-fuse", is_flag=True, help="Store q/k/v and gate/up unfused, in the Hugging Face layout.")
 @click.option("--no-tune", is_flag=True, help="Skip timing tree-attention launch configs on this GPU.")
+@click.option("--cost-model-device", default="auto", show_default=True,
+              help="Where to time the scheduler's passes for its per-step tree budget (cost_model.json): cuda, cpu, "
+                   "or auto (cuda if available).")
+@click.option("--no-cost-model", is_flag=True, help="Skip the cost model (measured where first needed instead).")
 @click.option("--no-decode-gemv", is_flag=True,
               help="Keep cuBLAS for the AR step's single-token GEMMs instead of the Triton GEMV kernel.")
 @click.option("--no-compile", is_flag=True,
@@ -60,8 +64,8 @@ def tree_options(func):
               help="--quantize: calibration prompts are cut to this many tokens.")
 @click.option("--calib-device", default=None, help="--quantize: where to calibrate [default: cuda if available].")
 def build(target_dir, draft_dir, output_dir, budget, topk, max_depth, dtype, max_seq_len, overwrite, backend,
-          attention, no_fuse, no_tune, no_decode_gemv, no_compile, tree_kernel, no_prefill_graphs, quantize,
-          calib_prompts, calib_samples, calib_max_tokens, calib_device):
+          attention, no_fuse, no_tune, cost_model_device, no_cost_model, no_decode_gemv, no_compile, tree_kernel,
+          no_prefill_graphs, quantize, calib_prompts, calib_samples, calib_max_tokens, calib_device):
     """Check a target/draft pair and write an engine directory."""
     if backend == "tensorrt" and quantize:
         raise JetSpecError("--quantize builds PyTorch engines only (drop --backend tensorrt)")
@@ -80,7 +84,8 @@ def build(target_dir, draft_dir, output_dir, budget, topk, max_depth, dtype, max
     config = BuildConfig(target_dir, draft_dir, output_dir, TreeConfig(budget, topk, depth), dtype, max_seq_len,
                          overwrite=overwrite, fuse=not no_fuse, tune=not no_tune,
                          decode_gemv=not no_decode_gemv, compile_graphs=not no_compile, tree_kernel=tree_kernel,
-                         prefill_graphs=not no_prefill_graphs, quantize=quantize_config)
+                         prefill_graphs=not no_prefill_graphs, quantize=quantize_config,
+                         cost_model_device=None if no_cost_model else cost_model_device)
     if backend == "tensorrt":
         from jetspec_trt.builders.tensorrt_builder import build_tensorrt_engine
 

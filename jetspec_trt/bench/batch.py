@@ -1,8 +1,9 @@
 """`jetspec-trt bench --engine DIR --batch 1,4,16`: in-flight batching of a real engine, speculative against AR.
 
 The same N = max(batch sizes) prompts (taken from the suites in turn) are submitted at once to the engine's
-scheduler (runtime/scheduler.py) with max_batch = B, for each B, speculative (one tree per sequence at
---budgets' first value) and AR (budget 1) in the same process. Reported per (B, mode): aggregate tok/s (all
+scheduler (runtime/scheduler.py) with max_batch = B, for each B, in three modes in the same process: "spec" (one
+tree per sequence at --budgets' first value every round), "spec-auto" (the per-step budget, at most that one,
+chosen by the engine's cost model: runtime/cost_model.py) and "ar" (budget 1). Reported per (B, mode): aggregate tok/s (all
 tokens over the wall time of the whole run), per-stream tok/s (a request's tokens over the time from the end of the
 step that prefilled it to its end), mean tau, and how many outputs equal the same prompt's output at B = 1 (the single-stream outputs:
 greedy batching is exact in fp32; in bf16 the batched GEMMs round differently and near-ties may flip).
@@ -22,6 +23,10 @@ from jetspec_trt.bench.suites import engine_report_header, load_suite_prompts, s
 from jetspec_trt.errors import JetSpecError
 
 
+# mode -> (speculative, the scheduler's budget policy)
+MODES = {"spec": (True, "fixed"), "spec-auto": (True, "cost_model"), "ar": (False, "fixed")}
+
+
 @dataclass(frozen=True)
 class BatchBenchConfig:
     engine_dir: Path
@@ -30,6 +35,7 @@ class BatchBenchConfig:
     suites: tuple[str, ...] = ("mtbench", "math500", "humaneval")
     prompts_file: Path | None = None
     max_new_tokens: int = 128
+    modes: tuple[str, ...] = ("spec", "spec-auto", "ar")  # of MODES; "ar" is the baseline of every ratio
     device: str = "cuda"
     output_dir: Path = Path("bench/results")
     tag: str = ""
@@ -37,6 +43,9 @@ class BatchBenchConfig:
     def __post_init__(self):
         if not self.batches or min(self.batches) < 1:
             raise JetSpecError(f"--batch sizes must be >= 1, got {','.join(map(str, self.batches))}")
+        if "ar" not in self.modes or not set(self.modes) <= set(MODES):
+            raise JetSpecError(f"--batch-modes must include ar and be among {','.join(MODES)}, got "
+                               f"{','.join(self.modes)}")
 
     @property
     def prompts_per_suite(self) -> int:
@@ -53,11 +62,12 @@ def _prompt_ids(engine, cfg: BatchBenchConfig) -> list[list[int]]:
 
 
 def run_batched(engine, device: str, prompts: list[list[int]], max_batch: int, max_new_tokens: int,
-                speculative: bool, tree) -> dict:
+                mode: str, tree) -> dict:
     """All prompts submitted at once to a scheduler of max_batch sequences; stepped until idle (synchronised)."""
     from jetspec_trt.runtime.scheduler import SchedulerConfig
 
-    scheduler = engine.new_scheduler(SchedulerConfig.full_batch(engine.runtime, max_batch))
+    speculative, policy = MODES[mode]
+    scheduler = engine.new_scheduler(SchedulerConfig.full_batch(engine.runtime, max_batch, policy))
     ids = [scheduler.add_request(p, max_new_tokens, speculative=speculative, tree=tree) for p in prompts]
     tokens = {i: [] for i in ids}
     admitted, ended, stats = {}, {}, {}
@@ -77,7 +87,8 @@ def run_batched(engine, device: str, prompts: list[list[int]], max_batch: int, m
     per_stream = [len(tokens[i]) / max(ended[i] - admitted[i], 1e-9) for i in ids]
     return {"outputs": [tokens[i] for i in ids], "wall_s": wall, "tokens": total, "aggregate_tok_s": total / wall,
             "per_stream_tok_s_median": statistics.median(per_stream),
-            "tau_mean": statistics.fmean(stats[i].tau for i in ids)}
+            "tau_mean": statistics.fmean(stats[i].tau for i in ids),
+            **({"steps_per_budget": dict(sorted(scheduler.budget_steps.items()))} if policy == "cost_model" else {})}
 
 
 def run_batch_bench(cfg: BatchBenchConfig, command: list[str] | None = None) -> Path:
@@ -86,25 +97,30 @@ def run_batch_bench(cfg: BatchBenchConfig, command: list[str] | None = None) -> 
 
     engine = Engine.load(cfg.engine_dir, device=cfg.device)
     base = engine.runtime.tree
-    trees = {"spec": TreeConfig(cfg.budget, base.topk, base.max_depth), "ar": TreeConfig(1, 1, 1)}
+    spec = TreeConfig(cfg.budget, base.topk, base.max_depth)
+    trees = {mode: spec if MODES[mode][0] else TreeConfig(1, 1, 1) for mode in MODES if mode in cfg.modes}
+    if "spec-auto" in trees:  # the cost model for this device: stored at build, or measured now up to this run's passes
+        engine.cost_model(max(cfg.batches), max(cfg.batches) * cfg.budget)
     prompts = _prompt_ids(engine, cfg)
     for mode, tree in trees.items():  # warm-up, untimed: kernels, allocator
-        run_batched(engine, cfg.device, prompts[:2], 2, 4, mode == "spec", tree)
+        run_batched(engine, cfg.device, prompts[:2], 2, 4, mode, tree)
     rows, reference = [], {}
     for batch in sorted(set(cfg.batches)):
         for mode, tree in trees.items():
-            run = run_batched(engine, cfg.device, prompts, batch, cfg.max_new_tokens, mode == "spec", tree)
+            run = run_batched(engine, cfg.device, prompts, batch, cfg.max_new_tokens, mode, tree)
             outputs = run.pop("outputs")
             reference.setdefault(mode, outputs)  # the smallest batch size runs first: B = 1 when it is asked for
             run["identical_to_smallest_batch"] = sum(a == b for a, b in zip(outputs, reference[mode]))
             rows.append({"batch": batch, "mode": mode, **run})
-    for batch in sorted(set(cfg.batches)):
-        spec, ar = (next(r for r in rows if r["batch"] == batch and r["mode"] == m) for m in ("spec", "ar"))
-        spec["speedup_vs_batched_ar"] = spec["aggregate_tok_s"] / ar["aggregate_tok_s"]
+    for row in rows:
+        if row["mode"] != "ar":
+            ar = next(r for r in rows if r["batch"] == row["batch"] and r["mode"] == "ar")
+            row["speedup_vs_batched_ar"] = row["aggregate_tok_s"] / ar["aggregate_tok_s"]
     result = {
         **engine_report_header("batch", engine, cfg.device, "scheduler (eager batched rounds)", command),
         "config": {**{k: v for k, v in asdict(cfg).items() if k != "engine_dir"}, "requests": len(prompts),
-                   "topk": base.topk, "max_depth": base.max_depth},
+                   "topk": base.topk, "max_depth": base.max_depth,
+                   "cost_model": engine.summary.get("cost_model")},
         "results": rows,
     }
     return write_report(result, "batch", cfg.output_dir, cfg.tag, plot_batch)
@@ -113,12 +129,13 @@ def run_batch_bench(cfg: BatchBenchConfig, command: list[str] | None = None) -> 
 def format_summary(result: dict) -> str:
     lines = [f"{result['device_name']} ({result['dtype']}), {result['config']['requests']} requests x "
              f"{result['config']['max_new_tokens']} new tokens, {result['decoder']}",
-             "batch  mode  aggregate tok/s  per-stream tok/s  tau   same as smallest batch"]
+             "batch       mode  aggregate tok/s  per-stream tok/s  tau   same as smallest batch"]
     for r in result["results"]:
-        lines.append(f"{r['batch']:>5}  {r['mode']:>4}  {r['aggregate_tok_s']:>15.1f}  "
+        lines.append(f"{r['batch']:>5}  {r['mode']:>9}  {r['aggregate_tok_s']:>15.1f}  "
                      f"{r['per_stream_tok_s_median']:>16.1f}  {r['tau_mean']:.2f}  "
                      f"{r['identical_to_smallest_batch']}/{result['config']['requests']}"
-                     + (f"   spec/AR {r['speedup_vs_batched_ar']:.2f}x" if "speedup_vs_batched_ar" in r else ""))
+                     + (f"   /AR {r['speedup_vs_batched_ar']:.2f}x" if "speedup_vs_batched_ar" in r else "")
+                     + (f"   steps per budget {r['steps_per_budget']}" if "steps_per_budget" in r else ""))
     return "\n".join(lines)
 
 
@@ -126,10 +143,12 @@ def plot_batch(result: dict, path: Path) -> None:
     from jetspec_trt.bench.plots import plt
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for mode, color in (("spec", "C0"), ("ar", "C1")):
+    budget = result["config"]["budget"]
+    labels = {"spec": f"speculative (budget {budget})", "spec-auto": f"speculative, cost-model budget (<= {budget})",
+              "ar": "AR"}
+    for (mode, label), color in zip(labels.items(), ("C0", "C2", "C1")):
         rows = [r for r in result["results"] if r["mode"] == mode]
         batches = [r["batch"] for r in rows]
-        label = f"speculative (budget {result['config']['budget']})" if mode == "spec" else "AR"
         axes[0].plot(batches, [r["aggregate_tok_s"] for r in rows], "o-", color=color, label=label)
         axes[1].plot(batches, [r["per_stream_tok_s_median"] for r in rows], "o-", color=color, label=label)
     for ax, title in zip(axes, ("aggregate tok/s", "per-stream tok/s (median)")):

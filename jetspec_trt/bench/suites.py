@@ -18,7 +18,6 @@ import copy
 import datetime as _dt
 import json
 import math
-import platform
 import re
 import time
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ import torch
 
 from jetspec_trt.dtypes import dtype_name
 from jetspec_trt.errors import JetSpecError
+from jetspec_trt.runtime.cost_model import device_name, sync
 from jetspec_trt.versions import library_versions
 
 
@@ -113,25 +113,6 @@ def load_suite_prompts(suites: tuple[str, ...], num_prompts: int,
         if not rows:
             raise JetSpecError(f"no prompts for suite {suite!r}")
     return out
-
-
-def sync(device: str) -> None:
-    """Wait for the device's queued work (timings end here)."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def device_name(device: str) -> str:
-    if torch.device(device).type == "cuda":
-        return torch.cuda.get_device_name(torch.device(device))
-    name = ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        pass
-    name = name or platform.processor() or platform.machine() or "cpu"
-    return f"{name} ({torch.get_num_threads()} threads)"
 
 
 def slug(text: str) -> str:

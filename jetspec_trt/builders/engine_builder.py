@@ -12,6 +12,8 @@ Layout of an engine directory:
     draft/                the draft head in the published JetSpec (DFlash-format) layout, converted likewise
     kernels/tuning.json   tree-attention launch configs timed on the build machine's GPU, keyed by GPU model
                           (only where the build ran with CUDA; see builders/kernel_tuning.py)
+    cost_model.json       the scheduler's pass times on the build device, for its per-step tree budget
+                          (runtime/cost_model.py; not with --no-cost-model)
 Everything is written into a hidden temp directory beside the output and renamed into place at the end, so a
 failed build leaves nothing behind.
 """
@@ -22,6 +24,7 @@ import datetime as dt
 import hashlib
 import json
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +39,7 @@ from jetspec_trt.models.checkpoint import SHARD_INDEX, weight_files
 from jetspec_trt.models.fused_layout import LAYOUT_DESCRIPTION, fuse_plan, is_fused
 from jetspec_trt.models.weights import keep_plan, write_weights
 from jetspec_trt.runtime.config import RUNTIME_CONFIG, RuntimeConfig, TreeConfig
+from jetspec_trt.runtime.cost_model import COST_MODEL
 from jetspec_trt.staging import check_output, staged_directory
 from jetspec_trt.versions import library_versions
 
@@ -62,6 +66,7 @@ class BuildConfig:
     tree_kernel: bool = False  # CUDA: the round's tree stage on the Triton tree kernels (plugins.triton_tree_build)
     prefill_graphs: bool = True  # CUDA: prompt-length buckets' prefills as CUDA graphs captured at load
     quantize: QuantizeConfig | None = None  # quantize the target (FP8 through nvidia-modelopt); None: as it is
+    cost_model_device: str | None = "auto"  # where to time the scheduler's passes; auto: cuda if any; None: skip
 
 
 def sha256_of(path: Path) -> str:
@@ -112,6 +117,24 @@ def runtime_config_for(pair: CheckedPair, cfg: BuildConfig) -> RuntimeConfig:
     )
 
 
+def measure_engine_costs(engine_dir: Path, device: str | None) -> str | dict:
+    """Time the staged engine's scheduler passes on `device` into cost_model.json; returns what the manifest
+    records. As with kernel tuning, a failure does not fail the build (the model only steers speed): the engine
+    then measures it where it first needs one (Engine.cost_model), and the manifest says why."""
+    if device is None:
+        return "skipped: --no-cost-model"
+    from jetspec_trt.runtime.engine import Engine
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    try:
+        model = Engine.load(engine_dir, device=device).measure_cost_model(save=True)
+    except Exception as err:  # noqa: BLE001 - see the docstring
+        warnings.warn(f"measuring the cost model failed: {type(err).__name__}: {err}")
+        return f"skipped: measuring failed ({type(err).__name__}: {err})"
+    return {"file": COST_MODEL, "device": model.device_name, "dtype": model.dtype,
+            "verify_tokens": list(model.verify_tokens), "draft_sequences": list(model.draft_sequences)}
+
+
 def build_engine(cfg: BuildConfig, command: list[str] | None = None) -> Path:
     """Check the pair, convert, and write the engine directory. Raises JetSpecError on bad input."""
     dtype = parse_dtype(cfg.dtype)
@@ -143,6 +166,7 @@ def build_engine(cfg: BuildConfig, command: list[str] | None = None) -> Path:
             shutil.rmtree(target_src)
         (staging / RUNTIME_CONFIG).write_text(runtime.to_json())
         kernel_tuning = tune_engine_kernels(staging, runtime, pair.target, pair.draft, cfg.tune, cfg.progress)
+        cost_model = measure_engine_costs(staging, cfg.cost_model_device)
         manifest = {
             "format_version": FORMAT_VERSION,
             "backend": "pytorch",
@@ -161,6 +185,7 @@ def build_engine(cfg: BuildConfig, command: list[str] | None = None) -> Path:
             # The target's quantization and how it was made (modelopt recipe, calibration); null: unquantized.
             "quantization": quantization,
             "kernel_tuning": kernel_tuning,
+            "cost_model": cost_model,
             "sources": sources,
         }
         (staging / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")

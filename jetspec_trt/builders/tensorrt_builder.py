@@ -143,9 +143,10 @@ def build_tensorrt_engine(cfg: BuildConfig, attention: str = "plugin", command: 
     scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}.scratch-", dir=output.parent))
     try:
         with staged_directory(output, cfg.overwrite) as staging:
-            # No kernel tuning: the plans run TensorRT's attention or our plugin, not the Triton kernel.
+            # No kernel tuning (the plans run TensorRT's attention or our plugin, not the Triton kernel) and no
+            # cost model (the plans do not run the scheduler).
             engine_dir = build_engine(dataclasses.replace(cfg, output_dir=scratch / "engine", overwrite=False,
-                                                          tune=False), command)
+                                                          tune=False, cost_model_device=None), command)
             onnx_dir = export_onnx(OnnxExportConfig(engine_dir, scratch / "onnx", attention))
             onnx_config = read_onnx_config(onnx_dir)
             runtime = RuntimeConfig.load(engine_dir)

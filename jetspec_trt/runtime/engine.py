@@ -24,10 +24,11 @@ from jetspec_trt.models.fp8 import read_fp8_format
 from jetspec_trt.models.fused_layout import is_fused
 from jetspec_trt.models.target import TargetModel
 from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
+from jetspec_trt.runtime.cost_model import CostModel
 from jetspec_trt.runtime.decoder import Decoder
 from jetspec_trt.runtime.graph_decoder import GraphDecoder
 from jetspec_trt.runtime.round_loop import DecodeStats
-from jetspec_trt.runtime.scheduler import Scheduler, SchedulerConfig
+from jetspec_trt.runtime.scheduler import Scheduler, SchedulerConfig, measure_cost_model
 from jetspec_trt.tree.accept import SamplingConfig
 
 Prompt = str | list[dict]  # plain text, or chat messages [{"role": ..., "content": ...}]
@@ -52,6 +53,7 @@ class Engine:
         # default_launch and why).
         self.summary = summary or {}
         self.last_stats: DecodeStats | None = None
+        self._cost_model: CostModel | None = None
 
     @property
     def runtime(self) -> RuntimeConfig:
@@ -136,7 +138,36 @@ class Engine:
         the same weights, no copy; its KV pages are its own. It runs the eager reference path (no CUDA graphs).
         Not thread-safe: one thread makes every call (runtime/scheduler_thread.py does that for servers)."""
         decoder = self.decoder
-        return Scheduler(decoder.target, decoder.draft, decoder.runtime, config)
+        costs = self.cost_model() if config.budget_policy == "cost_model" else None
+        return Scheduler(decoder.target, decoder.draft, decoder.runtime, config, costs)
+
+    def cost_model(self, max_batch: int = 8, max_tokens: int | None = None) -> CostModel:
+        """The step cost model for this device and dtype (runtime/cost_model.py): the engine's cost_model.json
+        where it was measured on this device in this dtype; else (none stored, or another device's) measured
+        now, up to `max_batch` sequences and `max_tokens` tokens per pass, and kept for this Engine.
+        summary["cost_model"] says which. A malformed file raises JetSpecError."""
+        if self._cost_model is None:
+            stored = CostModel.load(self.engine_dir)
+            if stored is not None and stored.matches(self.decoder.device, self.dtype):
+                self._cost_model, how = stored, "stored"
+            else:
+                self.measure_cost_model(max_batch, max_tokens)
+                how = "measured at load: " + ("none stored" if stored is None else
+                                              f"the stored one is for {stored.device_name} ({stored.dtype})")
+            self.summary["cost_model"] = f"{how}; {self._cost_model.describe()}"
+        return self._cost_model
+
+    def measure_cost_model(self, max_batch: int = 8, max_tokens: int | None = None, save: bool = False) -> CostModel:
+        """Measure the step cost model here (and with `save`, write it into the engine directory, replacing
+        the stored one): for an engine built on another device. max_tokens None: 512 on a GPU, where a pass
+        costs about the same up to hundreds of tokens and the bend matters; 64 on the CPU, where a pass costs
+        about its tokens already, so the line extends, and more points would cost minutes."""
+        decoder = self.decoder
+        max_tokens = max_tokens or (512 if decoder.device.type == "cuda" else 64)
+        self._cost_model = measure_cost_model(decoder.target, decoder.draft, decoder.runtime, max_batch, max_tokens)
+        if save:
+            self._cost_model.save(self.engine_dir)
+        return self._cost_model
 
     @property
     def current_stats(self) -> DecodeStats | None:

@@ -17,6 +17,14 @@ that HostRounds.decode_round makes for one sequence between those halves:
     6. bookkeeping the round loop's TokenLimit and DecodeStats per sequence (EOS, token limit, tau); finished
                    sequences leave and their pages go back to the pools at once
 
+Budget policy (SchedulerConfig.budget_policy). "fixed": every round verifies each request's own tree.
+"cost_model": each step one per-sequence budget, at most each request's own, for the most expected tokens per
+second under the engine's measured pass times (runtime/cost_model.py); the trees are the best-first trees cut
+to it (DraftTree.prefix), budget 1 an AR step. Where the sequences' last trees already predict budget 1, the
+draft pass is skipped (each sequence's new context waits in its pending features for the next one), and it runs
+again at least every REDRAFT_EVERY steps. The acceptance rule is the same, so greedy tokens, and a seeded
+request's sampled tokens (one target draw per emitted token, tree.accept), are those of the fixed policy.
+
 In both passes the GEMMs see every sequence's tokens at once and the attention op (batch-1 contract,
 plugins/tree_attention.py) runs once per sequence with that sequence's block table, ctx_len and tree mask
 (`batched_layer_call`). A sequence's tokens are therefore its single-request tokens: the same tree, the same
@@ -33,9 +41,11 @@ now waits in the queue (first come, first served), and one that could never fit 
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import statistics
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 
 import torch
@@ -47,25 +57,39 @@ from jetspec_trt.models.target import LayerCall, TargetModel
 from jetspec_trt.plugins.tree_attention import causal_mask, tree_attention
 from jetspec_trt.runtime.backend import DecodeRequest
 from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
+from jetspec_trt.runtime.cost_model import BudgetChooser, CostModel, doubling_up_to, sync
 from jetspec_trt.runtime.decoder import Decoder
+from jetspec_trt.runtime.host_rounds import RoundInputs
 from jetspec_trt.runtime.round_loop import DecodeStats, TokenLimit, new_request
 from jetspec_trt.tree.accept import SamplingConfig
+from jetspec_trt.tree.tree import DraftTree
+
+BUDGET_POLICIES = ("fixed", "cost_model")
+# cost_model policy: while the model says AR, the draft pass is skipped on the sequences' last predictions; it
+# runs again at least this often to refresh them (a sequence may turn easy), costing one draft pass per that
+# many steps.
+REDRAFT_EVERY = 8
 
 
 @dataclass(frozen=True)
 class SchedulerConfig:
     num_pages: int = 64  # pages in each pool (target K/V; draft K/V with a draft head), runtime.page_size slots each
     max_batch: int = 8  # sequences decoding together; further requests wait in the queue
+    # "fixed": every round verifies each request's own tree. "cost_model": each step one per-sequence budget
+    # (at most the request's own) chosen for the most expected tokens per second (cost_model.BudgetChooser).
+    budget_policy: str = "fixed"
 
     @classmethod
-    def full_batch(cls, runtime: RuntimeConfig, max_batch: int) -> "SchedulerConfig":
+    def full_batch(cls, runtime: RuntimeConfig, max_batch: int, budget_policy: str = "fixed") -> "SchedulerConfig":
         """Pages for `max_batch` requests of the engine's longest (max_seq_len and one tree beyond): any
         admissible request fits, and a full batch never waits for pages."""
-        return cls(max_batch * math.ceil(runtime.cache_tokens() / runtime.page_size), max_batch)
+        return cls(max_batch * math.ceil(runtime.cache_tokens() / runtime.page_size), max_batch, budget_policy)
 
     def validate(self) -> None:
         if self.num_pages < 1 or self.max_batch < 1:
             raise JetSpecError(f"SchedulerConfig needs num_pages >= 1 and max_batch >= 1, got {self}")
+        if self.budget_policy not in BUDGET_POLICIES:
+            raise JetSpecError(f"budget_policy must be one of {', '.join(BUDGET_POLICIES)}, got {self.budget_policy!r}")
 
 
 @dataclass
@@ -82,6 +106,8 @@ class SequenceDecoder(Decoder):
     """The eager Decoder of one sequence, with the model calls of its rounds left to the scheduler's batched
     passes: it hands out what the draft pass needs and takes the features the target pass captured for it."""
 
+    _pending: tuple[torch.Tensor, torch.Tensor] | None = None  # (an AR request's prefill sets none)
+
     @property
     def anchor(self) -> int:
         return self._anchor
@@ -94,6 +120,14 @@ class SequenceDecoder(Decoder):
         """The captured features (and positions) of tokens committed since the last draft pass."""
         pending, self._pending = self._pending, None
         return pending
+
+    def _commit(self, path: list[int], position: int) -> None:
+        """Decoder._commit, keeping the features of earlier rounds whose draft pass was skipped (AR steps
+        of a speculative sequence): the next draft pass needs the context of every committed token."""
+        earlier = self._pending
+        super()._commit(path, position)
+        if earlier is not None and self._capture:
+            self._pending = tuple(torch.cat(parts) for parts in zip(earlier, self._pending))
 
     def set_verified(self, features: torch.Tensor | None) -> None:
         """The target pass's captured features of this sequence's nodes (what Decoder._verify keeps for _commit)."""
@@ -108,6 +142,9 @@ class Sequence:
     stats: DecodeStats
     slots: int  # KV slots reserved in each pool it uses
     decoder: SequenceDecoder | None = None  # set on admission
+    # cost_model policy: expected accepted drafts of its last draft's tree per prefix size, and that step
+    curve: list[float] | None = None
+    drafted_at: int = 0
 
 
 def batched_layer_call(segments: list[tuple[PagedKVCache, torch.Tensor]]) -> LayerCall:
@@ -142,8 +179,14 @@ class Scheduler:
     """
 
     def __init__(self, target: TargetModel, draft: DraftHead | None, runtime: RuntimeConfig,
-                 config: SchedulerConfig = SchedulerConfig()):
+                 config: SchedulerConfig = SchedulerConfig(), cost_model: CostModel | None = None):
         config.validate()
+        if config.budget_policy == "cost_model" and cost_model is None:
+            raise JetSpecError("budget_policy 'cost_model' needs a cost model (Engine.new_scheduler passes the "
+                               "engine's)")
+        self.chooser = BudgetChooser(cost_model) if config.budget_policy == "cost_model" else None
+        self.budget_steps: Counter[int] = Counter()  # cost_model policy: steps with speculative sequences, per budget
+        self._steps = 0
         self.target, self.draft, self.runtime, self.config = target, draft, runtime, config
         self.device = target.embed_tokens.weight.device
         pool_tokens = config.num_pages * runtime.page_size
@@ -262,31 +305,72 @@ class Scheduler:
     # -- the batched round ---------------------------------------------------------------------------------------
 
     def _round(self, sequences: list[Sequence]) -> list:
+        self._steps += 1
         speculative = [s for s in sequences if s.request.speculative]
-        depth_logits = dict(zip((s.request_id for s in speculative), self._draft_pass(speculative)))
-        inputs = [s.decoder.round_inputs(depth_logits.get(s.request_id)) for s in sequences]
-        segments = [(s.decoder.target_cache, i.mask.to(self.device)) for s, i in zip(sequences, inputs)]
-        capture = tuple(self.runtime.target_layer_ids) if speculative else ()
-        hidden, features = self.target.run_layers(torch.cat([i.tokens for i in inputs]).to(self.device),
-                                                  torch.cat([i.positions for i in inputs]).to(self.device),
-                                                  batched_layer_call(segments), capture)
-        logits = self.target.logits(hidden)
+        drafting = speculative if self._worth_drafting(speculative, len(sequences) - len(speculative)) else []
+        trees = {s.request_id: s.decoder.draft_tree(logits) for s, logits in zip(drafting, self._draft_pass(drafting))}
+        budget = self._choose_budget(drafting, trees, len(sequences) - len(drafting))
+        if budget is not None and speculative:
+            self.budget_steps[budget] += 1
+        inputs = [s.decoder.tree_inputs(_cut(trees.get(s.request_id), budget)) for s in sequences]
+        logits, features = self._verify_pass(sequences, inputs, capture=bool(speculative))
         counts = [i.tokens.numel() for i in inputs]
         parts = features.split(counts) if features is not None else [None] * len(sequences)
         results = []
         for sequence, step_inputs, seq_logits, seq_features in zip(sequences, inputs, logits.split(counts), parts):
             sequence.decoder.set_verified(seq_features)
-            results.append(sequence.decoder.round_result(step_inputs, seq_logits))
+            results.append(result := sequence.decoder.round_result(step_inputs, seq_logits))
+            if self.chooser is not None and step_inputs.tree is not None:
+                self.chooser.observe(sequence.curve[step_inputs.tree.size - 1], result.accepted)
         return results
+
+    # -- the cost_model budget policy ----------------------------------------------------------------------------
+
+    def _worth_drafting(self, speculative: list[Sequence], others: int) -> bool:
+        """Whether this step's draft pass runs: always under the fixed policy; under the cost model unless the
+        sequences' last predictions say budget 1 even before paying for the draft (a sequence without a recent
+        prediction drafts: it has to be measured)."""
+        if self.chooser is None or not speculative:
+            return bool(speculative)
+        if any(s.curve is None or self._steps - s.drafted_at >= REDRAFT_EVERY for s in speculative):
+            return True
+        return self.chooser.choose([s.curve for s in speculative], others, drafted=False) > 1
+
+    def _choose_budget(self, drafting: list[Sequence], trees: dict[int, DraftTree], others: int) -> int | None:
+        """The per-sequence budget of this step (None: each request's own tree, the fixed policy)."""
+        if self.chooser is None:
+            return None
+        budget = 1
+        if drafting:
+            for sequence in drafting:
+                sequence.curve = trees[sequence.request_id].expected_accepted().tolist()
+                sequence.drafted_at = self._steps
+            budget = self.chooser.choose([s.curve for s in drafting], others, drafted=True)
+        return budget
+
+    # -- the two batched passes ----------------------------------------------------------------------------------
+
+    def _verify_pass(self, sequences: list[Sequence], inputs: list[RoundInputs],
+                     capture: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """ONE target pass over every sequence's nodes: logits [T, V] and (with `capture`) the draft's features."""
+        segments = [(s.decoder.target_cache, i.mask.to(self.device)) for s, i in zip(sequences, inputs)]
+        hidden, features = self.target.run_layers(torch.cat([i.tokens for i in inputs]).to(self.device),
+                                                  torch.cat([i.positions for i in inputs]).to(self.device),
+                                                  batched_layer_call(segments),
+                                                  tuple(self.runtime.target_layer_ids) if capture else ())
+        return self.target.logits(hidden), features
 
     def _draft_pass(self, sequences: list[Sequence]) -> list[torch.Tensor]:
         """Per speculative sequence, the draft's per-depth logits [max_depth, vocab] at its anchor
         (Decoder._draft_logits for all of them in one pass)."""
         if not sequences:
             return []
-        decoders = [s.decoder for s in sequences]
+        self._extend_draft_contexts([s.decoder for s in sequences])
+        return self._draft_blocks(sequences)
+
+    def _extend_draft_contexts(self, decoders: list[SequenceDecoder]) -> None:
+        """The features each sequence committed since its last pass, projected to K/V in one pass."""
         caches = [d.draft_cache for d in decoders]
-        # Context: the features each sequence committed since its last pass, projected to K/V in one pass.
         pending = [d.take_pending() for d in decoders]
         counts = [f.shape[0] for f, _ in pending]
         slots = [c.slots(c.ctx_len, n) for c, n in zip(caches, counts)]
@@ -296,13 +380,68 @@ class Scheduler:
                 cache.write(layer, where, k_s, v_s)
         for cache, n in zip(caches, counts):
             cache.set_length(cache.length + n)
-        # The blocks [anchor, MASK x (block_size - 1)] at each anchor's position, back to back.
+
+    def _draft_blocks(self, sequences: list[Sequence]) -> list[torch.Tensor]:
+        """The blocks [anchor, MASK x (block_size - 1)] at each anchor's position, back to back, through the
+        draft, and the per-depth logits of each."""
+        decoders = [s.decoder for s in sequences]
         block_size, device = self.runtime.block_size, self.device
         blocks = torch.full((len(decoders), block_size), self.runtime.mask_token_id, device=device)
         blocks[:, 0] = torch.tensor([d.anchor for d in decoders], device=device)
         offsets = torch.arange(block_size, device=device)
         positions = torch.cat([d.length + offsets for d in decoders])
         hidden = self.draft.run_layers(self.target.embed_tokens(blocks.flatten()), positions,
-                                       batched_layer_call([(c, self._block_mask) for c in caches]))
+                                       batched_layer_call([(d.draft_cache, self._block_mask) for d in decoders]))
         hidden = hidden.view(len(decoders), block_size, -1)
         return [self.target.lm_head(hidden[j, 1 : 1 + s.request.tree.max_depth]) for j, s in enumerate(sequences)]
+
+
+def _cut(tree: DraftTree | None, budget: int | None) -> DraftTree | None:
+    """The tree a sequence verifies at this step's budget: its own (None), its best `budget` nodes, or no tree
+    (an AR step) at budget 1."""
+    if tree is None or budget is None:
+        return tree
+    if budget == 1:
+        return None
+    return tree.prefix(budget) if budget < tree.size else tree
+
+
+@torch.inference_mode()
+def measure_cost_model(target: TargetModel, draft: DraftHead, runtime: RuntimeConfig, max_batch: int = 8,
+                       max_tokens: int = 512, context: int = 64, reps: int = 3) -> CostModel:
+    """Time the scheduler's own two passes where the models are: the target pass over 1, 2, 4, ... max_tokens
+    new tokens (at most max_batch trees of the runtime's budget), spread over up to max_batch sequences of
+    `context` committed tokens, and the draft pass for 1, 2, 4, ... max_batch sequences; the median of `reps`
+    after a warm-up each. (The draft's context projection of newly committed tokens is left out: a few tokens
+    per sequence, paid whatever the budget.)"""
+    tree = dataclasses.replace(runtime.tree, budget=max(2, runtime.tree.budget))  # one that drafts
+    runtime = dataclasses.replace(runtime, tree=tree, eos_token_ids=())  # no timed sequence may end early
+    context = max(1, min(context, runtime.max_seq_len - 2))
+    pages = math.ceil((context + 2 + max(tree.budget, runtime.block_size)) / runtime.page_size)
+    scheduler = Scheduler(target, draft, runtime, SchedulerConfig(max_batch * pages, max_batch))
+    for _ in range(max_batch):
+        scheduler.add_request([i % target.config.vocab_size for i in range(context)], 2)
+    scheduler._admit({})
+    sequences = list(scheduler.running.values())
+    scheduler._extend_draft_contexts([s.decoder for s in sequences])
+
+    def seconds(run) -> float:
+        times = []
+        for _ in range(reps + 1):
+            sync(scheduler.device)
+            start = time.perf_counter()
+            run()
+            sync(scheduler.device)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times[1:])
+
+    def verify_pass(tokens: int):
+        n = min(tokens, max_batch)
+        counts = [tokens // n + (i < tokens % n) for i in range(n)]
+        inputs = [RoundInputs(None, torch.full((c,), s.decoder.anchor), s.decoder.length + torch.arange(c),
+                              causal_mask(c)) for s, c in zip(sequences, counts)]
+        return lambda: scheduler._verify_pass(sequences[:n], inputs, capture=True)
+
+    verify = {t: seconds(verify_pass(t)) for t in doubling_up_to(min(max_tokens, max_batch * tree.budget))}
+    draft_s = {n: seconds(lambda: scheduler._draft_blocks(sequences[:n])) for n in doubling_up_to(max_batch)}
+    return CostModel.measured(scheduler.device, target.embed_tokens.weight.dtype, context, verify, draft_s)

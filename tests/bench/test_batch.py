@@ -29,12 +29,17 @@ def test_batch_bench_tiny(tiny, tmp_path):
     res = json.loads(path.read_text())
     assert res["config"]["requests"] == 4 and res["device"] == "cpu" and res["dtype"] == "float32"
     rows = {(r["batch"], r["mode"]): r for r in res["results"]}
-    assert set(rows) == {(b, m) for b in (1, 2, 4) for m in ("spec", "ar")}
+    assert set(rows) == {(b, m) for b in (1, 2, 4) for m in ("spec", "spec-auto", "ar")}
+    assert res["config"]["cost_model"].startswith("stored; measured on")  # the tiny engine's build measured it
     for (batch, mode), r in rows.items():
         assert r["tokens"] == 4 * 10 and r["aggregate_tok_s"] > 0 and r["per_stream_tok_s_median"] > 0
         assert r["identical_to_smallest_batch"] == 4  # fp32 on the CPU: batching changes no token
-        assert (r["tau_mean"] > 1.0) if mode == "spec" else (r["tau_mean"] == 1.0)
-        assert ("speedup_vs_batched_ar" in r) == (mode == "spec")
+        assert (r["tau_mean"] > 1.0) if mode == "spec" else (r["tau_mean"] >= 1.0)
+        assert ("speedup_vs_batched_ar" in r) == (mode != "ar")
+        assert ("steps_per_budget" in r) == (mode == "spec-auto")
+    for batch in (1, 2, 4):  # every mode emits the same greedy tokens
+        assert rows[batch, "spec-auto"]["identical_to_smallest_batch"] == 4
+        assert all(1 <= int(b) <= 8 for b in rows[batch, "spec-auto"]["steps_per_budget"])  # (JSON keys)
 
 
 def test_batch_flag_needs_an_engine(capsys):
@@ -47,3 +52,16 @@ def test_bad_batch_sizes_get_one_line(tiny, capsys):
     for value, message in (("0,4", "--batch sizes must be >= 1, got 0,4"), ("1,x", "expected comma-separated ints")):
         code, _, err = invoke_cli(["bench", "--engine", str(engine_dir), "--batch", value, "--device", "cpu"], capsys)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    for modes in ("spec,spec-auto", "ar,auto"):
+        code, _, err = invoke_cli(["bench", "--engine", str(engine_dir), "--batch", "1", "--batch-modes", modes,
+                                   "--device", "cpu"], capsys)
+        assert code == 2 and f"--batch-modes must include ar and be among spec,spec-auto,ar, got {modes}" in err
+
+
+def test_batch_modes_spec_auto_and_ar_only(tiny, tmp_path):
+    engine_dir, prompts = tiny
+    cfg = BatchBenchConfig(engine_dir=engine_dir, batches=(2,), budget=4, suites=("mtbench", "math500"),
+                           prompts_file=prompts, max_new_tokens=6, modes=("spec-auto", "ar"), device="cpu",
+                           output_dir=tmp_path)
+    res = json.loads(run_batch_bench(cfg).read_text())
+    assert [r["mode"] for r in res["results"]] == ["spec-auto", "ar"]

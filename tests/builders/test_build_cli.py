@@ -1,5 +1,6 @@
 """`jetspec-trt build` / `run` on good and bad input: one-line errors, exit code 2, nothing half-written."""
 
+import dataclasses
 import json
 import shutil
 
@@ -180,3 +181,51 @@ def test_run_rejects_prompt_over_max_length(pair, tmp_path, capsys):
 def test_missing_directories(argv, message, capsys):
     code, _, err = invoke(argv, capsys)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_build_measures_the_cost_model_and_no_cost_model_skips_it(pair, tmp_path, capsys):
+    """The build times the scheduler's passes on the build device into cost_model.json; an engine without one,
+    or with another device's, measures its own where a cost-model scheduler first needs it (and says so); an
+    unreadable file is an error."""
+    import torch
+
+    from jetspec_trt.errors import JetSpecError
+    from jetspec_trt.runtime.cost_model import COST_MODEL, CostModel, device_name
+    from jetspec_trt.runtime.engine import Engine
+    from jetspec_trt.runtime.scheduler import SchedulerConfig
+
+    code, _, err = invoke(build_args(pair / "target", pair / "draft", tmp_path / "engine", "--dtype", "float32",
+                                     "--budget", "8", "--cost-model-device", "cpu"), capsys)
+    assert code == 0, err
+    engine = tmp_path / "engine"
+    manifest = json.loads((engine / "manifest.json").read_text())
+    assert manifest["cost_model"]["device"] == device_name("cpu") and manifest["cost_model"]["file"] == COST_MODEL
+    stored = CostModel.load(engine)
+    # The CPU's points: up to 8 sequences of the built budget (8), 64 tokens at most.
+    assert stored.verify_tokens == (1, 2, 4, 8, 16, 32, 64) and stored.draft_sequences == (1, 2, 4, 8)
+    assert min(stored.verify_s + stored.draft_s) > 0 and stored.matches("cpu", torch.float32)
+    loaded = Engine.load(engine)
+    assert loaded.cost_model() == stored and loaded.summary["cost_model"].startswith("stored; measured on")
+
+    code, _, err = invoke(build_args(pair / "target", pair / "draft", tmp_path / "bare", "--dtype", "float32",
+                                     "--no-cost-model"), capsys)
+    assert code == 0, err
+    bare = tmp_path / "bare"
+    assert json.loads((bare / "manifest.json").read_text())["cost_model"] == "skipped: --no-cost-model"
+    assert not (bare / COST_MODEL).exists()
+    loaded = Engine.load(bare)
+    scheduler = loaded.new_scheduler(SchedulerConfig(64, 2, "cost_model"))
+    assert scheduler.chooser.costs.matches("cpu", torch.float32) and not (bare / COST_MODEL).exists()
+    assert loaded.summary["cost_model"].startswith("measured at load: none stored")
+
+    other = dataclasses.replace(stored, device_name="NVIDIA H200")  # a GPU's times say nothing about this CPU
+    other.save(bare)
+    loaded = Engine.load(bare)
+    assert loaded.cost_model(max_batch=2, max_tokens=4).matches("cpu", torch.float32)
+    assert "measured at load: the stored one is for NVIDIA H200 (float32)" in loaded.summary["cost_model"]
+    assert loaded.measure_cost_model(max_batch=2, max_tokens=4, save=True) == CostModel.load(bare)  # re-measured
+
+    (bare / COST_MODEL).write_text("{}")
+    with pytest.raises(JetSpecError, match="malformed cost model"):
+        Engine.load(bare).new_scheduler(SchedulerConfig(64, 2, "cost_model"))
+    assert Engine.load(bare).new_scheduler(SchedulerConfig(64, 2)).chooser is None  # the fixed policy never reads it

@@ -41,7 +41,8 @@ def test_build_quantize_fp8(fp8_pair, tmp_path, capsys):
     assert manifest["weights"]["target"].startswith("hugging-face")
     # the sources are the unquantized checkpoints the user gave
     assert manifest["sources"]["target"]["path"] == str(fp8_pair.target.resolve())
-    assert sorted(p.name for p in engine.iterdir()) == ["draft", "manifest.json", "runtime_config.json", "target"]
+    assert sorted(p.name for p in engine.iterdir()) == ["cost_model.json", "draft", "manifest.json", "runtime_config.json",
+                                                        "target"]
 
     target = dtypes(engine / "target")
     assert target["model.layers.0.self_attn.q_proj.weight"] == "F8_E4M3"

@@ -5,6 +5,7 @@ on its own, and KV pages return to the pool as soon as a request ends or is canc
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 import pytest
@@ -15,9 +16,10 @@ from jetspec_trt.errors import JetSpecError
 from jetspec_trt.models.kv_cache import PagePool
 from jetspec_trt.runtime.config import TreeConfig
 from jetspec_trt.runtime.decoder import Decoder
-from jetspec_trt.runtime.scheduler import Scheduler, SchedulerConfig
+from jetspec_trt.runtime.scheduler import REDRAFT_EVERY, Scheduler, SchedulerConfig
 from jetspec_trt.tree.accept import SamplingConfig
 from tests.helpers import chi_square_p, sequence_law, small_vocab_pair, tiny_pair, tiny_runtime
+from tests.runtime.test_cost_model import FLAT, STEEP, synthetic
 from tests.tree.test_sampling import wrong_accept
 
 
@@ -155,10 +157,16 @@ class OracleScheduler(Scheduler):
 ORACLE_SEEDS = 4
 
 
+# A pass of 1 + 0.05 s per token: trees pay where the draft is likely right, not where it is not.
+LINEAR = synthetic({1: 1.0, 101: 6.0}, {1: 0.1, 8: 0.2})
+
+
+@pytest.mark.parametrize("policy", ["fixed", "cost_model"])
 @pytest.mark.parametrize("with_eos", [False, True], ids=["limits", "eos"])
-def test_deep_acceptance_eos_and_limits_per_sequence(pair, with_eos):
+def test_deep_acceptance_eos_and_limits_per_sequence(pair, with_eos, policy):
     """(c) With a draft that is mostly right, rounds emit many tokens; each request still ends exactly at its
-    own limit, or at its first EOS (inside a tree's accepted path), with its own finish reason."""
+    own limit, or at its first EOS (inside a tree's accepted path), with its own finish reason. Under the cost
+    model the trees change size from step to step, AR steps (draft skipped or not) among them."""
     target, draft = pair
     base = tiny_runtime(draft, TreeConfig(32, 4, 7))
     ar = Decoder(target, draft, base)
@@ -170,9 +178,10 @@ def test_deep_acceptance_eos_and_limits_per_sequence(pair, with_eos):
     expected = [alone(ar, dataclasses.replace(job, speculative=False)) for job in JOBS]
     futures = {i: job.prompt + reference + [0] * 64 for i, (job, reference) in enumerate(zip(JOBS, references))}
     deep = cut = 0
+    budgets = collections.Counter()
     for seed in range(ORACLE_SEEDS):
-        scheduler = OracleScheduler(target, draft, runtime, SchedulerConfig(num_pages=40, max_batch=4),
-                                    futures=futures, seed=seed)
+        scheduler = OracleScheduler(target, draft, runtime, SchedulerConfig(40, 4, policy),
+                                    None if policy == "fixed" else LINEAR, futures=futures, seed=seed)
         streamed, stats = run_schedule(scheduler, JOBS)
         for index, (tokens, ref_stats) in enumerate(expected):
             assert streamed[index] == tokens, f"seed {seed} job {index}"
@@ -187,7 +196,10 @@ def test_deep_acceptance_eos_and_limits_per_sequence(pair, with_eos):
         else:
             assert reasons == ["length"] * len(JOBS)
         assert scheduler.target_pool.free_pages == scheduler.draft_pool.free_pages == 40
-    print(deep, cut)
+        budgets.update(scheduler.budget_steps)
+    print(deep, cut, budgets)
+    if policy == "cost_model":
+        assert budgets[1] > 0 and len(budgets) >= 3  # AR steps and trees of several sizes
     # Rounds really accepted long paths, and EOS / the limit cut into their accepted paths.
     assert deep >= 3 * ORACLE_SEEDS and cut >= ORACLE_SEEDS
 
@@ -224,11 +236,13 @@ def test_sampling_with_seeds_equals_each_request_alone(pair):
 NEW_TOKENS, RUNS, PROMPT = 3, 1500, [0, 1, 2]
 
 
-def batched_p_value(pair, sampling):
-    """RUNS seeded requests through the scheduler, 32 at a time: the chi-square p-value of their first
-    NEW_TOKENS tokens against the target's exact law, and the drafts they accepted."""
+def batched_p_value(pair, sampling, costs=None):
+    """RUNS seeded requests through the scheduler, 32 at a time (with `costs`, under the cost_model policy): the
+    chi-square p-value of their first NEW_TOKENS tokens against the target's exact law, the drafts they
+    accepted, and the steps per chosen budget."""
     target, draft, runtime = pair
-    scheduler = Scheduler(target, draft, runtime, SchedulerConfig(num_pages=128, max_batch=32))
+    config = SchedulerConfig(128, 32, "fixed" if costs is None else "cost_model")
+    scheduler = Scheduler(target, draft, runtime, config, costs)
     ids = [scheduler.add_request(PROMPT, NEW_TOKENS, dataclasses.replace(sampling, seed=seed)) for seed in range(RUNS)]
     tokens = {i: [] for i in ids}
     accepted = 0
@@ -237,7 +251,7 @@ def batched_p_value(pair, sampling):
             tokens[out.request_id].extend(out.tokens)
             accepted += out.stats.accepted_drafts if out.finished else 0
     law = sequence_law(target, PROMPT, NEW_TOKENS, sampling)
-    return chi_square_p([tuple(t) for t in tokens.values()], law), accepted
+    return chi_square_p([tuple(t) for t in tokens.values()], law), accepted, scheduler.budget_steps
 
 
 @pytest.fixture(scope="module")
@@ -246,13 +260,13 @@ def small_vocab(tmp_path_factory):
 
 
 def test_batched_sampling_follows_the_target(small_vocab):
-    p_value, accepted = batched_p_value(small_vocab, SamplingConfig(0.7, 0.9))
+    p_value, accepted, _ = batched_p_value(small_vocab, SamplingConfig(0.7, 0.9))
     assert accepted > 0 and p_value > 1e-3
 
 
 def test_chi_square_catches_a_wrong_rule_on_the_batched_path(small_vocab, monkeypatch):
     monkeypatch.setattr(host_rounds_module, "accept", wrong_accept)  # the rule every sequence's rounds use
-    p_value, accepted = batched_p_value(small_vocab, SamplingConfig(1.0, 1.0))
+    p_value, accepted, _ = batched_p_value(small_vocab, SamplingConfig(1.0, 1.0))
     assert accepted > 0 and p_value < 1e-3
 
 
@@ -383,3 +397,108 @@ def test_scattered_pages_decode_as_a_cache_of_their_own(pair):
     job = Job(list(range(30, 40)), 30, tree=TreeConfig(16, 4, 5))  # 10 + 30 + one tree of 16 <= 64 slots
     assert (alone(Decoder(target, draft, runtime, tuple(caches)), job)[0]
             == alone(Decoder(target, draft, runtime), job)[0])
+
+
+# -- the cost_model budget policy ----------------------------------------------------------------------------------
+
+
+class PositionRecordingDecoder(Decoder):
+    """Keeps the draft's per-depth logits by the anchor's position."""
+
+    def _draft_logits(self, anchor, position, max_depth):
+        logits = super()._draft_logits(anchor, position, max_depth)
+        self.drafts[position] = logits
+        return logits
+
+
+class PassCountingScheduler(Scheduler):
+    """Counts its draft passes and keeps, per request, the draft logits by the anchor's position."""
+
+    def _draft_pass(self, sequences):
+        logits = super()._draft_pass(sequences)
+        self.passes += bool(sequences)
+        for sequence, depth_logits in zip(sequences, logits):
+            self.drafts.setdefault(sequence.request_id, {})[sequence.decoder.length] = depth_logits.clone()
+        return logits
+
+
+def policy_run(pair, costs, jobs=JOBS, max_batch=3):
+    target, draft = pair
+    runtime = tiny_runtime(draft, TreeConfig(16, 4, 5))
+    scheduler = PassCountingScheduler(target, draft, runtime, SchedulerConfig(40, max_batch, "cost_model"), costs)
+    scheduler.passes, scheduler.drafts, steps = 0, {}, []
+    streamed, stats = run_schedule(scheduler, jobs, check=lambda s, step: steps.append(step))
+    assert scheduler.target_pool.free_pages == scheduler.draft_pool.free_pages == 40
+    return scheduler, streamed, stats, len(steps)
+
+
+def test_cost_model_policy_steep_costs_step_ar_and_skip_the_draft(pair):
+    """Where a pass costs its tokens the policy steps AR and skips the draft pass, drafting again every
+    REDRAFT_EVERY steps; greedy tokens stay each request's own alone. The draft cache of a sequence that skipped
+    passes still gets every committed token's context: its draft logits equal those alone at the same position."""
+    target, draft = pair
+    scheduler, streamed, stats, steps = policy_run(pair, STEEP)
+    assert set(scheduler.budget_steps) == {1}
+    assert 3 <= scheduler.passes <= steps / 2  # skipped mostly; each new request and each refresh drafts
+    decoder = PositionRecordingDecoder(target, draft, scheduler.runtime)
+    redrafted = 0
+    for index, job in enumerate(JOBS):
+        decoder.drafts = {}
+        assert streamed[index] == alone(decoder, job)[0], f"job {index}"
+        assert stats[index].drafted_tokens == 0 and stats[index].rounds == len(streamed[index]) - 1
+        for position, logits in scheduler.drafts.get(index, {}).items():
+            torch.testing.assert_close(logits, decoder.drafts[position], rtol=1e-4, atol=1e-4)
+            redrafted += position > min(scheduler.drafts[index])
+    assert redrafted >= 2  # drafts after skipped steps were checked
+
+
+def test_cost_model_policy_flat_costs_verify_each_request_own_tree(pair):
+    """Where a pass costs the same for any tokens and drafting is free, every round verifies the request's own
+    tree: the rounds of the fixed policy, greedy and seeded sampling alike."""
+    target, draft = pair
+    runtime = tiny_runtime(draft, TreeConfig(16, 4, 5))
+    samplings = [SamplingConfig(1.0, 1.0, seed=11), SamplingConfig(), SamplingConfig(0.7, 0.9, seed=12),
+                 SamplingConfig(1.0, 1.0, seed=13, top_k=5), SamplingConfig(1.0, seed=15)]
+    for jobs in (JOBS, [dataclasses.replace(job, sampling=s) for job, s in zip(JOBS, samplings)]):
+        scheduler, streamed, stats, _ = policy_run(pair, FLAT, jobs)
+        fixed, fixed_stats = run_schedule(Scheduler(target, draft, runtime, SchedulerConfig(40, 3)), jobs)
+        assert 1 not in scheduler.budget_steps
+        for index, job in enumerate(jobs):
+            assert streamed[index] == fixed[index] == alone(Decoder(target, draft, runtime), job)[0], f"job {index}"
+            got, ref = stats[index], fixed_stats[index]
+            assert (got.rounds, got.drafted_tokens, got.accepted_drafts) == (
+                ref.rounds, ref.drafted_tokens, ref.accepted_drafts)
+
+
+@pytest.mark.parametrize("costs", [STEEP, LINEAR], ids=["steep", "linear"])
+def test_cost_model_policy_seeded_sampling_equals_each_request_alone(pair, costs):
+    """Sampling draws one token from the target per emitted token (tree.accept): whatever trees the policy
+    picks, a seeded request's tokens are its own alone (FLAT: see the test above)."""
+    target, draft = pair
+    samplings = [SamplingConfig(1.0, 1.0, seed=21), SamplingConfig(0.7, 0.9, seed=22), SamplingConfig(1.0, seed=23),
+                 SamplingConfig(1.0, 1.0, seed=24, top_k=5)]
+    jobs = [dataclasses.replace(job, sampling=s) for job, s in zip(JOBS, samplings)]
+    scheduler, streamed, _, _ = policy_run(pair, costs, jobs)
+    decoder = Decoder(target, draft, scheduler.runtime)
+    for index, job in enumerate(jobs):
+        assert streamed[index] == alone(decoder, job)[0], f"job {index}"
+
+
+# Small-vocabulary drafts are often right: a gently rising pass cost picks trees of several sizes.
+GENTLE = synthetic({1: 1.0, 512: 1.5}, {1: 0.1, 32: 0.3})
+
+
+def test_batched_sampling_follows_the_target_under_the_cost_model(small_vocab):
+    """Trees cut to the step's budget: still the target's law."""
+    p_value, accepted, budgets = batched_p_value(small_vocab, SamplingConfig(0.7, 0.9), GENTLE)
+    assert accepted > 0 and p_value > 1e-3 and len(budgets) >= 3, budgets
+
+
+def test_cost_model_policy_configuration(pair):
+    target, draft = pair
+    runtime = tiny_runtime(draft)
+    with pytest.raises(JetSpecError, match="budget_policy 'cost_model' needs a cost model"):
+        Scheduler(target, draft, runtime, SchedulerConfig(12, 2, "cost_model"))
+    with pytest.raises(JetSpecError, match="budget_policy must be one of fixed, cost_model, got 'auto'"):
+        Scheduler(target, draft, runtime, SchedulerConfig(12, 2, "auto"), STEEP)
+    assert REDRAFT_EVERY >= 2
