@@ -25,6 +25,13 @@ class TreeConfig:
         if not 1 <= self.max_depth <= block_size - 1:
             raise JetSpecError(f"max_depth must be in 1..{block_size - 1} (block_size - 1), got {self.max_depth}")
 
+    @property
+    def draft_depth(self) -> int:
+        """The depths whose draft logits a tree of this budget can use: a node at depth d has d - 1 ancestors
+        besides the root, so a tree of b nodes is at most b - 1 deep (the draft's LM head over deeper rows, the
+        bulk of a draft pass on the CPU, would be thrown away)."""
+        return min(self.max_depth, self.budget - 1)
+
 
 # The defaults above, stated once: the CLI's build flags, the benches and the quickstart engine read them here.
 DEFAULT_TREE = TreeConfig()

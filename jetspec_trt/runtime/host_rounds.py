@@ -53,7 +53,7 @@ class HostRounds:
 
     def decode_round(self) -> RoundResult:
         request = self._request
-        depth_logits = (self._draft_logits(self._anchor, self._length, request.tree.max_depth)
+        depth_logits = (self._draft_logits(self._anchor, self._length, request.tree.draft_depth)
                         if request.speculative else None)
         inputs = self.round_inputs(depth_logits)
         return self.round_result(inputs, self._verify(inputs.tokens, inputs.positions, inputs.mask))

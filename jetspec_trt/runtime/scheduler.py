@@ -22,7 +22,7 @@ Budget policy (SchedulerConfig.budget_policy). "fixed": every round verifies eac
 second under the engine's measured pass times (runtime/cost_model.py); the trees are the best-first trees cut
 to it (DraftTree.prefix), budget 1 an AR step. Where the sequences' last trees already predict budget 1, the
 draft pass is skipped (each sequence's new context waits in its pending features for the next one), and it runs
-again at least every REDRAFT_EVERY steps. The acceptance rule is the same, so greedy tokens, and a seeded
+again to refresh them once the steps since have cost the draft pass over REFRESH_SHARE. The acceptance rule is the same, so greedy tokens, and a seeded
 request's sampled tokens (one target draw per emitted token, tree.accept), are those of the fixed policy.
 
 In both passes the GEMMs see every sequence's tokens at once and the attention op (batch-1 contract,
@@ -65,10 +65,12 @@ from jetspec_trt.tree.accept import SamplingConfig
 from jetspec_trt.tree.tree import DraftTree
 
 BUDGET_POLICIES = ("fixed", "cost_model")
-# cost_model policy: while the model says AR, the draft pass is skipped on the sequences' last predictions; it
-# runs again at least this often to refresh them (a sequence may turn easy), costing one draft pass per that
-# many steps.
-REDRAFT_EVERY = 8
+# cost_model policy: while the model says AR, the draft pass is skipped on the sequences' last predictions. It
+# runs again to refresh them (a sequence may turn easy) once the steps since the last draft cost what a draft
+# pass costs over this share: at most this share of the time goes to drafts that the model expected not to pay.
+# (On the CPU a draft pass costs about a target pass per sequence: refreshing every few steps would cost more
+# than any tree could win back there.)
+REFRESH_SHARE = 0.05
 
 
 @dataclass(frozen=True)
@@ -332,7 +334,10 @@ class Scheduler:
         prediction drafts: it has to be measured)."""
         if self.chooser is None or not speculative:
             return bool(speculative)
-        if any(s.curve is None or self._steps - s.drafted_at >= REDRAFT_EVERY for s in speculative):
+        if any(s.curve is None for s in speculative):
+            return True
+        costs, since = self.chooser.costs, self._steps - min(s.drafted_at for s in speculative)
+        if since * REFRESH_SHARE * costs.verify_cost(len(speculative) + others) >= costs.draft_cost(len(speculative)):
             return True
         return self.chooser.choose([s.curve for s in speculative], others, drafted=False) > 1
 
@@ -361,7 +366,7 @@ class Scheduler:
         return self.target.logits(hidden), features
 
     def _draft_pass(self, sequences: list[Sequence]) -> list[torch.Tensor]:
-        """Per speculative sequence, the draft's per-depth logits [max_depth, vocab] at its anchor
+        """Per speculative sequence, the draft's per-depth logits [tree.draft_depth, vocab] at its anchor
         (Decoder._draft_logits for all of them in one pass)."""
         if not sequences:
             return []
@@ -393,7 +398,7 @@ class Scheduler:
         hidden = self.draft.run_layers(self.target.embed_tokens(blocks.flatten()), positions,
                                        batched_layer_call([(d.draft_cache, self._block_mask) for d in decoders]))
         hidden = hidden.view(len(decoders), block_size, -1)
-        return [self.target.lm_head(hidden[j, 1 : 1 + s.request.tree.max_depth]) for j, s in enumerate(sequences)]
+        return [self.target.lm_head(hidden[j, 1 : 1 + s.request.tree.draft_depth]) for j, s in enumerate(sequences)]
 
 
 def _cut(tree: DraftTree | None, budget: int | None) -> DraftTree | None:

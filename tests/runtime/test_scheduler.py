@@ -16,7 +16,7 @@ from jetspec_trt.errors import JetSpecError
 from jetspec_trt.models.kv_cache import PagePool
 from jetspec_trt.runtime.config import TreeConfig
 from jetspec_trt.runtime.decoder import Decoder
-from jetspec_trt.runtime.scheduler import REDRAFT_EVERY, Scheduler, SchedulerConfig
+from jetspec_trt.runtime.scheduler import REFRESH_SHARE, Scheduler, SchedulerConfig
 from jetspec_trt.tree.accept import SamplingConfig
 from tests.helpers import chi_square_p, sequence_law, small_vocab_pair, tiny_pair, tiny_runtime
 from tests.runtime.test_cost_model import FLAT, STEEP, synthetic
@@ -433,13 +433,16 @@ def policy_run(pair, costs, jobs=JOBS, max_batch=3):
 
 
 def test_cost_model_policy_steep_costs_step_ar_and_skip_the_draft(pair):
-    """Where a pass costs its tokens the policy steps AR and skips the draft pass, drafting again every
-    REDRAFT_EVERY steps; greedy tokens stay each request's own alone. The draft cache of a sequence that skipped
-    passes still gets every committed token's context: its draft logits equal those alone at the same position."""
+    """Where a pass costs its tokens the policy steps AR and skips the draft pass, drafting again once the
+    steps since the last draft have cost the draft pass over REFRESH_SHARE; greedy tokens stay each request's
+    own alone. The draft cache of a sequence that skipped passes still gets every committed token's context: its
+    draft logits equal those alone at the same position."""
     target, draft = pair
     scheduler, streamed, stats, steps = policy_run(pair, STEEP)
     assert set(scheduler.budget_steps) == {1}
-    assert 3 <= scheduler.passes <= steps / 2  # skipped mostly; each new request and each refresh drafts
+    # Skipped mostly: each new request drafts, and a refresh comes after >= 7 steps here (2 drafting sequences
+    # and an AR one: 0.05 x 3 s per step against a 1 s draft pass).
+    assert REFRESH_SHARE == 0.05 and 3 <= scheduler.passes <= 4 + steps / 7
     decoder = PositionRecordingDecoder(target, draft, scheduler.runtime)
     redrafted = 0
     for index, job in enumerate(JOBS):
@@ -501,4 +504,3 @@ def test_cost_model_policy_configuration(pair):
         Scheduler(target, draft, runtime, SchedulerConfig(12, 2, "cost_model"))
     with pytest.raises(JetSpecError, match="budget_policy must be one of fixed, cost_model, got 'auto'"):
         Scheduler(target, draft, runtime, SchedulerConfig(12, 2, "auto"), STEEP)
-    assert REDRAFT_EVERY >= 2

@@ -77,3 +77,16 @@ def test_prefix_is_the_smaller_budget_tree_and_expected_accepted(seed):
     expected = [sum(path_prob[1 : j + 1]) for j in range(full.size)]
     assert full.expected_accepted().tolist() == pytest.approx(expected, rel=1e-4, abs=1e-6)
     assert sorted(path_prob, reverse=True) == path_prob  # best first: each added node adds less than the last
+
+
+@pytest.mark.parametrize("budget", [2, 5, 8, 16, 64])
+def test_a_budget_b_tree_reads_b_minus_1_depths(budget):
+    """TreeConfig.draft_depth: the draft logits beyond depth budget - 1 never change the tree (the runtime's
+    draft passes skip their LM head rows)."""
+    from jetspec_trt.runtime.config import TreeConfig
+
+    logits = random_logits(15, seed=budget)
+    depth = TreeConfig(budget, 3, 15).draft_depth
+    assert depth == min(15, budget - 1)
+    cut, full = build_tree(1, logits[:depth], budget, 3, 15), build_tree(1, logits, budget, 3, 15)
+    assert torch.equal(cut.tokens, full.tokens) and torch.equal(cut.parents, full.parents)
