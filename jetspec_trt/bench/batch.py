@@ -3,10 +3,11 @@
 The same N = max(batch sizes) prompts (taken from the suites in turn) are submitted at once to the engine's
 scheduler (runtime/scheduler.py) with max_batch = B, for each B, in three modes in the same process: "spec" (one
 tree per sequence at --budgets' first value every round), "spec-auto" (the per-step budget, at most that one,
-chosen by the engine's cost model: runtime/cost_model.py) and "ar" (budget 1). Reported per (B, mode): aggregate tok/s (all
-tokens over the wall time of the whole run), per-stream tok/s (a request's tokens over the time from the end of the
-step that prefilled it to its end), mean tau, and how many outputs equal the same prompt's output at B = 1 (the single-stream outputs:
-greedy batching is exact in fp32; in bf16 the batched GEMMs round differently and near-ties may flip).
+chosen by the engine's cost model: runtime/cost_model.py) and "ar" (budget 1). Reported per (B, mode): aggregate
+tok/s (all tokens over the wall time of the whole run), per-stream tok/s (a request's tokens over the time from
+the end of the step that prefilled it to its end), mean tau, and how many outputs equal the same prompt's output
+at B = 1 (the single-stream outputs: greedy batching is exact in fp32; in bf16 the batched GEMMs round
+differently and near-ties may flip).
 
 The scheduler's rounds are eager on every device today (no CUDA graphs per batch bucket yet), so on a GPU B = 1
 is slower than the engine's graphed single stream: the JSON says which path ran.

@@ -19,11 +19,12 @@ that HostRounds.decode_round makes for one sequence between those halves:
 
 Budget policy (SchedulerConfig.budget_policy). "fixed": every round verifies each request's own tree.
 "cost_model": each step one per-sequence budget, at most each request's own, for the most expected tokens per
-second under the engine's measured pass times (runtime/cost_model.py); the trees are the best-first trees cut
-to it (DraftTree.prefix), budget 1 an AR step. Where the sequences' last trees already predict budget 1, the
-draft pass is skipped (each sequence's new context waits in its pending features for the next one), and it runs
-again to refresh them once the steps since have cost the draft pass over REFRESH_SHARE. The acceptance rule is the same, so greedy tokens, and a seeded
-request's sampled tokens (one target draw per emitted token, tree.accept), are those of the fixed policy.
+second under the engine's measured pass times (runtime/cost_model.py); the trees are the best-first trees cut to
+it (DraftTree.prefix), budget 1 an AR step. Where the sequences' last trees already predict budget 1, the draft
+pass is skipped (each sequence's new context waits in its pending features for the next one), and it runs again
+to refresh them once the steps since have cost the draft pass over REFRESH_SHARE. The acceptance rule is the
+same, so greedy tokens, and a seeded request's sampled tokens (one target draw per emitted token, tree.accept),
+are those of the fixed policy.
 
 In both passes the GEMMs see every sequence's tokens at once and the attention op (batch-1 contract,
 plugins/tree_attention.py) runs once per sequence with that sequence's block table, ctx_len and tree mask
