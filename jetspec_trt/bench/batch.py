@@ -20,7 +20,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from jetspec_trt.bench.suites import engine_report_header, load_suite_prompts, sync, write_report
+from jetspec_trt.bench.suites import engine_report_header, load_suite_prompts, write_report
+from jetspec_trt.devices import sync
 from jetspec_trt.errors import JetSpecError
 
 

@@ -26,9 +26,9 @@ from statistics import mean, median
 
 import torch
 
+from jetspec_trt.devices import device_name, sync
 from jetspec_trt.dtypes import dtype_name
 from jetspec_trt.errors import JetSpecError
-from jetspec_trt.runtime.cost_model import device_name, sync
 from jetspec_trt.versions import library_versions
 
 

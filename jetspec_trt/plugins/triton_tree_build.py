@@ -21,14 +21,12 @@ decided by the target, so the output is lossless either way.
 
 Nodes come in pop order (parents before children), not in tree_tensors' level order; nothing downstream
 depends on the order (accept_tensors walks by depth and ancestry). The root is its own parent (TreeTensors'
-convention).
+convention). tree/tree_tensors.py (`build_tree_kernels`) wraps them in its TreeTensors.
 """
 
 from __future__ import annotations
 
 import torch
-
-from jetspec_trt.tree.tree_tensors import TreeTensors, node_count
 
 try:  # Guarded: a machine without (or with a broken) Triton still imports this module.
     import triton
@@ -41,10 +39,9 @@ MAX_NODES = 1024  # the tree program keeps every array in registers
 MAX_FIELD = 64  # depth and rank are packed in 6 bits each (frontier entries)
 
 
-def supports(budget: int, topk: int, max_depth: int) -> bool:
-    """Whether the kernels build this tree bucket (else the torch build serves it)."""
-    return triton is not None and topk <= MAX_FIELD and max_depth < MAX_FIELD and \
-        node_count(budget, topk, max_depth) <= MAX_NODES
+def supports(nodes: int, topk: int, max_depth: int) -> bool:
+    """Whether the kernels build a tree of this many nodes (root included), width and depth."""
+    return triton is not None and topk <= MAX_FIELD and max_depth < MAX_FIELD and nodes <= MAX_NODES
 
 
 if triton is not None:
@@ -189,33 +186,20 @@ def vocab_top_logp(depth_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, to
     return logp, ids
 
 
-def best_first_tree(anchor: torch.Tensor, top_logp: torch.Tensor, top_ids: torch.Tensor, budget: int, topk: int,
-                    levels: int) -> tuple[TreeTensors, torch.Tensor]:
-    """The tree over `levels` depths of (top_logp, top_ids) [>= levels, >= topk], contiguous rows, and its packed
-    ancestor mask."""
+def best_first_tree(anchor: torch.Tensor, top_logp: torch.Tensor, top_ids: torch.Tensor, nodes: int, topk: int,
+                    levels: int) -> tuple[torch.Tensor, ...]:
+    """The best-first tree of `nodes` nodes over `levels` depths of (top_logp, top_ids) [>= levels, >= topk]
+    (contiguous rows): its tokens, parents, depths (int64 [nodes]), ancestors (bool [nodes, nodes]) and packed
+    ancestor mask (int32 [nodes, ceil(nodes / 32)])."""
     assert top_logp.shape == top_ids.shape and top_logp.is_contiguous() and top_ids.is_contiguous()
-    n = node_count(budget, topk, levels)
     device = top_logp.device
-    words = triton.cdiv(n, 32)
-    tokens, parents, depths = (torch.empty(n, dtype=torch.long, device=device) for _ in range(3))
-    mask = torch.empty(n, words, dtype=torch.int32, device=device)
-    ancestors = torch.empty(n, n, dtype=torch.bool, device=device)
-    np_ = _pow2(n)
+    words = triton.cdiv(nodes, 32)
+    tokens, parents, depths = (torch.empty(nodes, dtype=torch.long, device=device) for _ in range(3))
+    mask = torch.empty(nodes, words, dtype=torch.int32, device=device)
+    ancestors = torch.empty(nodes, nodes, dtype=torch.bool, device=device)
+    np_ = _pow2(nodes)
     _best_first_kernel[(1,)](top_logp, top_ids, anchor, tokens, parents, depths, mask, ancestors.view(torch.int8),
-                             levels, topk, top_logp.stride(0), n, words, LP=_pow2(max(levels, 1)),
-                             KP=_pow2(top_logp.shape[1]), NP=np_,
-                             WP=_pow2(triton.cdiv(np_, 32)), num_warps=1 if np_ <= 256 else 4)
-    return TreeTensors(tokens, parents, depths, ancestors), mask
-
-
-def build_tree_and_mask(anchor: torch.Tensor, depth_logits: torch.Tensor, budget: int, topk: int,
-                        max_depth: int) -> tuple[TreeTensors, torch.Tensor]:
-    """runtime.graph_decoder.build_tree_and_mask on the kernels (`supports` must hold): same contract, same
-    node count, nodes in pop order."""
-    levels = min(max_depth, depth_logits.shape[0], node_count(budget, topk, max_depth) - 1)
-    k = min(topk, depth_logits.shape[-1])
-    if levels == 0:
-        logp = torch.zeros(1, _pow2(k), dtype=torch.float32, device=depth_logits.device)
-        return best_first_tree(anchor, logp, torch.zeros_like(logp, dtype=torch.long), 1, k, 0)
-    logp, ids = vocab_top_logp(depth_logits[:levels], k)
-    return best_first_tree(anchor, logp, ids, budget, k, levels)
+                             levels, topk, top_logp.stride(0), nodes, words, LP=_pow2(max(levels, 1)),
+                             KP=_pow2(top_logp.shape[1]), NP=np_, WP=_pow2(triton.cdiv(np_, 32)),
+                             num_warps=1 if np_ <= 256 else 4)
+    return tokens, parents, depths, ancestors, mask

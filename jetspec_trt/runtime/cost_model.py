@@ -20,12 +20,12 @@ from __future__ import annotations
 import datetime as dt
 import itertools
 import json
-import platform
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
+from jetspec_trt.devices import device_name
 from jetspec_trt.dtypes import dtype_name
 from jetspec_trt.errors import JetSpecError
 
@@ -34,26 +34,6 @@ COST_MODEL = "cost_model.json"
 # Calibration prior: this many predicted accepted drafts, accepted at the draft's own word (scale 1), so the
 # first few rounds move the scale but cannot throw it to 0 or to a huge value.
 CALIBRATION_PRIOR = 4.0
-
-
-def sync(device: str | torch.device) -> None:
-    """Wait for the device's queued work (timings end here)."""
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def device_name(device: str | torch.device) -> str:
-    """The device that times belong to: the GPU's name, or the CPU's model and torch's thread count."""
-    if torch.device(device).type == "cuda":
-        return torch.cuda.get_device_name(torch.device(device))
-    name = ""
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
-    except OSError:
-        pass
-    name = name or platform.processor() or platform.machine() or "cpu"
-    return f"{name} ({torch.get_num_threads()} threads)"
 
 
 def _interpolate(xs: tuple[int, ...], ys: tuple[float, ...], x: float) -> float:

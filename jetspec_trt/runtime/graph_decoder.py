@@ -64,7 +64,8 @@ from jetspec_trt.runtime.backend import DecodeRequest, RoundResult
 from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
 from jetspec_trt.runtime.round_loop import DecodeStats, run_rounds
 from jetspec_trt.tree.accept import SamplingConfig, choose_tokens
-from jetspec_trt.tree.tree_tensors import TreeTensors, accept_tensors, build_tree_tensors, node_count
+from jetspec_trt.tree.tree_tensors import (TreeTensors, accept_tensors, build_tree_kernels, build_tree_tensors,
+                                          node_count, tree_kernels_support)
 
 STAGES = ("draft", "tree", "verify", "accept")
 
@@ -282,11 +283,8 @@ class GraphDecoder:
 
     def _tree_builder(self, tree: TreeConfig) -> Callable:
         """The tree stage's function for a bucket: the Triton kernels where asked for and able, else the torch build."""
-        if self.tree_kernel and self.triton_kernels:
-            from jetspec_trt.plugins import triton_tree_build
-
-            if triton_tree_build.supports(tree.budget, tree.topk, tree.max_depth):
-                return triton_tree_build.build_tree_and_mask
+        if self.tree_kernel and self.triton_kernels and tree_kernels_support(tree.budget, tree.topk, tree.max_depth):
+            return build_tree_kernels
         return self.build_tree
 
     def reset(self, context: int = 0) -> None:

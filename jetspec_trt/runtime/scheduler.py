@@ -51,6 +51,7 @@ from dataclasses import dataclass
 
 import torch
 
+from jetspec_trt.devices import sync
 from jetspec_trt.errors import JetSpecError
 from jetspec_trt.models.draft import DraftHead
 from jetspec_trt.models.kv_cache import PagedKVCache, PagePool, write_kv
@@ -58,7 +59,7 @@ from jetspec_trt.models.target import LayerCall, TargetModel
 from jetspec_trt.plugins.tree_attention import causal_mask, tree_attention
 from jetspec_trt.runtime.backend import DecodeRequest
 from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
-from jetspec_trt.runtime.cost_model import BudgetChooser, CostModel, doubling_up_to, sync
+from jetspec_trt.runtime.cost_model import BudgetChooser, CostModel, doubling_up_to
 from jetspec_trt.runtime.decoder import Decoder
 from jetspec_trt.runtime.host_rounds import RoundInputs
 from jetspec_trt.runtime.round_loop import DecodeStats, TokenLimit, new_request

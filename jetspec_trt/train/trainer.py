@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from jetspec_trt.devices import device_name
 from jetspec_trt.dtypes import dtype_name, parse_dtype
 from jetspec_trt.errors import JetSpecError
 from jetspec_trt.models.checkpoint import load_target, save_draft
@@ -691,11 +692,3 @@ def run_history(init_head: Path | None, card: dict) -> list[dict]:
         "heldout_top1_depth1": after["top1_agreement_per_depth"][0], "chain_tau_proxy": after["chain_tau_proxy"],
     })
     return history
-
-
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        return torch.cuda.get_device_name(torch.device(device))
-    import platform
-
-    return platform.processor() or platform.machine()

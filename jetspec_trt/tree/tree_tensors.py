@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from jetspec_trt.plugins import triton_tree_build
 from jetspec_trt.tree.tree import depth_top_logp
 
 # Breaks child/parent ties (a child whose logp rounds to 0): far below float32 score differences.
@@ -92,6 +93,28 @@ def build_tree_tensors(anchor: torch.Tensor, depth_logits: torch.Tensor, budget:
     parent_slot, rank = picked // topk, picked % topk
     parents = torch.where(level == 0, 0, starts[(level - 1).clamp(min=0)] + parent_slot)
     return _assemble(anchor, top_ids[level, rank], parents, level + 1, levels)
+
+
+def tree_kernels_support(budget: int, topk: int, max_depth: int) -> bool:
+    """Whether `build_tree_kernels` serves this tree bucket (Triton present, the tree within its limits)."""
+    return triton_tree_build.supports(node_count(budget, topk, max_depth), topk, max_depth)
+
+
+def build_tree_kernels(anchor: torch.Tensor, depth_logits: torch.Tensor, budget: int, topk: int,
+                       max_depth: int) -> tuple[TreeTensors, torch.Tensor]:
+    """`build_tree_tensors` and its packed mask on the Triton tree kernels (plugins/triton_tree_build.py): the same
+    node count and contract, the nodes in the host build_tree's pop order (tree.tree.build_tree_from_top's tree
+    over the kernels' top-k, node for node)."""
+    nodes = node_count(budget, topk, max_depth)
+    levels = min(max_depth, depth_logits.shape[0], nodes - 1)
+    k = min(topk, depth_logits.shape[-1])
+    if levels == 0:
+        top_logp = torch.zeros(1, k, dtype=torch.float32, device=depth_logits.device)
+        top_ids = torch.zeros(1, k, dtype=torch.long, device=depth_logits.device)
+    else:
+        top_logp, top_ids = triton_tree_build.vocab_top_logp(depth_logits[:levels], k)
+    *tree, mask = triton_tree_build.best_first_tree(anchor, top_logp, top_ids, nodes, k, levels)
+    return TreeTensors(*tree), mask
 
 
 def _assemble(anchor, tokens, parents, depths, max_depth: int) -> TreeTensors:

@@ -9,7 +9,7 @@ import torch
 
 from jetspec_trt.tree.accept import SamplingConfig, accept
 from jetspec_trt.tree.tree import build_tree_from_top, depth_top_logp
-from jetspec_trt.tree.tree_tensors import accept_tensors, node_count
+from jetspec_trt.tree.tree_tensors import accept_tensors, build_tree_kernels, tree_kernels_support, node_count
 from tests.plugins.interpreter import needs_triton, run_in_interpreter
 
 # (vocab, budget, topk, max_depth, logits): vocabularies that take 1, 2 and 8 splits of the top-k pass;
@@ -33,8 +33,7 @@ def check_case(device: str, vocab: int, budget: int, topk: int, max_depth: int, 
 
     generator = torch.Generator().manual_seed(vocab + budget + topk)
     logits = _logits(vocab, kind, generator)
-    tree, mask = triton_tree_build.build_tree_and_mask(torch.tensor([9], device=device), logits.to(device), budget,
-                                                       topk, max_depth)
+    tree, mask = build_tree_kernels(torch.tensor([9], device=device), logits.to(device), budget, topk, max_depth)
     n = node_count(budget, topk, max_depth)
     levels = min(max_depth, n - 1)
     assert tree.tokens.shape == (n,) and mask.shape == (n, (n + 31) // 32)
@@ -84,11 +83,12 @@ def check_exact_ties(device: str) -> None:
     for budget, topk, levels in ((40, 3, 6), (100, 4, 15), (256, 7, 15)):
         logp = -torch.arange(1, topk + 1, dtype=torch.float32).repeat(levels, 1)
         ids = torch.arange(levels * topk).view(levels, topk)
-        tree, _ = triton_tree_build.best_first_tree(torch.tensor([0], device=device), logp.to(device),
-                                                    ids.to(device), budget, topk, levels)
+        tokens, parents, *_ = triton_tree_build.best_first_tree(
+            torch.tensor([0], device=device), logp.to(device), ids.to(device), node_count(budget, topk, levels),
+            topk, levels)
         host = build_tree_from_top(0, logp, ids, budget, topk, levels)
-        assert tree.tokens.cpu().tolist() == host.tokens.tolist(), (budget, topk, levels)
-        assert tree.parents.cpu().tolist()[1:] == host.parents.tolist()[1:]
+        assert tokens.cpu().tolist() == host.tokens.tolist(), (budget, topk, levels)
+        assert parents.cpu().tolist()[1:] == host.parents.tolist()[1:]
 
 
 def check_all(device: str) -> None:
@@ -96,10 +96,8 @@ def check_all(device: str) -> None:
         check_case(device, *case)
     check_exact_ties(device)
     # NaN logits (a graph warm-up reading an unwritten buffer): still a valid tree, parents first.
-    from jetspec_trt.plugins import triton_tree_build
-
     logits = torch.full((15, 300), float("nan"), device=device)
-    tree, _ = triton_tree_build.build_tree_and_mask(torch.tensor([1], device=device), logits, 64, 7, 15)
+    tree, _ = build_tree_kernels(torch.tensor([1], device=device), logits, 64, 7, 15)
     parents, depths = tree.parents.cpu(), tree.depths.cpu()
     assert all(parents[i] < i and depths[i] == depths[parents[i]] + 1 for i in range(1, 64))
     assert int(tree.tokens.max()) < 300
@@ -109,11 +107,11 @@ def test_supports_bounds():
     from jetspec_trt.plugins import triton_tree_build
 
     if triton_tree_build.triton is None:
-        assert not triton_tree_build.supports(16, 7, 15)
+        assert not tree_kernels_support(16, 7, 15)
         return
-    assert triton_tree_build.supports(256, 7, 15) and triton_tree_build.supports(1024, 7, 15)
-    assert not triton_tree_build.supports(2048, 7, 15)  # register arrays: 1024 nodes at most
-    assert not triton_tree_build.supports(16, 65, 15) and not triton_tree_build.supports(16, 7, 64)
+    assert tree_kernels_support(256, 7, 15) and tree_kernels_support(1024, 7, 15)
+    assert not tree_kernels_support(2048, 7, 15)  # register arrays: 1024 nodes at most
+    assert not tree_kernels_support(16, 65, 15) and not tree_kernels_support(16, 7, 64)
 
 
 @pytest.mark.slow

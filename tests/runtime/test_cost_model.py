@@ -51,7 +51,7 @@ def test_json_round_trip_missing_and_malformed_files(tmp_path):
 def test_matches_only_the_device_and_dtype_it_was_measured_on():
     import torch
 
-    from jetspec_trt.runtime.cost_model import device_name
+    from jetspec_trt.devices import device_name
 
     here = dataclasses.replace(STEEP, device_name=device_name("cpu"))
     assert here.matches("cpu", torch.float32)
