@@ -64,7 +64,7 @@ def make_tiny_engine(workdir: Path, tree: TreeConfig = TreeConfig(budget=64, top
     paths = QuickstartPaths(workdir / "tiny-target", workdir / "tiny-draft", workdir / "tiny-engine")
     write_random_pair("tiny", paths.target, paths.draft, seed=0)
     build_engine(BuildConfig(paths.target, paths.draft, paths.engine, tree=tree, dtype="float32", max_seq_len=1024,
-                             overwrite=True, progress=progress))
+                             overwrite=True, progress=progress, cost_model_device=None))
     return paths
 
 
@@ -124,7 +124,9 @@ def cached_engine(target: Path, head: Path, cache_dir: Path, progress: bool = Tr
     if (engine / MANIFEST).is_file():
         return engine, False
     tree = TreeConfig(ENGINE_BUDGET, ENGINE_TOPK, draft_spec_of(head).max_depth)
-    build_engine(BuildConfig(target, head, engine, tree, ENGINE_DTYPE, overwrite=True, progress=progress))
+    # No cost model: the quickstart decodes one request at a time (the scheduler measures one where it needs it).
+    build_engine(BuildConfig(target, head, engine, tree, ENGINE_DTYPE, overwrite=True, progress=progress,
+                             cost_model_device=None))
     for stale in Path(cache_dir).glob(f"{head.name}-*"):
         if stale != engine and len(stale.name) == len(engine.name) and stale.is_dir():  # -<16 hex>, not a longer name
             shutil.rmtree(stale, ignore_errors=True)
