@@ -64,7 +64,7 @@ def make_tiny_engine(workdir: Path, tree: TreeConfig = TreeConfig(budget=64, top
     paths = QuickstartPaths(workdir / "tiny-target", workdir / "tiny-draft", workdir / "tiny-engine")
     write_random_pair("tiny", paths.target, paths.draft, seed=0)
     build_engine(BuildConfig(paths.target, paths.draft, paths.engine, tree=tree, dtype="float32", max_seq_len=1024,
-                             overwrite=True, progress=progress, cost_model_device=None))
+                             overwrite=True, progress=progress))
     return paths
 
 
