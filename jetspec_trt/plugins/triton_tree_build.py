@@ -35,7 +35,7 @@ except Exception:  # noqa: BLE001 - ImportError, or a Triton that fails to initi
     triton = None
 
 VOCAB_BLOCK = 4096  # logits per program of the top-k pass (a split's chunk, rounded up to a power of two)
-MAX_NODES = 1024  # the tree program keeps every array in registers
+MAX_NODES = 512  # the tree program keeps every array in registers (a [512, 16] mask tile over 4 warps: 64 each)
 MAX_FIELD = 64  # depth and rank are packed in 6 bits each (frontier entries)
 
 

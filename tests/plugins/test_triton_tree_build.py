@@ -109,8 +109,8 @@ def test_supports_bounds():
     if triton_tree_build.triton is None:
         assert not tree_kernels_support(16, 7, 15)
         return
-    assert tree_kernels_support(256, 7, 15) and tree_kernels_support(1024, 7, 15)
-    assert not tree_kernels_support(2048, 7, 15)  # register arrays: 1024 nodes at most
+    assert tree_kernels_support(256, 7, 15) and tree_kernels_support(512, 7, 15)
+    assert not tree_kernels_support(513, 7, 15)  # register arrays: 512 nodes at most
     assert not tree_kernels_support(16, 65, 15) and not tree_kernels_support(16, 7, 64)
 
 
