@@ -252,32 +252,31 @@ def nearest_rank(values: list[float], q: float) -> float:
     return ordered[max(0, min(len(ordered), math.ceil(q * len(ordered))) - 1)]
 
 
-def request_percentiles(suites_out: dict) -> dict:
-    """Per-request tok/s over every suite's requests, per mode (AR, HF, each spec run): count, p50, p99, min.
-    A slow request (host jitter, a recompile) shows in p99/min, where suite means hide it."""
+def _per_mode(suites_out: dict, field: str) -> dict[str, list[float]]:
+    """Every request's `field` over all suites, per mode (AR, HF, each spec run), where the request records it."""
     modes: dict[str, list[float]] = {}
     for suite in suites_out.values():
         for entry in suite["prompts"]:
-            modes.setdefault("ar", []).append(entry["ar"]["tok_s"])
-            if "hf" in entry:
-                modes.setdefault("hf", []).append(entry["hf"]["tok_s"])
-            for key, run in entry["spec"].items():
-                modes.setdefault(key, []).append(run["tok_s"])
+            runs = [("ar", entry["ar"]), *([("hf", entry["hf"])] if "hf" in entry else []), *entry["spec"].items()]
+            for mode, run in runs:
+                if field in run:
+                    modes.setdefault(mode, []).append(run[field])
+    return modes
+
+
+def request_percentiles(suites_out: dict) -> dict:
+    """Per-request tok/s over every suite's requests, per mode (AR, HF, each spec run): count, p50, p99, min.
+    A slow request (host jitter, a recompile) shows in p99/min, where suite means hide it."""
     # p99 "slowest": the rate that 99% of requests reach, i.e. the low tail
     return {mode: {"requests": len(v), "p50": nearest_rank(v, 0.5), "p99_slow": nearest_rank(v, 0.01),
-                   "min": min(v), "max": max(v)} for mode, v in modes.items()}
+                   "min": min(v), "max": max(v)} for mode, v in _per_mode(suites_out, "tok_s").items()}
 
 
 def request_prefill_ms(suites_out: dict) -> dict:
     """Per-request prefill time (DecodeStats.prefill_s: the prompt through the models up to the first token), per
-    mode (AR, each spec run), in ms: count, mean, p50, max. Part of every request's wall time, the whole of a
-    short answer's fixed cost."""
-    modes: dict[str, list[float]] = {}
-    for suite in suites_out.values():
-        for entry in suite["prompts"]:
-            modes.setdefault("ar", []).append(1e3 * entry["ar"]["prefill_s"])
-            for key, run in entry["spec"].items():
-                modes.setdefault(key, []).append(1e3 * run["prefill_s"])
+    mode (AR, each spec run; HF records none), in ms: count, mean, p50, max. Part of every request's wall time,
+    the whole of a short answer's fixed cost."""
+    modes = {mode: [1e3 * s for s in v] for mode, v in _per_mode(suites_out, "prefill_s").items()}
     return {mode: {"requests": len(v), "mean": mean(v), "p50": nearest_rank(v, 0.5), "max": max(v)}
             for mode, v in modes.items()}
 
