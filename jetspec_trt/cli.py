@@ -50,8 +50,8 @@ def tree_options(func):
               help="Keep cuBLAS for the AR step's single-token GEMMs instead of the Triton GEMV kernel.")
 @click.option("--no-compile", is_flag=True,
               help="Run the CUDA graphs' layers and tree/accept stages eager (no torch.compile at first use).")
-@click.option("--tree-kernel", is_flag=True,
-              help="Build each round's tree with the Triton tree kernels instead of the compiled torch ops (CUDA).")
+@click.option("--no-tree-kernel", is_flag=True,
+              help="Build each round's tree with the compiled torch ops instead of the Triton tree kernels (CUDA).")
 @click.option("--no-prefill-graphs", is_flag=True,
               help="Run the prompt-length buckets' prefills eagerly instead of from CUDA graphs captured at load.")
 @click.option("--quantize", type=click.Choice(["fp8"]), default=None,
@@ -64,7 +64,7 @@ def tree_options(func):
               help="--quantize: calibration prompts are cut to this many tokens.")
 @click.option("--calib-device", default=None, help="--quantize: where to calibrate [default: cuda if available].")
 def build(target_dir, draft_dir, output_dir, budget, topk, max_depth, dtype, max_seq_len, overwrite, backend,
-          attention, no_fuse, no_tune, cost_model_device, no_cost_model, no_decode_gemv, no_compile, tree_kernel,
+          attention, no_fuse, no_tune, cost_model_device, no_cost_model, no_decode_gemv, no_compile, no_tree_kernel,
           no_prefill_graphs, quantize, calib_prompts, calib_samples, calib_max_tokens, calib_device):
     """Check a target/draft pair and write an engine directory."""
     if backend == "tensorrt" and quantize:
@@ -83,7 +83,7 @@ def build(target_dir, draft_dir, output_dir, budget, topk, max_depth, dtype, max
                                                                    calib_max_tokens, calib_device)
     config = BuildConfig(target_dir, draft_dir, output_dir, TreeConfig(budget, topk, depth), dtype, max_seq_len,
                          overwrite=overwrite, fuse=not no_fuse, tune=not no_tune,
-                         decode_gemv=not no_decode_gemv, compile_graphs=not no_compile, tree_kernel=tree_kernel,
+                         decode_gemv=not no_decode_gemv, compile_graphs=not no_compile, tree_kernel=not no_tree_kernel,
                          prefill_graphs=not no_prefill_graphs, quantize=quantize_config,
                          cost_model_device=None if no_cost_model else cost_model_device)
     if backend == "tensorrt":

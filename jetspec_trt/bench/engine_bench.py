@@ -78,6 +78,7 @@ class EngineBench:
             max_seq_len=max(cfg.contexts) + cfg.ar_tokens + 64, block_size=spec.block_size,
             mask_token_id=spec.mask_token_id, target_layer_ids=spec.target_layer_ids, eos_token_ids=(),
             decode_gemv=False,  # "ar_step" is the cuBLAS step; cfg.compare_gemv adds the GEMV one beside it
+            tree_kernel=False,  # "rounds" build the tree with torch ops; cfg.compare_tree_kernel adds the kernels'
         )
         self.decoder = GraphDecoder(target, draft, runtime, compile_layers=cfg.compile_layers)
         # Timings run at contexts nobody prefilled: give the caches realistic (non-zero) contents once.

@@ -63,7 +63,7 @@ class BuildConfig:
     tune: bool = True  # time tree-attention launch configs on this machine's GPU (skipped without CUDA)
     decode_gemv: bool = True  # CUDA AR step: single-token GEMMs through plugins.gemv (False: cuBLAS)
     compile_graphs: bool = True  # CUDA: torch.compile layers and tree/accept stages inside the graphs
-    tree_kernel: bool = False  # CUDA: the round's tree stage on the Triton tree kernels (plugins.triton_tree_build)
+    tree_kernel: bool = True  # CUDA: the round's tree stage on the Triton tree kernels (plugins.triton_tree_build)
     prefill_graphs: bool = True  # CUDA: prompt-length buckets' prefills as CUDA graphs captured at load
     quantize: QuantizeConfig | None = None  # quantize the target (FP8 through nvidia-modelopt); None: as it is
     cost_model_device: str | None = "auto"  # where to time the scheduler's passes; auto: cuda if any; None: skip

@@ -55,9 +55,11 @@ class RuntimeConfig:
     # budget-16 verify 3.41 -> 1.43 ms). Costs a compile on the first use of each tree bucket.
     compile_graphs: bool = True
     # CUDA: the round's tree stage as three Triton kernels (plugins/triton_tree_build.py) instead of the compiled
-    # torch build (aten top-k, a sort per level): the torch build took 0.47-1.18 ms of a 2.3-3.6 ms round at the
-    # 0.5B shape. Off until the engine bench has timed both side by side on a GPU.
-    tree_kernel: bool = False
+    # torch build (aten top-k, a sort per level). Timed side by side on an H200 at the 0.5B shape, context 512
+    # (bench/results/engine-qwen2.5-0.5b-h200-tree-kernel.json): tree stage 0.20 / 0.73 / 0.70 ms -> 0.04 / 0.07 /
+    # 0.38 ms, round 2.02 / 2.65 / 3.11 -> 1.86 / 1.99 / 2.81 ms at budgets 16 / 64 / 256, same outputs. Trees the
+    # kernels cannot hold (over 512 nodes) keep the torch build.
+    tree_kernel: bool = True
     # CUDA: each prompt-length bucket's prefill replayed from a CUDA graph captured at load (False: the same
     # bucketed pass run eagerly, one launch per kernel).
     prefill_graphs: bool = True

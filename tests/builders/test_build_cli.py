@@ -57,15 +57,15 @@ def test_build_and_run_verify(pair, tmp_path, capsys):
 def test_runtime_flags_reach_the_runtime_config(pair, tmp_path, capsys):
     """The CUDA path's switches are stored in the engine (Engine.load and GraphDecoder read them there)."""
     code, out, err = invoke(build_args(pair / "target", pair / "draft", tmp_path / "engine", "--no-decode-gemv",
-                                       "--no-compile", "--tree-kernel", "--no-prefill-graphs"), capsys)
+                                       "--no-compile", "--no-tree-kernel", "--no-prefill-graphs"), capsys)
     assert code == 0, err
     runtime = json.loads((tmp_path / "engine" / "runtime_config.json").read_text())
     assert (runtime["decode_gemv"], runtime["compile_graphs"], runtime["tree_kernel"], runtime["prefill_graphs"]) == \
-        (False, False, True, False)
+        (False, False, False, False)
     code, out, err = invoke(build_args(pair / "target", pair / "draft", tmp_path / "default"), capsys)
     runtime = json.loads((tmp_path / "default" / "runtime_config.json").read_text())
     assert (runtime["decode_gemv"], runtime["compile_graphs"], runtime["tree_kernel"], runtime["prefill_graphs"]) == \
-        (True, True, False, True)
+        (True, True, True, True)
 
 
 def corrupt_weights(target, draft):
