@@ -24,8 +24,8 @@
 # strongest neurons, KV heads above its own widen its attention exactly), BENCH_PROMPTS (17), HF_PROMPTS (3),
 # TEMPS ("0": the first head's bench temperatures, e.g. "0,1"; later heads bench greedy only), BASELINE (0; 1
 # benches the committed head last, on the same prompts), PROMPT_OFFSET (0; runs 3-4 answered prompts from the
-# first 12000 of the mix, run 5 (lost) 12000-27000, run 6 27000-38458, run 7 38500-49262; the mix has 53,319 and
-# 50000-50063 are scripts/probe_head.py's held-out prompts, so the next run starts a second pass at 0),
+# first 12000 of the mix, run 5 (lost) 12000-27000, run 6 27000-38458, run 7 38500-49262, run 8 0-13833 (a second pass);
+# the mix has 53,319 and 50000-50063 are scripts/probe_head.py's held-out prompts),
 # SETUP_S (150), ENGINE_BENCH (0; 1 ends with the engine bench at the pair's shape), BUILD_FLAGS (extra build
 # flags for every engine, e.g. --no-prefill-graphs where the idle window's GPU tests showed the captures failing).
 set -uo pipefail
