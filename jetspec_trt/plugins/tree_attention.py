@@ -17,6 +17,21 @@ Contract of ``torch.ops.jetspec_trt.tree_attention`` (batch 1, the single-stream
     scale        float           softmax scale (head_dim ** -0.5 for Qwen)
     returns      [T, Hq, D]      in q's dtype; accumulation in float32
 
+Contract of ``torch.ops.jetspec_trt.tree_attention_batched`` (S sequences whose caches share one pool's K/V):
+
+    out = tree_attention_batched(q, k_cache, v_cache, block_tables, ctx_lens, cu_seqlens, tree_masks, scale)
+
+    q            [T, Hq, D]      the sequences' new tokens back to back (T = their sum)
+    block_tables int32 [S, M]    row s: sequence s's block table, padded past its pages (padding never read)
+    ctx_lens     int32 [S]       committed tokens of each sequence
+    cu_seqlens   int32 [S+1]     sequence s's new tokens are q[cu_seqlens[s] : cu_seqlens[s+1]]
+    tree_masks   int32 [T, W]    row r: its sequence's mask row as the op above takes it (bits relative to the
+                                 sequence's first new token), zero-padded to the common width W
+    returns      [T, Hq, D]      row r as tree_attention gives it for r's sequence alone
+
+Every length lives on the device: a CUDA launch depends on shapes only (T, S, M, W), so graphs can capture it.
+`BatchedAttention.build` makes the last four from the sequences' own tables, lengths and masks.
+
 The caller has already written the new tokens' K/V into their slots. ``ctx_len`` is a tensor, not an int,
 so a CUDA graph captured once replays at any context length. The CPU reference below is the specification;
 GPU kernels registered for the same op must match it (tests compare them).
@@ -25,6 +40,7 @@ GPU kernels registered for the same op must match it (tests compare them).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 
@@ -35,6 +51,13 @@ torch.library.define(
     f"{LIBRARY}::{OP_NAME}",
     "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_table, Tensor ctx_len, Tensor tree_mask, "
     "float scale) -> Tensor",
+)
+
+
+torch.library.define(
+    f"{LIBRARY}::{OP_NAME}_batched",
+    "(Tensor q, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor ctx_lens, Tensor cu_seqlens, "
+    "Tensor tree_masks, float scale) -> Tensor",
 )
 
 
@@ -155,6 +178,56 @@ def _tree_attention_fake(q, k_cache, v_cache, block_table, ctx_len, tree_mask, s
     return torch.empty_like(q)
 
 
+def tree_attention_batched_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    ctx_lens: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    tree_masks: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    """Reference of the batched op: the single-sequence reference per sequence. It reads cu_seqlens on the
+    host (a sync on a GPU, where the Triton kernel serves the op instead)."""
+    bounds = cu_seqlens.tolist()
+    outs = [
+        tree_attention_reference(q[a:b], k_cache, v_cache, block_tables[s], ctx_lens[s : s + 1],
+                                 tree_masks[a:b, : mask_words(b - a)], scale)
+        for s, (a, b) in enumerate(zip(bounds, bounds[1:]))
+    ]
+    return torch.cat(outs) if outs else torch.empty_like(q)
+
+
+torch.library.impl(f"{LIBRARY}::{OP_NAME}_batched", "CompositeExplicitAutograd")(tree_attention_batched_reference)
+
+
+@torch.library.register_fake(f"{LIBRARY}::{OP_NAME}_batched")
+def _tree_attention_batched_fake(q, k_cache, v_cache, block_tables, ctx_lens, cu_seqlens, tree_masks, scale):
+    return torch.empty_like(q)
+
+
+@dataclass(frozen=True)
+class BatchedAttention:
+    """The per-step inputs of the batched op for S sequences, built once a step and shared by every layer."""
+
+    block_tables: torch.Tensor  # int32 [S, max pages], zero-padded
+    ctx_lens: torch.Tensor  # int32 [S]
+    cu_seqlens: torch.Tensor  # int32 [S+1]
+    tree_masks: torch.Tensor  # int32 [T, max words], zero-padded
+
+    @classmethod
+    def build(cls, block_tables: list[torch.Tensor], ctx_lens: list[torch.Tensor],
+              masks: list[torch.Tensor]) -> "BatchedAttention":
+        """From each sequence's block table [M_s], ctx_len [1] and packed mask [T_s, W_s] (on one device)."""
+        counts = [m.shape[0] for m in masks]
+        tables = torch.nn.utils.rnn.pad_sequence(list(block_tables), batch_first=True)
+        words = max(m.shape[1] for m in masks)
+        tree_masks = torch.cat([torch.nn.functional.pad(m, (0, words - m.shape[1])) for m in masks])
+        cu = torch.tensor([0] + counts, device=masks[0].device).cumsum(0).to(torch.int32)
+        return cls(tables.to(torch.int32), torch.cat(ctx_lens).to(torch.int32), cu, tree_masks)
+
+
 def tree_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -166,6 +239,13 @@ def tree_attention(
 ) -> torch.Tensor:
     """Dispatch to the registered implementation for q's device (the Triton kernel on CUDA once loaded)."""
     return torch.ops.jetspec_trt.tree_attention(q, k_cache, v_cache, block_table, ctx_len, tree_mask, scale)
+
+
+def tree_attention_batched(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: BatchedAttention,
+                           scale: float) -> torch.Tensor:
+    """The batched op over `batch`'s sequences (the Triton kernel on CUDA once loaded)."""
+    return torch.ops.jetspec_trt.tree_attention_batched(q, k_cache, v_cache, batch.block_tables, batch.ctx_lens,
+                                                        batch.cu_seqlens, batch.tree_masks, scale)
 
 
 def load_gpu_kernels() -> bool:

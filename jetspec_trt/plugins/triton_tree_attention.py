@@ -24,6 +24,12 @@ Splits (flash-decoding). With few rows (decode, short trees) a launch has few pr
 split into SPLITS ranges, one program each; each writes a normalised partial output and its log-sum-exp and a
 second kernel merges them. SPLITS depends on shapes only; the ranges are computed from ctx_len on the device.
 
+Batches (`jetspec_trt::tree_attention_batched`). The same kernel with BATCHED set: S sequences' tokens back to
+back, one launch. Row blocks never span two sequences (a block reads one block table and one ctx_len): sequence s
+owns cdiv(T_s * GROUP, BLOCK_M) blocks of a flattened grid axis, found by each program from cu_seqlens on the
+device. The axis has cdiv(T * GROUP, BLOCK_M) + S - 1 programs, the most the blocks can need (each sequence's last
+block may be partial); the spare ones return at once. One sequence is the unbatched case, with no cu_seqlens.
+
 ctx_len is only ever read inside the kernels (no .item(), no host sync): launches depend on shapes alone, so a
 CUDA graph captured once replays at any context length.
 Softmax runs in base 2 (exp2) with the scale folded into one multiply; accumulation is fp32.
@@ -31,6 +37,7 @@ Softmax runs in base 2 (exp2) with the scale folded into one multiply; accumulat
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -101,24 +108,49 @@ if triton is not None:
     # only). Unspecialised, the variants are the launch shapes (14 at that shape), which warm_causal_prefill
     # compiles at engine load. They are bounds, loop counts and the mask's row stride (mask words are
     # loaded one per row, never as vectors), so no load's vector width depends on their specialisation.
-    @triton.jit(do_not_specialize=["num_new", "mask_words", "num_row_blocks", "stride_mt"])
+    @triton.jit(do_not_specialize=["num_tokens", "num_seqs", "mask_words", "num_row_blocks", "stride_mt",
+                                   "stride_bt"])
     def _tree_attention_kernel(
-        q_ptr, k_ptr, v_ptr, table_ptr, ctx_ptr, mask_ptr, out_ptr, part_ptr, lse_ptr,
-        qk_scale, num_new, num_heads, mask_words, num_row_blocks,
-        stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_mt,
+        q_ptr, k_ptr, v_ptr, table_ptr, ctx_ptr, mask_ptr, out_ptr, part_ptr, lse_ptr, cu_ptr,
+        qk_scale, num_tokens, num_seqs, num_heads, mask_words, num_row_blocks,
+        stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_mt, stride_bt,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, SCAN_W: tl.constexpr,
-        IEEE: tl.constexpr,
+        IEEE: tl.constexpr, BATCHED: tl.constexpr, SEQ_P2: tl.constexpr,
     ):
         # Later tokens see more keys under a causal mask: launch their row blocks first (less tail imbalance).
-        row_block = num_row_blocks - 1 - tl.program_id(0)
+        flat_block = num_row_blocks - 1 - tl.program_id(0)
         kv_head = tl.program_id(1)
         split = tl.program_id(2)
 
+        if BATCHED:
+            # Sequence s owns row blocks [ends[s] - blocks[s], ends[s]) of the flattened axis, from its token
+            # range cu[s] .. cu[s+1] read here on the device (the launch depends on shapes only). The grid is an
+            # upper bound on the blocks; a program past the last sequence's blocks has nothing to do.
+            seqs = tl.arange(0, SEQ_P2)
+            seq_ok = seqs < num_seqs
+            lo = tl.load(cu_ptr + seqs, mask=seq_ok, other=0)
+            hi = tl.load(cu_ptr + seqs + 1, mask=seq_ok, other=0)
+            blocks = tl.cdiv((hi - lo) * GROUP, BLOCK_M)
+            ends = tl.cumsum(blocks, 0)
+            seq = tl.sum((ends <= flat_block).to(tl.int32), 0)
+            if seq >= num_seqs:
+                return
+            row_block = flat_block - tl.sum(tl.where(seqs < seq, blocks, 0), 0)
+            first_token = tl.load(cu_ptr + seq)
+            num_new = tl.load(cu_ptr + seq + 1) - first_token
+            table_ptr += seq.to(tl.int64) * stride_bt
+            ctx_ptr += seq
+        else:  # one sequence: no cu_seqlens tensor (a graph-captured decoder makes none)
+            row_block = flat_block
+            first_token = 0
+            num_new = num_tokens
+
         rows = row_block * BLOCK_M + tl.arange(0, BLOCK_M)
-        token = rows // GROUP
+        token = rows // GROUP  # within the sequence
         head = kv_head * GROUP + rows % GROUP
         row_ok = token < num_new
+        token += first_token  # in q, the mask and the output
         dims = tl.arange(0, HEAD_DIM)
         q = tl.load(q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + dims[None, :],
                     mask=row_ok[:, None], other=0.0)
@@ -205,8 +237,8 @@ if triton is not None:
             tl.store(out_ptr + out_off, result.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
         else:
             lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
-            tl.store(part_ptr + split * (num_new * num_heads * HEAD_DIM) + out_off, result, mask=row_ok[:, None])
-            tl.store(lse_ptr + split * (num_new * num_heads) + token * num_heads + head, lse, mask=row_ok)
+            tl.store(part_ptr + split * (num_tokens * num_heads * HEAD_DIM) + out_off, result, mask=row_ok[:, None])
+            tl.store(lse_ptr + split * (num_tokens * num_heads) + token * num_heads + head, lse, mask=row_ok)
 
     @triton.jit(do_not_specialize=["num_rows"])
     def _merge_kernel(part_ptr, lse_ptr, out_ptr, num_rows, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
@@ -358,37 +390,72 @@ def tree_attention_triton(q, k_cache, v_cache, block_table, ctx_len, tree_mask, 
         from jetspec_trt.plugins.tree_attention import tree_attention_reference
 
         return tree_attention_reference(q, k_cache, v_cache, block_table, ctx_len, tree_mask, scale)
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    launch = launch or launch_for(q.shape[0], num_heads, k_cache.shape[2], head_dim, k_cache.shape[1], k_cache.dtype,
+                                  _sm_count(q.device))
+    return _launch(q, k_cache, v_cache, block_table, ctx_len, tree_mask, None, scale, launch)
+
+
+def batched_launch(num_tokens: int, num_seqs: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                   page_size: int, dtype: torch.dtype = torch.bfloat16, sm_count: int | None = None) -> LaunchConfig:
+    """Launch shape of a batched call from its shapes alone: the tile of the mean sequence (the lengths live on
+    the device), with its splits shared out between the sequences, whose row blocks already fill the GPU."""
+    launch = launch_for(-(-num_tokens // num_seqs), num_heads, num_kv_heads, head_dim, page_size, dtype, sm_count)
+    return dataclasses.replace(launch, splits=max(1, _pow2_floor(launch.splits // num_seqs)))
+
+
+def tree_attention_batched_triton(q, k_cache, v_cache, block_tables, ctx_lens, cu_seqlens, tree_masks, scale,
+                                  launch=None):
+    """The batched op on CUDA tensors (contract in tree_attention.py; `launch` overrides the launch shape)."""
+    if not _supported(q, k_cache, tree_masks) or v_cache.stride() != k_cache.stride():
+        from jetspec_trt.plugins.tree_attention import tree_attention_batched_reference
+
+        return tree_attention_batched_reference(q, k_cache, v_cache, block_tables, ctx_lens, cu_seqlens,
+                                                tree_masks, scale)
+    launch = launch or batched_launch(q.shape[0], block_tables.shape[0], q.shape[1], k_cache.shape[2], q.shape[2],
+                                      k_cache.shape[1], k_cache.dtype, _sm_count(q.device))
+    return _launch(q, k_cache, v_cache, block_tables, ctx_lens, tree_masks, cu_seqlens.to(torch.int32), scale,
+                   launch)
+
+
+def _launch(q, k_cache, v_cache, block_table, ctx_len, tree_mask, cu_seqlens, scale, launch):
+    """One launch of the kernel (and the merge) for one sequence (cu_seqlens None, block_table [M]) or a batch
+    (cu_seqlens [S+1], block_table [S, M]). The grid comes from shapes only."""
     out_dtype = q.dtype
     q = q.to(k_cache.dtype).contiguous()  # tl.dot wants one operand dtype; a no-op in the engine
     block_table = block_table.contiguous()  # read as table_ptr + page (a no-op for the caches' own tables)
-    num_new, num_heads, head_dim = q.shape
+    num_tokens, num_heads, head_dim = q.shape
     page, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     group = num_heads // num_kv_heads
     out = torch.empty_like(q)
-    if num_new == 0:
+    if num_tokens == 0:
         return out.to(out_dtype)
-    launch = launch or launch_for(num_new, num_heads, num_kv_heads, head_dim, page, q.dtype, _sm_count(q.device))
     assert launch.block_n % 32 == 0 and launch.splits & (launch.splits - 1) == 0, launch
-    rows = num_new * group
-    row_blocks = -(-rows // launch.block_m)
+    row_blocks = -(-num_tokens * group // launch.block_m)
+    num_seqs = 1 if cu_seqlens is None else block_table.shape[0]
+    # Each sequence's last row block may be partial: S - 1 more blocks at most than the tokens fill. Programs
+    # past the blocks the sequences need return at once.
+    row_blocks += num_seqs - 1
     if launch.splits > 1:
-        part = torch.empty(launch.splits, num_new * num_heads * head_dim, dtype=torch.float32, device=q.device)
-        lse = torch.empty(launch.splits, num_new * num_heads, dtype=torch.float32, device=q.device)
+        part = torch.empty(launch.splits, num_tokens * num_heads * head_dim, dtype=torch.float32, device=q.device)
+        lse = torch.empty(launch.splits, num_tokens * num_heads, dtype=torch.float32, device=q.device)
     else:
         part = lse = out  # not touched
     words = tree_mask.shape[1]
-    scan_w = mask_scan_width(words)
     _tree_attention_kernel[(row_blocks, num_kv_heads, launch.splits)](
         q, k_cache, v_cache, block_table, ctx_len, tree_mask, out, part, lse,
-        scale * LOG2E, num_new, num_heads, words, row_blocks,
+        ctx_len if cu_seqlens is None else cu_seqlens,  # (not read for one sequence)
+        scale * LOG2E, num_tokens, num_seqs, num_heads, words, row_blocks,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), tree_mask.stride(0),
+        block_table.stride(0) if cu_seqlens is not None else 0,
         GROUP=group, HEAD_DIM=head_dim, PAGE=page, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n,
-        SPLITS=launch.splits, SCAN_W=scan_w, IEEE=q.dtype == torch.float32,
+        SPLITS=launch.splits, SCAN_W=mask_scan_width(words), IEEE=q.dtype == torch.float32,
+        BATCHED=cu_seqlens is not None, SEQ_P2=triton.next_power_of_2(num_seqs),
         num_warps=launch.warps, num_stages=launch.stages,
     )
     if launch.splits > 1:
-        _merge_kernel[(num_new * num_heads,)](part, lse, out, num_new * num_heads, HEAD_DIM=head_dim,
-                                              SPLITS=launch.splits, num_warps=4)
+        _merge_kernel[(num_tokens * num_heads,)](part, lse, out, num_tokens * num_heads, HEAD_DIM=head_dim,
+                                                 SPLITS=launch.splits, num_warps=4)
     return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
@@ -403,5 +470,6 @@ def ensure_registered() -> bool:
     import jetspec_trt.plugins.tree_attention  # noqa: F401 - defines the op
 
     torch.library.impl("jetspec_trt::tree_attention", "CUDA")(tree_attention_triton)
+    torch.library.impl("jetspec_trt::tree_attention_batched", "CUDA")(tree_attention_batched_triton)
     _REGISTERED = True
     return True

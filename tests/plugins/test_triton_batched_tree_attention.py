@@ -1,0 +1,117 @@
+"""The batched tree-attention op: several sequences in one pool, each with its own pages, context and tree.
+
+The reference is the single-sequence reference looped over the sequences, in float64. On CUDA the registered op
+runs; on the CPU Triton's interpreter runs the kernels' launcher (a subprocess: tests/plugins/interpreter.py).
+"""
+
+import pytest
+import torch
+
+from jetspec_trt.plugins.tree_attention import (BatchedAttention, pack_mask, tree_attention_batched,
+                                                tree_attention_batched_reference, tree_attention_reference)
+from tests.plugins.interpreter import needs_triton, run_in_interpreter
+from tests.plugins.test_triton_tree_attention import INTERPRETER_SM_COUNT, poison_allocator, random_tree
+
+
+@pytest.fixture(scope="module")
+def kernel():
+    from jetspec_trt.plugins.triton_tree_attention import ensure_registered
+
+    assert ensure_registered()
+    return True
+
+
+def random_batch(lengths, hq, hkv, d, dtype, g, page):
+    """One shared pool and, per (ctx, new tokens) in `lengths`, its own shuffled pages, queries and tree."""
+    needs = [(ctx + t + page - 1) // page + 1 for ctx, t in lengths]
+    pool = sum(needs) + 2
+    k = torch.randn(pool, page, hkv, d, generator=g).to(dtype)
+    v = torch.randn(pool, page, hkv, d, generator=g).to(dtype)
+    order = torch.randperm(pool, generator=g).to(torch.int32)  # every sequence's pages out of order
+    tables = list(order[: sum(needs)].split(needs))
+    ctx_lens = [torch.tensor([ctx], dtype=torch.int32) for ctx, _ in lengths]
+    masks = [pack_mask(random_tree(t, g)) for _, t in lengths]
+    q = torch.randn(sum(t for _, t in lengths), hq, d, generator=g).to(dtype)
+    return q, k, v, tables, ctx_lens, masks
+
+
+def check_batched(device, lengths, hq, hkv, d, dtype, page=16, seed=0, launch=None):
+    """Relative error of the batched op against the per-sequence reference, for sequences (ctx, new tokens)."""
+    g = torch.Generator().manual_seed(seed)
+    q, k, v, tables, ctx_lens, masks = random_batch(lengths, hq, hkv, d, dtype, g, page)
+    batch = BatchedAttention.build(tables, ctx_lens, masks)
+    scale = d**-0.5
+    counts = [t for _, t in lengths]
+    ref = torch.cat([tree_attention_reference(q_s.double(), k.double(), v.double(), table, ctx, mask, scale)
+                     for q_s, table, ctx, mask in zip(q.split(counts), tables, ctx_lens, masks)])
+    if device == "cuda":
+        poison_allocator()
+        cuda = BatchedAttention(*[getattr(batch, f).cuda() for f in BatchedAttention.__dataclass_fields__])
+        out = tree_attention_batched(q.cuda(), k.cuda(), v.cuda(), cuda, scale)
+    else:  # the op's CPU implementation is the reference itself: call the kernels' launcher
+        from jetspec_trt.plugins.triton_tree_attention import batched_launch, tree_attention_batched_triton
+
+        launch = launch or batched_launch(q.shape[0], len(lengths), hq, hkv, d, page, dtype, INTERPRETER_SM_COUNT)
+        out = tree_attention_batched_triton(q, k, v, batch.block_tables, batch.ctx_lens, batch.cu_seqlens,
+                                            batch.tree_masks, scale, launch)
+    assert out.dtype == dtype and out.shape == q.shape
+    out = out.double().cpu()
+    assert not torch.isnan(out).any(), "unwritten or NaN outputs"
+    return ((out - ref).norm() / ref.norm()).item()
+
+
+def test_reference_is_the_single_sequence_reference_per_sequence():
+    g = torch.Generator().manual_seed(3)
+    lengths = [(0, 5), (37, 1), (100, 40), (3, 16)]
+    q, k, v, tables, ctx_lens, masks = random_batch(lengths, 8, 2, 16, torch.float32, g, 16)
+    batch = BatchedAttention.build(tables, ctx_lens, masks)
+    assert batch.tree_masks.shape == (62, 2) and batch.block_tables.shape == (4, 10)
+    out = tree_attention_batched(q, k, v, batch, 0.25)
+    singles = [tree_attention_reference(q_s, k, v, table, ctx, mask, 0.25)
+               for q_s, table, ctx, mask in zip(q.split([5, 1, 40, 16]), tables, ctx_lens, masks)]
+    assert torch.equal(out, torch.cat(singles))
+    args = (q, k, v, batch.block_tables, batch.ctx_lens, batch.cu_seqlens, batch.tree_masks, 0.25)
+    assert torch.equal(tree_attention_batched_reference(*args), out)
+
+
+# (ctx, new tokens) per sequence: contexts 0, partial tiles and several pages; 1, 5, 16 and 40 new tokens (40
+# spans two mask words); a sequence with no new tokens (its row blocks are none).
+BATCHES = [[(0, 5), (37, 1), (100, 40), (3, 16)], [(70, 1), (0, 1), (129, 1)], [(20, 40), (0, 0), (5, 16)]]
+
+
+def check_small(device):
+    """The batched kernel at shapes the interpreter runs in seconds: GQA ratios 1, 2 and 4, fp16 and fp32,
+    default launches (splits and the merge for the decode batch) and a forced one of small row blocks."""
+    from jetspec_trt.plugins.triton_tree_attention import LaunchConfig
+
+    for seed, (lengths, (hq, hkv)) in enumerate(zip(BATCHES, ((4, 2), (4, 1), (2, 2)))):
+        err = check_batched(device, lengths, hq, hkv, 32, torch.float16, seed=seed)
+        assert err < 1e-2, (lengths, hq, hkv, err)
+    err = check_batched(device, BATCHES[0], 4, 1, 32, torch.float32, seed=9)
+    assert err < 1e-5, ("fp32", err)
+    if device == "cpu":  # an explicit launch: 16-row blocks, 4 splits, 4 sequences of several row blocks each
+        err = check_batched(device, BATCHES[0], 8, 2, 32, torch.float16, seed=11,
+                            launch=LaunchConfig(16, 32, 4, 2, 4))
+        assert err < 1e-2, ("forced launch", err)
+
+
+@pytest.mark.slow
+@needs_triton
+def test_batched_kernel_in_the_triton_interpreter():
+    run_in_interpreter(check_small)
+
+
+@pytest.mark.gpu
+def test_small_cases_on_cuda(kernel):
+    check_small("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("index", range(4))
+def test_matches_reference_on_cuda(kernel, index):
+    """Engine shapes in bf16: decode batches, trees and a mixed batch, contexts up to a few thousand tokens."""
+    g = torch.Generator().manual_seed(index)
+    sizes = [[1] * 16, [64] * 8, [1, 5, 16, 40, 256, 1, 0, 7], [100] * 3]
+    lengths = [(int(torch.randint(0, 3000, (1,), generator=g)), t) for t in sizes[index]]
+    err = check_batched("cuda", lengths, 14, 2, 64, torch.bfloat16, page=64, seed=index)
+    assert err < 1e-2, (lengths, err)
