@@ -124,6 +124,15 @@ def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, 
     v_cache.view(-1, *v.shape[1:]).index_copy_(0, slots, v.to(v_cache.dtype))
 
 
+def batch_slots(caches: list[PagedKVCache], counts: list[int]) -> torch.Tensor:
+    """Flat slot ids of `counts[s]` new tokens after each cache's context, back to back: views of ONE pool
+    (they share its K/V tensors), so a single write_kv per layer stores every sequence's new K/V. Computed once
+    a step and reused by every layer."""
+    store = caches[0]
+    assert all(c.k_all is store.k_all and c.v_all is store.v_all for c in caches), "caches of different pools"
+    return torch.cat([c.slots(c.ctx_len, n) for c, n in zip(caches, counts)])
+
+
 class PagePool:
     """The pages of one cache handed out to many sequences (runtime/scheduler.py): each sequence decodes in a
     `PagedKVCache.over_pages` view of its own pages, and its pages come back when it ends."""

@@ -26,10 +26,11 @@ to refresh them once the steps since have cost the draft pass over REFRESH_SHARE
 same, so greedy tokens, and a seeded request's sampled tokens (one target draw per emitted token, tree.accept),
 are those of the fixed policy.
 
-In both passes the GEMMs see every sequence's tokens at once and the attention op (batch-1 contract,
-plugins/tree_attention.py) runs once per sequence with that sequence's block table, ctx_len and tree mask
-(`batched_layer_call`). A sequence's tokens are therefore its single-request tokens: the same tree, the same
-draws from the same per-request generator in the same order, on logits equal up to GEMM rounding.
+In both passes the GEMMs see every sequence's tokens at once, and so do the KV write and the batched attention op
+(plugins/tree_attention.py), which gives each sequence what the batch-1 op gives it with its own block table,
+ctx_len and tree mask (`batched_layer_call`). A sequence's tokens are therefore its single-request tokens: the
+same tree, the same draws from the same per-request generator in the same order, on logits equal up to GEMM
+rounding.
 
 The round loop (`run_rounds`) is a generator per request that calls decode_round whole, so it cannot interleave
 requests; the scheduler does its few lines of per-round bookkeeping itself, through the same TokenLimit and
@@ -54,9 +55,9 @@ import torch
 from jetspec_trt.devices import sync
 from jetspec_trt.errors import JetSpecError
 from jetspec_trt.models.draft import DraftHead
-from jetspec_trt.models.kv_cache import PagedKVCache, PagePool, write_kv
+from jetspec_trt.models.kv_cache import PagedKVCache, PagePool, batch_slots, write_kv
 from jetspec_trt.models.target import LayerCall, TargetModel
-from jetspec_trt.plugins.tree_attention import causal_mask, tree_attention
+from jetspec_trt.plugins.tree_attention import BatchedAttention, causal_mask, tree_attention_batched
 from jetspec_trt.runtime.backend import DecodeRequest
 from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
 from jetspec_trt.runtime.cost_model import BudgetChooser, CostModel, doubling_up_to
@@ -153,21 +154,20 @@ class Sequence:
 
 def batched_layer_call(segments: list[tuple[PagedKVCache, torch.Tensor]]) -> LayerCall:
     """A decoder layer over several sequences' new tokens, concatenated in `segments` order: (the sequence's
-    cache, the packed mask of its new tokens). The layer body (norms, projections, RoPE, MLP) runs once over all
-    tokens; the KV write and the attention run per sequence, after that sequence's committed context, as
-    target.paged_layer_call does for one."""
-    counts = [mask.shape[0] for _, mask in segments]
-    slots = [cache.slots(cache.ctx_len, n) for (cache, _), n in zip(segments, counts)]
+    cache, the packed mask of its new tokens); the caches are views of one pool. The layer body (norms,
+    projections, RoPE, MLP) runs once over all tokens, and so do the KV write (one scatter through every
+    sequence's slots) and the attention (the batched op: each sequence after its own committed context, as
+    target.paged_layer_call does for one). The slots and the op's inputs are built once here, for all layers."""
+    caches = [cache for cache, _ in segments]
+    masks = [mask for _, mask in segments]
+    slots = batch_slots(caches, [mask.shape[0] for mask in masks])
+    batch = BatchedAttention.build([c.block_table for c in caches], [c.ctx_len for c in caches], masks)
+    pool = caches[0]
 
     def call(i, layer, x, cos, sin):
         q, k, v = layer.attention_inputs(x, cos, sin)
-        outs = []
-        for (cache, mask), where, q_s, k_s, v_s in zip(segments, slots, q.split(counts), k.split(counts),
-                                                        v.split(counts)):
-            write_kv(cache.k[i], cache.v[i], where, k_s, v_s)
-            outs.append(tree_attention(q_s, cache.k[i], cache.v[i], cache.block_table, cache.ctx_len, mask,
-                                       layer.self_attn.scale))
-        return layer.finish(x, torch.cat(outs))
+        write_kv(pool.k[i], pool.v[i], slots, k, v)
+        return layer.finish(x, tree_attention_batched(q, pool.k[i], pool.v[i], batch, layer.self_attn.scale))
 
     return call
 
@@ -380,11 +380,10 @@ class Scheduler:
         caches = [d.draft_cache for d in decoders]
         pending = [d.take_pending() for d in decoders]
         counts = [f.shape[0] for f, _ in pending]
-        slots = [c.slots(c.ctx_len, n) for c, n in zip(caches, counts)]
+        slots = batch_slots(caches, counts)
         kv = self.draft.context_key_values(torch.cat([f for f, _ in pending]), torch.cat([p for _, p in pending]))
         for layer, (k, v) in enumerate(kv):
-            for cache, where, k_s, v_s in zip(caches, slots, k.split(counts), v.split(counts)):
-                cache.write(layer, where, k_s, v_s)
+            caches[0].write(layer, slots, k, v)  # every sequence's rows: the caches share the draft pool's tensors
         for cache, n in zip(caches, counts):
             cache.set_length(cache.length + n)
 

@@ -504,3 +504,32 @@ def test_cost_model_policy_configuration(pair):
         Scheduler(target, draft, runtime, SchedulerConfig(12, 2, "cost_model"))
     with pytest.raises(JetSpecError, match="budget_policy must be one of fixed, cost_model, got 'auto'"):
         Scheduler(target, draft, runtime, SchedulerConfig(12, 2, "auto"), STEEP)
+
+
+def test_one_kv_write_and_one_attention_call_per_layer_for_the_whole_batch(pair, monkeypatch):
+    """A step's passes launch the KV write and the attention once per layer whatever the batch size (the
+    per-sequence loop launched them once per layer and sequence)."""
+    import jetspec_trt.runtime.scheduler as scheduler_module
+
+    calls = collections.Counter()
+
+    def counted(name, fn):
+        def wrapper(*args, **kwargs):
+            calls[name] += 1
+            return fn(*args, **kwargs)
+
+        monkeypatch.setattr(scheduler_module, name, wrapper)
+
+    counted("write_kv", scheduler_module.write_kv)
+    counted("tree_attention_batched", scheduler_module.tree_attention_batched)
+    target, draft = pair
+    scheduler = Scheduler(target, draft, tiny_runtime(draft, TreeConfig(16, 4, 5)), SchedulerConfig(40, 3))
+    for job in JOBS[:3]:
+        scheduler.add_request(job.prompt, job.max_new, job.sampling, job.speculative, job.tree)
+    scheduler._admit({})  # prefills, one request at a time, outside the batched passes
+    assert len(scheduler.running) == 3
+    calls.clear()
+    scheduler.step()
+    # One draft pass (two sequences speculate) and one target pass over all three.
+    layers = len(target.layers) + len(draft.layers)
+    assert calls == {"write_kv": layers, "tree_attention_batched": layers}
