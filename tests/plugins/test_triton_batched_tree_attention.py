@@ -72,6 +72,8 @@ def test_reference_is_the_single_sequence_reference_per_sequence():
     assert torch.equal(out, torch.cat(singles))
     args = (q, k, v, batch.block_tables, batch.ctx_lens, batch.cu_seqlens, batch.tree_masks, 0.25)
     assert torch.equal(tree_attention_batched_reference(*args), out)
+    # Schema, fake (meta) implementation and dispatch registration, as torch.compile and export rely on them.
+    torch.library.opcheck(torch.ops.jetspec_trt.tree_attention_batched.default, args)
 
 
 # (ctx, new tokens) per sequence: contexts 0, partial tiles and several pages; 1, 5, 16 and 40 new tokens (40
@@ -115,3 +117,43 @@ def test_matches_reference_on_cuda(kernel, index):
     lengths = [(int(torch.randint(0, 3000, (1,), generator=g)), t) for t in sizes[index]]
     err = check_batched("cuda", lengths, 14, 2, 64, torch.bfloat16, page=64, seed=index)
     assert err < 1e-2, (lengths, err)
+
+
+@pytest.mark.gpu
+def test_graph_replay_follows_lengths(kernel):
+    """Captured once, replayed with other context lengths AND another split of the same tokens between the
+    sequences, written into the same device tensors: the launch depends on shapes only."""
+    g = torch.Generator().manual_seed(21)
+    hq, hkv, d, page = 14, 2, 64, 64
+    q, k, v, tables, ctx_lens, masks = random_batch([(500, 16), (3000, 1), (0, 40), (64, 7)], hq, hkv, d,
+                                                    torch.bfloat16, g, page)
+    batch = BatchedAttention.build(tables, ctx_lens, masks)
+    q, k, v = q.cuda(), k.cuda(), v.cuda()
+    live = BatchedAttention(*[getattr(batch, f).cuda() for f in BatchedAttention.__dataclass_fields__])
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm up (compiles) off the capture
+        tree_attention_batched(q, k, v, live, d**-0.5)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = tree_attention_batched(q, k, v, live, d**-0.5)
+    # The same 64 tokens split otherwise (causal masks of each new length); each context and its new tokens fit
+    # the pages random_batch gave that sequence (640, 3072, 128 and 192 slots).
+    for counts, ctxs in (([16, 1, 40, 7], [500, 3000, 0, 64]), ([1, 1, 1, 61], [600, 3000, 80, 100]),
+                         ([32, 0, 32, 0], [100, 0, 3, 0])):
+        other = BatchedAttention.build(tables, [torch.tensor([c], dtype=torch.int32) for c in ctxs],
+                                       [pack_mask(torch.ones(n, n, dtype=torch.bool).tril()) for n in counts])
+        for name in ("ctx_lens", "cu_seqlens"):
+            getattr(live, name).copy_(getattr(other, name))
+        live.tree_masks.zero_()
+        live.tree_masks[:, : other.tree_masks.shape[1]].copy_(other.tree_masks)
+        out.fill_(float("nan"))
+        graph.replay()
+        torch.cuda.synchronize()
+        ref = tree_attention_batched_reference(q.cpu().double(), k.cpu().double(), v.cpu().double(),
+                                               other.block_tables, other.ctx_lens, other.cu_seqlens,
+                                               other.tree_masks, d**-0.5)
+        got = out.cpu().double()
+        assert not torch.isnan(got).any()
+        assert ((got - ref).norm() / ref.norm()) < 1e-2, counts
