@@ -10,7 +10,8 @@ import torch
 from jetspec_trt.plugins.tree_attention import (BatchedAttention, pack_mask, tree_attention_batched,
                                                 tree_attention_batched_reference, tree_attention_reference)
 from tests.plugins.interpreter import needs_triton, run_in_interpreter
-from tests.plugins.test_triton_tree_attention import INTERPRETER_SM_COUNT, poison_allocator, random_tree
+from tests.plugins.test_triton_tree_attention import (INTERPRETER_SM_COUNT, capture, poison_allocator, random_tree,
+                                                     relative_error)
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +55,7 @@ def check_batched(device, lengths, hq, hkv, d, dtype, page=16, seed=0, launch=No
         launch = launch or batched_launch(q.shape[0], len(lengths), hq, hkv, d, page, dtype, INTERPRETER_SM_COUNT)
         out = tree_attention_batched_triton(q, k, v, batch.block_tables, batch.ctx_lens, batch.cu_seqlens,
                                             batch.tree_masks, scale, launch)
-    assert out.dtype == dtype and out.shape == q.shape
-    out = out.double().cpu()
-    assert not torch.isnan(out).any(), "unwritten or NaN outputs"
-    return ((out - ref).norm() / ref.norm()).item()
+    return relative_error(out, ref, q)
 
 
 def test_reference_is_the_single_sequence_reference_per_sequence():
@@ -130,14 +128,7 @@ def test_graph_replay_follows_lengths(kernel):
     batch = BatchedAttention.build(tables, ctx_lens, masks)
     q, k, v = q.cuda(), k.cuda(), v.cuda()
     live = BatchedAttention(*[getattr(batch, f).cuda() for f in BatchedAttention.__dataclass_fields__])
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm up (compiles) off the capture
-        tree_attention_batched(q, k, v, live, d**-0.5)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = tree_attention_batched(q, k, v, live, d**-0.5)
+    graph, out = capture(lambda: tree_attention_batched(q, k, v, live, d**-0.5))
     # The same 64 tokens split otherwise (causal masks of each new length); each context and its new tokens fit
     # the pages random_batch gave that sequence (640, 3072, 128 and 192 slots).
     for counts, ctxs in (([16, 1, 40, 7], [500, 3000, 0, 64]), ([1, 1, 1, 61], [600, 3000, 80, 100]),

@@ -73,7 +73,12 @@ def run_case(t, ctx, hq, hkv, d, dtype, g, page=64, dense=None, device="cuda", s
 
         launch = launch_for(t, hq, hkv, d, page, dtype, INTERPRETER_SM_COUNT)
         out = tree_attention_triton(q, k, v, table, ctx_len, mask, d**-0.5, launch)
-    assert out.dtype == dtype and out.shape == q.shape
+    return relative_error(out, ref, q)
+
+
+def relative_error(out, ref, q):
+    """||out - ref|| / ||ref|| of an output that must have q's dtype and shape and no NaN (unwritten) element."""
+    assert out.dtype == q.dtype and out.shape == q.shape
     out = out.double().cpu()
     assert not torch.isnan(out).any(), "unwritten or NaN outputs"
     return ((out - ref).norm() / ref.norm()).item()
@@ -193,6 +198,19 @@ def test_small_cases_on_cuda(kernel):
     check_small("cuda")
 
 
+def capture(run):
+    """A CUDA graph of run() and its output, warmed up (compiled) on a side stream first."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        run()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = run()
+    return graph, out
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("t", [1, 64])
 def test_graph_replay_follows_ctx_len(kernel, t):
@@ -205,14 +223,7 @@ def test_graph_replay_follows_ctx_len(kernel, t):
     q = torch.randn(t, hq, d, generator=g).to(torch.bfloat16).cuda()
     mask = pack_mask(random_tree(t, g)).cuda()
     ctx_len = torch.tensor([10], dtype=torch.int32, device="cuda")
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):  # warm up (compiles) off the capture
-        tree_attention(q, k, v, table, ctx_len, mask, d**-0.5)
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = tree_attention(q, k, v, table, ctx_len, mask, d**-0.5)
+    graph, out = capture(lambda: tree_attention(q, k, v, table, ctx_len, mask, d**-0.5))
     for length in (0, 3, 100, 1000, 5000 - t):
         ctx_len.fill_(length)
         out.fill_(float("nan"))
