@@ -148,3 +148,27 @@ def test_graph_replay_follows_lengths(kernel):
         got = out.cpu().double()
         assert not torch.isnan(got).any()
         assert ((got - ref).norm() / ref.norm()) < 1e-2, counts
+
+
+@needs_triton
+@pytest.mark.parametrize("batched", [False, True], ids=["one-sequence", "batched"])
+def test_kernel_compiles_for_hopper_without_a_gpu(batched):
+    """The interpreter runs Python, not Triton's compiler: compile the kernel ahead of time for sm_90 (bf16, the
+    engine's 0.5B shape) so that what only the compiler checks (the early return of spare programs, tl.cumsum,
+    types across the BATCHED branches) is caught without a GPU."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from jetspec_trt.plugins.triton_tree_attention import _tree_attention_kernel
+
+    kernel = _tree_attention_kernel
+    pointers = {"table_ptr": "*i32", "ctx_ptr": "*i32", "mask_ptr": "*i32", "cu_ptr": "*i32", "part_ptr": "*fp32",
+                "lse_ptr": "*fp32"}
+    constants = dict(GROUP=7, HEAD_DIM=64, PAGE=64, BLOCK_M=64, BLOCK_N=64, SPLITS=2, SCAN_W=1, IEEE=False,
+                     BATCHED=batched, SEQ_P2=16 if batched else 1)
+    signature = {name: "constexpr" if name in constants else pointers.get(name, "*bf16") if name.endswith("_ptr")
+                 else "fp32" if name == "qk_scale" else "i32" for name in kernel.arg_names}
+    compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
+                              options=dict(num_warps=4, num_stages=3))
+    assert compiled.asm["cubin"]
