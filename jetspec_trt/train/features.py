@@ -92,9 +92,10 @@ class FeatureStore:
         tokens = torch.tensor([t for s in sequences for t in s.ids], dtype=torch.long, device=device)
         return cls(features, final_hidden, tokens, offsets, torch.tensor(lengths, device=device))
 
-    def padded_features(self, rows: list[int]) -> torch.Tensor:
-        """[len(rows), max length, F]: the sequences' features, zero past each one's end."""
-        index, valid = self._index(rows)
+    def padded_features(self, rows: list[int], width: int | None = None) -> torch.Tensor:
+        """[len(rows), width, F]: the sequences' first `width` tokens' features (default: the longest one's
+        length), zero past each one's end."""
+        index, valid = self._index(rows, width)
         return gather(self.features, index) * valid[..., None].to(self.features.dtype)
 
     def final_hidden_rows(self, index: torch.Tensor) -> torch.Tensor:
@@ -105,9 +106,9 @@ class FeatureStore:
         """Store rows of `positions` [N, K, D] of sequences `rows`, valid entries only (boolean-mask order)."""
         return (self.offsets[rows][:, None, None] + positions)[valid]
 
-    def _index(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _index(self, rows: list[int], width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         lengths = self.lengths[rows]
-        width = int(lengths.max())
+        width = int(lengths.max()) if width is None else width
         steps = torch.arange(width, device=self.offsets.device)
         valid = steps[None, :] < lengths[:, None]
         index = self.offsets[rows][:, None] + torch.minimum(steps[None, :], lengths[:, None] - 1)

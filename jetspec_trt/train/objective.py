@@ -31,13 +31,18 @@ from jetspec_trt.models.target import TargetModel
 
 @dataclass
 class BlockBatch:
-    """N sequences' context features and K anchors each (padding anchors have valid False)."""
+    """N attention rows of K anchors each over U sequences' context features (padding anchors have valid False).
 
-    features: torch.Tensor  # [N, L, F] fused target features, zero past each sequence's end
-    lengths: torch.Tensor  # [N] long, tokens per sequence
+    Trainer.step_rows splits a sequence's anchors over several rows; the sequence's features are stored once
+    and `row_sequence` names each row's sequence, so its context K/V are projected once, not once per row.
+    """
+
+    features: torch.Tensor  # [U, L, F] fused target features, zero past each sequence's end
+    lengths: torch.Tensor  # [U] long, tokens per sequence
     anchors: torch.Tensor  # [N, K] long, absolute anchor positions (0 for padding)
     anchor_tokens: torch.Tensor  # [N, K] long, the token at each anchor
     anchor_valid: torch.Tensor  # [N, K] bool
+    row_sequence: torch.Tensor | None = None  # [N] long, each row's sequence in `features` (None: row i is i)
 
 
 def sample_anchors(prompt_len: int, length: int, count: int, generator: torch.Generator) -> list[int]:
@@ -92,16 +97,20 @@ def block_hidden(head: DraftHead, target: TargetModel, batch: BlockBatch) -> tor
     """The head's normed hidden states [N, K, B, H] of every sampled block, in one pass."""
     spec = head.spec
     block_size = spec.block_size
-    n, length, _ = batch.features.shape
-    k = batch.anchors.shape[1]
+    num_seqs, length, _ = batch.features.shape
+    n, k = batch.anchors.shape
     rows = k * block_size
     dtype = head.fc.weight.dtype
     device = batch.features.device
 
     # Context K/V, layer by layer, through DraftHead.write_context's own path (the features projected once, then
-    # each layer's k/v projections), every sequence's context at positions 0..L-1.
-    context_kv = head.context_key_values(batch.features.to(dtype).reshape(n * length, -1),
-                                         torch.arange(length, device=device).repeat(n))
+    # each layer's k/v projections), once per sequence at positions 0..L-1; each row then takes its sequence's.
+    context_kv = head.context_key_values(batch.features.to(dtype).reshape(num_seqs * length, -1),
+                                         torch.arange(length, device=device).repeat(num_seqs))
+
+    def per_row(t: torch.Tensor) -> torch.Tensor:  # [U*L, Hkv, D] -> [N, L, Hkv, D]
+        t = t.view(num_seqs, length, *t.shape[1:])
+        return t if batch.row_sequence is None else t.index_select(0, batch.row_sequence)
 
     tokens, positions = block_tokens(batch, block_size, spec.mask_token_id)
     x = target.embed_tokens(tokens.reshape(-1)).to(dtype)  # [N*K*B, H]
@@ -112,9 +121,8 @@ def block_hidden(head: DraftHead, target: TargetModel, batch: BlockBatch) -> tor
         attn = layer.self_attn
         group = attn.num_heads // attn.num_kv_heads
         q, k_blk, v_blk = layer.attention_inputs(x, cos_b, sin_b)  # the serving layer's own body around attention
-        keys = torch.cat([k_ctx.view(n, length, *k_ctx.shape[1:]), k_blk.view(n, rows, *k_blk.shape[1:])], dim=1)
-        values = torch.cat([v_ctx.view(n, length, *v_ctx.shape[1:]), v_blk.view(n, rows, *v_blk.shape[1:])],
-                           dim=1)
+        keys = torch.cat([per_row(k_ctx), k_blk.view(n, rows, *k_blk.shape[1:])], dim=1)
+        values = torch.cat([per_row(v_ctx), v_blk.view(n, rows, *v_blk.shape[1:])], dim=1)
         q = q.view(n, rows, *q.shape[1:]).transpose(1, 2)  # [N, Hq, K*B, D]
         # GQA by repeating K/V heads: the fused SDPA kernels that take an arbitrary mask want equal heads.
         keys = keys.transpose(1, 2).repeat_interleave(group, dim=1).to(q.dtype)

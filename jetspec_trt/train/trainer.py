@@ -292,11 +292,13 @@ class Trainer:
         block, group = self.head.spec.block_size, self.cfg.anchor_group
         picked = [sample_anchors(len(self.sequences[r].prompt_ids), len(self.sequences[r]), anchors_per_seq,
                                  generator) for r in rows]
-        # Each group of `group` anchors of a sequence is its own batch row (the sequence's context repeated): a
-        # block row attends [context; its row's blocks] densely, so the masked-out block keys cost
-        # group * block_size per query instead of anchors_per_seq * block_size.
-        split = [(r, a[i : i + group]) for r, a in zip(rows, picked) for i in range(0, max(1, len(a)), group)]
-        rows, anchors = [r for r, _ in split], [a for _, a in split]
+        # Each group of `group` anchors of a sequence is its own batch row: a block row attends [context; its
+        # row's blocks] densely, so the masked-out block keys cost group * block_size per query instead of
+        # anchors_per_seq * block_size. The rows of a sequence share its context (BlockBatch.row_sequence).
+        split = [(i, a[j : j + group]) for i, a in enumerate(picked) for j in range(0, max(1, len(a)), group)]
+        row_sequence, anchors = [i for i, _ in split], [a for _, a in split]
+        seq_rows = rows  # the step's sequences (indices into self.sequences), one features row each
+        rows = [seq_rows[i] for i in row_sequence]  # each batch row's sequence
         seqs = [self.sequences[r] for r in rows]
         n, k = len(seqs), max(1, max(len(a) for a in anchors))
         anchor_t = torch.zeros(n, k, dtype=torch.long)
@@ -316,7 +318,11 @@ class Trainer:
         teacher_pos = anchor_t[:, :, None] + torch.arange(block - 1, device=self.device)
         teacher_rows = store.flat_index(rows, teacher_pos, valid)
         depth = torch.arange(block - 1, device=self.device).expand(valid.shape)[valid]
-        batch = BlockBatch(store.padded_features(rows), lengths, anchor_t, anchor_tokens, anchor_valid)
+        # The padded width from the host's lengths: the store would read it back from the device (a sync).
+        # (Stopping at the largest anchor instead would save 2+ keys a row and move the loss by ~1 ulp.)
+        width = max(len(self.sequences[r]) for r in seq_rows)
+        batch = BlockBatch(store.padded_features(seq_rows, width), store.lengths[seq_rows], anchor_t,
+                           anchor_tokens, anchor_valid, torch.tensor(row_sequence, device=self.device))
         teacher = None if store.final_hidden is None else store.final_hidden_rows(teacher_rows)
         return StepRows(batch, valid, depth, store.tokens[teacher_rows + 1], teacher)
 

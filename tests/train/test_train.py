@@ -116,6 +116,43 @@ def test_training_forward_matches_inference(tiny, trained, which):
                 assert diff < 1e-4, f"{which}: sequence {row} anchor {int(anchors[row, k])}: max |diff| {diff}"
 
 
+def test_shared_context_rows_equal_repeated_context(tiny):
+    """Rows of one sequence share its context K/V (BlockBatch.row_sequence): the loss and the head's gradients
+    equal those of every row carrying its own copy of the context (fp32; the gradients differ only in the order
+    the rows' contributions are summed)."""
+    target = load_target(tiny / "target")
+    draft = load_draft(tiny / "draft")
+    gen = torch.Generator().manual_seed(2)
+    seqs = [torch.randint(0, 256, (n,), generator=gen) for n in (50, 37)]
+    store = FeatureStore.build(target, [TrainSequence(s[:1].tolist(), s[1:].tolist()) for s in seqs],
+                               draft.spec.target_layer_ids, progress=False)
+    tokens = torch.stack([torch.cat([s, s.new_zeros(50 - len(s))]) for s in seqs])
+    row_sequence = torch.tensor([0, 0, 1, 1])  # two rows per sequence, as step_rows splits anchor groups
+    anchors = torch.tensor([[1, 9], [24, 40], [5, 20], [30, 0]])
+    valid = torch.tensor([[True, True], [True, True], [True, True], [True, False]])
+    anchor_tokens = tokens[row_sequence].gather(1, anchors)
+    labels = torch.randint(0, target.config.vocab_size, (int(valid.sum()), draft.spec.block_size - 1), generator=gen)
+    full = store.padded_features([0, 1])
+    shared = BlockBatch(full, store.lengths, anchors, anchor_tokens, valid, row_sequence)
+    repeated = BlockBatch(full[row_sequence], store.lengths[row_sequence], anchors, anchor_tokens, valid)
+
+    def loss_and_grads(batch):
+        draft.zero_grad(set_to_none=True)
+        logits = depth_logits(draft, target, batch)[valid]
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        loss.backward()
+        return loss.detach(), {name: p.grad.clone() for name, p in draft.named_parameters()}
+
+    with torch.enable_grad():
+        for param in draft.parameters():
+            param.requires_grad_(True)
+        loss_shared, grads_shared = loss_and_grads(shared)
+        loss_repeated, grads_repeated = loss_and_grads(repeated)
+    assert (loss_shared - loss_repeated).abs().item() <= 1e-6
+    for name, grad in grads_repeated.items():
+        assert (grads_shared[name] - grad).abs().max().item() <= 1e-6, name
+
+
 # ------------------------------------------------------------------------------------------- a short training run
 
 
