@@ -87,13 +87,17 @@ import click
 @click.option("--resume", is_flag=True, help="Continue from the latest checkpoint in OUTPUT/checkpoints.")
 @click.option("--overwrite", is_flag=True, help="Discard an earlier run's checkpoints and start over.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--profile-steps", type=int, default=0, show_default=True,
+              help="Trace N training steps (after 2 untraced warm-up steps; all of them train) under torch.profiler: "
+                   "OUTPUT/profile_steps.json and a table in the log give step time, per-phase time, top kernels.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train_command(target_dir, output_dir, source, num_prompts, prompt_offset, max_new_tokens, gen_temperature,
                   gen_batch_size, gen_prefill_tokens, gen_attention, max_seq_len, steps, batch_size, lr, warmup_steps,
                   weight_decay, grad_clip, block_size, num_layers, intermediate_size, num_kv_heads, target_layer_ids,
                   mask_token_id, loss_kind, loss_gamma, loss_backend, temperature, anchors_per_seq, anchor_group,
                   feature_store, depth_sampling, eval_every, heldout, warm_start, init_head, gen_time_budget_s, device,
-                  dtype, save_every, max_time_s, time_budget_s, wall_budget_s, resume, overwrite, seed, quiet):
+                  dtype, save_every, max_time_s, time_budget_s, wall_budget_s, resume, overwrite, seed, profile_steps,
+                  quiet):
     """Train a draft head for TARGET on the target's own responses; write it in the published layout."""
     from jetspec_trt.train.data import DataConfig
     from jetspec_trt.train.loss import LossConfig
@@ -111,7 +115,8 @@ def train_command(target_dir, output_dir, source, num_prompts, prompt_offset, ma
         depth_sampling=depth_sampling,
         eval_every=eval_every, heldout=heldout, warm_start=warm_start, init_head=init_head,
         device=device, dtype=dtype, save_every=save_every, resume=resume, overwrite=overwrite, max_time_s=max_time_s,
-        time_budget_s=time_budget_s, wall_budget_s=wall_budget_s, seed=seed, progress=not quiet,
+        time_budget_s=time_budget_s, wall_budget_s=wall_budget_s, seed=seed, profile_steps=profile_steps,
+        progress=not quiet,
     )
     result = train(cfg)
     if steps == 0:

@@ -9,6 +9,7 @@ Output directory:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -34,6 +35,7 @@ from jetspec_trt.train.head import (choose_mask_token, freeze, init_head_shape, 
                                     parse_layer_ids, rope_theta, warm_start_from_target)
 from jetspec_trt.train.loss import LossConfig, chunked_argmax, depth_weights, head_loss, resolve_backend
 from jetspec_trt.train.objective import BlockBatch, block_hidden, depth_valid, sample_anchors
+from jetspec_trt.train.profile import PROFILE_FILE, PhaseTimer, StepProfiler
 
 CHECKPOINT_DIR = "checkpoints"
 CARD = "training_card.json"
@@ -116,6 +118,9 @@ class TrainConfig:
     feature_store: str = "auto"
     seed: int = 0
     progress: bool = True
+    # Trace this many training steps (after train/profile.py's untraced warm-up steps; all of them train as usual)
+    # under torch.profiler and write OUTPUT/profile_steps.json: step time, per-phase time, the top kernels.
+    profile_steps: int = 0
 
     def validate(self) -> None:
         checks = [
@@ -125,6 +130,7 @@ class TrainConfig:
             (self.anchors_per_seq >= 1, f"--anchors-per-seq must be >= 1, got {self.anchors_per_seq}"),
             (self.save_every >= 1, f"--save-every must be >= 1, got {self.save_every}"),
             (self.eval_every >= 0, f"--eval-every must be >= 0, got {self.eval_every}"),
+            (self.profile_steps >= 0, f"--profile-steps must be >= 0, got {self.profile_steps}"),
             (self.intermediate_size is None or self.intermediate_size >= 1,
              f"--intermediate-size must be >= 1, got {self.intermediate_size}"),
             (self.num_kv_heads is None or self.num_kv_heads >= 1,
@@ -269,6 +275,7 @@ class Trainer:
         self.elapsed_s = 0.0
         self.proxy_before: dict | None = None
         self.resumed_from: list[int] = []
+        self.phase_timer: PhaseTimer | None = None  # set while a StepProfiler times the step's phases
 
     # -- data order and batches
 
@@ -332,21 +339,38 @@ class Trainer:
 
     # -- one optimisation step
 
+    @contextlib.contextmanager
+    def phase(self, name: str):
+        """A named part of train_step: a profiler range (cheap when no profiler runs), timed while profiling."""
+        with torch.profiler.record_function(name):
+            if self.phase_timer is None:
+                yield
+            else:
+                with self.phase_timer.time(name):
+                    yield
+
     def train_step(self) -> float:
         sampled = self.cfg.depth_sampling
-        rows = self.step_rows(self.next_indices(), self.cfg.anchors_per_seq, self.generator, sampled)
+        with self.phase("rows"):
+            rows = self.step_rows(self.next_indices(), self.cfg.anchors_per_seq, self.generator, sampled)
         weights = torch.ones_like(self.depth_weights) if sampled else self.depth_weights
         with self._autocast():
-            loss = head_loss(self.head_hidden(rows), self.target.lm_head.weight, rows.depth, weights,
-                             rows.labels, rows.teacher_hidden, self.cfg.loss, self.loss_backend)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(self.head.parameters(), self.cfg.grad_clip)
-        self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            with self.phase("head_forward"):
+                hidden = self.head_hidden(rows)
+            with self.phase("loss"):
+                loss = head_loss(hidden, self.target.lm_head.weight, rows.depth, weights, rows.labels,
+                                 rows.teacher_hidden, self.cfg.loss, self.loss_backend)
+        with self.phase("backward"):
+            loss.backward()
+        with self.phase("optimizer"):
+            torch.nn.utils.clip_grad_norm_(self.head.parameters(), self.cfg.grad_clip)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.positions += int(rows.depth.shape[0])
-        value = loss.detach().item()
+        with self.phase("loss_item"):  # the host waits here for the step's device work
+            value = loss.detach().item()
         self.losses.append(value)
         return value
 
@@ -515,17 +539,22 @@ def train(cfg: TrainConfig) -> TrainResult:
     trainer.setup_s = time.perf_counter() - run_start  # everything before the first step (the card shows it)
     if cfg.wall_budget_s is not None:
         trainer.cfg = cfg = fit_wall_budget(cfg, trainer.setup_s, trainer.elapsed_s)
-    finished = run_loop(trainer, ckpt_dir)
+    profile = out / PROFILE_FILE if cfg.profile_steps else None
+    finished = run_loop(trainer, ckpt_dir, profile)
     card = {"data": data_card}
     if finished:
         card = write_outputs(trainer, out, tokenizer, tcfg, dtype, data_card, copied, reshaped)
     return TrainResult(out, trainer.step, finished, card)
 
 
-def run_loop(trainer: Trainer, ckpt_dir: Path) -> bool:
+def run_loop(trainer: Trainer, ckpt_dir: Path, profile_path: Path | None = None) -> bool:
     """Train until the planned step count; False when max_time_s stopped it first (a checkpoint is written
-    either way)."""
+    either way). With `profile_path`, the first steps are profiled into it (train/profile.py)."""
     cfg = trainer.cfg
+    profiler = None
+    if profile_path is not None and cfg.profile_steps:
+        profiler = StepProfiler(cfg.profile_steps, trainer.device, profile_path, trainer.step)
+        trainer.phase_timer = profiler.timer
     bar = tqdm(total=trainer.total_steps, initial=trainer.step, desc="training draft head", unit="step",
                disable=not cfg.progress)
     started = time.perf_counter()
@@ -533,7 +562,13 @@ def run_loop(trainer: Trainer, ckpt_dir: Path) -> bool:
     smoothed = None
     marks: dict[int, float] = {}  # step -> elapsed_s, in this process only: a resumed run plans from its own pace
     while trainer.step < trainer.total_steps:
+        if profiler is not None:
+            profiler.begin()
         loss = trainer.train_step()
+        if profiler is not None:
+            profiler.end()
+            if profiler.done:
+                profiler, trainer.phase_timer = None, None
         smoothed = loss if smoothed is None else 0.9 * smoothed + 0.1 * loss
         trainer.elapsed_s = base + time.perf_counter() - started
         if cfg.time_budget_s is not None:
@@ -557,10 +592,12 @@ def run_loop(trainer: Trainer, ckpt_dir: Path) -> bool:
         if trainer.step % cfg.save_every == 0 or trainer.step == trainer.total_steps or out_of_time:
             save_checkpoint(ckpt_dir, trainer.payload(), cfg.keep_checkpoints)
         if out_of_time and trainer.step < trainer.total_steps:
-            bar.close()
-            return False
+            break
     bar.close()
-    return True
+    if profiler is not None:  # the run ended inside the profiled window: report the steps it had
+        profiler.finish()
+        trainer.phase_timer = None
+    return trainer.step >= trainer.total_steps
 
 
 def fit_wall_budget(cfg: TrainConfig, setup_s: float, elapsed_s: float) -> TrainConfig:

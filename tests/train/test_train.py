@@ -492,6 +492,24 @@ def test_anchor_groups_change_cost_not_result(tiny, trained, tmp_path, capsys):
     assert grouped["loss"] == pytest.approx(whole["loss"], abs=2e-4)
 
 
+def test_profile_steps_writes_the_report_and_trains_as_usual(tiny, trained, tmp_path, capsys):
+    """--profile-steps 2: two warm-up steps, two traced ones, a report with every phase and the top ops; the run
+    still trains its 5 steps and writes its head."""
+    out = tmp_path / "profiled"
+    shutil.copytree(trained / "data", out / "data")
+    code, stdout, err = invoke(train_args(tiny, out, "--steps", "5", "--profile-steps", "2"), capsys)
+    assert code == 0, err
+    report = json.loads((out / "profile_steps.json").read_text())
+    assert report["steps_profiled"] == 2 and len(report["step_s"]) == 2 and len(report["warmup_step_s"]) == 2
+    assert report["first_step"] == 3 and report["top_ops_by"] == "self CPU time"
+    assert [p["name"] for p in report["phases"]] == ["rows", "head_forward", "loss", "backward", "optimizer",
+                                                     "loss_item"]
+    assert all(p["s_per_step"] > 0 for p in report["phases"]) and 0 < report["mean_step_s"]
+    assert 10 <= len(report["top_ops"]) <= 25 and all(op["self_cpu_ms_per_step"] >= 0 for op in report["top_ops"])
+    assert "profiled 2 training steps" in stdout + err and "head_forward" in stdout + err  # the log's table
+    assert json.loads((out / "training_card.json").read_text())["training"]["steps"] == 5
+
+
 def test_kl_objective_trains_from_the_stored_final_hidden(tiny, trained, tmp_path, capsys):
     out = tmp_path / "kl"
     shutil.copytree(trained / "data", out / "data")
