@@ -16,7 +16,7 @@ them on the GPU only while they take at most DEVICE_SHARE of its free memory.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm import tqdm
@@ -38,9 +38,22 @@ def store_on_host(where: str, need_bytes: int, device: torch.device) -> bool:
     return need_bytes > DEVICE_SHARE * free
 
 
-def gather(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """table[index] on index's device, wherever the table lives (a host table is gathered there, then copied)."""
-    return table[index.to(table.device)].to(index.device, non_blocking=True)
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """t on `device`. A host tensor bound for a GPU goes through pinned memory without blocking: a plain .to()
+    from pageable memory makes the host wait until the device has run everything queued before it."""
+    device = torch.device(device)
+    if t.device.type == "cpu" and device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def gather(table: torch.Tensor, index: torch.Tensor, device: torch.device | str | None = None) -> torch.Tensor:
+    """table[index] on `device` (default: index's), wherever the table and the index live (a host table is
+    gathered on the host, then copied)."""
+    device = index.device if device is None else torch.device(device)
+    if table.device.type == "cpu":
+        return table[index.cpu()].to(device, non_blocking=True)
+    return table[to_device(index, table.device)]
 
 
 @dataclass
@@ -50,6 +63,12 @@ class FeatureStore:
     tokens: torch.Tensor  # [total_tokens] long: the sequences' token ids (labels of the cross-entropy loss)
     offsets: torch.Tensor  # [num_sequences] long, first row of each sequence (on the store's device)
     lengths: torch.Tensor  # [num_sequences] long
+    # Host copies of offsets and lengths: a step builds its indices on the host, without reading the device.
+    host_offsets: torch.Tensor = field(init=False)
+    host_lengths: torch.Tensor = field(init=False)
+
+    def __post_init__(self):
+        self.host_offsets, self.host_lengths = self.offsets.cpu(), self.lengths.cpu()
 
     @classmethod
     @torch.no_grad()
@@ -96,22 +115,25 @@ class FeatureStore:
         """[len(rows), width, F]: the sequences' first `width` tokens' features (default: the longest one's
         length), zero past each one's end."""
         index, valid = self._index(rows, width)
-        return gather(self.features, index) * valid[..., None].to(self.features.dtype)
+        device = self.tokens.device
+        return gather(self.features, index, device) * to_device(valid, device)[..., None].to(self.features.dtype)
 
     def final_hidden_rows(self, index: torch.Tensor) -> torch.Tensor:
-        """The final hidden states of store rows `index`, on index's device."""
-        return gather(self.final_hidden, index)
+        """The final hidden states of store rows `index` (on the host or the device), on the store's device."""
+        return gather(self.final_hidden, index, self.tokens.device)
 
     def flat_index(self, rows: list[int], positions: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         """Store rows of `positions` [N, K, D] of sequences `rows`, valid entries only (boolean-mask order)."""
         return (self.offsets[rows][:, None, None] + positions)[valid]
 
     def _index(self, rows: list[int], width: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        lengths = self.lengths[rows]
+        """Store rows [len(rows), width] of the sequences' first `width` tokens (the last one repeated past a
+        sequence's end) and which are real; on the host."""
+        lengths = self.host_lengths[rows]
         width = int(lengths.max()) if width is None else width
-        steps = torch.arange(width, device=self.offsets.device)
+        steps = torch.arange(width)
         valid = steps[None, :] < lengths[:, None]
-        index = self.offsets[rows][:, None] + torch.minimum(steps[None, :], lengths[:, None] - 1)
+        index = self.host_offsets[rows][:, None] + torch.minimum(steps[None, :], lengths[:, None] - 1)
         return index, valid
 
 

@@ -92,12 +92,14 @@ def _rows_loss(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
 
 def head_loss(hidden: torch.Tensor, lm_weight: torch.Tensor, depth: torch.Tensor, weights: torch.Tensor,
               labels: torch.Tensor, teacher_hidden: torch.Tensor | None, cfg: LossConfig,
-              backend: str = "torch") -> torch.Tensor:
+              backend: str = "torch", equal_weights: bool | None = None) -> torch.Tensor:
     """Weighted mean loss over rows: sum_r w[depth_r] * loss_r / sum_r w[depth_r].
 
     hidden [R, H] (the head's normed hidden states, rows of any depth order), lm_weight [V, H] (frozen),
     depth [R] long (0-based), weights [D] (depth_weights), labels [R] long (ce: the token to predict),
     teacher_hidden [R, H] (kl: the target's final normed hidden state at the teacher position) or None.
+    equal_weights: whether all `weights` are equal, where the caller knows (None: read from `weights`, which on
+    a GPU makes the host wait for the device); only the liger backend asks.
     """
     if hidden.shape[0] == 0:
         return hidden.sum() * 0.0
@@ -109,7 +111,7 @@ def head_loss(hidden: torch.Tensor, lm_weight: torch.Tensor, depth: torch.Tensor
         raise ValueError("kl loss needs teacher_hidden")
     hidden = hidden.to(lm_weight.dtype)
     if backend == "liger" and not kl:
-        return _liger_ce(hidden, lm_weight, depth, weights, labels) / total_weight
+        return _liger_ce(hidden, lm_weight, depth, weights, labels, equal_weights) / total_weight
     total = hidden.new_zeros((), dtype=torch.float32)
     for start in range(0, hidden.shape[0], cfg.chunk_rows):
         rows = slice(start, start + cfg.chunk_rows)
@@ -120,7 +122,7 @@ def head_loss(hidden: torch.Tensor, lm_weight: torch.Tensor, depth: torch.Tensor
     return total / total_weight
 
 
-def _liger_ce(hidden, lm_weight, depth, weights, labels) -> torch.Tensor:
+def _liger_ce(hidden, lm_weight, depth, weights, labels, equal_weights: bool | None = None) -> torch.Tensor:
     """sum_k w_k * (sum of CE over depth-k rows), one liger call per depth (reduction "sum": the input gradient
     is made in the forward, scaled by w_k in backward)."""
     from liger_kernel.ops.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyFunction
@@ -129,7 +131,9 @@ def _liger_ce(hidden, lm_weight, depth, weights, labels) -> torch.Tensor:
         out = LigerFusedLinearCrossEntropyFunction.apply(h, lm_weight, y, None, None, -100, 0.0, 0.0, "sum")
         return (out[0] if isinstance(out, tuple) else out).float()
 
-    if bool((weights == weights[0]).all()):  # equal weights (depth sampling, or gamma None): one call
+    if equal_weights is None:
+        equal_weights = bool((weights == weights[0]).all())
+    if equal_weights:  # equal weights (depth sampling, or gamma None): one call
         return weights[0] * summed(hidden, labels)
     total = hidden.new_zeros((), dtype=torch.float32)
     for k in range(weights.shape[0]):

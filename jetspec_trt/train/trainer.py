@@ -30,7 +30,7 @@ from jetspec_trt.models.config import DecoderConfig, load_hf_config
 from jetspec_trt.models.draft import DraftHead
 from jetspec_trt.models.target import TargetModel
 from jetspec_trt.train.data import DataConfig, TrainSequence, generate_responses, generation_stats, split_heldout
-from jetspec_trt.train.features import FEATURE_STORES, FeatureStore
+from jetspec_trt.train.features import FEATURE_STORES, FeatureStore, to_device
 from jetspec_trt.train.head import (choose_mask_token, freeze, init_head_shape, load_head_weights, new_head,
                                     parse_layer_ids, rope_theta, warm_start_from_target)
 from jetspec_trt.train.loss import LossConfig, chunked_argmax, depth_weights, head_loss, resolve_backend
@@ -233,6 +233,7 @@ class StepRows:
     depth: torch.Tensor  # [R] long, 0-based depth of each row
     labels: torch.Tensor  # [R] long, the token each row predicts
     teacher_hidden: torch.Tensor | None  # [R, H] the target's final normed hidden state there (KL loss only)
+    hidden_index: torch.Tensor  # [R] long, each row's position in block_hidden's output flattened to [N*K*B, H]
 
 
 class Trainer:
@@ -260,7 +261,10 @@ class Trainer:
                    f"{self.features_s:.1f} s (store on {self.store.features.device})")
         self.autocast = device.startswith("cuda") and target.embed_tokens.weight.dtype != torch.float32
         self.loss_backend = resolve_backend(cfg.loss, device)
-        self.depth_weights = depth_weights(head.spec.block_size - 1, cfg.loss.decay_gamma).to(device)
+        # A host copy for the step's depth sampling (built on the host) and the loss's equal-weights check.
+        self.host_depth_weights = depth_weights(head.spec.block_size - 1, cfg.loss.decay_gamma)
+        self.depth_weights = self.host_depth_weights.to(device)
+        self.unit_weights = torch.ones_like(self.depth_weights)  # the loss's weights under depth sampling
         self.optimizer = torch.optim.AdamW(head.parameters(), lr=cfg.lr, betas=BETAS,
                                            weight_decay=cfg.weight_decay)
         self.total_steps = cfg.steps  # lowered by plan_steps() under a time budget
@@ -306,36 +310,40 @@ class Trainer:
         row_sequence, anchors = [i for i, _ in split], [a for _, a in split]
         seq_rows = rows  # the step's sequences (indices into self.sequences), one features row each
         rows = [seq_rows[i] for i in row_sequence]  # each batch row's sequence
-        seqs = [self.sequences[r] for r in rows]
-        n, k = len(seqs), max(1, max(len(a) for a in anchors))
+        n, k = len(rows), max(1, max(len(a) for a in anchors))
+        # Every index is built here on the host, where the lengths and the sampled anchors are, then copied to the
+        # device without blocking (features.to_device): a device step then never waits for the device before
+        # queueing its forward, as a pageable copy, a read-back or a boolean-mask index on the device would make
+        # it. The same values (and the same generator draws) as building them on the device.
         anchor_t = torch.zeros(n, k, dtype=torch.long)
         anchor_valid = torch.zeros(n, k, dtype=torch.bool)
         for row, picks in enumerate(anchors):
             anchor_t[row, : len(picks)] = torch.tensor(picks, dtype=torch.long)
             anchor_valid[row, : len(picks)] = True
-        lengths = torch.tensor([len(s) for s in seqs], device=self.device)
-        anchor_t, anchor_valid = anchor_t.to(self.device), anchor_valid.to(self.device)
         store = self.store
-        anchor_tokens = store.tokens[store.offsets[rows][:, None] + anchor_t]
-        valid = depth_valid(anchor_t, anchor_valid, lengths, block)
+        offsets = store.host_offsets[rows]
+        valid = depth_valid(anchor_t, anchor_valid, store.host_lengths[rows], block)
         if sample_depths:
-            keep = torch.rand(valid.shape, generator=generator) < self.depth_weights.cpu()
-            valid = valid & keep.to(self.device)
+            valid = valid & (torch.rand(valid.shape, generator=generator) < self.host_depth_weights)
         # depth i (1-based) of anchor a: the teacher is the target at position a+i-1, the label the token a+i
-        teacher_pos = anchor_t[:, :, None] + torch.arange(block - 1, device=self.device)
-        teacher_rows = store.flat_index(rows, teacher_pos, valid)
-        depth = torch.arange(block - 1, device=self.device).expand(valid.shape)[valid]
-        # The padded width from the host's lengths: the store would read it back from the device (a sync).
-        # (Stopping at the largest anchor instead would save 2+ keys a row and move the loss by ~1 ulp.)
+        teacher_rows = (offsets[:, None, None] + anchor_t[:, :, None] + torch.arange(block - 1))[valid]
+        depth = torch.arange(block - 1).expand(valid.shape)[valid]
+        # the supervised rows of block_hidden's [N*K*B, H] output (block position 0 is the anchor's), in valid's order
+        hidden_index = torch.cat([valid.new_zeros(n, k, 1), valid], dim=-1).flatten().nonzero().squeeze(1)
         width = max(len(self.sequences[r]) for r in seq_rows)
-        batch = BlockBatch(store.padded_features(seq_rows, width), store.lengths[seq_rows], anchor_t,
-                           anchor_tokens, anchor_valid, torch.tensor(row_sequence, device=self.device))
+        device = self.device
+        teacher_rows_d = to_device(teacher_rows, device)
+        batch = BlockBatch(store.padded_features(seq_rows, width), to_device(store.host_lengths[seq_rows], device),
+                           to_device(anchor_t, device), store.tokens[to_device(offsets[:, None] + anchor_t, device)],
+                           to_device(anchor_valid, device), to_device(torch.tensor(row_sequence), device))
         teacher = None if store.final_hidden is None else store.final_hidden_rows(teacher_rows)
-        return StepRows(batch, valid, depth, store.tokens[teacher_rows + 1], teacher)
+        return StepRows(batch, to_device(valid, device), to_device(depth, device), store.tokens[teacher_rows_d + 1],
+                        teacher, to_device(hidden_index, device))
 
     def head_hidden(self, rows: StepRows) -> torch.Tensor:
         """[R, H] the head's normed hidden states at every valid (anchor, depth)."""
-        return block_hidden(self.head, self.target, rows.batch)[:, :, 1:][rows.valid]
+        hidden = block_hidden(self.head, self.target, rows.batch)
+        return hidden.reshape(-1, hidden.shape[-1]).index_select(0, rows.hidden_index)
 
     # -- one optimisation step
 
@@ -353,13 +361,15 @@ class Trainer:
         sampled = self.cfg.depth_sampling
         with self.phase("rows"):
             rows = self.step_rows(self.next_indices(), self.cfg.anchors_per_seq, self.generator, sampled)
-        weights = torch.ones_like(self.depth_weights) if sampled else self.depth_weights
+        weights = self.unit_weights if sampled else self.depth_weights
+        # (the liger loss asks whether all weights are equal: answered from the host copy, not read back)
+        equal_weights = sampled or bool((self.host_depth_weights == self.host_depth_weights[0]).all())
         with self._autocast():
             with self.phase("head_forward"):
                 hidden = self.head_hidden(rows)
             with self.phase("loss"):
                 loss = head_loss(hidden, self.target.lm_head.weight, rows.depth, weights, rows.labels,
-                                 rows.teacher_hidden, self.cfg.loss, self.loss_backend)
+                                 rows.teacher_hidden, self.cfg.loss, self.loss_backend, equal_weights)
         with self.phase("backward"):
             loss.backward()
         with self.phase("optimizer"):

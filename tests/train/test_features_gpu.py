@@ -64,3 +64,27 @@ def test_feature_pass_loads_the_kernel_itself():
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "registered True" in out.stdout
+
+
+@pytest.mark.parametrize("where", ["device", "host"])
+def test_step_rows_never_waits_for_the_device(where):
+    """A step's indices are built on the host and copied without blocking: under CUDA's sync debug mode "error",
+    step_rows (anchors, depth sampling, features, labels, row indices) makes the host wait for nothing."""
+    from jetspec_trt.train.head import new_head
+    from jetspec_trt.train.trainer import Trainer, TrainConfig
+
+    target, _, _ = random_models("tiny", "cuda", torch.bfloat16)
+    gen = torch.Generator().manual_seed(0)
+    seqs = [TrainSequence(s[:3].tolist(), s[3:].tolist())
+            for s in (torch.randint(0, 256, (n,), generator=gen) for n in (40, 70, 25))]
+    head = new_head(target, 1, 8, (0,), 255, gen).cuda().train()
+    cfg = TrainConfig("t", "o", batch_size=3, block_size=8, anchors_per_seq=16, anchor_group=4, heldout=0,
+                      feature_store=where, progress=False)
+    trainer = Trainer(cfg, target, head, seqs, [], gen, "cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        rows = trainer.step_rows([0, 1, 2], 16, gen, sample_depths=True)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert rows.hidden_index.is_cuda and rows.batch.features.is_cuda and rows.labels.shape == rows.depth.shape

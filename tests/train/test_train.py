@@ -153,6 +153,32 @@ def test_shared_context_rows_equal_repeated_context(tiny):
         assert (grads_shared[name] - grad).abs().max().item() <= 1e-6, name
 
 
+def test_step_rows_host_indices_select_what_the_masks_select(tiny, trained):
+    """step_rows builds its indices on the host: hidden_index picks block_hidden's rows in the boolean-mask order of
+    `valid` (depth >= 1), labels are each row's next token, and a sequence's anchor groups share one features row."""
+    from jetspec_trt.train.head import new_head
+    from jetspec_trt.train.trainer import Trainer
+
+    target = load_target(tiny / "target")
+    gen = torch.Generator().manual_seed(3)
+    seqs = [TrainSequence(s[:3].tolist(), s[3:].tolist())
+            for s in (torch.randint(0, 256, (n,), generator=gen) for n in (40, 70, 25))]
+    head = new_head(target, 1, 8, (3,), 259, gen).train()
+    cfg = TrainConfig("t", "o", batch_size=3, block_size=8, anchors_per_seq=16, anchor_group=4, heldout=0,
+                      progress=False)
+    trainer = Trainer(cfg, target, head, seqs, [], gen, "cpu")
+    rows = trainer.step_rows([2, 0, 1], 16, gen, sample_depths=True)
+    n, k = rows.batch.anchors.shape
+    assert rows.batch.features.shape[:2] == (3, 70) and torch.equal(rows.batch.lengths, torch.tensor([25, 40, 70]))
+    assert rows.batch.row_sequence.tolist() == [0] * 4 + [1] * 4 + [2] * 4 and k == 4
+    hidden = torch.randn(n, k, 8, 5)
+    assert torch.equal(hidden.reshape(-1, 5)[rows.hidden_index], hidden[:, :, 1:][rows.valid])
+    ids = [seqs[r].ids for r in (2, 0, 1)]
+    expected = [ids[int(rows.batch.row_sequence[i])][int(rows.batch.anchors[i, j]) + d + 1]
+                for i, j, d in rows.valid.nonzero().tolist()]
+    assert rows.labels.tolist() == expected and rows.depth.tolist() == rows.valid.nonzero()[:, 2].tolist()
+
+
 # ------------------------------------------------------------------------------------------- a short training run
 
 
