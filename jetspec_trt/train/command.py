@@ -54,8 +54,8 @@ import click
 @click.option("--anchors-per-seq", type=int, default=512, show_default=True,
               help="Draft blocks per sequence and step (512: every response position of most sequences).")
 @click.option("--anchor-group", type=int, default=64, show_default=True,
-              help="Anchors per attention row: a sequence's blocks are split into rows of this many (its context "
-                   "repeated), so each block attends context + group*block keys, not every block of the sequence.")
+              help="Anchors per attention row: a sequence's blocks are split into rows of this many (sharing its "
+                   "context K/V), so each block attends context + group*block keys, not every block of the sequence.")
 @click.option("--feature-store", type=click.Choice(["auto", "device", "host"]), default="auto", show_default=True,
               help="Where the target's stored features live: the GPU, pinned host memory (gathered per step), or "
                    "auto (the GPU while they take at most half its free memory).")

@@ -9,7 +9,8 @@ profiler tree), with the host clock on the CPU, where every op is synchronous. O
 
     step_s, mean_step_s       the profiled steps, synchronised (profiler overhead included)
     warmup_step_s             the untraced steps before them, synchronised (the first includes one-off costs)
-    phases                    per train_step range: seconds per step and share of the step
+    phases                    per train_step range: seconds per step (device timeline on a GPU), host seconds
+                              per step, and share of the step
     top_ops                   the TOP_OPS ops/kernels with the most self device time (self CPU time on the CPU)
 """
 
@@ -36,31 +37,33 @@ def synchronize(device: str) -> None:
 
 
 class PhaseTimer:
-    """Times named phases of the current step: CUDA events on a GPU, the host clock on the CPU."""
+    """Times named phases of the current step on the host clock and, on a GPU, on the device's timeline (CUDA
+    events). A phase whose device time is about its host time kept the device waiting for the host (launch- or
+    host-bound); one with more device than host time queued work the device was still running after it."""
 
     def __init__(self, device: str):
         self.cuda = device.startswith("cuda")
-        self.marks: list[tuple[str, object, object]] = []  # (phase, start, end) of the current step
-        self.totals: dict[str, float] = {}  # seconds over the profiled steps
+        self.marks: list[tuple[str, float, object, object]] = []  # (phase, host s, start, end) of the current step
+        self.totals: dict[str, float] = {}  # device seconds over the profiled steps (host seconds on the CPU)
+        self.host_totals: dict[str, float] = {}  # host seconds over the profiled steps
 
     @contextlib.contextmanager
     def time(self, name: str):
+        events = [torch.cuda.Event(enable_timing=True) for _ in range(2)] if self.cuda else [None, None]
+        started = time.perf_counter()
         if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            yield
-            end.record()
-        else:
-            start = time.perf_counter()
-            yield
-            end = time.perf_counter()
-        self.marks.append((name, start, end))
+            events[0].record()
+        yield
+        if self.cuda:
+            events[1].record()
+        self.marks.append((name, time.perf_counter() - started, *events))
 
     def close_step(self, keep: bool) -> None:
         """Add the step's phases to the totals (the device is synchronised: the events have completed)."""
-        for name, start, end in self.marks if keep else []:
-            seconds = start.elapsed_time(end) / 1e3 if self.cuda else end - start
+        for name, host_s, start, end in self.marks if keep else []:
+            seconds = start.elapsed_time(end) / 1e3 if self.cuda else host_s
             self.totals[name] = self.totals.get(name, 0.0) + seconds
+            self.host_totals[name] = self.host_totals.get(name, 0.0) + host_s
         self.marks.clear()
 
 
@@ -117,6 +120,7 @@ class StepProfiler:
         mean = sum(self.step_s) / profiled
         on_device = self.device.startswith("cuda")
         phases = [{"name": name, "s_per_step": round(self.timer.totals[name] / profiled, 6),
+                   "host_s_per_step": round(self.timer.host_totals[name] / profiled, 6),
                    "share": round(self.timer.totals[name] / profiled / max(mean, 1e-12), 4)}
                   for name in PHASES if name in self.timer.totals]
         top = []
@@ -134,7 +138,8 @@ class StepProfiler:
             "step_s": [round(s, 6) for s in self.step_s],
             "mean_step_s": round(mean, 6),
             "warmup_step_s": [round(s, 6) for s in self.warmup_step_s],
-            "phase_timing": "cuda events (device timeline)" if on_device else "host clock",
+            "phase_timing": ("s_per_step: cuda events (device timeline); host_s_per_step: host clock" if on_device
+                             else "host clock"),
             "phases": phases,
             "top_ops_by": "self device time" if on_device else "self CPU time",
             "top_ops": top,
@@ -144,8 +149,9 @@ class StepProfiler:
 def format_report(report: dict, path: Path) -> str:
     lines = [f"profiled {report['steps_profiled']} training steps from step {report['first_step']}: "
              f"{report['mean_step_s'] * 1e3:.2f} ms a step (synchronised, profiler on); written to {path}",
-             f"{'phase':<14}{'ms/step':>10}{'share':>8}"]
-    lines += [f"{p['name']:<14}{p['s_per_step'] * 1e3:>10.3f}{p['share']:>8.1%}" for p in report["phases"]]
+             f"{'phase':<14}{'ms/step':>10}{'host ms':>10}{'share':>8}"]
+    lines += [f"{p['name']:<14}{p['s_per_step'] * 1e3:>10.3f}{p['host_s_per_step'] * 1e3:>10.3f}{p['share']:>8.1%}"
+              for p in report["phases"]]
     device_sorted = report["top_ops_by"] == "self device time"
     lines.append(f"{'op / kernel (by ' + report['top_ops_by'] + ')':<72}{'ms/step':>10}{'calls':>8}")
     for op in report["top_ops"]:
