@@ -7,7 +7,9 @@ the window is timed with the device synchronised before and after, and each phas
 making the host wait, and see the backward pass, which autograd runs on its own thread, outside the range's
 profiler tree), with the host clock on the CPU, where every op is synchronous. OUTPUT/profile_steps.json gets:
 
-    step_s, mean_step_s       the profiled steps, synchronised (profiler overhead included)
+    step_s, mean_step_s       the profiled steps, synchronised (profiler overhead included; serialised, so the host's
+                              preparation of a step, which unprofiled training overlaps with the previous step's
+                              device work, counts in full)
     warmup_step_s             the untraced steps before them, synchronised (the first includes one-off costs)
     phases                    per train_step range: seconds per step (device timeline on a GPU), host seconds
                               per step, and share of the step

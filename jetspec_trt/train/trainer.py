@@ -272,7 +272,8 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: lr_factor(s, cfg.warmup(self.total_steps), self.total_steps))
         self.step = 0
-        self.losses: list[float] = []
+        self.losses: list[float] = []  # one per step; on a GPU the latest step's arrives a step late (record_loss)
+        self._pending_loss: tuple[torch.Tensor, torch.cuda.Event] | None = None
         self.positions = 0  # supervised (anchor, depth) rows so far
         self.curve: list[dict] = []  # held-out agreement during training (eval_every)
         self.order: list[int] = []  # the epoch's shuffled sequence indices, consumed from the front
@@ -357,7 +358,8 @@ class Trainer:
                 with self.phase_timer.time(name):
                     yield
 
-    def train_step(self) -> float:
+    def train_step(self) -> float | None:
+        """One optimisation step; returns the latest loss known (record_loss)."""
         sampled = self.cfg.depth_sampling
         with self.phase("rows"):
             rows = self.step_rows(self.next_indices(), self.cfg.anchors_per_seq, self.generator, sampled)
@@ -379,10 +381,33 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         self.positions += int(rows.depth.shape[0])
-        with self.phase("loss_item"):  # the host waits here for the step's device work
-            value = loss.detach().item()
-        self.losses.append(value)
-        return value
+        with self.phase("loss_item"):  # the host waits here for the device (the previous step's work on a GPU)
+            return self.record_loss(loss.detach())
+
+    def record_loss(self, loss: torch.Tensor) -> float | None:
+        """Append the step's loss to self.losses; returns the latest loss known (None: none yet).
+
+        On a GPU the loss is copied to the host without blocking and read at the end of the next step, once that
+        step's work is queued: reading it now would leave the device idle while the host prepares the next step
+        (step_rows, launches). On the CPU every op has run already."""
+        if not loss.is_cuda:
+            self.losses.append(loss.item())
+            return self.losses[-1]
+        previous = self.flush_losses()
+        event = torch.cuda.Event()
+        self._pending_loss = (loss.to("cpu", non_blocking=True), event)  # a pinned host tensor
+        event.record()
+        return previous
+
+    def flush_losses(self) -> float | None:
+        """Wait for the pending step's loss (if any) and append it to self.losses; returns it."""
+        if self._pending_loss is None:
+            return None
+        value, event = self._pending_loss
+        self._pending_loss = None
+        event.synchronize()
+        self.losses.append(value.item())
+        return self.losses[-1]
 
     # -- evaluation
 
@@ -442,6 +467,7 @@ class Trainer:
     # -- checkpoints
 
     def payload(self) -> dict:
+        self.flush_losses()
         return {
             "step": self.step,
             "total_steps": self.total_steps,
@@ -574,12 +600,13 @@ def run_loop(trainer: Trainer, ckpt_dir: Path, profile_path: Path | None = None)
     while trainer.step < trainer.total_steps:
         if profiler is not None:
             profiler.begin()
-        loss = trainer.train_step()
+        loss = trainer.train_step()  # None while no step's loss has reached the host yet
         if profiler is not None:
             profiler.end()
             if profiler.done:
                 profiler, trainer.phase_timer = None, None
-        smoothed = loss if smoothed is None else 0.9 * smoothed + 0.1 * loss
+        if loss is not None:
+            smoothed = loss if smoothed is None else 0.9 * smoothed + 0.1 * loss
         trainer.elapsed_s = base + time.perf_counter() - started
         if cfg.time_budget_s is not None:
             plan_from = plan_window_start(trainer.step)
@@ -592,7 +619,8 @@ def run_loop(trainer: Trainer, ckpt_dir: Path, profile_path: Path | None = None)
             marks[trainer.step] = trainer.elapsed_s
             bar.total = trainer.total_steps
         bar.update(1)
-        bar.set_postfix(loss=f"{smoothed:.4f}", lr=f"{trainer.scheduler.get_last_lr()[0]:.2e}")
+        bar.set_postfix(loss=f"{smoothed if smoothed is not None else float('nan'):.4f}",
+                        lr=f"{trainer.scheduler.get_last_lr()[0]:.2e}")
         if cfg.eval_every and trainer.step % cfg.eval_every == 0 and trainer.step < trainer.total_steps:
             trainer.record_curve()
             point = trainer.curve[-1]
@@ -669,6 +697,7 @@ def loss_curve(losses: list[float], points: int = 50) -> list[list[float]]:
 def write_outputs(trainer: Trainer, out: Path, tokenizer, tcfg: DecoderConfig, dtype: torch.dtype,
                   data_card: dict, copied: list[str], reshaped: list[str]) -> dict:
     cfg, head = trainer.cfg, trainer.head
+    trainer.flush_losses()
     proxy_after = trainer.record_curve()
     saved = copy.deepcopy(head).to("cpu", dtype)  # the published heads are stored in the serving dtype
     save_draft(saved, out, rope_theta(head.config))

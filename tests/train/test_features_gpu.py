@@ -88,3 +88,21 @@ def test_step_rows_never_waits_for_the_device(where):
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert rows.hidden_index.is_cuda and rows.batch.features.is_cuda and rows.labels.shape == rows.depth.shape
+
+
+def test_losses_reach_the_host_a_step_late_and_all_of_them():
+    """On a GPU a step's loss is read at the end of the next step (the device keeps a step queued meanwhile):
+    train_step returns the previous step's loss, and payload() / flush_losses() collect every step's."""
+    from jetspec_trt.train.head import new_head
+    from jetspec_trt.train.trainer import Trainer, TrainConfig
+
+    target, _, _ = random_models("tiny", "cuda", torch.bfloat16)
+    gen = torch.Generator().manual_seed(0)
+    seqs = [TrainSequence(s[:3].tolist(), s[3:].tolist())
+            for s in (torch.randint(0, 256, (n,), generator=gen) for n in (40, 70, 25))]
+    head = new_head(target, 1, 8, (0,), 255, gen).cuda().train()
+    cfg = TrainConfig("t", "o", batch_size=2, block_size=8, anchors_per_seq=16, heldout=0, progress=False)
+    trainer = Trainer(cfg, target, head, seqs, [], gen, "cuda")
+    returned = [trainer.train_step() for _ in range(3)]
+    assert returned[0] is None and len(trainer.losses) == 2 and returned[1:] == trainer.losses
+    assert len(trainer.payload()["losses"]) == 3 and all(x == x for x in trainer.losses)  # none lost, none NaN
