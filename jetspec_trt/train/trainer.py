@@ -5,6 +5,7 @@ Output directory:
     training_card.json               data, settings, time, loss curve, acceptance proxy before/after
     checkpoints/step-NNNNNNN.pt      model + optimizer + scheduler + step + RNG, every --save-every steps
     data/responses-<hash>.jsonl      the target's own responses as token ids (re-runs reuse them)
+    profile_steps.json               with --profile-steps: where a step's time went (train/profile.py)
 """
 
 from __future__ import annotations
