@@ -387,7 +387,8 @@ def test_time_budget_run_finishes_with_a_head(tiny, tmp_path, capsys):
     code, _, err = invoke(train_args(tiny, out, "--steps", "100000", "--time-budget", "3"), capsys)
     assert code == 0, err
     card = json.loads((out / "training_card.json").read_text())
-    assert 20 <= card["training"]["steps"] < 100000 and card["training"]["time_budget_s"] == 3.0
+    # The pace (hence the step count) depends on the machine's load: only "stopped by the budget" is checked.
+    assert 2 <= card["training"]["steps"] < 100000 and card["training"]["time_budget_s"] == 3.0
 
 
 # ------------------------------------------------------------------------------------- init head, generation budget
