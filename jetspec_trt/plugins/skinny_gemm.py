@@ -1,0 +1,143 @@
+"""Weight-streaming "skinny" GEMM for a few rows: y [M, N] = x [M, K] @ W[N, K]^T (+ b), 2 <= M <= MAX_M.
+
+Why a kernel of our own: a speculative round verifies 16-64 tree tokens and the draft head runs a 16-row block,
+so most of a round's GEMMs have M = 2..64 rows. At those M the arithmetic intensity (about M FLOP per weight byte
+in bf16) is far below an H200's ~188 FLOP/byte: like the AR step, they are as fast as they stream W from HBM. cuBLAS
+streamed them at ~1.5 TB/s on the H200 at the Qwen2.5-0.5B shape where the GEMV (plugins/gemv.py) reaches 2.0 TB/s.
+Past 64 rows (128: ~128 FLOP/byte) the tensor cores' share grows and cuBLAS's tiling is the better bet; those
+rows stay on F.linear.
+
+Each program owns BLOCK_N output columns (rows of W) and walks their K-long rows in BLOCK_K chunks: every W tile is
+loaded once and multiplied with all M rows of x through tl.dot (x's rows padded, by masking, to BLOCK_M = the
+16/32/64 bucket of M; tl.dot needs 16 at least). float32 accumulation; the bias is added once at the end. The
+grid tiles N only: no split-K, so no atomics and no second pass (N >= 896 gives 56+ programs at BLOCK_N = 16 even
+for the 0.5B model's smallest GEMMs). x [M, K] is re-read by every program, but it is small and stays in L2.
+
+Configs are autotuned per (BLOCK_M bucket, N, K, dtype) on first use, which happens in the CUDA-graph warm-up,
+never inside a capture (runtime/graph_decoder.py warms every stage up before capturing it).
+
+Op contract: ``torch.ops.jetspec_trt.skinny_gemm(x, weight, bias)`` with x [M, K] (any row stride), weight [N, K],
+bias [N] or None, one dtype (bf16/fp16/fp32); returns [M, N] contiguous in that dtype. Rows outside 2..MAX_M, the
+CPU and any non-Triton device fall back to F.linear, so models can call the op unconditionally; the CUDA kernel
+must match F.linear to rounding (tests). float32 dots run in IEEE float32 (not TF32), as F.linear does by default.
+FP8 weights keep their own path (plugins/fp8_gemm.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from jetspec_trt.plugins.tree_attention import LIBRARY
+
+OP_NAME = "skinny_gemm"
+MIN_M, MAX_M = 2, 64  # M = 1 is the GEMV's (plugins/gemv.py); past 64 rows, cuBLAS (see above)
+M_BUCKETS = (16, 32, 64)  # BLOCK_M: one compiled kernel (and one tuned config) per bucket
+
+
+def m_bucket(m: int) -> int:
+    """The BLOCK_M that serves m rows: the smallest bucket >= m."""
+    return next(b for b in M_BUCKETS if m <= b)
+
+
+def serves(x: torch.Tensor) -> bool:
+    """Whether the kernel (rather than F.linear) runs for this input."""
+    return x.is_cuda and x.dim() == 2 and MIN_M <= x.shape[0] <= MAX_M and _kernel() is not None
+
+
+@torch.library.custom_op(f"{LIBRARY}::{OP_NAME}", mutates_args=())
+def skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    if serves(x):
+        return _triton_skinny_gemm(x, weight, bias)
+    return F.linear(x, weight, bias)
+
+
+@skinny_gemm.register_fake
+def _skinny_gemm_fake(x, weight, bias):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+_KERNEL = None
+
+
+def _kernel():
+    """The autotuned Triton kernel, built on first use (None where Triton is missing)."""
+    global _KERNEL
+    if _KERNEL is None:
+        try:
+            _KERNEL = _build_kernel()
+        except ImportError:
+            _KERNEL = False
+    return _KERNEL or None
+
+
+def _build_kernel():
+    import triton
+    import triton.language as tl
+
+    # W tile [BLOCK_N, BLOCK_K] plus x tile [BLOCK_M <= 64, BLOCK_K] per stage must fit shared memory at BLOCK_M
+    # = 64: each (BLOCK_N, BLOCK_K) takes the most stages (4, else 3) within 160 KB, since streaming wants bytes in
+    # flight (bf16 128 x 256 would not fit 3 stages: dropped). 8 warps only for the wide tiles. 14 configs: tuning
+    # every (bucket, N, K) of a model in the warm-up costs 14 compiles and timings each.
+    def stages(bn: int, bk: int) -> int:
+        return next((s for s in (4, 3) if s * (bn + 64) * bk * 2 <= 160 * 1024), 0)
+
+    configs = [
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=stages(bn, bk))
+        for bn in (16, 32, 64, 128) for bk in (64, 128, 256) for w in (4, 8)
+        if stages(bn, bk) and bn * bk <= 16384 and (w == 4 or bn >= 64)
+    ]
+
+    @triton.jit
+    def skinny_kernel(x_ptr, w_ptr, b_ptr, y_ptr, M, N, K, stride_xm, HAS_BIAS: tl.constexpr,
+                      IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+        rows = tl.arange(0, BLOCK_M)  # x's rows: all of them in every program
+        cols = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)  # this program's outputs (W's rows)
+        row_ok, col_ok = rows < M, cols < N
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            ks = k0 + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            x = tl.load(x_ptr + rows[:, None] * stride_xm + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            w = tl.load(w_ptr + cols[:, None].to(tl.int64) * K + ks[None, :], mask=col_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            if IEEE:  # float32 inputs: full-precision products, like F.linear (tl.dot would round to TF32)
+                acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
+            else:
+                acc = tl.dot(x, tl.trans(w), acc)
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(y_ptr + rows[:, None] * N + cols[None, :], acc.to(y_ptr.dtype.element_ty),
+                 mask=row_ok[:, None] & col_ok[None, :])
+
+    # BLOCK_M is a key: each bucket tunes its own tile (dtypes are keyed by the autotuner itself).
+    tuned_kernel = triton.autotune(configs=configs, key=["N", "K", "BLOCK_M"])(skinny_kernel)
+
+    def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               block: tuple[int, int] | None = None) -> torch.Tensor:
+        (m, k), n = x.shape, weight.shape[0]
+        y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+        args = (x, weight, bias if bias is not None else y, y, m, n, k, x.stride(0))
+        flags = dict(HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, BLOCK_M=m_bucket(m))
+        if block is None:
+            grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
+            tuned_kernel[grid](*args, **flags)
+        else:  # one (BLOCK_N, BLOCK_K), untuned: tests check each (Triton's interpreter cannot time configs)
+            skinny_kernel[(triton.cdiv(n, block[0]),)](*args, **flags, BLOCK_N=block[0], BLOCK_K=block[1])
+        return y
+
+    return launch
+
+
+def _triton_skinny_gemm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                        block: tuple[int, int] | None = None) -> torch.Tensor:
+    """The Triton kernel on x's device, autotuned, or at one (BLOCK_N, BLOCK_K) `block` (tests)."""
+    if not MIN_M <= x.shape[0] <= MAX_M:
+        raise ValueError(f"the skinny GEMM takes {MIN_M}..{MAX_M} rows, got {x.shape[0]}")
+    if x.stride(-1) != 1:  # rows may be strided (the kernel takes their stride); elements within a row may not
+        x = x.contiguous()
+    if weight.stride(-1) != 1 or weight.stride(0) != weight.shape[1]:
+        weight = weight.contiguous()
+    bias = bias.contiguous() if bias is not None else None  # read at b_ptr + column; the models' biases already are
+    return _kernel()(x, weight, bias, block)

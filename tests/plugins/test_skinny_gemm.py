@@ -1,0 +1,99 @@
+"""The skinny GEMM op (plugins/skinny_gemm.py): CPU fallback is F.linear exactly; the Triton kernel at fixed blocks
+matches F.linear in Triton's CPU interpreter (fp32 tight, fp16 loose; the interpreter cannot dot bf16) for M across
+the buckets' edges, N and K off the block multiples, with and without bias, and for a row-strided input; the CUDA
+twins check the same (bf16 too) and the autotuned op. Models switched to it keep their CPU logits; on CUDA, greedy
+speculative output with the switch on equals AR (tests/runtime/test_graph_decoder_gpu.py's style)."""
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from jetspec_trt.plugins.linear import linear
+from jetspec_trt.plugins.skinny_gemm import _triton_skinny_gemm, m_bucket, skinny_gemm
+from tests.plugins.interpreter import needs_triton, run_in_interpreter
+
+ROWS = [2, 7, 16, 17, 33, 64]  # each bucket's edges (16 | 17, 32 | 33, 64) and masked rows inside one
+# N below and past a BLOCK_N multiple, K past a BLOCK_K multiple
+SMALL_SHAPES = [(40, 300), (17, 129)]
+# (BLOCK_N, BLOCK_K): the autotuner's smallest and largest of each
+BLOCKS = [(16, 64), (32, 128), (128, 256)]
+
+
+def test_cpu_fallback_is_f_linear():
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(5, 64, generator=g), torch.randn(96, 64, generator=g), torch.randn(96, generator=g)
+    assert torch.equal(skinny_gemm(x, w, b), F.linear(x, w, b))
+    assert torch.equal(skinny_gemm(x, w, None), F.linear(x, w))
+    # linear() with the small-M switch: any rows on the CPU are F.linear's
+    for rows in (1, 5, 100):
+        xr = torch.randn(rows, 64, generator=g)
+        assert torch.equal(linear(xr, w, b, False, use_small_m=True), F.linear(xr, w, b))
+        assert torch.equal(linear(xr, w, b, True, use_small_m=True), F.linear(xr, w, b))
+
+
+def test_buckets():
+    assert [m_bucket(m) for m in (2, 16, 17, 32, 33, 64)] == [16, 16, 32, 32, 64, 64]
+
+
+def check_skinny(device, m, n, k, dtype, block=None, bias_too=True):
+    """The op (autotuned) or, with `block`, the kernel at that (BLOCK_N, BLOCK_K), against float64 F.linear."""
+    g = torch.Generator(device=device).manual_seed(m * 1009 + n * 31 + k)
+    x = torch.randn(m, k, device=device, generator=g).to(dtype)
+    w = (torch.randn(n, k, device=device, generator=g) / k**0.5).to(dtype)
+    b = torch.randn(n, device=device, generator=g).to(dtype)
+    for bias in (None, b) if bias_too else (b,):
+        got = skinny_gemm(x, w, bias) if block is None else _triton_skinny_gemm(x, w, bias, block=block)
+        ref = F.linear(x.double(), w.double(), None if bias is None else bias.double())
+        assert got.dtype == dtype and got.shape == (m, n)
+        err = (got.double() - ref).norm() / ref.norm()
+        # float32 accumulation; the output rounding of the dtype dominates
+        assert err < {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}[dtype], \
+            (m, n, k, block, dtype, float(err))
+
+
+def check_strided_input(device, block=None):
+    """x rows with a row stride (a slice of a wider tensor, as verify's hidden states may be) and a weight and bias
+    that are views: F.linear's result."""
+    g = torch.Generator(device=device).manual_seed(3)
+    x = torch.randn(2 * 9, 2 * 300, device=device, generator=g)[::2, :300]
+    w = torch.randn(2 * 40, 2 * 300, device=device, generator=g)[::2, ::2]
+    b = torch.randn(2 * 40, device=device, generator=g)[::2]
+    got = skinny_gemm(x, w, b) if block is None else _triton_skinny_gemm(x, w, b, block=block)
+    torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+
+
+def check_blocks(device):
+    """Each M at each shape and block (fp32 and fp16 in turn; bf16 on CUDA only: the interpreter's tl.dot computes
+    bf16 on bit patterns, tests/plugins/interpreter.py)."""
+    dtypes = (torch.float32, torch.float16) + ((torch.bfloat16,) if device == "cuda" else ())
+    cases = list(itertools.product(ROWS, SMALL_SHAPES, BLOCKS))
+    for i, (m, (n, k), block) in enumerate(cases):
+        # every case in fp32 (tight); the half types take turns, so the interpreter's run stays short
+        check_skinny(device, m, n, k, torch.float32, block, bias_too=i % 2 == 0)
+        check_skinny(device, m, n, k, dtypes[1 + i % (len(dtypes) - 1)], block, bias_too=i % 2 == 1)
+    check_strided_input(device, BLOCKS[0] if device == "cpu" else None)
+
+
+@needs_triton
+def test_kernel_in_the_triton_interpreter():
+    run_in_interpreter(check_blocks, timeout=900)
+
+
+@pytest.mark.gpu
+def test_blocks_on_cuda():
+    check_blocks("cuda")
+
+
+# The round's GEMMs at the 0.5B and 8B shapes (fused QKV, o_proj, gate-up, down, lm_head) and odd ones
+SHAPES = [(1152, 896), (896, 896), (9728, 896), (896, 4864), (151936, 896), (6144, 4096), (4096, 12288),
+          (1000, 1000), (33, 4097)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("n, k", SHAPES)
+def test_triton_skinny_gemm_matches_reference(n, k, dtype):
+    for m in ROWS:
+        check_skinny("cuda", m, n, k, dtype)
