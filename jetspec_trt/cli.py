@@ -52,6 +52,9 @@ def tree_options(func):
               help="Run the CUDA graphs' layers and tree/accept stages eager (no torch.compile at first use).")
 @click.option("--no-tree-kernel", is_flag=True,
               help="Build each round's tree with the compiled torch ops instead of the Triton tree kernels (CUDA).")
+@click.option("--small-m-gemm", is_flag=True,
+              help="Run 2..64-row GEMMs (tree verify, the draft block) on the Triton skinny GEMM instead of cuBLAS "
+                   "(CUDA).")
 @click.option("--no-prefill-graphs", is_flag=True,
               help="Run the prompt-length buckets' prefills eagerly instead of from CUDA graphs captured at load.")
 @click.option("--quantize", type=click.Choice(["fp8"]), default=None,
@@ -65,7 +68,7 @@ def tree_options(func):
 @click.option("--calib-device", default=None, help="--quantize: where to calibrate [default: cuda if available].")
 def build(target_dir, draft_dir, output_dir, budget, topk, max_depth, dtype, max_seq_len, overwrite, backend,
           attention, no_fuse, no_tune, cost_model_device, no_cost_model, no_decode_gemv, no_compile, no_tree_kernel,
-          no_prefill_graphs, quantize, calib_prompts, calib_samples, calib_max_tokens, calib_device):
+          small_m_gemm, no_prefill_graphs, quantize, calib_prompts, calib_samples, calib_max_tokens, calib_device):
     """Check a target/draft pair and write an engine directory."""
     if backend == "tensorrt" and quantize:
         raise JetSpecError("--quantize builds PyTorch engines only (drop --backend tensorrt)")
@@ -84,7 +87,7 @@ def build(target_dir, draft_dir, output_dir, budget, topk, max_depth, dtype, max
     config = BuildConfig(target_dir, draft_dir, output_dir, TreeConfig(budget, topk, depth), dtype, max_seq_len,
                          overwrite=overwrite, fuse=not no_fuse, tune=not no_tune,
                          decode_gemv=not no_decode_gemv, compile_graphs=not no_compile, tree_kernel=not no_tree_kernel,
-                         prefill_graphs=not no_prefill_graphs, quantize=quantize_config,
+                         small_m_gemm=small_m_gemm, prefill_graphs=not no_prefill_graphs, quantize=quantize_config,
                          cost_model_device=None if no_cost_model else cost_model_device)
     if backend == "tensorrt":
         from jetspec_trt.builders.tensorrt_builder import build_tensorrt_engine

@@ -64,6 +64,7 @@ class BuildConfig:
     decode_gemv: bool = True  # CUDA AR step: single-token GEMMs through plugins.gemv (False: cuBLAS)
     compile_graphs: bool = True  # CUDA: torch.compile layers and tree/accept stages inside the graphs
     tree_kernel: bool = True  # CUDA: the round's tree stage on the Triton tree kernels (plugins.triton_tree_build)
+    small_m_gemm: bool = False  # CUDA: 2..64-row GEMMs (verify, draft block) through plugins.skinny_gemm
     prefill_graphs: bool = True  # CUDA: prompt-length buckets' prefills as CUDA graphs captured at load
     quantize: QuantizeConfig | None = None  # quantize the target (FP8 through nvidia-modelopt); None: as it is
     cost_model_device: str | None = "auto"  # where to time the scheduler's passes; auto: cuda if any; None: skip
@@ -113,6 +114,7 @@ def runtime_config_for(pair: CheckedPair, cfg: BuildConfig) -> RuntimeConfig:
         decode_gemv=cfg.decode_gemv,
         compile_graphs=cfg.compile_graphs,
         tree_kernel=cfg.tree_kernel,
+        small_m_gemm=cfg.small_m_gemm,
         prefill_graphs=cfg.prefill_graphs,
     )
 

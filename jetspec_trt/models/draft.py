@@ -24,6 +24,7 @@ from jetspec_trt.models.config import DecoderConfig
 from jetspec_trt.models.layers import RMSNorm, Rotary
 from jetspec_trt.models.target import DecoderLayer, LayerCall, fuse_layers, paged_layer_call
 from jetspec_trt.models.kv_cache import KVCacheSpec, PagedKVCache
+from jetspec_trt.plugins.linear import linear
 
 # TensorRT Edge-LLM reads either key; the published heads use dflash_config.
 SPEC_CONFIG_KEYS = ("dflash_config", "jetspec_config")
@@ -133,6 +134,14 @@ class DraftHead(nn.Module):
         self.layers = nn.ModuleList(DraftLayer(cfg) for _ in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = Rotary(inv_freq, attention_scaling)
+        self.small_m_gemm = False
+
+    def set_small_m_gemm(self, enabled: bool) -> None:
+        """The head's 2..64-row GEMMs (the block's layers, the context rows' fc and k/v projections) through
+        plugins.skinny_gemm, as TargetModel.set_small_m_gemm does for the target."""
+        self.small_m_gemm = enabled
+        for layer in self.layers:
+            layer.self_attn.small_m_gemm = layer.mlp.small_m_gemm = enabled
 
     def new_cache(self, max_tokens: int, page_size: int = 64, dtype: torch.dtype | None = None) -> PagedKVCache:
         cfg = self.config
@@ -141,7 +150,7 @@ class DraftHead(nn.Module):
         return PagedKVCache(spec, param.device)
 
     def project_context(self, features: torch.Tensor) -> torch.Tensor:
-        return self.hidden_norm(self.fc(features))
+        return self.hidden_norm(linear(features, self.fc.weight, None, False, use_small_m=self.small_m_gemm))
 
     def fuse_weights(self) -> None:
         fuse_layers(self.layers)

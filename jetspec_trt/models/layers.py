@@ -57,8 +57,8 @@ class Linear(nn.Linear):
         self.register_buffer("weight_scale", None)
         self.register_buffer("input_scale", None)
 
-    def forward(self, x: torch.Tensor, use_gemv: bool = False) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, use_gemv, self.weight_scale, self.input_scale)
+    def forward(self, x: torch.Tensor, use_gemv: bool = False, use_small_m: bool = False) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, use_gemv, self.weight_scale, self.input_scale, use_small_m)
 
 
 class MLP(nn.Module):
@@ -75,14 +75,16 @@ class MLP(nn.Module):
         self.register_buffer("gate_up_input_scale", None, persistent=False)
         self.fused_gemm = False  # one GEMM over gate_up_weight instead of two (GPU engines)
         self.decode_gemv = False  # single-token GEMMs through plugins.gemv (see TargetModel.set_decode_gemv)
+        self.small_m_gemm = False  # 2..64-row GEMMs through plugins.skinny_gemm (see TargetModel.set_small_m_gemm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        route = (self.decode_gemv, self.small_m_gemm)
         if self.fused_gemm:
             gate, up = linear(x, self.gate_up_weight, None, self.decode_gemv, self.gate_up_weight_scale,
-                              self.gate_up_input_scale).chunk(2, dim=-1)
+                              self.gate_up_input_scale, self.small_m_gemm).chunk(2, dim=-1)
         else:
-            gate, up = self.gate_proj(x, self.decode_gemv), self.up_proj(x, self.decode_gemv)
-        return self.down_proj(F.silu(gate) * up, self.decode_gemv)
+            gate, up = self.gate_proj(x, *route), self.up_proj(x, *route)
+        return self.down_proj(F.silu(gate) * up, *route)
 
     def set_fused(self, weight: torch.Tensor, bias: torch.Tensor | None = None, weight_scale: torch.Tensor | None = None,
                   input_scale: torch.Tensor | None = None) -> None:
@@ -160,6 +162,7 @@ class AttentionProjections(nn.Module):
         self.register_buffer("qkv_input_scale", None, persistent=False)
         self.fused_gemm = False  # one GEMM over qkv_weight instead of three (GPU engines)
         self.decode_gemv = False  # single-token GEMMs through plugins.gemv (see TargetModel.set_decode_gemv)
+        self.small_m_gemm = False  # 2..64-row GEMMs through plugins.skinny_gemm (see TargetModel.set_small_m_gemm)
 
     def set_fused(self, weight: torch.Tensor, bias: torch.Tensor | None = None, weight_scale: torch.Tensor | None = None,
                   input_scale: torch.Tensor | None = None) -> None:
@@ -193,15 +196,16 @@ class AttentionProjections(nn.Module):
 
     def output(self, o: torch.Tensor) -> torch.Tensor:
         """o_proj over the attention output [T, Hq*D]."""
-        return self.o_proj(o, self.decode_gemv)
+        return self.o_proj(o, self.decode_gemv, self.small_m_gemm)
 
     def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        return self._finish_query(self.q_proj(x, self.decode_gemv), cos, sin)
+        return self._finish_query(self.q_proj(x, self.decode_gemv, self.small_m_gemm), cos, sin)
 
     def key_value(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._finish_key_value(self.k_proj(x, self.decode_gemv), self.v_proj(x, self.decode_gemv), cos, sin)
+        route = (self.decode_gemv, self.small_m_gemm)
+        return self._finish_key_value(self.k_proj(x, *route), self.v_proj(x, *route), cos, sin)
 
     def query_key_value(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
@@ -210,5 +214,5 @@ class AttentionProjections(nn.Module):
             return self.query(x, cos, sin), *self.key_value(x, cos, sin)
         q_rows, kv_rows = self.q_proj.weight.shape[0], self.k_proj.weight.shape[0]
         q, k, v = linear(x, self.qkv_weight, self.qkv_bias, self.decode_gemv, self.qkv_weight_scale,
-                         self.qkv_input_scale).split([q_rows, kv_rows, kv_rows], dim=-1)
+                         self.qkv_input_scale, self.small_m_gemm).split([q_rows, kv_rows, kv_rows], dim=-1)
         return self._finish_query(q, cos, sin), *self._finish_key_value(k, v, cos, sin)

@@ -94,6 +94,7 @@ class TargetModel(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = Rotary(inv_freq, attention_scaling)
         self.decode_gemv = False
+        self.small_m_gemm = False
 
     def set_decode_gemv(self, enabled: bool) -> None:
         """Route single-token GEMMs (the AR step: fused QKV, o_proj, gate-up, down, lm_head) through the
@@ -102,6 +103,14 @@ class TargetModel(nn.Module):
         self.decode_gemv = enabled
         for layer in self.layers:
             layer.self_attn.decode_gemv = layer.mlp.decode_gemv = enabled
+
+    def set_small_m_gemm(self, enabled: bool) -> None:
+        """Route 2..64-row GEMMs (a tree verify's layers and lm_head, the draft's depth logits through
+        `lm_head_rows`) through the weight-streaming skinny GEMM op (plugins.skinny_gemm) instead of cuBLAS. Single
+        tokens keep the decode-GEMV switch, larger forwards cuBLAS. Compiled layers re-trace on the switch."""
+        self.small_m_gemm = enabled
+        for layer in self.layers:
+            layer.self_attn.small_m_gemm = layer.mlp.small_m_gemm = enabled
 
     def fuse_weights(self) -> None:
         """QKV and gate-up GEMM fusion (GPU engines): fewer, larger GEMMs per layer. A model loaded from a fused
@@ -128,7 +137,12 @@ class TargetModel(nn.Module):
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The lm_head over final normed hidden states [T, H] as `forward` runs it: float32 [T, vocab]."""
-        return linear(hidden, self.lm_head.weight, None, self.decode_gemv).float()
+        return self.lm_head_rows(hidden).float()
+
+    def lm_head_rows(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The lm_head over hidden rows [T, H] in the model's dtype, through the GEMM the model's switches pick for
+        T rows (the draft's depth logits come here: 15 rows of a 151936-row weight at Qwen's vocabulary)."""
+        return linear(hidden, self.lm_head.weight, None, self.decode_gemv, use_small_m=self.small_m_gemm)
 
     def forward_hidden(
         self,

@@ -60,6 +60,11 @@ class RuntimeConfig:
     # 0.38 ms, round 2.02 / 2.65 / 3.11 -> 1.86 / 1.99 / 2.81 ms at budgets 16 / 64 / 256, same outputs. Trees the
     # kernels cannot hold (over 512 nodes) keep the torch build.
     tree_kernel: bool = True
+    # CUDA: the 2..64-row GEMMs (tree verify at budgets <= 64, the draft head's block and context rows, the draft's
+    # depth logits) through the weight-streaming skinny GEMM (plugins/skinny_gemm.py) instead of cuBLAS: at those
+    # rows they are weight-bound, and cuBLAS streamed ~1.5 TB/s on the H200 at the 0.5B shape where the GEMV does
+    # 2.0. Off until the engine bench ("rounds_small_m_gemm") has timed both side by side on a GPU.
+    small_m_gemm: bool = False
     # CUDA: each prompt-length bucket's prefill replayed from a CUDA graph captured at load (False: the same
     # bucketed pass run eagerly, one launch per kernel).
     prefill_graphs: bool = True

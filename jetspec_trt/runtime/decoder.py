@@ -109,4 +109,4 @@ class Decoder(HostRounds):
         embeds = self.target.embed_tokens(block)
         positions = position + torch.arange(block_size, device=self.device)
         hidden = self.draft.propose(embeds, positions, self.draft_cache, self._block_mask)
-        return self.target.lm_head(hidden[1 : 1 + max_depth])
+        return self.target.lm_head_rows(hidden[1 : 1 + max_depth])

@@ -213,6 +213,8 @@ class GraphDecoder:
         self.triton_kernels = self.device.type == "cuda" and load_gpu_kernels()
         if self.device.type == "cuda":
             target.set_decode_gemv(runtime.decode_gemv)
+            target.set_small_m_gemm(runtime.small_m_gemm)
+            draft.set_small_m_gemm(runtime.small_m_gemm)
         # The tree build (one sort per level) and the acceptance walk are ~100-200 tiny kernels a round at batch 1
         # eager (H200, 0.5B shape: tree 0.66 ms of a 2.50 ms budget-16 round); compiled, Inductor fuses what lies
         # between the top-k/sort calls (and sorts of <= 512 entries themselves). Shapes are fixed per tree
@@ -271,6 +273,17 @@ class GraphDecoder:
         """Switch the target's single-token GEMMs between cuBLAS and plugins.gemv; drops captured graphs (they
         baked in the other kernels) so the next use re-captures."""
         self.target.set_decode_gemv(enabled)
+        self._drop_graphs()
+
+    def set_small_m_gemm(self, enabled: bool) -> None:
+        """Switch the 2..64-row GEMMs of target and draft (verify, the draft block, small prefill buckets) between
+        cuBLAS and plugins.skinny_gemm; drops captured graphs as set_decode_gemv does."""
+        self.target.set_small_m_gemm(enabled)
+        self.draft.set_small_m_gemm(enabled)
+        self._drop_graphs()
+
+    def _drop_graphs(self) -> None:
+        """Forget every captured graph (they baked in the GEMM kernels of the switches' old settings)."""
         self._ar_steps.clear()
         self._stages.clear()
         self._prefills.clear()  # (the last row's lm_head is a single-token GEMM); recaptured by prepare
@@ -332,7 +345,7 @@ class GraphDecoder:
             block[:1] = state.anchor
             positions = dcache.ctx_len.long() + offsets_block
             hidden = draft.propose(target.embed_tokens(block), positions, dcache, self._block_mask)
-            scratch["depth_logits"] = target.lm_head(hidden[1 : 1 + depth])
+            scratch["depth_logits"] = target.lm_head_rows(hidden[1 : 1 + depth])
 
         def tree_stage() -> None:
             scratch["tree"], scratch["mask"] = build_tree(state.anchor, scratch["depth_logits"], tree.budget,

@@ -57,15 +57,16 @@ def test_build_and_run_verify(pair, tmp_path, capsys):
 def test_runtime_flags_reach_the_runtime_config(pair, tmp_path, capsys):
     """The CUDA path's switches are stored in the engine (Engine.load and GraphDecoder read them there)."""
     code, out, err = invoke(build_args(pair / "target", pair / "draft", tmp_path / "engine", "--no-decode-gemv",
-                                       "--no-compile", "--no-tree-kernel", "--no-prefill-graphs"), capsys)
+                                       "--no-compile", "--no-tree-kernel", "--no-prefill-graphs", "--small-m-gemm"),
+                            capsys)
     assert code == 0, err
     runtime = json.loads((tmp_path / "engine" / "runtime_config.json").read_text())
-    assert (runtime["decode_gemv"], runtime["compile_graphs"], runtime["tree_kernel"], runtime["prefill_graphs"]) == \
-        (False, False, False, False)
+    assert (runtime["decode_gemv"], runtime["compile_graphs"], runtime["tree_kernel"], runtime["prefill_graphs"],
+            runtime["small_m_gemm"]) == (False, False, False, False, True)
     code, out, err = invoke(build_args(pair / "target", pair / "draft", tmp_path / "default"), capsys)
     runtime = json.loads((tmp_path / "default" / "runtime_config.json").read_text())
-    assert (runtime["decode_gemv"], runtime["compile_graphs"], runtime["tree_kernel"], runtime["prefill_graphs"]) == \
-        (True, True, True, True)
+    assert (runtime["decode_gemv"], runtime["compile_graphs"], runtime["tree_kernel"], runtime["prefill_graphs"],
+            runtime["small_m_gemm"]) == (True, True, True, True, False)
 
 
 def corrupt_weights(target, draft):

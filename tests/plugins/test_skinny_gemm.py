@@ -97,3 +97,61 @@ SHAPES = [(1152, 896), (896, 896), (9728, 896), (896, 4864), (151936, 896), (614
 def test_triton_skinny_gemm_matches_reference(n, k, dtype):
     for m in ROWS:
         check_skinny("cuda", m, n, k, dtype)
+
+
+def test_model_switch_keeps_cpu_logits():
+    """On the CPU the switch falls back to F.linear everywhere: a 5-token forward (the verify path) and the draft's
+    depth logits are unchanged, and the switch reaches every layer of target and draft."""
+    from jetspec_trt.models.presets import random_models
+    from jetspec_trt.plugins.tree_attention import causal_mask
+
+    target, draft, _ = random_models("tiny", "cpu", torch.float32)
+    target.fuse_weights()
+    ids = torch.tensor([5, 9, 200, 17, 3])
+
+    def outputs():
+        cache = target.new_cache(16, 8)
+        out = target(ids, torch.arange(len(ids)), cache, causal_mask(len(ids)), draft.spec.target_layer_ids)
+        return out.logits, draft.project_context(out.features), target.lm_head_rows(out.features[:, : target.config.hidden_size])
+
+    plain = outputs()
+    target.set_small_m_gemm(True)
+    draft.set_small_m_gemm(True)
+    assert all(layer.mlp.small_m_gemm and layer.self_attn.small_m_gemm for layer in target.layers)
+    assert all(layer.mlp.small_m_gemm and layer.self_attn.small_m_gemm for layer in draft.layers)
+    for got, want in zip(outputs(), plain):
+        assert torch.equal(got, want)
+    target.set_small_m_gemm(False)
+    assert not any(layer.mlp.small_m_gemm or layer.self_attn.small_m_gemm for layer in target.layers)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_small_m_gemm_rounds_equal_ar_on_cuda(dtype):
+    """Graphed speculative greedy output with the switch on equals AR greedy (fp32 exactly; bf16 up to near ties,
+    as tests/runtime/test_graph_decoder_gpu.py allows: verify's and the AR step's GEMMs round differently)."""
+    from jetspec_trt.models.presets import random_models
+    from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
+    from jetspec_trt.runtime.decoder import first_difference
+    from jetspec_trt.runtime.graph_decoder import GraphDecoder
+
+    target, draft, _ = random_models("tiny", "cuda", dtype)
+    target.fuse_weights()
+    draft.fuse_weights()
+    spec = draft.spec
+    runtime = RuntimeConfig(TreeConfig(64, 4, 7), "float32", 512, spec.block_size, spec.mask_token_id,
+                            spec.target_layer_ids, (), small_m_gemm=True)
+    graphed = GraphDecoder(target, draft, runtime)
+    assert target.small_m_gemm and draft.small_m_gemm
+    g = torch.Generator().manual_seed(0)
+    for i in range(8):
+        prompt = torch.randint(0, 256, (int(torch.randint(2, 60, (1,), generator=g)),), generator=g).tolist()
+        tree = TreeConfig((4, 16, 64)[i % 3], 4, (3, 7)[i % 2])
+        spec_out = [t for c in graphed.generate(prompt, 48, tree=tree) for t in c]
+        ar = [t for c in graphed.generate(prompt, 48, speculative=False) for t in c]
+        if dtype == torch.float32:
+            assert spec_out == ar
+        elif spec_out != ar:
+            first = first_difference(ar, spec_out)
+            logits = graphed.prefill_logits(prompt + ar[:first], speculative=False)
+            assert abs(float(logits[ar[first]] - logits[spec_out[first]])) < 0.25
