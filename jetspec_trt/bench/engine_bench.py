@@ -4,7 +4,8 @@ Everything is measured in one run on one device, so the ratios in the JSON are s
   * AR: one graphed decode step at each context (CUDA events, median), and an end-to-end greedy generate
   * sampled rounds (T=1) per budget and context, as a ratio to the greedy round
   * round split: draft / tree / verify / accept+compaction, per tree budget and context (graph replays); with
-    compare_tree_kernel the same split again with the tree stage on the Triton tree kernels ("rounds_tree_kernel")
+    compare_tree_kernel the same split again with the tree stage on the Triton tree kernels ("rounds_tree_kernel"),
+    and with compare_small_m_gemm with the 2..64-row GEMMs on the skinny GEMM kernel ("rounds_small_m_gemm")
   * projected tok/s = tau / round time, for tau values given (e.g. the paper's) and measured ones
   * Hugging Face transformers `generate` on the same shape and dtype
   * agreement: speculative greedy output vs the engine's own AR greedy output, over several prompts
@@ -48,6 +49,7 @@ class BenchConfig:
     compile_layers: bool = True  # torch.compile the decoder layers (fuses norms, RoPE, activations)
     compare_gemv: bool = True  # also time the AR step with plugins.gemv for the single-token GEMMs
     compare_tree_kernel: bool = True  # also time the rounds with the tree stage on plugins.triton_tree_build
+    compare_small_m_gemm: bool = True  # also time the rounds with the 2..64-row GEMMs on plugins.skinny_gemm
     output_dir: Path = Path("bench/results")
     tag: str = ""
 
@@ -158,6 +160,12 @@ class EngineBench:
 
         result["round_ms"] = self.round_ms(budget, context)
         return result
+
+    def round_splits(self) -> list[dict]:
+        """round_split_ms at every (context, budget) of the config: a side-by-side run of the rounds with some
+        switch of the decoder flipped."""
+        return [dict(self.round_split_ms(budget, context), budget=budget, context=context)
+                for context in self.cfg.contexts for budget in self.cfg.budgets]
 
     def round_ms(self, budget: int, context: int, mode: str = "greedy") -> float:
         """One whole round (the stages replayed back to back) in a sampling mode (GraphDecoder.stages); "sample"
@@ -283,12 +291,15 @@ def run_bench(cfg: BenchConfig, command: list[str] | None = None) -> Path:
     if cfg.compare_tree_kernel and bench.decoder.triton_kernels:
         # The same rounds with the tree stage on the Triton kernels, and their greedy agreement with AR.
         bench.decoder.set_tree_kernel(True)
-        report["rounds_tree_kernel"] = [
-            dict(split, budget=budget, context=context)
-            for context in cfg.contexts for budget in cfg.budgets
-            for split in (bench.round_split_ms(budget, context),)]
+        report["rounds_tree_kernel"] = bench.round_splits()
         report["agreement_tree_kernel"] = bench.agreement()
         bench.decoder.set_tree_kernel(False)
+    if cfg.compare_small_m_gemm and bench.decoder.triton_kernels:
+        # The same rounds with the 2..64-row GEMMs (verify at budgets <= 64, the draft) on plugins.skinny_gemm.
+        bench.decoder.set_small_m_gemm(True)
+        report["rounds_small_m_gemm"] = bench.round_splits()
+        report["agreement_small_m_gemm"] = bench.agreement()
+        bench.decoder.set_small_m_gemm(False)
     report["agreement"] = bench.agreement()
     progress.update()
     if cfg.hf_generate:

@@ -22,4 +22,7 @@ def test_engine_bench_reports_every_section(tmp_path):
     assert all(r["vs_greedy_round"] > 0 for r in report["rounds_sampled"])
     assert [r["budget"] for r in report["rounds_tree_kernel"]] == [4, 16]
     assert report["agreement_tree_kernel"]["prompts"] == 2
+    assert [r["budget"] for r in report["rounds_small_m_gemm"]] == [4, 16]
+    assert all(r["verify_ms"] > 0 for r in report["rounds_small_m_gemm"])
+    assert report["agreement_small_m_gemm"]["prompts"] == 2
     assert report["ar_step"][0]["step_ms"] > 0 and report["ar_generate"]["decode_tok_s"] > 0
