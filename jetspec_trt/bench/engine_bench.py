@@ -70,6 +70,18 @@ def _events_ms(fn, reps: int, before=None) -> float:
     return statistics.median(times)
 
 
+def _graphed(fn):
+    """fn captured in a CUDA graph (after a warm-up, where the Triton kernels autotune, outside the capture); returns
+    its replay."""
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 class EngineBench:
     def __init__(self, cfg: BenchConfig, target, draft, hf_config):
         self.cfg = cfg
@@ -104,26 +116,10 @@ class EngineBench:
         plugins.gemv), and the rest of the step (norms, RoPE, KV write, attention, residuals, argmax)."""
         from jetspec_trt.plugins.gemv import gemv
 
-        weights = []  # [N, K] matrices the step reads, in order, as the model calls them
-        for layer in self.target.layers:
-            attn, mlp = layer.self_attn, layer.mlp
-            weights += [attn.qkv_weight, attn.o_proj.weight, mlp.gate_up_weight, mlp.down_proj.weight]
-        weights.append(self.target.lm_head.weight)
-        weight_bytes = sum(w.numel() * w.element_size() for w in weights)
-        dtype, device = weights[0].dtype, weights[0].device
-        inputs = {k: torch.randn(1, k, dtype=dtype, device=device) for k in {w.shape[1] for w in weights}}
-
-        def graphed(fn):
-            for _ in range(3):  # warm-up (and the GEMV autotune) outside the capture
-                fn()
-            torch.cuda.synchronize()
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                fn()
-            return graph.replay
-
-        cublas = graphed(lambda: [torch.nn.functional.linear(inputs[w.shape[1]], w) for w in weights])
-        triton_gemv = graphed(lambda: [gemv(inputs[w.shape[1]], w, None) for w in weights])
+        weights, weight_bytes, inputs = self._target_gemms(1)
+        device = weights[0].device
+        cublas = _graphed(lambda: [torch.nn.functional.linear(inputs[w.shape[1]], w) for w in weights])
+        triton_gemv = _graphed(lambda: [gemv(inputs[w.shape[1]], w, None) for w in weights])
         big = torch.empty(4 * 2**30 // 2, dtype=torch.bfloat16, device=device).normal_()
         out = torch.empty_like(big)
         read_ms = _events_ms(lambda: big.sum(dtype=torch.float32), self.cfg.reps)
@@ -140,6 +136,35 @@ class EngineBench:
                 "gemms_cublas_ms": gemm_ms, "gemms_cublas_GBps": weight_bytes / gemm_ms / 1e6,
                 "gemms_gemv_ms": gemv_ms, "gemms_gemv_GBps": weight_bytes / gemv_ms / 1e6,
                 "rest_of_step_ms": step - gemm_ms}
+
+    def _target_gemms(self, rows: int) -> tuple[list[torch.Tensor], int, dict[int, torch.Tensor]]:
+        """The [N, K] weights a target pass reads, in order, as the model calls them (fused QKV, o_proj, gate-up,
+        down per layer, then the lm_head), their bytes, and a random [rows, K] input per K."""
+        weights = []
+        for layer in self.target.layers:
+            attn, mlp = layer.self_attn, layer.mlp
+            weights += [attn.qkv_weight, attn.o_proj.weight, mlp.gate_up_weight, mlp.down_proj.weight]
+        weights.append(self.target.lm_head.weight)
+        weight_bytes = sum(w.numel() * w.element_size() for w in weights)
+        dtype, device = weights[0].dtype, weights[0].device
+        return weights, weight_bytes, {k: torch.randn(rows, k, dtype=dtype, device=device)
+                                       for k in {w.shape[1] for w in weights}}
+
+    def small_m_gemms(self, rows: tuple[int, ...] = (16, 32, 64)) -> list[dict]:
+        """A verify's GEMMs alone at each row count (the target's GEMM sequence in one graph), cuBLAS beside
+        plugins.skinny_gemm: the weight-streaming rate each reaches, as ar_breakdown gives it for one row."""
+        from jetspec_trt.plugins.skinny_gemm import skinny_gemm
+
+        out = []
+        for m in rows:
+            weights, weight_bytes, inputs = self._target_gemms(m)
+            cublas = _graphed(lambda: [torch.nn.functional.linear(inputs[w.shape[1]], w) for w in weights])
+            skinny = _graphed(lambda: [skinny_gemm(inputs[w.shape[1]], w, None) for w in weights])
+            cublas_ms, skinny_ms = _events_ms(cublas, self.cfg.reps), _events_ms(skinny, self.cfg.reps)
+            out.append({"rows": m, "weight_bytes": weight_bytes,
+                        "cublas_ms": cublas_ms, "cublas_GBps": weight_bytes / cublas_ms / 1e6,
+                        "skinny_ms": skinny_ms, "skinny_GBps": weight_bytes / skinny_ms / 1e6})
+        return out
 
     def round_split_ms(self, budget: int, context: int) -> dict[str, float]:
         tree = TreeConfig(budget, self.cfg.topk, self.cfg.max_depth)
@@ -296,6 +321,7 @@ def run_bench(cfg: BenchConfig, command: list[str] | None = None) -> Path:
         bench.decoder.set_tree_kernel(False)
     if cfg.compare_small_m_gemm and bench.decoder.triton_kernels:
         # The same rounds with the 2..64-row GEMMs (verify at budgets <= 64, the draft) on plugins.skinny_gemm.
+        report["small_m_gemms"] = bench.small_m_gemms()
         bench.decoder.set_small_m_gemm(True)
         report["rounds_small_m_gemm"] = bench.round_splits()
         report["agreement_small_m_gemm"] = bench.agreement()

@@ -25,4 +25,6 @@ def test_engine_bench_reports_every_section(tmp_path):
     assert [r["budget"] for r in report["rounds_small_m_gemm"]] == [4, 16]
     assert all(r["verify_ms"] > 0 for r in report["rounds_small_m_gemm"])
     assert report["agreement_small_m_gemm"]["prompts"] == 2
+    assert [r["rows"] for r in report["small_m_gemms"]] == [16, 32, 64]
+    assert all(r["cublas_GBps"] > 0 and r["skinny_GBps"] > 0 for r in report["small_m_gemms"])
     assert report["ar_step"][0]["step_ms"] > 0 and report["ar_generate"]["decode_tok_s"] > 0
