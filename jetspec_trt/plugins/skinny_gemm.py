@@ -40,6 +40,16 @@ def m_bucket(m: int) -> int:
     return next(b for b in M_BUCKETS if m <= b)
 
 
+SHARED_MEMORY_BUDGET = 160 * 1024  # bytes of pipelined tiles per program (an H200 SM has 228 KB)
+
+
+def pipeline_stages(block_n: int, block_k: int, element_bytes: int = 2) -> int:
+    """The most pipeline stages (4 down to 1) whose W tile [block_n, block_k] and x tile [MAX_M, block_k] fit the
+    shared-memory budget at the largest bucket."""
+    tile_bytes = (block_n + MAX_M) * block_k * element_bytes
+    return next((s for s in (4, 3, 2) if s * tile_bytes <= SHARED_MEMORY_BUDGET), 1)
+
+
 def serves(x: torch.Tensor) -> bool:
     """Whether the kernel (rather than F.linear) runs for this input."""
     return x.is_cuda and x.dim() == 2 and MIN_M <= x.shape[0] <= MAX_M and _kernel() is not None
@@ -75,17 +85,14 @@ def _build_kernel():
     import triton
     import triton.language as tl
 
-    # W tile [BLOCK_N, BLOCK_K] plus x tile [BLOCK_M <= 64, BLOCK_K] per stage must fit shared memory at BLOCK_M
-    # = 64: each (BLOCK_N, BLOCK_K) takes the most stages (4, else 3) within 160 KB, since streaming wants bytes in
-    # flight (bf16 128 x 256 would not fit 3 stages: dropped). 8 warps only for the wide tiles. 14 configs: tuning
-    # every (bucket, N, K) of a model in the warm-up costs 14 compiles and timings each.
-    def stages(bn: int, bk: int) -> int:
-        return next((s for s in (4, 3) if s * (bn + 64) * bk * 2 <= 160 * 1024), 0)
-
+    # Streaming wants bytes in flight: each (BLOCK_N, BLOCK_K) takes the most stages that fit (4 or 3 at bf16; tiles
+    # that fit fewer are dropped: bf16 128 x 256 would need 288 KB at 3). 8 warps only for the wide tiles. 14
+    # configs: tuning every (bucket, N, K) of a model in the warm-up costs 14 compiles and timings each. (float32
+    # tiles take twice the bytes: the autotuner skips those that run out of shared memory.)
     configs = [
-        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=stages(bn, bk))
+        triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=pipeline_stages(bn, bk))
         for bn in (16, 32, 64, 128) for bk in (64, 128, 256) for w in (4, 8)
-        if stages(bn, bk) and bn * bk <= 16384 and (w == 4 or bn >= 64)
+        if pipeline_stages(bn, bk) >= 3 and bn * bk <= 16384 and (w == 4 or bn >= 64)
     ]
 
     @triton.jit
@@ -123,8 +130,10 @@ def _build_kernel():
         if block is None:
             grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
             tuned_kernel[grid](*args, **flags)
-        else:  # one (BLOCK_N, BLOCK_K), untuned: tests check each (Triton's interpreter cannot time configs)
-            skinny_kernel[(triton.cdiv(n, block[0]),)](*args, **flags, BLOCK_N=block[0], BLOCK_K=block[1])
+        else:  # one (BLOCK_N, BLOCK_K), untuned: tests check each (Triton's interpreter cannot time configs), at
+            # the stages that fit this dtype (float32 too, where the autotuner would skip what does not fit)
+            skinny_kernel[(triton.cdiv(n, block[0]),)](*args, **flags, BLOCK_N=block[0], BLOCK_K=block[1],
+                                                        num_stages=pipeline_stages(*block, x.element_size()))
         return y
 
     return launch

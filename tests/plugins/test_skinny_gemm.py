@@ -11,14 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from jetspec_trt.plugins.linear import linear
-from jetspec_trt.plugins.skinny_gemm import _triton_skinny_gemm, m_bucket, skinny_gemm
+from jetspec_trt.plugins.skinny_gemm import _triton_skinny_gemm, m_bucket, pipeline_stages, skinny_gemm
 from tests.plugins.interpreter import needs_triton, run_in_interpreter
 
 ROWS = [2, 7, 16, 17, 33, 64]  # each bucket's edges (16 | 17, 32 | 33, 64) and masked rows inside one
 # N below and past a BLOCK_N multiple, K past a BLOCK_K multiple
 SMALL_SHAPES = [(40, 300), (17, 129)]
-# (BLOCK_N, BLOCK_K): the autotuner's smallest and largest of each
-BLOCKS = [(16, 64), (32, 128), (128, 256)]
+# (BLOCK_N, BLOCK_K) of the autotuner's configs: the smallest and largest of each
+BLOCKS = [(16, 64), (32, 256), (128, 128)]
 
 
 def test_cpu_fallback_is_f_linear():
@@ -33,8 +33,11 @@ def test_cpu_fallback_is_f_linear():
         assert torch.equal(linear(xr, w, b, True, use_small_m=True), F.linear(xr, w, b))
 
 
-def test_buckets():
+def test_buckets_and_stages():
     assert [m_bucket(m) for m in (2, 16, 17, 32, 33, 64)] == [16, 16, 32, 32, 64, 64]
+    # bf16 tiles pipeline 3-4 deep within the budget; float32's twice-as-large ones fewer, never none
+    assert [pipeline_stages(*b) for b in BLOCKS] == [4, 3, 3]
+    assert [pipeline_stages(*b, 4) for b in BLOCKS] == [4, 1, 1]
 
 
 def check_skinny(device, m, n, k, dtype, block=None, bias_too=True):
