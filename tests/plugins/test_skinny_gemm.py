@@ -84,6 +84,28 @@ def test_kernel_in_the_triton_interpreter():
     run_in_interpreter(check_blocks, timeout=900)
 
 
+@needs_triton
+@pytest.mark.parametrize("block_m", [16, 64])
+def test_kernel_compiles_for_hopper_without_a_gpu(block_m):
+    """The interpreter runs Python, not Triton's compiler: compile the kernel ahead of time for sm_90 in bf16 at each
+    autotuner config's tile and stages, so a tile that the compiler rejects (shared memory, tl.dot shapes) fails here
+    rather than in a GPU lease's warm-up."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from jetspec_trt.plugins.skinny_gemm import _kernel
+
+    kernel = _kernel().kernel
+    for block_n, block_k in BLOCKS:
+        constants = dict(HAS_BIAS=True, IEEE=False, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+        signature = {name: "constexpr" if name in constants else "*bf16" if name.endswith("_ptr") else "i32"
+                     for name in kernel.arg_names}
+        compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=4, num_stages=pipeline_stages(block_n, block_k)))
+        assert compiled.asm["cubin"], (block_m, block_n, block_k)
+
+
 @pytest.mark.gpu
 def test_blocks_on_cuda():
     check_blocks("cuda")
