@@ -42,6 +42,9 @@ class PagedKVCache:
         self.k = [self.k_all[i] for i in range(spec.num_layers)]
         self.v = [self.v_all[i] for i in range(spec.num_layers)]
         self.block_table = torch.arange(spec.num_pages, dtype=torch.int32, device=device)
+        # The block table on the host, as `length` mirrors ctx_len: the scheduler's padded passes build their
+        # inputs on the host and copy them in at once (runtime/batch_passes.py).
+        self.pages = torch.arange(spec.num_pages, dtype=torch.int32)
         # Committed tokens, as a device tensor so CUDA graphs can read it; `length` mirrors it on the host.
         self.ctx_len = torch.zeros(1, dtype=torch.int32, device=device)
         self.length = 0
@@ -55,7 +58,8 @@ class PagedKVCache:
         page i is physical page pages[i]) and its own length, starting empty. Every read and write of the
         sequence goes through the block table, so the pages need not be contiguous or in order."""
         view = copy.copy(self)  # shares spec, k_all / v_all and the per-layer views
-        view.block_table = torch.tensor(pages, dtype=torch.int32, device=self.block_table.device)
+        view.pages = torch.tensor(pages, dtype=torch.int32)
+        view.block_table = view.pages.to(self.block_table.device)
         view.ctx_len = torch.zeros_like(self.ctx_len)
         view.length = 0
         return view
@@ -166,5 +170,6 @@ class PagePool:
 
     def release(self, cache: PagedKVCache) -> None:
         """Give a view's pages back (their contents are garbage to the next owner, who writes before reading)."""
-        self._free.extend(cache.block_table.tolist())
+        self._free.extend(cache.pages.tolist())
         cache.block_table = cache.block_table[:0]  # a released view holds no pages: releasing it again is a no-op
+        cache.pages = cache.pages[:0]
