@@ -135,7 +135,8 @@ class Engine:
 
     def new_scheduler(self, config: SchedulerConfig) -> Scheduler:
         """An in-flight batching scheduler (runtime/scheduler.py) over this engine's own target, draft and runtime:
-        the same weights, no copy; its KV pages are its own. It runs the eager reference path (no CUDA graphs).
+        the same weights, no copy; its KV pages are its own. Its model passes replay CUDA graphs on CUDA
+        (SchedulerConfig.graph_passes), captured per bucket on first use (Scheduler.prepare_passes: up front).
         Not thread-safe: one thread makes every call (runtime/scheduler_thread.py does that for servers)."""
         decoder = self.decoder
         costs = self.cost_model() if config.budget_policy == "cost_model" else None

@@ -1,5 +1,5 @@
-"""In-flight batching on the eager reference path: requests join and leave between rounds, and every step runs
-ONE batched round for all running sequences, each with its own tree (or none), its own sampling and limits.
+"""In-flight batching: requests join and leave between rounds, and every step runs ONE batched round for all
+running sequences, each with its own tree (or none), its own sampling and limits.
 
 How a step relates to the single-request path. A running sequence is the eager `Decoder` (runtime/decoder.py)
 decoding in caches over pages of two shared pools: its prefill, its tree, its acceptance and its commit are the
@@ -32,6 +32,13 @@ ctx_len and tree mask (`batched_layer_call`). A sequence's tokens are therefore 
 same tree, the same draws from the same per-request generator in the same order, on logits equal up to GEMM
 rounding.
 
+Graph passes (SchedulerConfig.graph_passes, on by default on CUDA). The two passes run at bucketed fixed shapes
+over static buffers (runtime/batch_passes.py), each bucket a CUDA graph captured on first use (or up front:
+`prepare_passes`): the target pass per (batch bucket, token bucket), the sequences padded to 1, 2, 4, ...
+max_batch and their nodes to the next power of two; the draft's blocks per batch bucket, its context extension
+per token bucket. Padding rows write their K/V to a scratch page of each pool that no sequence owns, see only
+themselves, and their outputs are dropped. The per-sequence host work (trees, acceptance, commits) is unchanged.
+
 The round loop (`run_rounds`) is a generator per request that calls decode_round whole, so it cannot interleave
 requests; the scheduler does its few lines of per-round bookkeeping itself, through the same TokenLimit and
 DecodeStats.count_round.
@@ -55,10 +62,11 @@ import torch
 from jetspec_trt.devices import sync
 from jetspec_trt.errors import JetSpecError
 from jetspec_trt.models.draft import DraftHead
-from jetspec_trt.models.kv_cache import PagedKVCache, PagePool, batch_slots, write_kv
-from jetspec_trt.models.target import LayerCall, TargetModel
-from jetspec_trt.plugins.tree_attention import BatchedAttention, causal_mask, tree_attention_batched
+from jetspec_trt.models.kv_cache import PagedKVCache, PagePool, batch_slots
+from jetspec_trt.models.target import TargetModel
+from jetspec_trt.plugins.tree_attention import causal_mask, load_gpu_kernels
 from jetspec_trt.runtime.backend import DecodeRequest
+from jetspec_trt.runtime.batch_passes import PaddedPasses, batched_layer_call
 from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
 from jetspec_trt.runtime.cost_model import BudgetChooser, CostModel, doubling_up_to
 from jetspec_trt.runtime.decoder import Decoder
@@ -83,12 +91,18 @@ class SchedulerConfig:
     # "fixed": every round verifies each request's own tree. "cost_model": each step one per-sequence budget
     # (at most the request's own) chosen for the most expected tokens per second (cost_model.BudgetChooser).
     budget_policy: str = "fixed"
+    # The two batched passes at bucketed fixed shapes (runtime/batch_passes.py), replayed from CUDA graphs on
+    # CUDA: eager, each pass launches hundreds of small kernels (24 layers at the 0.5B shape). None: on CUDA
+    # only (on the CPU the padding costs and no launch is saved; True there runs the padded passes eagerly).
+    graph_passes: bool | None = None
 
     @classmethod
-    def full_batch(cls, runtime: RuntimeConfig, max_batch: int, budget_policy: str = "fixed") -> "SchedulerConfig":
+    def full_batch(cls, runtime: RuntimeConfig, max_batch: int, budget_policy: str = "fixed",
+                   graph_passes: bool | None = None) -> "SchedulerConfig":
         """Pages for `max_batch` requests of the engine's longest (max_seq_len and one tree beyond): any
         admissible request fits, and a full batch never waits for pages."""
-        return cls(max_batch * math.ceil(runtime.cache_tokens() / runtime.page_size), max_batch, budget_policy)
+        return cls(max_batch * math.ceil(runtime.cache_tokens() / runtime.page_size), max_batch, budget_policy,
+                   graph_passes)
 
     def validate(self) -> None:
         if self.num_pages < 1 or self.max_batch < 1:
@@ -152,26 +166,6 @@ class Sequence:
     drafted_at: int = 0
 
 
-def batched_layer_call(segments: list[tuple[PagedKVCache, torch.Tensor]]) -> LayerCall:
-    """A decoder layer over several sequences' new tokens, concatenated in `segments` order: (the sequence's
-    cache, the packed mask of its new tokens); the caches are views of one pool. The layer body (norms,
-    projections, RoPE, MLP) runs once over all tokens, and so do the KV write (one scatter through every
-    sequence's slots) and the attention (the batched op: each sequence after its own committed context, as
-    target.paged_layer_call does for one). The slots and the op's inputs are built once here, for all layers."""
-    caches = [cache for cache, _ in segments]
-    masks = [mask for _, mask in segments]
-    slots = batch_slots(caches, [mask.shape[0] for mask in masks])
-    batch = BatchedAttention.build([c.block_table for c in caches], [c.ctx_len for c in caches], masks)
-    pool = caches[0]
-
-    def call(i, layer, x, cos, sin):
-        q, k, v = layer.attention_inputs(x, cos, sin)
-        write_kv(pool.k[i], pool.v[i], slots, k, v)
-        return layer.finish(x, tree_attention_batched(q, pool.k[i], pool.v[i], batch, layer.self_attn.scale))
-
-    return call
-
-
 class Scheduler:
     """Requests in, tokens out, a batched round per step:
 
@@ -193,9 +187,15 @@ class Scheduler:
         self._steps = 0
         self.target, self.draft, self.runtime, self.config = target, draft, runtime, config
         self.device = target.embed_tokens.weight.device
-        pool_tokens = config.num_pages * runtime.page_size
+        fixed_shapes = config.graph_passes if config.graph_passes is not None else self.device.type == "cuda"
+        # The padded passes take a scratch page of each pool for their padding rows: one page more than asked.
+        pool_tokens = (config.num_pages + fixed_shapes) * runtime.page_size
         self.target_pool = PagePool(target.new_cache(pool_tokens, runtime.page_size))
         self.draft_pool = PagePool(draft.new_cache(pool_tokens, runtime.page_size)) if draft is not None else None
+        # Graphs only where the batched op has its Triton kernel: the reference reads cu_seqlens on the host.
+        graphs = fixed_shapes and self.device.type == "cuda" and load_gpu_kernels()
+        self.padded = (PaddedPasses(target, draft, runtime, self.target_pool, self.draft_pool, config.max_batch,
+                                    graphs) if fixed_shapes else None)  # None: the eager passes
         self._block_mask = causal_mask(runtime.block_size, self.device)
         self.waiting: deque[Sequence] = deque()
         self.running: dict[int, Sequence] = {}  # admission order
@@ -204,6 +204,14 @@ class Scheduler:
     @property
     def idle(self) -> bool:
         return not self.waiting and not self.running
+
+    @torch.inference_mode()
+    def prepare_passes(self, budget: int) -> None:
+        """Capture now (build, off CUDA) every bucket of the padded passes that trees of up to `budget` nodes can
+        use, so that a timed step captures none (unless a request brings a larger tree); nothing to do on the
+        eager passes."""
+        if self.padded is not None:
+            self.padded.capture(budget)
 
     def add_request(self, prompt_ids: list[int], max_new_tokens: int, sampling: SamplingConfig = SamplingConfig(),
                     speculative: bool = True, tree: TreeConfig | None = None, logprobs: bool = False) -> int:
@@ -218,9 +226,9 @@ class Scheduler:
         # one tree (or, in the draft cache, one block) after it.
         beyond = max(request.tree.budget, self.runtime.block_size) if request.speculative else 1
         slots = len(prompt_ids) + max_new_tokens + beyond
-        if self.target_pool.pages_for(slots) > self.target_pool.num_pages:
+        if self.target_pool.pages_for(slots) > self.config.num_pages:
             raise JetSpecError(f"request needs {self.target_pool.pages_for(slots)} KV pages; the pool has "
-                               f"{self.target_pool.num_pages}")
+                               f"{self.config.num_pages}")
         stats = DecodeStats(prompt_tokens=len(prompt_ids))
         sequence = Sequence(self._next_id, request, TokenLimit(max_new_tokens, self.runtime.eos_token_ids, stats),
                             stats, slots)
@@ -360,9 +368,12 @@ class Scheduler:
     def _verify_pass(self, sequences: list[Sequence], inputs: list[RoundInputs],
                      capture: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """ONE target pass over every sequence's nodes: logits [T, V] and (with `capture`) the draft's features."""
-        segments = [(s.decoder.target_cache, i.mask.to(self.device)) for s, i in zip(sequences, inputs)]
-        hidden, features = self.target.run_layers(torch.cat([i.tokens for i in inputs]).to(self.device),
-                                                  torch.cat([i.positions for i in inputs]).to(self.device),
+        caches = [s.decoder.target_cache for s in sequences]
+        tokens, positions = torch.cat([i.tokens for i in inputs]), torch.cat([i.positions for i in inputs])
+        if self.padded is not None:
+            return self.padded.verify(caches, tokens, positions, [i.mask for i in inputs], capture)
+        segments = [(cache, i.mask.to(self.device)) for cache, i in zip(caches, inputs)]
+        hidden, features = self.target.run_layers(tokens.to(self.device), positions.to(self.device),
                                                   batched_layer_call(segments),
                                                   tuple(self.runtime.target_layer_ids) if capture else ())
         return self.target.logits(hidden), features
@@ -380,10 +391,11 @@ class Scheduler:
         caches = [d.draft_cache for d in decoders]
         pending = [d.take_pending() for d in decoders]
         counts = [f.shape[0] for f, _ in pending]
-        slots = batch_slots(caches, counts)
-        kv = self.draft.context_key_values(torch.cat([f for f, _ in pending]), torch.cat([p for _, p in pending]))
-        for layer, (k, v) in enumerate(kv):
-            caches[0].write(layer, slots, k, v)  # every sequence's rows: the caches share the draft pool's tensors
+        if self.padded is None or not self.padded.extend_context(caches, [f for f, _ in pending]):
+            slots = batch_slots(caches, counts)
+            kv = self.draft.context_key_values(torch.cat([f for f, _ in pending]), torch.cat([p for _, p in pending]))
+            for layer, (k, v) in enumerate(kv):
+                caches[0].write(layer, slots, k, v)  # every sequence's rows: the caches share the draft pool's tensors
         for cache, n in zip(caches, counts):
             cache.set_length(cache.length + n)
 
@@ -391,13 +403,16 @@ class Scheduler:
         """The blocks [anchor, MASK x (block_size - 1)] at each anchor's position, back to back, through the
         draft, and the per-depth logits of each."""
         decoders = [s.decoder for s in sequences]
-        block_size, device = self.runtime.block_size, self.device
-        blocks = torch.full((len(decoders), block_size), self.runtime.mask_token_id, device=device)
-        blocks[:, 0] = torch.tensor([d.anchor for d in decoders], device=device)
-        offsets = torch.arange(block_size, device=device)
-        positions = torch.cat([d.length + offsets for d in decoders])
-        hidden = self.draft.run_layers(self.target.embed_tokens(blocks.flatten()), positions,
-                                       batched_layer_call([(d.draft_cache, self._block_mask) for d in decoders]))
+        caches, block_size = [d.draft_cache for d in decoders], self.runtime.block_size
+        blocks = torch.full((len(decoders), block_size), self.runtime.mask_token_id)
+        blocks[:, 0] = torch.tensor([d.anchor for d in decoders])
+        positions = torch.cat([d.length + torch.arange(block_size) for d in decoders])
+        if self.padded is not None:
+            logits = self.padded.draft_blocks(caches, blocks.flatten(), positions)
+            return [logits[j, : s.request.tree.draft_depth] for j, s in enumerate(sequences)]
+        hidden = self.draft.run_layers(self.target.embed_tokens(blocks.flatten().to(self.device)),
+                                       positions.to(self.device),
+                                       batched_layer_call([(cache, self._block_mask) for cache in caches]))
         hidden = hidden.view(len(decoders), block_size, -1)
         return [self.target.lm_head(hidden[j, 1 : 1 + s.request.tree.draft_depth]) for j, s in enumerate(sequences)]
 

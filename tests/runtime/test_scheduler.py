@@ -14,6 +14,7 @@ import torch
 import jetspec_trt.runtime.host_rounds as host_rounds_module
 from jetspec_trt.errors import JetSpecError
 from jetspec_trt.models.kv_cache import PagePool
+from jetspec_trt.runtime.batch_passes import padded_slots
 from jetspec_trt.runtime.config import TreeConfig
 from jetspec_trt.runtime.decoder import Decoder
 from jetspec_trt.runtime.scheduler import REFRESH_SHARE, Scheduler, SchedulerConfig
@@ -506,10 +507,11 @@ def test_cost_model_policy_configuration(pair):
         Scheduler(target, draft, runtime, SchedulerConfig(12, 2, "auto"), STEEP)
 
 
-def test_one_kv_write_and_one_attention_call_per_layer_for_the_whole_batch(pair, monkeypatch):
+@pytest.mark.parametrize("padded", [False, True], ids=["eager", "padded"])
+def test_one_kv_write_and_one_attention_call_per_layer_for_the_whole_batch(pair, monkeypatch, padded):
     """A step's passes launch the KV write and the attention once per layer whatever the batch size (the
-    per-sequence loop launched them once per layer and sequence)."""
-    import jetspec_trt.runtime.scheduler as scheduler_module
+    per-sequence loop launched them once per layer and sequence), at the step's shapes or padded."""
+    import jetspec_trt.runtime.batch_passes as passes_module
 
     calls = collections.Counter()
 
@@ -518,18 +520,115 @@ def test_one_kv_write_and_one_attention_call_per_layer_for_the_whole_batch(pair,
             calls[name] += 1
             return fn(*args, **kwargs)
 
-        monkeypatch.setattr(scheduler_module, name, wrapper)
+        monkeypatch.setattr(passes_module, name, wrapper)
 
-    counted("write_kv", scheduler_module.write_kv)
-    counted("tree_attention_batched", scheduler_module.tree_attention_batched)
+    counted("write_kv", passes_module.write_kv)
+    counted("tree_attention_batched", passes_module.tree_attention_batched)
     target, draft = pair
-    scheduler = Scheduler(target, draft, tiny_runtime(draft, TreeConfig(16, 4, 5)), SchedulerConfig(40, 3))
+    scheduler = Scheduler(target, draft, tiny_runtime(draft, TreeConfig(16, 4, 5)),
+                          SchedulerConfig(40, 3, graph_passes=padded))
     for job in JOBS[:3]:
         scheduler.add_request(job.prompt, job.max_new, job.sampling, job.speculative, job.tree)
     scheduler._admit({})  # prefills, one request at a time, outside the batched passes
     assert len(scheduler.running) == 3
     calls.clear()
     scheduler.step()
-    # One draft pass (two sequences speculate) and one target pass over all three.
+    # One draft pass (two sequences speculate) and one target pass over all three. (The draft's context extension,
+    # whole prompts here, writes through its caches' own write.)
     layers = len(target.layers) + len(draft.layers)
     assert calls == {"write_kv": layers, "tree_attention_batched": layers}
+
+
+# -- the padded passes (SchedulerConfig.graph_passes: CUDA graphs on CUDA, the same fixed shapes eagerly here) ------
+
+
+def compare_passes(pair, policy: str) -> tuple[list[tuple[int, int]], Scheduler]:
+    """JOBS greedy and seeded-sampled through a scheduler of eager passes and one of padded passes (graphed on
+    CUDA): every request gets the same tokens, rounds and acceptances. Returns the padded target passes'
+    (sequences, nodes) and the last padded scheduler."""
+    target, draft = pair
+    runtime = tiny_runtime(draft, TreeConfig(16, 4, 5))
+    samplings = [SamplingConfig(1.0, 1.0, seed=31), SamplingConfig(), SamplingConfig(0.7, 0.9, seed=32),
+                 SamplingConfig(1.0, 1.0, seed=33, top_k=5), SamplingConfig(1.0, seed=34)]
+    costs = None if policy == "fixed" else LINEAR
+    shapes = []
+    for jobs in (JOBS, [dataclasses.replace(job, sampling=s) for job, s in zip(JOBS, samplings)]):
+        runs = {}
+        for padded in (False, True):
+            scheduler = Scheduler(target, draft, runtime, SchedulerConfig(40, 4, policy, padded), costs)
+            if padded:  # record each target pass's sequences and nodes
+                verify = scheduler.padded.verify
+                scheduler.padded.verify = lambda caches, tokens, *rest: (
+                    shapes.append((len(caches), tokens.numel())) or verify(caches, tokens, *rest))
+            runs[padded] = run_schedule(scheduler, jobs)
+            assert scheduler.target_pool.free_pages == scheduler.draft_pool.free_pages == 40
+        (eager, eager_stats), (padded, padded_stats) = runs[False], runs[True]
+        for index in range(len(jobs)):
+            assert padded[index] == eager[index], f"job {index}"
+            got, ref = padded_stats[index], eager_stats[index]
+            assert (got.rounds, got.drafted_tokens, got.accepted_drafts, got.finish_reason) == (
+                ref.rounds, ref.drafted_tokens, ref.accepted_drafts, ref.finish_reason), f"job {index}"
+    return shapes, scheduler
+
+
+@pytest.mark.parametrize("policy", ["fixed", "cost_model"])
+def test_padded_passes_emit_the_tokens_of_the_eager_passes(pair, policy):
+    """Sequences padded to a batch bucket and nodes to a token bucket, padding rows in a scratch page: the
+    tokens of the eager passes, with requests joining and leaving, trees of several budgets and AR side by side
+    (under the cost model: per-step budgets, AR steps and skipped drafts, whose context extensions come in larger
+    buckets)."""
+    shapes, _ = compare_passes(pair, policy)
+    # Padded for real: 3 sequences in the bucket of 4, node counts between powers of two.
+    assert any(seqs == 3 for seqs, _ in shapes) and any(nodes & (nodes - 1) for _, nodes in shapes)
+
+
+def pool_rows(pool):
+    """Every slot's K/V row of every layer of the pool: [slots, layers * 2 * Hkv * D]."""
+    store = pool.store
+    return torch.cat([t.transpose(0, 1).flatten(0, 1).flatten(1) for t in (store.k_all, store.v_all)], 1)
+
+
+def test_padding_rows_write_only_the_scratch_page(pair):
+    """Each padded pass changes the K/V of its real rows' slots and the scratch page's, nothing else: no
+    sequence's committed context, no other sequence's slots, no free page."""
+    target, draft = pair
+    runtime = tiny_runtime(draft, TreeConfig(16, 4, 5))
+    scheduler = Scheduler(target, draft, runtime, SchedulerConfig(40, 4, graph_passes=True))
+    for job in (JOBS[0], JOBS[2], JOBS[3]):  # 3 sequences: the bucket of 4 has an unused slot and padding rows
+        scheduler.add_request(job.prompt, job.max_new, job.sampling, job.speculative, job.tree)
+    scheduler.step()  # admission and a first round, whose context extension (whole prompts) runs eagerly
+    sequences = list(scheduler.running.values())
+    assert len(sequences) == 3
+    page, block = runtime.page_size, runtime.block_size
+
+    def written(pool, run):
+        """Run, and return the flat slots whose K/V changed in some layer (the pool filled with noise first)."""
+        rows = [pool.store.k_all, pool.store.v_all]
+        for t in rows:
+            t.normal_()
+        before = [t.clone() for t in rows]
+        with torch.inference_mode():  # (as in Scheduler.step)
+            run()
+        diff = sum((t != b).flatten(3).any(-1).any(0).flatten().long() for t, b in zip(rows, before))
+        slots = set(torch.nonzero(diff).flatten().tolist())
+        return slots - scratch(pool), slots & scratch(pool)
+
+    def scratch(pool):
+        index = scheduler.padded.target_scratch if pool is scheduler.target_pool else scheduler.padded.draft_scratch
+        return set(range(index * page, (index + 1) * page))
+
+    def after_context(caches, counts):
+        return set(padded_slots(caches, counts, sum(counts), 0, page).tolist())
+
+    # The draft pass: each sequence's pending context rows, then its block, after its context.
+    caches = [s.decoder.draft_cache for s in sequences]
+    expected = after_context(caches, [s.decoder._pending[0].shape[0] + block for s in sequences])
+    logits = []
+    real, padding = written(scheduler.draft_pool, lambda: logits.extend(scheduler._draft_pass(sequences)))
+    assert real == expected and padding
+    # The target pass over the three trees (84 nodes in a bucket of 128).
+    inputs = [s.decoder.tree_inputs(s.decoder.draft_tree(depth_logits)) for s, depth_logits in zip(sequences, logits)]
+    counts = [i.tokens.numel() for i in inputs]
+    expected = after_context([s.decoder.target_cache for s in sequences], counts)
+    real, padding = written(scheduler.target_pool, lambda: scheduler._verify_pass(sequences, inputs, capture=True))
+    assert real == expected and padding and (4, 128) in scheduler.padded._verify
