@@ -62,6 +62,8 @@ def _floats(text: str) -> tuple[float, ...]:
 @click.option("--batch-modes", default="spec,spec-auto,ar", show_default=True,
               help="--batch: spec (every round the --budgets tree), spec-auto (each step's budget, at most that, "
                    "from the engine's cost model) and ar (budget 1, the baseline).")
+@click.option("--batch-graphs/--no-batch-graphs", "batch_graphs", default=True, show_default=True,
+              help="--batch: the scheduler's passes from CUDA graphs per batch and token bucket (off: eager).")
 @click.option("--device", default="cuda", show_default=True, help="cuda, or cpu (float32, HF generate on CPU too).")
 @click.option("--diagnose-fp32", is_flag=True,
               help="Suite bench: also diagnose greedy AR/speculative divergences on a float32 copy of the target.")
@@ -73,7 +75,7 @@ def _floats(text: str) -> tuple[float, ...]:
               help="--quantize-compare: tokens per held-out text.")
 def bench_command(random_target, budgets, contexts, topk, max_depth, taus, dtype, reps, no_hf, hf_prompts,
                   compile_layers, output_dir, tag, engine_dir, suites, prompts_file, num_prompts, max_new_tokens, temperatures,
-                  batches, batch_modes, device, diagnose_fp32, reference_dir, compare_max_tokens):
+                  batches, batch_modes, batch_graphs, device, diagnose_fp32, reference_dir, compare_max_tokens):
     """Measure AR decoding, the split of a speculative round, projected tok/s and HF generate on the GPU.
 
     With --engine: tau and wall-clock speed per prompt suite, budget and temperature (JSON + PNG).
@@ -100,7 +102,7 @@ def bench_command(random_target, budgets, contexts, topk, max_depth, taus, dtype
         bcfg = BatchBenchConfig(engine_dir=engine_dir, batches=_ints(batches), budget=_ints(budgets)[0],
                                 suites=tuple(suites.split(",")), prompts_file=prompts_file,
                                 max_new_tokens=max_new_tokens, modes=tuple(batch_modes.split(",")), device=device,
-                                output_dir=output_dir, tag=tag)
+                                graph_passes=batch_graphs, output_dir=output_dir, tag=tag)
         path = run_batch_bench(bcfg, command=sys.argv)
         click.echo(format_summary(json.loads(path.read_text())))
         click.echo(f"wrote {path} and {path.with_suffix('.png')}")

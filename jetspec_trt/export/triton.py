@@ -121,8 +121,8 @@ class TritonExportConfig:
     copy_engine: bool = False
     overwrite: bool = False
     # Sequences decoding together in each instance's one engine (in-flight batching, runtime/scheduler.py); 1 =
-    # one request at a time. Default 1: the scheduler runs the eager reference path, so on CUDA it gives up the
-    # graphed decoder that serves a single stream fastest; the trade (throughput of many streams for latency of
+    # one request at a time. Default 1: the scheduler's trees and acceptance run on the host (only its model passes
+    # are graphed), so on CUDA it gives up the fully graphed decoder that serves a single stream fastest; the trade (throughput of many streams for latency of
     # one) is the operator's to make. On the CPU every stream is eager anyway, and N > 1 is the better choice.
     inflight_batch: int = 1
 
