@@ -79,7 +79,8 @@ class PagedKVCache:
         """Flat physical slot ids of logical positions first + offsets."""
         logical = first.long() + offsets.long()
         page_size = self.spec.page_size
-        return self.block_table.long()[logical // page_size] * page_size + logical % page_size
+        # Index, then widen: widening the whole table first cost a pass over every allocated page per call.
+        return self.block_table[logical // page_size].long() * page_size + logical % page_size
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store K/V [T, Hkv, D] of new tokens into flat slots."""

@@ -50,8 +50,7 @@ class DecoderLayer(nn.Module):
     def forward(self, x, cos, sin, k_cache, v_cache, block_table, ctx_len, slots, tree_mask):
         """x [T, H]; the new tokens' K/V are written at flat `slots` of k_cache/v_cache [P, S, Hkv, D]."""
         q, k, v = self.attention_inputs(x, cos, sin)
-        write_kv(k_cache, v_cache, slots, k, v)
-        o = tree_attention(q, k_cache, v_cache, block_table, ctx_len, tree_mask, self.self_attn.scale)
+        o = paged_attention(q, k, v, k_cache, v_cache, block_table, ctx_len, slots, tree_mask, self.self_attn.scale)
         return self.finish(x, o)
 
     # The attention seam: everything of the layer but the KV write and the attention itself, so a decoder with
@@ -65,6 +64,22 @@ class DecoderLayer(nn.Module):
         """The residual stream after the attention output o [T, Hq, D]: o_proj residual, then the MLP residual."""
         x = x + self.self_attn.output(o.flatten(1))
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+@torch.compiler.disable
+def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    block_table: torch.Tensor, ctx_len: torch.Tensor, slots: torch.Tensor,
+                    tree_mask: torch.Tensor, scale: float) -> torch.Tensor:
+    """Write the new tokens' K/V at `slots`, then attend over the cache (the layer's only cache accesses).
+
+    Kept out of torch.compile (a graph break between the compiled halves of a compiled layer): Inductor
+    functionalizes the in-place KV write, and where its reinplacing pass gives up (it did for the fused-QKV
+    layer that GPU engines run) it writes into a clone of the WHOLE per-layer cache and copies it back, every
+    layer of every step: an AR step then cost O(allocated context), not O(context in use) (docs/engine.md,
+    "Per-step cost and the allocated context"). Outside the graph the write is an in-place index_copy_ of T rows
+    and no compiled graph takes a cache-sized input. Under CUDA graphs the break costs no device time."""
+    write_kv(k_cache, v_cache, slots, k, v)
+    return tree_attention(q, k_cache, v_cache, block_table, ctx_len, tree_mask, scale)
 
 
 # How a pass runs layer i over its cache: (i, layer, x [T, H], cos, sin) -> the layer's output [T, H].
