@@ -57,6 +57,9 @@ def tree_options(func):
                    "(CUDA).")
 @click.option("--no-prefill-graphs", is_flag=True,
               help="Run the prompt-length buckets' prefills eagerly instead of from CUDA graphs captured at load.")
+@click.option("--fused-layer-kernels", is_flag=True,
+              help="Run the target layers' norms, q/k norm + RoPE + KV write and post-attention residual add as "
+                   "fused Triton kernels (CUDA; off by default until timed).")
 @click.option("--quantize", type=click.Choice(["fp8"]), default=None,
               help="Quantize the target with nvidia-modelopt (FP8 e4m3, per-tensor scales, calibrated on prompts); "
                    "lm_head, embeddings and the draft head stay unquantized. Needs an FP8 GPU (sm89+) to run.")
@@ -68,7 +71,8 @@ def tree_options(func):
 @click.option("--calib-device", default=None, help="--quantize: where to calibrate [default: cuda if available].")
 def build(target_dir, draft_dir, output_dir, budget, topk, max_depth, dtype, max_seq_len, overwrite, backend,
           attention, no_fuse, no_tune, cost_model_device, no_cost_model, no_decode_gemv, no_compile, no_tree_kernel,
-          small_m_gemm, no_prefill_graphs, quantize, calib_prompts, calib_samples, calib_max_tokens, calib_device):
+          small_m_gemm, no_prefill_graphs, fused_layer_kernels, quantize, calib_prompts, calib_samples,
+          calib_max_tokens, calib_device):
     """Check a target/draft pair and write an engine directory."""
     if backend == "tensorrt" and quantize:
         raise JetSpecError("--quantize builds PyTorch engines only (drop --backend tensorrt)")
@@ -87,7 +91,8 @@ def build(target_dir, draft_dir, output_dir, budget, topk, max_depth, dtype, max
     config = BuildConfig(target_dir, draft_dir, output_dir, TreeConfig(budget, topk, depth), dtype, max_seq_len,
                          overwrite=overwrite, fuse=not no_fuse, tune=not no_tune,
                          decode_gemv=not no_decode_gemv, compile_graphs=not no_compile, tree_kernel=not no_tree_kernel,
-                         small_m_gemm=small_m_gemm, prefill_graphs=not no_prefill_graphs, quantize=quantize_config,
+                         small_m_gemm=small_m_gemm, prefill_graphs=not no_prefill_graphs,
+                         fused_layer_kernels=fused_layer_kernels, quantize=quantize_config,
                          cost_model_device=None if no_cost_model else cost_model_device)
     if backend == "tensorrt":
         from jetspec_trt.builders.tensorrt_builder import build_tensorrt_engine

@@ -16,6 +16,8 @@ from dataclasses import dataclass
 
 import torch
 
+from jetspec_trt.plugins.layer_kernels import write_kv  # noqa: F401 - the layout's write, where callers import it
+
 
 @dataclass(frozen=True)
 class KVCacheSpec:
@@ -120,13 +122,6 @@ class PagedKVCache:
         if not torch.equal(src, dst):
             self._move(src, dst)
         self.set_length(self.length + count)
-
-
-def write_kv(k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor,
-             v: torch.Tensor) -> None:
-    """Store K/V [T, Hkv, D] at flat slots of one layer's paged cache [P, S, Hkv, D]."""
-    k_cache.view(-1, *k.shape[1:]).index_copy_(0, slots, k.to(k_cache.dtype))
-    v_cache.view(-1, *v.shape[1:]).index_copy_(0, slots, v.to(v_cache.dtype))
 
 
 def batch_slots(caches: list[PagedKVCache], counts: list[int]) -> torch.Tensor:

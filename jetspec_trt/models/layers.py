@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from jetspec_trt.models.fp8 import fuse_fp8
+from jetspec_trt.plugins.layer_kernels import apply_rotary, rms_norm
 from jetspec_trt.plugins.linear import linear
 
 
@@ -19,10 +20,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class Rotary(nn.Module):
@@ -37,13 +35,6 @@ class Rotary(nn.Module):
         freqs = positions.float().unsqueeze(-1) * self.inv_freq
         emb = torch.cat([freqs, freqs], dim=-1)
         return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [T, H, D]; cos/sin [T, D]."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos.unsqueeze(1) + rotated * sin.unsqueeze(1)
 
 
 class Linear(nn.Linear):
@@ -181,15 +172,17 @@ class AttentionProjections(nn.Module):
             self.set_fused(weight, bias, weight_scale, input_scale)
         self.fused_gemm = True
 
+    def _heads(self, x: torch.Tensor, heads: int) -> torch.Tensor:
+        return x.view(x.shape[0], heads, self.head_dim)
+
     def _finish_query(self, q: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        q = q.view(q.shape[0], self.num_heads, self.head_dim)
+        q = self._heads(q, self.num_heads)
         if self.q_norm is not None:
             q = self.q_norm(q)
         return apply_rotary(q, cos, sin)
 
     def _finish_key_value(self, k, v, cos, sin) -> tuple[torch.Tensor, torch.Tensor]:
-        k = k.view(k.shape[0], self.num_kv_heads, self.head_dim)
-        v = v.view(v.shape[0], self.num_kv_heads, self.head_dim)
+        k, v = self._heads(k, self.num_kv_heads), self._heads(v, self.num_kv_heads)
         if self.k_norm is not None:
             k = self.k_norm(k)
         return apply_rotary(k, cos, sin), v
@@ -207,12 +200,19 @@ class AttentionProjections(nn.Module):
         route = (self.decode_gemv, self.small_m_gemm)
         return self._finish_key_value(self.k_proj(x, *route), self.v_proj(x, *route), cos, sin)
 
+    def projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [T, H] -> q [T, Hq, D], k and v [T, Hkv, D] as the projections give them (no norm, no RoPE); with
+        the fused GEMM, views of its one output."""
+        if self.fused_gemm:
+            q_rows, kv_rows = self.q_proj.weight.shape[0], self.k_proj.weight.shape[0]
+            q, k, v = linear(x, self.qkv_weight, self.qkv_bias, self.decode_gemv, self.qkv_weight_scale,
+                             self.qkv_input_scale, self.small_m_gemm).split([q_rows, kv_rows, kv_rows], dim=-1)
+        else:
+            q, k, v = (p(x, self.decode_gemv, self.small_m_gemm) for p in (self.q_proj, self.k_proj, self.v_proj))
+        return self._heads(q, self.num_heads), self._heads(k, self.num_kv_heads), self._heads(v, self.num_kv_heads)
+
     def query_key_value(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        if not self.fused_gemm:
-            return self.query(x, cos, sin), *self.key_value(x, cos, sin)
-        q_rows, kv_rows = self.q_proj.weight.shape[0], self.k_proj.weight.shape[0]
-        q, k, v = linear(x, self.qkv_weight, self.qkv_bias, self.decode_gemv, self.qkv_weight_scale,
-                         self.qkv_input_scale, self.small_m_gemm).split([q_rows, kv_rows, kv_rows], dim=-1)
+        q, k, v = self.projections(x)
         return self._finish_query(q, cos, sin), *self._finish_key_value(k, v, cos, sin)

@@ -21,6 +21,7 @@ from torch import nn
 
 from jetspec_trt.models.config import DecoderConfig
 from jetspec_trt.models.layers import MLP, AttentionProjections, RMSNorm, Rotary
+from jetspec_trt.plugins.layer_kernels import add_rms_norm, qk_norm_rope_write, rms_norm_op
 from jetspec_trt.plugins.linear import linear
 from jetspec_trt.plugins.tree_attention import causal_mask, load_gpu_kernels, packed_causal_mask, tree_attention
 from jetspec_trt.models.kv_cache import KVCacheSpec, PagedKVCache, write_kv
@@ -46,11 +47,20 @@ class DecoderLayer(nn.Module):
         )
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MLP(cfg.hidden_size, cfg.intermediate_size)
+        # The norms, q/k norm + RoPE + KV write and the post-attention residual add as the fused kernels of
+        # plugins/layer_kernels.py (TargetModel.set_fused_layer_kernels): the same values in fewer launches.
+        self.fused_kernels = False
 
     def forward(self, x, cos, sin, k_cache, v_cache, block_table, ctx_len, slots, tree_mask):
         """x [T, H]; the new tokens' K/V are written at flat `slots` of k_cache/v_cache [P, S, Hkv, D]."""
-        q, k, v = self.attention_inputs(x, cos, sin)
-        o = paged_attention(q, k, v, k_cache, v_cache, block_table, ctx_len, slots, tree_mask, self.self_attn.scale)
+        attn = self.self_attn
+        if self.fused_kernels:
+            q, k, v = attn.projections(rms_norm_op(x, self.input_layernorm.weight, self.input_layernorm.eps))
+            o = fused_paged_attention(attn, q, k, v, cos, sin, k_cache, v_cache, block_table, ctx_len, slots,
+                                      tree_mask)
+        else:
+            q, k, v = self.attention_inputs(x, cos, sin)
+            o = paged_attention(q, k, v, k_cache, v_cache, block_table, ctx_len, slots, tree_mask, attn.scale)
         return self.finish(x, o)
 
     # The attention seam: everything of the layer but the KV write and the attention itself, so a decoder with
@@ -62,8 +72,13 @@ class DecoderLayer(nn.Module):
 
     def finish(self, x: torch.Tensor, o: torch.Tensor) -> torch.Tensor:
         """The residual stream after the attention output o [T, Hq, D]: o_proj residual, then the MLP residual."""
-        x = x + self.self_attn.output(o.flatten(1))
-        return x + self.mlp(self.post_attention_layernorm(x))
+        norm = self.post_attention_layernorm
+        if self.fused_kernels:
+            x, h = add_rms_norm(x, self.self_attn.output(o.flatten(1)), norm.weight, norm.eps)
+        else:
+            x = x + self.self_attn.output(o.flatten(1))
+            h = norm(x)
+        return x + self.mlp(h)
 
 
 @torch.compiler.disable
@@ -80,6 +95,21 @@ def paged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: 
     and no compiled graph takes a cache-sized input. Under CUDA graphs the break costs no device time."""
     write_kv(k_cache, v_cache, slots, k, v)
     return tree_attention(q, k_cache, v_cache, block_table, ctx_len, tree_mask, scale)
+
+
+@torch.compiler.disable
+def fused_paged_attention(attn: AttentionProjections, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                          block_table: torch.Tensor, ctx_len: torch.Tensor, slots: torch.Tensor,
+                          tree_mask: torch.Tensor) -> torch.Tensor:
+    """paged_attention from the projections' raw q/k/v: q/k norm, RoPE and the KV write in one kernel
+    (plugins.layer_kernels.qk_norm_rope_write), then the attention. Outside torch.compile for the same reason:
+    the op writes the caches in place."""
+    q_norm, k_norm = attn.q_norm, attn.k_norm
+    q = qk_norm_rope_write(q, k, v, q_norm.weight if q_norm is not None else None,
+                           k_norm.weight if k_norm is not None else None, cos, sin,
+                           k_cache, v_cache, slots, q_norm.eps if q_norm is not None else 0.0)
+    return tree_attention(q, k_cache, v_cache, block_table, ctx_len, tree_mask, attn.scale)
 
 
 # How a pass runs layer i over its cache: (i, layer, x [T, H], cos, sin) -> the layer's output [T, H].
@@ -110,6 +140,13 @@ class TargetModel(nn.Module):
         self.rotary = Rotary(inv_freq, attention_scaling)
         self.decode_gemv = False
         self.small_m_gemm = False
+
+    def set_fused_layer_kernels(self, enabled: bool) -> None:
+        """Run every layer's norms, q/k norm + RoPE + KV write and post-attention residual add through the fused
+        kernels (plugins.layer_kernels; RuntimeConfig.fused_layer_kernels). Compiled layers re-trace on the
+        switch, as for set_decode_gemv."""
+        for layer in self.layers:
+            layer.fused_kernels = enabled
 
     def set_decode_gemv(self, enabled: bool) -> None:
         """Route single-token GEMMs (the AR step: fused QKV, o_proj, gate-up, down, lm_head) through the

@@ -68,6 +68,11 @@ class RuntimeConfig:
     # CUDA: each prompt-length bucket's prefill replayed from a CUDA graph captured at load (False: the same
     # bucketed pass run eagerly, one launch per kernel).
     prefill_graphs: bool = True
+    # The target layers' norms, q/k norm + RoPE + KV write and post-attention residual add as the fused Triton
+    # kernels of plugins/layer_kernels.py (CUDA; elsewhere the ops run the same torch math): issue 16 measured
+    # 40-75 us of such small kernels per layer at the Qwen3-8B shape. Off until timed on a GPU
+    # (`jetspec-trt bench` reports the AR step with them as "ar_step_fused_layer_kernels").
+    fused_layer_kernels: bool = False
     extras: dict = field(default_factory=dict)  # backend-specific (e.g. tuned kernel configs)
 
     def cache_tokens(self) -> int:

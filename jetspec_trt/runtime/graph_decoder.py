@@ -215,6 +215,7 @@ class GraphDecoder:
             target.set_decode_gemv(runtime.decode_gemv)
             target.set_small_m_gemm(runtime.small_m_gemm)
             draft.set_small_m_gemm(runtime.small_m_gemm)
+        target.set_fused_layer_kernels(runtime.fused_layer_kernels)  # (off CUDA the ops' torch reference runs)
         # The tree build (one sort per level) and the acceptance walk are ~100-200 tiny kernels a round at batch 1
         # eager (H200, 0.5B shape: tree 0.66 ms of a 2.50 ms budget-16 round); compiled, Inductor fuses what lies
         # between the top-k/sort calls (and sorts of <= 512 entries themselves). Shapes are fixed per tree
@@ -282,8 +283,13 @@ class GraphDecoder:
         self.draft.set_small_m_gemm(enabled)
         self._drop_graphs()
 
+    def set_fused_layer_kernels(self, enabled: bool) -> None:
+        """Switch the target's layers between the fused layer kernels and the unfused ops; drops captured graphs."""
+        self.target.set_fused_layer_kernels(enabled)
+        self._drop_graphs()
+
     def _drop_graphs(self) -> None:
-        """Forget every captured graph (they baked in the GEMM kernels of the switches' old settings)."""
+        """Forget every captured graph (they baked in the kernels of the model's old switches): prepare recaptures."""
         self._ar_steps.clear()
         self._stages.clear()
         self._prefills.clear()  # (the last row's lm_head is a single-token GEMM); recaptured by prepare
