@@ -2,6 +2,8 @@
 
 Everything is measured in one run on one device, so the ratios in the JSON are side by side:
   * AR: one graphed decode step at each context (CUDA events, median), and an end-to-end greedy generate
+  * AR breakdown: the step's GEMMs alone against the weight-streaming floor, and per context the rest of the step
+    (norms, RoPE, KV write, attention, residuals) per layer
   * sampled rounds (T=1) per budget and context, as a ratio to the greedy round
   * round split: draft / tree / verify / accept+compaction, per tree budget and context (graph replays); with
     compare_tree_kernel the same split again with the tree stage on the Triton tree kernels ("rounds_tree_kernel"),
@@ -50,6 +52,11 @@ class BenchConfig:
     compare_gemv: bool = True  # also time the AR step with plugins.gemv for the single-token GEMMs
     compare_tree_kernel: bool = True  # also time the rounds with the tree stage on plugins.triton_tree_build
     compare_small_m_gemm: bool = True  # also time the rounds with the 2..64-row GEMMs on plugins.skinny_gemm
+    compare_fused_layer_kernels: bool = True  # also time the AR step with plugins.layer_kernels' fused kernels
+    # Tokens the engine allows (its caches' size). None: the largest context plus the AR generate and some slack.
+    # One engine serves every context, so each is timed in the engine a real deployment of that size would
+    # have; a larger value times small contexts in a large engine (issue 16: a step must not depend on it).
+    max_seq_len: int | None = None
     output_dir: Path = Path("bench/results")
     tag: str = ""
 
@@ -89,7 +96,7 @@ class EngineBench:
         spec = draft.spec
         runtime = RuntimeConfig(
             tree=TreeConfig(max(cfg.budgets), cfg.topk, cfg.max_depth), dtype=cfg.dtype,
-            max_seq_len=max(cfg.contexts) + cfg.ar_tokens + 64, block_size=spec.block_size,
+            max_seq_len=engine_tokens(cfg), block_size=spec.block_size,
             mask_token_id=spec.mask_token_id, target_layer_ids=spec.target_layer_ids, eos_token_ids=(),
             decode_gemv=False,  # "ar_step" is the cuBLAS step; cfg.compare_gemv adds the GEMV one beside it
             tree_kernel=False,  # "rounds" build the tree with torch ops; cfg.compare_tree_kernel adds the kernels'
@@ -113,7 +120,8 @@ class EngineBench:
     def ar_breakdown(self, context: int) -> dict:
         """Where the AR step's time goes: the weight bytes it must stream, the device's measured streaming rates
         (a plain read and a copy), the GEMMs alone (the step's GEMM sequence at M=1 in one graph, cuBLAS and
-        plugins.gemv), and the rest of the step (norms, RoPE, KV write, attention, residuals, argmax)."""
+        plugins.gemv), and the rest of the step (norms, RoPE, KV write, attention, residuals, argmax), in all
+        and per layer."""
         from jetspec_trt.plugins.gemv import gemv
 
         weights, weight_bytes, inputs = self._target_gemms(1)
@@ -135,7 +143,13 @@ class EngineBench:
                 "floor_ms": floor_ms, "step_ms": step,
                 "gemms_cublas_ms": gemm_ms, "gemms_cublas_GBps": weight_bytes / gemm_ms / 1e6,
                 "gemms_gemv_ms": gemv_ms, "gemms_gemv_GBps": weight_bytes / gemv_ms / 1e6,
-                "rest_of_step_ms": step - gemm_ms}
+                **self.rest_of_step(step, gemm_ms)}
+
+    def rest_of_step(self, step_ms: float, gemms_ms: float) -> dict:
+        """The step's non-GEMM time (the step less its GEMMs alone), in all and per layer (the lm_head's argmax
+        and the step's few once-per-step kernels are counted in the layers' share)."""
+        rest = step_ms - gemms_ms
+        return {"rest_of_step_ms": rest, "rest_per_layer_us": 1000 * rest / len(self.target.layers)}
 
     def _target_gemms(self, rows: int) -> tuple[list[torch.Tensor], int, dict[int, torch.Tensor]]:
         """The [N, K] weights a target pass reads, in order, as the model calls them (fused QKV, o_proj, gate-up,
@@ -241,6 +255,14 @@ class EngineBench:
                 "identical": identical, "first_divergence_at": divergences}
 
 
+def engine_tokens(cfg: BenchConfig) -> int:
+    """The bench engine's max_seq_len: cfg.max_seq_len, or the largest context plus the AR generate and slack."""
+    needed = max(cfg.contexts) + cfg.ar_tokens + 64
+    if cfg.max_seq_len is not None and cfg.max_seq_len < max(cfg.contexts) + 1:
+        raise JetSpecError(f"--max-seq-len {cfg.max_seq_len} cannot hold context {max(cfg.contexts)} and a step")
+    return cfg.max_seq_len if cfg.max_seq_len is not None else needed
+
+
 def hf_generate_tok_s(hf_config, dtype: torch.dtype, device: str, new_tokens: int) -> dict:
     """Hugging Face transformers `generate` (greedy, its default cache) on a random model of the same shape."""
     from transformers import AutoModelForCausalLM
@@ -284,10 +306,12 @@ def run_bench(cfg: BenchConfig, command: list[str] | None = None) -> Path:
         "model": f"{cfg.random_target} (random weights)", "ar_step": [], "rounds": [],
         "attention": "triton" if bench.decoder.triton_kernels else "torch reference (whole-cache, no Triton kernel)",
     }
-    report["ar_breakdown"] = bench.ar_breakdown(2048 if 2048 in cfg.contexts else cfg.contexts[0])
+    report["engine_max_seq_len"] = bench.decoder.runtime.max_seq_len
+    report["ar_breakdown"] = breakdown = bench.ar_breakdown(2048 if 2048 in cfg.contexts else cfg.contexts[0])
     for context in cfg.contexts:
         step = bench.ar_step_ms(context)
-        report["ar_step"].append({"context": context, "step_ms": step, "tok_s": 1000 / step})
+        report["ar_step"].append({"context": context, "step_ms": step, "tok_s": 1000 / step,
+                                  **bench.rest_of_step(step, breakdown["gemms_cublas_ms"])})
         progress.update()
         for budget in cfg.budgets:
             split = bench.round_split_ms(budget, context)
@@ -313,6 +337,12 @@ def run_bench(cfg: BenchConfig, command: list[str] | None = None) -> Path:
                                   for c in cfg.contexts]
         report["ar_generate_gemv"] = bench.ar_generate_tok_s()
         bench.decoder.set_decode_gemv(False)
+    if cfg.compare_fused_layer_kernels:  # the cuBLAS AR step again, its layers' small ops on the fused kernels
+        bench.decoder.set_fused_layer_kernels(True)
+        report["ar_step_fused_layer_kernels"] = [
+            {"context": c, "step_ms": (ms := bench.ar_step_ms(c)), "tok_s": 1000 / ms,
+             **bench.rest_of_step(ms, breakdown["gemms_cublas_ms"])} for c in cfg.contexts]
+        bench.decoder.set_fused_layer_kernels(False)
     if cfg.compare_tree_kernel and bench.decoder.triton_kernels:
         # The same rounds with the tree stage on the Triton kernels, and their greedy agreement with AR.
         bench.decoder.set_tree_kernel(True)

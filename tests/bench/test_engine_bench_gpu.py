@@ -28,3 +28,10 @@ def test_engine_bench_reports_every_section(tmp_path):
     assert [r["rows"] for r in report["small_m_gemms"]] == [16, 32, 64]
     assert all(r["cublas_GBps"] > 0 and r["skinny_GBps"] > 0 for r in report["small_m_gemms"])
     assert report["ar_step"][0]["step_ms"] > 0 and report["ar_generate"]["decode_tok_s"] > 0
+    assert report["engine_max_seq_len"] == 64 + 16 + 64
+    for section in ("ar_step", "ar_step_fused_layer_kernels"):
+        row = report[section][0]
+        assert row["context"] == 64 and row["step_ms"] > 0
+        assert row["rest_per_layer_us"] == pytest.approx(1000 * row["rest_of_step_ms"] / 6)  # the tiny preset's layers
+    breakdown = report["ar_breakdown"]
+    assert breakdown["rest_per_layer_us"] == pytest.approx(1000 * breakdown["rest_of_step_ms"] / 6)
