@@ -18,8 +18,9 @@ from jetspec_trt.plugins.tree_attention import causal_mask
 PAGES, PAGE, KV_HEADS, HEAD_DIM = 37, 16, 2, 16  # 37: a page count no other shape of the layer has
 
 
-@pytest.mark.parametrize("fused_gemm", [False, True], ids=["separate-qkv", "fused-qkv"])
-def test_compiled_layer_never_sees_the_cache(fused_gemm):
+@pytest.mark.parametrize("fused_gemm,fused_kernels", [(False, False), (True, False), (True, True)],
+                         ids=["separate-qkv", "fused-qkv", "fused-layer-kernels"])
+def test_compiled_layer_never_sees_the_cache(fused_gemm, fused_kernels):
     from torch._inductor.utils import run_and_get_code
 
     torch.manual_seed(0)
@@ -28,6 +29,7 @@ def test_compiled_layer_never_sees_the_cache(fused_gemm):
     if fused_gemm:  # the layout GPU engines run, where Inductor cloned the caches
         layer.self_attn.fuse()
         layer.mlp.fuse()
+    layer.fused_kernels = fused_kernels  # the plugins.layer_kernels ops (their torch reference on the CPU)
     rotary = Rotary(1.0 / (10000 ** (torch.arange(0, HEAD_DIM, 2).float() / HEAD_DIM)))
     caches = [PagedKVCache(KVCacheSpec(2, KV_HEADS, HEAD_DIM, PAGES * PAGE, PAGE)) for _ in range(2)]
     for cache in caches:
