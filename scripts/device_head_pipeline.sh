@@ -26,7 +26,7 @@
 # benches the committed head last, on the same prompts), PROMPT_OFFSET (0; runs 3-4 answered prompts from the
 # first 12000 of the mix, run 5 (lost) 12000-27000, run 6 27000-38458, run 7 38500-49262, run 8 0-13833 (a second pass);
 # the mix has 53,319 and 50000-50063 are scripts/probe_head.py's held-out prompts),
-# SETUP_S (150), ENGINE_BENCH (0; 1 ends with the engine bench at the pair's shape), BUILD_FLAGS (extra build
+# PROFILE_STEPS (5: traced steps -> head-*/profile_steps.json; 0 none), SETUP_S (150), ENGINE_BENCH (0; 1 ends with the engine bench at the pair's shape), BUILD_FLAGS (extra build
 # flags for every engine, e.g. --no-prefill-graphs where the idle window's GPU tests showed the captures failing).
 set -uo pipefail
 WORK=${1:?work dir}
@@ -69,7 +69,7 @@ for shape in $LAYERS; do
   mkdir -p "$WORK/head-$shape" && cp -r "$WORK/responses/data" "$WORK/head-$shape/"
   jt train --output "$WORK/head-$shape" --init-head heads/qwen2.5-coder-0.5b-jetspec --num-layers "$n" "${opts[@]}" \
      --gen-time-budget 0 --steps 1000000 --time-budget "$TRAIN_S" --wall-budget "$((TRAIN_S + SETUP_S))" \
-     --batch-size 8 --lr 6e-4 --eval-every 400 \
+     --batch-size 8 --lr 6e-4 --eval-every 400 --profile-steps "${PROFILE_STEPS:-5}" \
      --save-every 100000 "${data[@]}" > "$WORK/train-$shape.log" 2>&1 || echo "training $shape failed (see $WORK/train-$shape.log)"
 done
 
@@ -93,11 +93,12 @@ for shape in $LAYERS; do
 done
 # The head the runs started from, benched in the same lease on the same prompts.
 [ "${BASELINE:-0}" = 1 ] && build_and_bench heads/qwen2.5-coder-0.5b-jetspec base 0 0
-# The engine bench at the pair's shape (random weights): round stages with the torch tree build and with the Triton
-# tree kernels side by side (rounds / rounds_tree_kernel), the AR step and its breakdown; ~2-3 minutes.
+# The engine bench at the pair's shape (random weights): round stages with the torch tree build, the Triton tree
+# kernels and the skinny GEMM side by side, the AR step on the fused layer kernels beside it, the AR breakdown
+# (rest of the step per layer); ~3 minutes.
 if [ "${ENGINE_BENCH:-0}" = 1 ]; then
   stage "engine bench, qwen2.5-0.5b shape"
   jt bench --random-target qwen2.5-0.5b --budgets 16,64,256 --contexts 512 --no-hf --reps 20 \
-     --output-dir "$WORK/results" --tag "tree-kernel"
+     --output-dir "$WORK/results" --tag "engine"
 fi
 stage "done"
