@@ -21,6 +21,8 @@ torch._scaled_mm computes for prefill and verify (plugins/fp8_gemm.py). The same
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -55,18 +57,13 @@ def _gemv_fp8_fake(x, weight, scale, bias, out_dtype):
     return x.new_empty(x.shape[0], weight.shape[0], dtype=out_dtype)
 
 
-_KERNEL = None
-
-
+@functools.cache
 def _kernel():
     """The autotuned Triton kernel, built on first use (None where Triton is missing)."""
-    global _KERNEL
-    if _KERNEL is None:
-        try:
-            _KERNEL = _build_kernel()
-        except ImportError:
-            _KERNEL = False
-    return _KERNEL or None
+    try:
+        return _build_kernel()
+    except ImportError:
+        return None
 
 
 def _build_kernel():

@@ -25,6 +25,8 @@ FP8 weights keep their own path (plugins/fp8_gemm.py).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -67,18 +69,13 @@ def _skinny_gemm_fake(x, weight, bias):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-_KERNEL = None
-
-
+@functools.cache
 def _kernel():
     """The autotuned Triton kernel, built on first use (None where Triton is missing)."""
-    global _KERNEL
-    if _KERNEL is None:
-        try:
-            _KERNEL = _build_kernel()
-        except ImportError:
-            _KERNEL = False
-    return _KERNEL or None
+    try:
+        return _build_kernel()
+    except ImportError:
+        return None
 
 
 def _build_kernel():
