@@ -51,6 +51,9 @@ def _floats(text: str) -> tuple[float, ...]:
                    "E.g. --contexts 512 --max-seq-len 32768 times context 512 in an engine built for 32 K.")
 @click.option("--fused-layer-kernels/--no-fused-layer-kernels", "compare_fused", default=True, show_default=True,
               help="Engine bench: also time the AR step with the fused layer kernels (ar_step_fused_layer_kernels).")
+@click.option("--fp8/--no-fp8", "compare_fp8", default=False, show_default=True,
+              help="Engine bench: then convert the same random target to FP8 (as build --quantize fp8 stores it) "
+                   "and time its AR step, rounds and AR breakdown beside bf16 (*_fp8 keys). Needs an sm89+ GPU.")
 @click.option("--output-dir", type=click.Path(path_type=Path), default=Path("bench/results"), show_default=True)
 @click.option("--tag", default="", help="Suffix for the output file names.")
 @click.option("--engine", "engine_dir", type=click.Path(path_type=Path), default=None,
@@ -79,9 +82,9 @@ def _floats(text: str) -> tuple[float, ...]:
 @click.option("--compare-max-tokens", type=int, default=1024, show_default=True,
               help="--quantize-compare: tokens per held-out text.")
 def bench_command(random_target, budgets, contexts, topk, max_depth, taus, dtype, reps, no_hf, hf_prompts,
-                  compile_layers, max_seq_len, compare_fused, output_dir, tag, engine_dir, suites, prompts_file,
-                  num_prompts, max_new_tokens, temperatures, batches, batch_modes, batch_graphs, device, diagnose_fp32,
-                  reference_dir, compare_max_tokens):
+                  compile_layers, max_seq_len, compare_fused, compare_fp8, output_dir, tag, engine_dir, suites,
+                  prompts_file, num_prompts, max_new_tokens, temperatures, batches, batch_modes, batch_graphs, device,
+                  diagnose_fp32, reference_dir, compare_max_tokens):
     """Measure AR decoding, the split of a speculative round, projected tok/s and HF generate on the GPU.
 
     With --engine: tau and wall-clock speed per prompt suite, budget and temperature (JSON + PNG).
@@ -130,6 +133,7 @@ def bench_command(random_target, budgets, contexts, topk, max_depth, taus, dtype
     cfg = BenchConfig(random_target=random_target, budgets=_ints(budgets), contexts=_ints(contexts), topk=topk,
                       max_depth=max_depth, taus=_floats(taus), dtype=dtype, reps=reps, hf_generate=not no_hf,
                       compile_layers=compile_layers, max_seq_len=max_seq_len,
-                      compare_fused_layer_kernels=compare_fused, output_dir=output_dir, tag=tag)
+                      compare_fused_layer_kernels=compare_fused, compare_fp8=compare_fp8, output_dir=output_dir,
+                      tag=tag)
     path = run_bench(cfg, command=sys.argv)
     click.echo(f"wrote {path} and {path.with_suffix('.png')}")

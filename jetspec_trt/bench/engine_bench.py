@@ -8,6 +8,9 @@ Everything is measured in one run on one device, so the ratios in the JSON are s
   * round split: draft / tree / verify / accept+compaction, per tree budget and context (graph replays); with
     compare_tree_kernel the same split again with the tree stage on the Triton tree kernels ("rounds_tree_kernel"),
     and with compare_small_m_gemm with the 2..64-row GEMMs on the skinny GEMM kernel ("rounds_small_m_gemm")
+  * with compare_fp8, the same target as an FP8 checkpoint (write_fp8_target, loaded by the engine's FP8 loader)
+    in the same process: its AR step (torch._scaled_mm and the FP8 GEMV), rounds and AR breakdown with the FP8
+    weight-streaming floor, each row with its ratio to the bf16 one ("*_fp8" keys)
   * projected tok/s = tau / round time, for tau values given (e.g. the paper's) and measured ones
   * Hugging Face transformers `generate` on the same shape and dtype
   * agreement: speculative greedy output vs the engine's own AR greedy output, over several prompts
@@ -16,8 +19,11 @@ Everything is measured in one run on one device, so the ratios in the JSON are s
 from __future__ import annotations
 
 import datetime as dt
+import gc
 import json
 import statistics
+import tempfile
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -53,6 +59,9 @@ class BenchConfig:
     compare_tree_kernel: bool = True  # also time the rounds with the tree stage on plugins.triton_tree_build
     compare_small_m_gemm: bool = True  # also time the rounds with the 2..64-row GEMMs on plugins.skinny_gemm
     compare_fused_layer_kernels: bool = True  # also time the AR step with plugins.layer_kernels' fused kernels
+    # Also time the same target as FP8 (write_fp8_target) after the bf16 sections: off by default, since it
+    # builds a second engine (checkpoint written and loaded, layers compiled, graphs captured again).
+    compare_fp8: bool = False
     # Tokens the engine allows (its caches' size). None: the largest context plus the AR generate and some slack.
     # One engine serves every context, so each is timed in the engine a real deployment of that size would
     # have; a larger value times small contexts in a large engine (issue 16: a step must not depend on it).
@@ -119,15 +128,17 @@ class EngineBench:
 
     def ar_breakdown(self, context: int) -> dict:
         """Where the AR step's time goes: the weight bytes it must stream, the device's measured streaming rates
-        (a plain read and a copy), the GEMMs alone (the step's GEMM sequence at M=1 in one graph, cuBLAS and
-        plugins.gemv), and the rest of the step (norms, RoPE, KV write, attention, residuals, argmax), in all
-        and per layer."""
-        from jetspec_trt.plugins.gemv import gemv
+        (a plain read and a copy), the GEMMs alone (the step's GEMM sequence at M=1 in one graph, through
+        plugins.linear as the model calls it: cuBLAS and plugins.gemv; on an FP8 target torch._scaled_mm and the
+        FP8 GEMV, with their input quantization), and the rest of the step (norms, RoPE, KV write, attention,
+        residuals, argmax), in all and per layer. The floor is the bytes over the faster rate: FP8 weights count
+        one byte each, so an FP8 target's floor is its own."""
+        from jetspec_trt.plugins.linear import linear
 
-        weights, weight_bytes, inputs = self._target_gemms(1)
-        device = weights[0].device
-        cublas = _graphed(lambda: [torch.nn.functional.linear(inputs[w.shape[1]], w) for w in weights])
-        triton_gemv = _graphed(lambda: [gemv(inputs[w.shape[1]], w, None) for w in weights])
+        gemms, weight_bytes, inputs = self._target_gemms(1)
+        device = gemms[0][0].device
+        cublas = _graphed(lambda: [linear(inputs[w.shape[1]], w, None, False, *scales) for w, *scales in gemms])
+        triton_gemv = _graphed(lambda: [linear(inputs[w.shape[1]], w, None, True, *scales) for w, *scales in gemms])
         big = torch.empty(4 * 2**30 // 2, dtype=torch.bfloat16, device=device).normal_()
         out = torch.empty_like(big)
         read_ms = _events_ms(lambda: big.sum(dtype=torch.float32), self.cfg.reps)
@@ -140,7 +151,7 @@ class EngineBench:
         gemv_ms = _events_ms(triton_gemv, self.cfg.reps)
         floor_ms = weight_bytes / max(read_gbs, copy_gbs) / 1e6
         return {"context": context, "weight_bytes": weight_bytes, "read_GBps": read_gbs, "copy_GBps": copy_gbs,
-                "floor_ms": floor_ms, "step_ms": step,
+                "floor_ms": floor_ms, "step_ms": step, "floor_share": floor_ms / step,
                 "gemms_cublas_ms": gemm_ms, "gemms_cublas_GBps": weight_bytes / gemm_ms / 1e6,
                 "gemms_gemv_ms": gemv_ms, "gemms_gemv_GBps": weight_bytes / gemv_ms / 1e6,
                 **self.rest_of_step(step, gemm_ms)}
@@ -151,18 +162,46 @@ class EngineBench:
         rest = step_ms - gemms_ms
         return {"rest_of_step_ms": rest, "rest_per_layer_us": 1000 * rest / len(self.target.layers)}
 
-    def _target_gemms(self, rows: int) -> tuple[list[torch.Tensor], int, dict[int, torch.Tensor]]:
-        """The [N, K] weights a target pass reads, in order, as the model calls them (fused QKV, o_proj, gate-up,
-        down per layer, then the lm_head), their bytes, and a random [rows, K] input per K."""
-        weights = []
+    def ar_step_row(self, context: int, breakdown: dict, gemms: str = "gemms_cublas_ms") -> dict:
+        """The AR step at `context` under the decoder's current switches: ms, tok/s, the share of it the
+        weight-streaming floor is (floor_share; 1.0 would be the floor), and the rest of the step beside
+        breakdown[gemms] (the GEMMs alone on the kernels this step runs)."""
+        ms = self.ar_step_ms(context)
+        return {"context": context, "step_ms": ms, "tok_s": 1000 / ms, "floor_share": breakdown["floor_ms"] / ms,
+                **self.rest_of_step(ms, breakdown[gemms])}
+
+    def ar_steps_and_rounds(self, breakdown: dict, progress) -> tuple[list[dict], list[dict]]:
+        """The cuBLAS AR step (ar_step_row) and the round split at every (context, budget), with the round's
+        ratio to the step and its projected tok/s at the config's taus."""
+        steps, rounds = [], []
+        for context in self.cfg.contexts:
+            steps.append(step := self.ar_step_row(context, breakdown))
+            progress.update()
+            for budget in self.cfg.budgets:
+                split = self.round_split_ms(budget, context)
+                split.update(budget=budget, context=context, vs_ar_step=split["round_ms"] / step["step_ms"],
+                             projected_tok_s={str(tau): 1000 * tau / split["round_ms"] for tau in self.cfg.taus})
+                rounds.append(split)
+                progress.set_postfix(budget=budget, context=context, round_ms=f"{split['round_ms']:.2f}")
+                progress.update()
+        return steps, rounds
+
+    def _target_gemms(self, rows: int) -> tuple[list[tuple], int, dict[int, torch.Tensor]]:
+        """The GEMMs a target pass runs, in order, as the model calls them (fused QKV, o_proj, gate-up, down per
+        layer, then the lm_head): (weight [N, K], weight_scale, input_scale), the scales None but for FP8
+        weights; their bytes, and a random [rows, K] input per K in the model's activation dtype."""
+        gemms = []
         for layer in self.target.layers:
             attn, mlp = layer.self_attn, layer.mlp
-            weights += [attn.qkv_weight, attn.o_proj.weight, mlp.gate_up_weight, mlp.down_proj.weight]
-        weights.append(self.target.lm_head.weight)
-        weight_bytes = sum(w.numel() * w.element_size() for w in weights)
-        dtype, device = weights[0].dtype, weights[0].device
-        return weights, weight_bytes, {k: torch.randn(rows, k, dtype=dtype, device=device)
-                                       for k in {w.shape[1] for w in weights}}
+            gemms += [(attn.qkv_weight, attn.qkv_weight_scale, attn.qkv_input_scale),
+                      (attn.o_proj.weight, attn.o_proj.weight_scale, attn.o_proj.input_scale),
+                      (mlp.gate_up_weight, mlp.gate_up_weight_scale, mlp.gate_up_input_scale),
+                      (mlp.down_proj.weight, mlp.down_proj.weight_scale, mlp.down_proj.input_scale)]
+        gemms.append((self.target.lm_head.weight, None, None))
+        weight_bytes = sum(w.numel() * w.element_size() for w, _, _ in gemms)
+        dtype, device = self.target.embed_tokens.weight.dtype, self.target.embed_tokens.weight.device
+        return gemms, weight_bytes, {k: torch.randn(rows, k, dtype=dtype, device=device)
+                                     for k in {w.shape[1] for w, _, _ in gemms}}
 
     def small_m_gemms(self, rows: tuple[int, ...] = (16, 32, 64)) -> list[dict]:
         """A verify's GEMMs alone at each row count (the target's GEMM sequence in one graph), cuBLAS beside
@@ -171,7 +210,8 @@ class EngineBench:
 
         out = []
         for m in rows:
-            weights, weight_bytes, inputs = self._target_gemms(m)
+            gemms, weight_bytes, inputs = self._target_gemms(m)
+            weights = [w for w, _, _ in gemms]  # bf16 targets only (the skinny GEMM has no FP8 variant)
             cublas = _graphed(lambda: [torch.nn.functional.linear(inputs[w.shape[1]], w) for w in weights])
             skinny = _graphed(lambda: [skinny_gemm(inputs[w.shape[1]], w, None) for w in weights])
             cublas_ms, skinny_ms = _events_ms(cublas, self.cfg.reps), _events_ms(skinny, self.cfg.reps)
@@ -288,11 +328,15 @@ def hf_generate_tok_s(hf_config, dtype: torch.dtype, device: str, new_tokens: in
 
 @torch.inference_mode()
 def run_bench(cfg: BenchConfig, command: list[str] | None = None) -> Path:
+    from jetspec_trt.models.fp8 import read_fp8_format
     from jetspec_trt.models.presets import random_models
 
+    if cfg.compare_fp8:
+        require_fp8_gpu(cfg.device)
     if not torch.cuda.is_available():
         raise JetSpecError("the engine benchmark needs a CUDA GPU (run it through the device machine)")
-    progress = tqdm(total=3 + len(cfg.contexts) * (1 + len(cfg.budgets)) + int(cfg.hf_generate), desc="bench")
+    sections = 1 + len(cfg.contexts) * (1 + len(cfg.budgets))  # the engine, then each context's step and rounds
+    progress = tqdm(total=2 + sections * (1 + cfg.compare_fp8) + int(cfg.hf_generate), desc="bench")
     target, draft, hf_config = random_models(cfg.random_target, cfg.device, parse_dtype(cfg.dtype))
     target.fuse_weights()
     draft.fuse_weights()
@@ -303,23 +347,12 @@ def run_bench(cfg: BenchConfig, command: list[str] | None = None) -> Path:
         "versions": library_versions("jetspec_trt", "torch", "cuda", "triton", "transformers", "python"),
         "command": command or [],
         "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "config": _jsonable(asdict(cfg)),
-        "model": f"{cfg.random_target} (random weights)", "ar_step": [], "rounds": [],
+        "model": f"{cfg.random_target} (random weights)",
         "attention": "triton" if bench.decoder.triton_kernels else "torch reference (whole-cache, no Triton kernel)",
     }
     report["engine_max_seq_len"] = bench.decoder.runtime.max_seq_len
-    report["ar_breakdown"] = breakdown = bench.ar_breakdown(2048 if 2048 in cfg.contexts else cfg.contexts[0])
-    for context in cfg.contexts:
-        step = bench.ar_step_ms(context)
-        report["ar_step"].append({"context": context, "step_ms": step, "tok_s": 1000 / step,
-                                  **bench.rest_of_step(step, breakdown["gemms_cublas_ms"])})
-        progress.update()
-        for budget in cfg.budgets:
-            split = bench.round_split_ms(budget, context)
-            split.update(budget=budget, context=context, vs_ar_step=split["round_ms"] / step,
-                         projected_tok_s={str(tau): 1000 * tau / split["round_ms"] for tau in cfg.taus})
-            report["rounds"].append(split)
-            progress.set_postfix(budget=budget, context=context, round_ms=f"{split['round_ms']:.2f}")
-            progress.update()
+    report["ar_breakdown"] = breakdown = bench.ar_breakdown(breakdown_context(cfg))
+    report["ar_step"], report["rounds"] = bench.ar_steps_and_rounds(breakdown, progress)
     # Sampled rounds (T=1) beside greedy ones: what a chat request pays per round.
     greedy_ms = {(r["budget"], r["context"]): r["round_ms"] for r in report["rounds"]}
     report["rounds_sampled"] = [
@@ -333,15 +366,12 @@ def run_bench(cfg: BenchConfig, command: list[str] | None = None) -> Path:
     progress.update()
     if cfg.compare_gemv:  # the same AR step with the single-token GEMMs on plugins.gemv instead of cuBLAS
         bench.decoder.set_decode_gemv(True)
-        report["ar_step_gemv"] = [{"context": c, "step_ms": (ms := bench.ar_step_ms(c)), "tok_s": 1000 / ms}
-                                  for c in cfg.contexts]
+        report["ar_step_gemv"] = [bench.ar_step_row(c, breakdown, "gemms_gemv_ms") for c in cfg.contexts]
         report["ar_generate_gemv"] = bench.ar_generate_tok_s()
         bench.decoder.set_decode_gemv(False)
     if cfg.compare_fused_layer_kernels:  # the cuBLAS AR step again, its layers' small ops on the fused kernels
         bench.decoder.set_fused_layer_kernels(True)
-        report["ar_step_fused_layer_kernels"] = [
-            {"context": c, "step_ms": (ms := bench.ar_step_ms(c)), "tok_s": 1000 / ms,
-             **bench.rest_of_step(ms, breakdown["gemms_cublas_ms"])} for c in cfg.contexts]
+        report["ar_step_fused_layer_kernels"] = [bench.ar_step_row(c, breakdown) for c in cfg.contexts]
         bench.decoder.set_fused_layer_kernels(False)
     if cfg.compare_tree_kernel and bench.decoder.triton_kernels:
         # The same rounds with the tree stage on the Triton kernels, and their greedy agreement with AR.
@@ -358,11 +388,162 @@ def run_bench(cfg: BenchConfig, command: list[str] | None = None) -> Path:
         bench.decoder.set_small_m_gemm(False)
     report["agreement"] = bench.agreement()
     progress.update()
+    if cfg.compare_fp8:
+        # The bf16 sections on disk now (rewritten at the end): a second engine is built next, and a run cut short
+        # (a lease's time) or an FP8 failure should not take them along.
+        write_report(report, cfg)
+        with tempfile.TemporaryDirectory(prefix="jetspec-bench-fp8-") as tmp:
+            start = time.perf_counter()
+            write_fp8_target(target, hf_config, Path(tmp), parse_dtype(cfg.dtype))
+            # The bf16 sections are done: free their engine (weights, caches, captured graphs) before the FP8 one
+            # is built, so the two never hold the device at once (8B: 16 GB of weights plus graph pools each).
+            del bench, target
+            gc.collect()
+            torch.cuda.empty_cache()
+            report["fp8"] = {"format": read_fp8_format(Path(tmp)).describe(), "input_amax": FP8_INPUT_AMAX,
+                             "quantized": "the decoder layers' projections", "unquantized": FP8_UNQUANTIZED,
+                             # the draft head, and whatever the bf16 engine did not give back
+                             "allocated_before_fp8_GB": torch.cuda.memory_allocated() / 2**30}
+            bench = fp8_bench(cfg, Path(tmp), draft, hf_config)
+            report["fp8"]["convert_and_load_s"] = time.perf_counter() - start
+        progress.update()
+        report.update(fp8_sections(bench, report, progress))
+        del bench
     if cfg.hf_generate:
         report["hf_generate"] = hf_generate_tok_s(hf_config, parse_dtype(cfg.dtype), cfg.device, cfg.hf_tokens)
         progress.update()
     progress.close()
     return write_report(report, cfg)
+
+
+def breakdown_context(cfg: BenchConfig) -> int:
+    """The context the AR breakdown is taken at: 2048 where timed, else the first."""
+    return 2048 if 2048 in cfg.contexts else cfg.contexts[0]
+
+
+# ---- the FP8 comparison (compare_fp8) ---------------------------------------------------------------------------
+
+# The static activation scale of the bench's FP8 target is FP8_INPUT_AMAX / 448 for every projection, standing in
+# for modelopt's calibrated per-Linear amax (speed does not depend on the values). 64 bounds the random presets'
+# projection inputs with room (tiny preset: normed inputs about 4-5, down_proj's up to 29), so none saturates and
+# the small ones stay in e4m3's normal range.
+FP8_INPUT_AMAX = 64.0
+FP8_QUANT_METHOD = {"quant_method": "modelopt", "quant_algo": "FP8", "ignore": ["lm_head"],
+                    "producer": "jetspec-trt bench (random weights; uncalibrated static input scales)"}
+FP8_UNQUANTIZED = "embeddings, lm_head, norms, the draft head"  # as `build --quantize fp8` leaves them
+
+
+def require_fp8_gpu(device: str) -> None:
+    """JetSpecError unless `device` is a CUDA GPU with FP8 tensor cores (models.fp8.require_fp8_device, which
+    lets a CPU pass: the bench times the GPU's FP8 kernels, so the CPU's reference kernels do not count)."""
+    from jetspec_trt.models.fp8 import MIN_CAPABILITY, require_fp8_device
+
+    needs = f"a CUDA GPU of compute capability {MIN_CAPABILITY[0]}.{MIN_CAPABILITY[1]}+ (Ada, Hopper or newer)"
+    if torch.device(device).type != "cuda" or not torch.cuda.is_available():
+        raise JetSpecError(f"--fp8 times FP8 GEMMs on the GPU: it needs {needs}, and there is no CUDA GPU here")
+    try:
+        require_fp8_device(device)
+    except JetSpecError:
+        major, minor = torch.cuda.get_device_capability(device)
+        raise JetSpecError(f"--fp8 needs {needs}: {torch.cuda.get_device_name(device)} is {major}.{minor}, "
+                           "without FP8 tensor cores (drop --fp8)") from None
+
+
+def write_fp8_target(target, hf_config, out_dir: Path, dtype: torch.dtype,
+                     input_amax: float = FP8_INPUT_AMAX) -> Path:
+    """`target` (a TargetModel, any device) written to `out_dir` as the FP8 checkpoint `build --quantize fp8` makes,
+    in the Hugging Face layout the engine's FP8 loader reads (models/fp8.py; load with
+    models.checkpoint.load_target), without calibration: every projection of the decoder layers (the
+    models.layers.Linear modules, the only ones that can hold FP8 weights) as e4m3 with weight_scale =
+    amax(|W|) / 448, the amax shared by each group the engine fuses into one GEMM (q/k/v, gate/up: as builders.quantize
+    shares it before modelopt's export, so the loader fuses without requantizing), and a static input_scale =
+    input_amax / 448; embeddings, lm_head and norms in `dtype`. The draft head stays unquantized, as in an FP8
+    engine. Returns out_dir."""
+    from safetensors.torch import save_file
+
+    from jetspec_trt.models.fused_layout import GROUPS
+    from jetspec_trt.models.layers import Linear
+    from jetspec_trt.plugins.fp8_gemm import FP8_MAX, quantize
+
+    groups: dict[str, list[str]] = {}  # fused GEMM (or lone projection) -> the projections it runs
+    modules = dict(target.named_modules())
+    for name, module in modules.items():
+        if isinstance(module, Linear):
+            parent, projection = name.rsplit(".", 1)
+            group = next((g for g in GROUPS if parent.endswith(g.module) and projection in g.parts), None)
+            groups.setdefault(f"{parent}.{group.fused}" if group else name, []).append(name)
+    quantized = {f"{name}.weight" for names in groups.values() for name in names}
+    # copy=True: a tensor already on the CPU in `dtype` (a tied or fused one) must not share storage in the file
+    state = {name: tensor.to("cpu", dtype, copy=True) for name, tensor in target.state_dict().items()
+             if name not in quantized}
+    if hf_config.tie_word_embeddings:
+        state.pop("lm_head.weight", None)  # stored once, as the embedding (the loader re-ties)
+    input_scale = torch.tensor(input_amax / FP8_MAX, dtype=torch.float32)
+    for names in groups.values():
+        weights = [modules[name].weight.detach() for name in names]
+        scale = (torch.stack([w.abs().max().float() for w in weights]).max() / FP8_MAX).clamp(
+            min=torch.finfo(torch.float32).tiny)
+        for name, weight in zip(names, weights):
+            state[f"{name}.weight"] = quantize(weight, scale).cpu()
+            state[f"{name}.weight_scale"] = scale.to("cpu", copy=True)
+            state[f"{name}.input_scale"] = input_scale.clone()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # Hugging Face prefixes, as modelopt's export writes them (the loader strips "model.")
+    save_file({(k if k.startswith("lm_head") else f"model.{k}"): v for k, v in state.items()},
+              str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    config = hf_config.to_dict() | {"quantization_config": FP8_QUANT_METHOD}
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return out_dir
+
+
+def fp8_bench(cfg: BenchConfig, checkpoint: Path, draft, hf_config) -> EngineBench:
+    """The bench's engine over the FP8 checkpoint at `checkpoint`, loaded as an FP8 engine loads its target (FP8
+    weights, q/k/v and gate/up fused), with the same bf16 draft head."""
+    from jetspec_trt.models.checkpoint import load_target
+
+    target = load_target(checkpoint, parse_dtype(cfg.dtype), cfg.device, fused_gemm=True, keep_fp8=True)
+    return EngineBench(cfg, target, draft, hf_config)
+
+
+def fp8_sections(bench: EngineBench, report: dict, progress) -> dict:
+    """The FP8 engine's rows, each beside its bf16 row in `report` as vs_bf16 (FP8 / bf16 time): the AR
+    breakdown with the FP8 floor, the step and the rounds on torch._scaled_mm (as "ar_step" and "rounds"; the
+    rounds again on the tree kernels where the bf16 ones were), the step on the FP8 GEMV and an end-to-end AR
+    generate on it (what FP8 engines run by default)."""
+    cfg, out = bench.cfg, {}
+    breakdown = bench.ar_breakdown(breakdown_context(cfg))
+    out["ar_breakdown_fp8"] = dict(breakdown, vs_bf16=_ratios(breakdown, report["ar_breakdown"], (
+        "weight_bytes", "floor_ms", "step_ms", "gemms_cublas_ms", "gemms_gemv_ms", "rest_of_step_ms")))
+    steps, rounds = bench.ar_steps_and_rounds(breakdown, progress)
+    out["ar_step_fp8"] = _beside(steps, report["ar_step"], "step_ms")
+    out["rounds_fp8"] = _beside(rounds, report["rounds"], "round_ms")
+    if "rounds_tree_kernel" in report:  # the rounds as engines run them by default: the tree stage on the kernels
+        bench.decoder.set_tree_kernel(True)
+        out["rounds_tree_kernel_fp8"] = _beside(bench.round_splits(), report["rounds_tree_kernel"], "round_ms")
+        bench.decoder.set_tree_kernel(False)
+    bench.decoder.set_decode_gemv(True)
+    gemv_steps = [bench.ar_step_row(c, breakdown, "gemms_gemv_ms") for c in cfg.contexts]
+    out["ar_step_gemv_fp8"] = _beside(gemv_steps, report.get("ar_step_gemv", []), "step_ms")
+    generate = bench.ar_generate_tok_s()
+    if "ar_generate_gemv" in report:
+        generate["vs_bf16_tok_s"] = generate["decode_tok_s"] / report["ar_generate_gemv"]["decode_tok_s"]
+    out["ar_generate_gemv_fp8"] = generate
+    bench.decoder.set_decode_gemv(False)
+    return out
+
+
+def _ratios(row: dict, reference: dict, keys) -> dict:
+    return {key: row[key] / reference[key] for key in keys if reference.get(key)}
+
+
+def _beside(rows: list[dict], reference: list[dict], key: str) -> list[dict]:
+    """Each row with vs_bf16 = row[key] / the reference row's of the same context and budget (when timed)."""
+    by_point = {(r["context"], r.get("budget")): r[key] for r in reference}
+    out = []
+    for row in rows:
+        bf16 = by_point.get((row["context"], row.get("budget")))
+        out.append(row if bf16 is None else dict(row, vs_bf16=row[key] / bf16))
+    return out
 
 
 def _jsonable(value):

@@ -35,3 +35,34 @@ def test_engine_bench_reports_every_section(tmp_path):
         assert row["rest_per_layer_us"] == pytest.approx(1000 * row["rest_of_step_ms"] / 6)  # the tiny preset's layers
     breakdown = report["ar_breakdown"]
     assert breakdown["rest_per_layer_us"] == pytest.approx(1000 * breakdown["rest_of_step_ms"] / 6)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and torch.cuda.get_device_capability() < (8, 9),
+                    reason="needs FP8 tensor cores (sm89+)")
+def test_engine_bench_fp8_sections(tmp_path):
+    """--fp8: the same random target converted to FP8 and timed in the same run, every FP8 row beside its bf16 one."""
+    contexts, budgets = (64, 128), (4, 16)
+    cfg = BenchConfig(random_target="tiny", budgets=budgets, contexts=contexts, topk=4, max_depth=7, reps=3,
+                      ar_tokens=16, hf_generate=False, agreement_prompts=2, agreement_tokens=16, compile_layers=False,
+                      compare_small_m_gemm=False, compare_fused_layer_kernels=False,
+                      compare_fp8=True, output_dir=tmp_path, tag="tiny-fp8")
+    path = run_bench(cfg)
+    report = json.loads(path.read_text())
+    assert path.with_suffix(".png").is_file()
+    assert report["fp8"]["format"].startswith("fp8 e4m3 per-tensor (modelopt, static")
+    assert report["fp8"]["convert_and_load_s"] > 0 and report["fp8"]["allocated_before_fp8_GB"] >= 0
+    bf16, fp8 = report["ar_breakdown"], report["ar_breakdown_fp8"]
+    # The projections stream one byte a weight; the tied embedding / lm_head stays bf16 in both.
+    lm_head = 2 * 128 * (256 + 4)
+    assert fp8["weight_bytes"] - lm_head == pytest.approx((bf16["weight_bytes"] - lm_head) / 2)
+    assert fp8["floor_ms"] > 0 and fp8["floor_share"] > 0 and fp8["vs_bf16"]["floor_ms"] < 1
+    assert fp8["gemms_cublas_ms"] > 0 and fp8["gemms_gemv_ms"] > 0
+    for section, points in (("ar_step_fp8", [(c, None) for c in contexts]),
+                            ("ar_step_gemv_fp8", [(c, None) for c in contexts]),
+                            ("rounds_fp8", [(c, b) for c in contexts for b in budgets]),
+                            ("rounds_tree_kernel_fp8", [(c, b) for c in contexts for b in budgets])):
+        rows = report[section]
+        assert [(r["context"], r.get("budget")) for r in rows] == points, section
+        assert all(r["vs_bf16"] > 0 for r in rows), section
+    assert all(r["round_ms"] > 0 and r["verify_ms"] > 0 for r in report["rounds_fp8"])
+    assert report["ar_generate_gemv_fp8"]["decode_tok_s"] > 0 and report["ar_generate_gemv_fp8"]["vs_bf16_tok_s"] > 0
