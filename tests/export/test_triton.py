@@ -26,11 +26,11 @@ import pytest
 import torch
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
-from tritonclient.utils import np_to_triton_dtype
 
 from jetspec_trt.cli import main
 from jetspec_trt.errors import JetSpecError
 from jetspec_trt.export.triton import INPUTS, OUTPUTS, TritonExportConfig, export_triton
+from jetspec_trt.export.triton_client import grpc_inputs, infer_inputs, read_metric
 from jetspec_trt.export.word_lists import StopWords
 from jetspec_trt.quickstart import make_tiny_engine
 from jetspec_trt.runtime.engine import Engine
@@ -108,6 +108,7 @@ class Served:
         self.http_port, self.grpc_port, self.metrics_port = ports
         self.http = f"http://127.0.0.1:{self.http_port}"
         self.grpc = f"127.0.0.1:{self.grpc_port}"
+        self.metrics = f"http://127.0.0.1:{self.metrics_port}/metrics"
 
 
 @pytest.fixture(scope="module")
@@ -170,26 +171,6 @@ def served(workdir, engine_dir):
 
 
 # ---- clients ----
-
-def grpc_inputs(prompts: list[str], max_tokens: int | list, stream: bool = True, **extra) -> list:
-    batch = len(prompts)
-    arrays = {"text_input": np.array([[p.encode()] for p in prompts], dtype=np.object_),
-              "max_tokens": np.array([[max_tokens]] * batch, dtype=np.int32)
-              if np.isscalar(max_tokens) else np.asarray(max_tokens),
-              "stream": np.array([[stream]] * batch, dtype=bool)}
-    arrays.update(extra)
-    return infer_inputs(arrays)
-
-
-def infer_inputs(arrays: dict) -> list:
-    """gRPC InferInputs holding each named numpy array."""
-    inputs = []
-    for name, array in arrays.items():
-        tensor = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-        tensor.set_data_from_numpy(array)
-        inputs.append(tensor)
-    return inputs
-
 
 class GrpcStream:
     """One gRPC bidirectional stream; responses collected per request id until each one's final response."""
@@ -375,7 +356,7 @@ def test_health_and_metadata(served):
     assert {i["name"]: i["datatype"] for i in metadata["inputs"]} == {
         name: triton_type.get(kind, kind) for name, kind in TRTLLM_INPUTS.items()}
     assert {o["name"] for o in metadata["outputs"]} == {s.name for s in OUTPUTS}
-    with urllib.request.urlopen(f"http://127.0.0.1:{served.metrics_port}/metrics", timeout=10) as reply:
+    with urllib.request.urlopen(served.metrics, timeout=10) as reply:
         assert b"nv_inference_request_success" in reply.read()
 
 
@@ -641,16 +622,7 @@ def test_cancelled_stream_stops_generation(served, runner):
 
 
 def metric(served, name: str, **labels) -> float:
-    """The sum of a Prometheus metric's series on the server's metrics endpoint that carry `labels`."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{served.metrics_port}/metrics", timeout=10) as reply:
-        lines = reply.read().decode().splitlines()
-    total = 0.0
-    for line in lines:
-        if line.startswith(name + "{"):
-            series, value = line.rsplit(" ", 1)
-            if all(f'{key}="{val}"' in series for key, val in labels.items()):
-                total += float(value)
-    return total
+    return read_metric(served.metrics, name, **labels)
 
 
 QUEUED = 5
