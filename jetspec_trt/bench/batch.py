@@ -22,7 +22,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from jetspec_trt.bench.suites import engine_report_header, load_suite_prompts, write_report
+from jetspec_trt.bench.suites import engine_report_header, mixed_suite_prompts, write_report
 from jetspec_trt.devices import sync
 from jetspec_trt.errors import JetSpecError
 
@@ -54,18 +54,11 @@ class BatchBenchConfig:
             raise JetSpecError(f"--batch-modes must include ar and be among {','.join(MODES)}, got "
                                f"{','.join(self.modes)}")
 
-    @property
-    def prompts_per_suite(self) -> int:
-        """Enough prompts per suite for N = max(batches) requests."""
-        return -(-max(self.batches) // len(self.suites))
-
 
 def _prompt_ids(engine, cfg: BatchBenchConfig) -> list[list[int]]:
-    """N prompts, one suite after another in turn (mtbench 0, math500 0, humaneval 0, mtbench 1, ...)."""
-    per_suite = cfg.prompts_per_suite
-    by_suite = load_suite_prompts(cfg.suites, per_suite, cfg.prompts_file)
-    mixed = [rows[i] for i in range(per_suite) for rows in by_suite.values() if i < len(rows)]
-    return [engine.encode(messages) for _, messages in mixed[: max(cfg.batches)]]
+    """N = max(batches) prompts, the suites in turn."""
+    return [engine.encode(messages) for _, _, messages in
+            mixed_suite_prompts(cfg.suites, max(cfg.batches), cfg.prompts_file)]
 
 
 def run_batched(engine, device: str, prompts: list[list[int]], max_batch: int, max_new_tokens: int,

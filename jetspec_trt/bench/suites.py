@@ -115,6 +115,16 @@ def load_suite_prompts(suites: tuple[str, ...], num_prompts: int,
     return out
 
 
+def mixed_suite_prompts(suites: tuple[str, ...], count: int,
+                        prompts_file: Path | None = None) -> list[tuple[str, str, list[dict]]]:
+    """Up to `count` (suite, id, messages), one suite after another in turn (mtbench 0, math500 0, humaneval 0,
+    mtbench 1, ...): the benches that run many requests at once take every suite's prompts alike."""
+    per_suite = -(-count // len(suites))
+    by_suite = load_suite_prompts(suites, per_suite, prompts_file)
+    mixed = [(suite, *rows[i]) for i in range(per_suite) for suite, rows in by_suite.items() if i < len(rows)]
+    return mixed[:count]
+
+
 def slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", text).strip("-").lower()
 
@@ -396,12 +406,18 @@ def run_suite_bench(cfg: SuiteBenchConfig, command: list[str] | None = None) -> 
 
 def engine_report_header(kind: str, engine, device: str, decoder: str, command: list[str] | None) -> dict:
     """The fields every real-engine bench report starts with: what ran, where, with which libraries, when."""
+    return report_header(kind, engine.engine_dir, device, dtype_name(engine.dtype), decoder, command)
+
+
+def report_header(kind: str, engine_dir: Path, device: str, dtype: str, decoder: str,
+                  command: list[str] | None) -> dict:
+    """engine_report_header's fields for an engine this process did not load (the serving bench's server ran it)."""
     return {
         "kind": kind,
-        "engine": str(engine.engine_dir),
+        "engine": str(engine_dir),
         "device": device,
         "device_name": device_name(device),
-        "dtype": dtype_name(engine.dtype),
+        "dtype": dtype,
         "decoder": decoder,
         "versions": library_versions("jetspec_trt", "torch", "transformers", "python", "cuda"),
         "command": " ".join(command or []),

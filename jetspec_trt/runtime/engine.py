@@ -34,6 +34,15 @@ from jetspec_trt.tree.accept import SamplingConfig
 Prompt = str | list[dict]  # plain text, or chat messages [{"role": ..., "content": ...}]
 
 
+def run_dtype(runtime: RuntimeConfig, device: str, dtype: str | None = None) -> torch.dtype:
+    """The dtype Engine.load runs an engine in on `device`: `dtype`, else the build's, except float32 on the CPU."""
+    torch_dtype = parse_dtype(dtype or runtime.dtype)
+    if torch.device(device).type == "cpu" and torch_dtype != torch.float32 and dtype is None:
+        # bf16 matmuls are slow and inexact on most CPUs; an engine built for the GPU still runs here.
+        torch_dtype = torch.float32
+    return torch_dtype
+
+
 @dataclass
 class GenerationResult:
     text: str
@@ -87,10 +96,7 @@ class Engine:
         if not engine_dir.is_dir():
             raise JetSpecError(f"engine directory {engine_dir} does not exist")
         runtime = RuntimeConfig.load(engine_dir)
-        torch_dtype = parse_dtype(dtype or runtime.dtype)
-        if device == "cpu" and torch_dtype != torch.float32 and dtype is None:
-            # bf16 matmuls are slow and inexact on most CPUs; an engine built for the GPU still runs here.
-            torch_dtype = torch.float32
+        torch_dtype = run_dtype(runtime, device, dtype)
         cuda = torch.device(device).type == "cuda"
         # On the GPU q/k/v and gate/up run as one GEMM each, over the fused tensors the build stored. The CPU
         # keeps the separate GEMMs (the reference path: bit-identical to the Hugging Face checkpoint's logits);
