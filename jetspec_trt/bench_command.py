@@ -61,7 +61,8 @@ def _floats(text: str) -> tuple[float, ...]:
 @click.option("--suite", "suites", default="mtbench,math500,humaneval", show_default=True)
 @click.option("--prompts-file", type=click.Path(path_type=Path), default=None,
               help='jsonl of {"suite","id","messages"} lines (no dataset packages needed).')
-@click.option("--num-prompts", type=int, default=10, show_default=True)
+@click.option("--num-prompts", type=int, default=None,
+              help="Prompts per suite [default: 10]; --serve-url: requests per pass [default: the largest --clients].")
 @click.option("--max-new-tokens", type=int, default=256, show_default=True)
 @click.option("--temperatures", default="0,1", show_default=True)
 @click.option("--batch", "batches", default=None,
@@ -72,6 +73,16 @@ def _floats(text: str) -> tuple[float, ...]:
                    "from the engine's cost model) and ar (budget 1, the baseline).")
 @click.option("--batch-graphs/--no-batch-graphs", "batch_graphs", default=True, show_default=True,
               help="--batch: the scheduler's passes from CUDA graphs per batch and token bucket (off: eager).")
+@click.option("--serve-url", default=None,
+              help="With --engine (the engine the server serves): the gRPC endpoint (HOST:PORT) of a running "
+                   "`jetspec-trt serve`, driven by --clients concurrent streaming clients, greedy; 1 client always "
+                   "runs first, as the single-request reference every stream must equal.")
+@click.option("--clients", default="1,4,16,64", show_default=True, help="--serve-url: concurrent clients per pass.")
+@click.option("--serve-model", default="jetspec", show_default=True, help="--serve-url: the model's name.")
+@click.option("--metrics-url", default=None,
+              help="--serve-url: the server's metrics endpoint (http://HOST:8002/metrics), for each pass's mean batch.")
+@click.option("--pass-timeout", type=float, default=600.0, show_default=True,
+              help="--serve-url: seconds a pass may take; requests without a final response by then count as lost.")
 @click.option("--device", default="cuda", show_default=True, help="cuda, or cpu (float32, HF generate on CPU too).")
 @click.option("--diagnose-fp32", is_flag=True,
               help="Suite bench: also diagnose greedy AR/speculative divergences on a float32 copy of the target.")
@@ -83,12 +94,31 @@ def _floats(text: str) -> tuple[float, ...]:
               help="--quantize-compare: tokens per held-out text.")
 def bench_command(random_target, budgets, contexts, topk, max_depth, taus, dtype, reps, no_hf, hf_prompts,
                   compile_layers, max_seq_len, compare_fused, compare_fp8, output_dir, tag, engine_dir, suites,
-                  prompts_file, num_prompts, max_new_tokens, temperatures, batches, batch_modes, batch_graphs, device,
-                  diagnose_fp32, reference_dir, compare_max_tokens):
+                  prompts_file, num_prompts, max_new_tokens, temperatures, batches, batch_modes, batch_graphs, serve_url,
+                  clients, serve_model, metrics_url, pass_timeout, device, diagnose_fp32, reference_dir,
+                  compare_max_tokens):
     """Measure AR decoding, the split of a speculative round, projected tok/s and HF generate on the GPU.
 
     With --engine: tau and wall-clock speed per prompt suite, budget and temperature (JSON + PNG).
-    With --engine and --quantize-compare: a quantized target's quality against the unquantized one (JSON)."""
+    With --engine and --quantize-compare: a quantized target's quality against the unquantized one (JSON).
+    With --engine and --serve-url: a running server under concurrent streaming clients (JSON + PNG)."""
+    if serve_url is not None:
+        if engine_dir is None:
+            raise click.UsageError("--serve-url needs --engine (the engine the server serves)")
+        from jetspec_trt.bench.serving import ServingBenchConfig, format_summary, run_serving_bench
+
+        vcfg = ServingBenchConfig(engine_dir=engine_dir, url=serve_url, model=serve_model, clients=_ints(clients),
+                                  num_prompts=num_prompts, suites=tuple(suites.split(",")), prompts_file=prompts_file,
+                                  max_new_tokens=max_new_tokens, pass_timeout_s=pass_timeout,
+                                  metrics_url=metrics_url, output_dir=output_dir, tag=tag)
+        path = run_serving_bench(vcfg, command=sys.argv)
+        result = json.loads(path.read_text())
+        click.echo(format_summary(result))
+        click.echo(f"wrote {path} and {path.with_suffix('.png')}")
+        if result["failures"]:
+            raise JetSpecError(f"serving bench: {'; '.join(result['failures'])} (see {path})")
+        return
+    num_prompts = 10 if num_prompts is None else num_prompts
     if reference_dir is not None:
         if engine_dir is None:
             raise click.UsageError("--quantize-compare needs --engine (the quantized engine or checkpoint)")

@@ -35,6 +35,7 @@ from jetspec_trt.export.word_lists import StopWords
 from jetspec_trt.quickstart import make_tiny_engine
 from jetspec_trt.runtime.engine import Engine
 from jetspec_trt.tree.accept import SamplingConfig
+from tests.helpers import invoke_cli
 
 pytestmark = pytest.mark.slow
 MODEL = "jetspec"
@@ -822,6 +823,32 @@ def test_batched_cancellation_drops_waiting_requests_without_prefill(served_batc
     got = stream_one(served_batched.grpc, PROMPTS[1], 8)  # the engine is free again
     assert got["error"] is None and "".join(got["pieces"]) == reference(runner, PROMPTS[1], 8).text
     assert metric(served_batched, "jetspec_prefills_total") - before[0] == INFLIGHT_BATCH + 1
+
+
+def test_batched_serving_bench_at_1_and_4_clients(served_batched, engine_dir, workdir, capsys):
+    """`jetspec-trt bench --serve-url` (bench/serving.py) against the in-flight batching server: every request of
+    each pass completes, every stream equals its single-request (1 client) output in fp32, 4 clients batch, and the JSON and PNG are written."""
+    prompts = workdir / "serving-prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"suite": "mtbench", "id": str(i), "messages": [
+        {"role": "user", "content": f"question {i}: what is {i} squared?"}]}) + "\n" for i in range(6)))
+    out = workdir / "serving-results"
+    code, stdout, stderr = invoke_cli(
+        ["bench", "--engine", str(engine_dir), "--serve-url", served_batched.grpc, "--clients", "1,4",
+         "--metrics-url", served_batched.metrics, "--suite", "mtbench", "--prompts-file", str(prompts),
+         "--num-prompts", "8", "--max-new-tokens", "12", "--output-dir", str(out), "--tag", "tiny"], capsys)
+    assert code == 0, stderr
+    path = out / "serving-cpu-tiny.json"
+    assert f"wrote {path}" in stdout and path.with_suffix(".png").stat().st_size > 0
+    result = json.loads(path.read_text())
+    assert result["kind"] == "serving" and result["dtype"] == "float32" and result["failures"] == []
+    assert result["server"]["parameters"]["inflight_batch"] == str(INFLIGHT_BATCH)
+    assert result["versions"]["tritonclient"] and result["server"]["triton_version"].startswith("2.51")
+    assert [r["clients"] for r in result["results"]] == [1, 4]
+    for row in result["results"]:
+        assert row["sent"] == row["completed"] == row["identical"] == 8 and row["failed"] == row["lost"] == 0
+        assert row["mismatches"] == [] and row["tokens"] > 0 and row["per_stream_tok_s"]["p50"] > 0
+    assert result["results"][1]["mean_batch"] > 1  # the 4 streams shared the engine's steps
+    assert result["config"]["prompt_ids"] == [f"mtbench/{i}" for i in range(6)]  # 8 requests: 6 prompts in turn
 
 
 # ---- faults: a dead model, a server that dies or will not stop (each on a server of its own) ----
