@@ -61,8 +61,11 @@ def tree_options(func):
               help="Run the target layers' norms, q/k norm + RoPE + KV write and post-attention residual add as "
                    "fused Triton kernels (CUDA; off by default until timed).")
 @click.option("--quantize", type=click.Choice(["fp8"]), default=None,
-              help="Quantize the target with nvidia-modelopt (FP8 e4m3, per-tensor scales, calibrated on prompts); "
+              help="Quantize the target with nvidia-modelopt (FP8 e4m3, --fp8-recipe, calibrated on prompts); "
                    "lm_head, embeddings and the draft head stay unquantized. Needs an FP8 GPU (sm89+) to run.")
+@click.option("--fp8-recipe", default=None,
+              help="--quantize fp8: per-tensor (the default: per-tensor weight scales, static calibrated activation "
+                   "scales) or per-channel (per-channel weight scales, per-token dynamic activation scales).")
 @click.option("--calib-prompts", default="sharegpt", show_default=True,
               help="--quantize: calibration prompts, a prompt suite or a .jsonl of {\"messages\"}/{\"prompt\"} lines.")
 @click.option("--calib-samples", type=int, default=32, show_default=True, help="--quantize: calibration prompts used.")
@@ -71,11 +74,13 @@ def tree_options(func):
 @click.option("--calib-device", default=None, help="--quantize: where to calibrate [default: cuda if available].")
 def build(target_dir, draft_dir, output_dir, budget, topk, max_depth, dtype, max_seq_len, overwrite, backend,
           attention, no_fuse, no_tune, cost_model_device, no_cost_model, no_decode_gemv, no_compile, no_tree_kernel,
-          small_m_gemm, no_prefill_graphs, fused_layer_kernels, quantize, calib_prompts, calib_samples,
+          small_m_gemm, no_prefill_graphs, fused_layer_kernels, quantize, fp8_recipe, calib_prompts, calib_samples,
           calib_max_tokens, calib_device):
     """Check a target/draft pair and write an engine directory."""
     if backend == "tensorrt" and quantize:
         raise JetSpecError("--quantize builds PyTorch engines only (drop --backend tensorrt)")
+    if fp8_recipe is not None and quantize != "fp8":
+        raise JetSpecError("--fp8-recipe needs --quantize fp8")
     if backend == "tensorrt":  # fail at once, before any check or write, where TensorRT is missing
         from jetspec_trt.builders.tensorrt_builder import require_tensorrt
 
@@ -86,8 +91,11 @@ def build(target_dir, draft_dir, output_dir, budget, topk, max_depth, dtype, max
 
     spec = draft_spec_of(draft_dir) if draft_dir.is_dir() else None
     depth = max_depth if max_depth is not None else (spec.max_depth if spec else 1)
-    quantize_config = None if quantize is None else QuantizeConfig(quantize, calib_prompts, calib_samples,
-                                                                   calib_max_tokens, calib_device)
+    recipe = {} if fp8_recipe is None else {"recipe": fp8_recipe}  # None: QuantizeConfig's default
+    quantize_config = None if quantize is None else QuantizeConfig(quantize, calib_source=calib_prompts,
+                                                                   calib_samples=calib_samples,
+                                                                   calib_max_tokens=calib_max_tokens,
+                                                                   calib_device=calib_device, **recipe)
     config = BuildConfig(target_dir, draft_dir, output_dir, TreeConfig(budget, topk, depth), dtype, max_seq_len,
                          overwrite=overwrite, fuse=not no_fuse, tune=not no_tune,
                          decode_gemv=not no_decode_gemv, compile_graphs=not no_compile, tree_kernel=not no_tree_kernel,

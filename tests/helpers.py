@@ -149,14 +149,16 @@ class Fp8Pair:
     root: Path
     target: Path  # the unquantized (bf16) target
     draft: Path
-    fp8_target: Path  # the target quantized by nvidia-modelopt (builders.quantize)
+    fp8_target: Path  # the target quantized by nvidia-modelopt (builders.quantize), per-tensor recipe
     calib: Path  # the calibration prompts (.jsonl)
     recipe: dict
+    per_channel_target: Path  # the same, per-channel recipe (per-channel weight scales, per-token activations)
+    per_channel_recipe: dict
 
 
 def write_fp8_pair(root: Path) -> Fp8Pair:
-    """A tiny target + draft, and the target quantized to FP8 with modelopt on the CPU (calibration prompts above;
-    the CPU on GPU machines too, so the fixture is the same everywhere)."""
+    """A tiny target + draft, and the target quantized to FP8 with modelopt on the CPU with each recipe
+    (calibration prompts above; the CPU on GPU machines too, so the fixture is the same everywhere)."""
     import json
 
     from jetspec_trt.builders.quantize import QuantizeConfig, quantize_target
@@ -169,11 +171,13 @@ def write_fp8_pair(root: Path) -> Fp8Pair:
     assert shape.vocab_size == 256 + len(TINY_SPECIALS)
     calib = root / "calib.jsonl"
     calib.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in CALIBRATION_PROMPTS))
-    recipe = quantize_target(root / "target", root / "fp8-target",
-                             QuantizeConfig(calib_source=str(calib), calib_samples=len(CALIBRATION_PROMPTS),
-                                            calib_device="cpu"),
-                             torch.bfloat16)
-    return Fp8Pair(root, root / "target", root / "draft", root / "fp8-target", calib, recipe)
+    recipes = {name: quantize_target(root / "target", root / f"fp8-{name}",
+                                     QuantizeConfig(recipe=name, calib_source=str(calib),
+                                                    calib_samples=len(CALIBRATION_PROMPTS), calib_device="cpu"),
+                                     torch.bfloat16)
+               for name in ("per-tensor", "per-channel")}
+    return Fp8Pair(root, root / "target", root / "draft", root / "fp8-per-tensor", calib, recipes["per-tensor"],
+                   root / "fp8-per-channel", recipes["per-channel"])
 
 
 def check_bucketed_prefill(fast, prompt: list[int], speculative: bool,

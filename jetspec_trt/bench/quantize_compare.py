@@ -7,8 +7,10 @@ mean KL(reference || quantized) of the next-token distributions. Writes
 bench/results/quantize-compare-<device>[-tag].json.
 
 The models are given as engine directories (their target/) or target checkpoints. On CUDA an FP8 target runs as
-the engine runs it (FP8 GEMMs, q/k/v and gate/up fused); on the CPU it is dequantized, so the comparison there
-measures the weights' rounding only, without the activations'.
+the engine runs it (FP8 GEMMs, q/k/v and gate/up fused); on the CPU it runs the reference (models/fp8.py): the
+same e4m3 weights and scales, each projection's input rounded to e4m3 with the checkpoint's input_scale or per
+token as the FP8 GEMMs do, float32 matmuls. The CPU therefore measures both roundings, weights' and activations';
+only the GEMMs' accumulation differs from the GPU's.
 
 Held-out text: chat prompts from a prompt source (suites, comma-separated, or a .jsonl of {"messages"} /
 {"prompt"} lines, as datasets.load_prompt_messages reads), chat-templated as the engine sees them, or a plain .txt
@@ -119,7 +121,7 @@ def run_quantize_compare(cfg: QuantizeCompareConfig, command: list[str] | None =
         "device": torch.cuda.get_device_name(torch.device(cfg.device)) if cuda else "cpu",
         "versions": library_versions("jetspec_trt", "torch", "transformers", "python"),
         "quantization": fmt.describe() if fmt else None,
-        "fp8_gemms": bool(fmt) and cuda,  # False: the quantized weights ran dequantized
+        "fp8_gemms": bool(fmt) and cuda,  # False: the CPU reference (e4m3 weights and activations, fp32 GEMMs)
         "texts": len(sequences),
         "tokens": n,
         "top1_agreement": totals["agree"] / n,

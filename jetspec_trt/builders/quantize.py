@@ -2,16 +2,25 @@
 Face FP8 layout (models/fp8.py) that TensorRT-LLM, vLLM and our engine read.
 
 modelopt works on transformers' own model of the checkpoint (models.checkpoint.load_hf_model: the same weights and
-numerics as ours), so its export writes the tensor names, scales and quantization_config those readers expect:
-`mtq.quantize` with FP8_DEFAULT_CFG puts e4m3 per-tensor quantizers on every Linear except lm_head (embeddings
-too are left alone), runs the calibration prompts through the model to record each input's amax ("max"
-algorithm), and `export_hf_checkpoint` writes weight (e4m3), weight_scale = amax(|W|)/448 and input_scale =
-calibrated amax(|x|)/448 per Linear. The draft head is never quantized.
+numerics as ours), so its export writes the tensor names, scales and quantization_config those readers expect.
+Two recipes (Fp8Recipe, `build --fp8-recipe`), each one modelopt config:
 
-Before the export, each layer's q/k/v and gate/up quantizers get one shared weight amax (modelopt's own
-preprocess_linear_fusion, what its TensorRT-LLM export does): the engine runs each group as one GEMM with one
-scale, and a shared amax lets the export round every weight once, with that scale, instead of the loader
-requantizing parts rounded with another.
+- "per-tensor", FP8_DEFAULT_CFG: `mtq.quantize` puts e4m3 per-tensor quantizers on every Linear except lm_head
+  (embeddings too are left alone), runs the calibration prompts through the model to record each input's amax
+  ("max" algorithm), and `export_hf_checkpoint` writes weight (e4m3), weight_scale = amax(|W|)/448 and
+  input_scale = calibrated amax(|x|)/448 per Linear (quant_algo "FP8").
+- "per-channel", FP8_PER_CHANNEL_PER_TOKEN_CFG: weight_scale = amax(|W_row|)/448 per output row ([N]) and no
+  input_scale: each token's activations are scaled by their own amax at run time (quant_algo
+  "FP8_PER_CHANNEL_PER_TOKEN", which TensorRT-LLM reads as its QuantAlgo of that name).
+
+Measured on the CPU (bench/results/quantize-compare-cpu-qwen2.5-coder-0.5b-*.json, docs/engine.md), neither
+reaches issue 15's 97 % top-1 agreement with bf16, so the default stays the per-tensor recipe.
+
+The draft head is never quantized. Before the export, each layer's q/k/v and gate/up quantizers get one shared
+weight amax where the scales are per tensor (modelopt's own preprocess_linear_fusion, what its TensorRT-LLM export
+does): the engine runs each group as one GEMM with one scale, and a shared amax lets the export round every weight
+once, with that scale, instead of the loader requantizing parts rounded with another. Per-channel scales
+concatenate with the rows and need nothing shared.
 
 Calibration runs on CUDA in the engine dtype where a GPU is there, else on the CPU in float32 (modelopt's fake
 quantization runs on both; the CPU is fine for small models and the tests, slow for 8B).
@@ -29,17 +38,31 @@ import torch
 from jetspec_trt.dtypes import dtype_name
 from jetspec_trt.errors import JetSpecError
 from jetspec_trt.models.checkpoint import SHARD_INDEX, load_hf_model
-from jetspec_trt.models.fp8 import read_fp8_format
+from jetspec_trt.models.fp8 import PER_CHANNEL, PER_TENSOR, read_fp8_format
 from jetspec_trt.models.weights import keep_plan, write_weights
 from jetspec_trt.versions import library_versions
 
 METHODS = ("fp8",)
-MODELOPT_CONFIG = "FP8_DEFAULT_CFG"  # the modelopt recipe: per-tensor e4m3 weights and inputs, "max" calibration
+
+
+@dataclass(frozen=True)
+class Fp8Recipe:
+    modelopt_config: str  # a config of modelopt.torch.quantization; "max" calibration in both
+    weight_scales: str  # models.fp8.PER_TENSOR / PER_CHANNEL: what the export's format must say
+    activations: str  # for the manifest
+
+
+FP8_RECIPES = {
+    PER_TENSOR: Fp8Recipe("FP8_DEFAULT_CFG", PER_TENSOR, "static per-tensor input_scale (calibrated amax / 448)"),
+    PER_CHANNEL: Fp8Recipe("FP8_PER_CHANNEL_PER_TOKEN_CFG", PER_CHANNEL, "dynamic, per token (amax of the row / 448)"),
+}
+DEFAULT_FP8_RECIPE = PER_TENSOR  # the best-measured recipe, but below 97 % on the CPU (docs/engine.md)
 
 
 @dataclass(frozen=True)
 class QuantizeConfig:
     method: str = "fp8"
+    recipe: str = DEFAULT_FP8_RECIPE  # a key of FP8_RECIPES
     # Calibration prompts: a prompt suite of jetspec_trt.datasets or a .jsonl file of {"messages"} / {"prompt"}
     # lines (datasets.load_prompt_messages), sent through the tokenizer's chat template as the engine sees them.
     calib_source: str = "sharegpt"
@@ -50,6 +73,8 @@ class QuantizeConfig:
     def validate(self) -> None:
         if self.method not in METHODS:
             raise JetSpecError(f"unknown quantization {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.recipe not in FP8_RECIPES:
+            raise JetSpecError(f"unknown FP8 recipe {self.recipe!r}; choose one of {', '.join(FP8_RECIPES)}")
         if self.calib_samples < 1 or self.calib_max_tokens < 2:
             raise JetSpecError(f"calibration needs >= 1 sample of >= 2 tokens, got {self.calib_samples} samples "
                                f"of up to {self.calib_max_tokens} tokens")
@@ -95,6 +120,7 @@ def quantize_target(target_dir: Path, out_dir: Path, cfg: QuantizeConfig, dtype:
     if read_fp8_format(target_dir) is not None:
         raise JetSpecError(f"{target_dir} is already quantized; build from it without --quantize")
     mtq, export_hf_checkpoint, preprocess_linear_fusion = _modelopt()
+    recipe = FP8_RECIPES[cfg.recipe]
     sequences = calibration_sequences(target_dir, cfg)
     device = cfg.calib_device or ("cuda" if torch.cuda.is_available() else "cpu")
     calib_dtype = dtype if torch.device(device).type == "cuda" else torch.float32
@@ -105,7 +131,7 @@ def quantize_target(target_dir: Path, out_dir: Path, cfg: QuantizeConfig, dtype:
         for seq in sequences:
             m(torch.tensor([seq], device=device))
 
-    mtq.quantize(model, getattr(mtq, MODELOPT_CONFIG), forward_loop)
+    mtq.quantize(model, getattr(mtq, recipe.modelopt_config), forward_loop)
     _share_fused_scales(model, preprocess_linear_fusion)
     out_dir.mkdir(parents=True)
     export_dir = out_dir / ".modelopt-export"
@@ -114,13 +140,16 @@ def quantize_target(target_dir: Path, out_dir: Path, cfg: QuantizeConfig, dtype:
     del model
     _finish_export(target_dir, export_dir, out_dir, dtype)
     fmt = read_fp8_format(out_dir)
-    if fmt is None:
-        raise JetSpecError(f"modelopt wrote no FP8 quantization_config into {out_dir / 'config.json'}")
+    if fmt is None or fmt.weight_scales != recipe.weight_scales:
+        raise JetSpecError(f"modelopt wrote no {recipe.weight_scales} FP8 quantization_config into "
+                           f"{out_dir / 'config.json'} ({fmt.describe() if fmt else 'none'})")
     return {
         "method": cfg.method,
+        "recipe": cfg.recipe,
         "format": fmt.describe() + "; Hugging Face layout with weight_scale / input_scale per Linear",
+        "activations": recipe.activations,
         "tool": f"nvidia-modelopt {library_versions('modelopt')['modelopt']}",
-        "modelopt_config": MODELOPT_CONFIG,
+        "modelopt_config": recipe.modelopt_config,
         "algorithm": "max",
         "unquantized": list(fmt.excluded) + ["norms", "the draft head"],
         "calibration": {"source": cfg.calib_source, "samples": len(sequences),

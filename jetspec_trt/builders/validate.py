@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from jetspec_trt.errors import JetSpecError
 from jetspec_trt.models.checkpoint import meta_shapes, weight_files
 from jetspec_trt.models.config import DecoderConfig, load_hf_config
 from jetspec_trt.models.draft import DraftSpec, read_draft_config
-from jetspec_trt.models.fp8 import Fp8Format, is_scale, read_fp8_format
+from jetspec_trt.models.fp8 import Fp8Format, is_scale, read_fp8_format, scale_shape_error
 from jetspec_trt.models.fused_layout import is_fused, split_fused
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")
@@ -42,10 +41,10 @@ def checkpoint_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def check_tensors(model_dir: Path, tied: bool = False, fp8: bool = False) -> None:
+def check_tensors(model_dir: Path, tied: bool = False, fp8: Fp8Format | None = None) -> None:
     stored = _as_hugging_face(checkpoint_shapes(model_dir), model_dir)
-    if fp8:
-        stored = _without_fp8_scales(stored, model_dir)
+    if fp8 is not None:
+        stored = _without_fp8_scales(stored, model_dir, fp8)
     expected = meta_shapes(model_dir)
     if tied:
         stored.setdefault("lm_head.weight", stored.get("embed_tokens.weight"))
@@ -73,8 +72,10 @@ def _as_hugging_face(shapes: dict[str, tuple[int, ...]], model_dir: Path) -> dic
     return {name: tuple(t.shape) for name, t in split.items()}
 
 
-def _without_fp8_scales(shapes: dict[str, tuple[int, ...]], model_dir: Path) -> dict[str, tuple[int, ...]]:
-    """An FP8 checkpoint's shapes less its scales, after checking that each scale is a scalar beside a weight."""
+def _without_fp8_scales(shapes: dict[str, tuple[int, ...]], model_dir: Path,
+                        fmt: Fp8Format) -> dict[str, tuple[int, ...]]:
+    """An FP8 checkpoint's shapes less its scales, after checking that each scale sits beside a weight and has the
+    shape `fmt` implies (models.fp8.scale_shape_error)."""
     out = {}
     for name, shape in shapes.items():
         if not is_scale(name):
@@ -83,9 +84,9 @@ def _without_fp8_scales(shapes: dict[str, tuple[int, ...]], model_dir: Path) -> 
         owner = name.rsplit(".", 1)[0] + ".weight"
         if owner not in shapes:
             raise JetSpecError(f"{model_dir}: scale {name} has no weight {owner} beside it")
-        if math.prod(shape) != 1:
-            raise JetSpecError(f"{model_dir}: scale {name} has shape {shape}; only per-tensor (scalar) FP8 scales "
-                               "are supported")
+        error = scale_shape_error(name, shape, shapes[owner][0], fmt)
+        if error:
+            raise JetSpecError(f"{model_dir}: {error}")
     return out
 
 
@@ -155,7 +156,7 @@ def check_pair(target_dir: Path, draft_dir: Path) -> CheckedPair:
     target_fp8 = read_fp8_format(target_dir)
     if read_fp8_format(draft_dir) is not None:
         raise JetSpecError(f"{draft_dir}: the draft head is quantized; draft heads run unquantized (bf16)")
-    check_tensors(target_dir, tied=target.tie_word_embeddings, fp8=target_fp8 is not None)
+    check_tensors(target_dir, tied=target.tie_word_embeddings, fp8=target_fp8)
     check_tensors(draft_dir)
     return CheckedPair(target, draft, spec, eos_ids(target_dir, getattr(target_hf, "eos_token_id", None)),
                        target_fp8)

@@ -15,7 +15,7 @@ from jetspec_trt.errors import JetSpecError
 from jetspec_trt.models.config import DecoderConfig, load_hf_config, rope_inverse_frequencies
 from jetspec_trt.models.draft import DraftHead, DraftSpec, draft_config_dict, read_draft_config
 from jetspec_trt.models.fp8 import (dequantized_state, keeps_dtype, normalized_scales, prepare_fp8_modules,
-                                    read_fp8_format, require_fp8_device)
+                                    read_fp8_format, reference_state, require_fp8_device)
 from jetspec_trt.models.fused_layout import fused_tensors, split_fused
 from jetspec_trt.models.target import TargetModel
 
@@ -82,8 +82,9 @@ def load_hf_model(model_dir: Path, dtype: torch.dtype = torch.float32):
 
     config = load_hf_config(model_dir)
     state = hf_state_dict(model_dir)
-    if read_fp8_format(model_dir) is not None:
-        state = dequantized_state(state, dtype)
+    fmt = read_fp8_format(model_dir)
+    if fmt is not None:
+        state = dequantized_state(state, fmt, dtype)
         if hasattr(config, "quantization_config"):
             del config.quantization_config
     model_class = MODEL_FOR_CAUSAL_LM_MAPPING[type(config)]
@@ -144,24 +145,25 @@ def load_target(model_dir: Path, dtype: torch.dtype = torch.float32, device: str
     tensors are concatenated here only if the checkpoint is not fused already (engines built with --no-fuse).
 
     An FP8 checkpoint (models/fp8.py): keep_fp8 keeps its weights FP8 and runs FP8 GEMMs (JetSpecError on a GPU
-    without FP8), False dequantizes them into `dtype` (the reference). None: keep on CUDA, dequantize elsewhere."""
+    without FP8); False holds their e4m3 values in `dtype` and rounds the projections' inputs to e4m3 as the FP8
+    GEMMs do, in float matmuls (the reference). None: keep on CUDA, the reference elsewhere."""
     model_dir = Path(model_dir)
     hf = load_hf_config(model_dir)
     cfg = DecoderConfig.from_hf(hf)
     inv_freq, scaling = rope_inverse_frequencies(hf, cfg.head_dim)
     state = read_state_dict(model_dir)
-    fp8 = read_fp8_format(model_dir) is not None
-    if fp8:
+    fmt = read_fp8_format(model_dir)
+    if fmt is not None:
         keep_fp8 = torch.device(device).type == "cuda" if keep_fp8 is None else keep_fp8
         if keep_fp8:
             require_fp8_device(device)
-        state = normalized_scales(state) if keep_fp8 else dequantized_state(state, dtype)
+        state = normalized_scales(state, fmt) if keep_fp8 else reference_state(state, fmt, dtype)
     if cfg.tie_word_embeddings:
         # Tied checkpoints may store only the embedding; the tie is re-made after the load.
         state["lm_head.weight"] = state.get("embed_tokens.weight", state.get("lm_head.weight"))
     with torch.device("meta"):
         model = TargetModel(cfg, inv_freq, scaling)
-    if fp8 and keep_fp8:
+    if fmt is not None:
         prepare_fp8_modules(model, state)
     _load_weights(model, state, cfg, model_dir, dtype, device)
     if cfg.tie_word_embeddings:

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from jetspec_trt.models.fp8 import fuse_fp8
+from jetspec_trt.models.fp8 import fuse_fp8, split_weight_scale
 from jetspec_trt.plugins.layer_kernels import apply_rotary, rms_norm
 from jetspec_trt.plugins.linear import linear
 
@@ -39,7 +39,7 @@ class Rotary(nn.Module):
 
 class Linear(nn.Linear):
     """nn.Linear whose weight may be FP8 (e4m3, models/fp8.py): then `weight_scale` (and `input_scale`, for
-    static activation scales) hold its per-tensor scales, under the names FP8 checkpoints give them, so a
+    static activation scales) hold its scales, under the names FP8 checkpoints give them, so a
     checkpoint's state dict loads as it is. Unquantized, both are None and the layer is a plain nn.Linear.
     Every projection of the decoder layers is one; all run through plugins.linear."""
 
@@ -110,12 +110,13 @@ def _share_rows(weight: torch.Tensor, bias: torch.Tensor | None, projections: tu
     if weight.shape[0] != sum(rows):
         raise ValueError(f"fused weight has {weight.shape[0]} rows, the projections need {sum(rows)}")
     biases = bias.split(rows) if bias is not None else [None] * len(rows)
-    for p, w, b in zip(projections, weight.split(rows), biases):
+    scales = split_weight_scale(weight_scale, rows)
+    for p, w, b, s in zip(projections, weight.split(rows), biases, scales):
         p.weight = nn.Parameter(w, requires_grad=p.weight.requires_grad and weight_scale is None)
         if b is not None:
             p.bias = nn.Parameter(b, requires_grad=p.bias.requires_grad)
-        if weight_scale is not None:
-            p.weight_scale, p.input_scale = weight_scale, input_scale
+        if s is not None:
+            p.weight_scale, p.input_scale = s, input_scale
 
 
 class AttentionProjections(nn.Module):

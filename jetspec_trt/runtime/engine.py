@@ -58,7 +58,7 @@ class Engine:
         self.tokenizer = tokenizer
         self.engine_dir = engine_dir
         # How this engine runs here, one line per aspect: "weights" (fused at build, or at load),
-        # "quantization" (FP8 GEMMs, dequantized, or none) and "kernel_tuning" (tuned launches for this GPU, or
+        # "quantization" (FP8 GEMMs, the CPU's FP8 reference, or none) and "kernel_tuning" (tuned launches for this GPU, or
         # default_launch and why).
         self.summary = summary or {}
         self.last_stats: DecodeStats | None = None
@@ -101,7 +101,8 @@ class Engine:
         # On the GPU q/k/v and gate/up run as one GEMM each, over the fused tensors the build stored. The CPU
         # keeps the separate GEMMs (the reference path: bit-identical to the Hugging Face checkpoint's logits);
         # their weights are views of the same fused tensors, so either way there is one copy in memory.
-        # An FP8 target keeps its FP8 weights on CUDA (an error on a GPU without FP8) and is dequantized on the CPU.
+        # An FP8 target keeps its FP8 weights on CUDA (an error on a GPU without FP8); the CPU runs the reference
+        # (models/fp8.py: e4m3 values in float32, activations rounded to e4m3 as the FP8 GEMMs do).
         target = load_target(engine_dir / "target", torch_dtype, device, fused_gemm=cuda)
         draft = load_draft(engine_dir / "draft", torch_dtype, device, fused_gemm=cuda)
         tokenizer = AutoTokenizer.from_pretrained(str(engine_dir / "target"), local_files_only=True)
@@ -216,7 +217,7 @@ def _quantization_summary(engine_dir: Path, cuda: bool, decode_gemv: bool) -> st
     if fmt is None:
         return "none"
     if not cuda:
-        return fmt.describe() + ": dequantized into the reference dtype here"
+        return fmt.describe() + ": e4m3 weights and activations dequantized into float GEMMs here (the reference)"
     return fmt.describe() + (": FP8 GEMMs and FP8 GEMV" if decode_gemv else ": FP8 GEMMs")
 
 

@@ -1,6 +1,7 @@
-"""FP8 checkpoints (models/fp8.py): the layout modelopt's export gives (what vLLM and TensorRT-LLM read), loading
-it dequantized on the CPU (close to the unquantized model) or as FP8 GEMMs, checkpoints in the AutoFP8 / vLLM
-"fp8" layout, and the errors for what the engine does not run."""
+"""FP8 checkpoints (models/fp8.py): the layouts modelopt's export gives (what vLLM and TensorRT-LLM read) for the
+per-tensor and the per-channel recipe, loading them as the CPU reference (e4m3 weights and activations in float
+GEMMs: the FP8 GEMMs' products, close to the unquantized model) or as FP8 GEMMs, checkpoints in the AutoFP8 / vLLM
+"fp8" layout and a per-channel one written by hand, and the errors for what the engine does not run."""
 
 import json
 import shutil
@@ -12,7 +13,7 @@ from safetensors.torch import load_file, save_file
 from jetspec_trt.errors import JetSpecError
 from jetspec_trt.models.checkpoint import load_hf_model, load_target
 from jetspec_trt.models.fp8 import FP8_DTYPE, read_fp8_format, require_fp8_device
-from jetspec_trt.plugins.fp8_gemm import FP8_MAX, quantize
+from jetspec_trt.plugins.fp8_gemm import FP8_MAX, dequantize, quantize
 
 PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
                "mlp.up_proj", "mlp.down_proj")
@@ -61,24 +62,39 @@ def test_modelopt_export_is_the_layout_vllm_and_trtllm_read(fp8_pair):
     assert fp8_pair.recipe["calibration"]["samples"] == 6 and fp8_pair.recipe["tool"].startswith("nvidia-modelopt")
 
 
-def test_cpu_reference_is_dequantized_and_close_to_unquantized(fp8_pair):
+@pytest.mark.parametrize("recipe", ["per-tensor", "per-channel"])
+def test_cpu_reference_emulates_the_fp8_gemms(fp8_pair, recipe):
+    """The CPU reference holds the stored e4m3 values in float32 (exactly) with their scales and rounds each
+    projection's input to e4m3 (static input_scale, or per token): the FP8 GEMMs' products in float32 matmuls,
+    so it gives torch._scaled_mm's logits up to summation order, not the weights-only rounding of a dequantized
+    model (which would miss the activations' rounding, the larger part of FP8's error)."""
+    path = fp8_pair.fp8_target if recipe == "per-tensor" else fp8_pair.per_channel_target
     reference = load_target(fp8_pair.target).prefill(TEXT).logits
-    model = load_target(fp8_pair.fp8_target)
-    assert all(p.dtype == torch.float32 for p in model.parameters())  # dequantized: the fp32 reference
-    assert model.layers[0].self_attn.q_proj.weight_scale is None
+    model = load_target(path)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the fp32 reference
+    q_proj = model.layers[0].self_attn.q_proj
+    stored = load_file(str(path / "model.safetensors"))
+    assert torch.equal(q_proj.weight, stored["model.layers.0.self_attn.q_proj.weight"].float())
+    if recipe == "per-tensor":
+        assert q_proj.weight_scale.shape == () and q_proj.input_scale.shape == ()
+    else:
+        assert q_proj.weight_scale.shape == (q_proj.out_features,) and q_proj.input_scale is None
     logits = model.prefill(TEXT).logits
-    # FP8 rounds every weight by up to 6%: the logits move, but stay close; a different model would be ~1.4 away.
-    assert 1e-4 < rel(logits, reference) < 0.15
-    assert float((logits.argmax(-1) == reference.argmax(-1)).float().mean()) >= 0.8
-    # transformers' model of the same checkpoint (dequantized) computes the same logits
-    hf = load_hf_model(fp8_pair.fp8_target)(torch.tensor([TEXT])).logits[0]
-    assert torch.allclose(hf, logits, atol=1e-4, rtol=1e-4)
+    # FP8 rounds every weight and input by up to 6%: the logits move, but stay close; a different model would be
+    # ~1.4 away. (The random tiny model has many near ties: the top-1 flips where its margins are small.)
+    assert 1e-4 < rel(logits, reference) < 0.2
+    assert float((logits.argmax(-1) == reference.argmax(-1)).float().mean()) >= 0.7
+    fp8_gemms = load_target(path, keep_fp8=True).prefill(TEXT).logits  # torch._scaled_mm's CPU kernel
+    assert torch.allclose(fp8_gemms, logits, atol=1e-4, rtol=1e-4)
+    # transformers' model of the checkpoint is dequantized, weights only: further from the FP8 GEMMs than the
+    # reference is
+    hf = load_hf_model(path)(torch.tensor([TEXT])).logits[0]
+    assert rel(hf, fp8_gemms) > 20 * rel(logits, fp8_gemms)
 
 
 def test_fp8_gemms_run_the_checkpoint_as_stored(fp8_pair):
-    """keep_fp8: FP8 weights and torch._scaled_mm (torch's CPU kernel here; tensor cores on CUDA). Activations are
-    rounded to e4m3 too, so the logits sit a little further from the unquantized model than the dequantized
-    reference; fusing q/k/v and gate/up (one shared scale per group) changes nothing."""
+    """keep_fp8: FP8 weights and torch._scaled_mm (torch's CPU kernel here; tensor cores on CUDA), close to the
+    unquantized model; fusing q/k/v and gate/up (one shared scale per group) changes nothing."""
     reference = load_target(fp8_pair.target).prefill(TEXT).logits
     dequantized = load_target(fp8_pair.fp8_target).prefill(TEXT).logits
     model = load_target(fp8_pair.fp8_target, keep_fp8=True)
@@ -93,28 +109,41 @@ def test_fp8_gemms_run_the_checkpoint_as_stored(fp8_pair):
     assert torch.allclose(model.prefill(TEXT).logits, logits, atol=1e-5, rtol=1e-5)
 
 
-def autofp8_checkpoint(src, dst, scale_shape=(1,), block=False):
-    """The target as another producer writes it: AutoFP8 / vLLM "fp8" layout, dynamic activations (no
-    input_scale), one scale per Linear (q/k/v differ), scales stored as [1]."""
+def hand_written_checkpoint(src, dst, quantization_config, per_channel=False, scale_shape=(1,)):
+    """The target quantized here, as another producer writes it: no input_scale (dynamic activations); one scale
+    per Linear (q/k/v differ), stored as `scale_shape`, or per_channel: one per row, stored as [N, 1]
+    (TensorRT-LLM's shape; `scale_shape` (-1,) stores [N])."""
     shutil.copytree(src, dst)
     state = load_file(str(dst / "model.safetensors"))
     out = {}
     for name, tensor in state.items():
+        name = name if name.startswith("model.") else "model." + name
         if any(name.endswith(f"{p}.weight") for p in PROJECTIONS):
-            scale = tensor.float().abs().max() / FP8_MAX
+            amax = tensor.float().abs().amax(dim=1, keepdim=True) if per_channel else tensor.float().abs().max()
+            scale = amax / FP8_MAX
             out[name] = quantize(tensor, scale)
-            out[name.removesuffix("weight") + "weight_scale"] = scale.reshape(1).expand(scale_shape).contiguous()
+            stored = scale.reshape(scale_shape) if per_channel else scale.reshape(1).expand(scale_shape)
+            out[name.removesuffix("weight") + "weight_scale"] = stored.contiguous()
         else:
-            out["model." + name] = tensor
-    out = {("model." + k if not k.startswith("model.") else k): v for k, v in out.items()}
+            out[name] = tensor
     save_file(out, str(dst / "model.safetensors"))
     config = json.loads((dst / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "fp8", "activation_scheme": "dynamic",
-                                     "ignored_layers": ["lm_head"]}
-    if block:
-        config["quantization_config"]["weight_block_size"] = [128, 128]
+    config["quantization_config"] = quantization_config
     (dst / "config.json").write_text(json.dumps(config))
     return dst
+
+
+def autofp8_checkpoint(src, dst, scale_shape=(1,), block=False):
+    """The AutoFP8 / vLLM "fp8" layout: dynamic activations, per-tensor scales stored as [1]."""
+    quant = {"quant_method": "fp8", "activation_scheme": "dynamic", "ignored_layers": ["lm_head"]}
+    return hand_written_checkpoint(src, dst, quant | ({"weight_block_size": [128, 128]} if block else {}),
+                                   scale_shape=scale_shape)
+
+
+def per_channel_checkpoint(src, dst, scale_shape=(-1, 1)):
+    """modelopt's FP8_PER_CHANNEL_PER_TOKEN layout written by hand, in config.json only (no hf_quant_config)."""
+    quant = {"quant_method": "modelopt", "quant_algo": "FP8_PER_CHANNEL_PER_TOKEN", "ignore": ["lm_head"]}
+    return hand_written_checkpoint(src, dst, quant, per_channel=True, scale_shape=scale_shape)
 
 
 def test_others_fp8_checkpoints_load(fp8_pair, tmp_path):
@@ -175,3 +204,79 @@ def test_gpu_without_fp8_is_refused(fp8_pair, monkeypatch):
     require_fp8_device("cpu")  # torch's CPU kernels run FP8 GEMMs
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
     require_fp8_device("cuda")
+
+
+def test_modelopt_per_channel_export(fp8_pair):
+    """The per-channel recipe (FP8_PER_CHANNEL_PER_TOKEN_CFG): quant_algo FP8_PER_CHANNEL_PER_TOKEN in both config
+    files, a weight_scale per output row (its amax / 448, nothing shared across a fused group), no input_scale."""
+    path = fp8_pair.per_channel_target
+    quant = json.loads((path / "config.json").read_text())["quantization_config"]
+    assert quant["quant_method"] == "modelopt" and quant["quant_algo"] == "FP8_PER_CHANNEL_PER_TOKEN"
+    side = json.loads((path / "hf_quant_config.json").read_text())
+    assert side["quantization"]["quant_algo"] == "FP8_PER_CHANNEL_PER_TOKEN"
+    fmt = read_fp8_format(path)
+    assert (fmt.method, fmt.activation_scheme, fmt.weight_scales) == ("modelopt", "dynamic", "per-channel")
+    assert fmt.describe() == "fp8 e4m3 per-channel (modelopt, dynamic activation scales)"
+    tensors = load_file(str(path / "model.safetensors"))
+    original = {k: v.float() for k, v in load_file(str(fp8_pair.target / "model.safetensors")).items()}
+    assert not any(k.endswith("input_scale") for k in tensors)
+    for layer in range(6):
+        for proj in PROJECTIONS:
+            name = f"model.layers.{layer}.{proj}"
+            weight, scale = tensors[f"{name}.weight"], tensors[f"{name}.weight_scale"]
+            w = original[f"layers.{layer}.{proj}.weight"]
+            assert weight.dtype == FP8_DTYPE and scale.dtype == torch.float32 and scale.shape == (w.shape[0],)
+            assert torch.allclose(scale, w.abs().amax(dim=1) / FP8_MAX, rtol=1e-2)
+            error = (dequantize(weight, scale, torch.float32) - w).abs()
+            assert bool((error <= torch.maximum(w.abs() / 16, scale[:, None] * 2.0**-9) + 1e-6).all())
+    recipe = fp8_pair.per_channel_recipe
+    assert recipe["recipe"] == "per-channel" and recipe["modelopt_config"] == "FP8_PER_CHANNEL_PER_TOKEN_CFG"
+    assert recipe["activations"].startswith("dynamic") and fp8_pair.recipe["recipe"] == "per-tensor"
+
+
+def test_hand_written_per_channel_checkpoint_loads(fp8_pair, tmp_path):
+    """modelopt's per-channel layout written by hand, scales as [N, 1] (TensorRT-LLM's shape) or [N]: the same
+    model; the reference, the FP8 GEMMs and the fused GEMMs (scales concatenated with the rows) agree."""
+    column = per_channel_checkpoint(fp8_pair.target, tmp_path / "column")
+    flat = per_channel_checkpoint(fp8_pair.target, tmp_path / "flat", scale_shape=(-1,))
+    fmt = read_fp8_format(column)
+    assert (fmt.activation_scheme, fmt.weight_scales) == ("dynamic", "per-channel")
+    logits = load_target(column).prefill(TEXT).logits
+    assert torch.equal(load_target(flat).prefill(TEXT).logits, logits)
+    assert rel(logits, load_target(fp8_pair.target).prefill(TEXT).logits) < 0.15
+    assert torch.allclose(load_target(column, fused_gemm=True).prefill(TEXT).logits, logits, atol=1e-4, rtol=1e-4)
+    model = load_target(column, keep_fp8=True)
+    attn = model.layers[0].self_attn
+    scales = [p.weight_scale for p in (attn.q_proj, attn.k_proj, attn.v_proj)]
+    assert attn.q_proj.weight.dtype == FP8_DTYPE and scales[0].shape == (attn.q_proj.out_features,)
+    assert torch.allclose(model.prefill(TEXT).logits, logits, atol=1e-4, rtol=1e-4)
+    model.fuse_weights()
+    assert attn.qkv_weight.dtype == FP8_DTYPE and torch.equal(attn.qkv_weight_scale, torch.cat(scales))
+    assert torch.equal(attn.k_proj.weight_scale, scales[1])  # each part keeps its own rows' scales
+    assert torch.allclose(model.prefill(TEXT).logits, logits, atol=1e-4, rtol=1e-4)
+
+
+def test_bad_per_channel_checkpoints_are_refused(fp8_pair, tmp_path):
+    from jetspec_trt.builders.validate import check_pair
+
+    def broken(name, change, quant_algo=None):
+        path = per_channel_checkpoint(fp8_pair.target, tmp_path / name)
+        state = load_file(str(path / "model.safetensors"))
+        change(state)
+        save_file(state, str(path / "model.safetensors"))
+        if quant_algo:
+            config = json.loads((path / "config.json").read_text())
+            config["quantization_config"]["quant_algo"] = quant_algo
+            (path / "config.json").write_text(json.dumps(config))
+        return path
+
+    q = "model.layers.0.self_attn.q_proj"
+    cases = [(broken("rows", lambda s: s.update({f"{q}.weight_scale": torch.ones(5)})),
+              r"\[N\] or \[N, 1\] with N = 128"),
+             (broken("input", lambda s: s.update({f"{q}.input_scale": torch.ones(())})), "no input scales"),
+             (broken("algo", lambda s: None, quant_algo="FP8"), "need quant_algo FP8_PER_CHANNEL_PER_TOKEN")]
+    for path, match in cases:
+        with pytest.raises(JetSpecError, match=match):
+            load_target(path)
+        with pytest.raises(JetSpecError, match=match):  # the build's check, before any weight is read
+            check_pair(path, fp8_pair.draft)

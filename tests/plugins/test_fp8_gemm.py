@@ -26,11 +26,57 @@ def operands(n, k, device="cpu", seed=0):
 
 
 def emulated(x, weight, weight_scale, input_scale, bias):
-    """What the FP8 GEMM computes, in float64: both operands rounded to e4m3, products summed, scaled."""
+    """What the FP8 GEMM computes, in float64: both operands rounded to e4m3, products summed, scaled (a weight
+    scale per tensor or per row)."""
     x_scale = input_scale if input_scale is not None else x.abs().amax(-1, keepdim=True).float() / FP8_MAX
     xq = quantize(x, x_scale).double() * x_scale.double()
-    y = F.linear(xq, weight.double() * weight_scale.double())
+    w_scale = weight_scale.double() if weight_scale.dim() == 0 else weight_scale.double()[:, None]
+    y = F.linear(xq, weight.double() * w_scale)
     return y if bias is None else y + bias.double()
+
+
+def per_channel_operands(n, k):
+    """operands() with one weight scale per row: rows of very different sizes, as real projections have."""
+    x, _, _, bias = operands(n, k)
+    w = torch.randn(n, k, generator=torch.Generator().manual_seed(1)) / k**0.5 * torch.logspace(-2, 0, n)[:, None]
+    w_scale = w.abs().amax(dim=1) / FP8_MAX
+    return x, quantize(w, w_scale[:, None]), w_scale, bias
+
+
+@pytest.mark.parametrize("static", [True, False])
+@pytest.mark.parametrize("per_channel", [True, False])
+def test_reference_rounds_activations_like_the_fp8_gemm(static, per_channel):
+    """The CPU reference (the weight's e4m3 values held in float32) rounds x as the FP8 GEMM does:
+    x -> (x / s_x).clamp(-448, 448).to(e4m3).float() * s_x, s_x static or amax(|x_row|) / 448, then an fp32
+    matmul; the same products as torch._scaled_mm. Without the activations' rounding it would be far off."""
+    x, w, w_scale, bias = per_channel_operands(96, 64) if per_channel else operands(96, 64)
+    input_scale = None if per_channel or not static else torch.tensor(x.abs().max().item() * 1.2 / FP8_MAX)
+    x_scale = input_scale if input_scale is not None else x.abs().amax(-1, keepdim=True) / FP8_MAX
+    x_fake = (x / x_scale).clamp(-448, 448).to(torch.float8_e4m3fn).float() * x_scale
+    want = F.linear(x_fake, dequantize(w, w_scale, torch.float32), bias)
+    got = fp8_linear(x, w.float(), bias, w_scale, input_scale, use_gemv=False)
+    assert got.dtype == torch.float32 and torch.allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert torch.allclose(got, fp8_linear(x, w, bias, w_scale, input_scale, False), rtol=1e-5, atol=1e-5)
+    weights_only = F.linear(x, dequantize(w, w_scale, torch.float32), bias)
+    assert (weights_only - want).abs().max() > 100 * (got - want).abs().max()
+
+
+def test_per_channel_weight_scales():
+    """One scale per weight row: the GEMM (torch._scaled_mm, unit scales, float32 product scaled after) and the
+    batch-1 GEMV (its CPU fallback here) compute the emulated product."""
+    x, w, w_scale, bias = per_channel_operands(96, 64)
+    assert fp8_linear(x, w, bias, w_scale, None, False).dtype == torch.float32
+    for with_bias in (bias, None):
+        want = emulated(x, w, w_scale, None, with_bias)
+        got = fp8_linear(x, w, with_bias, w_scale, None, False)
+        assert torch.allclose(got.double(), want, rtol=1e-5, atol=1e-5)
+        one = fp8_linear(x[:1], w, with_bias, w_scale, None, use_gemv=True)
+        assert torch.allclose(one.double(), want[:1], rtol=1e-5, atol=1e-5)
+    # per-tensor scales would lose the small rows: their e4m3 values underflow to few levels
+    flat = w_scale.max()
+    coarse = fp8_linear(x, quantize(dequantize(w, w_scale, torch.float32), flat), bias, flat, None, False)
+    assert rel_err(coarse, emulated(x, w, w_scale, None, bias).float()) > 10 * rel_err(
+        fp8_linear(x, w, bias, w_scale, None, False), emulated(x, w, w_scale, None, bias).float())
 
 
 @pytest.mark.parametrize("static", [True, False])
