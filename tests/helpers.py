@@ -149,11 +149,25 @@ class Fp8Pair:
     root: Path
     target: Path  # the unquantized (bf16) target
     draft: Path
-    fp8_target: Path  # the target quantized by nvidia-modelopt (builders.quantize), per-tensor recipe
     calib: Path  # the calibration prompts (.jsonl)
-    recipe: dict
-    per_channel_target: Path  # the same, per-channel recipe (per-channel weight scales, per-token activations)
-    per_channel_recipe: dict
+    fp8_targets: dict[str, Path]  # --fp8-recipe name -> the target quantized by nvidia-modelopt with it
+    recipes: dict[str, dict]  # --fp8-recipe name -> quantize_target's manifest entry
+
+    @property
+    def fp8_target(self) -> Path:  # per-tensor weight scales, static activation scales
+        return self.fp8_targets["per-tensor"]
+
+    @property
+    def recipe(self) -> dict:
+        return self.recipes["per-tensor"]
+
+    @property
+    def per_channel_target(self) -> Path:  # per-channel weight scales, per-token activation scales
+        return self.fp8_targets["per-channel"]
+
+    @property
+    def per_channel_recipe(self) -> dict:
+        return self.recipes["per-channel"]
 
 
 def write_fp8_pair(root: Path) -> Fp8Pair:
@@ -171,13 +185,15 @@ def write_fp8_pair(root: Path) -> Fp8Pair:
     assert shape.vocab_size == 256 + len(TINY_SPECIALS)
     calib = root / "calib.jsonl"
     calib.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in CALIBRATION_PROMPTS))
-    recipes = {name: quantize_target(root / "target", root / f"fp8-{name}",
+    from jetspec_trt.builders.quantize import FP8_RECIPES
+
+    targets = {name: root / f"fp8-{name}" for name in FP8_RECIPES}
+    recipes = {name: quantize_target(root / "target", path,
                                      QuantizeConfig(recipe=name, calib_source=str(calib),
                                                     calib_samples=len(CALIBRATION_PROMPTS), calib_device="cpu"),
                                      torch.bfloat16)
-               for name in ("per-tensor", "per-channel")}
-    return Fp8Pair(root, root / "target", root / "draft", root / "fp8-per-tensor", calib, recipes["per-tensor"],
-                   root / "fp8-per-channel", recipes["per-channel"])
+               for name, path in targets.items()}
+    return Fp8Pair(root, root / "target", root / "draft", calib, targets, recipes)
 
 
 def check_bucketed_prefill(fast, prompt: list[int], speculative: bool,

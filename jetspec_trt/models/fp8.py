@@ -200,6 +200,9 @@ def fuse_fp8(weights: list[torch.Tensor], weight_scales: list[torch.Tensor],
     scales (as vLLM does for its fused q/k/v and gate/up), which only drops low bits of the parts with smaller
     scales. The parts see the same input, so one input scale serves them: the largest (modelopt already writes
     equal ones). Returns (weight, weight_scale, input_scale or None for dynamic)."""
+    if any(s is None for s in weight_scales):  # one GEMM cannot take FP8 and unquantized rows
+        raise JetSpecError("fused projections (q/k/v or gate/up of one layer) mix FP8 and unquantized weights; "
+                           "a checkpoint must quantize each group whole or leave it whole")
     if any(s is None for s in input_scales) != all(s is None for s in input_scales):
         raise JetSpecError("fused projections mix static and dynamic activation scales")
     input_scale = None if input_scales[0] is None else torch.stack([s.reshape(()) for s in input_scales]).max()

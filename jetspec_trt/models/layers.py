@@ -96,7 +96,7 @@ class MLP(nn.Module):
 def _concatenated(projections: tuple[Linear, ...]) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """The projections' weights as one row-concatenated tensor, with its scales where they are FP8 (each part
     requantized to one shared scale: models.fp8.fuse_fp8)."""
-    if projections[0].weight_scale is None:
+    if all(p.weight_scale is None for p in projections):
         return torch.cat([p.weight.data for p in projections]), None, None
     return fuse_fp8([p.weight.data for p in projections], [p.weight_scale for p in projections],
                     [p.input_scale for p in projections])

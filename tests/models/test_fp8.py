@@ -280,3 +280,45 @@ def test_bad_per_channel_checkpoints_are_refused(fp8_pair, tmp_path):
             load_target(path)
         with pytest.raises(JetSpecError, match=match):  # the build's check, before any weight is read
             check_pair(path, fp8_pair.draft)
+
+
+def test_tail_bf16_recipe_keeps_the_last_mlps_unquantized(fp8_pair):
+    """per-channel-tail-bf16: the last 3 layers' gate/up/down stay bf16 (no scales), listed in modelopt's ignore;
+    everything else as the per-channel recipe. The reference and the fused FP8 GEMMs run the mix."""
+    path = fp8_pair.fp8_targets["per-channel-tail-bf16"]
+    quant = json.loads((path / "config.json").read_text())["quantization_config"]
+    assert quant["quant_algo"] == "FP8_PER_CHANNEL_PER_TOKEN"
+    assert {f"model.layers.{i}.mlp*" for i in (3, 4, 5)} <= set(quant["ignore"])
+    tensors = load_file(str(path / "model.safetensors"))
+    for layer in range(6):
+        for proj in PROJECTIONS:
+            kept = layer >= 3 and proj.startswith("mlp.")
+            name = f"model.layers.{layer}.{proj}"
+            assert tensors[f"{name}.weight"].dtype == (torch.bfloat16 if kept else FP8_DTYPE)
+            assert (f"{name}.weight_scale" in tensors) is not kept
+    recipe = fp8_pair.recipes["per-channel-tail-bf16"]
+    assert "model.layers.5.mlp*" in recipe["unquantized"]
+    model = load_target(path)
+    assert model.layers[5].mlp.down_proj.weight_scale is None and model.layers[5].self_attn.q_proj.weight_scale is not None
+    logits = model.prefill(TEXT).logits
+    reference = load_target(fp8_pair.target).prefill(TEXT).logits
+    assert rel(logits, reference) < rel(load_target(fp8_pair.per_channel_target).prefill(TEXT).logits, reference)
+    fused = load_target(path, fused_gemm=True, keep_fp8=True)
+    assert fused.layers[5].mlp.gate_up_weight.dtype == torch.float32 and fused.layers[0].mlp.gate_up_weight.dtype == FP8_DTYPE
+    assert torch.allclose(fused.prefill(TEXT).logits, logits, atol=1e-4, rtol=1e-4)
+
+
+def test_partly_quantized_fused_group_is_refused(fp8_pair, tmp_path):
+    """One GEMM cannot take FP8 and unquantized rows: q FP8 with k/v bf16 runs unfused on the CPU, and is refused
+    with an error where the projections are fused (the GPU engine)."""
+    path = per_channel_checkpoint(fp8_pair.target, tmp_path / "mixed")
+    state = load_file(str(path / "model.safetensors"))
+    original = load_file(str(fp8_pair.target / "model.safetensors"))
+    for proj in ("k_proj", "v_proj"):
+        name = f"model.layers.0.self_attn.{proj}"
+        state[f"{name}.weight"] = original[f"layers.0.self_attn.{proj}.weight"]
+        del state[f"{name}.weight_scale"]
+    save_file(state, str(path / "model.safetensors"))
+    assert load_target(path).prefill(TEXT).logits.shape == (len(TEXT), 260)
+    with pytest.raises(JetSpecError, match="mix FP8 and unquantized weights"):
+        load_target(path, fused_gemm=True)
