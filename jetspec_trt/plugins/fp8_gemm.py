@@ -18,8 +18,8 @@ float32 and scaled after, [M, 1] * [N] (torch._scaled_mm's rowwise scales need s
 
 The weight may also be held in a float dtype: the e4m3 values as float numbers (exact in bf16 and float32), the
 CPU reference (models/fp8.py). Its input is rounded to e4m3 with the same scale, so the reference computes the FP8
-GEMM's products, only in float matmuls: without the activations' rounding the reference would miss the larger part
-of FP8's error (static per-tensor input scales leave most tokens' activations far below the calibrated amax).
+GEMM's products, only in float matmuls: without the activations' rounding it would measure another model than the
+GPU runs (on Qwen2.5-Coder-0.5B its top-1 agreement with bf16 came out about the same either way: docs/engine.md).
 """
 
 from __future__ import annotations

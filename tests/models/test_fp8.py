@@ -67,7 +67,7 @@ def test_cpu_reference_emulates_the_fp8_gemms(fp8_pair, recipe):
     """The CPU reference holds the stored e4m3 values in float32 (exactly) with their scales and rounds each
     projection's input to e4m3 (static input_scale, or per token): the FP8 GEMMs' products in float32 matmuls,
     so it gives torch._scaled_mm's logits up to summation order, not the weights-only rounding of a dequantized
-    model (which would miss the activations' rounding, the larger part of FP8's error)."""
+    model (which misses the activations' rounding)."""
     path = fp8_pair.fp8_target if recipe == "per-tensor" else fp8_pair.per_channel_target
     reference = load_target(fp8_pair.target).prefill(TEXT).logits
     model = load_target(path)

@@ -178,12 +178,13 @@ def rel_err(got, want):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("static", [True, False])
-def test_scaled_mm_on_cuda_matches_cpu(static):
-    """Static (per-tensor _scaled_mm) and dynamic (per-token) input scales, against the float64 emulation: the GEMV
-    (float32 FMAs on exact e4m3 products) to float32 rounding, _scaled_mm to its tensor cores' accumulation."""
-    x, w, w_scale, bias = operands(1152, 896)
-    input_scale = torch.tensor(x.abs().max().item() / FP8_MAX) if static else None
+@pytest.mark.parametrize("scales", ["static", "dynamic", "per-channel"])
+def test_scaled_mm_on_cuda_matches_cpu(scales):
+    """Static (per-tensor _scaled_mm) and dynamic (per-token) input scales, and per-channel weight scales with
+    per-token inputs, against the float64 emulation: the GEMV (float32 FMAs on exact e4m3 products) to float32
+    rounding, _scaled_mm to its tensor cores' accumulation."""
+    x, w, w_scale, bias = per_channel_operands(1152, 896) if scales == "per-channel" else operands(1152, 896)
+    input_scale = torch.tensor(x.abs().max().item() / FP8_MAX) if scales == "static" else None
     want = emulated(x, w, w_scale, input_scale, bias)
     unrounded = F.linear(x.double(), w.double() * w_scale.double()) + bias.double()
     assert rel_err(unrounded, want) > 10 * SCALED_MM_RTOL
@@ -213,18 +214,24 @@ MODEL_RTOL = 0.12
 
 
 @pytest.mark.gpu
-def test_fp8_model_on_cuda(fp8_pair):
+@pytest.mark.parametrize("recipe", ["per-tensor", "per-channel", "per-channel-tail-bf16"])
+def test_fp8_model_on_cuda(fp8_pair, recipe):
     """Like with like: the CUDA model against the CPU's FP8 model (keep_fp8: the same e4m3 weights, activations
-    rounded with the same scales, torch's _scaled_mm) in the same dtype, so only GEMM and attention rounding differ."""
+    rounded with the same scales, torch's _scaled_mm) in the same dtype, so only GEMM and attention rounding differ.
+    Each --fp8-recipe's checkpoint (per-channel: row scales and per-token inputs; tail: bf16 MLPs in the mix)."""
     from jetspec_trt.models.checkpoint import load_target
     from jetspec_trt.plugins.tree_attention import causal_mask
     from tests.models.test_fp8 import TEXT, rel
 
+    path = fp8_pair.fp8_targets[recipe]
     for dtype in (torch.float32, torch.bfloat16):
-        cpu = load_target(fp8_pair.fp8_target, dtype, fused_gemm=True, keep_fp8=True).prefill(TEXT).logits.float()
-        model = load_target(fp8_pair.fp8_target, dtype, "cuda", fused_gemm=True)
+        cpu = load_target(path, dtype, fused_gemm=True, keep_fp8=True).prefill(TEXT).logits.float()
+        reference = load_target(path, dtype).prefill(TEXT).logits.float()  # the CPU reference: float GEMMs
+        model = load_target(path, dtype, "cuda", fused_gemm=True)
         attn = model.layers[0].self_attn
-        assert attn.qkv_weight.dtype == FP8_DTYPE and attn.qkv_weight.is_cuda and attn.qkv_input_scale is not None
+        assert attn.qkv_weight.dtype == FP8_DTYPE and attn.qkv_weight.is_cuda
+        assert (attn.qkv_input_scale is not None) == (recipe == "per-tensor")
+        assert rel(reference, cpu) < MODEL_RTOL
         assert model.lm_head.weight.dtype == dtype
         assert rel(model.prefill(TEXT).logits.float().cpu(), cpu) < MODEL_RTOL
 
@@ -252,7 +259,7 @@ GEMV_GAP = pytest.mark.xfail(strict=True, reason="the FP8 GEMV accumulates in fl
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("ar_step", [pytest.param("gemv", marks=GEMV_GAP), "scaled_mm"])
-@pytest.mark.parametrize("layout", ["modelopt", "autofp8"])
+@pytest.mark.parametrize("layout", ["modelopt", "autofp8", "per-channel"])
 def test_fp8_engine_speculative_matches_ar_on_cuda(fp8_pair, tmp_path, layout, ar_step, capsys):
     """Ours (static input scales) and an AutoFP8 checkpoint (dynamic, per-token scales; q/k/v requantized at
     fusion): graphed speculative greedy decoding equals AR greedy up to a few near-tie flips, as in bf16 (every
@@ -272,7 +279,8 @@ def test_fp8_engine_speculative_matches_ar_on_cuda(fp8_pair, tmp_path, layout, a
     from jetspec_trt.runtime.engine import Engine
     from tests.models.test_fp8 import autofp8_checkpoint
 
-    source = fp8_pair.fp8_target if layout == "modelopt" else autofp8_checkpoint(fp8_pair.target, tmp_path / "src")
+    source = {"modelopt": fp8_pair.fp8_target, "per-channel": fp8_pair.per_channel_target}.get(layout) or \
+        autofp8_checkpoint(fp8_pair.target, tmp_path / "src")
     engine_dir = build_engine(BuildConfig(source, fp8_pair.draft, tmp_path / "engine", TreeConfig(32, 4, 7),
                                           progress=False, tune=False, decode_gemv=ar_step == "gemv"))
     engine = Engine.load(engine_dir, device="cuda")
