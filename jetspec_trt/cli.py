@@ -64,8 +64,9 @@ def tree_options(func):
               help="Quantize the target with nvidia-modelopt (FP8 e4m3, --fp8-recipe, calibrated on prompts); "
                    "lm_head, embeddings and the draft head stay unquantized. Needs an FP8 GPU (sm89+) to run.")
 @click.option("--fp8-recipe", default=None,
-              help="--quantize fp8: per-tensor (the default: per-tensor weight scales, static calibrated activation "
-                   "scales) or per-channel (per-channel weight scales, per-token dynamic activation scales).")
+              help="--quantize fp8: per-channel-tail-bf16 (the default: per-channel weight scales, per-token "
+                   "dynamic activation scales, the last 3 layers' MLPs unquantized), per-channel (the same, every "
+                   "projection FP8) or per-tensor (per-tensor weight scales, static calibrated activation scales).")
 @click.option("--calib-prompts", default="sharegpt", show_default=True,
               help="--quantize: calibration prompts, a prompt suite or a .jsonl of {\"messages\"}/{\"prompt\"} lines.")
 @click.option("--calib-samples", type=int, default=32, show_default=True, help="--quantize: calibration prompts used.")

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from jetspec_trt.builders.quantize import DEFAULT_FP8_RECIPE
+from jetspec_trt.builders.quantize import DEFAULT_FP8_RECIPE, FP8_RECIPES
 from jetspec_trt.models.fp8 import FP8_DTYPE
 from jetspec_trt.runtime.engine import Engine
 from tests.helpers import invoke_cli
@@ -26,7 +26,7 @@ def dtypes(path):
         return {k: f.get_slice(k).get_dtype() for k in f.keys()}
 
 
-@pytest.mark.parametrize("fp8_recipe", [None, "per-channel"])
+@pytest.mark.parametrize("fp8_recipe", [None, "per-tensor"])
 def test_build_quantize_fp8(fp8_pair, tmp_path, capsys, fp8_recipe):
     engine = tmp_path / "engine"
     code, _, err = invoke_cli(build_args(fp8_pair.target, fp8_pair.draft, engine, "--quantize", "fp8",
@@ -38,8 +38,9 @@ def test_build_quantize_fp8(fp8_pair, tmp_path, capsys, fp8_recipe):
     assert code == 0, err
     manifest = json.loads((engine / "manifest.json").read_text())
     recipe = manifest["quantization"]
-    per_channel = (fp8_recipe or DEFAULT_FP8_RECIPE) == "per-channel"
-    assert recipe["method"] == "fp8" and recipe["recipe"] == (fp8_recipe or DEFAULT_FP8_RECIPE)
+    name = fp8_recipe or DEFAULT_FP8_RECIPE
+    per_channel = FP8_RECIPES[name].weight_scales == "per-channel"
+    assert recipe["method"] == "fp8" and recipe["recipe"] == name
     assert recipe["modelopt_config"] == ("FP8_PER_CHANNEL_PER_TOKEN_CFG" if per_channel else "FP8_DEFAULT_CFG")
     assert recipe["format"].startswith("fp8 e4m3 per-channel" if per_channel else "fp8 e4m3 per-tensor")
     assert recipe["calibration"] == {"source": str(fp8_pair.calib), "samples": 4, "tokens": 4 * 16,
@@ -55,6 +56,8 @@ def test_build_quantize_fp8(fp8_pair, tmp_path, capsys, fp8_recipe):
     assert target["model.layers.0.self_attn.q_proj.weight"] == "F8_E4M3"
     assert target["model.layers.0.self_attn.q_proj.weight_scale"] == "F32"
     assert ("model.layers.0.self_attn.q_proj.input_scale" in target) is not per_channel  # per-token: none stored
+    kept = FP8_RECIPES[name].unquantized_tail_mlps  # the last layers' MLPs stay bf16
+    assert target["model.layers.5.mlp.down_proj.weight"] == ("BF16" if kept else "F8_E4M3")
     assert target["model.embed_tokens.weight"] == "BF16" and target["model.norm.weight"] == "BF16"
     config = json.loads((engine / "target" / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "modelopt"
@@ -91,7 +94,7 @@ def test_build_from_an_fp8_checkpoint(fp8_pair, tmp_path, capsys):
     assert code == 2 and "PyTorch engines only" in err
     code, _, err = invoke_cli(build_args(fp8_pair.target, fp8_pair.draft, tmp_path / "recipe", "--quantize", "fp8",
                                          "--fp8-recipe", "per-block"), capsys)
-    assert code == 2 and "unknown FP8 recipe 'per-block'; choose one of per-tensor, per-channel" in err
+    assert code == 2 and "unknown FP8 recipe 'per-block'; choose one of per-tensor, per-channel, " in err
     code, _, err = invoke_cli(build_args(fp8_pair.target, fp8_pair.draft, tmp_path / "plain", "--fp8-recipe",
                                          "per-tensor"), capsys)
     assert code == 2 and "--fp8-recipe needs --quantize fp8" in err
