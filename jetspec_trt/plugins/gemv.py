@@ -21,12 +21,10 @@ torch._scaled_mm computes for prefill and verify (plugins/fp8_gemm.py). The same
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
-from jetspec_trt.plugins.tree_attention import LIBRARY
+from jetspec_trt.plugins.tree_attention import LIBRARY, triton_kernel_once
 
 OP_NAME = "gemv"
 
@@ -57,16 +55,9 @@ def _gemv_fp8_fake(x, weight, scale, bias, out_dtype):
     return x.new_empty(x.shape[0], weight.shape[0], dtype=out_dtype)
 
 
-@functools.cache
+@triton_kernel_once
 def _kernel():
-    """The autotuned Triton kernel, built on first use (None where Triton is missing)."""
-    try:
-        return _build_kernel()
-    except ImportError:
-        return None
-
-
-def _build_kernel():
+    """The autotuned Triton kernel's launcher."""
     import triton
     import triton.language as tl
 

@@ -25,12 +25,10 @@ FP8 weights keep their own path (plugins/fp8_gemm.py).
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 
-from jetspec_trt.plugins.tree_attention import LIBRARY
+from jetspec_trt.plugins.tree_attention import LIBRARY, triton_kernel_once
 
 OP_NAME = "skinny_gemm"
 MIN_M, MAX_M = 2, 64  # M = 1 is the GEMV's (plugins/gemv.py); past 64 rows, cuBLAS (see above)
@@ -69,16 +67,9 @@ def _skinny_gemm_fake(x, weight, bias):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-@functools.cache
+@triton_kernel_once
 def _kernel():
-    """The autotuned Triton kernel, built on first use (None where Triton is missing)."""
-    try:
-        return _build_kernel()
-    except ImportError:
-        return None
-
-
-def _build_kernel():
+    """The autotuned Triton kernel's launcher."""
     import triton
     import triton.language as tl
 

@@ -39,12 +39,28 @@ GPU kernels registered for the same op must match it (tests compare them).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
 LIBRARY = "jetspec_trt"
+
+
+def triton_kernel_once(build: Callable[[], Callable]) -> Callable[[], Callable | None]:
+    """Decorator for an op's kernel builder: `build` (which imports Triton and returns the kernel's launcher) runs
+    on the first call only, and the launcher is None where Triton is missing."""
+
+    @functools.cache
+    def kernel() -> Callable | None:
+        try:
+            return build()
+        except ImportError:
+            return None
+
+    return kernel
 OP_NAME = "tree_attention"
 
 torch.library.define(
