@@ -79,10 +79,7 @@ class PagedKVCache:
 
     def slots_at(self, first: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
         """Flat physical slot ids of logical positions first + offsets."""
-        logical = first.long() + offsets.long()
-        page_size = self.spec.page_size
-        # Index, then widen: widening the whole table first cost a pass over every allocated page per call.
-        return self.block_table[logical // page_size].long() * page_size + logical % page_size
+        return flat_slots(self.block_table, first.long() + offsets.long(), self.spec.page_size)
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
         """Store K/V [T, Hkv, D] of new tokens into flat slots."""
@@ -122,6 +119,12 @@ class PagedKVCache:
         if not torch.equal(src, dst):
             self._move(src, dst)
         self.set_length(self.length + count)
+
+
+def flat_slots(block_table: torch.Tensor, logical: torch.Tensor, page_size: int) -> torch.Tensor:
+    """Flat physical slot ids (int64) of logical positions through a block table, on the device or the host."""
+    # Index, then widen: widening the whole table first cost a pass over every allocated page per call.
+    return block_table[logical // page_size].long() * page_size + logical % page_size
 
 
 def batch_slots(caches: list[PagedKVCache], counts: list[int]) -> torch.Tensor:

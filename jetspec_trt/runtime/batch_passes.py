@@ -38,7 +38,7 @@ from typing import Callable
 import torch
 
 from jetspec_trt.models.draft import DraftHead
-from jetspec_trt.models.kv_cache import PagedKVCache, PagePool, batch_slots, write_kv
+from jetspec_trt.models.kv_cache import PagedKVCache, PagePool, batch_slots, flat_slots, write_kv
 from jetspec_trt.models.target import LayerCall, TargetModel
 from jetspec_trt.plugins.tree_attention import (BatchedAttention, causal_mask, mask_words, packed_causal_mask,
                                                 tree_attention_batched)
@@ -107,10 +107,8 @@ def padded_slots(caches: list[PagedKVCache], counts: list[int], total: int, scra
                  page_size: int) -> torch.Tensor:
     """Host [total]: each cache's counts[s] flat slots after its committed context, back to back (batch_slots
     from the host mirrors), then the padding rows' slots, cycling through the scratch page."""
-    parts = []
-    for cache, count in zip(caches, counts):
-        logical = cache.length + torch.arange(count)
-        parts.append(cache.pages.long()[logical // page_size] * page_size + logical % page_size)
+    parts = [flat_slots(cache.pages, cache.length + torch.arange(count), page_size)
+             for cache, count in zip(caches, counts)]
     parts.append(scratch * page_size + torch.arange(total - sum(counts)) % page_size)
     return torch.cat(parts)
 
