@@ -13,8 +13,23 @@ forward: the tree verify then computes each node as the AR step would, which kee
 equal to AR decoding's (a per-call amax would let the other tree nodes change every node's rounding).
 
 The weight scale s_w is a scalar (per-tensor) or one value per output row, shape [N] (per-channel: modelopt's
-FP8_PER_CHANNEL_PER_TOKEN, whose activations are dynamic per token). Per-channel products are taken unscaled in
-float32 and scaled after, [M, 1] * [N] (torch._scaled_mm's rowwise scales need sm90 and a bf16 output).
+FP8_PER_CHANNEL_PER_TOKEN, whose activations are dynamic per token). fp8_linear picks one of five paths, in order:
+
+1. a weight held in a float dtype (the CPU reference, below): float matmul, then the scales;
+2. one row with the decode-GEMV switch on (the AR step): gemv_fp8, scales and bias in the kernel's epilogue;
+3. a static input scale and a per-tensor weight scale: tensorwise torch._scaled_mm (bias fused for 16-bit outputs);
+4. dynamic per-token input scales, a bf16/fp16 output and rowwise scaling at hand (CUDA compute capability 9.0+;
+   the CPU where torch's kernel has it, as 2.13's does): rowwise torch._scaled_mm, scale_a = s_x [M, 1], scale_b =
+   s_w as [1, N] (a per-tensor s_w expanded), bias fused, the output written in x's dtype by the GEMM itself;
+5. anything else (a float32 output, Ada's 8.9, a static input scale with per-channel weight scales, an older CPU
+   kernel): unit-scale torch._scaled_mm to float32, then the scales and bias, an extra float32 [M, N] pass.
+
+Every path scales the float32 sum the same way, acc * s_x * s_w (+ bias) in float32, rounded once to the output
+dtype: the GEMV and paths 1 (in float32, the reference's dtype) and 5 in that order, the tensorwise and rowwise
+GEMMs in their epilogue (cuBLAS / CUTLASS, whose order of the two multiplies may differ by a float32 ulp). So an AR
+step through the GEMV and a tree verify through path 4 compute the same products and scale them alike; they differ
+in the accumulation (the tensor cores' shorter accumulator against the GEMV's float32 FMAs:
+tests/plugins/test_fp8_gemm.py) and that ulp.
 
 The weight may also be held in a float dtype: the e4m3 values as float numbers (exact in bf16 and float32), the
 CPU reference (models/fp8.py). Its input is rounded to e4m3 with the same scale, so the reference computes the FP8
@@ -24,6 +39,8 @@ GPU runs (on Qwen2.5-Coder-0.5B its top-1 agreement with bf16 came out about the
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -32,8 +49,9 @@ from jetspec_trt.plugins.gemv import gemv_fp8
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
 
-# torch._scaled_mm fuses the bias only into 16-bit outputs; a float32 output adds it after the GEMM.
-_FUSED_BIAS_DTYPES = (torch.bfloat16, torch.float16)
+# torch._scaled_mm fuses the bias only into 16-bit outputs (a float32 output adds it after the GEMM), and its rowwise
+# scales take only 16-bit outputs (cuBLAS before 12.9, CUTLASS).
+_FUSED_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def quantize(tensor: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -55,35 +73,60 @@ def input_scale_of(x: torch.Tensor, input_scale: torch.Tensor | None) -> torch.T
     return (x.abs().amax(dim=-1, keepdim=True).float() / FP8_MAX).clamp(min=torch.finfo(torch.float32).tiny)
 
 
+def rowwise_scaled_mm(device: torch.device) -> bool:
+    """Whether torch._scaled_mm takes rowwise scales (scale_a [M, 1], scale_b [1, N]) with a 16-bit output on
+    `device`: CUDA from compute capability 9.0 (Ada's rowwise kernel is not in every build), the CPU where this
+    torch's reference kernel has them."""
+    if device.type == "cuda":  # get_device_properties (not get_device_capability): torch.compile folds it
+        return torch.cuda.get_device_properties(device).major >= 9
+    return device.type == "cpu" and _cpu_rowwise_scaled_mm()
+
+
+@functools.cache
+def _cpu_rowwise_scaled_mm() -> bool:
+    """Tried once: torch's CPU _scaled_mm took per-tensor scales only before its rowwise support (2.13 has it)."""
+    a = torch.zeros(16, 16, dtype=FP8_DTYPE)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1), scale_b=torch.ones(1, 16), out_dtype=torch.bfloat16)
+    except (RuntimeError, ValueError):
+        return False
+    return True
+
+
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_scale: torch.Tensor,
                input_scale: torch.Tensor | None, use_gemv: bool) -> torch.Tensor:
     """x [..., K] (bf16/fp16/fp32) times an FP8 weight [N, K] with its scales (weight_scale [] or [N]); returns
-    [..., N] in x's dtype. A weight in a float dtype holds e4m3 values (the reference): the same products."""
+    [..., N] in x's dtype. A weight in a float dtype holds e4m3 values (the reference): the same products. The
+    paths, in the order tried, are the module docstring's 1-5."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     x_scale = input_scale_of(x2, input_scale)
     xq = quantize(x2, x_scale)
+    n = weight.shape[0]
     per_tensor = weight_scale.dim() == 0
-    if weight.dtype != FP8_DTYPE:  # the reference: e4m3 values in float, float matmul
-        y = F.linear(xq.to(weight.dtype), weight).float() * (x_scale * weight_scale)
-        y = (y if bias is None else y + bias.float()).to(x.dtype)
-    elif use_gemv and xq.shape[0] == 1:
-        # the GEMV applies one scale; a per-channel weight's row scales multiply its float32 output after
-        scale = (x_scale * weight_scale).reshape(1) if per_tensor else x_scale.reshape(1)
-        y = gemv_fp8(xq, weight, scale, bias if per_tensor else None, x.dtype if per_tensor else torch.float32)
-        if not per_tensor:
-            y = (y * weight_scale if bias is None else y * weight_scale + bias.float()).to(x.dtype)
-    elif input_scale is not None and per_tensor:  # per-tensor scales on both sides: _scaled_mm applies them
-        fused_bias = bias if x.dtype in _FUSED_BIAS_DTYPES else None
+    if weight.dtype != FP8_DTYPE:  # 1. the reference: e4m3 values in float, float matmul
+        y = _scale(F.linear(xq.to(weight.dtype), weight), x_scale, weight_scale, bias, x.dtype)
+    elif use_gemv and xq.shape[0] == 1:  # 2. the AR step: one kernel, scales and bias included
+        y = gemv_fp8(xq, weight, x_scale, weight_scale, bias, x.dtype)
+    elif input_scale is not None and per_tensor:  # 3. per-tensor scales on both sides
+        fused_bias = bias if x.dtype in _FUSED_DTYPES else None
         y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale, bias=fused_bias,
                              out_dtype=x.dtype)
         if bias is not None and fused_bias is None:
             y = y + bias
-    else:  # per-token input or per-channel weight scales: applied to the float32 product (rowwise _scaled_mm
-        # needs sm90 + bf16)
+    elif input_scale is None and x.dtype in _FUSED_DTYPES and rowwise_scaled_mm(xq.device):  # 4. rowwise
+        scale_b = weight_scale.reshape(1, 1).expand(1, n).contiguous() if per_tensor else weight_scale.reshape(1, n)
+        y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=scale_b, bias=bias, out_dtype=x.dtype)
+    else:  # 5. unit scales to float32, then the scales
         one = weight_scale.new_ones(())
-        y = torch._scaled_mm(xq, weight.t(), scale_a=one, scale_b=weight_scale if per_tensor else one,
-                             out_dtype=torch.float32)
-        y = y * (x_scale if per_tensor else x_scale * weight_scale)
-        y = (y if bias is None else y + bias.float()).to(x.dtype)
-    return y.reshape(*shape[:-1], weight.shape[0])
+        y = _scale(torch._scaled_mm(xq, weight.t(), scale_a=one, scale_b=one, out_dtype=torch.float32), x_scale,
+                   weight_scale, bias, x.dtype)
+    return y.reshape(*shape[:-1], n)
+
+
+def _scale(acc: torch.Tensor, x_scale: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+           dtype: torch.dtype) -> torch.Tensor:
+    """acc [M, N] * x_scale ([] or [M, 1]) * weight_scale ([] or [N]) (+ bias) in float32, rounded once to dtype:
+    the order gemv_fp8's kernel applies them in."""
+    y = acc.float() * x_scale * weight_scale
+    return (y if bias is None else y + bias.float()).to(dtype)

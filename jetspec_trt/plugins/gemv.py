@@ -11,12 +11,16 @@ Op contract: ``torch.ops.jetspec_trt.gemv(x, weight, bias)`` with x [1, K], weig
 None, all one dtype (bf16/fp16/fp32); returns [1, N] in that dtype. CPU (and any non-Triton device) falls back to
 F.linear, so models can call the op unconditionally; the CUDA kernel must match F.linear to rounding (tests).
 
-The FP8 variant ``torch.ops.jetspec_trt.gemv_fp8(x, weight, scale, bias, out_dtype)`` streams an e4m3 weight (half
-the bytes of bf16, so the AR step's GEMMs take about half the time) and dequantizes it in registers: y = (x @ W^T)
-* scale (+ bias), float32 accumulation, scale a one-element float32 tensor on the device (read by the kernel, so
-the op needs no host sync inside a CUDA graph). x is [1, K] in any float dtype: the FP8 linear passes the input
-already rounded to e4m3 with its input scale, so that scale = weight_scale * input_scale and the step computes what
-torch._scaled_mm computes for prefill and verify (plugins/fp8_gemm.py). The same Triton kernel serves both ops.
+The FP8 variant ``torch.ops.jetspec_trt.gemv_fp8(x, weight, x_scale, weight_scale, bias, out_dtype)`` streams an
+e4m3 weight (half the bytes of bf16, so the AR step's GEMMs take about half the time) and dequantizes in registers:
+y = (x @ W^T) * x_scale * weight_scale[row] (+ bias), accumulated in float32, scaled and biased in float32 in that
+order and rounded once to out_dtype. x is [1, K] in any float dtype: the FP8 linear passes the input already rounded
+to e4m3 with its input scale, so that the step computes what torch._scaled_mm computes for prefill and verify
+(plugins/fp8_gemm.py). x_scale is one float32 element (the static input scale [] or the token's dynamic one [1, 1]);
+weight_scale is float32, one element (per-tensor) or [N] (per-channel: one per output row). The scales stay on the
+device and the kernel reads them, so the op needs no host sync inside a CUDA graph, and a per-channel projection is
+one kernel writing its output dtype directly (no float32 [1, N] pass for the row scales). The same Triton kernel
+serves both ops.
 """
 
 from __future__ import annotations
@@ -42,16 +46,17 @@ def _gemv_fake(x, weight, bias):
 
 
 @torch.library.custom_op(f"{LIBRARY}::{OP_NAME}_fp8", mutates_args=())
-def gemv_fp8(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None,
-             out_dtype: torch.dtype) -> torch.Tensor:
+def gemv_fp8(x: torch.Tensor, weight: torch.Tensor, x_scale: torch.Tensor, weight_scale: torch.Tensor,
+             bias: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
     if x.is_cuda and _kernel() is not None and x.shape[0] == 1:
-        return _triton_gemv(x, weight, bias, scale, out_dtype)
-    y = F.linear(x.float(), weight.float()) * scale.float()
+        return _triton_gemv(x, weight, bias, (x_scale, weight_scale), out_dtype)
+    # the kernel's arithmetic: float32 products and sum, then * x_scale * weight_scale (+ bias), one rounding
+    y = F.linear(x.float(), weight.float()) * x_scale.float() * weight_scale.float()
     return (y if bias is None else y + bias.float()).to(out_dtype)
 
 
 @gemv_fp8.register_fake
-def _gemv_fp8_fake(x, weight, scale, bias, out_dtype):
+def _gemv_fp8_fake(x, weight, x_scale, weight_scale, bias, out_dtype):
     return x.new_empty(x.shape[0], weight.shape[0], dtype=out_dtype)
 
 
@@ -68,8 +73,9 @@ def _kernel():
     ]
 
     @triton.jit
-    def gemv_kernel(x_ptr, w_ptr, b_ptr, s_ptr, y_ptr, N, K, HAS_BIAS: tl.constexpr, HAS_SCALE: tl.constexpr,
-                    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    def gemv_kernel(x_ptr, w_ptr, b_ptr, xs_ptr, ws_ptr, y_ptr, N, K, HAS_BIAS: tl.constexpr,
+                    HAS_SCALE: tl.constexpr, SCALE_PER_ROW: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_K: tl.constexpr):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -81,20 +87,30 @@ def _kernel():
             x = tl.load(x_ptr + cols, mask=col_ok, other=0.0)
             acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         y = tl.sum(acc, axis=1)
-        if HAS_SCALE:  # FP8 weights: one per-tensor scale, applied once after the reduction
-            y *= tl.load(s_ptr).to(tl.float32)
+        if HAS_SCALE:  # FP8 weights, after the reduction: * x's scale, then * the weight's (its row's, per channel)
+            # Two pointers rather than one product x_scale * w_scale made before the launch: that product would be
+            # one more kernel per projection in the AR step (what fusing the scales here removes), and this order
+            # is the one every FP8 path applies (plugins/fp8_gemm.py), so the step and a verify round alike.
+            y = y * tl.load(xs_ptr).to(tl.float32)
+            if SCALE_PER_ROW:
+                y = y * tl.load(ws_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
+            else:
+                y = y * tl.load(ws_ptr).to(tl.float32)
         if HAS_BIAS:
             y += tl.load(b_ptr + rows, mask=row_ok, other=0.0).to(tl.float32)
         tl.store(y_ptr + rows, y.to(y_ptr.dtype.element_ty), mask=row_ok)
 
     tuned_kernel = triton.autotune(configs=configs, key=["N", "K"])(gemv_kernel)
 
-    def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None,
-               out_dtype: torch.dtype, block: tuple[int, int] | None = None) -> torch.Tensor:
+    def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               scales: tuple[torch.Tensor, torch.Tensor] | None, out_dtype: torch.dtype,
+               block: tuple[int, int] | None = None) -> torch.Tensor:
         n, k = weight.shape
         y = torch.empty(1, n, dtype=out_dtype, device=x.device)
-        args = (x, weight, bias if bias is not None else y, scale if scale is not None else y, y, n, k)
-        flags = dict(HAS_BIAS=bias is not None, HAS_SCALE=scale is not None)
+        x_scale, w_scale = scales if scales is not None else (y, y)
+        args = (x, weight, bias if bias is not None else y, x_scale, w_scale, y, n, k)
+        flags = dict(HAS_BIAS=bias is not None, HAS_SCALE=scales is not None,
+                     SCALE_PER_ROW=scales is not None and w_scale.numel() != 1)
         if block is None:
             grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
             tuned_kernel[grid](*args, **flags)
@@ -102,13 +118,18 @@ def _kernel():
             gemv_kernel[(triton.cdiv(n, block[0]),)](*args, **flags, BLOCK_N=block[0], BLOCK_K=block[1])
         return y
 
+    launch.kernel = gemv_kernel  # the jit function itself: tests compile it ahead of time for sm_90
     return launch
 
 
-def _triton_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: torch.Tensor | None = None,
-                 out_dtype: torch.dtype | None = None, block: tuple[int, int] | None = None) -> torch.Tensor:
-    """The Triton kernel on x's device, autotuned, or at one (BLOCK_N, BLOCK_K) `block` (tests)."""
+def _triton_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                 scales: tuple[torch.Tensor, torch.Tensor] | None = None, out_dtype: torch.dtype | None = None,
+                 block: tuple[int, int] | None = None) -> torch.Tensor:
+    """The Triton kernel on x's device, autotuned, or at one (BLOCK_N, BLOCK_K) `block` (tests); `scales`
+    (x_scale, weight_scale) for an FP8 weight (gemv_fp8's contract)."""
     if weight.stride(-1) != 1 or weight.stride(0) != weight.shape[1]:
         weight = weight.contiguous()
     bias = bias.contiguous() if bias is not None else None  # read at b_ptr + row; the models' biases already are
-    return _kernel()(x.contiguous(), weight, bias, scale, out_dtype or x.dtype, block)
+    if scales is not None:  # a per-row weight scale is read at ws_ptr + row; the loader's [N] scales already are
+        scales = (scales[0], scales[1].contiguous())
+    return _kernel()(x.contiguous(), weight, bias, scales, out_dtype or x.dtype, block)

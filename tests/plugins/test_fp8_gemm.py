@@ -1,7 +1,8 @@
 """The FP8 GEMM and GEMV (plugins/fp8_gemm.py, plugins/gemv.py): they compute exactly (x rounded to e4m3 with
-its scale) @ (the FP8 weight) * scales, on the CPU with torch's kernels and on CUDA with _scaled_mm and the Triton
-FP8 GEMV (the latter to the tensor cores' accumulation); an FP8 model on CUDA gives the CPU's logits up to rounding,
-and an FP8 engine's graphed speculative decoding matches its AR greedy decoding up to a few near-tie flips."""
+its scale) @ (the FP8 weight) * scales, on the CPU with torch's kernels and on CUDA with _scaled_mm (tensorwise or
+rowwise scales) and the Triton FP8 GEMV (per-tensor or per-row weight scales; the former to the tensor cores'
+accumulation); an FP8 model on CUDA gives the CPU's logits up to rounding, and an FP8 engine's graphed speculative
+decoding matches its AR greedy decoding up to a few near-tie flips."""
 
 import itertools
 
@@ -9,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from jetspec_trt.plugins.fp8_gemm import FP8_DTYPE, FP8_MAX, dequantize, fp8_linear, quantize
+from jetspec_trt.plugins.fp8_gemm import (FP8_DTYPE, FP8_MAX, dequantize, fp8_linear, input_scale_of, quantize,
+                                          rowwise_scaled_mm)
 from jetspec_trt.plugins.gemv import _triton_gemv, gemv_fp8
 from jetspec_trt.plugins.linear import linear
 from tests.plugins.interpreter import needs_triton, run_in_interpreter
@@ -100,6 +102,73 @@ def test_fp8_linear_on_cpu_is_the_emulated_product(static, with_bias):
     assert fp8_linear(x.view(5, 1, 64), w, bias, w_scale, input_scale, False).shape == (5, 1, 96)
 
 
+def scaled_mm_calls(monkeypatch) -> list[tuple]:
+    """From here on, each torch._scaled_mm call as (scale_a's shape, scale_b's shape, out_dtype, bias given)."""
+    calls, real = [], torch._scaled_mm
+
+    def spy(a, b, scale_a, scale_b, bias=None, out_dtype=None, **kwargs):
+        calls.append((tuple(scale_a.shape), tuple(scale_b.shape), out_dtype, bias is not None))
+        return real(a, b, scale_a=scale_a, scale_b=scale_b, bias=bias, out_dtype=out_dtype, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", spy)
+    return calls
+
+
+def unfused(x, weight, bias, weight_scale):
+    """The dynamic-input FP8 GEMM as fp8_linear ran it before the rowwise path: unit-scale torch._scaled_mm to
+    float32, then * (s_x * s_w) and the bias in float32, rounded once to x's dtype."""
+    x_scale = input_scale_of(x, None)
+    one = torch.ones((), device=x.device)
+    y = torch._scaled_mm(quantize(x, x_scale), weight.t(), scale_a=one, scale_b=one, out_dtype=torch.float32)
+    y = y * (x_scale * weight_scale)
+    return (y if bias is None else y + bias.float()).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("per_channel", [True, False], ids=["per-channel", "per-tensor"])
+def test_rowwise_path_matches_the_unfused_one_on_cpu(monkeypatch, per_channel, dtype):
+    """Dynamic per-token inputs and a 16-bit output: one rowwise torch._scaled_mm (scale_a = s_x [M, 1], scale_b =
+    s_w as [1, N], bias fused, written in x's dtype) where torch's CPU kernel has rowwise scales (2.13's does),
+    within an ulp of x's dtype (and float32 noise: torch's CPU kernel scales the operands before summing) of the
+    unfused computation. Float32 outputs and static input scales keep their paths."""
+    cpu_rowwise = rowwise_scaled_mm(torch.device("cpu"))
+    assert cpu_rowwise or torch.__version__ < "2.13"
+    x, w, w_scale, bias = per_channel_operands(96, 64) if per_channel else operands(96, 64)
+    x = x.to(dtype)
+    for b in (bias.to(dtype), None):
+        want = unfused(x, w, b, w_scale)
+        calls = scaled_mm_calls(monkeypatch)
+        got = fp8_linear(x, w, b, w_scale, None, use_gemv=False)
+        assert calls == ([((5, 1), (1, 96), dtype, b is not None)] if cpu_rowwise else [((), (), torch.float32, False)])
+        assert got.dtype == dtype
+        assert ((got.double() - want.double()).abs() <= ulp(want, dtype) + 1e-5 * want.abs().max()).all()
+        monkeypatch.undo()
+    calls = scaled_mm_calls(monkeypatch)
+    fp8_linear(x.float(), w, bias, w_scale, None, False)  # float32 output: unit scales, scaled after
+    assert calls == [((), (), torch.float32, False)]
+    if not per_channel:  # a static input scale with a per-tensor weight scale: tensorwise
+        fp8_linear(x, w, bias.to(dtype), w_scale, torch.tensor(x.abs().max().item() / FP8_MAX), False)
+        assert calls[1] == ((), (), dtype, True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("per_channel", [True, False], ids=["per-channel", "per-tensor"])
+def test_rowwise_path_on_cuda(monkeypatch, per_channel):
+    """Compute capability 9.0+: bf16 outputs of dynamic-input FP8 GEMMs take the rowwise torch._scaled_mm (cuBLAS
+    12.9+ or CUTLASS), within a bf16 ulp of the unfused path (the same products to float32, scaled after) up to
+    the two kernels' accumulation (SCALED_MM_RTOL)."""
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("rowwise torch._scaled_mm needs compute capability 9.0+")
+    x, w, w_scale, bias = per_channel_operands(1152, 896) if per_channel else operands(1152, 896)
+    x, w, w_scale, bias = x.cuda().bfloat16(), w.cuda(), w_scale.cuda(), bias.cuda().bfloat16()
+    want = unfused(x, w, bias, w_scale)
+    calls = scaled_mm_calls(monkeypatch)
+    got = fp8_linear(x, w, bias, w_scale, None, False)
+    assert calls == [((5, 1), (1, 1152), torch.bfloat16, True)]
+    assert got.dtype == torch.bfloat16
+    assert rel_err(got, want) < 2**-8 + SCALED_MM_RTOL, rel_err(got, want)
+
+
 def test_rounding_saturates_instead_of_overflowing():
     scale = torch.tensor(1.0)
     q = quantize(torch.tensor([1000.0, -1e6, 3.0]), scale)
@@ -123,35 +192,54 @@ def test_dynamic_scales_are_per_token():
 # ------------------------------------------------------------------------------- the Triton FP8 GEMV; CUDA
 
 
-def check_gemv_fp8(device, n, k, out_dtype, block=None):
-    """The op (autotuned) or, with `block`, the kernel at that (BLOCK_N, BLOCK_K) against the float64 product."""
+def check_gemv_fp8(device, n, k, out_dtype, block=None, per_row=False):
+    """The op (autotuned) or, with `block`, the kernel at that (BLOCK_N, BLOCK_K) against the float64 product:
+    a per-tensor weight scale with a static input scale [], or (per_row) one weight scale per row, rows of very
+    different sizes, with the token's dynamic input scale [1, 1] (the per-channel recipe's AR step)."""
     x, w, w_scale, b = operands(n, k, device, seed=n * 31 + k)
-    xq = quantize(x[:1], torch.tensor(0.01, device=device))
-    scale = (w_scale * 0.01).reshape(1)
+    if per_row:
+        w = dequantize(w, w_scale, torch.float32) * torch.logspace(-2, 0, n, device=device)[:, None]
+        w_scale = w.abs().amax(dim=1) / FP8_MAX
+        w = quantize(w, w_scale[:, None])
+        x_scale = x[:1].abs().amax(-1, keepdim=True) / FP8_MAX
+    else:
+        x_scale = torch.tensor(0.01, device=device)
+    xq = quantize(x[:1], x_scale)
     for bias in (None, b.to(out_dtype)):
         if block is None:
-            got = gemv_fp8(xq, w, scale, bias, out_dtype)
+            got = gemv_fp8(xq, w, x_scale, w_scale, bias, out_dtype)
         else:
-            got = _triton_gemv(xq, w, bias, scale, out_dtype, block)
-        ref = F.linear(xq.double(), w.double()) * scale.double()
+            got = _triton_gemv(xq, w, bias, (x_scale, w_scale), out_dtype, block)
+        ref = F.linear(xq.double(), w.double()) * x_scale.double() * w_scale.double()
         ref = ref if bias is None else ref + bias.double()
         assert got.dtype == out_dtype and got.shape == (1, n)
+        # float32 accumulation, then one rounding to out_dtype: within an ulp of it (and float32 noise) per element
+        assert ((got.double() - ref).abs() <= ulp(ref, out_dtype) + 1e-5 * ref.abs().max()).all(), (n, k, block)
         err = (got.double() - ref).norm() / ref.norm()
         assert err < {torch.float32: 1e-5, torch.bfloat16: 1e-2}[out_dtype], (n, k, block, float(err))
 
 
+def ulp(t, dtype):
+    """The spacing of dtype's numbers at |t| (elementwise; t in any float dtype)."""
+    _, exponent = torch.frexp(t.double())  # |t| = m * 2**exponent, m in [0.5, 1)
+    return torch.ldexp(torch.full_like(t, torch.finfo(dtype).eps, dtype=torch.float64), exponent - 1)
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("per_row", [False, True], ids=["per-tensor", "per-row"])
 @pytest.mark.parametrize("out_dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("n, k", SHAPES)
-def test_triton_gemv_fp8_matches_reference(n, k, out_dtype):
-    check_gemv_fp8("cuda", n, k, out_dtype)
+def test_triton_gemv_fp8_matches_reference(n, k, out_dtype, per_row):
+    check_gemv_fp8("cuda", n, k, out_dtype, per_row=per_row)
 
 
 def check_blocks(device):
-    """Each block at each shape. The interpreter (Triton 3.6) holds e4m3 as uint8 and converts every finite value
+    """Each block at each shape, per-tensor and per-row weight scales, bf16 and float32 outputs in turn (with and
+    without bias: check_gemv_fp8). The interpreter (Triton 3.6) holds e4m3 as uint8 and converts every finite value
     exactly (checked: all 254; the NaN encodings read as +-480, and quantize never makes them)."""
     for i, (block, (n, k)) in enumerate(itertools.product(BLOCKS, SMALL_SHAPES)):
-        check_gemv_fp8(device, n, k, (torch.bfloat16, torch.float32)[i % 2], block)
+        for per_row in (False, True):
+            check_gemv_fp8(device, n, k, (torch.bfloat16, torch.float32)[(i + per_row) % 2], block, per_row)
 
 
 @needs_triton

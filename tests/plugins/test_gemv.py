@@ -108,6 +108,33 @@ def test_blocks_on_cuda():
     check_blocks("cuda")
 
 
+@needs_triton
+@pytest.mark.parametrize("variant", ["bf16", "fp8-per-tensor", "fp8-per-row"])
+def test_kernel_compiles_for_hopper_without_a_gpu(variant):
+    """The interpreter runs Python, not Triton's compiler: compile the kernel ahead of time for sm_90 at each
+    (BLOCK_N, BLOCK_K) of the tests, as the bf16 GEMV and as the FP8 one with a per-tensor or per-row weight scale
+    (e4m3 x and weight, float32 scales, bf16 bias and output), so what only the compiler checks (the scale
+    branches' types, the masked per-row load) fails here rather than in a GPU lease's warm-up."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from jetspec_trt.plugins.gemv import _kernel
+
+    kernel = _kernel().kernel
+    fp8 = variant != "bf16"
+    pointers = dict(x_ptr="*fp8e4nv" if fp8 else "*bf16", w_ptr="*fp8e4nv" if fp8 else "*bf16", b_ptr="*bf16",
+                    xs_ptr="*fp32", ws_ptr="*fp32", y_ptr="*bf16")
+    for block_n, block_k in BLOCKS:
+        constants = dict(HAS_BIAS=True, HAS_SCALE=fp8, SCALE_PER_ROW=variant == "fp8-per-row", BLOCK_N=block_n,
+                         BLOCK_K=block_k)
+        signature = {name: "constexpr" if name in constants else pointers.get(name, "i32")
+                     for name in kernel.arg_names}
+        compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=4, num_stages=3))
+        assert compiled.asm["cubin"], (variant, block_n, block_k)
+
+
 @pytest.mark.gpu
 def test_decode_gemv_model_logits_close_on_cuda():
     from jetspec_trt.models.presets import random_models
