@@ -30,6 +30,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from jetspec_trt.builders.quantize import DEFAULT_FP8_RECIPE, FP8_RECIPES
 from jetspec_trt.dtypes import parse_dtype
 from jetspec_trt.errors import JetSpecError
 from jetspec_trt.runtime.config import DEFAULT_TREE, RuntimeConfig, TreeConfig
@@ -62,6 +63,7 @@ class BenchConfig:
     # Also time the same target as FP8 (write_fp8_target) after the bf16 sections: off by default, since it
     # builds a second engine (checkpoint written and loaded, layers compiled, graphs captured again).
     compare_fp8: bool = False
+    fp8_recipe: str = DEFAULT_FP8_RECIPE  # the FP8 target's recipe (write_fp8_target): the build's default
     # Tokens the engine allows (its caches' size). None: the largest context plus the AR generate and some slack.
     # One engine serves every context, so each is timed in the engine a real deployment of that size would
     # have; a larger value times small contexts in a large engine (issue 16: a step must not depend on it).
@@ -394,14 +396,18 @@ def run_bench(cfg: BenchConfig, command: list[str] | None = None) -> Path:
         write_report(report, cfg)
         with tempfile.TemporaryDirectory(prefix="jetspec-bench-fp8-") as tmp:
             start = time.perf_counter()
-            write_fp8_target(target, hf_config, Path(tmp), parse_dtype(cfg.dtype))
+            write_fp8_target(target, hf_config, Path(tmp), parse_dtype(cfg.dtype), cfg.fp8_recipe)
             # The bf16 sections are done: free their engine (weights, caches, captured graphs) before the FP8 one
             # is built, so the two never hold the device at once (8B: 16 GB of weights plus graph pools each).
             del bench, target
             gc.collect()
             torch.cuda.empty_cache()
-            report["fp8"] = {"format": read_fp8_format(Path(tmp)).describe(), "input_amax": FP8_INPUT_AMAX,
-                             "quantized": "the decoder layers' projections", "unquantized": FP8_UNQUANTIZED,
+            fmt, tail = read_fp8_format(Path(tmp)), FP8_RECIPES[cfg.fp8_recipe].unquantized_tail_mlps
+            report["fp8"] = {"format": fmt.describe(), "recipe": cfg.fp8_recipe,
+                             # the static input scales' amax; None for per-token (dynamic) activations
+                             "input_amax": FP8_INPUT_AMAX if fmt.activation_scheme == "static" else None,
+                             "quantized": "the decoder layers' projections",
+                             "unquantized": FP8_UNQUANTIZED + (f", the last {tail} layers' MLPs" if tail else ""),
                              # the draft head, and whatever the bf16 engine did not give back
                              "allocated_before_fp8_GB": torch.cuda.memory_allocated() / 2**30}
             bench = fp8_bench(cfg, Path(tmp), draft, hf_config)
@@ -423,13 +429,12 @@ def breakdown_context(cfg: BenchConfig) -> int:
 
 # ---- the FP8 comparison (compare_fp8) ---------------------------------------------------------------------------
 
-# The static activation scale of the bench's FP8 target is FP8_INPUT_AMAX / 448 for every projection, standing in
-# for modelopt's calibrated per-Linear amax (speed does not depend on the values). 64 bounds the random presets'
-# projection inputs with room (tiny preset: normed inputs about 4-5, down_proj's up to 29), so none saturates and
-# the small ones stay in e4m3's normal range.
+# The static activation scale of the bench's per-tensor FP8 target is FP8_INPUT_AMAX / 448 for every projection,
+# standing in for modelopt's calibrated per-Linear amax (speed does not depend on the values). 64 bounds the random
+# presets' projection inputs with room (tiny preset: normed inputs about 4-5, down_proj's up to 29), so none
+# saturates and the small ones stay in e4m3's normal range. Per-channel recipes have no input scale (per token).
 FP8_INPUT_AMAX = 64.0
-FP8_QUANT_METHOD = {"quant_method": "modelopt", "quant_algo": "FP8", "ignore": ["lm_head"],
-                    "producer": "jetspec-trt bench (random weights; uncalibrated static input scales)"}
+FP8_PRODUCER = "jetspec-trt bench (random weights, uncalibrated)"
 FP8_UNQUANTIZED = "embeddings, lm_head, norms, the draft head"  # as `build --quantize fp8` leaves them
 
 
@@ -449,26 +454,36 @@ def require_fp8_gpu(device: str) -> None:
                            "without FP8 tensor cores (drop --fp8)") from None
 
 
-def write_fp8_target(target, hf_config, out_dir: Path, dtype: torch.dtype,
+def write_fp8_target(target, hf_config, out_dir: Path, dtype: torch.dtype, recipe: str = DEFAULT_FP8_RECIPE,
                      input_amax: float = FP8_INPUT_AMAX) -> Path:
-    """`target` (a TargetModel, any device) written to `out_dir` as the FP8 checkpoint `build --quantize fp8` makes,
-    in the Hugging Face layout the engine's FP8 loader reads (models/fp8.py; load with
-    models.checkpoint.load_target), without calibration: every projection of the decoder layers (the
-    models.layers.Linear modules, the only ones that can hold FP8 weights) as e4m3 with weight_scale =
-    amax(|W|) / 448, the amax shared by each group the engine fuses into one GEMM (q/k/v, gate/up: as builders.quantize
-    shares it before modelopt's export, so the loader fuses without requantizing), and a static input_scale =
-    input_amax / 448; embeddings, lm_head and norms in `dtype`. The draft head stays unquantized, as in an FP8
-    engine. Returns out_dir."""
+    """`target` (a TargetModel, any device) written to `out_dir` as the FP8 checkpoint `build --quantize fp8
+    --fp8-recipe <recipe>` makes (a key of builders.quantize.FP8_RECIPES; by default the build's default,
+    per-channel-tail-bf16), in the Hugging Face layout the engine's FP8 loader reads (models/fp8.py; load with
+    models.checkpoint.load_target), without calibration. Every projection of the decoder layers (the
+    models.layers.Linear modules, the only ones that can hold FP8 weights) but the MLPs the recipe keeps (the last
+    3 layers' for -tail-bf16, listed in `ignore` as modelopt lists them) is e4m3:
+    - per-channel recipes: weight_scale = amax(|W_row|) / 448 per output row ([N]), no input_scale (dynamic,
+      per-token activations; quant_algo FP8_PER_CHANNEL_PER_TOKEN);
+    - per-tensor: weight_scale = amax(|W|) / 448, the amax shared by each group the engine fuses into one GEMM
+      (q/k/v, gate/up: as builders.quantize shares it before modelopt's export, so the loader fuses without
+      requantizing), and a static input_scale = input_amax / 448 (quant_algo FP8).
+    Embeddings, lm_head, norms and kept MLPs in `dtype`. The draft head stays unquantized, as in an FP8 engine.
+    Returns out_dir."""
     from safetensors.torch import save_file
 
+    from jetspec_trt.models.fp8 import PER_CHANNEL
     from jetspec_trt.models.fused_layout import GROUPS
     from jetspec_trt.models.layers import Linear
     from jetspec_trt.plugins.fp8_gemm import FP8_MAX, quantize
 
+    fp8_recipe = FP8_RECIPES[recipe]
+    per_channel = fp8_recipe.weight_scales == PER_CHANNEL
+    num_layers = len(target.layers)
+    kept = [f"layers.{i}.mlp" for i in range(max(0, num_layers - fp8_recipe.unquantized_tail_mlps), num_layers)]
     groups: dict[str, list[str]] = {}  # fused GEMM (or lone projection) -> the projections it runs
     modules = dict(target.named_modules())
     for name, module in modules.items():
-        if isinstance(module, Linear):
+        if isinstance(module, Linear) and not any(name.startswith(f"{mlp}.") for mlp in kept):
             parent, projection = name.rsplit(".", 1)
             group = next((g for g in GROUPS if parent.endswith(g.module) and projection in g.parts), None)
             groups.setdefault(f"{parent}.{group.fused}" if group else name, []).append(name)
@@ -478,20 +493,26 @@ def write_fp8_target(target, hf_config, out_dir: Path, dtype: torch.dtype,
              if name not in quantized}
     if hf_config.tie_word_embeddings:
         state.pop("lm_head.weight", None)  # stored once, as the embedding (the loader re-ties)
-    input_scale = torch.tensor(input_amax / FP8_MAX, dtype=torch.float32)
+    tiny = torch.finfo(torch.float32).tiny
     for names in groups.values():
         weights = [modules[name].weight.detach() for name in names]
-        scale = (torch.stack([w.abs().max().float() for w in weights]).max() / FP8_MAX).clamp(
-            min=torch.finfo(torch.float32).tiny)
-        for name, weight in zip(names, weights):
-            state[f"{name}.weight"] = quantize(weight, scale).cpu()
+        if per_channel:  # one scale per row: a fused group's concatenate with its rows, nothing to share
+            scales = [(w.abs().amax(dim=1).float() / FP8_MAX).clamp(min=tiny) for w in weights]
+        else:  # one amax per group
+            scales = [(torch.stack([w.abs().max().float() for w in weights]).max() / FP8_MAX).clamp(min=tiny)]
+            scales *= len(weights)
+        for name, weight, scale in zip(names, weights, scales):
+            state[f"{name}.weight"] = quantize(weight, scale[:, None] if per_channel else scale).cpu()
             state[f"{name}.weight_scale"] = scale.to("cpu", copy=True)
-            state[f"{name}.input_scale"] = input_scale.clone()
+            if not per_channel:
+                state[f"{name}.input_scale"] = torch.tensor(input_amax / FP8_MAX, dtype=torch.float32)
     out_dir.mkdir(parents=True, exist_ok=True)
     # Hugging Face prefixes, as modelopt's export writes them (the loader strips "model.")
     save_file({(k if k.startswith("lm_head") else f"model.{k}"): v for k, v in state.items()},
               str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    config = hf_config.to_dict() | {"quantization_config": FP8_QUANT_METHOD}
+    quant = {"quant_method": "modelopt", "quant_algo": "FP8_PER_CHANNEL_PER_TOKEN" if per_channel else "FP8",
+             "ignore": ["lm_head", *(f"model.{mlp}*" for mlp in kept)], "producer": FP8_PRODUCER}
+    config = hf_config.to_dict() | {"quantization_config": quant}
     (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     return out_dir
 
