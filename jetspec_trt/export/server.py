@@ -280,6 +280,10 @@ class TritonServer:
 
 WATCH_INTERVAL_S = 1.0  # how often serve checks tritonserver and the model stubs
 RESTART_GRACE_S = 5.0  # in-flight requests' time when serve restarts or gives up (a dead model's never finish)
+# What tritonserver's exit code 1 while stopping means (its log: "Exit timeout expired"), and the cause seen so far.
+# (With a request still decoding, tritonserver 2.51 logged the same but then hung until serve killed it, 2026-12-05.)
+STOPPED_LATE = ("; --stop-timeout ({} s) ran out with a model still loaded (e.g. one that tritonserver 2.51 keeps "
+                "loaded after a gRPC stream was cancelled just as its first request finished: docs/triton.md, Clients)")
 
 
 class _Terminated(Exception):
@@ -408,7 +412,8 @@ def serve_command(repo, http_port, grpc_port, metrics_port, address, ready_timeo
         if server.killed:
             raise JetSpecError(f"tritonserver did not stop within {stop_timeout + 10} s of SIGTERM and was killed")
         if code != 0:
-            raise JetSpecError(f"tritonserver exited with code {code} while stopping")
+            raise JetSpecError(f"tritonserver exited with code {code} while stopping"
+                               + (STOPPED_LATE.format(stop_timeout) if code == 1 else ""))
     finally:
         server.stop()
         for sig, handler in previous.items():

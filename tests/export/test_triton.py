@@ -27,6 +27,7 @@ import torch
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 
+from jetspec_trt.bench.serving import Request, StreamingClient
 from jetspec_trt.cli import main
 from jetspec_trt.errors import JetSpecError
 from jetspec_trt.export.triton import INPUTS, OUTPUTS, TritonExportConfig, export_triton
@@ -319,6 +320,26 @@ def test_serve_bad_options(workdir, engine_dir, capsys, args, message):
     assert exit_info.value.code == JetSpecError.exit_code
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
+
+
+def test_serve_explains_tritonserver_exit_code_1_while_stopping(workdir, capsys, monkeypatch):
+    """tritonserver exits 1 when its exit timeout runs out with a model still loaded; serve's error line says so
+    (no server: the supervisor is stubbed, SIGTERM came at once and tritonserver "exited 1")."""
+    from jetspec_trt.export import server as server_module
+
+    def terminated(self):
+        raise server_module._Terminated()
+
+    monkeypatch.setattr(server_module.Supervisor, "start", lambda self: None)
+    monkeypatch.setattr(server_module.Supervisor, "run", terminated)
+    monkeypatch.setattr(server_module.TritonServer, "stop", lambda self, grace=None: 1)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", str(workdir), "--stop-timeout", "7"])
+    assert exit_info.value.code == JetSpecError.exit_code
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: tritonserver exited with code 1 while stopping; --stop-timeout (7 s) ran out with a model still "
+        "loaded (e.g. one that tritonserver 2.51 keeps loaded after a gRPC stream was cancelled just as its first "
+        "request finished: docs/triton.md, Clients)")
 
 
 def test_serve_help_documents_restarts_and_exit_status(capsys):
@@ -849,6 +870,36 @@ def test_batched_serving_bench_at_1_and_4_clients(served_batched, engine_dir, wo
         assert row["mismatches"] == [] and row["tokens"] > 0 and row["per_stream_tok_s"]["p50"] > 0
     assert result["results"][1]["mean_batch"] > 1  # the 4 streams shared the engine's steps
     assert result["config"]["prompt_ids"] == [f"mtbench/{i}" for i in range(6)]  # 8 requests: 6 prompts in turn
+
+
+ONE_REQUEST_STREAMS = 200
+
+
+def test_batched_server_stops_cleanly_after_streams_closed_once_their_requests_finished(served_batched):
+    """Last on this server: ONE_REQUEST_STREAMS streams of the serving bench's client, one request each, each closed
+    as soon as its final response came (as the bench closes them: no cancellation with nothing in flight); then
+    SIGTERM stops `serve` within seconds with exit code 0, the model unloaded (finalize ran). Cancelling each of
+    those streams instead left the model loaded in every run tried (4 of 4, 2026-12-05): tritonserver 2.51's gRPC
+    frontend loses a stream's first request when the cancellation comes just as it finishes
+    (scripts/triton_stream_cancel_repro.py), so it waited out the 30 s stop timeout and exited 1."""
+    for i in range(ONE_REQUEST_STREAMS):
+        work: queue.Queue = queue.Queue()
+        record = Request(i, 0)
+        work.put(record)
+        stream = StreamingClient(served_batched.grpc, MODEL)
+        try:
+            stream.run(work, [f"stream {i}:"], 4, time.perf_counter() + REQUEST_TIMEOUT_S)
+        finally:
+            stream.close()
+        assert record.completed, record.error
+    start = time.monotonic()
+    served_batched.process.send_signal(signal.SIGTERM)
+    code = served_batched.process.wait(timeout=60)
+    took = time.monotonic() - start
+    log = served_batched.log.read_text()
+    assert code == 0 and took < 15, (code, took, log[-3000:])
+    assert "tritonserver stopped (exit code 0)" in log and f"successfully unloaded '{MODEL}'" in log
+    assert processes_mentioning(str(served_batched.repo)) == []
 
 
 # ---- faults: a dead model, a server that dies or will not stop (each on a server of its own) ----
