@@ -129,6 +129,7 @@ def train_command(target_dir, output_dir, source, num_prompts, prompt_offset, ma
         click.echo(f"loss {card['loss']['first']:.4f} -> {card['loss']['final']:.4f}; held-out chain tau proxy "
                    f"{(before or {}).get('chain_tau_proxy', float('nan')):.3f} -> {after['chain_tau_proxy']:.3f}; "
                    f"depth-1 agreement {(before or {}).get('top1_agreement_per_depth', [float('nan')])[0]:.3f} -> "
-                   f"{after['top1_agreement_per_depth'][0]:.3f}",
+                   f"{after['top1_agreement_per_depth'][0]:.3f}; held-out tau by budget "
+                   f"{(before or {}).get('simulated_tau')} -> {after['simulated_tau']}",
                    err=True)
         click.echo(f"draft head written to {result.output_dir}")

@@ -30,6 +30,8 @@ from jetspec_trt.models.checkpoint import load_target, save_draft
 from jetspec_trt.models.config import DecoderConfig, load_hf_config
 from jetspec_trt.models.draft import DraftHead
 from jetspec_trt.models.target import TargetModel
+from jetspec_trt.runtime.config import TreeConfig
+from jetspec_trt.train.acceptance import simulated_tau
 from jetspec_trt.train.data import DataConfig, TrainSequence, generate_responses, generation_stats, split_heldout
 from jetspec_trt.train.features import FEATURE_STORES, FeatureStore, to_device
 from jetspec_trt.train.head import (choose_mask_token, freeze, init_head_shape, load_head_weights, new_head,
@@ -56,6 +58,9 @@ MIN_TRAIN_S = 10.0
 EVAL_SEED = 12345  # the held-out anchors are the same before and after training, and across runs
 BETAS = (0.9, 0.95)
 CURVE_DEPTHS = (1, 2, 4, 8, 15)  # depths whose held-out agreement the card's curve follows during training
+# Tree budgets whose greedy tau every evaluation simulates on the held-out sequences (train/acceptance.py), at the
+# engine's default tree width and depth: the suite bench's budgets.
+TAU_BUDGETS = (16, 64, 256)
 
 
 @dataclass(frozen=True)
@@ -413,7 +418,7 @@ class Trainer:
     # -- evaluation
 
     @torch.no_grad()
-    def evaluate(self) -> dict:
+    def evaluate(self, simulate: bool = False) -> dict:
         """Acceptance proxy on the held-out sequences: per-depth top-1 agreement of the head with the token
         the target wrote there (for greedy responses: the target's argmax, what greedy verification accepts),
         the mean accepted length of a width-1 chain (leading agreements + the bonus token), and the loss."""
@@ -444,6 +449,10 @@ class Trainer:
             run = (hits & valid).int().cumprod(-1).sum(-1)
             chain += float((run + 1)[rows.batch.anchor_valid].sum())
             anchors += int(rows.batch.anchor_valid.sum())
+        tree = TreeConfig()
+        tau = None if not simulate else simulated_tau(
+            self.head, self.target, self.store, self.heldout_rows, [self.sequences[r] for r in self.heldout_rows],
+            TAU_BUDGETS, tree.topk, tree.max_depth, self._autocast)
         self.head.train(was_training)
         per_depth = (agree / total.clamp(min=1)).tolist()
         return {
@@ -451,16 +460,21 @@ class Trainer:
             "anchors": anchors,
             "top1_agreement_per_depth": [round(x, 4) for x in per_depth],
             "chain_tau_proxy": round(chain / max(1, anchors), 4),
+            # greedy tau of the engine's best-first trees (width tree.topk) per budget, every response position
+            # an anchor: the suite bench's number on these sequences (train/acceptance.py); None unless `simulate`
+            "simulated_tau": tau,
+            "tree": {"topk": tree.topk, "max_depth": tree.max_depth},
             "loss": round(loss_sum / max(weight_sum, 1e-12), 4),
         }
 
-    def record_curve(self, proxy: dict | None = None) -> dict:
-        """Append the held-out agreement at CURVE_DEPTHS (of `proxy`, else of a fresh evaluation) to the
-        training curve; returns the proxy."""
-        proxy = self.evaluate() if proxy is None else proxy
+    def record_curve(self, proxy: dict | None = None, simulate: bool = False) -> dict:
+        """Append the held-out agreement at CURVE_DEPTHS (of `proxy`, else of a fresh evaluation, with the
+        simulated tau if `simulate`: the first and last points) to the training curve; returns the proxy."""
+        proxy = self.evaluate(simulate) if proxy is None else proxy
         per_depth = proxy["top1_agreement_per_depth"]
         point = {"step": self.step, "positions": self.positions, "elapsed_s": round(self.elapsed_s, 1),
-                 "chain_tau_proxy": proxy["chain_tau_proxy"], "loss": proxy["loss"],
+                 "chain_tau_proxy": proxy["chain_tau_proxy"], "simulated_tau": proxy.get("simulated_tau"),
+                 "loss": proxy["loss"],
                  "top1_agreement": {str(d): per_depth[d - 1] for d in CURVE_DEPTHS if d <= len(per_depth)}}
         self.curve.append(point)
         return proxy
@@ -571,7 +585,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     if cfg.resume:
         trainer.restore(load_checkpoint(existing[-1]), existing[-1])
     else:
-        trainer.proxy_before = trainer.record_curve()
+        trainer.proxy_before = trainer.record_curve(simulate=True)
 
     trainer.setup_s = time.perf_counter() - run_start  # everything before the first step (the card shows it)
     if cfg.wall_budget_s is not None:
@@ -699,7 +713,7 @@ def write_outputs(trainer: Trainer, out: Path, tokenizer, tcfg: DecoderConfig, d
                   data_card: dict, copied: list[str], reshaped: list[str]) -> dict:
     cfg, head = trainer.cfg, trainer.head
     trainer.flush_losses()
-    proxy_after = trainer.record_curve()
+    proxy_after = trainer.record_curve(simulate=True)
     saved = copy.deepcopy(head).to("cpu", dtype)  # the published heads are stored in the serving dtype
     save_draft(saved, out, rope_theta(head.config))
     losses = trainer.losses
@@ -773,5 +787,6 @@ def run_history(init_head: Path | None, card: dict) -> list[dict]:
         "train_response_tokens": tokens, "cumulative_response_tokens": before + tokens,
         "positions": card["training"]["positions"], "loss": card["objective"]["loss"],
         "heldout_top1_depth1": after["top1_agreement_per_depth"][0], "chain_tau_proxy": after["chain_tau_proxy"],
+        "heldout_simulated_tau": after.get("simulated_tau"),
     })
     return history

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 
@@ -67,36 +68,46 @@ def build_tree(anchor: int, depth_logits: torch.Tensor, budget: int, topk: int, 
     return build_tree_from_top(anchor, top_logp, top_ids, budget, k, max_depth)
 
 
-def build_tree_from_top(anchor: int, top_logp: torch.Tensor, top_ids: torch.Tensor, budget: int, k: int,
-                        max_depth: int) -> DraftTree:
-    """The best-first tree over per-depth candidates: top_logp / top_ids [>= max_depth, >= k], row d holding the
-    k best tokens for depth d+1 and their log-probabilities, best first. Scores add in Python floats (float64)."""
-    top_logp, top_ids = top_logp[:max_depth, :k].tolist(), top_ids[:max_depth, :k].tolist()
-
-    tokens, parents, depths = [anchor], [-1], [0]
-    children: list[dict[int, int]] = [{}]
+def best_first(top_logp: list[list[float]], k: int, max_depth: int, budget: int
+               ) -> Iterator[tuple[int, int, int, float]]:
+    """The best-first tree's nodes after the root, in pop order: (parent node, depth, rank, score) for up to
+    budget - 1 nodes; node i+1 is the i-th yielded. top_logp: row d the k best log-probabilities of depth d+1,
+    best first (lists: scores add in Python floats, float64). The one heap of build_tree_from_top and of the
+    offline acceptance simulation (tree/simulate.py)."""
     # Frontier entries: (-score, tie-break counter, parent node, depth, rank among the parent's children).
     frontier: list[tuple[float, int, int, int, int]] = []
     counter = 0
     if max_depth > 0 and budget > 1:
         frontier.append((-top_logp[0][0], counter, 0, 1, 0))
     scores = [0.0]
-    while frontier and len(tokens) < budget:
+    while frontier and len(scores) < budget:
         neg, _, parent, depth, rank = heapq.heappop(frontier)
-        node = len(tokens)
-        token = top_ids[depth - 1][rank]
-        tokens.append(token)
-        parents.append(parent)
-        depths.append(depth)
-        children.append({})
-        children[parent][token] = node
+        node = len(scores)
         scores.append(-neg)
+        yield parent, depth, rank, -neg
         if rank + 1 < k:  # next sibling under the same parent
             counter += 1
             heapq.heappush(frontier, (-(scores[parent] + top_logp[depth - 1][rank + 1]), counter, parent, depth, rank + 1))
         if depth < max_depth:  # first child
             counter += 1
             heapq.heappush(frontier, (-(scores[node] + top_logp[depth][0]), counter, node, depth + 1, 0))
+
+
+def build_tree_from_top(anchor: int, top_logp: torch.Tensor, top_ids: torch.Tensor, budget: int, k: int,
+                        max_depth: int) -> DraftTree:
+    """The best-first tree over per-depth candidates: top_logp / top_ids [>= max_depth, >= k], row d holding the
+    k best tokens for depth d+1 and their log-probabilities, best first. Scores add in Python floats (float64)."""
+    top_logp, top_ids = top_logp[:max_depth, :k].tolist(), top_ids[:max_depth, :k].tolist()
+    tokens, parents, depths, scores = [anchor], [-1], [0], [0.0]
+    children: list[dict[int, int]] = [{}]
+    for parent, depth, rank, score in best_first(top_logp, k, max_depth, budget):
+        token = top_ids[depth - 1][rank]
+        children[parent][token] = len(tokens)
+        tokens.append(token)
+        parents.append(parent)
+        depths.append(depth)
+        children.append({})
+        scores.append(score)
     n = len(tokens)
     ancestors = torch.zeros(n, n, dtype=torch.bool)
     for i in range(n):

@@ -196,6 +196,12 @@ def test_short_run_lowers_loss_and_builds_lossless_engine(tiny, trained, tmp_pat
     assert list(card["agreement_curve"][-1]["top1_agreement"]) == ["1", "2", "4"]
     assert card["training"]["positions"] > 0 and card["training"]["positions_per_s"] > 0
     assert card["history"][-1]["cumulative_response_tokens"] == card["data"]["train_response_tokens"]
+    # tau of the engine's trees simulated before and after (a tau counts the bonus token: >= 1), not mid-run
+    after = card["acceptance_proxy"]["after"]
+    assert list(after["simulated_tau"]) == ["16", "64", "256"] and all(t >= 1.0 for t in after["simulated_tau"].values())
+    assert card["acceptance_proxy"]["before"]["simulated_tau"] is not None
+    assert card["agreement_curve"][1]["simulated_tau"] is None
+    assert card["history"][-1]["heldout_simulated_tau"] == after["simulated_tau"]
     config = json.loads((trained / "config.json").read_text())
     assert config["block_size"] == 8 and config["num_target_layers"] == 6
     assert config["dflash_config"] == {"target_layer_ids": [3], "mask_token_id": 259, "causal_head": True,
@@ -411,6 +417,7 @@ def test_init_head_continues_from_the_trained_weights(tiny, trained, tmp_path, c
     reference = json.loads((trained / "training_card.json").read_text())["acceptance_proxy"]["after"]
     assert card["acceptance_proxy"]["before"]["chain_tau_proxy"] == pytest.approx(reference["chain_tau_proxy"],
                                                                                  abs=1e-6)
+    assert card["acceptance_proxy"]["before"]["simulated_tau"] == reference["simulated_tau"]
 
 
 def test_init_head_grows_by_identity_layers(tiny, trained, tmp_path, capsys):

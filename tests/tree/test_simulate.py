@@ -1,0 +1,83 @@
+"""The offline acceptance simulation (tree/simulate.py, train/acceptance.py) against the trees it replays and
+against the decode loop itself."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from jetspec_trt.runtime.config import TreeConfig
+from jetspec_trt.runtime.decoder import Decoder
+from jetspec_trt.train.acceptance import anchor_candidates, truth_tokens
+from jetspec_trt.train.data import TrainSequence
+from jetspec_trt.train.features import FeatureStore
+from jetspec_trt.tree.simulate import accepted_drafts, round_lengths
+from jetspec_trt.tree.tree import build_tree_from_top, depth_top_logp
+from tests.helpers import small_vocab_pair
+
+
+def walk(tree, truth: list[int]) -> int:
+    node = accepted = 0
+    for token in truth:
+        node = tree.children[node].get(token)
+        if node is None:
+            break
+        accepted += 1
+    return accepted
+
+
+@pytest.mark.parametrize("topk,depth", [(1, 4), (3, 6), (7, 15)])
+def test_accepted_drafts_equal_walking_the_built_trees(topk, depth):
+    """Every budget's count is what build_tree_from_top's tree of that budget accepts along the true tokens, on
+    anchors whose true path leaves the candidates, stops at the sequence's end, or goes deep."""
+    gen = torch.Generator().manual_seed(topk * 100 + depth)
+    anchors, vocab, budgets = 300, 12, (1, 2, 5, 16, 64, 256)
+    logits = torch.randn(anchors, depth, vocab, generator=gen) * 2
+    logp, ids = depth_top_logp(logits.reshape(-1, vocab), topk)
+    logp, ids = logp.view(anchors, depth, topk), ids.view(anchors, depth, topk)
+    # true tokens: mostly among the candidates (at a random rank), sometimes not, sometimes past the end (-1)
+    pick = torch.randint(0, topk, (anchors, depth), generator=gen)
+    truth = ids.gather(-1, pick[..., None])[..., 0]
+    outside = torch.rand(anchors, depth, generator=gen) < 0.15
+    truth = torch.where(outside, vocab + 1, truth)
+    ends = torch.randint(1, depth + 3, (anchors, 1), generator=gen)
+    truth = torch.where(torch.arange(depth) >= ends, -1, truth)
+    got = accepted_drafts(logp, ids, truth, budgets, topk, depth)
+    for a in range(anchors):
+        for b, budget in enumerate(budgets):
+            tree = build_tree_from_top(0, logp[a], ids[a], budget, topk, depth)
+            assert got[b, a] == walk(tree, truth[a].tolist()), (a, budget)
+    assert got[-1].max() >= 4 and (got[-1] == 0).any()  # deep paths and dead ends both occurred
+
+
+def test_round_lengths_chain_the_anchors():
+    # anchor 0 accepts 2 -> emits 3, next anchor 3 accepts 0 -> 1, anchor 4 accepts 9 but only 2 tokens remain
+    assert round_lengths(torch.tensor([2, 5, 5, 0, 9, 0])) == [3, 1, 2]
+    assert round_lengths(torch.tensor([0, 0])) == [1, 1]
+    assert round_lengths(torch.tensor([], dtype=torch.long)) == []
+
+
+def test_simulation_replays_the_decode_loop(tmp_path):
+    """fp32 greedy: the rounds simulated from the head's teacher-forced candidates over the loop's own output emit
+    exactly what the loop's rounds emitted, round for round (a 5-token vocabulary, so trees accept often), up to
+    the token limit's cut of the last round."""
+    target, draft, runtime = small_vocab_pair(tmp_path)
+    tree = TreeConfig(16, 2, 3)
+    decoder = Decoder(target, draft, runtime)
+    rounds = deep = 0
+    for seed in range(6):
+        prompt = torch.randint(0, 4, (3 + seed,), generator=torch.Generator().manual_seed(seed)).tolist()
+        out = [t for chunk in decoder.generate(prompt, 30, tree=tree) for t in chunk]
+        loop = decoder.stats.emitted_per_round
+        sequence = TrainSequence(prompt, out)
+        store = FeatureStore.build(target, [sequence], tuple(draft.spec.target_layer_ids), progress=False,
+                                   keep_hidden=False)
+        logp, ids = anchor_candidates(draft, target, store, 0, sequence, tree.topk, tree.max_depth)
+        accepted = accepted_drafts(logp, ids, truth_tokens(sequence, tree.max_depth), (tree.budget,), tree.topk,
+                                   tree.max_depth)
+        simulated = round_lengths(accepted[0])
+        # The loop counts its last round before the token limit cut it; the replay holds only the tokens written.
+        assert simulated[:-1] == loop[:-1] and simulated[-1] <= loop[-1], seed
+        assert sum(simulated) == len(out) - 1  # every response token after the prefill's, once
+        rounds, deep = rounds + len(loop), deep + sum(n > 2 for n in loop)
+    assert rounds > 30 and deep > 3  # the comparison covered many rounds, deep ones too
