@@ -36,8 +36,10 @@ def _floats(text: str) -> tuple[float, ...]:
               help="Preset shape measured with random weights made on the GPU (speed does not depend on values).")
 @click.option("--budgets", default="16,32,64,128,256", show_default=True)
 @click.option("--contexts", default="512,2048,8192", show_default=True)
-@click.option("--topk", type=int, default=DEFAULT_TREE.topk, show_default=True)
-@click.option("--max-depth", type=int, default=DEFAULT_TREE.max_depth, show_default=True)
+@click.option("--topk", type=int, default=None,
+              help=f"Tree width [default: the engine's with --engine, else {DEFAULT_TREE.topk}].")
+@click.option("--max-depth", type=int, default=None,
+              help=f"Tree depth [default: the engine's with --engine, else {DEFAULT_TREE.max_depth}].")
 @click.option("--taus", default="10.76,5.94", show_default=True, help="Accepted lengths to project tok/s for.")
 @click.option("--dtype", type=click.Choice(["bfloat16", "float16"]), default="bfloat16", show_default=True)
 @click.option("--reps", type=int, default=30, show_default=True)
@@ -92,16 +94,21 @@ def _floats(text: str) -> tuple[float, ...]:
                    "which may also be a .txt): top-1 agreement, perplexities, KL (JSON).")
 @click.option("--compare-max-tokens", type=int, default=1024, show_default=True,
               help="--quantize-compare: tokens per held-out text.")
+@click.option("--simulate-widths", default=None,
+              help="With --engine: tree widths (e.g. 4,7,10,16) whose greedy tau per suite and --budgets is simulated "
+                   "from the head's teacher-forced candidates over the target's own outputs (no speculative run; "
+                   "any device, the CPU too; JSON + PNG). Speed stays the suite bench's.")
 def bench_command(random_target, budgets, contexts, topk, max_depth, taus, dtype, reps, no_hf, hf_prompts,
                   compile_layers, max_seq_len, compare_fused, compare_fp8, output_dir, tag, engine_dir, suites,
                   prompts_file, num_prompts, max_new_tokens, temperatures, batches, batch_modes, batch_graphs, serve_url,
                   clients, serve_model, metrics_url, pass_timeout, device, diagnose_fp32, reference_dir,
-                  compare_max_tokens):
+                  compare_max_tokens, simulate_widths):
     """Measure AR decoding, the split of a speculative round, projected tok/s and HF generate on the GPU.
 
     With --engine: tau and wall-clock speed per prompt suite, budget and temperature (JSON + PNG).
     With --engine and --quantize-compare: a quantized target's quality against the unquantized one (JSON).
-    With --engine and --serve-url: a running server under concurrent streaming clients (JSON + PNG)."""
+    With --engine and --serve-url: a running server under concurrent streaming clients (JSON + PNG).
+    With --engine and --simulate-widths: simulated greedy tau per suite, tree width and budget (JSON + PNG)."""
     if serve_url is not None:
         if engine_dir is None:
             raise click.UsageError("--serve-url needs --engine (the engine the server serves)")
@@ -133,6 +140,19 @@ def bench_command(random_target, budgets, contexts, topk, max_depth, taus, dtype
         click.echo(format_summary(json.loads(path.read_text())))
         click.echo(f"wrote {path}")
         return
+    if simulate_widths is not None:
+        if engine_dir is None:
+            raise click.UsageError("--simulate-widths needs --engine")
+        from jetspec_trt.bench.acceptance import AcceptanceBenchConfig, format_summary, run_acceptance_bench
+
+        acfg = AcceptanceBenchConfig(engine_dir=engine_dir, suites=tuple(suites.split(",")), num_prompts=num_prompts,
+                                     max_new_tokens=max_new_tokens, budgets=_ints(budgets),
+                                     widths=_ints(simulate_widths), max_depth=max_depth, device=device,
+                                     output_dir=output_dir, tag=tag, prompts_file=prompts_file)
+        path = run_acceptance_bench(acfg, command=sys.argv)
+        click.echo(format_summary(json.loads(path.read_text())))
+        click.echo(f"wrote {path} and {path.with_suffix('.png')}")
+        return
     if batches is not None:
         if engine_dir is None:
             raise click.UsageError("--batch needs --engine")
@@ -153,15 +173,16 @@ def bench_command(random_target, budgets, contexts, topk, max_depth, taus, dtype
                                 max_new_tokens=max_new_tokens, budgets=_ints(budgets),
                                 temperatures=_floats(temperatures), device=device, hf_generate=not no_hf,
                                 hf_prompts=hf_prompts, output_dir=output_dir, tag=tag, prompts_file=prompts_file,
-                                diagnose_fp32=diagnose_fp32)
+                                diagnose_fp32=diagnose_fp32, topk=topk, max_depth=max_depth)
         path = run_suite_bench(scfg, command=sys.argv)
         click.echo(format_summary(json.loads(path.read_text())))
         click.echo(f"wrote {path} and {path.with_suffix('.png')}")
         return
     from jetspec_trt.bench.engine_bench import BenchConfig, run_bench
 
-    cfg = BenchConfig(random_target=random_target, budgets=_ints(budgets), contexts=_ints(contexts), topk=topk,
-                      max_depth=max_depth, taus=_floats(taus), dtype=dtype, reps=reps, hf_generate=not no_hf,
+    cfg = BenchConfig(random_target=random_target, budgets=_ints(budgets), contexts=_ints(contexts),
+                      topk=topk or DEFAULT_TREE.topk, max_depth=max_depth or DEFAULT_TREE.max_depth,
+                      taus=_floats(taus), dtype=dtype, reps=reps, hf_generate=not no_hf,
                       compile_layers=compile_layers, max_seq_len=max_seq_len,
                       compare_fused_layer_kernels=compare_fused, compare_fp8=compare_fp8, output_dir=output_dir,
                       tag=tag)

@@ -69,3 +69,22 @@ def plot_engine_bench(report: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_acceptance_bench(report: dict, path: Path) -> None:
+    """One panel per suite: simulated greedy tau against the tree budget, a line per tree width."""
+    suites = report["suites"]
+    fig, axes = plt.subplots(1, len(suites), figsize=(5 * len(suites), 4.2), squeeze=False)
+    for ax, (suite, row) in zip(axes[0], suites.items()):
+        for width, taus in row["tau"].items():
+            budgets = [int(b) for b in taus]
+            ax.plot(budgets, list(taus.values()), "o-", label=f"width {width}")
+        ax.set(title=f"{suite} ({row['prompts']} prompts, {row['response_tokens']} tokens)",
+               xlabel="tree budget (nodes)", ylabel="tau (simulated, greedy)", xscale="log")
+        ax.minorticks_off()
+        ax.set_xticks(budgets, [str(b) for b in budgets])
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{report['engine']} on {report['device_name']} ({report['date']})", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
