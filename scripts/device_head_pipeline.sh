@@ -27,7 +27,9 @@
 # first 12000 of the mix, run 5 (lost) 12000-27000, run 6 27000-38458, run 7 38500-49262, run 8 0-13833 (a second pass);
 # the mix has 53,319 and 50000-50063 are scripts/probe_head.py's held-out prompts),
 # PROFILE_STEPS (5: traced steps -> head-*/profile_steps.json; 0 none), SETUP_S (150), ENGINE_BENCH (0; 1 ends with the engine bench at the pair's shape), BUILD_FLAGS (extra build
-# flags for every engine, e.g. --no-prefill-graphs where the idle window's GPU tests showed the captures failing).
+# flags for every engine, e.g. --no-prefill-graphs where the idle window's GPU tests showed the captures failing),
+# WIDE_TOPK (unset; e.g. 16: after the benches, the first head's engine benched again greedy with that tree width,
+# ~1.3 min: wall-clock for what `bench --simulate-widths` found in tau).
 set -uo pipefail
 WORK=${1:?work dir}
 GEN_S=${2:-150}
@@ -91,6 +93,13 @@ for shape in $LAYERS; do
   build_and_bench "$WORK/head-$shape" "$shape" "$hf" "$temps"
   hf=0; temps=0
 done
+first=${LAYERS%% *}
+if [ -n "${WIDE_TOPK:-}" ] && [ -d "$WORK/engine-$first" ]; then
+  stage "suite bench, head $first, tree width $WIDE_TOPK"
+  jt bench --engine "$WORK/engine-$first" --prompts-file /tmp/keep/bench-prompts.jsonl \
+     --num-prompts "${BENCH_PROMPTS:-17}" --max-new-tokens 256 --budgets 16,64 --temperatures 0 --topk "$WIDE_TOPK" \
+     --no-hf --output-dir "$WORK/results" --tag "$TAG-$first-topk$WIDE_TOPK"
+fi
 # The head the runs started from, benched in the same lease on the same prompts.
 [ "${BASELINE:-0}" = 1 ] && build_and_bench heads/qwen2.5-coder-0.5b-jetspec base 0 0
 # The engine bench at the pair's shape (random weights): round stages with the torch tree build, the Triton tree
