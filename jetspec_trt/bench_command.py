@@ -98,11 +98,14 @@ def _floats(text: str) -> tuple[float, ...]:
               help="With --engine: tree widths (e.g. 4,7,10,16) whose greedy tau per suite and --budgets is simulated "
                    "from the head's teacher-forced candidates over the target's own outputs (no speculative run; "
                    "any device, the CPU too; JSON + PNG). Speed stays the suite bench's.")
+@click.option("--simulate-lookups", default="0", show_default=True,
+              help="--simulate-widths: also trees with a context-lookup chain of this many nodes beside the draft's "
+                   "(tree/lookup.py), e.g. 0,6: each width without and with it.")
 def bench_command(random_target, budgets, contexts, topk, max_depth, taus, dtype, reps, no_hf, hf_prompts,
                   compile_layers, max_seq_len, compare_fused, compare_fp8, output_dir, tag, engine_dir, suites,
                   prompts_file, num_prompts, max_new_tokens, temperatures, batches, batch_modes, batch_graphs, serve_url,
                   clients, serve_model, metrics_url, pass_timeout, device, diagnose_fp32, reference_dir,
-                  compare_max_tokens, simulate_widths):
+                  compare_max_tokens, simulate_widths, simulate_lookups):
     """Measure AR decoding, the split of a speculative round, projected tok/s and HF generate on the GPU.
 
     With --engine: tau and wall-clock speed per prompt suite, budget and temperature (JSON + PNG).
@@ -147,7 +150,8 @@ def bench_command(random_target, budgets, contexts, topk, max_depth, taus, dtype
 
         acfg = AcceptanceBenchConfig(engine_dir=engine_dir, suites=tuple(suites.split(",")), num_prompts=num_prompts,
                                      max_new_tokens=max_new_tokens, budgets=_ints(budgets),
-                                     widths=_ints(simulate_widths), max_depth=max_depth, device=device,
+                                     widths=_ints(simulate_widths), lookups=_ints(simulate_lookups),
+                                     max_depth=max_depth, device=device,
                                      output_dir=output_dir, tag=tag, prompts_file=prompts_file)
         path = run_acceptance_bench(acfg, command=sys.argv)
         click.echo(format_summary(json.loads(path.read_text())))

@@ -2,7 +2,8 @@
 
 The target writes its greedy responses to each suite's prompts (runtime.batch_decode, batched), the head is run
 teacher-forced at every response position (train/acceptance.py) and the decode loop's rounds are replayed for
-every (width, budget) at once (tree/simulate.py): exactly the tau greedy speculative decoding gets on those
+every (width, budget) at once (tree/simulate.py), with or without a context-lookup chain beside the draft's
+nodes (tree/lookup.py): exactly the tau greedy speculative decoding gets on those
 outputs (tests/tree/test_simulate.py holds it round for round to the real loop in fp32), without a speculative
 run per setting. So it answers "which tree" on any device, the CPU included; wall-clock speed is the suite
 bench's (`bench --engine`), since what a wider tree costs is measured there, not here.
@@ -29,6 +30,9 @@ class AcceptanceBenchConfig:
     max_new_tokens: int = 256
     budgets: tuple[int, ...] = (16, 64, 256)
     widths: tuple[int, ...] = (4, 7, 10, 16)
+    # Context-lookup chains (tree/lookup.py) of up to this many nodes beside the draft's (0: none), each width
+    # with each; reported under "<width>+lookup<n>".
+    lookups: tuple[int, ...] = (0,)
     max_depth: int | None = None  # None: the engine's
     device: str = "cuda"
     output_dir: Path = Path("bench/results")
@@ -37,8 +41,9 @@ class AcceptanceBenchConfig:
     gen_batch: int = 32  # prompts decoded together while the target writes the responses
 
     def validate(self) -> None:
-        if min(self.widths) < 1 or min(self.budgets) < 1:
-            raise JetSpecError(f"tree widths and budgets must be >= 1, got {self.widths} and {self.budgets}")
+        if min(self.widths) < 1 or min(self.budgets) < 1 or min(self.lookups) < 0:
+            raise JetSpecError(f"tree widths and budgets must be >= 1 and lookup chains >= 0, got {self.widths}, "
+                               f"{self.budgets} and {self.lookups}")
 
 
 def greedy_responses(engine, prompts: list[list[int]], cfg: AcceptanceBenchConfig) -> list[list[int]]:
@@ -53,28 +58,36 @@ def greedy_responses(engine, prompts: list[list[int]], cfg: AcceptanceBenchConfi
     return responses
 
 
+def tree_name(width: int, lookup: int) -> str:
+    return str(width) if lookup == 0 else f"{width}+lookup{lookup}"
+
+
 def suite_tau(engine, sequences, cfg: AcceptanceBenchConfig, depth: int) -> dict[str, dict[str, float]]:
-    """{width: {budget: tau}} over the sequences' responses."""
+    """{tree_name: {budget: tau}} over the sequences' responses."""
     from jetspec_trt.train.acceptance import anchor_candidates, truth_tokens
     from jetspec_trt.train.features import FeatureStore
+    from jetspec_trt.tree.lookup import context_lookup
     from jetspec_trt.tree.simulate import accepted_drafts, round_lengths
 
     draft = engine.decoder.draft
     store = FeatureStore.build(engine.target, sequences, tuple(draft.spec.target_layer_ids), progress=False,
                                keep_hidden=False, where="device")
-    totals = torch.zeros(len(cfg.widths), len(cfg.budgets), 2, dtype=torch.long)  # (tokens, rounds)
+    trees = [(w, m) for w in cfg.widths for m in cfg.lookups]
+    totals = torch.zeros(len(trees), len(cfg.budgets), 2, dtype=torch.long)  # (tokens, rounds)
     for row, sequence in enumerate(sequences):
         if len(sequence) - 1 <= len(sequence.prompt_ids):
             continue
         logp, ids = anchor_candidates(draft, engine.target, store, row, sequence, max(cfg.widths), depth)
         truth = truth_tokens(sequence, depth)
-        for w, width in enumerate(cfg.widths):  # a width's candidates: the first `width` of the widest list
-            accepted = accepted_drafts(logp, ids, truth, cfg.budgets, width, depth)
+        anchors = range(len(sequence.prompt_ids), len(sequence) - 1)
+        for t, (width, lookup) in enumerate(trees):  # a width's candidates: the first `width` of the widest list
+            chains = [context_lookup(sequence.ids, a, lookup) for a in anchors] if lookup else None
+            accepted = accepted_drafts(logp, ids, truth, cfg.budgets, width, depth, chains)
             for b in range(len(cfg.budgets)):
                 emitted = round_lengths(accepted[b])
-                totals[w, b] += torch.tensor([sum(emitted), len(emitted)])
-    return {str(width): {str(budget): round(float(t[0]) / max(1, int(t[1])), 4)
-                         for budget, t in zip(cfg.budgets, totals[w])} for w, width in enumerate(cfg.widths)}
+                totals[t, b] += torch.tensor([sum(emitted), len(emitted)])
+    return {tree_name(*tree): {str(budget): round(float(tot[0]) / max(1, int(tot[1])), 4)
+                               for budget, tot in zip(cfg.budgets, totals[t])} for t, tree in enumerate(trees)}
 
 
 @torch.no_grad()
@@ -107,5 +120,5 @@ def format_summary(result: dict) -> str:
              f"{', '.join(map(str, result['config']['budgets']))}"]
     for suite, row in result["suites"].items():
         for width, taus in row["tau"].items():
-            lines.append(f"  {suite:10s} width {width:>3s}: " + "  ".join(f"{t:.3f}" for t in taus.values()))
+            lines.append(f"  {suite:10s} width {width:>12s}: " + "  ".join(f"{t:.3f}" for t in taus.values()))
     return "\n".join(lines)

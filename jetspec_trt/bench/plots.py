@@ -78,7 +78,7 @@ def plot_acceptance_bench(report: dict, path: Path) -> None:
     for ax, (suite, row) in zip(axes[0], suites.items()):
         for width, taus in row["tau"].items():
             budgets = [int(b) for b in taus]
-            ax.plot(budgets, list(taus.values()), "o-", label=f"width {width}")
+            ax.plot(budgets, list(taus.values()), "s--" if "lookup" in width else "o-", label=f"width {width}")
         ax.set(title=f"{suite} ({row['prompts']} prompts, {row['response_tokens']} tokens)",
                xlabel="tree budget (nodes)", ylabel="tau (simulated, greedy)", xscale="log")
         ax.minorticks_off()

@@ -31,14 +31,16 @@ def test_simulated_tau_is_the_decode_loops(engine_and_prompts, tmp_path):
     measures (fp32 CPU), counting each last round as far as the response goes."""
     engine_dir, prompts = engine_and_prompts
     cfg = AcceptanceBenchConfig(engine_dir=engine_dir, suites=("mtbench",), num_prompts=3, max_new_tokens=20,
-                                budgets=(1, 4, 32), widths=(2, 4), device="cpu", output_dir=tmp_path, tag="t",
+                                budgets=(1, 4, 32), widths=(2, 4), lookups=(0, 3), device="cpu", output_dir=tmp_path, tag="t",
                                 prompts_file=prompts)
     path = run_acceptance_bench(cfg, command=["test"])
     assert path.name == "acceptance-cpu-t.json" and path.with_suffix(".png").exists()
     result = json.loads(path.read_text())
     row = result["suites"]["mtbench"]
-    assert row["prompts"] == 3 and set(row["tau"]) == {"2", "4"} and set(row["tau"]["2"]) == {"1", "4", "32"}
-    assert row["tau"]["4"]["1"] == 1.0  # budget 1: AR, one token a round
+    assert row["prompts"] == 3 and set(row["tau"]) == {"2", "4", "2+lookup3", "4+lookup3"}
+    assert set(row["tau"]["2"]) == {"1", "4", "32"}
+    assert row["tau"]["4"]["1"] == row["tau"]["4+lookup3"]["1"] == 1.0  # budget 1: AR, one token a round
+    assert all(row["tau"]["2+lookup3"][b] >= row["tau"]["2"][b] - 0.2 for b in ("4", "32"))
     engine = Engine.load(engine_dir, device="cpu")
     depth = result["config"]["max_depth"]
     for budget in (4, 32):
@@ -48,17 +50,20 @@ def test_simulated_tau_is_the_decode_loops(engine_and_prompts, tmp_path):
                                                        tree=TreeConfig(budget, 2, depth)) for t in chunk]
             tokens, rounds = tokens + len(out) - 1, rounds + engine.last_stats.rounds
         assert row["tau"]["2"][str(budget)] == pytest.approx(tokens / rounds, abs=1e-4), budget
-    assert "width   2" in format_summary(result)
+    assert " ".join(format_summary(result).split()).count("width 2+lookup3: 1.000") == 1
 
 
 def test_cli_runs_it_and_refuses_it_without_an_engine(engine_and_prompts, tmp_path, capsys):
     engine_dir, prompts = engine_and_prompts
     code, out, err = invoke_cli(["bench", "--engine", str(engine_dir), "--simulate-widths", "3", "--budgets", "8",
                                  "--suite", "mtbench", "--num-prompts", "1", "--max-new-tokens", "6", "--device",
-                                 "cpu", "--prompts-file", str(prompts), "--output-dir", str(tmp_path)], capsys)
+                                 "cpu", "--prompts-file", str(prompts), "--output-dir", str(tmp_path),
+                                 "--simulate-lookups", "0,4"], capsys)
     assert code == 0, err
-    assert (tmp_path / "acceptance-cpu.json").exists() and "simulated greedy tau" in out
+    assert (tmp_path / "acceptance-cpu.json").exists() and "simulated greedy tau" in out and "3+lookup4" in out
     code, _, err = invoke_cli(["bench", "--simulate-widths", "3"], capsys)
     assert code != 0 and "--simulate-widths needs --engine" in err
     with pytest.raises(JetSpecError, match="widths and budgets must be >= 1"):
         AcceptanceBenchConfig(engine_dir=engine_dir, widths=(0,)).validate()
+    with pytest.raises(JetSpecError, match="lookup chains >= 0"):
+        AcceptanceBenchConfig(engine_dir=engine_dir, lookups=(-1,)).validate()

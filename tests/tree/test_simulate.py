@@ -11,6 +11,7 @@ from jetspec_trt.runtime.decoder import Decoder
 from jetspec_trt.train.acceptance import anchor_candidates, truth_tokens
 from jetspec_trt.train.data import TrainSequence
 from jetspec_trt.train.features import FeatureStore
+from jetspec_trt.tree.lookup import context_lookup
 from jetspec_trt.tree.simulate import accepted_drafts, round_lengths
 from jetspec_trt.tree.tree import build_tree_from_top, depth_top_logp
 from tests.helpers import small_vocab_pair
@@ -81,3 +82,39 @@ def test_simulation_replays_the_decode_loop(tmp_path):
         assert sum(simulated) == len(out) - 1  # every response token after the prefill's, once
         rounds, deep = rounds + len(loop), deep + sum(n > 2 for n in loop)
     assert rounds > 30 and deep > 3  # the comparison covered many rounds, deep ones too
+
+
+def test_context_lookup_copies_what_followed_the_latest_earlier_occurrence():
+    ids = [5, 1, 2, 3, 9, 9, 1, 2, 3, 7, 1, 2]
+    assert context_lookup(ids, 11, 4) == [3, 7, 1, 2]  # "1 2" last seen at 6-7, followed by 3 7 1 2 (up to the anchor)
+    assert context_lookup(ids, 8, 3) == [9, 9, 1]  # "1 2 3" seen at 1-3
+    assert context_lookup(ids, 8, 3, max_ngram=1) == [9, 9, 1]  # "3" seen at 3
+    assert context_lookup(ids, 4, 3) == []  # 9 never occurred before
+    assert context_lookup(ids, 11, 0) == [] and context_lookup([4], 0, 3) == []
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_accepted_drafts_with_a_lookup_chain_equal_the_union_tree(seed):
+    """With a chain, each budget's count is the longest true prefix that is a path of the union of the draft's
+    tree (on the budget's remaining nodes) and the chain's prefixes, checked by brute force."""
+    gen = torch.Generator().manual_seed(seed)
+    anchors, vocab, depth, topk, budgets = 200, 6, 6, 3, (1, 3, 8, 24)
+    logp, ids = depth_top_logp(torch.randn(anchors * depth, vocab, generator=gen) * 2, topk)
+    logp, ids = logp.view(anchors, depth, topk), ids.view(anchors, depth, topk)
+    truth = torch.randint(0, vocab, (anchors, depth), generator=gen)
+    chains = [torch.where(torch.rand(n, generator=gen) < 0.7, truth[a, :n], 0).tolist()
+              for a, n in enumerate(torch.randint(0, 7, (anchors,), generator=gen).tolist())]
+    got = accepted_drafts(logp, ids, truth, budgets, topk, depth, chains)
+    for a in range(anchors):
+        for b, budget in enumerate(budgets):
+            chain = chains[a][: budget - 1]
+            tree = build_tree_from_top(0, logp[a], ids[a], budget - len(chain), topk, depth)
+            paths = {tuple(chain[:i]) for i in range(len(chain) + 1)}
+            stack = [(0, ())]
+            while stack:
+                node, path = stack.pop()
+                paths.add(path)
+                stack += [(child, path + (token,)) for token, child in tree.children[node].items()]
+            expect = max(i for i in range(depth + 1) if tuple(truth[a, :i].tolist()) in paths)
+            assert got[b, a] == expect, (a, budget)
+    assert (got[-1] > accepted_drafts(logp, ids, truth, budgets, topk, depth)[-1]).any()  # the chain mattered
