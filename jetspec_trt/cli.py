@@ -18,7 +18,13 @@ def cli() -> None:
     """Build, run, export and benchmark JetSpec speculative-decoding engines."""
 
 
+LOOKUP_HELP = ("Up to this many of the budget's tree nodes hold a context-lookup chain (what followed the last tokens "
+               "where they occurred before) beside the draft's; 0: none. Runs on the eager decoder (CUDA graphs: "
+               "not yet).")
+
+
 def tree_options(func):
+    func = click.option("--lookup", type=int, default=DEFAULT_TREE.lookup, show_default=True, help=LOOKUP_HELP)(func)
     func = click.option("--max-depth", type=int, default=None, help="Longest drafted branch (<= block_size-1).")(func)
     func = click.option("--topk", type=int, default=DEFAULT_TREE.topk, show_default=True,
                         help="Children per tree node.")(func)
@@ -73,7 +79,7 @@ def tree_options(func):
 @click.option("--calib-max-tokens", type=int, default=512, show_default=True,
               help="--quantize: calibration prompts are cut to this many tokens.")
 @click.option("--calib-device", default=None, help="--quantize: where to calibrate [default: cuda if available].")
-def build(target_dir, draft_dir, output_dir, budget, topk, max_depth, dtype, max_seq_len, overwrite, backend,
+def build(target_dir, draft_dir, output_dir, budget, topk, max_depth, lookup, dtype, max_seq_len, overwrite, backend,
           attention, no_fuse, no_tune, cost_model_device, no_cost_model, no_decode_gemv, no_compile, no_tree_kernel,
           small_m_gemm, no_prefill_graphs, fused_layer_kernels, quantize, fp8_recipe, calib_prompts, calib_samples,
           calib_max_tokens, calib_device):
@@ -97,7 +103,7 @@ def build(target_dir, draft_dir, output_dir, budget, topk, max_depth, dtype, max
                                                                    calib_samples=calib_samples,
                                                                    calib_max_tokens=calib_max_tokens,
                                                                    calib_device=calib_device, **recipe)
-    config = BuildConfig(target_dir, draft_dir, output_dir, TreeConfig(budget, topk, depth), dtype, max_seq_len,
+    config = BuildConfig(target_dir, draft_dir, output_dir, TreeConfig(budget, topk, depth, lookup), dtype, max_seq_len,
                          overwrite=overwrite, fuse=not no_fuse, tune=not no_tune,
                          decode_gemv=not no_decode_gemv, compile_graphs=not no_compile, tree_kernel=not no_tree_kernel,
                          small_m_gemm=small_m_gemm, prefill_graphs=not no_prefill_graphs,
@@ -156,8 +162,9 @@ def run_prompt(engine, prompt: str, max_new_tokens: int, sampling: SamplingConfi
 @click.option("--no-spec", is_flag=True, help="Plain autoregressive decoding.")
 @click.option("--verify", is_flag=True, help="Also decode without speculation and compare the outputs.")
 @click.option("--budget", type=int, default=None, help="Override the engine's tree budget (<= the built one).")
+@click.option("--lookup", type=int, default=None, help=LOOKUP_HELP + " [default: the engine's]")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
-def run(engine_dir, prompt, max_new_tokens, temperature, top_p, seed, chat, no_spec, verify, budget, device):
+def run(engine_dir, prompt, max_new_tokens, temperature, top_p, seed, chat, no_spec, verify, budget, lookup, device):
     """Generate text from an engine, streaming; print tokens/s, tau and the acceptance histogram."""
     from jetspec_trt.runtime.engine import Engine
 
@@ -167,11 +174,14 @@ def run(engine_dir, prompt, max_new_tokens, temperature, top_p, seed, chat, no_s
         raise JetSpecError(f"--temperature must be >= 0, got {temperature}")
     engine = Engine.load(engine_dir, device=device)
     tree = None
-    if budget is not None:
+    if budget is not None or lookup is not None:
         built = engine.runtime.tree
+        budget = built.budget if budget is None else budget
         if not 1 <= budget <= built.budget:
             raise JetSpecError(f"--budget must be in 1..{built.budget} (the engine was built for {built.budget})")
-        tree = TreeConfig(budget, built.topk, built.max_depth)
+        tree = TreeConfig(budget, built.topk, built.max_depth, built.lookup if lookup is None else lookup)
+        if budget > 1:
+            tree.validate(engine.runtime.block_size)
     sampling = SamplingConfig(temperature, top_p, seed)
     if not run_prompt(engine, prompt, max_new_tokens, sampling, not no_spec, chat, verify, tree):
         sys.exit(1)

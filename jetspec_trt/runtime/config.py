@@ -16,6 +16,12 @@ class TreeConfig:
     budget: int = 256  # tree nodes verified per round, root included (1 = autoregressive)
     topk: int = 7  # children per node (tree width); the paper's runs use 7
     max_depth: int = 15  # drafted tokens on the longest branch, <= block_size - 1
+    # Up to this many of the budget's nodes hold a context-lookup chain (tree/lookup.py: what followed the last
+    # 1-3 tokens where they occurred before) beside the draft's best-first nodes, which get the rest. 0: none.
+    # Simulated on the CPU (bench --simulate-lookups, docs/benchmarks.md): 6 nodes of 16 took the committed head's
+    # HumanEval tau from 1.84 to 3.5. The eager reference Decoder (and the scheduler) build such trees; the CUDA
+    # graph decoder does not yet, so an engine on CUDA serves them eagerly.
+    lookup: int = 0
 
     def validate(self, block_size: int) -> None:
         if self.budget < 1:
@@ -24,6 +30,9 @@ class TreeConfig:
             raise JetSpecError(f"topk must be >= 1, got {self.topk}")
         if not 1 <= self.max_depth <= block_size - 1:
             raise JetSpecError(f"max_depth must be in 1..{block_size - 1} (block_size - 1), got {self.max_depth}")
+        if not 0 <= self.lookup <= min(self.max_depth, self.budget - 1):
+            raise JetSpecError(f"lookup must be in 0..{min(self.max_depth, self.budget - 1)} (at most max_depth and "
+                               f"budget - 1 nodes), got {self.lookup}")
 
     @property
     def draft_depth(self) -> int:

@@ -487,17 +487,17 @@ class GraphDecoder:
         return stage.out["logits"][0]
 
     @staticmethod
-    def handles(sampling: SamplingConfig, logprobs: bool = False) -> bool:
+    def handles(sampling: SamplingConfig, logprobs: bool = False, tree: TreeConfig | None = None) -> bool:
         """Whether the graphs run this request: greedy or sampled (temperature, top-p, seed), with no banned tokens,
-        no top-k and no log probabilities (those run on the eager Decoder)."""
-        return not sampling.banned_token_ids and not sampling.top_k and not logprobs
+        no top-k, no log probabilities and no context-lookup chain in its tree (those run on the eager Decoder)."""
+        return not sampling.banned_token_ids and not sampling.top_k and not logprobs and not (tree and tree.lookup)
 
     def prepare(self, request: DecodeRequest) -> None:
         """Capture the request's graphs (a tree bucket's stages, or the AR step, in its sampling mode) on first use,
         then set its sampling values and seed: all outside the timings."""
-        if not self.handles(request.sampling, request.logprobs):
-            raise JetSpecError("the graph decoder takes no banned tokens, top-k or log probabilities: "
-                               "those requests run on the eager Decoder")
+        if not self.handles(request.sampling, request.logprobs, request.tree if request.speculative else None):
+            raise JetSpecError("the graph decoder takes no banned tokens, top-k, log probabilities or context "
+                               "lookup: those requests run on the eager Decoder")
         sampling = request.sampling
         mode = sampling.mode
         self.prefill_stage(len(request.prompt_ids), request.speculative)

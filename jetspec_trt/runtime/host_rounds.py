@@ -21,7 +21,8 @@ import torch
 from jetspec_trt.plugins.tree_attention import causal_mask
 from jetspec_trt.runtime.backend import DecodeRequest, RoundResult
 from jetspec_trt.tree.accept import accept, next_token, token_logprobs
-from jetspec_trt.tree.tree import DraftTree, build_tree
+from jetspec_trt.tree.lookup import context_lookup
+from jetspec_trt.tree.tree import DraftTree, build_tree, with_chain
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,8 @@ class HostRounds:
         self._generator = torch.Generator(logits.device).manual_seed(seed) if seed is not None else None
         self._length = len(request.prompt_ids)  # committed tokens: the anchor's position
         self._anchor = next_token(logits, request.sampling, self._generator)
+        # The committed text and the anchor, for context-lookup chains (request.tree.lookup)
+        self._context = list(request.prompt_ids) + [self._anchor] if request.tree.lookup else []
         if request.logprobs:
             self.logprobs = token_logprobs(logits[None], [self._anchor], request.sampling)
         return self._anchor
@@ -67,9 +70,12 @@ class HostRounds:
         return self.tree_inputs(self.draft_tree(depth_logits) if depth_logits is not None else None)
 
     def draft_tree(self, depth_logits: torch.Tensor) -> DraftTree:
-        """The request's best-first tree (of its own budget) from the draft's per-depth logits at the anchor."""
+        """The request's best-first tree (of its own budget) from the draft's per-depth logits at the anchor, with
+        its context-lookup chain (tree.lookup nodes at most) on as many of the budget's nodes as the chain has."""
         tree = self._request.tree
-        return build_tree(self._anchor, depth_logits, tree.budget, tree.topk, tree.max_depth)
+        chain = context_lookup(self._context, len(self._context) - 1, tree.lookup) if tree.lookup else []
+        return with_chain(build_tree(self._anchor, depth_logits, tree.budget - len(chain), tree.topk, tree.max_depth),
+                          chain)
 
     def tree_inputs(self, draft_tree: DraftTree | None) -> RoundInputs:
         """The round's inputs for `draft_tree` at the anchor (None: an AR step)."""
@@ -91,6 +97,8 @@ class HostRounds:
         self._commit(path, position)
         self._length += len(path)
         self._anchor = emitted[-1]
+        if self._context:
+            self._context += emitted
         return RoundResult(emitted, drafted, len(path) - 1)
 
     def finish(self) -> None:

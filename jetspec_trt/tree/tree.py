@@ -108,6 +108,35 @@ def build_tree_from_top(anchor: int, top_logp: torch.Tensor, top_ids: torch.Tens
         depths.append(depth)
         children.append({})
         scores.append(score)
+    return _tree(tokens, parents, depths, children, scores)
+
+
+def with_chain(tree: DraftTree, chain: list[int]) -> DraftTree:
+    """`tree` with `chain` (e.g. a context lookup, tree/lookup.py) as a path from the root: the chain follows the
+    tree's nodes while they hold its tokens (siblings never repeat a token: the acceptance walk moves by token), and
+    the rest of it becomes new nodes after the tree's own, so parents still come before children. The new nodes
+    score -inf: the draft gave them no probability, so DraftTree.expected_accepted counts nothing for them."""
+    tokens, parents, depths = tree.tokens.tolist(), tree.parents.tolist(), tree.depths.tolist()
+    scores = tree.scores.tolist()
+    children = [dict(kids) for kids in tree.children]
+    node = 0
+    for token in chain:
+        child = children[node].get(token)
+        if child is None:
+            child = len(tokens)
+            children[node][token] = child
+            tokens.append(token)
+            parents.append(node)
+            depths.append(depths[node] + 1)
+            children.append({})
+            scores.append(float("-inf"))
+        node = child
+    return tree if len(tokens) == tree.size else _tree(tokens, parents, depths, children, scores)
+
+
+def _tree(tokens: list[int], parents: list[int], depths: list[int], children: list[dict[int, int]],
+          scores: list[float]) -> DraftTree:
+    """The DraftTree of these per-node lists (parents before children), its ancestor matrix built here."""
     n = len(tokens)
     ancestors = torch.zeros(n, n, dtype=torch.bool)
     for i in range(n):

@@ -46,12 +46,18 @@ def test_build_and_run_verify(pair, tmp_path, capsys):
     manifest = json.loads((engine / "manifest.json").read_text())
     runtime = json.loads((engine / "runtime_config.json").read_text())
     assert manifest["dtype"] == "float32" and len(manifest["sources"]["target"]["sha256"]["model.safetensors"]) == 64
-    assert runtime["tree"] == {"budget": 16, "topk": 3, "max_depth": 7}
+    assert runtime["tree"] == {"budget": 16, "topk": 3, "max_depth": 7, "lookup": 0}
     assert (engine / "target" / "tokenizer.json").is_file() and (engine / "draft" / "model.safetensors").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["engine"]  # no staging leftovers
     code, out, err = invoke(["run", str(engine), "--prompt", "hello", "--max-new-tokens", "20", "--verify"], capsys)
     assert code == 0, err
     assert "lossless check: IDENTICAL" in err and "tau" in err
+    # a context-lookup chain in the trees, asked for at run time: still lossless
+    code, out, err = invoke(["run", str(engine), "--prompt", "hello", "--max-new-tokens", "20", "--verify",
+                             "--lookup", "4"], capsys)
+    assert code == 0 and "lossless check: IDENTICAL" in err, err
+    code, out, err = invoke(["run", str(engine), "--prompt", "hello", "--lookup", "16"], capsys)
+    assert code == 2 and "lookup must be in 0..7" in err and len(err.strip().splitlines()) == 1
 
 
 def test_runtime_flags_reach_the_runtime_config(pair, tmp_path, capsys):
@@ -151,7 +157,8 @@ def test_bad_pair_one_line_exit_2_nothing_written(case, pair, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra,message", [(["--max-depth", "9"], "max_depth"), (["--budget", "0"], "budget"),
-                                           (["--max-seq-len", "999999"], "max_position_embeddings")])
+                                           (["--max-seq-len", "999999"], "max_position_embeddings"),
+                                           (["--lookup", "8"], "lookup must be in 0..7")])
 def test_bad_options(extra, message, pair, tmp_path, capsys):
     code, out, err = invoke(build_args(pair / "target", pair / "draft", tmp_path / "engine", *extra), capsys)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1

@@ -200,3 +200,15 @@ def test_bucketed_prefill_samples_as_the_unpadded_one(pair):
                         for d in (padded, unpadded)]
                 assert runs[0] == runs[1], (n, sampling, speculative)
     assert {size for size, _ in unpadded._prefills} == {1, 33, 100}
+
+
+def test_context_lookup_trees_are_left_to_the_eager_decoder(pair):
+    """The graphs build draft-only trees: a request whose tree carries a lookup chain is not theirs (Engine then
+    serves it on the eager Decoder), and preparing one anyway is refused."""
+    greedy = SamplingConfig()
+    assert GraphDecoder.handles(greedy, False, TreeConfig(16, 4, 5)) and GraphDecoder.handles(greedy)
+    assert not GraphDecoder.handles(greedy, False, TreeConfig(16, 4, 5, lookup=3))
+    target, draft = pair
+    decoder = GraphDecoder(target, draft, tiny_runtime(draft))
+    with pytest.raises(JetSpecError, match="context lookup"):
+        next(iter(decoder.generate([1, 2, 3], 4, tree=TreeConfig(16, 4, 5, lookup=3))))

@@ -83,3 +83,20 @@ def test_stream_yields_per_round_and_stats(pair):
     assert len(chunks) == stats.rounds + 1  # prefill's token, then one chunk per round
     assert stats.tau > 4  # a perfect draft with depth 7 emits up to 8 tokens per round
     assert sum(stats.histogram().values()) == stats.rounds
+
+
+def test_context_lookup_trees_are_lossless_and_their_chains_get_accepted(pair):
+    """Trees with a context-lookup branch (TreeConfig.lookup): greedy output equals AR's on 60 prompts x budgets,
+    and on these looping random-model outputs the chains carry accepted tokens the draft alone does not."""
+    target, draft = pair
+    decoder = Decoder(target, draft, tiny_runtime(draft, TreeConfig(64, 4, 7)))
+    gained = 0
+    for i, prompt in enumerate(prompts(60, seed=5)):
+        reference = decode(decoder, prompt, 24, speculative=False)
+        for budget, lookup in ((4, 2), (16, 6), (64, 7)):
+            plain = decode(decoder, prompt, 24, tree=TreeConfig(budget, 4, 7))
+            plain_accepted = decoder.stats.accepted_drafts
+            out = decode(decoder, prompt, 24, tree=TreeConfig(budget, 4, 7, lookup))
+            assert out == plain == reference, f"prompt {i} budget {budget} lookup {lookup}"
+            gained += decoder.stats.accepted_drafts > plain_accepted
+    assert gained >= 20

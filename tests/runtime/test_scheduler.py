@@ -48,7 +48,8 @@ JOBS = [
     Job([5, 9, 200, 31, 7], 30, at=0, tree=TreeConfig(16, 4, 5)),
     Job([42], 6, at=0, speculative=False),
     Job(list(range(60, 100)), 25, at=1, tree=TreeConfig(64, 4, 7)),
-    Job([3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3], 9, at=3, tree=TreeConfig(4, 2, 3)),
+    # a context-lookup chain in its tree: the repeated prompt gives it one every round
+    Job([3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3, 3], 9, at=3, tree=TreeConfig(4, 2, 3, lookup=2)),
     Job([250, 1, 17, 88, 120, 33, 2], 20, at=3, tree=TreeConfig(1, 4, 7)),  # budget 1: AR steps
 ]
 
@@ -310,6 +311,7 @@ def test_cancel_frees_pages_at_once(pair):
     (dict(max_new=0), "max_new_tokens must be >= 1"),
     (dict(prompt=[1] * 200, max_new=50), "request needs 17 KV pages; the pool has 12"),
     (dict(tree=TreeConfig(16, 4, 9)), "max_depth must be in 1..7"),
+    (dict(tree=TreeConfig(16, 4, 5, lookup=6)), r"lookup must be in 0..5 \(at most max_depth and budget - 1"),
 ])
 def test_bad_requests_are_refused_without_disturbing_running_ones(pair, change, message):
     """(e) A bad request raises JetSpecError with a one-line message when added; the running ones go on."""

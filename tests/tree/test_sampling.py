@@ -13,6 +13,7 @@ import torch
 
 import jetspec_trt.runtime.host_rounds as host_rounds_module
 from jetspec_trt.plugins.tree_attention import causal_mask
+from jetspec_trt.runtime.config import TreeConfig
 from jetspec_trt.runtime.decoder import Decoder
 from jetspec_trt.runtime.graph_decoder import GraphDecoder
 from jetspec_trt.tree.accept import (SamplingConfig, choose_tokens, next_token, target_probs, tempered_logits,
@@ -243,3 +244,12 @@ def test_tensor_walk_over_sampled_choices_matches_target(sampling):
     assert chi_square_p(samples, law) > 1e-3
     samples, law = tensor_walk_samples(False, sampling, 4000)
     assert chi_square_p(samples, law) < 1e-3
+
+
+def test_speculative_sampling_with_a_context_lookup_chain_matches_target(pair):
+    """Trees carrying a context-lookup branch (TreeConfig.lookup) still sample exactly from the target."""
+    target, draft, runtime = pair
+    tree = TreeConfig(16, 2, 3, lookup=2)
+    p_value, _ = speculative_p_value(Decoder(target, draft, dataclasses.replace(runtime, tree=tree)),
+                                     SamplingConfig(1.0, 1.0))
+    assert p_value > 1e-3

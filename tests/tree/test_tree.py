@@ -90,3 +90,26 @@ def test_a_budget_b_tree_reads_b_minus_1_depths(budget):
     assert depth == min(15, budget - 1)
     cut, full = build_tree(1, logits[:depth], budget, 3, 15), build_tree(1, logits, budget, 3, 15)
     assert torch.equal(cut.tokens, full.tokens) and torch.equal(cut.parents, full.parents)
+
+
+def test_with_chain_follows_the_tree_then_appends_and_never_repeats_a_sibling():
+    from jetspec_trt.tree.tree import with_chain
+
+    tree = build_tree(99, random_logits(4, seed=1), 12, 3, 4)
+    first, second = int(tree.tokens[1]), next(iter(tree.children[1]))  # a depth-1 node and one of its children
+    chain = [first, second, 7777, 8888]
+    merged = with_chain(tree, chain)
+    assert merged.size == tree.size + 2  # the first two chain tokens were nodes already
+    assert torch.equal(merged.tokens[: tree.size], tree.tokens) and merged.tokens[-2:].tolist() == [7777, 8888]
+    node = 0
+    for token in chain:  # the chain is a path from the root
+        node = merged.children[node][token]
+    assert merged.depths[node] == 4 and int(merged.parents[node]) == tree.size
+    assert set(torch.nonzero(merged.ancestors[node]).flatten().tolist()) == {0, 1, tree.children[1][second],
+                                                                              tree.size, tree.size + 1}
+    assert torch.equal(unpack_mask(merged.packed_mask(), merged.size), merged.ancestors)
+    assert torch.isinf(merged.scores[-2:]).all() and merged.expected_accepted()[-1] == tree.expected_accepted()[-1]
+    for i in range(merged.size):  # siblings hold distinct tokens
+        kids = [j for j in range(merged.size) if int(merged.parents[j]) == i]
+        assert len({int(merged.tokens[j]) for j in kids}) == len(kids)
+    assert with_chain(tree, []) is tree and with_chain(tree, [first]) is tree
