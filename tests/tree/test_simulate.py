@@ -58,12 +58,13 @@ def test_round_lengths_chain_the_anchors():
     assert round_lengths(torch.tensor([], dtype=torch.long)) == []
 
 
-def test_simulation_replays_the_decode_loop(tmp_path):
+@pytest.mark.parametrize("lookup", [0, 2])
+def test_simulation_replays_the_decode_loop(tmp_path, lookup):
     """fp32 greedy: the rounds simulated from the head's teacher-forced candidates over the loop's own output emit
     exactly what the loop's rounds emitted, round for round (a 5-token vocabulary, so trees accept often), up to
-    the token limit's cut of the last round."""
+    the token limit's cut of the last round; with context-lookup chains in the trees too."""
     target, draft, runtime = small_vocab_pair(tmp_path)
-    tree = TreeConfig(16, 2, 3)
+    tree = TreeConfig(16, 2, 3, lookup)
     decoder = Decoder(target, draft, runtime)
     rounds = deep = 0
     for seed in range(6):
@@ -74,8 +75,9 @@ def test_simulation_replays_the_decode_loop(tmp_path):
         store = FeatureStore.build(target, [sequence], tuple(draft.spec.target_layer_ids), progress=False,
                                    keep_hidden=False)
         logp, ids = anchor_candidates(draft, target, store, 0, sequence, tree.topk, tree.max_depth)
+        chains = [context_lookup(sequence.ids, a, lookup) for a in range(len(prompt), len(sequence) - 1)]
         accepted = accepted_drafts(logp, ids, truth_tokens(sequence, tree.max_depth), (tree.budget,), tree.topk,
-                                   tree.max_depth)
+                                   tree.max_depth, chains if lookup else None)
         simulated = round_lengths(accepted[0])
         # The loop counts its last round before the token limit cut it; the replay holds only the tokens written.
         assert simulated[:-1] == loop[:-1] and simulated[-1] <= loop[-1], seed
