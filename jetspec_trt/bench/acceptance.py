@@ -82,7 +82,7 @@ def suite_tau(engine, sequences, cfg: AcceptanceBenchConfig, depth: int) -> dict
         anchors = range(len(sequence.prompt_ids), len(sequence) - 1)
         for t, (width, lookup) in enumerate(trees):  # a width's candidates: the first `width` of the widest list
             chains = [context_lookup(sequence.ids, a, lookup) for a in anchors] if lookup else None
-            accepted = accepted_drafts(logp, ids, truth, cfg.budgets, width, depth, chains)
+            accepted = accepted_drafts(logp, ids, truth, cfg.budgets, width, depth, chains, lookup)
             for b in range(len(cfg.budgets)):
                 emitted = round_lengths(accepted[b])
                 totals[t, b] += torch.tensor([sum(emitted), len(emitted)])

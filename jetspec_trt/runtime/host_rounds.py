@@ -70,12 +70,14 @@ class HostRounds:
         return self.tree_inputs(self.draft_tree(depth_logits) if depth_logits is not None else None)
 
     def draft_tree(self, depth_logits: torch.Tensor) -> DraftTree:
-        """The request's best-first tree (of its own budget) from the draft's per-depth logits at the anchor, with
-        its context-lookup chain (tree.lookup nodes at most) on as many of the budget's nodes as the chain has."""
+        """The request's best-first tree (of its own budget) from the draft's per-depth logits at the anchor; with
+        tree.lookup, that many of the budget's nodes are kept for the context-lookup chain (as the CUDA graphs'
+        fixed shapes keep them, used or not) and the draft gets the rest."""
         tree = self._request.tree
-        chain = context_lookup(self._context, len(self._context) - 1, tree.lookup) if tree.lookup else []
-        return with_chain(build_tree(self._anchor, depth_logits, tree.budget - len(chain), tree.topk, tree.max_depth),
-                          chain)
+        draft = build_tree(self._anchor, depth_logits, tree.budget - tree.lookup, tree.topk, tree.max_depth)
+        if not tree.lookup:
+            return draft
+        return with_chain(draft, context_lookup(self._context, len(self._context) - 1, tree.lookup))
 
     def tree_inputs(self, draft_tree: DraftTree | None) -> RoundInputs:
         """The round's inputs for `draft_tree` at the anchor (None: an AR step)."""

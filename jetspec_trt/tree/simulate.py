@@ -38,15 +38,16 @@ def true_path_nodes(top_logp: list[list[float]], ranks: list[int], k: int, max_d
 
 
 def accepted_drafts(top_logp: torch.Tensor, top_ids: torch.Tensor, truth: torch.Tensor, budgets: tuple[int, ...],
-                    k: int, max_depth: int, chains: list[list[int]] | None = None) -> torch.Tensor:
+                    k: int, max_depth: int, chains: list[list[int]] | None = None, lookup: int = 0) -> torch.Tensor:
     """[len(budgets), A] drafts a greedy round accepts at each of A anchors, per budget.
 
     top_logp / top_ids [A, D, >= k]: each anchor's candidates per depth, best first (tree.depth_top_logp);
     truth [A, D] long: the token the target wrote at each depth (-1 past the sequence's end).
-    chains: per anchor, a context-lookup chain (tree/lookup.py) that the tree carries as one more branch from the
-    root, on len(chain) of each budget's nodes (the draft's best-first part gets the rest). The tree is then the
-    union of two prefix-closed sets, so a true prefix is in it iff the draft part holds it or it is a prefix of
-    the chain: a round accepts the longer of the two matches."""
+    chains: per anchor, a context-lookup chain (tree/lookup.py) of at most `lookup` tokens that the tree carries as
+    one more branch from the root, on min(lookup, budget - 1) of each budget's nodes kept for it (TreeConfig.lookup:
+    the draft's best-first part gets the rest, chain or not). The tree is then the union of two prefix-closed sets,
+    so a true prefix is in it iff the draft part holds it or it is a prefix of the chain: a round accepts the
+    longer of the two matches."""
     depth = min(max_depth, top_ids.shape[1])
     hits = top_ids[:, :depth, :k] == truth[:, :depth, None]  # [A, D, k]
     ranks = torch.where(hits.any(-1), hits.int().argmax(-1), -1).tolist()
@@ -56,8 +57,9 @@ def accepted_drafts(top_logp: torch.Tensor, top_ids: torch.Tensor, truth: torch.
     for a, (rows, path) in enumerate(zip(logp, ranks, strict=True)):
         chain = chains[a][:depth] if chains is not None else []
         match = next((i for i, (c, t) in enumerate(zip(chain, true[a])) if c != t), min(len(chain), len(true[a])))
-        # per budget: the chain's nodes (at most budget - 1, the root being the anchor) and the draft part's budget
-        cut = [min(len(chain), budget - 1) for budget in budgets]
+        # per budget: the nodes kept for the chain (at most budget - 1, the root being the anchor); the draft part
+        # gets the rest
+        cut = [min(lookup, budget - 1) if chains is not None else 0 for budget in budgets]
         nodes = torch.tensor(true_path_nodes(rows, path, k, depth, max(b - c for b, c in zip(budgets, cut))),
                              dtype=torch.long)
         for b, budget in enumerate(budgets):

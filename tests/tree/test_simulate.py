@@ -77,7 +77,7 @@ def test_simulation_replays_the_decode_loop(tmp_path, lookup):
         logp, ids = anchor_candidates(draft, target, store, 0, sequence, tree.topk, tree.max_depth)
         chains = [context_lookup(sequence.ids, a, lookup) for a in range(len(prompt), len(sequence) - 1)]
         accepted = accepted_drafts(logp, ids, truth_tokens(sequence, tree.max_depth), (tree.budget,), tree.topk,
-                                   tree.max_depth, chains if lookup else None)
+                                   tree.max_depth, chains if lookup else None, lookup)
         simulated = round_lengths(accepted[0])
         # The loop counts its last round before the token limit cut it; the replay holds only the tokens written.
         assert simulated[:-1] == loop[:-1] and simulated[-1] <= loop[-1], seed
@@ -98,7 +98,7 @@ def test_context_lookup_copies_what_followed_the_latest_earlier_occurrence():
 @pytest.mark.parametrize("seed", range(3))
 def test_accepted_drafts_with_a_lookup_chain_equal_the_union_tree(seed):
     """With a chain, each budget's count is the longest true prefix that is a path of the union of the draft's
-    tree (on the budget's remaining nodes) and the chain's prefixes, checked by brute force."""
+    tree (on the nodes the chain does not keep) and the chain's prefixes, checked by brute force."""
     gen = torch.Generator().manual_seed(seed)
     anchors, vocab, depth, topk, budgets = 200, 6, 6, 3, (1, 3, 8, 24)
     logp, ids = depth_top_logp(torch.randn(anchors * depth, vocab, generator=gen) * 2, topk)
@@ -106,11 +106,12 @@ def test_accepted_drafts_with_a_lookup_chain_equal_the_union_tree(seed):
     truth = torch.randint(0, vocab, (anchors, depth), generator=gen)
     chains = [torch.where(torch.rand(n, generator=gen) < 0.7, truth[a, :n], 0).tolist()
               for a, n in enumerate(torch.randint(0, 7, (anchors,), generator=gen).tolist())]
-    got = accepted_drafts(logp, ids, truth, budgets, topk, depth, chains)
+    got = accepted_drafts(logp, ids, truth, budgets, topk, depth, chains, lookup=6)
     for a in range(anchors):
         for b, budget in enumerate(budgets):
-            chain = chains[a][: budget - 1]
-            tree = build_tree_from_top(0, logp[a], ids[a], budget - len(chain), topk, depth)
+            kept = min(6, budget - 1)  # nodes kept for the chain, used or not
+            chain = chains[a][:kept]
+            tree = build_tree_from_top(0, logp[a], ids[a], budget - kept, topk, depth)
             paths = {tuple(chain[:i]) for i in range(len(chain) + 1)}
             stack = [(0, ())]
             while stack:
