@@ -18,9 +18,8 @@ def cli() -> None:
     """Build, run, export and benchmark JetSpec speculative-decoding engines."""
 
 
-LOOKUP_HELP = ("Up to this many of the budget's tree nodes hold a context-lookup chain (what followed the last tokens "
-               "where they occurred before) beside the draft's; 0: none. Runs on the eager decoder (CUDA graphs: "
-               "not yet).")
+LOOKUP_HELP = ("This many of the budget's tree nodes are kept for a context-lookup chain (what followed the last tokens "
+               "where they occurred before) beside the draft's; 0: none.")
 
 
 def tree_options(func):

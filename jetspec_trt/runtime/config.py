@@ -16,11 +16,10 @@ class TreeConfig:
     budget: int = 256  # tree nodes verified per round, root included (1 = autoregressive)
     topk: int = 7  # children per node (tree width); the paper's runs use 7
     max_depth: int = 15  # drafted tokens on the longest branch, <= block_size - 1
-    # Up to this many of the budget's nodes hold a context-lookup chain (tree/lookup.py: what followed the last
-    # 1-3 tokens where they occurred before) beside the draft's best-first nodes, which get the rest. 0: none.
-    # Simulated on the CPU (bench --simulate-lookups, docs/benchmarks.md): 6 nodes of 16 took the committed head's
-    # HumanEval tau from 1.84 to 3.5. The eager reference Decoder (and the scheduler) build such trees; the CUDA
-    # graph decoder does not yet, so an engine on CUDA serves them eagerly.
+    # This many of the budget's nodes are kept for a context-lookup chain (tree/lookup.py: what followed the last
+    # 1-3 committed tokens where they occurred before) beside the draft's best-first nodes, which get the rest;
+    # 0: none. Every decoder builds such trees (the CUDA graphs find and merge the chain on the device). Simulated
+    # on the CPU for the committed head: docs/benchmarks.md, "Acceptance bench". Off until timed on a GPU.
     lookup: int = 0
 
     def validate(self, block_size: int) -> None:

@@ -132,8 +132,7 @@ class Engine:
     ) -> Iterator[list[int]]:
         """Yield each round's new tokens; with `logprobs`, current_stats.token_logprobs holds their log
         probabilities under the target (tree.accept.token_logprobs)."""
-        use_graphs = self.fast is not None and GraphDecoder.handles(
-            sampling, logprobs, (tree or self.runtime.tree) if speculative else None)
+        use_graphs = self.fast is not None and GraphDecoder.handles(sampling, logprobs)
         self._active = self.fast if use_graphs else self.decoder
         if use_graphs:
             yield from self.fast.generate(prompt_ids, max_new_tokens, sampling, speculative, tree)

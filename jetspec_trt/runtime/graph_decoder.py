@@ -65,7 +65,7 @@ from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
 from jetspec_trt.runtime.round_loop import DecodeStats, run_rounds
 from jetspec_trt.tree.accept import SamplingConfig, choose_tokens
 from jetspec_trt.tree.tree_tensors import (TreeTensors, accept_tensors, build_tree_kernels, build_tree_tensors,
-                                          node_count, tree_kernels_support)
+                                          lookup_chain_tensors, node_count, tree_kernels_support, with_chain_tensors)
 
 STAGES = ("draft", "tree", "verify", "accept")
 
@@ -87,6 +87,21 @@ def prefill_buckets(max_seq_len: int, smallest: int = 32) -> tuple[int, ...]:
     return (*buckets, max_seq_len)
 
 
+def with_lookup_chain(tree: TreeTensors, history: torch.Tensor, anchor_pos: torch.Tensor, lookup: int,
+                      max_depth: int) -> tuple[TreeTensors, torch.Tensor]:
+    """A draft tree plus its context-lookup chain of `lookup` slots (tree.tree_tensors.lookup_chain_tensors and
+    with_chain_tensors), and the merged tree's packed mask: the tree stage of a lookup bucket after the draft's
+    tree (of budget - lookup nodes) is built."""
+    chain = lookup_chain_tensors(history, anchor_pos, lookup)
+    merged = with_chain_tensors(tree, chain, max_depth)
+    return merged, pack_mask(merged.ancestors)
+
+
+def round_nodes(tree: TreeConfig) -> int:
+    """Nodes a round of this tree bucket verifies, root included: the draft's, then the lookup chain's slots."""
+    return node_count(tree.budget - tree.lookup, tree.topk, tree.max_depth) + tree.lookup
+
+
 def build_tree_and_mask(anchor: torch.Tensor, depth_logits: torch.Tensor, budget: int, topk: int,
                         max_depth: int) -> tuple[TreeTensors, torch.Tensor]:
     """The tree stage's work: the tree and its packed ancestor mask, in one function so that compiled, the
@@ -104,6 +119,9 @@ class RoundState:
     features: torch.Tensor  # [max_depth+1, n_layers*H]: target features of the last accepted path (padded)
     count: torch.Tensor  # [1] int64: how many rows of `features` are real
     result: torch.Tensor  # [max_depth+2] int64: [accepted length, emitted tokens...] for the host
+    # Trees with a context-lookup chain (TreeConfig.lookup): the committed tokens and the anchor, written by the
+    # prefill and by each round's accept, for the next tree's lookup on the device (the host runs a round ahead).
+    history: torch.Tensor | None = None
 
 
 @dataclass
@@ -222,12 +240,14 @@ class GraphDecoder:
         # bucket, so each compiles once. The per-node choice (choose_tokens) stays eager: a handful of
         # vocabulary-wide kernels, and its draws use a generator.
         self.build_tree, self.accept_path = build_tree_and_mask, accept_tensors
+        self.add_lookup_chain = with_lookup_chain
         self.tree_kernel = runtime.tree_kernel
         if compile_layers:
             compile_model_layers(target.layers)
             compile_model_layers(draft.layers)
             self.build_tree = torch.compile(build_tree_and_mask, dynamic=False, fullgraph=True)
             self.accept_path = torch.compile(accept_tensors, dynamic=False, fullgraph=True)
+            self.add_lookup_chain = torch.compile(with_lookup_chain, dynamic=False, fullgraph=True)
         # Sampling: the request's temperature and top_p as device scalars (graphs read them at replay) and the
         # generator every draw uses, seeded per request (prepare).
         self.temperature = torch.ones((), device=self.device)
@@ -319,14 +339,19 @@ class GraphDecoder:
                 tensor.normal_(0, 1, generator=generator)
 
     # ---- state -------------------------------------------------------------------------------------------
-    def _new_state(self, depth: int) -> RoundState:
+    def _new_state(self, tree: TreeConfig) -> RoundState:
+        depth = tree.max_depth
         width = len(self.capture_layers) * self.target.config.hidden_size
         dtype = self.target.embed_tokens.weight.dtype
+        # history: every slot a cache has, plus the emitted tokens a round writes past its anchor
+        history = (torch.zeros(self.target_cache.capacity + depth + 2, dtype=torch.long, device=self.device)
+                   if tree.lookup else None)
         return RoundState(
             anchor=torch.zeros(1, dtype=torch.long, device=self.device),
             features=torch.zeros(depth + 1, width, dtype=dtype, device=self.device),
             count=torch.zeros(1, dtype=torch.long, device=self.device),
             result=torch.zeros(depth + 2, dtype=torch.long, device=self.device),
+            history=history,
         )
 
     # ---- stages (fixed shapes, no host sync) -----------------------------------------------------------
@@ -354,17 +379,23 @@ class GraphDecoder:
             scratch["depth_logits"] = target.lm_head_rows(hidden[1 : 1 + depth])
 
         def tree_stage() -> None:
-            scratch["tree"], scratch["mask"] = build_tree(state.anchor, scratch["depth_logits"], tree.budget,
-                                                          tree.topk, depth)
+            scratch["tree"], scratch["mask"] = build_tree(state.anchor, scratch["depth_logits"],
+                                                          tree.budget - tree.lookup, tree.topk, depth)
+            if tree.lookup:  # the anchor sits at history[ctx_len]
+                scratch["tree"], scratch["mask"] = self.add_lookup_chain(scratch["tree"], state.history,
+                                                                         tcache.ctx_len, tree.lookup, depth)
 
         def verify_stage() -> None:
             built = scratch["tree"]
             positions = tcache.ctx_len.long() + built.depths
-            scratch["out"] = target(built.tokens, positions, tcache, scratch["mask"], self.capture_layers)
+            tokens = built.tokens.clamp(min=0) if tree.lookup else built.tokens  # dead lookup slots hold -1
+            scratch["out"] = target(tokens, positions, tcache, scratch["mask"], self.capture_layers)
 
         def accept_stage() -> None:
             out = scratch["out"]
             walk = self.accept_path(scratch["tree"], self.choose(out.logits, mode), depth)
+            if tree.lookup:  # the emitted tokens follow the anchor (at ctx_len); past `length` they are never read
+                state.history.scatter_(0, tcache.ctx_len.long() + 1 + offsets_ctx, walk.emitted)
             state.features.copy_(out.features[walk.path])
             state.count.copy_(walk.length)
             tcache.commit_path(walk.path, walk.length)
@@ -393,7 +424,7 @@ class GraphDecoder:
         """The (captured) stages of a tree bucket in a sampling mode; captured once, on first use."""
         key = (tree, mode)
         if key not in self._stages:
-            state = self._new_state(tree.max_depth)
+            state = self._new_state(tree)
             eager = self._make_stages(tree, state, mode)
             restore = self._snapshot()
             self._stages[key] = (state, self._captured({name: eager[name] for name in STAGES}, restore, mode))
@@ -487,17 +518,17 @@ class GraphDecoder:
         return stage.out["logits"][0]
 
     @staticmethod
-    def handles(sampling: SamplingConfig, logprobs: bool = False, tree: TreeConfig | None = None) -> bool:
+    def handles(sampling: SamplingConfig, logprobs: bool = False) -> bool:
         """Whether the graphs run this request: greedy or sampled (temperature, top-p, seed), with no banned tokens,
-        no top-k, no log probabilities and no context-lookup chain in its tree (those run on the eager Decoder)."""
-        return not sampling.banned_token_ids and not sampling.top_k and not logprobs and not (tree and tree.lookup)
+        no top-k and no log probabilities (those run on the eager Decoder)."""
+        return not sampling.banned_token_ids and not sampling.top_k and not logprobs
 
     def prepare(self, request: DecodeRequest) -> None:
         """Capture the request's graphs (a tree bucket's stages, or the AR step, in its sampling mode) on first use,
         then set its sampling values and seed: all outside the timings."""
-        if not self.handles(request.sampling, request.logprobs, request.tree if request.speculative else None):
-            raise JetSpecError("the graph decoder takes no banned tokens, top-k, log probabilities or context "
-                               "lookup: those requests run on the eager Decoder")
+        if not self.handles(request.sampling, request.logprobs):
+            raise JetSpecError("the graph decoder takes no banned tokens, top-k or log probabilities: "
+                               "those requests run on the eager Decoder")
         sampling = request.sampling
         mode = sampling.mode
         self.prefill_stage(len(request.prompt_ids), request.speculative)
@@ -509,9 +540,8 @@ class GraphDecoder:
                 for replay in replays:
                     replay()
 
-            tree = request.tree
             self._round = _Round(state, run, RoundPipeline((state.result, self.target_cache.ctx_len)),
-                                 node_count(tree.budget, tree.topk, tree.max_depth) - 1, mode)
+                                 round_nodes(request.tree) - 1, mode)
         else:
             token, step = self.ar_step(mode)
             self._round = _Round(None, step, RoundPipeline((token, self.target_cache.ctx_len)), 0, mode, token)
@@ -530,6 +560,10 @@ class GraphDecoder:
         if round_.state is not None:
             round_.state.anchor.copy_(first)
             round_.state.count.zero_()
+            if round_.state.history is not None:  # the prompt, then the anchor
+                n = len(request.prompt_ids)
+                round_.state.history[:n].copy_(torch.tensor(request.prompt_ids))
+                round_.state.history[n : n + 1].copy_(first)
         else:
             round_.token.copy_(first)
         round_.committed = len(request.prompt_ids)

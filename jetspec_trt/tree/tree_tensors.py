@@ -163,3 +163,51 @@ def accept_tensors(tree: TreeTensors, choice: torch.Tensor, max_depth: int) -> A
     next_tokens = tree.tokens[path.roll(-1)]
     emitted = torch.where(positions < length - 1, next_tokens, choice[last])
     return AcceptedPath(path, length, emitted)
+
+
+def lookup_chain_tensors(history: torch.Tensor, anchor_pos: torch.Tensor, length: int,
+                         max_ngram: int = 3) -> torch.Tensor:
+    """`tree.lookup.context_lookup` as fixed-shape tensor ops (CUDA graphs): history [S] int64, the committed
+    tokens then the anchor at anchor_pos ([1] int64, on the device); entries past it are ignored. Returns [length]
+    int64: the chain, -1 where it has no token."""
+    device = history.device
+    size = history.shape[0]
+    ends = torch.arange(size, device=device)  # candidate end of an earlier occurrence
+    anchor = anchor_pos.reshape(()).long()
+    best = torch.full((), -1, dtype=torch.long, device=device)  # the chosen occurrence's end (-1: none yet)
+    for n in range(1, max_ngram + 1):  # shortest first: a longer suffix's match overrides
+        match = (ends >= n - 1) & (ends < anchor) & (anchor >= n - 1)
+        for i in range(n):
+            back = (ends - i).clamp(min=0)
+            match &= history[back] == history[(anchor - i).clamp(min=0)]
+        latest = torch.where(match, ends, -1).max()
+        best = torch.where(latest >= 0, latest, best)
+    index = best + 1 + torch.arange(length, device=device)
+    return torch.where((best >= 0) & (index <= anchor), history[index.clamp(max=size - 1)], -1)
+
+
+def with_chain_tensors(tree: TreeTensors, chain: torch.Tensor, max_depth: int) -> TreeTensors:
+    """`tree.tree.with_chain` at fixed shapes: the chain's m tokens ([m] int64, -1 = none) become m more nodes
+    after the tree's N. Chain token i sits at depth i + 1 under the previous one. Where the tree (or an earlier
+    chain node) already holds that token under that parent, the chain follows that node and its own slot is dead:
+    token -1, which no choice ever equals, so the acceptance walk never takes it (the verify embeds it as token 0),
+    under the root so its mask row stays valid. A -1 in the chain kills its slot and the rest."""
+    device = chain.device
+    count = tree.tokens.shape[0]
+    tokens, parents, depths = [tree.tokens], [tree.parents], [tree.depths]
+    parent = torch.zeros((), dtype=torch.long, device=device)  # the chain's current node
+    alive = torch.ones((), dtype=torch.bool, device=device)
+    for i in range(chain.shape[0]):
+        token = chain[i]
+        alive = alive & (token >= 0)
+        all_tokens, all_parents = torch.cat(tokens), torch.cat(parents)
+        ids = torch.arange(all_tokens.shape[0], device=device)
+        held = (all_parents == parent) & (all_tokens == token) & (ids > 0)
+        existing = torch.where(held, ids, all_tokens.shape[0]).min()
+        new = alive & ~held.any()
+        tokens.append(torch.where(new, token, -1).reshape(1))
+        parents.append(torch.where(new, parent, 0).reshape(1))
+        depths.append(torch.where(new, i + 1, 1).reshape(1))
+        parent = torch.where(new, count + i, torch.where(alive, existing, parent))
+    tokens, parents, depths = torch.cat(tokens), torch.cat(parents), torch.cat(depths)
+    return _assemble(tokens[:1], tokens[1:], parents[1:], depths[1:], max_depth)

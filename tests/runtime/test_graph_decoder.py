@@ -9,6 +9,7 @@ from jetspec_trt.errors import JetSpecError
 from jetspec_trt.runtime.config import TreeConfig
 from jetspec_trt.runtime.decoder import Decoder
 from jetspec_trt.runtime.graph_decoder import GraphDecoder, prefill_buckets
+from jetspec_trt.tree.tree_tensors import node_count
 from jetspec_trt.tree.accept import SamplingConfig
 from tests.helpers import check_bucketed_prefill, tiny_pair, tiny_runtime
 
@@ -202,13 +203,22 @@ def test_bucketed_prefill_samples_as_the_unpadded_one(pair):
     assert {size for size, _ in unpadded._prefills} == {1, 33, 100}
 
 
-def test_context_lookup_trees_are_left_to_the_eager_decoder(pair):
-    """The graphs build draft-only trees: a request whose tree carries a lookup chain is not theirs (Engine then
-    serves it on the eager Decoder), and preparing one anyway is refused."""
-    greedy = SamplingConfig()
-    assert GraphDecoder.handles(greedy, False, TreeConfig(16, 4, 5)) and GraphDecoder.handles(greedy)
-    assert not GraphDecoder.handles(greedy, False, TreeConfig(16, 4, 5, lookup=3))
+def test_context_lookup_rounds_equal_the_reference_rounds(pair):
+    """Trees with a context-lookup chain, built on the device (the history the accept stage writes, the lookup and
+    the merge as tensor ops): the same tokens and the same rounds as the eager Decoder's host trees, on prompts
+    whose random-model continuations repeat (the chains get accepted)."""
     target, draft = pair
-    decoder = GraphDecoder(target, draft, tiny_runtime(draft))
-    with pytest.raises(JetSpecError, match="context lookup"):
-        next(iter(decoder.generate([1, 2, 3], 4, tree=TreeConfig(16, 4, 5, lookup=3))))
+    tree = TreeConfig(16, 4, 5, lookup=4)
+    runtime = tiny_runtime(draft, tree)
+    reference, fast = Decoder(target, draft, runtime), GraphDecoder(target, draft, runtime)
+    plain = Decoder(target, draft, tiny_runtime(draft, TreeConfig(16, 4, 5)))
+    gained = 0
+    for seed in range(8):
+        prompt = torch.randint(0, 256, (3 + 4 * seed,), generator=torch.Generator().manual_seed(seed)).tolist()
+        out = list(fast.generate(prompt, 40))
+        assert out == list(reference.generate(prompt, 40)), seed
+        assert fast.stats.emitted_per_round == reference.stats.emitted_per_round, seed
+        assert fast.stats.drafted_tokens == fast.stats.rounds * (node_count(12, 4, 5) - 1 + 4)
+        assert [t for c in out for t in c] == [t for c in plain.generate(prompt, 40) for t in c]  # lossless
+        gained += fast.stats.accepted_drafts > plain.stats.accepted_drafts
+    assert gained >= 3

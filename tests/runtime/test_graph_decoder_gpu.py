@@ -111,3 +111,24 @@ def test_graphed_bucket_prefill_equals_the_eager_prefill(dtype):
                 assert int(got.argmax()) == int(want.argmax()), (n, speculative)
             assert torch.allclose(got, want, atol=logits_atol, rtol=0), (n, speculative)
     assert fast._prefills.keys() == captured.keys() and all(fast._prefills[k] is v for k, v in captured.items())
+
+
+@pytest.mark.parametrize("tree_kernel", [False, True])
+def test_graphed_lookup_rounds_match_eager_rounds(tree_kernel):
+    """Lookup buckets captured and compiled (chain found and merged on the device, one round ahead of the host):
+    fp32, the same tokens and rounds as the eager Decoder's host trees, and AR's tokens."""
+    target, draft, _ = random_models("tiny", "cuda", torch.float32)
+    target.fuse_weights()
+    draft.fuse_weights()
+    tree = TreeConfig(32, 4, 7, lookup=6)
+    runtime = runtime_for(draft, tree, tree_kernel)
+    graphed = GraphDecoder(target, draft, runtime, compile_layers=True)
+    eager = Decoder(target, draft, runtime)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(8):
+        prompt = torch.randint(0, 256, (int(torch.randint(2, 60, (1,), generator=g)),), generator=g).tolist()
+        spec = [t for c in graphed.generate(prompt, 48) for t in c]
+        rounds = graphed.stats.emitted_per_round
+        assert spec == [t for c in eager.generate(prompt, 48) for t in c]
+        assert rounds == eager.stats.emitted_per_round
+        assert spec == [t for c in graphed.generate(prompt, 48, speculative=False) for t in c]

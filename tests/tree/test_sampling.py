@@ -253,3 +253,12 @@ def test_speculative_sampling_with_a_context_lookup_chain_matches_target(pair):
     p_value, _ = speculative_p_value(Decoder(target, draft, dataclasses.replace(runtime, tree=tree)),
                                      SamplingConfig(1.0, 1.0))
     assert p_value > 1e-3
+
+
+def test_fixed_shape_rounds_with_a_lookup_chain_sample_from_the_target(pair):
+    """GraphDecoder's lookup buckets (chain found and merged on the device), stages run eagerly on the CPU."""
+    target, draft, runtime = pair
+    tree = TreeConfig(16, 2, 3, lookup=2)
+    p_value, _ = speculative_p_value(GraphDecoder(target, draft, dataclasses.replace(runtime, tree=tree)),
+                                     SamplingConfig(0.7, 0.9))
+    assert p_value > 1e-3

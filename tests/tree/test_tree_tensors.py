@@ -151,3 +151,64 @@ def test_depth_top_logp_is_the_top_of_log_softmax():
     assert v16.dtype == torch.float32
     torch.testing.assert_close(v16, v32, rtol=0, atol=1e-6)
     assert torch.equal(half.float().gather(1, i16), half.float().gather(1, i32))  # ids may differ only by ties
+
+
+def _paths(tokens, parents) -> set[tuple[int, ...]]:
+    """Every live node's token path from the root (a dead lookup slot, token -1, left out)."""
+    out = set()
+    for i in range(len(tokens)):
+        if tokens[i] < 0:
+            continue
+        path, j = [], i
+        while j > 0:
+            path.append(tokens[j])
+            j = parents[j]
+        out.add(tuple(reversed(path)))
+    return out
+
+
+def test_lookup_chain_tensors_equal_the_host_lookup():
+    import random
+
+    from jetspec_trt.tree.lookup import context_lookup
+    from jetspec_trt.tree.tree_tensors import lookup_chain_tensors
+
+    rng = random.Random(0)
+    found = 0
+    for _ in range(300):
+        ids = [rng.randrange(4) for _ in range(rng.randrange(1, 30))]
+        anchor = rng.randrange(len(ids))
+        history = torch.tensor(ids + [7] * 5)  # past the anchor: never read
+        for length in (1, 3, 6):
+            want = context_lookup(ids, anchor, length)
+            assert lookup_chain_tensors(history, torch.tensor([anchor], dtype=torch.int32), length).tolist() == \
+                want + [-1] * (length - len(want)), (ids, anchor, length)
+            found += bool(want)
+    assert found > 300
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_with_chain_tensors_hold_the_host_merge(seed):
+    """The merged tensor tree holds exactly the host with_chain tree's token paths (its dead slots aside), in
+    draft + chain-length nodes, and its ancestor matrix follows its parents."""
+    from jetspec_trt.tree.tree import with_chain
+    from jetspec_trt.tree.tree_tensors import with_chain_tensors
+
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randn(5, 6, generator=gen) * 2
+    host, device_tree = build_tree(3, logits, 12, 3, 5), build_tree_tensors(torch.tensor([3]), logits, 12, 3, 5)
+    chain = torch.randint(0, 6, (4,), generator=gen)
+    if seed % 3 == 0:
+        chain[2:] = -1
+    listed = chain.tolist()
+    listed = listed[: listed.index(-1)] if -1 in listed else listed
+    merged, reference = with_chain_tensors(device_tree, chain, 5), with_chain(host, listed)
+    assert merged.tokens.shape[0] == device_tree.tokens.shape[0] + 4
+    assert _paths(merged.tokens.tolist(), merged.parents.tolist()) == \
+        _paths(reference.tokens.tolist(), reference.parents.tolist())
+    for i in range(merged.tokens.shape[0]):
+        chain_set, j = {i}, i
+        while j > 0:
+            j = int(merged.parents[j])
+            chain_set.add(j)
+        assert set(torch.nonzero(merged.ancestors[i]).flatten().tolist()) == chain_set
