@@ -98,6 +98,9 @@ def _floats(text: str) -> tuple[float, ...]:
               help="With --engine: tree widths (e.g. 4,7,10,16) whose greedy tau per suite and --budgets is simulated "
                    "from the head's teacher-forced candidates over the target's own outputs (no speculative run; "
                    "any device, the CPU too; JSON + PNG). Speed stays the suite bench's.")
+@click.option("--lookup", type=int, default=0, show_default=True,
+              help="Suite bench: every speculative run's trees keep this many nodes for a context-lookup chain "
+                   "(TreeConfig.lookup; capped at budget - 1).")
 @click.option("--simulate-lookups", default="0", show_default=True,
               help="--simulate-widths: also trees with a context-lookup chain of this many nodes beside the draft's "
                    "(tree/lookup.py), e.g. 0,6: each width without and with it.")
@@ -105,7 +108,7 @@ def bench_command(random_target, budgets, contexts, topk, max_depth, taus, dtype
                   compile_layers, max_seq_len, compare_fused, compare_fp8, output_dir, tag, engine_dir, suites,
                   prompts_file, num_prompts, max_new_tokens, temperatures, batches, batch_modes, batch_graphs, serve_url,
                   clients, serve_model, metrics_url, pass_timeout, device, diagnose_fp32, reference_dir,
-                  compare_max_tokens, simulate_widths, simulate_lookups):
+                  compare_max_tokens, simulate_widths, simulate_lookups, lookup):
     """Measure AR decoding, the split of a speculative round, projected tok/s and HF generate on the GPU.
 
     With --engine: tau and wall-clock speed per prompt suite, budget and temperature (JSON + PNG).
@@ -177,7 +180,7 @@ def bench_command(random_target, budgets, contexts, topk, max_depth, taus, dtype
                                 max_new_tokens=max_new_tokens, budgets=_ints(budgets),
                                 temperatures=_floats(temperatures), device=device, hf_generate=not no_hf,
                                 hf_prompts=hf_prompts, output_dir=output_dir, tag=tag, prompts_file=prompts_file,
-                                diagnose_fp32=diagnose_fp32, topk=topk, max_depth=max_depth)
+                                diagnose_fp32=diagnose_fp32, topk=topk, max_depth=max_depth, lookup=lookup)
         path = run_suite_bench(scfg, command=sys.argv)
         click.echo(format_summary(json.loads(path.read_text())))
         click.echo(f"wrote {path} and {path.with_suffix('.png')}")

@@ -28,8 +28,9 @@
 # the mix has 53,319 and 50000-50063 are scripts/probe_head.py's held-out prompts),
 # PROFILE_STEPS (5: traced steps -> head-*/profile_steps.json; 0 none), SETUP_S (150), ENGINE_BENCH (0; 1 ends with the engine bench at the pair's shape), BUILD_FLAGS (extra build
 # flags for every engine, e.g. --no-prefill-graphs where the idle window's GPU tests showed the captures failing),
-# WIDE_TOPK (unset; e.g. 16: after the benches, the first head's engine benched again greedy with that tree width,
-# ~1.3 min: wall-clock for what `bench --simulate-widths` found in tau).
+# EXTRA_TREES (unset; e.g. "--topk 16;--lookup 6": after the benches, the first head's engine benched again greedy
+# once per ;-separated set of suite-bench tree flags, ~1.3 min each: wall-clock for what `bench --simulate-widths`
+# and `--simulate-lookups` found in tau).
 set -uo pipefail
 WORK=${1:?work dir}
 GEN_S=${2:-150}
@@ -94,12 +95,15 @@ for shape in $LAYERS; do
   hf=0; temps=0
 done
 first=${LAYERS%% *}
-if [ -n "${WIDE_TOPK:-}" ] && [ -d "$WORK/engine-$first" ]; then
-  stage "suite bench, head $first, tree width $WIDE_TOPK"
+IFS=';' read -ra extra_trees <<< "${EXTRA_TREES:-}"
+for flags in "${extra_trees[@]}"; do
+  [ -d "$WORK/engine-$first" ] || break
+  stage "suite bench, head $first, trees $flags"
+  # shellcheck disable=SC2086  # the flags split into words on purpose
   jt bench --engine "$WORK/engine-$first" --prompts-file /tmp/keep/bench-prompts.jsonl \
-     --num-prompts "${BENCH_PROMPTS:-17}" --max-new-tokens 256 --budgets 16,64 --temperatures 0 --topk "$WIDE_TOPK" \
-     --no-hf --output-dir "$WORK/results" --tag "$TAG-$first-topk$WIDE_TOPK"
-fi
+     --num-prompts "${BENCH_PROMPTS:-17}" --max-new-tokens 256 --budgets 16,64 --temperatures 0 $flags \
+     --no-hf --output-dir "$WORK/results" --tag "$TAG-$first$(echo $flags | tr -d ' -')"
+done
 # The head the runs started from, benched in the same lease on the same prompts.
 [ "${BASELINE:-0}" = 1 ] && build_and_bench heads/qwen2.5-coder-0.5b-jetspec base 0 0
 # The engine bench at the pair's shape (random weights): round stages with the torch tree build, the Triton tree

@@ -49,6 +49,7 @@ class SuiteBenchConfig:
     seed: int = 0
     topk: int | None = None
     max_depth: int | None = None
+    lookup: int = 0  # TreeConfig.lookup of every speculative run (capped at budget - 1 and the depth)
     diagnose_fp32: bool = False  # also diagnose divergences on a float32 copy of the target (fits for ~0.5B on GPU)
 
 
@@ -304,7 +305,8 @@ def run_suite_bench(cfg: SuiteBenchConfig, command: list[str] | None = None) -> 
     topk = cfg.topk or getattr(base, "topk", DEFAULT_TREE.topk)
     block = getattr(rt, "block_size", 16)
     depth = min(cfg.max_depth or getattr(base, "max_depth", block - 1), block - 1)
-    trees = {b: TreeConfig(budget=b, topk=topk, max_depth=depth) for b in cfg.budgets}
+    trees = {b: TreeConfig(budget=b, topk=topk, max_depth=depth, lookup=min(cfg.lookup, b - 1, depth))
+             for b in cfg.budgets}
 
     hf_model = None
     if cfg.hf_generate:
@@ -388,7 +390,7 @@ def run_suite_bench(cfg: SuiteBenchConfig, command: list[str] | None = None) -> 
     result = {
         **engine_report_header("suite-bench", engine, cfg.device, type(engine.backend).__name__, command),
         "config": {"suites": list(cfg.suites), "num_prompts": cfg.num_prompts, "max_new_tokens": cfg.max_new_tokens,
-                   "budgets": list(cfg.budgets), "temperatures": list(cfg.temperatures), "topk": topk,
+                   "budgets": list(cfg.budgets), "temperatures": list(cfg.temperatures), "topk": topk, "lookup": cfg.lookup,
                    "max_depth": depth, "seed": cfg.seed, "batch_size": 1, "hf_generate": cfg.hf_generate,
                    "hf_prompts": cfg.hf_prompts,
                    "diagnose_fp32": cfg.diagnose_fp32},

@@ -42,3 +42,16 @@ def test_suite_bench_tiny(tmp_path):
     assert prefill["ar"]["mean"] == pytest.approx(1e3 * sum(e["ar"]["prefill_s"] for e in s["prompts"]) / 2)
     assert path.name == "suites-cpu-test.json" and res["device"] == "cpu" and res["dtype"] == "float32"
     assert res["decoder"] == "Decoder"  # the CPU's (CUDA: GraphDecoder, for sampled runs too)
+
+
+def test_suite_bench_with_lookup_trees_stays_lossless(tmp_path):
+    paths = make_tiny_engine(tmp_path)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"suite": "mtbench", "id": "0", "messages": [{"role": "user", "content": "a b a b"}]})
+                       + "\n")
+    cfg = SuiteBenchConfig(engine_dir=paths.engine, suites=("mtbench",), num_prompts=1, max_new_tokens=24,
+                           budgets=(8,), temperatures=(0.0,), device="cpu", hf_generate=False, lookup=3,
+                           output_dir=tmp_path / "out", prompts_file=prompts)
+    res = json.loads(run_suite_bench(cfg, command=["test"]).read_text())
+    assert res["config"]["lookup"] == 3
+    assert res["suites"]["mtbench"]["lossless"]["identical"] == 1
