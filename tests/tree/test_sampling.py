@@ -246,19 +246,12 @@ def test_tensor_walk_over_sampled_choices_matches_target(sampling):
     assert chi_square_p(samples, law) < 1e-3
 
 
-def test_speculative_sampling_with_a_context_lookup_chain_matches_target(pair):
-    """Trees carrying a context-lookup branch (TreeConfig.lookup) still sample exactly from the target."""
+@pytest.mark.parametrize("backend,sampling", [(Decoder, SamplingConfig(1.0, 1.0)),
+                                              (GraphDecoder, SamplingConfig(0.7, 0.9))], ids=["eager", "graph"])
+def test_sampling_with_a_context_lookup_chain_matches_target(pair, backend, sampling):
+    """Trees carrying a context-lookup branch (TreeConfig.lookup) still sample exactly from the target: the host
+    trees, and GraphDecoder's lookup buckets (chain found and merged on the device; stages eager on the CPU)."""
     target, draft, runtime = pair
     tree = TreeConfig(16, 2, 3, lookup=2)
-    p_value, _ = speculative_p_value(Decoder(target, draft, dataclasses.replace(runtime, tree=tree)),
-                                     SamplingConfig(1.0, 1.0))
-    assert p_value > 1e-3
-
-
-def test_fixed_shape_rounds_with_a_lookup_chain_sample_from_the_target(pair):
-    """GraphDecoder's lookup buckets (chain found and merged on the device), stages run eagerly on the CPU."""
-    target, draft, runtime = pair
-    tree = TreeConfig(16, 2, 3, lookup=2)
-    p_value, _ = speculative_p_value(GraphDecoder(target, draft, dataclasses.replace(runtime, tree=tree)),
-                                     SamplingConfig(0.7, 0.9))
+    p_value, _ = speculative_p_value(backend(target, draft, dataclasses.replace(runtime, tree=tree)), sampling)
     assert p_value > 1e-3

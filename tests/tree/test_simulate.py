@@ -10,6 +10,7 @@ from jetspec_trt.runtime.config import TreeConfig
 from jetspec_trt.runtime.decoder import Decoder
 from jetspec_trt.train.acceptance import anchor_candidates, truth_tokens
 from jetspec_trt.train.data import TrainSequence
+from jetspec_trt.tree.accept import walk as accept_walk
 from jetspec_trt.train.features import FeatureStore
 from jetspec_trt.tree.lookup import context_lookup
 from jetspec_trt.tree.simulate import accepted_drafts, round_lengths
@@ -18,13 +19,9 @@ from tests.helpers import small_vocab_pair
 
 
 def walk(tree, truth: list[int]) -> int:
-    node = accepted = 0
-    for token in truth:
-        node = tree.children[node].get(token)
-        if node is None:
-            break
-        accepted += 1
-    return accepted
+    """Drafts the greedy walk (tree.accept.walk) accepts when the target writes `truth` (-1: past the end)."""
+    return accept_walk(tree, lambda node: truth[int(tree.depths[node])] if tree.depths[node] < len(truth) else -1
+                       ).accepted_drafts
 
 
 @pytest.mark.parametrize("topk,depth", [(1, 4), (3, 6), (7, 15)])
