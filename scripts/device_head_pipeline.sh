@@ -28,7 +28,7 @@
 # the mix has 53,319 and 50000-50063 are scripts/probe_head.py's held-out prompts),
 # PROFILE_STEPS (5: traced steps -> head-*/profile_steps.json; 0 none), SETUP_S (150), ENGINE_BENCH (0; 1 ends with the engine bench at the pair's shape), BUILD_FLAGS (extra build
 # flags for every engine, e.g. --no-prefill-graphs where the idle window's GPU tests showed the captures failing),
-# EXTRA_TREES (unset; e.g. "--topk 16;--lookup 6": after the benches, the first head's engine benched again greedy
+# EXTRA_TREES (unset; e.g. "--lookup 8;--topk 16 --lookup 8": after the benches, the first head's engine benched again greedy
 # once per ;-separated set of suite-bench tree flags, ~1.3 min each: wall-clock for what `bench --simulate-widths`
 # and `--simulate-lookups` found in tau).
 set -uo pipefail
