@@ -179,7 +179,7 @@ def lookup_chain_tensors(history: torch.Tensor, anchor_pos: torch.Tensor, length
         match = (ends >= n - 1) & (ends < anchor) & (anchor >= n - 1)
         for i in range(n):
             back = (ends - i).clamp(min=0)
-            match &= history[back] == history[(anchor - i).clamp(min=0)]
+            match &= history[back] == history[(anchor - i).clamp(min=0).reshape(1)]  # ([1]: no host read, compiled)
         latest = torch.where(match, ends, -1).max()
         best = torch.where(latest >= 0, latest, best)
     index = best + 1 + torch.arange(length, device=device)

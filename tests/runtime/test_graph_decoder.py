@@ -222,3 +222,22 @@ def test_context_lookup_rounds_equal_the_reference_rounds(pair):
         assert [t for c in out for t in c] == [t for c in plain.generate(prompt, 40) for t in c]  # lossless
         gained += fast.stats.accepted_drafts > plain.stats.accepted_drafts
     assert gained >= 3
+
+
+def test_lookup_tree_stage_compiles_whole_and_equals_eager():
+    """The lookup bucket's tree-stage step, compiled as the CUDA engines compile it (fullgraph: no host read of
+    a data-dependent index), gives the eager result."""
+    from jetspec_trt.runtime.graph_decoder import with_lookup_chain
+    from jetspec_trt.tree.tree_tensors import build_tree_tensors
+
+    gen = torch.Generator().manual_seed(0)
+    tree = build_tree_tensors(torch.tensor([3]), torch.randn(5, 8, generator=gen), 12, 3, 5)
+    history = torch.randint(0, 4, (64,), generator=gen)
+    compiled = torch.compile(with_lookup_chain, dynamic=False, fullgraph=True)
+    for anchor in (20, 41):
+        position = torch.tensor([anchor], dtype=torch.int32)
+        (want, want_mask), (got, got_mask) = (with_lookup_chain(tree, history, position, 4, 5),
+                                              compiled(tree, history, position, 4, 5))
+        assert torch.equal(want.tokens, got.tokens) and torch.equal(want.parents, got.parents)
+        assert torch.equal(want.ancestors, got.ancestors) and torch.equal(want_mask, got_mask)
+        assert (want.tokens[-4:] >= 0).any()  # a chain was found and merged
