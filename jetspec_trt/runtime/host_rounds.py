@@ -21,7 +21,7 @@ import torch
 from jetspec_trt.plugins.tree_attention import causal_mask
 from jetspec_trt.runtime.backend import DecodeRequest, RoundResult
 from jetspec_trt.tree.accept import accept, next_token, token_logprobs
-from jetspec_trt.tree.lookup import context_lookup
+from jetspec_trt.tree.lookup import ContextIndex
 from jetspec_trt.tree.tree import DraftTree, build_tree, with_chain
 
 
@@ -48,8 +48,9 @@ class HostRounds:
         self._generator = torch.Generator(logits.device).manual_seed(seed) if seed is not None else None
         self._length = len(request.prompt_ids)  # committed tokens: the anchor's position
         self._anchor = next_token(logits, request.sampling, self._generator)
-        # The committed text and the anchor, for context-lookup chains (request.tree.lookup)
-        self._context = list(request.prompt_ids) + [self._anchor] if request.tree.lookup else []
+        # The committed text and the anchor, indexed for context-lookup chains (request.tree.lookup)
+        lookup = request.speculative and request.tree.lookup
+        self._context = ContextIndex(list(request.prompt_ids) + [self._anchor]) if lookup else None
         if request.logprobs:
             self.logprobs = token_logprobs(logits[None], [self._anchor], request.sampling)
         return self._anchor
@@ -77,7 +78,7 @@ class HostRounds:
         draft = build_tree(self._anchor, depth_logits, tree.budget - tree.lookup, tree.topk, tree.max_depth)
         if not tree.lookup:
             return draft
-        return with_chain(draft, context_lookup(self._context, len(self._context) - 1, tree.lookup))
+        return with_chain(draft, self._context.lookup(tree.lookup))
 
     def tree_inputs(self, draft_tree: DraftTree | None) -> RoundInputs:
         """The round's inputs for `draft_tree` at the anchor (None: an AR step)."""
@@ -99,8 +100,8 @@ class HostRounds:
         self._commit(path, position)
         self._length += len(path)
         self._anchor = emitted[-1]
-        if self._context:
-            self._context += emitted
+        if self._context is not None:
+            self._context.extend(emitted)
         return RoundResult(emitted, drafted, len(path) - 1)
 
     def finish(self) -> None:

@@ -12,7 +12,7 @@ from jetspec_trt.train.acceptance import anchor_candidates, truth_tokens
 from jetspec_trt.train.data import TrainSequence
 from jetspec_trt.tree.accept import walk as accept_walk
 from jetspec_trt.train.features import FeatureStore
-from jetspec_trt.tree.lookup import context_lookup
+from jetspec_trt.tree.lookup import context_lookup, lookup_chains
 from jetspec_trt.tree.simulate import accepted_drafts, round_lengths
 from jetspec_trt.tree.tree import build_tree_from_top, depth_top_logp
 from tests.helpers import small_vocab_pair
@@ -72,7 +72,7 @@ def test_simulation_replays_the_decode_loop(tmp_path, lookup):
         store = FeatureStore.build(target, [sequence], tuple(draft.spec.target_layer_ids), progress=False,
                                    keep_hidden=False)
         logp, ids = anchor_candidates(draft, target, store, 0, sequence, tree.topk, tree.max_depth)
-        chains = [context_lookup(sequence.ids, a, lookup) for a in range(len(prompt), len(sequence) - 1)]
+        chains = lookup_chains(sequence.ids, len(prompt), lookup)
         accepted = accepted_drafts(logp, ids, truth_tokens(sequence, tree.max_depth), (tree.budget,), tree.topk,
                                    tree.max_depth, chains if lookup else None, lookup)
         simulated = round_lengths(accepted[0])
@@ -90,6 +90,8 @@ def test_context_lookup_copies_what_followed_the_latest_earlier_occurrence():
     assert context_lookup(ids, 8, 3, max_ngram=1) == [9, 9, 1]  # "3" seen at 3
     assert context_lookup(ids, 4, 3) == []  # 9 never occurred before
     assert context_lookup(ids, 11, 0) == [] and context_lookup([4], 0, 3) == []
+    # one index extended anchor by anchor gives what a fresh index at each anchor gives
+    assert lookup_chains(ids, 2, 4) == [context_lookup(ids, a, 4) for a in range(2, len(ids) - 1)]
 
 
 @pytest.mark.parametrize("seed", range(3))
