@@ -63,31 +63,17 @@ def tree_name(width: int, lookup: int) -> str:
 
 
 def suite_tau(engine, sequences, cfg: AcceptanceBenchConfig, depth: int) -> dict[str, dict[str, float]]:
-    """{tree_name: {budget: tau}} over the sequences' responses."""
-    from jetspec_trt.train.acceptance import anchor_candidates, truth_tokens
+    """{tree_name: {budget: tau}} over the sequences' responses (train/acceptance.simulated_tau)."""
+    from jetspec_trt.train.acceptance import simulated_tau
     from jetspec_trt.train.features import FeatureStore
-    from jetspec_trt.tree.lookup import context_lookup
-    from jetspec_trt.tree.simulate import accepted_drafts, round_lengths
 
     draft = engine.decoder.draft
     store = FeatureStore.build(engine.target, sequences, tuple(draft.spec.target_layer_ids), progress=False,
                                keep_hidden=False, where="device")
-    trees = [(w, m) for w in cfg.widths for m in cfg.lookups]
-    totals = torch.zeros(len(trees), len(cfg.budgets), 2, dtype=torch.long)  # (tokens, rounds)
-    for row, sequence in enumerate(sequences):
-        if len(sequence) - 1 <= len(sequence.prompt_ids):
-            continue
-        logp, ids = anchor_candidates(draft, engine.target, store, row, sequence, max(cfg.widths), depth)
-        truth = truth_tokens(sequence, depth)
-        anchors = range(len(sequence.prompt_ids), len(sequence) - 1)
-        for t, (width, lookup) in enumerate(trees):  # a width's candidates: the first `width` of the widest list
-            chains = [context_lookup(sequence.ids, a, lookup) for a in anchors] if lookup else None
-            accepted = accepted_drafts(logp, ids, truth, cfg.budgets, width, depth, chains, lookup)
-            for b in range(len(cfg.budgets)):
-                emitted = round_lengths(accepted[b])
-                totals[t, b] += torch.tensor([sum(emitted), len(emitted)])
-    return {tree_name(*tree): {str(budget): round(float(tot[0]) / max(1, int(tot[1])), 4)
-                               for budget, tot in zip(cfg.budgets, totals[t])} for t, tree in enumerate(trees)}
+    trees = tuple((w, m) for w in cfg.widths for m in cfg.lookups)
+    taus = simulated_tau(draft, engine.target, store, list(range(len(sequences))), sequences, cfg.budgets, depth,
+                         trees)
+    return {tree_name(*tree): tau for tree, tau in zip(trees, taus, strict=True)}
 
 
 @torch.no_grad()

@@ -20,6 +20,7 @@ from jetspec_trt.models.target import TargetModel
 from jetspec_trt.train.data import TrainSequence
 from jetspec_trt.train.features import FeatureStore, to_device
 from jetspec_trt.train.objective import BlockBatch, block_hidden
+from jetspec_trt.tree.lookup import lookup_chains
 from jetspec_trt.tree.simulate import accepted_drafts, round_lengths
 from jetspec_trt.tree.tree import depth_top_logp
 
@@ -60,18 +61,26 @@ def truth_tokens(sequence: TrainSequence, depth: int) -> torch.Tensor:
 
 
 def simulated_tau(head: DraftHead, target: TargetModel, store: FeatureStore, rows: list[int],
-                  sequences: list[TrainSequence], budgets: tuple[int, ...], topk: int, max_depth: int,
-                  autocast=contextlib.nullcontext) -> dict[str, float]:
-    """{str(budget): tau} of greedy rounds over the response of every store row in `rows` (sequences[i] is
-    rows[i]'s sequence), trees of width `topk` and depth <= max_depth (the engine's TreeConfig)."""
+                  sequences: list[TrainSequence], budgets: tuple[int, ...], max_depth: int,
+                  trees: tuple[tuple[int, int], ...], autocast=contextlib.nullcontext) -> list[dict[str, float]]:
+    """Per tree (width, lookup nodes: TreeConfig.topk and .lookup), {str(budget): tau} of greedy rounds over the
+    response of every store row in `rows` (sequences[i] is rows[i]'s sequence), depth <= max_depth. One head pass
+    and one lookup walk per sequence serve every tree: a width's candidates are the first `width` of the widest,
+    a shorter chain the start of the longest."""
     depth = min(max_depth, head.spec.block_size - 1)
-    totals = torch.zeros(len(budgets), 2, dtype=torch.long)  # (tokens, rounds) per budget
+    widest, longest = max(w for w, _ in trees), max(m for _, m in trees)
+    totals = torch.zeros(len(trees), len(budgets), 2, dtype=torch.long)  # (tokens, rounds) per tree and budget
     for row, sequence in zip(rows, sequences, strict=True):
         if len(sequence) - 1 <= len(sequence.prompt_ids):
             continue
-        logp, ids = anchor_candidates(head, target, store, row, sequence, topk, depth, autocast)
-        accepted = accepted_drafts(logp, ids, truth_tokens(sequence, depth), budgets, topk, depth)
-        for b in range(len(budgets)):
-            emitted = round_lengths(accepted[b])
-            totals[b] += torch.tensor([sum(emitted), len(emitted)])
-    return {str(budget): round(float(t[0]) / max(1, int(t[1])), 4) for budget, t in zip(budgets, totals)}
+        logp, ids = anchor_candidates(head, target, store, row, sequence, widest, depth, autocast)
+        truth = truth_tokens(sequence, depth)
+        chains = lookup_chains(sequence.ids, len(sequence.prompt_ids), longest) if longest else []
+        for t, (width, lookup) in enumerate(trees):
+            cut = [chain[:lookup] for chain in chains] if lookup else None
+            accepted = accepted_drafts(logp, ids, truth, budgets, width, depth, cut, lookup)
+            for b in range(len(budgets)):
+                emitted = round_lengths(accepted[b])
+                totals[t, b] += torch.tensor([sum(emitted), len(emitted)])
+    return [{str(budget): round(float(tot[0]) / max(1, int(tot[1])), 4) for budget, tot in zip(budgets, per_tree)}
+            for per_tree in totals]

@@ -452,7 +452,7 @@ class Trainer:
         tree = TreeConfig()
         tau = None if not simulate else simulated_tau(
             self.head, self.target, self.store, self.heldout_rows, [self.sequences[r] for r in self.heldout_rows],
-            TAU_BUDGETS, tree.topk, tree.max_depth, self._autocast)
+            TAU_BUDGETS, tree.max_depth, ((tree.topk, 0),), self._autocast)[0]
         self.head.train(was_training)
         per_depth = (agree / total.clamp(min=1)).tolist()
         return {
