@@ -18,8 +18,8 @@ def cli() -> None:
     """Build, run, export and benchmark JetSpec speculative-decoding engines."""
 
 
-LOOKUP_HELP = ("This many of the budget's tree nodes are kept for a context-lookup chain (what followed the last tokens "
-               "where they occurred before) beside the draft's; 0: none.")
+LOOKUP_HELP = ("This many of the budget's tree nodes are kept for a context-lookup chain (what followed the last "
+               "tokens where they occurred before) beside the draft's; 0: none.")
 
 
 def tree_options(func):
@@ -178,9 +178,9 @@ def run(engine_dir, prompt, max_new_tokens, temperature, top_p, seed, chat, no_s
         budget = built.budget if budget is None else budget
         if not 1 <= budget <= built.budget:
             raise JetSpecError(f"--budget must be in 1..{built.budget} (the engine was built for {built.budget})")
-        tree = TreeConfig(budget, built.topk, built.max_depth, built.lookup if lookup is None else lookup)
-        if budget > 1:
-            tree.validate(engine.runtime.block_size)
+        lookup = 0 if budget == 1 else built.lookup if lookup is None else lookup  # budget 1: AR, nothing drafted
+        tree = TreeConfig(budget, built.topk, built.max_depth, lookup)
+        tree.validate(engine.runtime.block_size)
     sampling = SamplingConfig(temperature, top_p, seed)
     if not run_prompt(engine, prompt, max_new_tokens, sampling, not no_spec, chat, verify, tree):
         sys.exit(1)

@@ -390,7 +390,8 @@ def run_suite_bench(cfg: SuiteBenchConfig, command: list[str] | None = None) -> 
     result = {
         **engine_report_header("suite-bench", engine, cfg.device, type(engine.backend).__name__, command),
         "config": {"suites": list(cfg.suites), "num_prompts": cfg.num_prompts, "max_new_tokens": cfg.max_new_tokens,
-                   "budgets": list(cfg.budgets), "temperatures": list(cfg.temperatures), "topk": topk, "lookup": cfg.lookup,
+                   "budgets": list(cfg.budgets), "temperatures": list(cfg.temperatures), "topk": topk,
+                   "lookup": cfg.lookup,
                    "max_depth": depth, "seed": cfg.seed, "batch_size": 1, "hf_generate": cfg.hf_generate,
                    "hf_prompts": cfg.hf_prompts,
                    "diagnose_fp32": cfg.diagnose_fp32},

@@ -61,6 +61,8 @@ def triton_kernel_once(build: Callable[[], Callable]) -> Callable[[], Callable |
             return None
 
     return kernel
+
+
 OP_NAME = "tree_attention"
 
 torch.library.define(

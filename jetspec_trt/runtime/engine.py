@@ -58,8 +58,8 @@ class Engine:
         self.tokenizer = tokenizer
         self.engine_dir = engine_dir
         # How this engine runs here, one line per aspect: "weights" (fused at build, or at load),
-        # "quantization" (FP8 GEMMs, the CPU's FP8 reference, or none) and "kernel_tuning" (tuned launches for this GPU, or
-        # default_launch and why).
+        # "quantization" (FP8 GEMMs, the CPU's FP8 reference, or none) and "kernel_tuning" (tuned launches for this
+        # GPU, or default_launch and why).
         self.summary = summary or {}
         self.last_stats: DecodeStats | None = None
         self._cost_model: CostModel | None = None
