@@ -187,27 +187,30 @@ def lookup_chain_tensors(history: torch.Tensor, anchor_pos: torch.Tensor, length
 
 
 def with_chain_tensors(tree: TreeTensors, chain: torch.Tensor, max_depth: int) -> TreeTensors:
-    """`tree.tree.with_chain` at fixed shapes: the chain's m tokens ([m] int64, -1 = none) become m more nodes
-    after the tree's N. Chain token i sits at depth i + 1 under the previous one. Where the tree (or an earlier
-    chain node) already holds that token under that parent, the chain follows that node and its own slot is dead:
-    token -1, which no choice ever equals, so the acceptance walk never takes it (the verify embeds it as token 0),
-    under the root so its mask row stays valid. A -1 in the chain kills its slot and the rest."""
+    """`tree.tree.with_chain` at fixed shapes: the chain's m >= 1 tokens ([m] int64, -1 = none) become m more nodes
+    after the tree's N. Chain token i sits at depth i + 1 under the previous one. Where the tree already holds
+    the chain's first p tokens as a path from the root, the chain follows that path and its first p slots are
+    dead: token -1, which no choice ever equals, so the acceptance walk never takes it (the verify embeds it as
+    token 0), under the root so its mask row stays valid. A -1 in the chain kills its slot and the rest.
+
+    No loop over the chain (a CUDA graph would hold a chain of dependent kernels per token): a tree node is on
+    the chain's path when it and all its ancestors hold the chain's token at their depth, as in accept_tensors'
+    walk; siblings never repeat a token, so that path is one node per depth, p nodes deep."""
     device = chain.device
-    count = tree.tokens.shape[0]
-    tokens, parents, depths = [tree.tokens], [tree.parents], [tree.depths]
-    parent = torch.zeros((), dtype=torch.long, device=device)  # the chain's current node
-    alive = torch.ones((), dtype=torch.bool, device=device)
-    for i in range(chain.shape[0]):
-        token = chain[i]
-        alive = alive & (token >= 0)
-        all_tokens, all_parents = torch.cat(tokens), torch.cat(parents)
-        ids = torch.arange(all_tokens.shape[0], device=device)
-        held = (all_parents == parent) & (all_tokens == token) & (ids > 0)
-        existing = torch.where(held, ids, all_tokens.shape[0]).min()
-        new = alive & ~held.any()
-        tokens.append(torch.where(new, token, -1).reshape(1))
-        parents.append(torch.where(new, parent, 0).reshape(1))
-        depths.append(torch.where(new, i + 1, 1).reshape(1))
-        parent = torch.where(new, count + i, torch.where(alive, existing, parent))
-    tokens, parents, depths = torch.cat(tokens), torch.cat(parents), torch.cat(depths)
-    return _assemble(tokens[:1], tokens[1:], parents[1:], depths[1:], max_depth)
+    count, length = tree.tokens.shape[0], chain.shape[0]
+    steps = torch.arange(length, device=device)
+    first_dead = torch.where(chain < 0, steps, length).min()
+    valid = steps < first_dead
+    # node n (depth d >= 1) holds the chain's token d - 1; the root is on every path
+    at = (tree.depths - 1).clamp(min=0, max=max(length - 1, 0))
+    holds = (tree.depths == 0) | ((tree.depths <= length) & (tree.tokens == chain[at]) & valid[at])
+    on_path = ~(tree.ancestors & ~holds[None, :]).any(-1)
+    shared = torch.where(on_path, tree.depths, 0).max()  # p: the chain's tokens the tree already holds
+    ids = torch.arange(count, device=device)
+    last = torch.where(on_path & (tree.depths == shared), ids, 0).max()  # where the chain's own nodes hang
+    new = valid & (steps >= shared)
+    tokens = torch.where(new, chain, -1)
+    parents = torch.where(new, torch.where(steps == shared, last, count + steps - 1), 0)
+    depths = torch.where(new, steps + 1, 1)
+    return _assemble(tree.tokens[:1], torch.cat([tree.tokens[1:], tokens]), torch.cat([tree.parents[1:], parents]),
+                     torch.cat([tree.depths[1:], depths]), max_depth)
