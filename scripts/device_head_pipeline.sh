@@ -21,7 +21,8 @@
 # Env: GEN_ATTENTION (auto; sdpa if tests/plugins/test_triton_batch_attention.py fails there), TAG (bench file tag
 # prefix), LAYERS ("1": head shapes to train one after another, each N[xWIDTH][kKV], e.g. "1k14 1"; a depth above
 # the committed head's grows it by identity layers, a WIDTH below its MLP width narrows the MLPs to their
-# strongest neurons, KV heads above its own widen its attention exactly), BENCH_PROMPTS (17), HF_PROMPTS (3),
+# strongest neurons, KV heads above its own widen its attention exactly; "none": no responses, no
+# training, the committed head benched with BASELINE=1 and EXTRA_TREES on its engine: a short lease), BENCH_PROMPTS (17), HF_PROMPTS (3),
 # TEMPS ("0": the first head's bench temperatures, e.g. "0,1"; later heads bench greedy only), BASELINE (0; 1
 # benches the committed head last, on the same prompts), PROMPT_OFFSET (0; runs 3-4 answered prompts from the
 # first 12000 of the mix, run 5 (lost) 12000-27000, run 6 27000-38458, run 7 38500-49262, run 8 0-13833 (a second pass);
@@ -41,6 +42,7 @@ jt() { python3 -m jetspec_trt.cli "$@"; }
 stage() { echo "=== $(date +%T) $*"; }
 mkdir -p "$WORK"
 LAYERS=${LAYERS:-1}
+[ "$LAYERS" = none ] && LAYERS=""  # no head trained: the committed head is benched (BASELINE=1) with EXTRA_TREES
 # Each head's train command ends within TRAIN_S + SETUP_S (train --wall-budget): a slow setup (target load,
 # feature pass, first evaluation) eats into the training instead of running the lease out.
 SETUP_S=${SETUP_S:-150}
@@ -58,8 +60,10 @@ data=(--target "$WORK/qwen" --data /tmp/keep/prompts-mix.jsonl.gz --num-prompts 
       --prompt-offset "${PROMPT_OFFSET:-0}" --max-new-tokens 512 --max-seq-len 2048 --gen-batch-size 1024
       --gen-attention "${GEN_ATTENTION:-auto}"
       --device cuda --quiet)
-stage "regenerate responses (GEN_S=$GEN_S)"
-jt train --output "$WORK/responses" --steps 0 --gen-time-budget "$GEN_S" "${data[@]}" || exit 1
+if [ -n "$LAYERS" ]; then
+  stage "regenerate responses (GEN_S=$GEN_S)"
+  jt train --output "$WORK/responses" --steps 0 --gen-time-budget "$GEN_S" "${data[@]}" || exit 1
+fi
 
 # One head after another, each alone on the GPU for TRAIN_S: two trainings side by side (64 + 73 GB) ran the
 # H200 out of memory on 2026-12-04, and each one's pace, hence its plan, was the other's hostage.
@@ -95,6 +99,10 @@ for shape in $LAYERS; do
   hf=0; temps=0
 done
 first=${LAYERS%% *}
+if [ -z "$first" ] && [ "${BASELINE:-0}" = 1 ]; then  # LAYERS=none: the extra trees bench the committed head
+  build_and_bench heads/qwen2.5-coder-0.5b-jetspec base "$hf" "$temps" && first=base
+  BASELINE=0
+fi
 IFS=';' read -ra extra_trees <<< "${EXTRA_TREES:-}"
 for flags in "${extra_trees[@]}"; do
   [ -d "$WORK/engine-$first" ] || break
