@@ -21,8 +21,9 @@
 # Env: GEN_ATTENTION (auto; sdpa if tests/plugins/test_triton_batch_attention.py fails there), TAG (bench file tag
 # prefix), LAYERS ("1": head shapes to train one after another, each N[xWIDTH][kKV], e.g. "1k14 1"; a depth above
 # the committed head's grows it by identity layers, a WIDTH below its MLP width narrows the MLPs to their
-# strongest neurons, KV heads above its own widen its attention exactly; "none": no responses, no
-# training, the committed head benched with BASELINE=1 and EXTRA_TREES on its engine: a short lease), BENCH_PROMPTS (17), HF_PROMPTS (3),
+# strongest neurons, KV heads above its own widen its attention exactly; "none": no responses, no training, the
+# committed head benched with BASELINE=1 and EXTRA_TREES on its engine: a short lease), BENCH_PROMPTS (17),
+# HF_PROMPTS (3),
 # TEMPS ("0": the first head's bench temperatures, e.g. "0,1"; later heads bench greedy only), BASELINE (0; 1
 # benches the committed head last, on the same prompts), PROMPT_OFFSET (0; runs 3-4 answered prompts from the
 # first 12000 of the mix, run 5 (lost) 12000-27000, run 6 27000-38458, run 7 38500-49262, run 8 0-13833 (a second pass);

@@ -137,6 +137,12 @@ def _assemble(anchor, tokens, parents, depths, max_depth: int) -> TreeTensors:
     return TreeTensors(tokens, parents, depths, ancestors)
 
 
+def held_to_root(tree: TreeTensors, holds: torch.Tensor) -> torch.Tensor:
+    """[N] bool: the nodes that, with every ancestor up to the root, satisfy `holds` ([N] bool): one [N, N] pass
+    over the ancestor matrix instead of a walk down the tree."""
+    return ~(tree.ancestors & ~holds[None, :]).any(-1)
+
+
 @dataclass
 class AcceptedPath:
     path: torch.Tensor  # [max_depth + 1] node ids, root first; entries past `length` repeat the last node
@@ -151,7 +157,7 @@ def accept_tensors(tree: TreeTensors, choice: torch.Tensor, max_depth: int) -> A
     the last path node's choice is the bonus token."""
     is_root = torch.arange(tree.tokens.shape[0], device=choice.device) == 0
     correct = (tree.tokens == choice[tree.parents]) | is_root  # (no host scalar writes: graph capture)
-    accepted = ~(tree.ancestors & ~correct[None, :]).any(-1)
+    accepted = held_to_root(tree, correct)
     slot = torch.where(accepted, tree.depths, max_depth + 1)
     path = torch.zeros(max_depth + 2, dtype=torch.long, device=choice.device)
     path.scatter_(0, slot, torch.arange(tree.tokens.shape[0], device=choice.device))
@@ -202,9 +208,9 @@ def with_chain_tensors(tree: TreeTensors, chain: torch.Tensor, max_depth: int) -
     first_dead = torch.where(chain < 0, steps, length).min()
     valid = steps < first_dead
     # node n (depth d >= 1) holds the chain's token d - 1; the root is on every path
-    at = (tree.depths - 1).clamp(min=0, max=max(length - 1, 0))
+    at = (tree.depths - 1).clamp(min=0, max=length - 1)
     holds = (tree.depths == 0) | ((tree.depths <= length) & (tree.tokens == chain[at]) & valid[at])
-    on_path = ~(tree.ancestors & ~holds[None, :]).any(-1)
+    on_path = held_to_root(tree, holds)
     shared = torch.where(on_path, tree.depths, 0).max()  # p: the chain's tokens the tree already holds
     ids = torch.arange(count, device=device)
     last = torch.where(on_path & (tree.depths == shared), ids, 0).max()  # where the chain's own nodes hang
