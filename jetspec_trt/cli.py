@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -23,7 +24,9 @@ LOOKUP_HELP = ("This many of the budget's tree nodes are kept for a context-look
 
 
 def tree_options(func):
-    func = click.option("--lookup", type=int, default=DEFAULT_TREE.lookup, show_default=True, help=LOOKUP_HELP)(func)
+    func = click.option("--lookup", type=int, default=None,
+                        help=LOOKUP_HELP + f" [default: {DEFAULT_TREE.lookup}, at most the depth and half a budget "
+                                           f"other than {DEFAULT_TREE.budget}]")(func)
     func = click.option("--max-depth", type=int, default=None, help="Longest drafted branch (<= block_size-1).")(func)
     func = click.option("--topk", type=int, default=DEFAULT_TREE.topk, show_default=True,
                         help="Children per tree node.")(func)
@@ -102,6 +105,8 @@ def build(target_dir, draft_dir, output_dir, budget, topk, max_depth, lookup, dt
                                                                    calib_samples=calib_samples,
                                                                    calib_max_tokens=calib_max_tokens,
                                                                    calib_device=calib_device, **recipe)
+    if lookup is None:  # the default tree's chain, fitted to this tree (the tiny pair's heads are 7 deep)
+        lookup = DEFAULT_TREE.fitted(budget, depth).lookup
     config = BuildConfig(target_dir, draft_dir, output_dir, TreeConfig(budget, topk, depth, lookup), dtype, max_seq_len,
                          overwrite=overwrite, fuse=not no_fuse, tune=not no_tune,
                          decode_gemv=not no_decode_gemv, compile_graphs=not no_compile, tree_kernel=not no_tree_kernel,
@@ -161,7 +166,8 @@ def run_prompt(engine, prompt: str, max_new_tokens: int, sampling: SamplingConfi
 @click.option("--no-spec", is_flag=True, help="Plain autoregressive decoding.")
 @click.option("--verify", is_flag=True, help="Also decode without speculation and compare the outputs.")
 @click.option("--budget", type=int, default=None, help="Override the engine's tree budget (<= the built one).")
-@click.option("--lookup", type=int, default=None, help=LOOKUP_HELP + " [default: the engine's]")
+@click.option("--lookup", type=int, default=None,
+              help=LOOKUP_HELP + " [default: the engine's, at most half a smaller --budget]")
 @click.option("--device", default="cpu", show_default=True, help="cpu or cuda.")
 def run(engine_dir, prompt, max_new_tokens, temperature, top_p, seed, chat, no_spec, verify, budget, lookup, device):
     """Generate text from an engine, streaming; print tokens/s, tau and the acceptance histogram."""
@@ -178,8 +184,9 @@ def run(engine_dir, prompt, max_new_tokens, temperature, top_p, seed, chat, no_s
         budget = built.budget if budget is None else budget
         if not 1 <= budget <= built.budget:
             raise JetSpecError(f"--budget must be in 1..{built.budget} (the engine was built for {built.budget})")
-        lookup = 0 if budget == 1 else built.lookup if lookup is None else lookup  # budget 1: AR, nothing drafted
-        tree = TreeConfig(budget, built.topk, built.max_depth, lookup)
+        tree = built.fitted(budget, built.max_depth)  # a smaller budget keeps at most half of it for the lookup
+        if lookup is not None and budget > 1:  # budget 1: AR, nothing drafted
+            tree = dataclasses.replace(tree, lookup=lookup)
         tree.validate(engine.runtime.block_size)
     sampling = SamplingConfig(temperature, top_p, seed)
     if not run_prompt(engine, prompt, max_new_tokens, sampling, not no_spec, chat, verify, tree):
@@ -195,7 +202,8 @@ def run(engine_dir, prompt, max_new_tokens, temperature, top_p, seed, chat, no_s
 @click.option("--workdir", type=click.Path(path_type=Path), default=None, help="--tiny: where the pair is written.")
 @click.option("--prompt", default=None, help="Prompt text (sent through the chat template, except with --tiny).")
 @click.option("--max-new-tokens", type=int, default=None, help="[default: 64 on CPU, 256 on CUDA, 96 with --tiny]")
-@click.option("--budget", type=int, default=None, help="Tree budget [default: 8 on CPU, 16 on CUDA, 64 with --tiny].")
+@click.option("--budget", type=int, default=None,
+              help="Tree budget [default: 8 on CPU, 64 (width 16, lookup 15) on CUDA, 64 with --tiny].")
 @click.option("--device", default=None, help="cpu or cuda [default: cuda if available, else cpu; cpu with --tiny].")
 def quickstart(tiny, target_dir, head_dir, workdir, prompt, max_new_tokens, budget, device):
     """Run the default pair: build (once) its engine, stream an answer, compare with autoregressive decoding.
@@ -222,7 +230,8 @@ def quickstart(tiny, target_dir, head_dir, workdir, prompt, max_new_tokens, budg
         tree = qs.run_tree(device, budget, engine.runtime.tree)
         defaults = qs.DEFAULTS["cuda" if device.startswith("cuda") else "cpu"]
         prompt, chat, max_new_tokens = prompt or qs.REAL_PROMPT, True, max_new_tokens or defaults.max_new_tokens
-        click.echo(f"budget {tree.budget}, top-k {tree.topk}, depth {tree.max_depth}; prompt: {prompt}", err=True)
+        click.echo(f"budget {tree.budget}, top-k {tree.topk}, depth {tree.max_depth}, lookup {tree.lookup}; "
+                   f"prompt: {prompt}", err=True)
     if device and device.startswith("cuda"):  # first-use costs (graph capture, kernel compiles) out of the timing
         engine.generate(prompt, 8, SamplingConfig(), True, chat, tree)
         engine.generate(prompt, 8, SamplingConfig(), False, chat)

@@ -27,27 +27,25 @@ REAL_TARGET = "qwen2.5-coder-0.5b-instruct"
 REAL_HEAD = "qwen2.5-coder-0.5b-jetspec"
 # Sent through the chat template. Asking for code only keeps the answer short (about 40 tokens, then EOS).
 REAL_PROMPT = "Write a Python function that returns the factorial of n. Only code, no explanation."
-# The largest tree a run may ask for: the default tree's budget and top-k, as deep as the head's block allows.
-ENGINE_BUDGET, ENGINE_TOPK = DEFAULT_TREE.budget, DEFAULT_TREE.topk
+# The engine's tree (the largest a run may ask for): the default tree, as deep as the head's block allows.
+ENGINE_TREE = DEFAULT_TREE
 ENGINE_DTYPE = "bfloat16"  # the converted target's own dtype; Engine.load runs it in fp32 on the CPU
-ENGINE_KEY_FORMAT = 1  # bump when what the key covers changes
+ENGINE_KEY_FORMAT = 2  # bump when what the key covers changes (2: the tree's lookup)
 
 
 @dataclass(frozen=True)
 class RunDefaults:
-    budget: int  # tree nodes verified per round
-    max_depth: int  # drafted tokens on the longest branch (each depth is one lm_head row of the draft pass)
+    tree: TreeConfig  # budget, width, depth (each depth is one lm_head row of the draft pass) and lookup chain
     max_new_tokens: int
 
 
 # A CPU verifies a tree at roughly the cost of its tokens, and the draft's lm_head costs one target-vocab row per
-# depth, so the CPU runs a small, shallow tree and a short answer (cached quickstart: about a minute on 2 cores).
-# On the GPU the committed head is fastest at budget 16: 1.04-1.08x our AR per prompt on an H200, against
-# 0.88-0.92x at budget 64, whose ~0.1 extra tokens a round do not pay for the bigger verify
-# (bench/results/suites-nvidia-h200-head-v6.json).
+# depth, so the CPU runs a small, shallow tree without lookup and a short answer (cached quickstart: about a
+# minute on 2 cores). The GPU runs the default tree (runtime/config.py: budget 64, width 16, lookup 15, measured
+# there at 1.57-2.51x our AR on an H200).
 DEFAULTS = {
-    "cpu": RunDefaults(budget=8, max_depth=4, max_new_tokens=64),
-    "cuda": RunDefaults(budget=16, max_depth=DEFAULT_TREE.max_depth, max_new_tokens=256),
+    "cpu": RunDefaults(TreeConfig(budget=8, topk=7, max_depth=4), max_new_tokens=64),
+    "cuda": RunDefaults(DEFAULT_TREE, max_new_tokens=256),
 }
 
 
@@ -87,12 +85,13 @@ def best_device() -> str:
 
 
 def run_tree(device: str, budget: int | None, built: TreeConfig) -> TreeConfig:
-    """The tree a run uses: the device's defaults, `budget` if given (1..the built budget)."""
-    defaults = DEFAULTS["cuda" if device.startswith("cuda") else "cpu"]
-    budget = defaults.budget if budget is None else budget
+    """The tree a run uses: the device's default tree, at `budget` if given (1..the built budget), no deeper than
+    the engine's or than the budget can reach."""
+    tree = DEFAULTS["cuda" if device.startswith("cuda") else "cpu"].tree
+    budget = tree.budget if budget is None else budget
     if not 1 <= budget <= built.budget:
         raise JetSpecError(f"--budget must be in 1..{built.budget}, got {budget}")
-    return TreeConfig(budget, built.topk, max(1, min(defaults.max_depth, built.max_depth, budget - 1)))
+    return tree.fitted(budget, max(1, min(tree.max_depth, built.max_depth, budget - 1)))
 
 
 def check_head(head: Path) -> None:
@@ -109,7 +108,8 @@ def engine_key(target: Path, head: Path) -> str:
         return [(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(directory.iterdir()) if p.is_file()]
 
     record = {"format": ENGINE_KEY_FORMAT, "engine_format": FORMAT_VERSION, "jetspec_trt": __version__,
-              "tree": [ENGINE_BUDGET, ENGINE_TOPK], "dtype": ENGINE_DTYPE, "target": files(target), "head": files(head),
+              "tree": [ENGINE_TREE.budget, ENGINE_TREE.topk, ENGINE_TREE.lookup], "dtype": ENGINE_DTYPE,
+              "target": files(target), "head": files(head),
               "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -123,7 +123,7 @@ def cached_engine(target: Path, head: Path, cache_dir: Path, progress: bool = Tr
     engine = Path(cache_dir) / f"{head.name}-{engine_key(target, head)}"
     if (engine / MANIFEST).is_file():
         return engine, False
-    tree = TreeConfig(ENGINE_BUDGET, ENGINE_TOPK, draft_spec_of(head).max_depth)
+    tree = ENGINE_TREE.fitted(ENGINE_TREE.budget, draft_spec_of(head).max_depth)
     # No cost model: the quickstart decodes one request at a time (the scheduler measures one where it needs it).
     build_engine(BuildConfig(target, head, engine, tree, ENGINE_DTYPE, overwrite=True, progress=progress,
                              cost_model_device=None))

@@ -25,7 +25,7 @@ import hashlib
 import json
 import shutil
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -38,7 +38,7 @@ from jetspec_trt.errors import JetSpecError
 from jetspec_trt.models.checkpoint import SHARD_INDEX, weight_files
 from jetspec_trt.models.fused_layout import LAYOUT_DESCRIPTION, fuse_plan, is_fused
 from jetspec_trt.models.weights import keep_plan, write_weights
-from jetspec_trt.runtime.config import RUNTIME_CONFIG, RuntimeConfig, TreeConfig
+from jetspec_trt.runtime.config import DEFAULT_TREE, RUNTIME_CONFIG, RuntimeConfig, TreeConfig
 from jetspec_trt.runtime.cost_model import COST_MODEL
 from jetspec_trt.staging import check_output, staged_directory
 from jetspec_trt.versions import library_versions
@@ -53,7 +53,7 @@ class BuildConfig:
     target_dir: Path
     draft_dir: Path
     output_dir: Path
-    tree: TreeConfig = field(default_factory=TreeConfig)
+    tree: TreeConfig = DEFAULT_TREE
     dtype: str = "bfloat16"
     max_seq_len: int | None = None  # None: min(4096, the target's max_position_embeddings)
     page_size: int = 64

@@ -18,8 +18,8 @@ class TreeConfig:
     max_depth: int = 15  # drafted tokens on the longest branch, <= block_size - 1
     # This many of the budget's nodes are kept for a context-lookup chain (tree/lookup.py: what followed the last
     # 1-3 committed tokens where they occurred before) beside the draft's best-first nodes, which get the rest;
-    # 0: none. Every decoder builds such trees (the CUDA graphs find and merge the chain on the device). Simulated
-    # on the CPU for the committed head: docs/benchmarks.md, "Acceptance bench". Off until timed on a GPU.
+    # 0: none. Every decoder builds such trees (the CUDA graphs find and merge the chain on the device). 0 here, so
+    # that TreeConfig(budget, topk, depth) is a plain tree at any depth; DEFAULT_TREE below turns it on.
     lookup: int = 0
 
     def validate(self, block_size: int) -> None:
@@ -40,9 +40,22 @@ class TreeConfig:
         bulk of a draft pass on the CPU, would be thrown away)."""
         return min(self.max_depth, self.budget - 1)
 
+    def fitted(self, budget: int, max_depth: int) -> "TreeConfig":
+        """This tree at `budget` nodes and `max_depth` deep, its lookup chain fitted to them: at most the depth
+        and, at another budget than its own, at most half of that budget, so the draft keeps the rest (budget 1:
+        none). On the H200 (head v7) budget 16 with lookup 8 ran 1.45-2.11x our AR, where the CPU simulation had
+        lookup 15, which leaves the draft one node, lose to lookup 8 (docs/benchmarks.md, "Acceptance bench")."""
+        lookup = self.lookup if budget == self.budget else min(self.lookup, budget // 2)
+        return TreeConfig(budget, self.topk, max_depth, min(lookup, max_depth))
 
-# The defaults above, stated once: the CLI's build flags, the benches and the quickstart engine read them here.
-DEFAULT_TREE = TreeConfig()
+
+# The tree an engine is built with, and so what `run` and the Engine API use, unless told otherwise: the CLI's
+# build flags, BuildConfig, the benches and the quickstart (on CUDA) read it here. Measured on an H200 (bf16,
+# greedy, head v7, 10 prompts a suite, 256 tokens; bench/results/suites-nvidia-h200-head-v7-topk16-lookup15.json):
+# budget 64, width 16 and a 15-node lookup chain ran 1.71 / 1.57 / 2.51x our AR on MT-Bench / MATH-500 /
+# HumanEval, against 1.12 / 1.22 / 1.06x at budget 64, width 7 without lookup; every divergence from AR was a
+# bf16 near-tie. (The field defaults above stay a plain tree: the training card's simulated tau uses them.)
+DEFAULT_TREE = TreeConfig(budget=64, topk=16, max_depth=15, lookup=15)
 
 
 @dataclass(frozen=True)

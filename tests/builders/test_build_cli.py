@@ -46,18 +46,44 @@ def test_build_and_run_verify(pair, tmp_path, capsys):
     manifest = json.loads((engine / "manifest.json").read_text())
     runtime = json.loads((engine / "runtime_config.json").read_text())
     assert manifest["dtype"] == "float32" and len(manifest["sources"]["target"]["sha256"]["model.safetensors"]) == 64
-    assert runtime["tree"] == {"budget": 16, "topk": 3, "max_depth": 7, "lookup": 0}
+    # the default 15-node lookup chain, cut to the tiny head's depth (and half a budget other than the default's)
+    assert runtime["tree"] == {"budget": 16, "topk": 3, "max_depth": 7, "lookup": 7}
     assert (engine / "target" / "tokenizer.json").is_file() and (engine / "draft" / "model.safetensors").is_file()
     assert [p.name for p in tmp_path.iterdir()] == ["engine"]  # no staging leftovers
     code, out, err = invoke(["run", str(engine), "--prompt", "hello", "--max-new-tokens", "20", "--verify"], capsys)
     assert code == 0, err
     assert "lossless check: IDENTICAL" in err and "tau" in err
-    # a context-lookup chain in the trees, asked for at run time: still lossless
-    code, out, err = invoke(["run", str(engine), "--prompt", "hello", "--max-new-tokens", "20", "--verify",
-                             "--lookup", "4"], capsys)
-    assert code == 0 and "lossless check: IDENTICAL" in err, err
+    # another context-lookup chain, or none, asked for at run time: still lossless
+    for lookup in ("4", "0"):
+        code, out, err = invoke(["run", str(engine), "--prompt", "hello", "--max-new-tokens", "20", "--verify",
+                                 "--lookup", lookup], capsys)
+        assert code == 0 and "lossless check: IDENTICAL" in err, err
     code, out, err = invoke(["run", str(engine), "--prompt", "hello", "--lookup", "16"], capsys)
     assert code == 2 and "lookup must be in 0..7" in err and len(err.strip().splitlines()) == 1
+
+
+def test_default_engines_carry_the_lookup_tree_and_run_lookup_0_turns_it_off(pair, tmp_path, capsys, monkeypatch):
+    """`build` without tree flags writes the default tree (budget 64, width 16, a lookup chain of 15 nodes, here
+    cut to the tiny head's depth 7), which `run` uses as it is; `run --lookup 0` drops the chain, a smaller
+    `--budget` keeps at most half of it for the chain, and budget 1 drafts nothing. `build --lookup 0` builds none."""
+    from jetspec_trt import cli
+    from jetspec_trt.runtime.config import TreeConfig
+
+    for name, extra in (("engine", []), ("plain", ["--lookup", "0"])):
+        code, _, err = invoke(build_args(pair / "target", pair / "draft", tmp_path / name, "--dtype", "float32",
+                                         "--no-cost-model", *extra), capsys)
+        assert code == 0, err
+    trees = {name: json.loads((tmp_path / name / "runtime_config.json").read_text())["tree"]
+             for name in ("engine", "plain")}
+    assert trees["engine"] == {"budget": 64, "topk": 16, "max_depth": 7, "lookup": 7}
+    assert trees["plain"] == {**trees["engine"], "lookup": 0}
+    used, run_prompt = [], cli.run_prompt
+    monkeypatch.setattr(cli, "run_prompt", lambda *args: used.append(args[-1]) or run_prompt(*args))
+    for extra in ([], ["--lookup", "0"], ["--budget", "8"], ["--budget", "1", "--lookup", "4"]):
+        code, _, err = invoke(["run", str(tmp_path / "engine"), "--prompt", "hello", "--max-new-tokens", "8", *extra],
+                              capsys)
+        assert code == 0, err
+    assert used == [None, TreeConfig(64, 16, 7, lookup=0), TreeConfig(8, 16, 7, lookup=4), TreeConfig(1, 16, 7)]
 
 
 def test_runtime_flags_reach_the_runtime_config(pair, tmp_path, capsys):

@@ -228,7 +228,8 @@ def test_build_orchestration_against_a_recording_stand_in(pair, tmp_path, capsys
     assert (engine / "draft.plan").read_bytes() == b"plan of draft.onnx"
     assert (engine / "tokenizer" / "tokenizer.json").is_file()
     runtime = RuntimeConfig.load(engine)
-    assert runtime.tree == TreeConfig(16, 3, 7) and runtime.max_seq_len == 256
+    # the build's default lookup chain, cut to the tiny head's depth
+    assert runtime.tree == TreeConfig(16, 3, 7, lookup=7) and runtime.max_seq_len == 256
     extras = runtime.extras
     assert extras["backend"] == "tensorrt" and extras["attention"] == "plugin"
     assert extras["plans"] == {"target": "target.plan", "draft": "draft.plan"}
