@@ -98,9 +98,10 @@ def _floats(text: str) -> tuple[float, ...]:
               help="With --engine: tree widths (e.g. 4,7,10,16) whose greedy tau per suite and --budgets is simulated "
                    "from the head's teacher-forced candidates over the target's own outputs (no speculative run; "
                    "any device, the CPU too; JSON + PNG). Speed stays the suite bench's.")
-@click.option("--lookup", type=int, default=0, show_default=True,
+@click.option("--lookup", type=int, default=None,
               help="Suite bench: every speculative run's trees keep this many nodes for a context-lookup chain "
-                   "(TreeConfig.lookup; capped at budget - 1).")
+                   "(TreeConfig.lookup; capped at budget - 1) [default: the engine's, at most half a budget other "
+                   "than the built one].")
 @click.option("--simulate-lookups", default="0", show_default=True,
               help="--simulate-widths: also trees with a context-lookup chain of this many nodes beside the draft's "
                    "(tree/lookup.py), e.g. 0,6: each width without and with it.")

@@ -26,8 +26,9 @@
 # HF_PROMPTS (3),
 # TEMPS ("0": the first head's bench temperatures, e.g. "0,1"; later heads bench greedy only), BASELINE (0; 1
 # benches the committed head last, on the same prompts), PROMPT_OFFSET (0; runs 3-4 answered prompts from the
-# first 12000 of the mix, run 5 (lost) 12000-27000, run 6 27000-38458, run 7 38500-49262, run 8 0-13833 (a second pass);
-# the mix has 53,319 and 50000-50063 are scripts/probe_head.py's held-out prompts),
+# first 12000 of the mix, run 5 (lost) 12000-27000, run 6 27000-38458, run 7 38500-49262, run 8 0-13833 (a second
+# pass), run 9 14000-28186; the mix has 53,319 and 50000-50063 are scripts/probe_head.py's held-out prompts),
+# LR (6e-4: the peak of each run's warmup + cosine; a continued head dips while it warms back up to it),
 # PROFILE_STEPS (5: traced steps -> head-*/profile_steps.json; 0 none), SETUP_S (150), ENGINE_BENCH (0; 1 ends with the engine bench at the pair's shape), BUILD_FLAGS (extra build
 # flags for every engine, e.g. --no-prefill-graphs where the idle window's GPU tests showed the captures failing),
 # EXTRA_TREES (unset; e.g. "--lookup 8;--topk 16 --lookup 8": after the benches, the first head's engine benched again greedy
@@ -77,7 +78,7 @@ for shape in $LAYERS; do
   mkdir -p "$WORK/head-$shape" && cp -r "$WORK/responses/data" "$WORK/head-$shape/"
   jt train --output "$WORK/head-$shape" --init-head heads/qwen2.5-coder-0.5b-jetspec --num-layers "$n" "${opts[@]}" \
      --gen-time-budget 0 --steps 1000000 --time-budget "$TRAIN_S" --wall-budget "$((TRAIN_S + SETUP_S))" \
-     --batch-size 8 --lr 6e-4 --eval-every 400 --profile-steps "${PROFILE_STEPS:-5}" \
+     --batch-size 8 --lr "${LR:-6e-4}" --eval-every 400 --profile-steps "${PROFILE_STEPS:-5}" \
      --save-every 100000 "${data[@]}" > "$WORK/train-$shape.log" 2>&1 || echo "training $shape failed (see $WORK/train-$shape.log)"
 done
 
@@ -85,8 +86,10 @@ done
 # suite: >= 50 greedy AR requests for the per-request tok/s percentiles).
 build_and_bench() {
   stage "build engine, head $2"
+  # No lookup chain in the engine: its suite bench continues the head's history (budgets 16 / 64, width 7, no
+  # lookup since version 3); EXTRA_TREES pass their own trees.
   jt build --target "$WORK/qwen" --draft "$1" --output "$WORK/engine-$2" --budget 256 --topk 7 --max-depth 15 \
-     --dtype bfloat16 --max-seq-len 4096 ${BUILD_FLAGS:-} || return
+     --lookup 0 --dtype bfloat16 --max-seq-len 4096 ${BUILD_FLAGS:-} || return
   stage "suite bench, head $2 (HF generate on $3 prompts a suite, temperatures $4)"
   jt bench --engine "$WORK/engine-$2" --prompts-file /tmp/keep/bench-prompts.jsonl \
      --num-prompts "${BENCH_PROMPTS:-17}" --max-new-tokens 256 --budgets 16,64 --temperatures "$4" \

@@ -49,7 +49,9 @@ class SuiteBenchConfig:
     seed: int = 0
     topk: int | None = None
     max_depth: int | None = None
-    lookup: int = 0  # TreeConfig.lookup of every speculative run (capped at budget - 1 and the depth)
+    # TreeConfig.lookup of every speculative run (capped at budget - 1 and the depth); None: the engine's chain,
+    # fitted to each budget as `run --budget` fits it (TreeConfig.fitted)
+    lookup: int | None = None
     diagnose_fp32: bool = False  # also diagnose divergences on a float32 copy of the target (fits for ~0.5B on GPU)
 
 
@@ -305,7 +307,9 @@ def run_suite_bench(cfg: SuiteBenchConfig, command: list[str] | None = None) -> 
     topk = cfg.topk or getattr(base, "topk", DEFAULT_TREE.topk)
     block = getattr(rt, "block_size", 16)
     depth = min(cfg.max_depth or getattr(base, "max_depth", block - 1), block - 1)
-    trees = {b: TreeConfig(budget=b, topk=topk, max_depth=depth, lookup=min(cfg.lookup, b - 1, depth))
+    built = TreeConfig(getattr(base, "budget", max(cfg.budgets)), topk, depth, getattr(base, "lookup", 0))
+    trees = {b: built.fitted(b, depth) if cfg.lookup is None
+             else TreeConfig(budget=b, topk=topk, max_depth=depth, lookup=min(cfg.lookup, b - 1, depth))
              for b in cfg.budgets}
 
     hf_model = None
@@ -391,7 +395,7 @@ def run_suite_bench(cfg: SuiteBenchConfig, command: list[str] | None = None) -> 
         **engine_report_header("suite-bench", engine, cfg.device, type(engine.backend).__name__, command),
         "config": {"suites": list(cfg.suites), "num_prompts": cfg.num_prompts, "max_new_tokens": cfg.max_new_tokens,
                    "budgets": list(cfg.budgets), "temperatures": list(cfg.temperatures), "topk": topk,
-                   "lookup": cfg.lookup,
+                   "lookup": {b: tree.lookup for b, tree in trees.items()},
                    "max_depth": depth, "seed": cfg.seed, "batch_size": 1, "hf_generate": cfg.hf_generate,
                    "hf_prompts": cfg.hf_prompts,
                    "diagnose_fp32": cfg.diagnose_fp32},

@@ -4,7 +4,7 @@
 # and the committed head (or HEAD_DIR): /tmp/w/engine-float32 for the exact check (every stream must equal its
 # single-request output) and /tmp/w/engine-bfloat16 for the speed (near ties may flip). Skips what exists; a
 # failed build is reported and the other one still built. ~1 min convert + ~40 s a build (no cost model: the
-# server's scheduler runs the fixed budget policy).
+# server's scheduler runs the fixed budget policy). The default tree (budget 64, width 16, lookup 15).
 # usage: bash scripts/device_lease/serve_engines.sh [HEAD_DIR]
 set -uo pipefail
 export PYTHONPATH=$(pwd):/tmp/site PYTHONUNBUFFERED=1
@@ -21,8 +21,8 @@ fi
 for dtype in float32 bfloat16; do
   [ -f "$W/engine-$dtype/runtime_config.json" ] && continue
   echo "=== $(date +%T) build engine-$dtype"
-  python3 -m jetspec_trt.cli build --target "$W/qwen" --draft "$head" --output "$W/engine-$dtype" --budget 256 \
-    --topk 7 --max-depth 15 --dtype "$dtype" --max-seq-len 4096 --no-cost-model --overwrite \
+  python3 -m jetspec_trt.cli build --target "$W/qwen" --draft "$head" --output "$W/engine-$dtype" \
+    --dtype "$dtype" --max-seq-len 4096 --no-cost-model --overwrite \
     || echo "=== build engine-$dtype FAILED"
 done
 echo "=== $(date +%T) done"; ls -d "$W"/engine-*

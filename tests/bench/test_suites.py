@@ -4,6 +4,7 @@ import pytest
 
 from jetspec_trt.bench.suites import SuiteBenchConfig, run_suite_bench
 from jetspec_trt.quickstart import make_tiny_engine
+from jetspec_trt.runtime.config import TreeConfig
 
 
 def test_suite_bench_tiny(tmp_path):
@@ -53,5 +54,19 @@ def test_suite_bench_with_lookup_trees_stays_lossless(tmp_path):
                            budgets=(8,), temperatures=(0.0,), device="cpu", hf_generate=False, lookup=3,
                            output_dir=tmp_path / "out", prompts_file=prompts)
     res = json.loads(run_suite_bench(cfg, command=["test"]).read_text())
-    assert res["config"]["lookup"] == 3
+    assert res["config"]["lookup"] == {"8": 3}
     assert res["suites"]["mtbench"]["lossless"]["identical"] == 1
+
+
+def test_suite_bench_defaults_to_the_engines_lookup_fitted_to_each_budget(tmp_path):
+    paths = make_tiny_engine(tmp_path, tree=TreeConfig(budget=32, topk=4, max_depth=7, lookup=6))
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"suite": "mtbench", "id": "0", "messages": [{"role": "user", "content": "a b a b"}]})
+                       + "\n")
+    cfg = SuiteBenchConfig(engine_dir=paths.engine, suites=("mtbench",), num_prompts=1, max_new_tokens=12,
+                           budgets=(8, 32), temperatures=(0.0,), device="cpu", hf_generate=False,
+                           output_dir=tmp_path / "out", prompts_file=prompts)
+    res = json.loads(run_suite_bench(cfg, command=["test"]).read_text())
+    # the built budget keeps its chain, a smaller one at most half of it (TreeConfig.fitted, as `run --budget`)
+    assert res["config"]["lookup"] == {"8": 4, "32": 6}
+    assert res["suites"]["mtbench"]["lossless"]["identical"] == 2
