@@ -43,8 +43,8 @@ class TreeConfig:
     def fitted(self, budget: int, max_depth: int) -> "TreeConfig":
         """This tree at `budget` nodes and `max_depth` deep, its lookup chain fitted to them: at most the depth
         and, at another budget than its own, at most half of that budget, so the draft keeps the rest (budget 1:
-        none). On the H200 (head v7) budget 16 with lookup 8 ran 1.45-2.11x our AR, where the CPU simulation had
-        lookup 15, which leaves the draft one node, lose to lookup 8 (docs/benchmarks.md, "Acceptance bench")."""
+        none). Why half: at budget 16 a 15-node chain leaves the draft one node and lost to an 8-node chain in the
+        CPU simulation; 8 ran 1.45-2.11x our AR on the H200 (head v7; docs/benchmarks.md, "Acceptance bench")."""
         lookup = self.lookup if budget == self.budget else min(self.lookup, budget // 2)
         return TreeConfig(budget, self.topk, max_depth, min(lookup, max_depth))
 
