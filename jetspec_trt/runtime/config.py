@@ -45,8 +45,12 @@ class TreeConfig:
         and, at another budget than its own, at most half of that budget, so the draft keeps the rest (budget 1:
         none). Why half: at budget 16 a 15-node chain leaves the draft one node and lost to an 8-node chain in the
         CPU simulation; 8 ran 1.45-2.11x our AR on the H200 (head v7; docs/benchmarks.md, "Acceptance bench")."""
-        lookup = self.lookup if budget == self.budget else min(self.lookup, budget // 2)
-        return TreeConfig(budget, self.topk, max_depth, min(lookup, max_depth))
+        return TreeConfig(budget, self.topk, max_depth, min(self.lookup_at(budget), max_depth))
+
+    def lookup_at(self, budget: int) -> int:
+        """The lookup nodes this tree keeps when cut to `budget` nodes (fitted, and the scheduler's cost-model
+        budgets): all at its own budget, else at most half of `budget`."""
+        return self.lookup if budget == self.budget else min(self.lookup, budget // 2)
 
 
 # The tree an engine is built with, and so what `run` and the Engine API use, unless told otherwise: the CLI's

@@ -28,12 +28,18 @@ import torch
 from jetspec_trt.devices import device_name
 from jetspec_trt.dtypes import dtype_name
 from jetspec_trt.errors import JetSpecError
+from jetspec_trt.runtime.config import TreeConfig
+from jetspec_trt.tree.tree import DraftTree, with_chain
 
 COST_MODEL = "cost_model.json"
 
 # Calibration prior: this many predicted accepted drafts, accepted at the draft's own word (scale 1), so the
 # first few rounds move the scale but cannot throw it to 0 or to a huge value.
 CALIBRATION_PRIOR = 4.0
+# A context-lookup chain's own nodes (those the draft's tree does not hold) have no draft probability: they are
+# worth their measured acceptance, accepted over offered, from this prior (one in eight; lease 10's default tree
+# gained tau 1-3 from chains of up to 15 nodes) until rounds have measured it.
+CHAIN_PRIOR_ACCEPTED, CHAIN_PRIOR_OFFERED = 1.0, 8.0
 
 
 def _interpolate(xs: tuple[int, ...], ys: tuple[float, ...], x: float) -> float:
@@ -128,31 +134,86 @@ class BudgetChooser:
     probabilities are not the target's acceptance (over-confident heads, temperature), so they are scaled by one
     measured factor: accepted drafts over predicted ones, summed over this scheduler's rounds. That beats a
     measured tau per budget, which would only be known for the budgets that ran and could not follow a
-    sequence that turns easy or hard; the draft's probabilities do, round by round."""
+    sequence that turns easy or hard; the draft's probabilities do, round by round. A context-lookup chain's own
+    nodes count at their measured acceptance instead (`chain_rate`), see round_curves."""
 
     costs: CostModel
     accepted: float = CALIBRATION_PRIOR
     predicted: float = CALIBRATION_PRIOR
+    chain_accepted: float = CHAIN_PRIOR_ACCEPTED
+    chain_offered: float = CHAIN_PRIOR_OFFERED
 
     @property
     def scale(self) -> float:
         return self.accepted / self.predicted
 
-    def observe(self, predicted: float, accepted: int) -> None:
-        """A verified tree: its predicted accepted drafts (unscaled) and how many the target accepted."""
+    @property
+    def chain_rate(self) -> float:
+        return self.chain_accepted / self.chain_offered
+
+    def observe(self, predicted: float, accepted: int, chain_offered: int = 0, chain_accepted: int = 0) -> None:
+        """A verified tree: its draft nodes' predicted accepted drafts (unscaled) and how many of them the target
+        accepted; its lookup chain's own nodes, offered and accepted."""
         self.predicted += predicted
         self.accepted += accepted
+        self.chain_offered += chain_offered
+        self.chain_accepted += chain_accepted
 
-    def choose(self, curves: list[list[float]], others: int, drafted: bool) -> int:
+    def choose(self, curves: list[list[float]], others: int, drafted: bool,
+               chains: list[list[int] | None] | None = None) -> int:
         """The budget b maximising expected tokens per second of the step. curves[i][j]: expected accepted
-        drafts of speculative sequence i's tree of j + 1 nodes (its length is that tree's size); `others`:
-        sequences taking an AR step anyway; `drafted`: the draft pass has run (its time is spent whatever b is;
-        otherwise b = 1 saves it)."""
+        drafts of speculative sequence i's draft nodes in its round at budget j + 1 (its length is its largest
+        budget); chains[i][j] (None: no chain): its lookup chain's own nodes at that budget; `others`: sequences
+        taking an AR step anyway; `drafted`: the draft pass has run (its time is spent whatever b is; otherwise
+        b = 1 saves it)."""
+        chains = chains or [None] * len(curves)
         best, best_rate = 1, 0.0
         for b in doubling_up_to(max(len(c) for c in curves)):
-            tokens = others + sum(1 + self.scale * c[min(b, len(c)) - 1] for c in curves)
+            tokens = others + sum(1 + self.scale * c[min(b, len(c)) - 1]
+                                  + (self.chain_rate * ch[min(b, len(ch)) - 1] if ch else 0.0)
+                                  for c, ch in zip(curves, chains))
             nodes = others + sum(min(b, len(c)) for c in curves)
             seconds = self.costs.verify_cost(nodes) + (self.costs.draft_cost(len(curves)) if drafted or b > 1 else 0)
             if tokens / seconds > best_rate:
                 best, best_rate = b, tokens / seconds
         return best
+
+
+def _split(draft: DraftTree, chain: list[int], tree: TreeConfig, budget: int) -> tuple[int, int]:
+    """At `budget` (at most the request's own): the chain tokens kept (TreeConfig.lookup_at: all at its own budget,
+    at most half of a smaller one) and the draft's best nodes kept beside them."""
+    kept = min(len(chain), tree.lookup_at(budget))
+    return kept, min(budget - kept, draft.size)
+
+
+def cut_tree(draft: DraftTree, chain: list[int], tree: TreeConfig, budget: int | None) -> tuple[DraftTree | None, int]:
+    """The tree a sequence verifies at a step's budget, and how many of its nodes are the draft's (the rest are
+    its lookup chain's own): an AR step at 1 (no tree), else the draft's best nodes with the chain's first tokens
+    merged in (_split; None or a budget above the request's own: its whole tree), as TreeConfig.fitted cuts the
+    default tree for `run --budget`."""
+    if budget == 1:
+        return None, 0
+    kept, drafted = _split(draft, chain, tree, tree.budget if budget is None else min(budget, tree.budget))
+    return with_chain(draft.prefix(drafted) if drafted < draft.size else draft, chain[:kept]), drafted
+
+
+def round_curves(draft: DraftTree, chain: list[int], tree: TreeConfig) -> tuple[list[float], list[int] | None]:
+    """BudgetChooser.choose's curves of one sequence: per budget b = j + 1 (up to its own), the expected accepted
+    drafts of the draft nodes cut_tree keeps, and (None without a chain) the chain's own nodes there: the chain
+    tokens the kept draft nodes do not hold (siblings never repeat a token, so the chain follows the draft's
+    nodes while they hold it, and a prefix of the draft keeps a path's nodes in order)."""
+    expected = draft.expected_accepted().tolist()
+    if not chain:
+        return expected, None
+    held, node = [], 0  # draft node of chain[: k + 1], while the draft holds the chain
+    for token in chain:
+        node = draft.children[node].get(token)
+        if node is None:
+            break
+        held.append(node)
+    curve, own = [], []
+    for budget in range(1, tree.budget + 1):
+        kept, drafted = _split(draft, chain, tree, budget)
+        curve.append(expected[drafted - 1])
+        own.append(kept - sum(1 for n in held[:kept] if n < drafted))
+    return curve, own

@@ -74,11 +74,14 @@ class HostRounds:
         """The request's best-first tree (of its own budget) from the draft's per-depth logits at the anchor; with
         tree.lookup, that many of the budget's nodes are kept for the context-lookup chain (as the CUDA graphs'
         fixed shapes keep them, used or not) and the draft gets the rest."""
+        return with_chain(*self.draft_parts(depth_logits))
+
+    def draft_parts(self, depth_logits: torch.Tensor) -> tuple[DraftTree, list[int]]:
+        """draft_tree's two parts: the draft's best-first tree of budget - lookup nodes and the context-lookup
+        chain ([] without lookup), for a scheduler that cuts them to a smaller budget (runtime/cost_model.py)."""
         tree = self._request.tree
         draft = build_tree(self._anchor, depth_logits, tree.budget - tree.lookup, tree.topk, tree.max_depth)
-        if not tree.lookup:
-            return draft
-        return with_chain(draft, self._context.lookup(tree.lookup))
+        return draft, self._context.lookup(tree.lookup) if tree.lookup else []
 
     def tree_inputs(self, draft_tree: DraftTree | None) -> RoundInputs:
         """The round's inputs for `draft_tree` at the anchor (None: an AR step)."""

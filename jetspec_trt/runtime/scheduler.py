@@ -19,8 +19,9 @@ that HostRounds.decode_round makes for one sequence between those halves:
 
 Budget policy (SchedulerConfig.budget_policy). "fixed": every round verifies each request's own tree.
 "cost_model": each step one per-sequence budget, at most each request's own, for the most expected tokens per
-second under the engine's measured pass times (runtime/cost_model.py); the trees are the best-first trees cut to
-it (DraftTree.prefix), budget 1 an AR step. Where the sequences' last trees already predict budget 1, the draft
+second under the engine's measured pass times (runtime/cost_model.py); the trees are cut to it (cost_model.cut_tree:
+the draft's best-first nodes, plus a lookup chain's first tokens in at most half of a smaller budget), budget 1
+an AR step. Where the sequences' last trees already predict budget 1, the draft
 pass is skipped (each sequence's new context waits in its pending features for the next one), and it runs again
 to refresh them once the steps since have cost the draft pass over REFRESH_SHARE. The acceptance rule is the
 same, so greedy tokens, and a seeded request's sampled tokens (one target draw per emitted token, tree.accept),
@@ -65,10 +66,10 @@ from jetspec_trt.models.draft import DraftHead
 from jetspec_trt.models.kv_cache import PagedKVCache, PagePool, batch_slots
 from jetspec_trt.models.target import TargetModel
 from jetspec_trt.plugins.tree_attention import causal_mask, load_gpu_kernels
-from jetspec_trt.runtime.backend import DecodeRequest
+from jetspec_trt.runtime.backend import DecodeRequest, RoundResult
 from jetspec_trt.runtime.batch_passes import PaddedPasses, batched_layer_call
 from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
-from jetspec_trt.runtime.cost_model import BudgetChooser, CostModel, doubling_up_to
+from jetspec_trt.runtime.cost_model import BudgetChooser, CostModel, cut_tree, doubling_up_to, round_curves
 from jetspec_trt.runtime.decoder import Decoder
 from jetspec_trt.runtime.host_rounds import RoundInputs
 from jetspec_trt.runtime.round_loop import DecodeStats, TokenLimit, new_request
@@ -161,8 +162,9 @@ class Sequence:
     stats: DecodeStats
     slots: int  # KV slots reserved in each pool it uses
     decoder: SequenceDecoder | None = None  # set on admission
-    # cost_model policy: expected accepted drafts of its last draft's tree per prefix size, and that step
+    # cost_model policy: its last draft's curves per budget (cost_model.round_curves), and that step
     curve: list[float] | None = None
+    chain_curve: list[int] | None = None
     drafted_at: int = 0
 
 
@@ -320,21 +322,38 @@ class Scheduler:
         self._steps += 1
         speculative = [s for s in sequences if s.request.speculative]
         drafting = speculative if self._worth_drafting(speculative, len(sequences) - len(speculative)) else []
-        trees = {s.request_id: s.decoder.draft_tree(logits) for s, logits in zip(drafting, self._draft_pass(drafting))}
-        budget = self._choose_budget(drafting, trees, len(sequences) - len(drafting))
+        parts = {s.request_id: s.decoder.draft_parts(logits) for s, logits in zip(drafting, self._draft_pass(drafting))}
+        budget = self._choose_budget(drafting, parts, len(sequences) - len(drafting))
         if budget is not None and speculative:
             self.budget_steps[budget] += 1
-        inputs = [s.decoder.tree_inputs(_cut(trees.get(s.request_id), budget)) for s in sequences]
+        # each sequence's tree at this budget and how many of its nodes are the draft's (None, 0: an AR step)
+        cuts = [cut_tree(*parts[s.request_id], s.request.tree, budget) if s.request_id in parts else (None, 0)
+                for s in sequences]
+        inputs = [s.decoder.tree_inputs(tree) for s, (tree, _) in zip(sequences, cuts)]
         logits, features = self._verify_pass(sequences, inputs, capture=bool(speculative))
         counts = [i.tokens.numel() for i in inputs]
-        parts = features.split(counts) if features is not None else [None] * len(sequences)
+        features_of = features.split(counts) if features is not None else [None] * len(sequences)
         results = []
-        for sequence, step_inputs, seq_logits, seq_features in zip(sequences, inputs, logits.split(counts), parts):
+        for sequence, step_inputs, (tree, draft_nodes), seq_logits, seq_features in zip(
+                sequences, inputs, cuts, logits.split(counts), features_of):
             sequence.decoder.set_verified(seq_features)
             results.append(result := sequence.decoder.round_result(step_inputs, seq_logits))
-            if self.chooser is not None and step_inputs.tree is not None:
-                self.chooser.observe(sequence.curve[step_inputs.tree.size - 1], result.accepted)
+            if self.chooser is not None and tree is not None:
+                self._observe(sequence, tree, draft_nodes, budget, result)
         return results
+
+    def _observe(self, sequence: Sequence, tree: DraftTree, draft_nodes: int, budget: int | None,
+                 result: RoundResult) -> None:
+        """Calibrate the chooser on a verified tree: its draft nodes' prediction against the accepted ones, and
+        its lookup chain's own nodes (index >= draft_nodes: with_chain puts them after the draft's) offered and
+        accepted."""
+        point = len(sequence.curve) if budget is None else min(budget, len(sequence.curve))
+        node, from_chain = 0, 0
+        for token in result.emitted[: result.accepted]:  # the accepted path, walked by token as accept walks it
+            node = tree.children[node][token]
+            from_chain += node >= draft_nodes
+        offered = sequence.chain_curve[point - 1] if sequence.chain_curve else 0
+        self.chooser.observe(sequence.curve[point - 1], result.accepted - from_chain, offered, from_chain)
 
     # -- the cost_model budget policy ----------------------------------------------------------------------------
 
@@ -349,18 +368,21 @@ class Scheduler:
         costs, since = self.chooser.costs, self._steps - min(s.drafted_at for s in speculative)
         if since * REFRESH_SHARE * costs.verify_cost(len(speculative) + others) >= costs.draft_cost(len(speculative)):
             return True
-        return self.chooser.choose([s.curve for s in speculative], others, drafted=False) > 1
+        return self.chooser.choose([s.curve for s in speculative], others, drafted=False,
+                                   chains=[s.chain_curve for s in speculative]) > 1
 
-    def _choose_budget(self, drafting: list[Sequence], trees: dict[int, DraftTree], others: int) -> int | None:
+    def _choose_budget(self, drafting: list[Sequence], parts: dict[int, tuple[DraftTree, list[int]]],
+                       others: int) -> int | None:
         """The per-sequence budget of this step (None: each request's own tree, the fixed policy)."""
         if self.chooser is None:
             return None
         budget = 1
         if drafting:
             for sequence in drafting:
-                sequence.curve = trees[sequence.request_id].expected_accepted().tolist()
+                sequence.curve, sequence.chain_curve = round_curves(*parts[sequence.request_id], sequence.request.tree)
                 sequence.drafted_at = self._steps
-            budget = self.chooser.choose([s.curve for s in drafting], others, drafted=True)
+            budget = self.chooser.choose([s.curve for s in drafting], others, drafted=True,
+                                         chains=[s.chain_curve for s in drafting])
         return budget
 
     # -- the two batched passes ----------------------------------------------------------------------------------
@@ -415,16 +437,6 @@ class Scheduler:
                                        batched_layer_call([(cache, self._block_mask) for cache in caches]))
         hidden = hidden.view(len(decoders), block_size, -1)
         return [self.target.lm_head(hidden[j, 1 : 1 + s.request.tree.draft_depth]) for j, s in enumerate(sequences)]
-
-
-def _cut(tree: DraftTree | None, budget: int | None) -> DraftTree | None:
-    """The tree a sequence verifies at this step's budget: its own (None), its best `budget` nodes, or no tree
-    (an AR step) at budget 1."""
-    if tree is None or budget is None:
-        return tree
-    if budget == 1:
-        return None
-    return tree.prefix(budget) if budget < tree.size else tree
 
 
 @torch.inference_mode()

@@ -4,9 +4,13 @@ import dataclasses
 import json
 
 import pytest
+import torch
 
 from jetspec_trt.errors import JetSpecError
-from jetspec_trt.runtime.cost_model import COST_MODEL, BudgetChooser, CostModel, doubling_up_to
+from jetspec_trt.runtime.config import TreeConfig
+from jetspec_trt.runtime.cost_model import (COST_MODEL, BudgetChooser, CostModel, cut_tree, doubling_up_to,
+                                            round_curves)
+from jetspec_trt.tree.tree import build_tree
 
 
 def synthetic(verify: dict[int, float], draft: dict[int, float]) -> CostModel:
@@ -49,8 +53,6 @@ def test_json_round_trip_missing_and_malformed_files(tmp_path):
 
 
 def test_matches_only_the_device_and_dtype_it_was_measured_on():
-    import torch
-
     from jetspec_trt.devices import device_name
 
     here = dataclasses.replace(STEEP, device_name=device_name("cpu"))
@@ -89,3 +91,45 @@ def test_calibration_scales_the_drafts_word():
     chooser.observe(predicted=96.0, accepted=0)  # the draft promised much and the target took nothing
     assert chooser.scale == pytest.approx(4 / 100)
     assert chooser.choose([CURVE] * 4, 0, drafted=True) == 1
+
+
+def test_cut_tree_and_round_curves_agree_at_every_budget():
+    """The chooser's curves of a lookup tree (cost_model.round_curves) describe the trees cut_tree verifies: at
+    budget b the draft's best nodes it keeps, the chain's first tokens (all at the tree's own budget, at most
+    half of a smaller one) merged in, and the chain nodes the draft does not hold."""
+    torch.manual_seed(0)
+    tree = TreeConfig(budget=24, topk=3, max_depth=6, lookup=6)
+    logits = torch.randn(6, 12) * 3
+    draft = build_tree(5, logits, tree.budget - tree.lookup, tree.topk, tree.max_depth)
+    best = [int(logits[d].argmax()) for d in range(6)]
+    for chain in ([], best[:2] + [11, 11], best[:6], [11, 10, 9]):  # none, shared then not, all shared, none shared
+        curve, own = round_curves(draft, chain, tree)
+        expected = draft.expected_accepted().tolist()
+        assert (own is None) == (not chain) and len(curve) == (tree.budget if chain else draft.size)
+        assert cut_tree(draft, chain, tree, 1) == (None, 0)
+        for budget in range(2, len(curve) + 1):
+            cut, draft_nodes = cut_tree(draft, chain, tree, budget)
+            kept = len(chain) if budget == tree.budget else min(len(chain), budget // 2)
+            assert draft_nodes == min(budget - kept, draft.size) and cut.size <= budget
+            assert curve[budget - 1] == pytest.approx(expected[draft_nodes - 1])
+            assert cut.size - draft_nodes == (own[budget - 1] if chain else 0)
+            assert torch.equal(cut.tokens[:draft_nodes], draft.tokens[:draft_nodes])
+            node = 0  # the chain's first `kept` tokens are a path from the root
+            for token in chain[:kept]:
+                node = cut.children[node][token]
+        whole, draft_nodes = cut_tree(draft, chain, tree, None)
+        assert draft_nodes == draft.size and whole.size == draft.size + (own[-1] if chain else 0)
+
+
+def test_lookup_chain_nodes_count_at_their_measured_rate():
+    """A chain's own nodes carry no draft probability: the chooser values them at accepted / offered, measured."""
+    chooser = BudgetChooser(FLAT)
+    assert chooser.chain_rate == pytest.approx(1 / 8)
+    linear = synthetic({1: 1.0, 101: 6.0}, {1: 0.0, 8: 0.0})
+    flat_draft = [[0.0] * 8] * 4  # the draft is never right
+    chain = [[0, 0, 0, 1, 2, 3, 4, 4]] * 4
+    assert BudgetChooser(linear).choose(flat_draft, 0, drafted=True, chains=chain) == 1
+    sure_chain = BudgetChooser(linear)
+    sure_chain.observe(predicted=0.0, accepted=0, chain_offered=100, chain_accepted=99)
+    assert sure_chain.chain_rate == pytest.approx(100 / 108)
+    assert sure_chain.choose(flat_draft, 0, drafted=True, chains=chain) == 8

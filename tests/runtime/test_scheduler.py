@@ -16,6 +16,7 @@ from jetspec_trt.errors import JetSpecError
 from jetspec_trt.models.kv_cache import PagePool
 from jetspec_trt.runtime.batch_passes import padded_slots
 from jetspec_trt.runtime.config import TreeConfig
+from jetspec_trt.runtime.cost_model import CHAIN_PRIOR_OFFERED
 from jetspec_trt.runtime.decoder import Decoder
 from jetspec_trt.runtime.scheduler import REFRESH_SHARE, Scheduler, SchedulerConfig
 from jetspec_trt.tree.accept import SamplingConfig
@@ -489,6 +490,26 @@ def test_cost_model_policy_flat_costs_verify_each_request_own_tree(pair):
             got, ref = stats[index], fixed_stats[index]
             assert (got.rounds, got.drafted_tokens, got.accepted_drafts) == (
                 ref.rounds, ref.drafted_tokens, ref.accepted_drafts)
+
+
+@pytest.mark.parametrize("costs", [FLAT, LINEAR], ids=["flat", "linear"])
+def test_cost_model_policy_keeps_lookup_chains(pair, costs):
+    """Lookup trees under the cost model: a budget below a request's own keeps the chain's first tokens
+    (cost_model.cut_tree), the chooser measures what the chain's own nodes bring, and greedy tokens stay each
+    request's own alone. With flat costs every round is the request's own tree, chain included."""
+    target, draft = pair
+    runtime = tiny_runtime(draft, TreeConfig(16, 4, 5))
+    jobs = [dataclasses.replace(job, tree=TreeConfig(16, 4, 5, lookup=4)) for job in JOBS[:2]]
+    jobs.append(Job([7, 8, 9, 7, 8, 9, 7, 8, 9, 7, 8], 24, at=1, tree=TreeConfig(16, 4, 5, lookup=5)))
+    scheduler, streamed, stats, _ = policy_run(pair, costs, jobs)
+    fixed, fixed_stats = run_schedule(Scheduler(target, draft, runtime, SchedulerConfig(40, 3)), jobs)
+    for index, job in enumerate(jobs):
+        assert streamed[index] == fixed[index] == alone(Decoder(target, draft, runtime), job)[0], f"job {index}"
+        if costs is FLAT:
+            assert stats[index].emitted_per_round == fixed_stats[index].emitted_per_round, f"job {index}"
+    if costs is LINEAR:  # only budgets below the requests' own ran: the chains measured below were cut ones
+        assert max(scheduler.budget_steps) < 16
+    assert scheduler.chooser.chain_offered > CHAIN_PRIOR_OFFERED  # chains were verified and measured
 
 
 @pytest.mark.parametrize("costs", [STEEP, LINEAR], ids=["steep", "linear"])
