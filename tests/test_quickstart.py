@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
+from jetspec_trt.builders.engine_builder import BuildConfig
 from jetspec_trt.models.pypi_weights import MODELS, is_complete
 from jetspec_trt.models.presets import write_random_pair
-from jetspec_trt.builders.engine_builder import BuildConfig
 from jetspec_trt.quickstart import DEFAULTS, REAL_TARGET, cached_engine, repo_head_dir, run_tree
 from jetspec_trt.runtime.config import DEFAULT_TREE, TreeConfig
 from tests.helpers import invoke_cli

@@ -17,6 +17,7 @@ batch on a GPU) a pass costs about its tokens and batched AR wins. Batched AR is
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
 import itertools
 import json
@@ -215,5 +216,5 @@ def round_curves(draft: DraftTree, chain: list[int], tree: TreeConfig) -> tuple[
     for budget in range(1, tree.budget + 1):
         kept, drafted = _split(draft, chain, tree, budget)
         curve.append(expected[drafted - 1])
-        own.append(kept - sum(1 for n in held[:kept] if n < drafted))
+        own.append(kept - bisect.bisect_left(held, drafted, hi=min(kept, len(held))))  # held ascends
     return curve, own
