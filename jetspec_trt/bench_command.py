@@ -53,6 +53,9 @@ def _floats(text: str) -> tuple[float, ...]:
                    "E.g. --contexts 512 --max-seq-len 32768 times context 512 in an engine built for 32 K.")
 @click.option("--fused-layer-kernels/--no-fused-layer-kernels", "compare_fused", default=True, show_default=True,
               help="Engine bench: also time the AR step with the fused layer kernels (ar_step_fused_layer_kernels).")
+@click.option("--profile", "kernel_profile", is_flag=True,
+              help="Engine bench: also profile the AR step and each round stage kernel by kernel (torch.profiler) "
+                   "under the engines' default switches, with and without the fused layer kernels.")
 @click.option("--fp8/--no-fp8", "compare_fp8", default=False, show_default=True,
               help="Engine bench: then convert the same random target to FP8 (as build --quantize fp8 stores it) "
                    "and time its AR step, rounds and AR breakdown beside bf16 (*_fp8 keys). Needs an sm89+ GPU.")
@@ -106,9 +109,9 @@ def _floats(text: str) -> tuple[float, ...]:
               help="--simulate-widths: also trees with a context-lookup chain of this many nodes beside the draft's "
                    "(tree/lookup.py), e.g. 0,6: each width without and with it.")
 def bench_command(random_target, budgets, contexts, topk, max_depth, taus, dtype, reps, no_hf, hf_prompts,
-                  compile_layers, max_seq_len, compare_fused, compare_fp8, output_dir, tag, engine_dir, suites,
-                  prompts_file, num_prompts, max_new_tokens, temperatures, batches, batch_modes, batch_graphs, serve_url,
-                  clients, serve_model, metrics_url, pass_timeout, device, diagnose_fp32, reference_dir,
+                  compile_layers, max_seq_len, compare_fused, kernel_profile, compare_fp8, output_dir, tag, engine_dir,
+                  suites, prompts_file, num_prompts, max_new_tokens, temperatures, batches, batch_modes, batch_graphs,
+                  serve_url, clients, serve_model, metrics_url, pass_timeout, device, diagnose_fp32, reference_dir,
                   compare_max_tokens, simulate_widths, simulate_lookups, lookup):
     """Measure AR decoding, the split of a speculative round, projected tok/s and HF generate on the GPU.
 
@@ -192,7 +195,8 @@ def bench_command(random_target, budgets, contexts, topk, max_depth, taus, dtype
                       topk=topk or DEFAULT_TREE.topk, max_depth=max_depth or DEFAULT_TREE.max_depth,
                       taus=_floats(taus), dtype=dtype, reps=reps, hf_generate=not no_hf,
                       compile_layers=compile_layers, max_seq_len=max_seq_len,
-                      compare_fused_layer_kernels=compare_fused, compare_fp8=compare_fp8, output_dir=output_dir,
+                      compare_fused_layer_kernels=compare_fused, kernel_profile=kernel_profile,
+                      compare_fp8=compare_fp8, output_dir=output_dir,
                       tag=tag)
     path = run_bench(cfg, command=sys.argv)
     click.echo(f"wrote {path} and {path.with_suffix('.png')}")

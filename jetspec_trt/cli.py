@@ -65,9 +65,9 @@ def tree_options(func):
                    "(CUDA).")
 @click.option("--no-prefill-graphs", is_flag=True,
               help="Run the prompt-length buckets' prefills eagerly instead of from CUDA graphs captured at load.")
-@click.option("--fused-layer-kernels", is_flag=True,
-              help="Run the target layers' norms, q/k norm + RoPE + KV write and post-attention residual add as "
-                   "fused Triton kernels (CUDA; off by default until timed).")
+@click.option("--fused-layer-kernels/--no-fused-layer-kernels", default=True, show_default=True,
+              help="Run the layers' norms, q/k norm + RoPE + KV write and post-attention residual add (target and "
+                   "draft) as fused Triton kernels (CUDA).")
 @click.option("--quantize", type=click.Choice(["fp8"]), default=None,
               help="Quantize the target with nvidia-modelopt (FP8 e4m3, --fp8-recipe, calibrated on prompts); "
                    "lm_head, embeddings and the draft head stay unquantized. Needs an FP8 GPU (sm89+) to run.")

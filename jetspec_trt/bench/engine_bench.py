@@ -24,7 +24,7 @@ import json
 import statistics
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
@@ -60,6 +60,9 @@ class BenchConfig:
     compare_tree_kernel: bool = True  # also time the rounds with the tree stage on plugins.triton_tree_build
     compare_small_m_gemm: bool = True  # also time the rounds with the 2..64-row GEMMs on plugins.skinny_gemm
     compare_fused_layer_kernels: bool = True  # also time the AR step with plugins.layer_kernels' fused kernels
+    # Kernel by kernel (bench.kernel_profile): the AR step and each round stage at the breakdown context under the
+    # engines' default switches, with and without the fused layer kernels ("kernel_profile").
+    kernel_profile: bool = False
     # Also time the same target as FP8 (write_fp8_target) after the bf16 sections: off by default, since it
     # builds a second engine (checkpoint written and loaded, layers compiled, graphs captured again).
     compare_fp8: bool = False
@@ -111,6 +114,7 @@ class EngineBench:
             mask_token_id=spec.mask_token_id, target_layer_ids=spec.target_layer_ids, eos_token_ids=(),
             decode_gemv=False,  # "ar_step" is the cuBLAS step; cfg.compare_gemv adds the GEMV one beside it
             tree_kernel=False,  # "rounds" build the tree with torch ops; cfg.compare_tree_kernel adds the kernels'
+            fused_layer_kernels=False,  # the layers' small ops unfused; cfg.compare_fused_layer_kernels adds them
         )
         self.decoder = GraphDecoder(target, draft, runtime, compile_layers=cfg.compile_layers)
         # Timings run at contexts nobody prefilled: give the caches realistic (non-zero) contents once.
@@ -222,25 +226,48 @@ class EngineBench:
                         "skinny_ms": skinny_ms, "skinny_GBps": weight_bytes / skinny_ms / 1e6})
         return out
 
-    def round_split_ms(self, budget: int, context: int) -> dict[str, float]:
-        tree = TreeConfig(budget, self.cfg.topk, self.cfg.max_depth)
+    def _stages_at(self, tree: TreeConfig, context: int):
+        """A tree bucket's captured stages at `context`, each with the untimed `before()` that resets the context
+        and runs the earlier stages, so that the stage sees its real inputs."""
         state, stages = self.decoder.stages(tree)
         state.anchor.fill_(11)
         reset = self._at_context(context, state)
-        result = {}
         for name in STAGES:
-            # Run the earlier stages untimed so each stage sees its real inputs, then time this one.
-            earlier = STAGES[: STAGES.index(name)]
-
-            def before(earlier=earlier) -> None:
+            def before(earlier=STAGES[: STAGES.index(name)]) -> None:
                 reset()
                 for prior in earlier:
                     stages[prior]()
 
-            result[f"{name}_ms"] = _events_ms(stages[name], self.cfg.reps, before)
+            yield name, stages[name], before
 
+    def round_split_ms(self, budget: int, context: int) -> dict[str, float]:
+        tree = TreeConfig(budget, self.cfg.topk, self.cfg.max_depth)
+        result = {f"{name}_ms": _events_ms(stage, self.cfg.reps, before)
+                  for name, stage, before in self._stages_at(tree, context)}
         result["round_ms"] = self.round_ms(budget, context)
         return result
+
+    def kernel_profile(self, context: int) -> dict:
+        """The AR step and each stage of a round at every budget of the config, kernel by kernel
+        (bench.kernel_profile), under the decoder's current switches. The rounds build the engines' default tree
+        (DEFAULT_TREE's lookup chain fitted to the budget, at the config's width and depth)."""
+        from jetspec_trt.bench.kernel_profile import profile_kernels, summarize
+
+        token, step = self.decoder.ar_step()
+        token.fill_(11)
+        reset = self._at_context(context)
+        step_ms = _events_ms(step, self.cfg.reps, reset)
+        out = {"context": context, "ar_step": summarize(profile_kernels(step, reset), step_ms)}
+        out["rounds"] = []
+        for budget in self.cfg.budgets:
+            lookup = DEFAULT_TREE.fitted(budget, self.cfg.max_depth).lookup
+            tree = TreeConfig(budget, self.cfg.topk, self.cfg.max_depth, lookup)
+            stages = {name: summarize(profile_kernels(stage, before), _events_ms(stage, self.cfg.reps, before))
+                      for name, stage, before in self._stages_at(tree, context)}
+            round_ms = self.round_ms(budget, context, tree=tree)
+            out["rounds"].append({"budget": budget, "lookup": lookup, "round_ms": round_ms,
+                                  "vs_ar_step": round_ms / step_ms, "stages": stages})
+        return out
 
     def round_splits(self) -> list[dict]:
         """round_split_ms at every (context, budget) of the config: a side-by-side run of the rounds with some
@@ -248,10 +275,12 @@ class EngineBench:
         return [dict(self.round_split_ms(budget, context), budget=budget, context=context)
                 for context in self.cfg.contexts for budget in self.cfg.budgets]
 
-    def round_ms(self, budget: int, context: int, mode: str = "greedy") -> float:
+    def round_ms(self, budget: int, context: int, mode: str = "greedy", tree: TreeConfig | None = None) -> float:
         """One whole round (the stages replayed back to back) in a sampling mode (GraphDecoder.stages); "sample"
-        draws at the decoder's temperature, 1 unless a request set another."""
-        state, stages = self.decoder.stages(TreeConfig(budget, self.cfg.topk, self.cfg.max_depth), mode)
+        draws at the decoder's temperature, 1 unless a request set another. `tree`: another tree than the
+        config's plain one at `budget`."""
+        tree = tree or TreeConfig(budget, self.cfg.topk, self.cfg.max_depth)
+        state, stages = self.decoder.stages(tree, mode)
         state.anchor.fill_(11)
 
         def whole_round() -> None:
@@ -338,7 +367,8 @@ def run_bench(cfg: BenchConfig, command: list[str] | None = None) -> Path:
     if not torch.cuda.is_available():
         raise JetSpecError("the engine benchmark needs a CUDA GPU (run it through the device machine)")
     sections = 1 + len(cfg.contexts) * (1 + len(cfg.budgets))  # the engine, then each context's step and rounds
-    progress = tqdm(total=2 + sections * (1 + cfg.compare_fp8) + int(cfg.hf_generate), desc="bench")
+    progress = tqdm(total=2 + sections * (1 + cfg.compare_fp8) + int(cfg.hf_generate) + int(cfg.kernel_profile),
+                    desc="bench")
     target, draft, hf_config = random_models(cfg.random_target, cfg.device, parse_dtype(cfg.dtype))
     target.fuse_weights()
     draft.fuse_weights()
@@ -390,6 +420,19 @@ def run_bench(cfg: BenchConfig, command: list[str] | None = None) -> Path:
         bench.decoder.set_small_m_gemm(False)
     report["agreement"] = bench.agreement()
     progress.update()
+    if cfg.kernel_profile and bench.decoder.triton_kernels:
+        # Kernel by kernel under the engines' default switches (RuntimeConfig), then with the fused layer kernels.
+        defaults = {f.name: f.default for f in fields(RuntimeConfig)}
+        bench.decoder.set_decode_gemv(defaults["decode_gemv"])
+        bench.decoder.set_tree_kernel(defaults["tree_kernel"])
+        bench.decoder.set_small_m_gemm(defaults["small_m_gemm"])
+        context = breakdown_context(cfg)
+        report["kernel_profile"] = {}
+        for fused in (defaults["fused_layer_kernels"], not defaults["fused_layer_kernels"]):
+            bench.decoder.set_fused_layer_kernels(fused)
+            key = "fused_layer_kernels" if fused else "unfused_layer_kernels"
+            report["kernel_profile"][key] = bench.kernel_profile(context)
+        progress.update()
     if cfg.compare_fp8:
         # The bf16 sections on disk now (rewritten at the end): a second engine is built next, and a run cut short
         # (a lease's time) or an FP8 failure should not take them along.

@@ -66,7 +66,7 @@ class BuildConfig:
     tree_kernel: bool = True  # CUDA: the round's tree stage on the Triton tree kernels (plugins.triton_tree_build)
     small_m_gemm: bool = False  # CUDA: 2..64-row GEMMs (verify, draft block) through plugins.skinny_gemm
     prefill_graphs: bool = True  # CUDA: prompt-length buckets' prefills as CUDA graphs captured at load
-    fused_layer_kernels: bool = False  # the target layers' small ops as plugins.layer_kernels' fused kernels
+    fused_layer_kernels: bool = True  # the layers' small ops as plugins.layer_kernels' fused kernels (CUDA)
     quantize: QuantizeConfig | None = None  # quantize the target (FP8 through nvidia-modelopt); None: as it is
     cost_model_device: str | None = "auto"  # where to time the scheduler's passes; auto: cuda if any; None: skip
 

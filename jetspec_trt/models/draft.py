@@ -22,8 +22,9 @@ from torch import nn
 from jetspec_trt.errors import JetSpecError
 from jetspec_trt.models.config import DecoderConfig
 from jetspec_trt.models.layers import RMSNorm, Rotary
-from jetspec_trt.models.target import DecoderLayer, LayerCall, fuse_layers, paged_layer_call
+from jetspec_trt.models.target import DecoderLayer, LayerCall, fuse_layers, paged_layer_call, set_fused_kernels
 from jetspec_trt.models.kv_cache import KVCacheSpec, PagedKVCache
+from jetspec_trt.plugins.layer_kernels import kv_norm_rope_write
 from jetspec_trt.plugins.linear import linear
 
 # TensorRT Edge-LLM reads either key; the published heads use dflash_config.
@@ -135,6 +136,7 @@ class DraftHead(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = Rotary(inv_freq, attention_scaling)
         self.small_m_gemm = False
+        self.fused_kernels = False  # set_fused_layer_kernels
 
     def set_small_m_gemm(self, enabled: bool) -> None:
         """The head's 2..64-row GEMMs (the block's layers, the context rows' fc and k/v projections) through
@@ -142,6 +144,12 @@ class DraftHead(nn.Module):
         self.small_m_gemm = enabled
         for layer in self.layers:
             layer.self_attn.small_m_gemm = layer.mlp.small_m_gemm = enabled
+
+    def set_fused_layer_kernels(self, enabled: bool) -> None:
+        """The head's norms, its block layers' small ops and its context rows' k norm + RoPE + KV write on the fused
+        kernels (plugins.layer_kernels), as TargetModel.set_fused_layer_kernels does for the target."""
+        set_fused_kernels(self.layers, enabled)
+        self.hidden_norm.fused_kernel = self.norm.fused_kernel = self.fused_kernels = enabled
 
     def new_cache(self, max_tokens: int, page_size: int = 64, dtype: torch.dtype | None = None) -> PagedKVCache:
         cfg = self.config
@@ -167,6 +175,14 @@ class DraftHead(nn.Module):
     def write_context(self, features: torch.Tensor, positions: torch.Tensor, cache: PagedKVCache) -> None:
         """Write the K/V of m tokens' fused target features ([m, n_ids*H]) after the committed context."""
         slots = cache.slots(cache.ctx_len, features.shape[0])
+        if self.fused_kernels:  # per layer one GEMM for k and v, then one kernel: k norm, RoPE and the write
+            context = self.project_context(features)
+            cos, sin = self.rotary.cos_sin(positions, context.dtype)
+            for i, layer in enumerate(self.layers):
+                attn = layer.self_attn
+                k, v = attn.raw_key_value(context)
+                kv_norm_rope_write(k, v, attn.k_norm.weight, cos, sin, cache.k[i], cache.v[i], slots, attn.k_norm.eps)
+            return
         for i, (k, v) in enumerate(self.context_key_values(features, positions)):
             cache.write(i, slots, k, v)
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from jetspec_trt.models.fp8 import fuse_fp8, split_weight_scale
-from jetspec_trt.plugins.layer_kernels import apply_rotary, rms_norm
+from jetspec_trt.plugins.layer_kernels import apply_rotary, rms_norm, rms_norm_op
 from jetspec_trt.plugins.linear import linear
 
 
@@ -18,9 +18,10 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.fused_kernel = False  # one kernel (plugins.layer_kernels.rms_norm_op) instead of torch's ~7
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        return (rms_norm_op if self.fused_kernel else rms_norm)(x, self.weight, self.eps)
 
 
 class Rotary(nn.Module):
@@ -30,11 +31,23 @@ class Rotary(nn.Module):
         super().__init__()
         self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
         self.attention_scaling = attention_scaling
+        self.table: torch.Tensor | None = None  # [positions, 2, D]: cos and sin per position (build_table)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.table is not None and self.table.dtype == dtype:
+            rows = self.table.index_select(0, positions)  # one gather instead of ~8 small kernels a pass
+            return rows[:, 0], rows[:, 1]
         freqs = positions.float().unsqueeze(-1) * self.inv_freq
         emb = torch.cat([freqs, freqs], dim=-1)
         return (emb.cos() * self.attention_scaling).to(dtype), (emb.sin() * self.attention_scaling).to(dtype)
+
+    def build_table(self, positions: int, dtype: torch.dtype) -> None:
+        """Compute cos/sin of positions 0 .. positions-1 once; cos_sin in `dtype` then gathers rows of it (the
+        same values: the math is elementwise). The caller guarantees every position it asks for is below
+        `positions` (GraphDecoder: a position is only asked for a token with a cache slot); None drops it."""
+        self.table = None
+        cos, sin = self.cos_sin(torch.arange(positions, device=self.inv_freq.device), dtype)
+        self.table = torch.stack([cos, sin], dim=1)
 
 
 class Linear(nn.Linear):
@@ -200,6 +213,18 @@ class AttentionProjections(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         route = (self.decode_gemv, self.small_m_gemm)
         return self._finish_key_value(self.k_proj(x, *route), self.v_proj(x, *route), cos, sin)
+
+    def raw_key_value(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, H] -> k and v [T, Hkv, D] as the projections give them (no norm, no RoPE); with the fused weight,
+        one GEMM over its k/v rows (bf16 weights: FP8 ones take the two projections, each with its scales)."""
+        if self.fused_gemm and self.qkv_weight_scale is None:
+            q_rows, kv_rows = self.q_proj.weight.shape[0], self.k_proj.weight.shape[0]
+            bias = self.qkv_bias[q_rows:] if self.qkv_bias is not None else None
+            k, v = linear(x, self.qkv_weight[q_rows:], bias, self.decode_gemv,
+                          use_small_m=self.small_m_gemm).split([kv_rows, kv_rows], dim=-1)
+        else:
+            k, v = (p(x, self.decode_gemv, self.small_m_gemm) for p in (self.k_proj, self.v_proj))
+        return self._heads(k, self.num_kv_heads), self._heads(v, self.num_kv_heads)
 
     def projections(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x [T, H] -> q [T, Hq, D], k and v [T, Hkv, D] as the projections give them (no norm, no RoPE); with

@@ -29,7 +29,9 @@ from jetspec_trt.models.kv_cache import KVCacheSpec, PagedKVCache, write_kv
 
 @dataclass
 class TargetOutput:
-    logits: torch.Tensor | None  # [T, vocab] float32 (prefill: [1, vocab] for logits="last", None for "none")
+    # [T, vocab] float32 (forward(float_logits=False): the model's dtype; prefill: [1, vocab] for logits="last",
+    # None for "none")
+    logits: torch.Tensor | None
     features: torch.Tensor | None  # [T, len(capture_layers) * hidden] or None
     hidden: torch.Tensor | None = None  # [T, hidden] final normed hidden state (set by prefill only)
 
@@ -142,11 +144,11 @@ class TargetModel(nn.Module):
         self.small_m_gemm = False
 
     def set_fused_layer_kernels(self, enabled: bool) -> None:
-        """Run every layer's norms, q/k norm + RoPE + KV write and post-attention residual add through the fused
-        kernels (plugins.layer_kernels; RuntimeConfig.fused_layer_kernels). Compiled layers re-trace on the
-        switch, as for set_decode_gemv."""
-        for layer in self.layers:
-            layer.fused_kernels = enabled
+        """Run every layer's norms, q/k norm + RoPE + KV write and post-attention residual add, and the final norm,
+        through the fused kernels (plugins.layer_kernels; RuntimeConfig.fused_layer_kernels). Compiled layers
+        re-trace on the switch, as for set_decode_gemv."""
+        set_fused_kernels(self.layers, enabled)
+        self.norm.fused_kernel = enabled
 
     def set_decode_gemv(self, enabled: bool) -> None:
         """Route single-token GEMMs (the AR step: fused QKV, o_proj, gate-up, down, lm_head) through the
@@ -182,10 +184,13 @@ class TargetModel(nn.Module):
         cache: PagedKVCache,
         tree_mask: torch.Tensor,
         capture_layers: tuple[int, ...] = (),
+        float_logits: bool = True,
     ) -> TargetOutput:
-        """tokens/positions [T]; the new tokens' K/V land at slots ctx_len .. ctx_len+T-1 (not yet committed)."""
+        """tokens/positions [T]; the new tokens' K/V land at slots ctx_len .. ctx_len+T-1 (not yet committed).
+        float_logits=False leaves the logits in the model's dtype: greedy argmax picks the same token from them
+        (the cast is exact), without writing and reading a float32 copy (a 64-node verify: 39 MB at Qwen's vocab)."""
         x, features = self.forward_hidden(tokens, positions, cache, tree_mask, capture_layers)
-        return TargetOutput(self.logits(x), features)
+        return TargetOutput(self.logits(x) if float_logits else self.lm_head_rows(x), features)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The lm_head over final normed hidden states [T, H] as `forward` runs it: float32 [T, vocab]."""
@@ -297,6 +302,12 @@ class TargetModel(nn.Module):
                                                    tuple(capture_layers))
         cache.reset()
         return hidden, features
+
+
+def set_fused_kernels(layers: nn.ModuleList, enabled: bool) -> None:
+    """The decoder layers' small ops on plugins.layer_kernels' fused kernels, or on torch's ops."""
+    for layer in layers:
+        layer.fused_kernels = enabled
 
 
 def fuse_layers(layers: nn.ModuleList) -> None:

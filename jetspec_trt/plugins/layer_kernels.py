@@ -20,6 +20,8 @@ Op contracts (CPU and other devices: the reference; CUDA: Triton):
                        cos [T, D], sin [T, D], k_cache [P, S, Hkv, D], v_cache, slots int64 [T], eps) -> q'
         q' = rope(norm(q)); rope(norm(k)) and v are written at flat `slots` of the caches (mutated in place).
         q, k, v may be strided views (the fused QKV GEMM's split); no weight means no norm (Qwen2, Llama).
+    kv_norm_rope_write(k, v, k_weight, cos, sin, k_cache, v_cache, slots, eps) -> None
+        the same without q: the draft head's context rows, whose K/V come from the target's features.
 """
 
 from __future__ import annotations
@@ -106,6 +108,16 @@ def qk_norm_rope_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_weig
 @qk_norm_rope_write.register_fake
 def _qk_norm_rope_write_fake(q, k, v, q_weight, k_weight, cos, sin, k_cache, v_cache, slots, eps):
     return torch.empty(q.shape, dtype=q.dtype, device=q.device)
+
+
+@torch.library.custom_op(f"{LIBRARY}::kv_norm_rope_write", mutates_args=("k_cache", "v_cache"))
+def kv_norm_rope_write(k: torch.Tensor, v: torch.Tensor, k_weight: torch.Tensor | None, cos: torch.Tensor,
+                       sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor,
+                       eps: float) -> None:
+    if k.is_cuda and triton is not None and _fits(k, k, v, k_cache, v_cache):
+        kv_norm_rope_write_triton(k, v, k_weight, cos, sin, k_cache, v_cache, slots, eps)
+    else:
+        write_kv(k_cache, v_cache, slots, norm_rope(k, k_weight, cos, sin, eps), v)
 
 
 def _rows_fit(x: torch.Tensor, delta: torch.Tensor | None, weight: torch.Tensor) -> bool:
@@ -221,16 +233,26 @@ def add_rms_norm_triton(x: torch.Tensor, delta: torch.Tensor | None, weight: tor
 def qk_norm_rope_write_triton(q, k, v, q_weight, k_weight, cos, sin, k_cache, v_cache, slots, eps) -> torch.Tensor:
     """The q/k kernel on q's device (the op's contract; `_fits` must hold)."""
     tokens, num_q, head_dim = q.shape
-    num_kv = k.shape[1]
     out = torch.empty(tokens, num_q, head_dim, dtype=q.dtype, device=q.device)
-    if not tokens:
-        return out
     has_norm = q_weight is not None
     assert (k_weight is not None) == has_norm, "q and k are normed together (Qwen3) or not at all"
+    _launch_qk_kernel(q, out, num_q, k, v, q_weight, k_weight, cos, sin, k_cache, v_cache, slots, eps)
+    return out
+
+
+def kv_norm_rope_write_triton(k, v, k_weight, cos, sin, k_cache, v_cache, slots, eps) -> None:
+    """The same kernel with no q heads (every program a KV head): k's tensor stands in for q's unused pointers."""
+    _launch_qk_kernel(k, k, 0, k, v, k_weight, k_weight, cos, sin, k_cache, v_cache, slots, eps)
+
+
+def _launch_qk_kernel(q, out, num_q, k, v, q_weight, k_weight, cos, sin, k_cache, v_cache, slots, eps) -> None:
+    tokens, num_kv, head_dim = k.shape
+    if not tokens:
+        return
+    has_norm = k_weight is not None
     assert cos.stride(-1) == 1 and sin.stride(-1) == 1 and k_cache.stride() == v_cache.stride()
     _qk_norm_rope_write_kernel[(tokens, num_q + num_kv)](
         q, k, v, q_weight if has_norm else q, k_weight if has_norm else k, cos, sin, k_cache, v_cache,
         slots.contiguous(), out, eps, q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         cos.stride(0), sin.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_Q=num_q, NUM_KV=num_kv, HEAD_DIM=head_dim, HAS_NORM=has_norm, num_warps=1)
-    return out

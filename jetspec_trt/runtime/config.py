@@ -93,11 +93,14 @@ class RuntimeConfig:
     # CUDA: each prompt-length bucket's prefill replayed from a CUDA graph captured at load (False: the same
     # bucketed pass run eagerly, one launch per kernel).
     prefill_graphs: bool = True
-    # The target layers' norms, q/k norm + RoPE + KV write and post-attention residual add as the fused Triton
-    # kernels of plugins/layer_kernels.py (CUDA; elsewhere the ops run the same torch math): issue 16 measured
-    # 40-75 us of such small kernels per layer at the Qwen3-8B shape. Off until timed on a GPU
-    # (`jetspec-trt bench` reports the AR step with them as "ar_step_fused_layer_kernels").
-    fused_layer_kernels: bool = False
+    # The layers' norms, q/k norm + RoPE + KV write and post-attention residual add (target and draft head, and
+    # the head's context K/V) as the fused Triton kernels of plugins/layer_kernels.py (CUDA; elsewhere the ops run
+    # the same torch math). Kernel by kernel on an H100 at the 0.5B shape (bench/results/
+    # engine-qwen2.5-0.5b-h100-profile.json, `bench --profile`): AR step 1.34 -> 1.18 ms, budget-64 verify
+    # 1.59 -> 1.35 ms (unfused, the KV write alone was 48 index_copy kernels, 0.13 ms of a verify). With the
+    # draft's fused path, RoPE tables and bf16 greedy argmax, the default pair's AR went 853-857 -> 966-971 tok/s
+    # and its default-tree speculative decode 10-21 % faster (suites-nvidia-h100-80gb-hbm3-ab-{old,new}.json).
+    fused_layer_kernels: bool = True
     extras: dict = field(default_factory=dict)  # backend-specific (e.g. tuned kernel configs)
 
     def cache_tokens(self) -> int:

@@ -233,7 +233,9 @@ class GraphDecoder:
             target.set_decode_gemv(runtime.decode_gemv)
             target.set_small_m_gemm(runtime.small_m_gemm)
             draft.set_small_m_gemm(runtime.small_m_gemm)
-        target.set_fused_layer_kernels(runtime.fused_layer_kernels)  # (off CUDA the ops' torch reference runs)
+        # (off CUDA the ops' torch reference runs: the same math as the unfused layers)
+        target.set_fused_layer_kernels(runtime.fused_layer_kernels)
+        draft.set_fused_layer_kernels(runtime.fused_layer_kernels)
         # The tree build (one sort per level) and the acceptance walk are ~100-200 tiny kernels a round at batch 1
         # eager (H200, 0.5B shape: tree 0.66 ms of a 2.50 ms budget-16 round); compiled, Inductor fuses what lies
         # between the top-k/sort calls (and sorts of <= 512 entries themselves). Shapes are fixed per tree
@@ -260,6 +262,15 @@ class GraphDecoder:
         tokens = runtime.max_seq_len + slack + 1
         self.target_cache = target.new_cache(tokens, runtime.page_size)
         self.draft_cache = draft.new_cache(tokens, runtime.page_size)
+        if self.device.type == "cuda":
+            # RoPE tables: every pass gathers its cos/sin rows (the same values) instead of computing them in ~8
+            # kernels. A pass asks only for positions of tokens with a cache slot (below capacity), and any other
+            # decoder of these models (the eager Decoder, the scheduler) for positions below max_seq_len, which
+            # the build keeps within max_position_embeddings.
+            positions = max(self.target_cache.capacity, self.draft_cache.capacity,
+                            target.config.max_position_embeddings, draft.config.max_position_embeddings)
+            for model in (target, draft):
+                model.rotary.build_table(positions, target.embed_tokens.weight.dtype)
         # This decoder prefills at bucket lengths only, but the eager Decoder beside it (top-k, banned tokens, log
         # probabilities; the scheduler) and teacher-forced prefills run prompts of any length, and the attention
         # kernel compiles per launch shape: compile them all now, not in the first request of each shape
@@ -304,8 +315,9 @@ class GraphDecoder:
         self._drop_graphs()
 
     def set_fused_layer_kernels(self, enabled: bool) -> None:
-        """Switch the target's layers between the fused layer kernels and the unfused ops; drops captured graphs."""
+        """Switch target and draft between the fused layer kernels and the unfused ops; drops captured graphs."""
         self.target.set_fused_layer_kernels(enabled)
+        self.draft.set_fused_layer_kernels(enabled)
         self._drop_graphs()
 
     def _drop_graphs(self) -> None:
@@ -389,7 +401,8 @@ class GraphDecoder:
             built = scratch["tree"]
             positions = tcache.ctx_len.long() + built.depths
             tokens = built.tokens.clamp(min=0) if tree.lookup else built.tokens  # dead lookup slots hold -1
-            scratch["out"] = target(tokens, positions, tcache, scratch["mask"], self.capture_layers)
+            scratch["out"] = target(tokens, positions, tcache, scratch["mask"], self.capture_layers,
+                                    float_logits=mode != "greedy")
 
         def accept_stage() -> None:
             out = scratch["out"]
@@ -438,7 +451,7 @@ class GraphDecoder:
 
             def step() -> None:
                 positions = self.target_cache.ctx_len.long()
-                out = self.target(token, positions, self.target_cache, self._one)
+                out = self.target(token, positions, self.target_cache, self._one, float_logits=mode != "greedy")
                 self.target_cache.advance(one)
                 token.copy_(self.choose(out.logits, mode))
 

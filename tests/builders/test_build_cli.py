@@ -90,14 +90,14 @@ def test_runtime_flags_reach_the_runtime_config(pair, tmp_path, capsys):
     """The CUDA path's switches are stored in the engine (Engine.load and GraphDecoder read them there)."""
     code, out, err = invoke(build_args(pair / "target", pair / "draft", tmp_path / "engine", "--no-decode-gemv",
                                        "--no-compile", "--no-tree-kernel", "--no-prefill-graphs",
-                                       "--fused-layer-kernels", "--small-m-gemm"), capsys)
+                                       "--no-fused-layer-kernels", "--small-m-gemm"), capsys)
     assert code == 0, err
     flags = ("decode_gemv", "compile_graphs", "tree_kernel", "prefill_graphs", "fused_layer_kernels", "small_m_gemm")
     runtime = json.loads((tmp_path / "engine" / "runtime_config.json").read_text())
-    assert tuple(runtime[f] for f in flags) == (False, False, False, False, True, True)
+    assert tuple(runtime[f] for f in flags) == (False, False, False, False, False, True)
     code, out, err = invoke(build_args(pair / "target", pair / "draft", tmp_path / "default"), capsys)
     runtime = json.loads((tmp_path / "default" / "runtime_config.json").read_text())
-    assert tuple(runtime[f] for f in flags) == (True, True, True, True, False, False)
+    assert tuple(runtime[f] for f in flags) == (True, True, True, True, True, False)
 
 
 def corrupt_weights(target, draft):

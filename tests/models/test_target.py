@@ -60,3 +60,18 @@ def test_incremental_decode_matches_full_forward(hf_pair):
             steps.append(ours(tokens[i : i + 1], torch.tensor([i]), cache, causal_mask(1)).logits)
             cache.commit(torch.tensor([0]))
     assert (torch.cat(steps) - ref).abs().max() <= 1e-4
+
+
+def test_logits_in_the_model_dtype_pick_the_same_greedy_tokens(hf_pair):
+    """forward(float_logits=False) gives the lm_head's own dtype; its argmax is the float32 logits' argmax."""
+    _, ours = hf_pair
+    ours = ours.to(torch.bfloat16)
+    tokens = torch.randint(0, TINY["vocab_size"], (12,), generator=torch.Generator().manual_seed(4))
+    outs = []
+    for float_logits in (True, False):
+        cache = ours.new_cache(16)
+        with torch.no_grad():
+            outs.append(ours(tokens, torch.arange(12), cache, causal_mask(12, "cpu"), float_logits=float_logits))
+    assert outs[0].logits.dtype == torch.float32 and outs[1].logits.dtype == torch.bfloat16
+    assert torch.equal(outs[1].logits.float(), outs[0].logits)
+    assert torch.equal(outs[1].logits.argmax(-1), outs[0].logits.argmax(-1))

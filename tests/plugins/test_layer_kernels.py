@@ -47,8 +47,10 @@ def check_norms(device, dtype_name, rows=3, hidden=96):
     assert relative_error(normed, rms_norm(x, weight, 1e-6)) < tol
 
 
-def qk_case(dtype, tokens, num_q, num_kv, head_dim, qk_norm, seed=0, page=16, pages=6):
-    """Raw q/k/v as the fused QKV GEMM's split gives them (strided views), RoPE tables, shuffled cache slots."""
+def qk_case(dtype, tokens, num_q, num_kv, head_dim, qk_norm, seed=0, page=16):
+    """Raw q/k/v as the fused QKV GEMM's split gives them (strided views), RoPE tables, one shuffled cache slot per
+    token among at least twice as many (a tree verify's 256 tokens too: each token reads its own slot)."""
+    pages = max(6, -(-2 * tokens // page))
     g = torch.Generator().manual_seed(seed)
     qkv = torch.randn(tokens, (num_q + 2 * num_kv) * head_dim, generator=g).to(dtype)
     q, k, v = qkv.split([num_q * head_dim, num_kv * head_dim, num_kv * head_dim], dim=-1)
@@ -59,6 +61,7 @@ def qk_case(dtype, tokens, num_q, num_kv, head_dim, qk_norm, seed=0, page=16, pa
     k_cache = torch.randn(pages, page, num_kv, head_dim, generator=g).to(dtype)
     v_cache = torch.randn(pages, page, num_kv, head_dim, generator=g).to(dtype)
     slots = torch.randperm(pages * page, generator=g)[:tokens]
+    assert slots.shape == (tokens,)
     return q, k, v, weights, cos, sin, k_cache, v_cache, slots
 
 
@@ -84,9 +87,24 @@ def check_qk_norm_rope_write(device, dtype_name, qk_norm, tokens=5, num_q=4, num
     assert relative_error(flat_k[slots], expected_k.view(-1, num_kv, head_dim)[slots]) < tol
 
 
+def check_kv_norm_rope_write(device, dtype_name, tokens=5, num_kv=2, head_dim=32):
+    """The K/V-only launch (the draft head's context rows: no q heads) writes what the q/k op writes."""
+    from jetspec_trt.plugins.layer_kernels import kv_norm_rope_write_triton
+
+    dtype = getattr(torch, dtype_name)
+    _, k, v, (_, kw), cos, sin, k_cache, v_cache, slots = qk_case(dtype, tokens, 1, num_kv, head_dim, True, seed=3)
+    expected_k, expected_v = k_cache.clone(), v_cache.clone()
+    write_kv(expected_k, expected_v, slots, norm_rope(k, kw, cos, sin, 1e-6), v)
+    moved = [t.to(device) for t in (k, v, kw, cos, sin, k_cache, v_cache, slots)]
+    kv_norm_rope_write_triton(*moved, 1e-6)
+    assert torch.equal(moved[6].cpu(), expected_v)
+    assert relative_error(moved[5].cpu(), expected_k) < tolerance(dtype, device)
+
+
 def check_all(device):
     for dtype in ("float32", "float16", "bfloat16"):
         check_norms(device, dtype)
+        check_kv_norm_rope_write(device, dtype)
         for qk_norm in (True, False):
             check_qk_norm_rope_write(device, dtype, qk_norm)
 
@@ -110,6 +128,12 @@ def test_kernels_in_the_triton_interpreter():
     run_in_interpreter(check_all)
 
 
+@needs_triton
+def test_a_verify_of_more_tokens_than_a_page_set_in_the_triton_interpreter():
+    """100 tokens, each its own slot (the 256-token CUDA check once ran out of slots: the kernel read past them)."""
+    run_in_interpreter(check_qk_norm_rope_write, "float32", True, 100, 2, 1, 16)
+
+
 @pytest.mark.gpu
 def test_kernels_on_cuda():
     check_all("cuda")
@@ -122,11 +146,13 @@ def test_engine_shapes_on_cuda(qk_norm, tokens):
     """Qwen3-8B's shapes in bf16: the AR step (1 token) and a tree verify; H = 4096 for the norms."""
     check_norms("cuda", "bfloat16", rows=tokens, hidden=4096)
     check_qk_norm_rope_write("cuda", "bfloat16", qk_norm, tokens=tokens, num_q=32, num_kv=8, head_dim=128)
+    check_kv_norm_rope_write("cuda", "bfloat16", tokens=tokens, num_kv=8, head_dim=128)
 
 
 @needs_triton
-@pytest.mark.parametrize("kernel_name", ["_add_rms_norm_kernel", "_qk_norm_rope_write_kernel"])
-def test_kernels_compile_for_hopper_without_a_gpu(kernel_name):
+@pytest.mark.parametrize("kernel_name,num_q", [("_add_rms_norm_kernel", None), ("_qk_norm_rope_write_kernel", 32),
+                                              ("_qk_norm_rope_write_kernel", 0)])
+def test_kernels_compile_for_hopper_without_a_gpu(kernel_name, num_q):
     """The interpreter runs Python, not Triton's compiler: compile each kernel ahead of time for sm_90 in bf16 at
     the Qwen3-8B shape, so what only the compiler checks (types across the q/kv branches, constexpr dtypes) is
     caught without a GPU."""
@@ -141,7 +167,7 @@ def test_kernels_compile_for_hopper_without_a_gpu(kernel_name):
         constants = dict(HAS_DELTA=True, BLOCK=4096)
         pointers = {}
     else:
-        constants = dict(NUM_Q=32, NUM_KV=8, HEAD_DIM=128, HAS_NORM=True)
+        constants = dict(NUM_Q=num_q, NUM_KV=8, HEAD_DIM=128, HAS_NORM=True)  # 0: the K/V-only launch
         pointers = {"slot_ptr": "*i64"}
     signature = {name: "constexpr" if name in constants else pointers.get(name, "*bf16") if name.endswith("_ptr")
                  else "fp32" if name == "eps" else "i32" for name in kernel.arg_names}
@@ -155,7 +181,8 @@ def check_greedy_tokens_unchanged(device):
     tokens with the fused layer kernels equal those without. In the interpreter (device "cpu") the kernels'
     launchers serve the ops' CPU dispatch, which is otherwise the torch reference."""
     from jetspec_trt.models.presets import random_models
-    from jetspec_trt.plugins.layer_kernels import (add_rms_norm_triton, qk_norm_rope_write_triton, rms_norm_op)
+    from jetspec_trt.plugins.layer_kernels import (add_rms_norm_triton, kv_norm_rope_write,
+                                                   kv_norm_rope_write_triton, qk_norm_rope_write_triton, rms_norm_op)
     from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
     from jetspec_trt.runtime.graph_decoder import GraphDecoder
 
@@ -163,6 +190,7 @@ def check_greedy_tokens_unchanged(device):
         add_rms_norm.register_kernel("cpu")(add_rms_norm_triton)
         rms_norm_op.register_kernel("cpu")(lambda x, weight, eps: add_rms_norm_triton(x, None, weight, eps)[1])
         qk_norm_rope_write.register_kernel("cpu")(qk_norm_rope_write_triton)
+        kv_norm_rope_write.register_kernel("cpu")(kv_norm_rope_write_triton)
     target, draft, _ = random_models("tiny", "cpu" if device == "reference" else device, torch.float32)
     target.fuse_weights()
     draft.fuse_weights()
