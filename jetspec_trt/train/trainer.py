@@ -17,6 +17,7 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -699,7 +700,26 @@ def data_summary(cfg: TrainConfig, sequences, train_seqs, heldout, cache_path: P
         "generation_s": round(generation_s, 2),
         # this run's batched generation (runtime.batch_decode): new tokens, decode seconds, tokens/s
         "generation": generation_stats(cache_path),
+        "response_vocab_coverage": vocab_coverage(train_seqs, heldout),
     }
+
+
+COVERAGE_SIZES = (4096, 8192, 16384, 32768, 65536)
+
+
+def vocab_coverage(train_seqs, heldout, sizes: tuple[int, ...] = COVERAGE_SIZES) -> dict:
+    """The share of the held-out responses' tokens that the N tokens most frequent in the training responses cover,
+    per N: what a draft proposing from N tokens only (its lm_head over those rows: at 15 depth rows of Qwen's
+    151936-token vocabulary the lm_head is 0.10 ms of a 0.27 ms draft stage on an H100) could still propose.
+    Ranked on the training responses, counted on the held-out ones, so the share is out of sample."""
+    ranked = [token for token, _ in Counter(t for s in train_seqs for t in s.response_ids).most_common()]
+    held = Counter(t for s in heldout for t in s.response_ids)
+    total = sum(held.values())
+    out = {"distinct_train_response_tokens": len(ranked), "heldout_response_tokens": total}
+    for size in sizes:
+        top = set(ranked[:size])
+        out[str(size)] = round(sum(c for t, c in held.items() if t in top) / total, 6) if total else None
+    return out
 
 
 def loss_curve(losses: list[float], points: int = 50) -> list[list[float]]:

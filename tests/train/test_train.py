@@ -681,3 +681,20 @@ def test_prompt_offset_answers_later_prompts(tiny, tmp_path, capsys):
     code, _, err = invoke(argv[:-4] + ["--prompt-offset", "24"], capsys)
     assert code == 2 and "skips every prompt" in err and len(err.strip().splitlines()) == 1
     assert not (empty / "data").exists()  # nothing written for a request that cannot run
+
+
+def test_vocab_coverage_ranks_on_training_responses_and_counts_held_out_ones():
+    from jetspec_trt.train.data import TrainSequence
+    from jetspec_trt.train.trainer import vocab_coverage
+
+    train = [TrainSequence([1, 2], [5, 5, 5, 6, 6, 7]), TrainSequence([3], [5, 8])]  # rank: 5, 6, then 7/8
+    heldout = [TrainSequence([1], [5, 6, 9, 5])]  # 9 never appears in training
+    coverage = vocab_coverage(train, heldout, sizes=(1, 2, 4))
+    assert coverage["distinct_train_response_tokens"] == 4 and coverage["heldout_response_tokens"] == 4
+    assert (coverage["1"], coverage["2"], coverage["4"]) == (0.5, 0.75, 0.75)
+    assert vocab_coverage(train, [], sizes=(2,))["2"] is None
+
+
+def test_card_reports_response_vocab_coverage(trained):
+    coverage = json.loads((trained / "training_card.json").read_text())["data"]["response_vocab_coverage"]
+    assert 0 < coverage["4096"] <= coverage["65536"] <= 1 and coverage["heldout_response_tokens"] > 0
