@@ -56,6 +56,9 @@ def _floats(text: str) -> tuple[float, ...]:
 @click.option("--profile", "kernel_profile", is_flag=True,
               help="Engine bench: also profile the AR step and each round stage kernel by kernel (torch.profiler) "
                    "under the engines' default switches, with and without the fused layer kernels.")
+@click.option("--profile-draft-vocab", "draft_vocab", type=int, default=0, show_default=True,
+              help="--profile: also profile the rounds with the draft proposing from this many tokens (build "
+                   "--draft-vocab); 0: not.")
 @click.option("--fp8/--no-fp8", "compare_fp8", default=False, show_default=True,
               help="Engine bench: then convert the same random target to FP8 (as build --quantize fp8 stores it) "
                    "and time its AR step, rounds and AR breakdown beside bf16 (*_fp8 keys). Needs an sm89+ GPU.")
@@ -109,8 +112,8 @@ def _floats(text: str) -> tuple[float, ...]:
               help="--simulate-widths: also trees with a context-lookup chain of this many nodes beside the draft's "
                    "(tree/lookup.py), e.g. 0,6: each width without and with it.")
 def bench_command(random_target, budgets, contexts, topk, max_depth, taus, dtype, reps, no_hf, hf_prompts,
-                  compile_layers, max_seq_len, compare_fused, kernel_profile, compare_fp8, output_dir, tag, engine_dir,
-                  suites, prompts_file, num_prompts, max_new_tokens, temperatures, batches, batch_modes, batch_graphs,
+                  compile_layers, max_seq_len, compare_fused, kernel_profile, draft_vocab, compare_fp8, output_dir, tag,
+                  engine_dir, suites, prompts_file, num_prompts, max_new_tokens, temperatures, batches, batch_modes, batch_graphs,
                   serve_url, clients, serve_model, metrics_url, pass_timeout, device, diagnose_fp32, reference_dir,
                   compare_max_tokens, simulate_widths, simulate_lookups, lookup):
     """Measure AR decoding, the split of a speculative round, projected tok/s and HF generate on the GPU.
@@ -195,7 +198,7 @@ def bench_command(random_target, budgets, contexts, topk, max_depth, taus, dtype
                       topk=topk or DEFAULT_TREE.topk, max_depth=max_depth or DEFAULT_TREE.max_depth,
                       taus=_floats(taus), dtype=dtype, reps=reps, hf_generate=not no_hf,
                       compile_layers=compile_layers, max_seq_len=max_seq_len,
-                      compare_fused_layer_kernels=compare_fused, kernel_profile=kernel_profile,
+                      compare_fused_layer_kernels=compare_fused, kernel_profile=kernel_profile, draft_vocab=draft_vocab,
                       compare_fp8=compare_fp8, output_dir=output_dir,
                       tag=tag)
     path = run_bench(cfg, command=sys.argv)

@@ -68,6 +68,11 @@ def tree_options(func):
 @click.option("--fused-layer-kernels/--no-fused-layer-kernels", default=True, show_default=True,
               help="Run the layers' norms, q/k norm + RoPE + KV write and post-attention residual add (target and "
                    "draft) as fused Triton kernels (CUDA).")
+@click.option("--draft-vocab", type=int, default=0, show_default=True,
+              help="The draft proposes from this many tokens, the most frequent in the target's responses (the "
+                   "head's token_counts.json, or --draft-vocab-counts); 0: from the whole vocabulary. Same output.")
+@click.option("--draft-vocab-counts", type=click.Path(path_type=Path), default=None,
+              help="--draft-vocab: a token_counts.json to rank by [default: the draft directory's].")
 @click.option("--quantize", type=click.Choice(["fp8"]), default=None,
               help="Quantize the target with nvidia-modelopt (FP8 e4m3, --fp8-recipe, calibrated on prompts); "
                    "lm_head, embeddings and the draft head stay unquantized. Needs an FP8 GPU (sm89+) to run.")
@@ -83,8 +88,8 @@ def tree_options(func):
 @click.option("--calib-device", default=None, help="--quantize: where to calibrate [default: cuda if available].")
 def build(target_dir, draft_dir, output_dir, budget, topk, max_depth, lookup, dtype, max_seq_len, overwrite, backend,
           attention, no_fuse, no_tune, cost_model_device, no_cost_model, no_decode_gemv, no_compile, no_tree_kernel,
-          small_m_gemm, no_prefill_graphs, fused_layer_kernels, quantize, fp8_recipe, calib_prompts, calib_samples,
-          calib_max_tokens, calib_device):
+          small_m_gemm, no_prefill_graphs, fused_layer_kernels, draft_vocab, draft_vocab_counts, quantize, fp8_recipe,
+          calib_prompts, calib_samples, calib_max_tokens, calib_device):
     """Check a target/draft pair and write an engine directory."""
     if backend == "tensorrt" and quantize:
         raise JetSpecError("--quantize builds PyTorch engines only (drop --backend tensorrt)")
@@ -111,7 +116,8 @@ def build(target_dir, draft_dir, output_dir, budget, topk, max_depth, lookup, dt
                          overwrite=overwrite, fuse=not no_fuse, tune=not no_tune,
                          decode_gemv=not no_decode_gemv, compile_graphs=not no_compile, tree_kernel=not no_tree_kernel,
                          small_m_gemm=small_m_gemm, prefill_graphs=not no_prefill_graphs,
-                         fused_layer_kernels=fused_layer_kernels, quantize=quantize_config,
+                         fused_layer_kernels=fused_layer_kernels, draft_vocab=draft_vocab,
+                         draft_vocab_counts=draft_vocab_counts, quantize=quantize_config,
                          cost_model_device=None if no_cost_model else cost_model_device)
     if backend == "tensorrt":
         from jetspec_trt.builders.tensorrt_builder import build_tensorrt_engine

@@ -63,6 +63,9 @@ class BenchConfig:
     # Kernel by kernel (bench.kernel_profile): the AR step and each round stage at the breakdown context under the
     # engines' default switches, with and without the fused layer kernels ("kernel_profile").
     kernel_profile: bool = False
+    # With kernel_profile and > 0: the same profile again with the draft proposing from this many tokens
+    # (DraftHead.set_vocab; which ones does not change the time: the first N ids), "draft_vocab_<N>".
+    draft_vocab: int = 0
     # Also time the same target as FP8 (write_fp8_target) after the bf16 sections: off by default, since it
     # builds a second engine (checkpoint written and loaded, layers compiled, graphs captured again).
     compare_fp8: bool = False
@@ -432,6 +435,11 @@ def run_bench(cfg: BenchConfig, command: list[str] | None = None) -> Path:
             bench.decoder.set_fused_layer_kernels(fused)
             key = "fused_layer_kernels" if fused else "unfused_layer_kernels"
             report["kernel_profile"][key] = bench.kernel_profile(context)
+        if cfg.draft_vocab:  # the engines' defaults again, the draft over a vocabulary of its own
+            bench.decoder.set_fused_layer_kernels(defaults["fused_layer_kernels"])
+            bench.decoder.set_draft_vocab(torch.arange(cfg.draft_vocab))
+            report["kernel_profile"][f"draft_vocab_{cfg.draft_vocab}"] = bench.kernel_profile(context)
+            bench.decoder.set_draft_vocab(None)
         progress.update()
     if cfg.compare_fp8:
         # The bf16 sections on disk now (rewritten at the end): a second engine is built next, and a run cut short

@@ -412,8 +412,10 @@ def run_suite_bench(cfg: SuiteBenchConfig, command: list[str] | None = None) -> 
 
 
 def engine_report_header(kind: str, engine, device: str, decoder: str, command: list[str] | None) -> dict:
-    """The fields every real-engine bench report starts with: what ran, where, with which libraries, when."""
-    return report_header(kind, engine.engine_dir, device, dtype_name(engine.dtype), decoder, command)
+    """The fields every real-engine bench report starts with: what ran, where, with which libraries, when, and
+    the draft's vocabulary size (0: the whole vocabulary; build --draft-vocab)."""
+    return report_header(kind, engine.engine_dir, device, dtype_name(engine.dtype), decoder, command) | {
+        "draft_vocab": engine.decoder.runtime.draft_vocab}
 
 
 def report_header(kind: str, engine_dir: Path, device: str, dtype: str, decoder: str,

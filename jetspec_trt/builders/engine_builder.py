@@ -36,6 +36,7 @@ from jetspec_trt.builders.validate import CheckedPair, check_pair
 from jetspec_trt.dtypes import parse_dtype
 from jetspec_trt.errors import JetSpecError
 from jetspec_trt.models.checkpoint import SHARD_INDEX, weight_files
+from jetspec_trt.models.draft_vocab import TOKEN_COUNTS, most_frequent, read_token_counts, write_draft_vocab
 from jetspec_trt.models.fused_layout import LAYOUT_DESCRIPTION, fuse_plan, is_fused
 from jetspec_trt.models.weights import keep_plan, write_weights
 from jetspec_trt.runtime.config import DEFAULT_TREE, RUNTIME_CONFIG, RuntimeConfig, TreeConfig
@@ -67,6 +68,8 @@ class BuildConfig:
     small_m_gemm: bool = False  # CUDA: 2..64-row GEMMs (verify, draft block) through plugins.skinny_gemm
     prefill_graphs: bool = True  # CUDA: prompt-length buckets' prefills as CUDA graphs captured at load
     fused_layer_kernels: bool = True  # the layers' small ops as plugins.layer_kernels' fused kernels (CUDA)
+    draft_vocab: int = 0  # the draft proposes from this many most frequent tokens (models/draft_vocab.py); 0: all
+    draft_vocab_counts: Path | None = None  # their counts; None: the draft directory's token_counts.json
     quantize: QuantizeConfig | None = None  # quantize the target (FP8 through nvidia-modelopt); None: as it is
     cost_model_device: str | None = "auto"  # where to time the scheduler's passes; auto: cuda if any; None: skip
 
@@ -118,7 +121,21 @@ def runtime_config_for(pair: CheckedPair, cfg: BuildConfig) -> RuntimeConfig:
         small_m_gemm=cfg.small_m_gemm,
         prefill_graphs=cfg.prefill_graphs,
         fused_layer_kernels=cfg.fused_layer_kernels,
+        draft_vocab=cfg.draft_vocab,
     )
+
+
+def choose_draft_vocab(pair: CheckedPair, cfg: BuildConfig) -> tuple[list[int], float, Path] | None:
+    """The draft vocabulary's token ids, their coverage of the counted tokens and the counts file (None without
+    --draft-vocab); checked before any work: counts present, size within the vocabulary and no smaller than the
+    tree's width."""
+    if not cfg.draft_vocab:
+        return None
+    if cfg.draft_vocab < cfg.tree.topk:
+        raise JetSpecError(f"--draft-vocab {cfg.draft_vocab} is below the tree width {cfg.tree.topk}")
+    source = Path(cfg.draft_vocab_counts or Path(cfg.draft_dir) / TOKEN_COUNTS)
+    ids, coverage = most_frequent(read_token_counts(source), cfg.draft_vocab, pair.target.vocab_size)
+    return ids, coverage, source
 
 
 def measure_engine_costs(engine_dir: Path, device: str | None) -> str | dict:
@@ -146,6 +163,7 @@ def build_engine(cfg: BuildConfig, command: list[str] | None = None) -> Path:
     check_output(output, cfg.overwrite)
     pair = check_pair(cfg.target_dir, cfg.draft_dir)
     runtime = runtime_config_for(pair, cfg)
+    draft_vocab = choose_draft_vocab(pair, cfg)
     if cfg.quantize is not None:
         cfg.quantize.validate()
         if pair.target_fp8 is not None:
@@ -169,6 +187,8 @@ def build_engine(cfg: BuildConfig, command: list[str] | None = None) -> Path:
         if target_src != Path(cfg.target_dir):
             shutil.rmtree(target_src)
         (staging / RUNTIME_CONFIG).write_text(runtime.to_json())
+        if draft_vocab is not None:
+            write_draft_vocab(staging, *draft_vocab)
         kernel_tuning = tune_engine_kernels(staging, runtime, pair.target, pair.draft, cfg.tune, cfg.progress)
         cost_model = measure_engine_costs(staging, cfg.cost_model_device)
         manifest = {
@@ -188,6 +208,9 @@ def build_engine(cfg: BuildConfig, command: list[str] | None = None) -> Path:
                 {"target": "hugging-face (FP8: q/k/v and gate/up fused at load on the GPU)"} if quantization else {}),
             # The target's quantization and how it was made (modelopt recipe, calibration); null: unquantized.
             "quantization": quantization,
+            # the draft's own vocabulary (draft_vocab.json); null: the target's whole vocabulary
+            "draft_vocab": None if draft_vocab is None else {
+                "size": cfg.draft_vocab, "coverage": round(draft_vocab[1], 6), "counts": str(draft_vocab[2])},
             "kernel_tuning": kernel_tuning,
             "cost_model": cost_model,
             "sources": sources,

@@ -22,7 +22,8 @@ from torch import nn
 from jetspec_trt.errors import JetSpecError
 from jetspec_trt.models.config import DecoderConfig
 from jetspec_trt.models.layers import RMSNorm, Rotary
-from jetspec_trt.models.target import DecoderLayer, LayerCall, fuse_layers, paged_layer_call, set_fused_kernels
+from jetspec_trt.models.target import (DecoderLayer, LayerCall, TargetModel, fuse_layers, paged_layer_call,
+                                       set_fused_kernels)
 from jetspec_trt.models.kv_cache import KVCacheSpec, PagedKVCache
 from jetspec_trt.plugins.layer_kernels import kv_norm_rope_write
 from jetspec_trt.plugins.linear import linear
@@ -137,6 +138,10 @@ class DraftHead(nn.Module):
         self.rotary = Rotary(inv_freq, attention_scaling)
         self.small_m_gemm = False
         self.fused_kernels = False  # set_fused_layer_kernels
+        # The draft's vocabulary (set_vocab): token ids, ascending, and those rows of the target's lm_head. None:
+        # the whole vocabulary. Not in the checkpoint: an engine choice (RuntimeConfig.draft_vocab).
+        self.register_buffer("vocab_ids", None, persistent=False)
+        self.register_buffer("vocab_weight", None, persistent=False)
 
     def set_small_m_gemm(self, enabled: bool) -> None:
         """The head's 2..64-row GEMMs (the block's layers, the context rows' fc and k/v projections) through
@@ -150,6 +155,29 @@ class DraftHead(nn.Module):
         kernels (plugins.layer_kernels), as TargetModel.set_fused_layer_kernels does for the target."""
         set_fused_kernels(self.layers, enabled)
         self.hidden_norm.fused_kernel = self.norm.fused_kernel = self.fused_kernels = enabled
+
+    def set_vocab(self, token_ids: torch.Tensor | None, lm_head_weight: torch.Tensor | None = None) -> None:
+        """Propose from `token_ids` only (None: from the whole vocabulary again): the per-depth logits then come from
+        those rows of the target's lm_head (`lm_head_weight`, copied: [N, H]). Why: at 15 depth rows the lm_head
+        over Qwen's 151936 tokens is 0.10 ms of a 0.27 ms draft stage (H100, 0.5B shape,
+        bench/results/engine-qwen2.5-0.5b-h100-defaults-profile.json). The target still verifies over its whole
+        vocabulary, so this changes which tokens the tree can hold, never the output. A GraphDecoder captures
+        the vocabulary into its rounds: set it before, or through GraphDecoder.set_draft_vocab."""
+        if token_ids is None:
+            self.vocab_ids = self.vocab_weight = None
+            return
+        ids = torch.unique(token_ids.long()).to(lm_head_weight.device)  # ascending: ties go to the lower id
+        if ids.numel() != token_ids.numel() or not 0 <= int(ids[0]) <= int(ids[-1]) < lm_head_weight.shape[0]:
+            raise JetSpecError(f"a draft vocabulary must hold distinct token ids in 0..{lm_head_weight.shape[0] - 1}")
+        self.vocab_ids = ids
+        self.vocab_weight = lm_head_weight.detach()[ids].contiguous()
+
+    def depth_logits(self, hidden: torch.Tensor, target: TargetModel) -> torch.Tensor:
+        """Per-depth logits of normed block rows [D, H] (propose's rows 1..D): over the draft's vocabulary (column
+        j is token vocab_ids[j]) or over the target's whole one (target.lm_head_rows), in the model's dtype."""
+        if self.vocab_weight is None:
+            return target.lm_head_rows(hidden)
+        return linear(hidden, self.vocab_weight, None, False, use_small_m=target.small_m_gemm)
 
     def new_cache(self, max_tokens: int, page_size: int = 64, dtype: torch.dtype | None = None) -> PagedKVCache:
         cfg = self.config

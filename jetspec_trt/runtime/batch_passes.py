@@ -311,7 +311,7 @@ class PaddedPasses:
         def body(batch: PaddedBatch, out: dict[str, torch.Tensor]) -> None:
             hidden = self.draft.run_layers(self.target.embed_tokens(batch.token_ids()), batch.positions(),
                                            batch.layer_call())
-            out["logits"] = self.target.lm_head(hidden.view(seqs, block_size, -1)[:, 1:])
+            out["logits"] = self.draft.depth_logits(hidden.view(seqs, block_size, -1)[:, 1:], self.target)
 
         return self._attention_pass(self._blocks, seqs, seqs, seqs * block_size, self.draft_pool, self.draft_scratch,
                                     body)

@@ -101,6 +101,9 @@ class RuntimeConfig:
     # draft's fused path, RoPE tables and bf16 greedy argmax, the default pair's AR went 853-857 -> 966-971 tok/s
     # and its default-tree speculative decode 10-21 % faster (suites-nvidia-h100-80gb-hbm3-ab-{old,new}.json).
     fused_layer_kernels: bool = True
+    # The draft proposes from this many tokens, the most frequent in the target's responses (models/draft_vocab.py;
+    # the ids in the engine's draft_vocab.json); 0: from the whole vocabulary. The output is the same either way.
+    draft_vocab: int = 0
     extras: dict = field(default_factory=dict)  # backend-specific (e.g. tuned kernel configs)
 
     def cache_tokens(self) -> int:

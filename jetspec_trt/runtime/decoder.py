@@ -102,11 +102,16 @@ class Decoder(HostRounds):
             self._pending = (self._features[kept], position + torch.arange(len(path), device=self.device))
 
     def draft_depth_logits(self, anchor: int, position: int, max_depth: int) -> torch.Tensor:
-        """One draft pass over [anchor, MASK x (block_size-1)] at `position`: logits [max_depth, vocab]."""
+        """One draft pass over [anchor, MASK x (block_size-1)] at `position`: logits [max_depth, the draft's
+        vocabulary] (draft_vocab_ids)."""
         block_size = self.runtime.block_size
         block = torch.full((block_size,), self.runtime.mask_token_id, device=self.device)
         block[0] = anchor
         embeds = self.target.embed_tokens(block)
         positions = position + torch.arange(block_size, device=self.device)
         hidden = self.draft.propose(embeds, positions, self.draft_cache, self._block_mask)
-        return self.target.lm_head_rows(hidden[1 : 1 + max_depth])
+        return self.draft.depth_logits(hidden[1 : 1 + max_depth], self.target)
+
+    @property
+    def draft_vocab_ids(self) -> torch.Tensor | None:
+        return self.draft.vocab_ids if self.draft is not None else None

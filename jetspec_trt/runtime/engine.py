@@ -20,6 +20,7 @@ from jetspec_trt.dtypes import parse_dtype
 from jetspec_trt.errors import JetSpecError
 from jetspec_trt.models.checkpoint import load_draft, load_target, stored_names
 from jetspec_trt.models.config import DecoderConfig
+from jetspec_trt.models.draft_vocab import read_draft_vocab
 from jetspec_trt.models.fp8 import read_fp8_format
 from jetspec_trt.models.fused_layout import is_fused
 from jetspec_trt.models.target import TargetModel
@@ -105,6 +106,8 @@ class Engine:
         # (models/fp8.py: e4m3 values in float32, activations rounded to e4m3 as the FP8 GEMMs do).
         target = load_target(engine_dir / "target", torch_dtype, device, fused_gemm=cuda)
         draft = load_draft(engine_dir / "draft", torch_dtype, device, fused_gemm=cuda)
+        if runtime.draft_vocab:
+            draft.set_vocab(torch.tensor(read_draft_vocab(engine_dir, runtime.draft_vocab)), target.lm_head.weight)
         tokenizer = AutoTokenizer.from_pretrained(str(engine_dir / "target"), local_files_only=True)
         summary = {"weights": _weights_summary(engine_dir, cuda),
                    "quantization": _quantization_summary(engine_dir, cuda, runtime.decode_gemv),

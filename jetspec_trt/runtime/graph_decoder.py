@@ -103,11 +103,11 @@ def round_nodes(tree: TreeConfig) -> int:
 
 
 def build_tree_and_mask(anchor: torch.Tensor, depth_logits: torch.Tensor, budget: int, topk: int,
-                        max_depth: int) -> tuple[TreeTensors, torch.Tensor]:
+                        max_depth: int, vocab_ids: torch.Tensor | None = None) -> tuple[TreeTensors, torch.Tensor]:
     """The tree stage's work: the tree and its packed ancestor mask, in one function so that compiled, the
     mask packing (a handful of elementwise ops over [N, N]) fuses with the ancestor build instead of running
     as its own eager kernels."""
-    built = build_tree_tensors(anchor, depth_logits, budget, topk, max_depth)
+    built = build_tree_tensors(anchor, depth_logits, budget, topk, max_depth, vocab_ids)
     return built, pack_mask(built.ancestors)
 
 
@@ -327,6 +327,12 @@ class GraphDecoder:
         self._prefills.clear()  # (the last row's lm_head is a single-token GEMM); recaptured by prepare
         self._prefill_pool = torch.cuda.graph_pool_handle() if self.prefill_graphs else None
 
+    def set_draft_vocab(self, token_ids: torch.Tensor | None) -> None:
+        """Let the draft propose from `token_ids` only (DraftHead.set_vocab; None: the whole vocabulary); drops
+        captured rounds (they baked in the old logits' shape and ids)."""
+        self.draft.set_vocab(token_ids, self.target.lm_head.weight)
+        self._stages.clear()
+
     def set_tree_kernel(self, enabled: bool) -> None:
         """Switch the tree stage between the Triton kernels and the torch build; drops captured rounds."""
         self.tree_kernel = enabled
@@ -388,11 +394,11 @@ class GraphDecoder:
             block[:1] = state.anchor
             positions = dcache.ctx_len.long() + offsets_block
             hidden = draft.propose(target.embed_tokens(block), positions, dcache, self._block_mask)
-            scratch["depth_logits"] = target.lm_head_rows(hidden[1 : 1 + depth])
+            scratch["depth_logits"] = draft.depth_logits(hidden[1 : 1 + depth], target)
 
         def tree_stage() -> None:
             scratch["tree"], scratch["mask"] = build_tree(state.anchor, scratch["depth_logits"],
-                                                          tree.budget - tree.lookup, tree.topk, depth)
+                                                          tree.budget - tree.lookup, tree.topk, depth, draft.vocab_ids)
             if tree.lookup:  # the anchor sits at history[ctx_len]
                 scratch["tree"], scratch["mask"] = self.add_lookup_chain(scratch["tree"], state.history,
                                                                          tcache.ctx_len, tree.lookup, depth)

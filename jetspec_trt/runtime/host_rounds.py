@@ -8,6 +8,7 @@ round over the anchor alone. A subclass runs the models:
 
     _prefill_logits(prompt_ids, capture)       the prompt through the target (caches reset): last row's logits
     _draft_logits(anchor, position, depth)     [depth, vocab]: the draft at the anchor, which sits at `position`
+                                               (columns: draft_vocab_ids where the draft has its own vocabulary)
     _verify(tokens, positions, mask)           the target over the round's nodes (CPU tensors): logits [T, V]
     _commit(path, position)                    keep the KV (and features) of the accepted path's nodes
 """
@@ -37,6 +38,8 @@ class RoundInputs:
 
 class HostRounds:
     logprobs: list[float] | None = None  # with request.logprobs: of the tokens the last prefill / round returned
+    # The token id of each column of _draft_logits (DraftHead.set_vocab); None: column j is token j.
+    draft_vocab_ids: torch.Tensor | None = None
 
     def prepare(self, request: DecodeRequest) -> None:
         pass
@@ -80,7 +83,8 @@ class HostRounds:
         """draft_tree's two parts: the draft's best-first tree of budget - lookup nodes and the context-lookup
         chain ([] without lookup), for a scheduler that cuts them to a smaller budget (runtime/cost_model.py)."""
         tree = self._request.tree
-        draft = build_tree(self._anchor, depth_logits, tree.budget - tree.lookup, tree.topk, tree.max_depth)
+        draft = build_tree(self._anchor, depth_logits, tree.budget - tree.lookup, tree.topk, tree.max_depth,
+                           self.draft_vocab_ids)
         return draft, self._context.lookup(tree.lookup) if tree.lookup else []
 
     def tree_inputs(self, draft_tree: DraftTree | None) -> RoundInputs:

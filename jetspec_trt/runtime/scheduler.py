@@ -436,7 +436,8 @@ class Scheduler:
                                        positions.to(self.device),
                                        batched_layer_call([(cache, self._block_mask) for cache in caches]))
         hidden = hidden.view(len(decoders), block_size, -1)
-        return [self.target.lm_head(hidden[j, 1 : 1 + s.request.tree.draft_depth]) for j, s in enumerate(sequences)]
+        return [self.draft.depth_logits(hidden[j, 1 : 1 + s.request.tree.draft_depth], self.target)
+                for j, s in enumerate(sequences)]
 
 
 @torch.inference_mode()

@@ -44,9 +44,10 @@ def anchor_candidates(head: DraftHead, target: TargetModel, store: FeatureStore,
                            to_device(torch.ones_like(anchors, dtype=torch.bool), device))
         with autocast():
             hidden = block_hidden(head, target, batch)[0, :, 1 : depth + 1]  # [A, depth, H]
-            logits = F.linear(hidden.reshape(-1, hidden.shape[-1]).to(target.lm_head.weight.dtype),
-                              target.lm_head.weight)
-        logp, top = depth_top_logp(logits, topk)
+            rows = hidden.reshape(-1, hidden.shape[-1]).to(target.lm_head.weight.dtype)
+            logits = (F.linear(rows, target.lm_head.weight) if head.vocab_weight is None  # (the training path's op)
+                      else head.depth_logits(rows, target))
+        logp, top = depth_top_logp(logits, topk, head.vocab_ids)
         logps.append(logp.view(*hidden.shape[:2], topk).cpu())
         ids.append(top.view(*hidden.shape[:2], topk).cpu())
     return torch.cat(logps), torch.cat(ids)

@@ -30,6 +30,7 @@ from jetspec_trt.errors import JetSpecError
 from jetspec_trt.models.checkpoint import load_target, save_draft
 from jetspec_trt.models.config import DecoderConfig, load_hf_config
 from jetspec_trt.models.draft import DraftHead
+from jetspec_trt.models.draft_vocab import TOKEN_COUNTS, read_token_counts, write_token_counts
 from jetspec_trt.models.target import TargetModel
 from jetspec_trt.runtime.config import TreeConfig
 from jetspec_trt.train.acceptance import simulated_tau
@@ -782,7 +783,16 @@ def write_outputs(trainer: Trainer, out: Path, tokenizer, tcfg: DecoderConfig, d
     }
     card["history"] = run_history(cfg.init_head, card)
     (out / CARD).write_text(json.dumps(card, indent=2) + "\n")
+    write_token_counts(out / TOKEN_COUNTS, response_token_counts(trainer.sequences[:trainer.num_train], cfg.init_head))
     return card
+
+
+def response_token_counts(train_seqs: list[TrainSequence], init_head: Path | None) -> Counter:
+    """This run's training response tokens counted, added to the continued head's own counts (its runs so far):
+    what `build --draft-vocab` ranks by."""
+    counts = Counter(t for s in train_seqs for t in s.response_ids)
+    earlier = Path(init_head) / TOKEN_COUNTS if init_head is not None else None
+    return counts + read_token_counts(earlier) if earlier is not None and earlier.is_file() else counts
 
 
 def objective_text(loss: LossConfig) -> str:

@@ -48,23 +48,28 @@ class DraftTree:
         return pack_mask(self.ancestors)
 
 
-def depth_top_logp(depth_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def depth_top_logp(depth_logits: torch.Tensor, k: int,
+                   vocab_ids: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """depth_logits [D, V] (any float dtype) -> the k best tokens of each row, best first, and their float32
-    log-probabilities. Both tree builds take their scores from here, so they rank the same values.
+    log-probabilities. Both tree builds take their scores from here, so they rank the same values. `vocab_ids`
+    [V]: the token id of each column, where the draft scores a subset of the vocabulary (DraftHead.set_vocab);
+    None: column j is token j.
 
     log_softmax is a per-row shift, so the top-k of the raw logits is the top-k of the log-probabilities; only
     those k values get the normaliser subtracted (the [D, V] log-probabilities are never written, and the top-k
     reads the logits in their own dtype: exact, bf16 -> fp32 is)."""
     top, ids = depth_logits.topk(k, dim=-1)
     log_norm = torch.logsumexp(depth_logits.float(), dim=-1, keepdim=True)
-    return top.float() - log_norm, ids
+    return top.float() - log_norm, ids if vocab_ids is None else vocab_ids[ids]
 
 
-def build_tree(anchor: int, depth_logits: torch.Tensor, budget: int, topk: int, max_depth: int) -> DraftTree:
-    """depth_logits [D, V]: row d scores the token at depth d+1. Returns at most `budget` nodes."""
+def build_tree(anchor: int, depth_logits: torch.Tensor, budget: int, topk: int, max_depth: int,
+               vocab_ids: torch.Tensor | None = None) -> DraftTree:
+    """depth_logits [D, V]: row d scores the token at depth d+1 (column j: token vocab_ids[j], or j). Returns at
+    most `budget` nodes."""
     max_depth = min(max_depth, depth_logits.shape[0])
     k = min(topk, depth_logits.shape[-1])
-    top_logp, top_ids = depth_top_logp(depth_logits[:max_depth], k)
+    top_logp, top_ids = depth_top_logp(depth_logits[:max_depth], k, vocab_ids)
     return build_tree_from_top(anchor, top_logp, top_ids, budget, k, max_depth)
 
 

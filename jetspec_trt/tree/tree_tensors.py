@@ -43,14 +43,15 @@ class TreeTensors:
 
 
 def build_tree_tensors(anchor: torch.Tensor, depth_logits: torch.Tensor, budget: int, topk: int,
-                       max_depth: int) -> TreeTensors:
-    """anchor: int64 [1] on the device; depth_logits [>= max_depth, V]. Returns node_count(...) nodes."""
+                       max_depth: int, vocab_ids: torch.Tensor | None = None) -> TreeTensors:
+    """anchor: int64 [1] on the device; depth_logits [>= max_depth, V] (column j: token vocab_ids[j], or j).
+    Returns node_count(...) nodes."""
     device = depth_logits.device
     keep = node_count(budget, topk, max_depth) - 1
     levels = min(max_depth, keep)  # a node at depth d has d - 1 ancestors below the root: deeper ones never fit
     if levels == 0:
         return _assemble(anchor, *(torch.zeros(0, dtype=torch.long, device=device),) * 3, 0)
-    top_logp, top_ids = depth_top_logp(depth_logits[:levels], topk)
+    top_logp, top_ids = depth_top_logp(depth_logits[:levels], topk, vocab_ids)
     # Non-finite logits (e.g. a graph warm-up reading a buffer nothing wrote yet) would break the "children
     # score below parents" order the construction relies on; finite values <= 0 keep the tree valid. (Only the
     # k values per depth are cleaned: the top-k itself is safe on NaN, it ranks NaN first.)
@@ -101,7 +102,7 @@ def tree_kernels_support(budget: int, topk: int, max_depth: int) -> bool:
 
 
 def build_tree_kernels(anchor: torch.Tensor, depth_logits: torch.Tensor, budget: int, topk: int,
-                       max_depth: int) -> tuple[TreeTensors, torch.Tensor]:
+                       max_depth: int, vocab_ids: torch.Tensor | None = None) -> tuple[TreeTensors, torch.Tensor]:
     """`build_tree_tensors` and its packed mask on the Triton tree kernels (plugins/triton_tree_build.py): the same
     node count and contract, the nodes in the host build_tree's pop order (tree.tree.build_tree_from_top's tree
     over the kernels' top-k, node for node)."""
@@ -113,6 +114,8 @@ def build_tree_kernels(anchor: torch.Tensor, depth_logits: torch.Tensor, budget:
         top_ids = torch.zeros(1, k, dtype=torch.long, device=depth_logits.device)
     else:
         top_logp, top_ids = triton_tree_build.vocab_top_logp(depth_logits[:levels], k)
+        if vocab_ids is not None:
+            top_ids = vocab_ids[top_ids]
     *tree, mask = triton_tree_build.best_first_tree(anchor, top_logp, top_ids, nodes, k, levels)
     return TreeTensors(*tree), mask
 

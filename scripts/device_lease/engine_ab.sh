@@ -5,7 +5,9 @@
 #   here:   rm -rf abold && mkdir abold && git archive COMMIT jetspec_trt | tar -x -C abold   (untracked: travels)
 #   lease:  the GGUF pieces into /tmp/gguf (one call each, carrying .carry/gguf/gNN; the first also carries
 #           .carry/bench-prompts.jsonl and .whl/gguf-*.whl, and copies them to /tmp/keep), then this script
-# Env: OLD (abold), PROMPTS (12 a suite), BUDGETS (64), TAG (ab). ~1 min convert, ~40 s a build, ~1 min a bench.
+# Env: OLD (abold; `.` compares two builds of this checkout), NEW_FLAGS / OLD_FLAGS (extra build flags per side,
+# e.g. NEW_FLAGS="--draft-vocab 32768"), PROMPTS (12 a suite), BUDGETS (64), TAG (ab). ~1 min convert, ~40 s a
+# build, ~1 min a bench.
 # Writes suites-*-TAG-new.json / -TAG-old.json (+ PNG) to $OUT.
 set -uo pipefail
 OLD=$(realpath "${OLD:-abold}")
@@ -22,12 +24,12 @@ convert_gguf; convert_gguf(Path('$W/source.gguf'), Path('$W/qwen'), progress=Fal
   rm -f "$W/source.gguf"
 fi
 for side in new old; do
-  code=$NEW; [ "$side" = old ] && code=$OLD
-  echo "=== $(date +%T) build engine-$side ($code)"
+  code=$NEW; flags=${NEW_FLAGS:-}; [ "$side" = old ] && code=$OLD && flags=${OLD_FLAGS:-}
+  echo "=== $(date +%T) build engine-$side ($code) $flags"
   # From the code's own directory: `python -m` puts the working directory first on sys.path.
   (cd "$code" && PYTHONPATH=$code:/tmp/site python3 -m jetspec_trt.cli build --target "$W/qwen" \
     --draft "$NEW/heads/qwen2.5-coder-0.5b-jetspec" --output "$W/engine-$side" --dtype bfloat16 --max-seq-len 4096 \
-    --no-cost-model --overwrite 2>&1 | tail -3) || echo "=== build engine-$side FAILED"
+    --no-cost-model --overwrite $flags 2>&1 | tail -3) || echo "=== build engine-$side FAILED"
 done
 for side in new old; do
   code=$NEW; [ "$side" = old ] && code=$OLD

@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 def test_engine_bench_reports_every_section(tmp_path):
     cfg = BenchConfig(random_target="tiny", budgets=(4, 16), contexts=(64,), topk=4, max_depth=7, reps=3,
                       ar_tokens=16, hf_generate=False, agreement_prompts=2, agreement_tokens=16,
-                      compile_layers=False, kernel_profile=True, output_dir=tmp_path, tag="tiny")
+                      compile_layers=False, kernel_profile=True, draft_vocab=64, output_dir=tmp_path, tag="tiny")
     report = json.loads(run_bench(cfg).with_suffix(".json").read_text())
     assert [r["budget"] for r in report["rounds"]] == [4, 16]
     for row in report["rounds"]:
@@ -35,7 +35,7 @@ def test_engine_bench_reports_every_section(tmp_path):
         assert row["rest_per_layer_us"] == pytest.approx(1000 * row["rest_of_step_ms"] / 6)  # the tiny preset's layers
     breakdown = report["ar_breakdown"]
     assert breakdown["rest_per_layer_us"] == pytest.approx(1000 * breakdown["rest_of_step_ms"] / 6)
-    for switches in ("fused_layer_kernels", "unfused_layer_kernels"):
+    for switches in ("fused_layer_kernels", "unfused_layer_kernels", "draft_vocab_64"):
         profile = report["kernel_profile"][switches]
         tables = [profile["ar_step"]] + [t for r in profile["rounds"] for t in r["stages"].values()]
         assert [r["budget"] for r in profile["rounds"]] == [4, 16] and len(tables) == 1 + 2 * 4

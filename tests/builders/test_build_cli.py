@@ -262,3 +262,32 @@ def test_build_measures_the_cost_model_and_no_cost_model_skips_it(pair, tmp_path
     with pytest.raises(JetSpecError, match="malformed cost model"):
         Engine.load(bare).new_scheduler(SchedulerConfig(64, 2, "cost_model"))
     assert Engine.load(bare).new_scheduler(SchedulerConfig(64, 2)).chooser is None  # the fixed policy never reads it
+
+
+def test_draft_vocab_build_runs_lossless_and_bad_counts_fail_first(pair, tmp_path, capsys):
+    """--draft-vocab N: the engine keeps the N most counted tokens (draft_vocab.json, the manifest says how much of
+    the counts they cover) and decodes losslessly; missing counts or a size below the tree width fail in one line
+    before anything is written."""
+    from collections import Counter
+
+    from jetspec_trt.models.draft_vocab import write_token_counts
+
+    counts = tmp_path / "counts.json"
+    write_token_counts(counts, Counter({t: 300 - t for t in range(0, 200, 2)}))
+    engine = tmp_path / "engine"
+    code, out, err = invoke(build_args(pair / "target", pair / "draft", engine, "--dtype", "float32", "--budget", "16",
+                                       "--topk", "3", "--draft-vocab", "40", "--draft-vocab-counts", str(counts)),
+                            capsys)
+    assert code == 0, err
+    vocab = json.loads((engine / "draft_vocab.json").read_text())
+    assert vocab["token_ids"] == list(range(0, 80, 2)) and json.loads((engine / "runtime_config.json").read_text())[
+        "draft_vocab"] == 40
+    assert json.loads((engine / "manifest.json").read_text())["draft_vocab"]["size"] == 40
+    code, out, err = invoke(["run", str(engine), "--prompt", "hello", "--max-new-tokens", "20", "--verify"], capsys)
+    assert code == 0 and "lossless check: IDENTICAL" in err, err
+    for extra, message in ((("--draft-vocab", "40"), "no token counts"),
+                           (("--draft-vocab", "2", "--draft-vocab-counts", str(counts)), "below the tree width")):
+        code, out, err = invoke(build_args(pair / "target", pair / "draft", tmp_path / "bad", "--topk", "3", *extra),
+                                capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "bad").exists()

@@ -101,6 +101,14 @@ def check_all(device: str) -> None:
     parents, depths = tree.parents.cpu(), tree.depths.cpu()
     assert all(parents[i] < i and depths[i] == depths[parents[i]] + 1 for i in range(1, 64))
     assert int(tree.tokens.max()) < 300
+    # A draft vocabulary (columns: token ids): the tree of the same logits over the column ids, mapped.
+    logits = _logits(40, "float", torch.Generator().manual_seed(2))
+    vocab_ids = torch.arange(40) * 3 + 1
+    plain, _ = build_tree_kernels(torch.tensor([9], device=device), logits.to(device), 32, 4, 15)
+    mapped, _ = build_tree_kernels(torch.tensor([9], device=device), logits.to(device), 32, 4, 15,
+                                   vocab_ids.to(device))
+    assert mapped.tokens.cpu()[0] == 9 and torch.equal(mapped.tokens.cpu()[1:], vocab_ids[plain.tokens.cpu()[1:]])
+    assert torch.equal(mapped.parents.cpu(), plain.parents.cpu())
 
 
 def test_supports_bounds():

@@ -241,3 +241,27 @@ def test_lookup_tree_stage_compiles_whole_and_equals_eager():
         assert torch.equal(want.tokens, got.tokens) and torch.equal(want.parents, got.parents)
         assert torch.equal(want.ancestors, got.ancestors) and torch.equal(want_mask, got_mask)
         assert (want.tokens[-4:] >= 0).any()  # a chain was found and merged
+
+
+def test_draft_vocabulary_rounds_equal_the_reference_rounds(pair):
+    """A draft proposing from a subset of the vocabulary (DraftHead.set_vocab): the graph rounds draft the host's
+    trees (the same rounds), both emit the AR tokens, and no drafted token lies outside the subset."""
+    target, draft = pair
+    tree = TreeConfig(16, 4, 5, lookup=4)
+    runtime = tiny_runtime(draft, tree)
+    reference, fast = Decoder(target, draft, runtime), GraphDecoder(target, draft, runtime)
+    vocab = torch.arange(0, 256, 3)
+    draft.set_vocab(vocab, target.lm_head.weight)
+    try:
+        for seed in range(4):
+            prompt = torch.randint(0, 256, (5 + 3 * seed,), generator=torch.Generator().manual_seed(seed)).tolist()
+            expected = [t for c in reference.generate(prompt, 30, speculative=False) for t in c]
+            out = list(fast.generate(prompt, 30))
+            assert [t for c in out for t in c] == expected, seed
+            assert out == list(reference.generate(prompt, 30)), seed
+            assert fast.stats.emitted_per_round == reference.stats.emitted_per_round, seed
+        built, _ = reference.draft_parts(reference.draft_depth_logits(expected[-1], len(prompt), 5))
+        drafted = set(built.tokens[1:].tolist())  # the draft's own part of the tree (the chain is context)
+        assert drafted and drafted <= set(vocab.tolist())
+    finally:
+        draft.set_vocab(None)

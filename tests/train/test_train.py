@@ -435,6 +435,9 @@ def test_init_head_grows_by_identity_layers(tiny, trained, tmp_path, capsys):
         reference["acceptance_proxy"]["after"]["top1_agreement_per_depth"]
     assert [h["num_layers"] for h in card["history"]] == [1, 2]
     assert card["history"][1]["cumulative_response_tokens"] == 2 * reference["data"]["train_response_tokens"]
+    # token counts add up over the runs too (the same responses twice here)
+    counts = json.loads((out / "token_counts.json").read_text())
+    assert counts["response_tokens"] == 2 * reference["data"]["train_response_tokens"]
 
 
 def test_init_head_narrows_mlp_to_its_strongest_neurons(tiny, trained, tmp_path, capsys):
@@ -695,6 +698,10 @@ def test_vocab_coverage_ranks_on_training_responses_and_counts_held_out_ones():
     assert vocab_coverage(train, [], sizes=(2,))["2"] is None
 
 
-def test_card_reports_response_vocab_coverage(trained):
-    coverage = json.loads((trained / "training_card.json").read_text())["data"]["response_vocab_coverage"]
+def test_card_reports_response_vocab_coverage_and_the_head_its_token_counts(trained):
+    data = json.loads((trained / "training_card.json").read_text())["data"]
+    coverage = data["response_vocab_coverage"]
     assert 0 < coverage["4096"] <= coverage["65536"] <= 1 and coverage["heldout_response_tokens"] > 0
+    counts = json.loads((trained / "token_counts.json").read_text())
+    assert counts["response_tokens"] == sum(counts["counts"].values()) == data["train_response_tokens"]
+    assert len(counts["counts"]) == coverage["distinct_train_response_tokens"]

@@ -220,3 +220,23 @@ def test_with_chain_tensors_hold_the_host_merge(seed):
             j = int(merged.parents[j])
             chain_set.add(j)
         assert set(torch.nonzero(merged.ancestors[i]).flatten().tolist()) == chain_set
+
+
+def test_a_draft_vocabulary_builds_the_tree_of_its_columns():
+    """Logits over a subset of the vocabulary (columns: vocab_ids) give the tree the whole vocabulary's logits give
+    with every other token at -inf: the same tokens, parents and depths, in both device builds and on the host."""
+    g = torch.Generator().manual_seed(5)
+    vocab_ids = torch.tensor([2, 5, 11, 12, 30, 31, 47])
+    sub = torch.randn(4, len(vocab_ids), generator=g)
+    full = torch.full((4, 50), -torch.inf)
+    full[:, vocab_ids] = sub
+    anchor = torch.tensor([9])
+    for budget, topk in ((8, 3), (16, 4)):
+        ours, reference = (build_tree_tensors(anchor, sub, budget, topk, 4, vocab_ids),
+                           build_tree_tensors(anchor, full, budget, topk, 4))
+        for a, b in zip((ours.tokens, ours.parents, ours.depths), (reference.tokens, reference.parents,
+                                                                   reference.depths)):
+            assert torch.equal(a, b)
+        host, host_reference = build_tree(9, sub, budget, topk, 4, vocab_ids), build_tree(9, full, budget, topk, 4)
+        assert torch.equal(host.tokens, host_reference.tokens)
+        assert set(host.tokens[1:].tolist()) <= set(vocab_ids.tolist())
