@@ -571,7 +571,9 @@ def train(cfg: TrainConfig) -> TrainResult:
     sequences, cache_path = generate_responses(target_dir, cfg.data, out, device, dtype, cfg.seed, cfg.progress)
     generation_s = time.perf_counter() - gen_start
     train_seqs, heldout = split_heldout(sequences, cfg.heldout)
-    data_card = data_summary(cfg, sequences, train_seqs, heldout, cache_path, mask_token_id, generation_s)
+    train_counts = response_counts(train_seqs)  # the card's vocabulary coverage, and the head's token counts
+    data_card = data_summary(cfg, sequences, train_seqs, heldout, cache_path, mask_token_id, generation_s,
+                             train_counts)
     if cfg.steps == 0:
         return TrainResult(out, 0, False, {"data": data_card})
 
@@ -596,7 +598,7 @@ def train(cfg: TrainConfig) -> TrainResult:
     finished = run_loop(trainer, ckpt_dir, profile)
     card = {"data": data_card}
     if finished:
-        card = write_outputs(trainer, out, tokenizer, tcfg, dtype, data_card, copied, reshaped)
+        card = write_outputs(trainer, out, tokenizer, tcfg, dtype, data_card, copied, reshaped, train_counts)
     return TrainResult(out, trainer.step, finished, card)
 
 
@@ -682,7 +684,7 @@ def planned_steps(cfg: TrainConfig, step: int, elapsed_s: float, s_per_step: flo
 
 
 def data_summary(cfg: TrainConfig, sequences, train_seqs, heldout, cache_path: Path, mask_token_id: int,
-                 generation_s: float) -> dict:
+                 generation_s: float, train_counts: Counter) -> dict:
     mask_hits = sum(s.ids.count(mask_token_id) for s in sequences)
     return {
         "source": cfg.data.source,
@@ -701,20 +703,26 @@ def data_summary(cfg: TrainConfig, sequences, train_seqs, heldout, cache_path: P
         "generation_s": round(generation_s, 2),
         # this run's batched generation (runtime.batch_decode): new tokens, decode seconds, tokens/s
         "generation": generation_stats(cache_path),
-        "response_vocab_coverage": vocab_coverage(train_seqs, heldout),
+        "response_vocab_coverage": vocab_coverage(train_counts, heldout),
     }
 
 
 COVERAGE_SIZES = (4096, 8192, 16384, 32768, 65536)
 
 
-def vocab_coverage(train_seqs, heldout, sizes: tuple[int, ...] = COVERAGE_SIZES) -> dict:
+def response_counts(sequences: list[TrainSequence]) -> Counter:
+    """How often each token occurs in the sequences' responses."""
+    return Counter(t for s in sequences for t in s.response_ids)
+
+
+def vocab_coverage(train_counts: Counter, heldout: list[TrainSequence],
+                   sizes: tuple[int, ...] = COVERAGE_SIZES) -> dict:
     """The share of the held-out responses' tokens that the N tokens most frequent in the training responses cover,
     per N: what a draft proposing from N tokens only (its lm_head over those rows: at 15 depth rows of Qwen's
     151936-token vocabulary the lm_head is 0.10 ms of a 0.27 ms draft stage on an H100) could still propose.
     Ranked on the training responses, counted on the held-out ones, so the share is out of sample."""
-    ranked = [token for token, _ in Counter(t for s in train_seqs for t in s.response_ids).most_common()]
-    held = Counter(t for s in heldout for t in s.response_ids)
+    ranked = [token for token, _ in train_counts.most_common()]
+    held = response_counts(heldout)
     total = sum(held.values())
     out = {"distinct_train_response_tokens": len(ranked), "heldout_response_tokens": total}
     for size in sizes:
@@ -731,7 +739,7 @@ def loss_curve(losses: list[float], points: int = 50) -> list[list[float]]:
 
 
 def write_outputs(trainer: Trainer, out: Path, tokenizer, tcfg: DecoderConfig, dtype: torch.dtype,
-                  data_card: dict, copied: list[str], reshaped: list[str]) -> dict:
+                  data_card: dict, copied: list[str], reshaped: list[str], train_counts: Counter) -> dict:
     cfg, head = trainer.cfg, trainer.head
     trainer.flush_losses()
     proxy_after = trainer.record_curve(simulate=True)
@@ -783,14 +791,13 @@ def write_outputs(trainer: Trainer, out: Path, tokenizer, tcfg: DecoderConfig, d
     }
     card["history"] = run_history(cfg.init_head, card)
     (out / CARD).write_text(json.dumps(card, indent=2) + "\n")
-    write_token_counts(out / TOKEN_COUNTS, response_token_counts(trainer.sequences[:trainer.num_train], cfg.init_head))
+    write_token_counts(out / TOKEN_COUNTS, with_earlier_counts(train_counts, cfg.init_head))
     return card
 
 
-def response_token_counts(train_seqs: list[TrainSequence], init_head: Path | None) -> Counter:
-    """This run's training response tokens counted, added to the continued head's own counts (its runs so far):
-    what `build --draft-vocab` ranks by."""
-    counts = Counter(t for s in train_seqs for t in s.response_ids)
+def with_earlier_counts(counts: Counter, init_head: Path | None) -> Counter:
+    """This run's training response token counts added to the continued head's own (its runs so far): what
+    `build --draft-vocab` ranks by."""
     earlier = Path(init_head) / TOKEN_COUNTS if init_head is not None else None
     return counts + read_token_counts(earlier) if earlier is not None and earlier.is_file() else counts
 

@@ -688,14 +688,14 @@ def test_prompt_offset_answers_later_prompts(tiny, tmp_path, capsys):
 
 def test_vocab_coverage_ranks_on_training_responses_and_counts_held_out_ones():
     from jetspec_trt.train.data import TrainSequence
-    from jetspec_trt.train.trainer import vocab_coverage
+    from jetspec_trt.train.trainer import response_counts, vocab_coverage
 
     train = [TrainSequence([1, 2], [5, 5, 5, 6, 6, 7]), TrainSequence([3], [5, 8])]  # rank: 5, 6, then 7/8
     heldout = [TrainSequence([1], [5, 6, 9, 5])]  # 9 never appears in training
-    coverage = vocab_coverage(train, heldout, sizes=(1, 2, 4))
+    coverage = vocab_coverage(response_counts(train), heldout, sizes=(1, 2, 4))
     assert coverage["distinct_train_response_tokens"] == 4 and coverage["heldout_response_tokens"] == 4
     assert (coverage["1"], coverage["2"], coverage["4"]) == (0.5, 0.75, 0.75)
-    assert vocab_coverage(train, [], sizes=(2,))["2"] is None
+    assert vocab_coverage(response_counts(train), [], sizes=(2,))["2"] is None
 
 
 def test_card_reports_response_vocab_coverage_and_the_head_its_token_counts(trained):
