@@ -71,7 +71,11 @@ def read_draft_vocab(engine_dir: Path, size: int) -> list[int]:
     if not path.is_file():
         raise JetSpecError(f"{engine_dir}: runtime_config.json names a draft vocabulary of {size} tokens but "
                            f"{DRAFT_VOCAB} is missing (rebuild the engine)")
-    ids = json.loads(path.read_text())["token_ids"]
+    try:
+        ids = [int(token) for token in json.loads(path.read_text())["token_ids"]]
+    except (ValueError, KeyError, TypeError) as err:
+        raise JetSpecError(f"{path}: not a draft vocabulary file ({type(err).__name__}: {err}; rebuild the engine)") \
+            from None
     if len(ids) != size:
         raise JetSpecError(f"{path}: {len(ids)} token ids, runtime_config.json says {size} (rebuild the engine)")
     return ids

@@ -36,6 +36,9 @@ def test_files_round_trip_and_fail_in_one_line(tmp_path):
     assert read_draft_vocab(tmp_path, 3) == [1, 4, 8]
     with pytest.raises(JetSpecError, match="says 4"):
         read_draft_vocab(tmp_path, 4)
+    (tmp_path / "draft_vocab.json").write_text('{"size": 3')  # cut short
+    with pytest.raises(JetSpecError, match="not a draft vocabulary file"):
+        read_draft_vocab(tmp_path, 3)
 
 
 def test_head_proposes_the_columns_of_its_vocabulary():
