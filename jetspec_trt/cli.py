@@ -68,9 +68,10 @@ def tree_options(func):
 @click.option("--fused-layer-kernels/--no-fused-layer-kernels", default=True, show_default=True,
               help="Run the layers' norms, q/k norm + RoPE + KV write and post-attention residual add (target and "
                    "draft) as fused Triton kernels (CUDA).")
-@click.option("--draft-vocab", type=int, default=0, show_default=True,
+@click.option("--draft-vocab", type=int, default=None,
               help="The draft proposes from this many tokens, the most frequent in the target's responses (the "
-                   "head's token_counts.json, or --draft-vocab-counts); 0: from the whole vocabulary. Same output.")
+                   "head's token_counts.json, or --draft-vocab-counts); 0: from the whole vocabulary. Same output. "
+                   "[default: 32768 where those counts exist, else the whole vocabulary]")
 @click.option("--draft-vocab-counts", type=click.Path(path_type=Path), default=None,
               help="--draft-vocab: a token_counts.json to rank by [default: the draft directory's].")
 @click.option("--quantize", type=click.Choice(["fp8"]), default=None,

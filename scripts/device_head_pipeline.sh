@@ -32,7 +32,8 @@
 # PROFILE_STEPS (5: traced steps -> head-*/profile_steps.json; 0 none), SETUP_S (150), ENGINE_BENCH (0; 1 ends with the engine bench at the pair's shape), BUILD_FLAGS (extra build
 # flags for every engine, e.g. --no-prefill-graphs where the idle window's GPU tests showed the captures failing),
 # VOCAB_AB (unset; N: the first head's engine again with `build --draft-vocab N`, benched with the first EXTRA_TREES
-# set, and the engine bench's profile with the draft over N tokens),
+# set, and the engine bench's profile with the draft over N tokens; every other engine takes build's default, 32768
+# tokens for a head with token_counts.json: VOCAB_AB=0 times the whole vocabulary beside it),
 # EXTRA_TREES (unset; e.g. "--lookup 8;--topk 16 --lookup 8": after the benches, the first head's engine benched again greedy
 # once per ;-separated set of suite-bench tree flags, ~1.3 min each: wall-clock for what `bench --simulate-widths`
 # and `--simulate-lookups` found in tau).
@@ -118,9 +119,10 @@ for flags in "${extra_trees[@]}"; do
      --num-prompts "${BENCH_PROMPTS:-17}" --max-new-tokens 256 --budgets 16,64 --temperatures 0 $flags \
      --no-hf --output-dir "$WORK/results" --tag "$TAG-$first$(echo $flags | tr -d ' -')"
 done
-# A draft vocabulary (build --draft-vocab N, ranked by the new head's token_counts.json): the first head's engine
-# rebuilt with it and benched with the first EXTRA_TREES set, beside that set's bench of the full vocabulary.
-if [ -n "${VOCAB_AB:-}" ] && [ -d "$WORK/engine-$first" ] && [ -f "$WORK/head-$first/token_counts.json" ]; then
+# Another draft vocabulary (build --draft-vocab N, ranked by the new head's token_counts.json; 0: the whole
+# vocabulary): the first head's engine rebuilt with it and benched with the first EXTRA_TREES set, beside that
+# set's bench of the build's default.
+if [ -n "${VOCAB_AB:-}" ] && [ -d "$WORK/engine-$first" ]; then
   stage "draft vocabulary $VOCAB_AB, head $first"
   jt build --target "$WORK/qwen" --draft "$WORK/head-$first" --output "$WORK/engine-$first-dv$VOCAB_AB" --budget 256 \
      --topk 7 --max-depth 15 --lookup 0 --dtype bfloat16 --max-seq-len 4096 --draft-vocab "$VOCAB_AB" ${BUILD_FLAGS:-} \
@@ -136,6 +138,6 @@ fi
 if [ "${ENGINE_BENCH:-0}" = 1 ]; then
   stage "engine bench, qwen2.5-0.5b shape"
   jt bench --random-target qwen2.5-0.5b --budgets 16,64,256 --contexts 512 --no-hf --reps 20 --profile \
-     --profile-draft-vocab "${VOCAB_AB:-0}" --output-dir "$WORK/results" --tag "engine"
+     --profile-draft-vocab "$(( ${VOCAB_AB:-0} > 0 ? VOCAB_AB : 32768 ))" --output-dir "$WORK/results" --tag "engine"
 fi
 stage "done"

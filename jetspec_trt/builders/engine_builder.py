@@ -36,7 +36,8 @@ from jetspec_trt.builders.validate import CheckedPair, check_pair
 from jetspec_trt.dtypes import parse_dtype
 from jetspec_trt.errors import JetSpecError
 from jetspec_trt.models.checkpoint import SHARD_INDEX, weight_files
-from jetspec_trt.models.draft_vocab import TOKEN_COUNTS, most_frequent, read_token_counts, write_draft_vocab
+from jetspec_trt.models.draft_vocab import (DEFAULT_DRAFT_VOCAB, TOKEN_COUNTS, most_frequent, read_token_counts,
+                                            write_draft_vocab)
 from jetspec_trt.models.fused_layout import LAYOUT_DESCRIPTION, fuse_plan, is_fused
 from jetspec_trt.models.weights import keep_plan, write_weights
 from jetspec_trt.runtime.config import DEFAULT_TREE, RUNTIME_CONFIG, RuntimeConfig, TreeConfig
@@ -68,7 +69,9 @@ class BuildConfig:
     small_m_gemm: bool = False  # CUDA: 2..64-row GEMMs (verify, draft block) through plugins.skinny_gemm
     prefill_graphs: bool = True  # CUDA: prompt-length buckets' prefills as CUDA graphs captured at load
     fused_layer_kernels: bool = True  # the layers' small ops as plugins.layer_kernels' fused kernels (CUDA)
-    draft_vocab: int = 0  # the draft proposes from this many most frequent tokens (models/draft_vocab.py); 0: all
+    # The draft proposes from this many most frequent tokens (models/draft_vocab.py); 0: all; None: DEFAULT_DRAFT_VOCAB
+    # where token counts exist (the head's token_counts.json or draft_vocab_counts) and the vocabulary is larger.
+    draft_vocab: int | None = None
     draft_vocab_counts: Path | None = None  # their counts; None: the draft directory's token_counts.json
     quantize: QuantizeConfig | None = None  # quantize the target (FP8 through nvidia-modelopt); None: as it is
     cost_model_device: str | None = "auto"  # where to time the scheduler's passes; auto: cuda if any; None: skip
@@ -100,7 +103,7 @@ def _convert_checkpoint(src: Path, dst: Path, dtype: torch.dtype, fuse: bool, pr
     return write_weights(src, dst, fuse_plan if fuse else keep_plan, dtype, progress, label)
 
 
-def runtime_config_for(pair: CheckedPair, cfg: BuildConfig) -> RuntimeConfig:
+def runtime_config_for(pair: CheckedPair, cfg: BuildConfig, draft_vocab: int = 0) -> RuntimeConfig:
     cfg.tree.validate(pair.spec.block_size)
     max_positions = pair.target.max_position_embeddings
     max_seq_len = cfg.max_seq_len if cfg.max_seq_len is not None else min(4096, max_positions)
@@ -121,20 +124,23 @@ def runtime_config_for(pair: CheckedPair, cfg: BuildConfig) -> RuntimeConfig:
         small_m_gemm=cfg.small_m_gemm,
         prefill_graphs=cfg.prefill_graphs,
         fused_layer_kernels=cfg.fused_layer_kernels,
-        draft_vocab=cfg.draft_vocab,
+        draft_vocab=draft_vocab,
     )
 
 
 def choose_draft_vocab(pair: CheckedPair, cfg: BuildConfig) -> tuple[list[int], float, Path] | None:
-    """The draft vocabulary's token ids, their coverage of the counted tokens and the counts file (None without
-    --draft-vocab); checked before any work: counts present, size within the vocabulary and no smaller than the
-    tree's width."""
-    if not cfg.draft_vocab:
-        return None
-    if cfg.draft_vocab < cfg.tree.topk:
-        raise JetSpecError(f"--draft-vocab {cfg.draft_vocab} is below the tree width {cfg.tree.topk}")
+    """The draft vocabulary's token ids, their coverage of the counted tokens and the counts file (None: the whole
+    vocabulary); checked before any work: counts present, size within the vocabulary and no smaller than the
+    tree's width. Left unset (None), it is DEFAULT_DRAFT_VOCAB where counts exist and the vocabulary is larger."""
     source = Path(cfg.draft_vocab_counts or Path(cfg.draft_dir) / TOKEN_COUNTS)
-    ids, coverage = most_frequent(read_token_counts(source), cfg.draft_vocab, pair.target.vocab_size)
+    size = cfg.draft_vocab
+    if size is None:
+        size = DEFAULT_DRAFT_VOCAB if source.is_file() and pair.target.vocab_size > DEFAULT_DRAFT_VOCAB else 0
+    if not size:
+        return None
+    if size < cfg.tree.topk:
+        raise JetSpecError(f"--draft-vocab {size} is below the tree width {cfg.tree.topk}")
+    ids, coverage = most_frequent(read_token_counts(source), size, pair.target.vocab_size)
     return ids, coverage, source
 
 
@@ -162,8 +168,8 @@ def build_engine(cfg: BuildConfig, command: list[str] | None = None) -> Path:
     output = Path(cfg.output_dir)
     check_output(output, cfg.overwrite)
     pair = check_pair(cfg.target_dir, cfg.draft_dir)
-    runtime = runtime_config_for(pair, cfg)
     draft_vocab = choose_draft_vocab(pair, cfg)
+    runtime = runtime_config_for(pair, cfg, 0 if draft_vocab is None else len(draft_vocab[0]))
     if cfg.quantize is not None:
         cfg.quantize.validate()
         if pair.target_fp8 is not None:
@@ -210,7 +216,7 @@ def build_engine(cfg: BuildConfig, command: list[str] | None = None) -> Path:
             "quantization": quantization,
             # the draft's own vocabulary (draft_vocab.json); null: the target's whole vocabulary
             "draft_vocab": None if draft_vocab is None else {
-                "size": cfg.draft_vocab, "coverage": round(draft_vocab[1], 6), "counts": str(draft_vocab[2])},
+                "size": len(draft_vocab[0]), "coverage": round(draft_vocab[1], 6), "counts": str(draft_vocab[2])},
             "kernel_tuning": kernel_tuning,
             "cost_model": cost_model,
             "sources": sources,

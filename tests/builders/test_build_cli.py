@@ -291,3 +291,34 @@ def test_draft_vocab_build_runs_lossless_and_bad_counts_fail_first(pair, tmp_pat
                                 capsys)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
         assert not (tmp_path / "bad").exists()
+
+
+def test_draft_vocab_default_follows_the_heads_token_counts(pair, tmp_path, capsys, monkeypatch):
+    """No --draft-vocab: DEFAULT_DRAFT_VOCAB tokens where the head has token_counts.json and the target's vocabulary
+    is larger, else the whole vocabulary; --draft-vocab 0 keeps the whole vocabulary either way."""
+    import shutil
+    from collections import Counter
+
+    from jetspec_trt.builders import engine_builder
+    from jetspec_trt.models.draft_vocab import TOKEN_COUNTS, write_token_counts
+
+    monkeypatch.setattr(engine_builder, "DEFAULT_DRAFT_VOCAB", 40)  # the tiny pair's vocabulary is below 32768
+    head = tmp_path / "head"
+    shutil.copytree(pair / "draft", head)
+
+    def built_vocab(name: str, *extra: str):
+        engine = tmp_path / name
+        code, out, err = invoke(build_args(pair / "target", head, engine, "--dtype", "float32", "--budget", "16",
+                                           "--topk", "3", *extra), capsys)
+        assert code == 0, err
+        size = json.loads((engine / "runtime_config.json").read_text())["draft_vocab"]
+        assert (json.loads((engine / "manifest.json").read_text())["draft_vocab"] or {}).get("size", 0) == size
+        assert (engine / "draft_vocab.json").exists() == bool(size)
+        return size
+
+    assert built_vocab("no-counts") == 0
+    write_token_counts(head / TOKEN_COUNTS, Counter({t: 500 - t for t in range(100)}))
+    assert built_vocab("counts") == 40
+    assert built_vocab("off", "--draft-vocab", "0") == 0
+    monkeypatch.setattr(engine_builder, "DEFAULT_DRAFT_VOCAB", 10 ** 6)  # not below the vocabulary: no reduction
+    assert built_vocab("large") == 0
