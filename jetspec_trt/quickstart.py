@@ -39,12 +39,15 @@ class RunDefaults:
     max_new_tokens: int
 
 
-# A CPU verifies a tree at roughly the cost of its tokens, and the draft's lm_head costs one target-vocab row per
-# depth, so the CPU runs a small, shallow tree without lookup and a short answer (cached quickstart: about a
-# minute on 2 cores). The GPU runs the default tree (runtime/config.py: budget 64, width 16, lookup 15, measured
-# there at 1.57-2.51x our AR on an H200).
+# A CPU verifies a tree at roughly the cost of its tokens, and the draft's lm_head costs one (draft-vocabulary) row
+# per depth, so the CPU runs a small, shallow tree and a short answer (cached quickstart: about a minute on 2
+# cores). Its lookup chain costs no draft work: head v9, fp32, 2 threads, 3 prompts a suite x 64 tokens
+# (bench/results/suites-cpu-qwen2-5-coder-0-5b-head-v9-*.json), depth 4, width 7, MT-Bench / MATH-500 / HumanEval:
+# budget 8 without lookup 0.91 / 0.99 / 0.89x our AR; with a 4-token chain budget 8 0.85 / 1.12 / 1.65x, budget
+# 12 0.91 / 1.24 / 1.74x, budget 16 0.85 / 1.17 / 1.70x; depth 6 with a 6-token chain at budget 12 0.80 / 1.06 /
+# 1.89x. The GPU runs the default tree (runtime/config.py: budget 64, width 16, lookup 15).
 DEFAULTS = {
-    "cpu": RunDefaults(TreeConfig(budget=8, topk=7, max_depth=4), max_new_tokens=64),
+    "cpu": RunDefaults(TreeConfig(budget=12, topk=7, max_depth=4, lookup=4), max_new_tokens=64),
     "cuda": RunDefaults(DEFAULT_TREE, max_new_tokens=256),
 }
 

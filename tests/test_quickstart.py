@@ -38,23 +38,23 @@ def test_quickstart_tiny_refuses_target_and_head(tmp_path, capsys):
 
 def test_cuda_defaults_are_the_measured_lookup_tree():
     """On CUDA the quickstart, and `run` / the Engine API through the engine `build` writes by default, use budget
-    64, width 16 and a 15-node context-lookup chain (the H200's best, runtime/config.py); the CPU keeps its small
-    tree without lookup (the README's CPU quickstart output)."""
+    64, width 16 and a 15-node context-lookup chain (the H200's best, runtime/config.py); the CPU its small
+    tree with a 4-token chain (its best on the CPU, quickstart.py; the README's CPU quickstart output)."""
     assert DEFAULT_TREE == TreeConfig(budget=64, topk=16, max_depth=15, lookup=15)
     assert DEFAULTS["cuda"].tree == DEFAULT_TREE and DEFAULTS["cuda"].max_new_tokens == 256
-    assert DEFAULTS["cpu"].tree == TreeConfig(8, 7, 4, lookup=0) and DEFAULTS["cpu"].max_new_tokens == 64
+    assert DEFAULTS["cpu"].tree == TreeConfig(12, 7, 4, lookup=4) and DEFAULTS["cpu"].max_new_tokens == 64
     assert BuildConfig(Path("t"), Path("d"), Path("e")).tree == DEFAULT_TREE
 
 
 def test_run_tree_defaults_and_budget_bounds():
     built = TreeConfig(256, 7, 15)
-    assert run_tree("cpu", None, built) == TreeConfig(8, 7, 4)
+    assert run_tree("cpu", None, built) == TreeConfig(12, 7, 4, lookup=4)
     assert run_tree("cuda", None, built) == TreeConfig(64, 16, 15, lookup=15)
     assert run_tree("cuda", 16, built) == TreeConfig(16, 16, 15, lookup=8)  # the chain: at most half a smaller budget
     assert run_tree("cuda", None, TreeConfig(64, 16, 7)) == TreeConfig(64, 16, 7, lookup=7)  # and the engine's depth
     assert run_tree("cuda", 1, built) == TreeConfig(1, 16, 1)  # autoregressive: no chain
     assert run_tree("cpu", 1, built) == TreeConfig(1, 7, 1)  # autoregressive
-    assert run_tree("cpu", 3, built) == TreeConfig(3, 7, 2)  # no deeper than the budget can reach
+    assert run_tree("cpu", 3, built) == TreeConfig(3, 7, 2, lookup=1)  # no deeper than the budget can reach
     with pytest.raises(Exception, match="--budget must be in 1..256"):
         run_tree("cpu", 257, built)
 
