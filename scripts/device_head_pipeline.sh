@@ -27,13 +27,14 @@
 # TEMPS ("0": the first head's bench temperatures, e.g. "0,1"; later heads bench greedy only), BASELINE (0; 1
 # benches the committed head last, on the same prompts), PROMPT_OFFSET (0; runs 3-4 answered prompts from the
 # first 12000 of the mix, run 5 (lost) 12000-27000, run 6 27000-38458, run 7 38500-49262, run 8 0-13833 (a second
-# pass), run 9 14000-28186; the mix has 53,319 and 50000-50063 are scripts/probe_head.py's held-out prompts),
+# pass), run 9 14000-28186, run 10 28200-38767; the mix has 53,319 and 50000-50063 are scripts/probe_head.py's
+# held-out prompts), DATA (/tmp/keep/prompts-mix.jsonl.gz; /tmp/keep/prompts-mix2.jsonl.gz is the rest of that mix
+# in turns with math prompts, scripts/device_lease/prepare_mix2.sh: start it at PROMPT_OFFSET 0),
 # LR (6e-4: the peak of each run's warmup + cosine; a continued head dips while it warms back up to it),
 # PROFILE_STEPS (5: traced steps -> head-*/profile_steps.json; 0 none), SETUP_S (150), ENGINE_BENCH (0; 1 ends with the engine bench at the pair's shape), BUILD_FLAGS (extra build
 # flags for every engine, e.g. --no-prefill-graphs where the idle window's GPU tests showed the captures failing),
-# VOCAB_AB (unset; N: the first head's engine again with `build --draft-vocab N`, benched with the first EXTRA_TREES
-# set, and the engine bench's profile with the draft over N tokens; every other engine takes build's default, 32768
-# tokens for a head with token_counts.json: VOCAB_AB=0 times the whole vocabulary beside it),
+# AB_FLAGS (unset; e.g. "--fused-accept": the first head's engine again with these build flags, benched with the
+# first EXTRA_TREES set; lease 13's VOCAB_AB=N was AB_FLAGS="--draft-vocab N"),
 # EXTRA_TREES (unset; e.g. "--lookup 8;--topk 16 --lookup 8": after the benches, the first head's engine benched again greedy
 # once per ;-separated set of suite-bench tree flags, ~1.3 min each: wall-clock for what `bench --simulate-widths`
 # and `--simulate-lookups` found in tau).
@@ -61,7 +62,7 @@ convert_gguf(Path('$WORK/gguf/source.gguf'), Path('$WORK/qwen'), progress=False)
 fi
 
 # The data flags are part of the responses cache's key: every head's run passes the same ones.
-data=(--target "$WORK/qwen" --data /tmp/keep/prompts-mix.jsonl.gz --num-prompts 40000
+data=(--target "$WORK/qwen" --data "${DATA:-/tmp/keep/prompts-mix.jsonl.gz}" --num-prompts 40000
       --prompt-offset "${PROMPT_OFFSET:-0}" --max-new-tokens 512 --max-seq-len 2048 --gen-batch-size 1024
       --gen-attention "${GEN_ATTENTION:-auto}"
       --device cuda --quiet)
@@ -119,16 +120,19 @@ for flags in "${extra_trees[@]}"; do
      --num-prompts "${BENCH_PROMPTS:-17}" --max-new-tokens 256 --budgets 16,64 --temperatures 0 $flags \
      --no-hf --output-dir "$WORK/results" --tag "$TAG-$first$(echo $flags | tr -d ' -')"
 done
-# Another draft vocabulary (build --draft-vocab N, ranked by the new head's token_counts.json; 0: the whole
-# vocabulary): the first head's engine rebuilt with it and benched with the first EXTRA_TREES set, beside that
-# set's bench of the build's default.
-if [ -n "${VOCAB_AB:-}" ] && [ -d "$WORK/engine-$first" ]; then
-  stage "draft vocabulary $VOCAB_AB, head $first"
-  jt build --target "$WORK/qwen" --draft "$WORK/head-$first" --output "$WORK/engine-$first-dv$VOCAB_AB" --budget 256 \
-     --topk 7 --max-depth 15 --lookup 0 --dtype bfloat16 --max-seq-len 4096 --draft-vocab "$VOCAB_AB" ${BUILD_FLAGS:-} \
-  && jt bench --engine "$WORK/engine-$first-dv$VOCAB_AB" --prompts-file /tmp/keep/bench-prompts.jsonl \
+# An engine switch judged by wall-clock: the first head's engine rebuilt with AB_FLAGS (extra build flags, e.g.
+# "--fused-accept" or "--draft-vocab 16384") and benched with the first EXTRA_TREES set, beside that set's bench of
+# the default build, on the same prompts.
+if [ -n "${AB_FLAGS:-}" ] && [ -d "$WORK/engine-$first" ]; then
+  stage "engine with $AB_FLAGS, head $first"
+  head_dir="$WORK/head-$first"; [ "$first" = base ] && head_dir=heads/qwen2.5-coder-0.5b-jetspec
+  ab_tag="$first$(echo "$AB_FLAGS" | tr -d ' -')"
+  # shellcheck disable=SC2086  # the flags split into words on purpose
+  jt build --target "$WORK/qwen" --draft "$head_dir" --output "$WORK/engine-$ab_tag" --budget 256 --topk 7 \
+     --max-depth 15 --lookup 0 --dtype bfloat16 --max-seq-len 4096 ${BUILD_FLAGS:-} $AB_FLAGS \
+  && jt bench --engine "$WORK/engine-$ab_tag" --prompts-file /tmp/keep/bench-prompts.jsonl \
      --num-prompts "${BENCH_PROMPTS:-17}" --max-new-tokens 256 --budgets 16,64 --temperatures 0 ${extra_trees[0]:-} \
-     --no-hf --output-dir "$WORK/results" --tag "$TAG-$first-dv$VOCAB_AB"
+     --no-hf --output-dir "$WORK/results" --tag "$TAG-$ab_tag"
 fi
 # The head the runs started from, benched in the same lease on the same prompts.
 [ "${BASELINE:-0}" = 1 ] && build_and_bench heads/qwen2.5-coder-0.5b-jetspec base 0 0
@@ -138,6 +142,6 @@ fi
 if [ "${ENGINE_BENCH:-0}" = 1 ]; then
   stage "engine bench, qwen2.5-0.5b shape"
   jt bench --random-target qwen2.5-0.5b --budgets 16,64,256 --contexts 512 --no-hf --reps 20 --profile \
-     --profile-draft-vocab "$(( ${VOCAB_AB:-0} > 0 ? VOCAB_AB : 32768 ))" --output-dir "$WORK/results" --tag "engine"
+     --profile-draft-vocab 32768 --output-dir "$WORK/results" --tag "engine"
 fi
 stage "done"

