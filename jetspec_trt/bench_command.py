@@ -55,7 +55,8 @@ def _floats(text: str) -> tuple[float, ...]:
               help="Engine bench: also time the AR step with the fused layer kernels (ar_step_fused_layer_kernels).")
 @click.option("--profile", "kernel_profile", is_flag=True,
               help="Engine bench: also profile the AR step and each round stage kernel by kernel (torch.profiler) "
-                   "under the engines' default switches, with and without the fused layer kernels.")
+                   "under the engines' default switches, with and without the fused layer kernels, and with the "
+                   "accept stage switched (fused_accept).")
 @click.option("--profile-draft-vocab", "draft_vocab", type=int, default=0, show_default=True,
               help="--profile: also profile the rounds with the draft proposing from this many tokens (build "
                    "--draft-vocab); 0: not.")

@@ -68,6 +68,9 @@ def tree_options(func):
 @click.option("--fused-layer-kernels/--no-fused-layer-kernels", default=True, show_default=True,
               help="Run the layers' norms, q/k norm + RoPE + KV write and post-attention residual add (target and "
                    "draft) as fused Triton kernels (CUDA).")
+@click.option("--fused-accept", is_flag=True,
+              help="Run each round's accept stage (the walk, the KV compaction, the next round's inputs) as two "
+                   "Triton kernels instead of ~40 small torch ops (CUDA).")
 @click.option("--draft-vocab", type=int, default=None,
               help="The draft proposes from this many tokens, the most frequent in the target's responses (the "
                    "head's token_counts.json, or --draft-vocab-counts); 0: from the whole vocabulary. Same output. "
@@ -89,8 +92,8 @@ def tree_options(func):
 @click.option("--calib-device", default=None, help="--quantize: where to calibrate [default: cuda if available].")
 def build(target_dir, draft_dir, output_dir, budget, topk, max_depth, lookup, dtype, max_seq_len, overwrite, backend,
           attention, no_fuse, no_tune, cost_model_device, no_cost_model, no_decode_gemv, no_compile, no_tree_kernel,
-          small_m_gemm, no_prefill_graphs, fused_layer_kernels, draft_vocab, draft_vocab_counts, quantize, fp8_recipe,
-          calib_prompts, calib_samples, calib_max_tokens, calib_device):
+          small_m_gemm, no_prefill_graphs, fused_layer_kernels, fused_accept, draft_vocab, draft_vocab_counts, quantize,
+          fp8_recipe, calib_prompts, calib_samples, calib_max_tokens, calib_device):
     """Check a target/draft pair and write an engine directory."""
     if backend == "tensorrt" and quantize:
         raise JetSpecError("--quantize builds PyTorch engines only (drop --backend tensorrt)")
@@ -117,7 +120,7 @@ def build(target_dir, draft_dir, output_dir, budget, topk, max_depth, lookup, dt
                          overwrite=overwrite, fuse=not no_fuse, tune=not no_tune,
                          decode_gemv=not no_decode_gemv, compile_graphs=not no_compile, tree_kernel=not no_tree_kernel,
                          small_m_gemm=small_m_gemm, prefill_graphs=not no_prefill_graphs,
-                         fused_layer_kernels=fused_layer_kernels, draft_vocab=draft_vocab,
+                         fused_layer_kernels=fused_layer_kernels, fused_accept=fused_accept, draft_vocab=draft_vocab,
                          draft_vocab_counts=draft_vocab_counts, quantize=quantize_config,
                          cost_model_device=None if no_cost_model else cost_model_device)
     if backend == "tensorrt":

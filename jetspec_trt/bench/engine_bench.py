@@ -61,7 +61,8 @@ class BenchConfig:
     compare_small_m_gemm: bool = True  # also time the rounds with the 2..64-row GEMMs on plugins.skinny_gemm
     compare_fused_layer_kernels: bool = True  # also time the AR step with plugins.layer_kernels' fused kernels
     # Kernel by kernel (bench.kernel_profile): the AR step and each round stage at the breakdown context under the
-    # engines' default switches, with and without the fused layer kernels ("kernel_profile").
+    # engines' default switches, with and without the fused layer kernels, and with the accept stage switched
+    # between plugins.triton_accept and the torch ops ("kernel_profile").
     kernel_profile: bool = False
     # With kernel_profile and > 0: the same profile again with the draft proposing from this many tokens
     # (DraftHead.set_vocab; which ones does not change the time: the first N ids), "draft_vocab_<N>".
@@ -435,11 +436,16 @@ def run_bench(cfg: BenchConfig, command: list[str] | None = None) -> Path:
             bench.decoder.set_fused_layer_kernels(fused)
             key = "fused_layer_kernels" if fused else "unfused_layer_kernels"
             report["kernel_profile"][key] = bench.kernel_profile(context)
+        bench.decoder.set_fused_layer_kernels(defaults["fused_layer_kernels"])
         if cfg.draft_vocab:  # the engines' defaults again, the draft over a vocabulary of its own
-            bench.decoder.set_fused_layer_kernels(defaults["fused_layer_kernels"])
             bench.decoder.set_draft_vocab(torch.arange(cfg.draft_vocab))
             report["kernel_profile"][f"draft_vocab_{cfg.draft_vocab}"] = bench.kernel_profile(context)
             bench.decoder.set_draft_vocab(None)
+        # The defaults with the accept stage switched (plugins.triton_accept's kernels against the torch ops).
+        bench.decoder.set_fused_accept(not defaults["fused_accept"])
+        key = "unfused_accept" if defaults["fused_accept"] else "fused_accept"
+        report["kernel_profile"][key] = bench.kernel_profile(context)
+        bench.decoder.set_fused_accept(defaults["fused_accept"])
         progress.update()
     if cfg.compare_fp8:
         # The bf16 sections on disk now (rewritten at the end): a second engine is built next, and a run cut short

@@ -69,6 +69,7 @@ class BuildConfig:
     small_m_gemm: bool = False  # CUDA: 2..64-row GEMMs (verify, draft block) through plugins.skinny_gemm
     prefill_graphs: bool = True  # CUDA: prompt-length buckets' prefills as CUDA graphs captured at load
     fused_layer_kernels: bool = True  # the layers' small ops as plugins.layer_kernels' fused kernels (CUDA)
+    fused_accept: bool = False  # CUDA: the round's accept stage as plugins.triton_accept's two kernels
     # The draft proposes from this many most frequent tokens (models/draft_vocab.py); 0: all; None: DEFAULT_DRAFT_VOCAB
     # where token counts exist (the head's token_counts.json or draft_vocab_counts) and the vocabulary is larger.
     draft_vocab: int | None = None
@@ -124,6 +125,7 @@ def runtime_config_for(pair: CheckedPair, cfg: BuildConfig, draft_vocab: int = 0
         small_m_gemm=cfg.small_m_gemm,
         prefill_graphs=cfg.prefill_graphs,
         fused_layer_kernels=cfg.fused_layer_kernels,
+        fused_accept=cfg.fused_accept,
         draft_vocab=draft_vocab,
     )
 

@@ -192,6 +192,12 @@ class TargetModel(nn.Module):
         x, features = self.forward_hidden(tokens, positions, cache, tree_mask, capture_layers)
         return TargetOutput(self.logits(x) if float_logits else self.lm_head_rows(x), features)
 
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token embeddings [..., H]: rows of the table gathered by indexing. Not nn.Embedding: on CUDA its
+        index_select runs a per-id loop kernel for <= 16 ids (the draft's block, a decode step), ~9 us for 16 ids on
+        an H100 against ~2 us for the indexing kernel (kernel profile, engine-qwen2.5-0.5b-h100-draft-vocab.json)."""
+        return self.embed_tokens.weight[tokens]
+
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """The lm_head over final normed hidden states [T, H] as `forward` runs it: float32 [T, vocab]."""
         return self.lm_head_rows(hidden).float()
@@ -221,7 +227,7 @@ class TargetModel(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`forward_hidden` with each layer run by `layer_call` (its cache and attention): embedding, RoPE at
         `positions`, the layers, the final norm; returns the normed hidden states [T, H] and the captured features."""
-        x = self.embed_tokens(tokens)
+        x = self.embed(tokens)
         cos, sin = self.rotary.cos_sin(positions, x.dtype)
         captured = {}
         last = len(self.layers) - 1

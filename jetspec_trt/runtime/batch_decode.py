@@ -101,7 +101,7 @@ class BatchDecoder:
         rows, group = self._rows.numel(), attn.num_heads // attn.num_kv_heads
         with torch.no_grad():
             pos = self.length - 1
-            x = target.embed_tokens(self.history[self._rows, pos])
+            x = target.embed(self.history[self._rows, pos])
             cos, sin = target.rotary.cos_sin(pos, x.dtype)
             if not self.triton_attention:
                 # One additive mask for all layers: slot s of row r is visible iff s <= pos[r].

@@ -309,7 +309,7 @@ class PaddedPasses:
         block_size = self.runtime.block_size
 
         def body(batch: PaddedBatch, out: dict[str, torch.Tensor]) -> None:
-            hidden = self.draft.run_layers(self.target.embed_tokens(batch.token_ids()), batch.positions(),
+            hidden = self.draft.run_layers(self.target.embed(batch.token_ids()), batch.positions(),
                                            batch.layer_call())
             out["logits"] = self.draft.depth_logits(hidden.view(seqs, block_size, -1)[:, 1:], self.target)
 

@@ -107,7 +107,7 @@ class Decoder(HostRounds):
         block_size = self.runtime.block_size
         block = torch.full((block_size,), self.runtime.mask_token_id, device=self.device)
         block[0] = anchor
-        embeds = self.target.embed_tokens(block)
+        embeds = self.target.embed(block)
         positions = position + torch.arange(block_size, device=self.device)
         hidden = self.draft.propose(embeds, positions, self.draft_cache, self._block_mask)
         return self.draft.depth_logits(hidden[1 : 1 + max_depth], self.target)

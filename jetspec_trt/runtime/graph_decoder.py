@@ -57,15 +57,19 @@ import torch
 
 from jetspec_trt.errors import JetSpecError
 from jetspec_trt.models.draft import DraftHead
+from jetspec_trt.models.kv_cache import PagedKVCache
 from jetspec_trt.models.target import TargetModel
 from jetspec_trt.models.target import compile_layers as compile_model_layers
+from jetspec_trt.plugins import triton_accept
+from jetspec_trt.plugins.triton_accept import accept_and_commit
 from jetspec_trt.plugins.tree_attention import causal_mask, load_gpu_kernels, pack_mask
 from jetspec_trt.runtime.backend import DecodeRequest, RoundResult
 from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
 from jetspec_trt.runtime.round_loop import DecodeStats, run_rounds
 from jetspec_trt.tree.accept import SamplingConfig, choose_tokens
-from jetspec_trt.tree.tree_tensors import (TreeTensors, accept_tensors, build_tree_kernels, build_tree_tensors,
-                                          lookup_chain_tensors, node_count, tree_kernels_support, with_chain_tensors)
+from jetspec_trt.tree.tree_tensors import (AcceptedPath, TreeTensors, accept_tensors, build_tree_kernels,
+                                          build_tree_tensors, lookup_chain_tensors, node_count, tree_kernels_support,
+                                          with_chain_tensors)
 
 STAGES = ("draft", "tree", "verify", "accept")
 
@@ -122,6 +126,21 @@ class RoundState:
     # Trees with a context-lookup chain (TreeConfig.lookup): the committed tokens and the anchor, written by the
     # prefill and by each round's accept, for the next tree's lookup on the device (the host runs a round ahead).
     history: torch.Tensor | None = None
+
+
+def commit_round(walk: AcceptedPath, features: torch.Tensor, cache: PagedKVCache, state: RoundState,
+                 offsets: torch.Tensor) -> None:
+    """The accept stage after the walk, as torch ops (plugins.triton_accept.accept_and_commit does the walk and
+    this in two kernels): the path's target features and count for the next draft, its K/V moved after the
+    context (committed), the next anchor and the host's result; offsets = arange(max_depth + 1)."""
+    if state.history is not None:  # the emitted tokens follow the anchor (at ctx_len); past `length` never read
+        state.history.scatter_(0, cache.ctx_len.long() + 1 + offsets, walk.emitted)
+    state.features.copy_(features[walk.path])
+    state.count.copy_(walk.length)
+    cache.commit_path(walk.path, walk.length)
+    state.anchor.copy_(walk.emitted.gather(0, walk.length - 1))
+    state.result[:1].copy_(walk.length)
+    state.result[1:].copy_(walk.emitted)
 
 
 @dataclass
@@ -244,6 +263,7 @@ class GraphDecoder:
         self.build_tree, self.accept_path = build_tree_and_mask, accept_tensors
         self.add_lookup_chain = with_lookup_chain
         self.tree_kernel = runtime.tree_kernel
+        self.fused_accept = runtime.fused_accept
         if compile_layers:
             compile_model_layers(target.layers)
             compile_model_layers(draft.layers)
@@ -338,6 +358,12 @@ class GraphDecoder:
         self.tree_kernel = enabled
         self._stages.clear()
 
+    def set_fused_accept(self, enabled: bool) -> None:
+        """Switch the accept stage between plugins.triton_accept's two kernels and the torch ops; drops captured
+        rounds."""
+        self.fused_accept = enabled
+        self._stages.clear()
+
     def _tree_builder(self, tree: TreeConfig) -> Callable:
         """The tree stage's function for a bucket: the Triton kernels where asked for and able, else the torch build."""
         if self.tree_kernel and self.triton_kernels and tree_kernels_support(tree.budget, tree.topk, tree.max_depth):
@@ -386,6 +412,7 @@ class GraphDecoder:
         block = torch.full((block_size,), self.runtime.mask_token_id, dtype=torch.long, device=self.device)
         scratch: dict[str, object] = {}
         build_tree = self._tree_builder(tree)
+        fused_accept = self.fused_accept and self.triton_kernels and triton_accept.supports(round_nodes(tree))
 
         def draft_stage() -> None:
             # Padded rows past `count` are written too but not committed: the block overwrites them.
@@ -393,7 +420,7 @@ class GraphDecoder:
             dcache.advance(state.count)
             block[:1] = state.anchor
             positions = dcache.ctx_len.long() + offsets_block
-            hidden = draft.propose(target.embed_tokens(block), positions, dcache, self._block_mask)
+            hidden = draft.propose(target.embed(block), positions, dcache, self._block_mask)
             scratch["depth_logits"] = draft.depth_logits(hidden[1 : 1 + depth], target)
 
         def tree_stage() -> None:
@@ -412,15 +439,15 @@ class GraphDecoder:
 
         def accept_stage() -> None:
             out = scratch["out"]
-            walk = self.accept_path(scratch["tree"], self.choose(out.logits, mode), depth)
-            if tree.lookup:  # the emitted tokens follow the anchor (at ctx_len); past `length` they are never read
-                state.history.scatter_(0, tcache.ctx_len.long() + 1 + offsets_ctx, walk.emitted)
-            state.features.copy_(out.features[walk.path])
-            state.count.copy_(walk.length)
-            tcache.commit_path(walk.path, walk.length)
-            state.anchor.copy_(walk.emitted.gather(0, walk.length - 1))
-            state.result[:1].copy_(walk.length)
-            state.result[1:].copy_(walk.emitted)
+            choice = self.choose(out.logits, mode)
+            if fused_accept:
+                built = scratch["tree"]
+                accept_and_commit(built.tokens, built.parents, built.depths, choice, depth, out.features,
+                                  tcache.k_all, tcache.v_all, tcache.block_table, tcache.ctx_len, state.features,
+                                  state.count, state.anchor, state.result, state.history)
+            else:
+                commit_round(self.accept_path(scratch["tree"], choice, depth), out.features, tcache, state,
+                             offsets_ctx)
 
         return {"draft": draft_stage, "tree": tree_stage, "verify": verify_stage, "accept": accept_stage}
 

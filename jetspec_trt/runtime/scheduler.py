@@ -432,7 +432,7 @@ class Scheduler:
         if self.padded is not None:
             logits = self.padded.draft_blocks(caches, blocks.flatten(), positions)
             return [logits[j, : s.request.tree.draft_depth] for j, s in enumerate(sequences)]
-        hidden = self.draft.run_layers(self.target.embed_tokens(blocks.flatten().to(self.device)),
+        hidden = self.draft.run_layers(self.target.embed(blocks.flatten().to(self.device)),
                                        positions.to(self.device),
                                        batched_layer_call([(cache, self._block_mask) for cache in caches]))
         hidden = hidden.view(len(decoders), block_size, -1)

@@ -113,7 +113,7 @@ def block_hidden(head: DraftHead, target: TargetModel, batch: BlockBatch) -> tor
         return t if batch.row_sequence is None else t.index_select(0, batch.row_sequence)
 
     tokens, positions = block_tokens(batch, block_size, spec.mask_token_id)
-    x = target.embed_tokens(tokens.reshape(-1)).to(dtype)  # [N*K*B, H]
+    x = target.embed(tokens.reshape(-1)).to(dtype)  # [N*K*B, H]
     cos_b, sin_b = head.rotary.cos_sin(positions.reshape(-1), x.dtype)
     mask = block_mask(batch.anchors, length, block_size)
 

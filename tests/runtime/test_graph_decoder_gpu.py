@@ -12,20 +12,21 @@ from tests.helpers import check_bucketed_prefill
 pytestmark = pytest.mark.gpu
 
 
-def runtime_for(draft, tree, tree_kernel=False):
+def runtime_for(draft, tree, tree_kernel=False, fused_accept=False):
     spec = draft.spec
     return RuntimeConfig(tree, "float32", 512, spec.block_size, spec.mask_token_id, spec.target_layer_ids, (),
-                         tree_kernel=tree_kernel)
+                         tree_kernel=tree_kernel, fused_accept=fused_accept)
 
 
-@pytest.mark.parametrize("tree_kernel", [False, True])
+@pytest.mark.parametrize(("tree_kernel", "fused_accept"), [(False, False), (True, False), (True, True)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_graphed_rounds_match_eager_and_ar(dtype, tree_kernel):
-    """With the torch tree build and with the Triton tree kernels (plugins/triton_tree_build.py)."""
+def test_graphed_rounds_match_eager_and_ar(dtype, tree_kernel, fused_accept):
+    """With the torch tree build and with the Triton tree kernels (plugins/triton_tree_build.py), and the accept
+    stage as torch ops or as plugins/triton_accept.py's kernels."""
     target, draft, _ = random_models("tiny", "cuda", dtype)
     target.fuse_weights()
     draft.fuse_weights()
-    runtime = runtime_for(draft, TreeConfig(64, 4, 7), tree_kernel)
+    runtime = runtime_for(draft, TreeConfig(64, 4, 7), tree_kernel, fused_accept)
     graphed, eager = GraphDecoder(target, draft, runtime), Decoder(target, draft, runtime)
     g = torch.Generator().manual_seed(0)
     mismatches = 0
@@ -113,15 +114,15 @@ def test_graphed_bucket_prefill_equals_the_eager_prefill(dtype):
     assert fast._prefills.keys() == captured.keys() and all(fast._prefills[k] is v for k, v in captured.items())
 
 
-@pytest.mark.parametrize("tree_kernel", [False, True])
-def test_graphed_lookup_rounds_match_eager_rounds(tree_kernel):
+@pytest.mark.parametrize(("tree_kernel", "fused_accept"), [(False, False), (True, False), (True, True)])
+def test_graphed_lookup_rounds_match_eager_rounds(tree_kernel, fused_accept):
     """Lookup buckets captured and compiled (chain found and merged on the device, one round ahead of the host):
     fp32, the same tokens and rounds as the eager Decoder's host trees, and AR's tokens."""
     target, draft, _ = random_models("tiny", "cuda", torch.float32)
     target.fuse_weights()
     draft.fuse_weights()
     tree = TreeConfig(32, 4, 7, lookup=6)
-    runtime = runtime_for(draft, tree, tree_kernel)
+    runtime = runtime_for(draft, tree, tree_kernel, fused_accept)
     graphed = GraphDecoder(target, draft, runtime, compile_layers=True)
     eager = Decoder(target, draft, runtime)
     g = torch.Generator().manual_seed(1)
