@@ -69,8 +69,8 @@ def tree_options(func):
               help="Run the layers' norms, q/k norm + RoPE + KV write and post-attention residual add (target and "
                    "draft) as fused Triton kernels (CUDA).")
 @click.option("--fused-accept", is_flag=True,
-              help="Run each round's accept stage (the walk, the KV compaction, the next round's inputs) as two "
-                   "Triton kernels instead of ~40 small torch ops (CUDA).")
+              help="Run each round's accept stage (the greedy argmax, the walk, the KV compaction, the next round's "
+                   "inputs) as four Triton kernels instead of ~44 small torch ops (CUDA).")
 @click.option("--draft-vocab", type=int, default=None,
               help="The draft proposes from this many tokens, the most frequent in the target's responses (the "
                    "head's token_counts.json, or --draft-vocab-counts); 0: from the whole vocabulary. Same output. "

@@ -1,13 +1,14 @@
-"""The round's accept stage after the per-node choice, in two Triton kernels (RuntimeConfig.fused_accept).
+"""The round's accept stage in Triton kernels (RuntimeConfig.fused_accept): the greedy choice, then the rest.
 
 Why. At the 0.5B shape the accept stage was 44 kernels and 0.11 ms of a 1.67 ms budget-64 round on an H100
 (bench/results/engine-qwen2.5-0.5b-h100-draft-vocab.json, kernel profile): the walk as compiled tensor ops, then
 gathers, an index_select and an index_copy per K and V for the KV compaction, the history scatter and a handful of
-small copies, each a launch of a few microseconds of almost no work. Its only vocabulary-wide kernel is the choice
-(the argmax or the draw), which stays where it is (tree.accept.choose_tokens).
+small copies, each a launch of a few microseconds of almost no work. Its largest kernel was the greedy choice,
+torch's argmax over the [nodes, vocab] logits with one program a row (24 us). `argmax_rows` splits each row over
+programs (two kernels); a sampled choice stays tree.accept.choose_tokens' draw. From the choice on:
 
     1. _walk_and_move_kernel  grid (2 * layers + feature blocks,): every program walks the tree (a few register
-                              reductions over <= 512 nodes), then moves its layer's K or V rows of the accepted path
+                              reductions over <= 1024 nodes), then moves its layer's K or V rows of the accepted path
                               to the contiguous slots after the context, or gathers a column block of the path's
                               target features
     2. _commit_kernel         grid (1,): the walk again; the round's result for the host, the next anchor, the
@@ -37,6 +38,8 @@ except Exception:  # noqa: BLE001 - ImportError, or a Triton that fails to initi
 
 MAX_NODES = 1024  # nodes a round may verify (budget plus lookup chain): the walk holds them in registers
 FEATURE_BLOCK = 1024  # feature columns per gathering program
+ARGMAX_BLOCK = 2048  # logits per tile of the argmax's first pass
+ARGMAX_PROGRAMS = 1024  # the first pass's grid: about this many (row, split) programs, at most 64 splits a row
 
 
 def supports(nodes: int) -> bool:
@@ -44,6 +47,52 @@ def supports(nodes: int) -> bool:
 
 
 if triton is not None:
+
+    @triton.jit
+    def _argmax_partials_kernel(logits_ptr, stride_row, vocab, chunk, val_ptr, flag_ptr, idx_ptr,
+                                SPLITS: tl.constexpr, BLOCK: tl.constexpr, TILES: tl.constexpr):
+        """One (row, split): the best of logits[row, split*chunk : (split+1)*chunk] as (value, NaN seen, first
+        index of the best: the first NaN if any, else the first maximal value)."""
+        row, split = tl.program_id(0), tl.program_id(1)
+        lane = tl.arange(0, BLOCK)
+        start = split * chunk
+        end = tl.minimum(start + chunk, vocab)
+        best = tl.full([], float("-inf"), dtype=tl.float32)
+        best_idx = tl.full([], 2147483647, dtype=tl.int32)
+        seen_nan = tl.zeros([], dtype=tl.int32)
+        nan_idx = tl.full([], 2147483647, dtype=tl.int32)
+        for tile in tl.static_range(0, TILES):
+            ids = start + tile * BLOCK + lane
+            ok = ids < end
+            x = tl.load(logits_ptr + row.to(tl.int64) * stride_row + ids, mask=ok, other=float("-inf"))
+            x = x.to(tl.float32)
+            nan = ok & (x != x)
+            seen_nan = tl.maximum(seen_nan, tl.max(nan.to(tl.int32), 0))
+            nan_idx = tl.minimum(nan_idx, tl.min(tl.where(nan, ids, 2147483647), 0))
+            x = tl.where(nan, float("-inf"), x)
+            top = tl.max(x, 0)
+            top_idx = tl.min(tl.where(ok & (x == top), ids, 2147483647), 0)
+            better = (top > best) | ((top == best) & (top_idx < best_idx))  # ties: the lower index (an all -inf
+            # row included, as torch gives its first index)
+            best_idx = tl.where(better, top_idx, best_idx)
+            best = tl.maximum(best, top)
+        out = row * SPLITS + split
+        tl.store(val_ptr + out, best)
+        tl.store(flag_ptr + out, seen_nan)
+        tl.store(idx_ptr + out, tl.where(seen_nan > 0, nan_idx, best_idx))
+
+    @triton.jit
+    def _argmax_merge_kernel(val_ptr, flag_ptr, idx_ptr, out_ptr, SPLITS: tl.constexpr):
+        """One row: its splits' results in order -> the row's argmax (a NaN's split first, then the best value;
+        ties to the lower index)."""
+        row = tl.program_id(0)
+        s = tl.arange(0, SPLITS)
+        values = tl.load(val_ptr + row * SPLITS + s)
+        flags = tl.load(flag_ptr + row * SPLITS + s)
+        indices = tl.load(idx_ptr + row * SPLITS + s)
+        any_nan = tl.max(flags, 0)
+        wanted = tl.where(any_nan > 0, flags > 0, values == tl.max(values, 0))
+        tl.store(out_ptr + row, tl.min(tl.where(wanted, indices, 2147483647), 0).to(tl.int64))
 
     @triton.jit
     def _walk(tokens_ptr, parents_ptr, depths_ptr, choice_ptr, nodes,
@@ -128,6 +177,29 @@ if triton is not None:
         if HISTORY:  # the emitted tokens follow the anchor, which sits at history[ctx]
             tl.store(history_ptr + ctx.to(tl.int64) + 1 + rows, emitted, mask=keep)
         tl.store(ctx_ptr, ctx + length.to(ctx.dtype))
+
+
+def argmax_rows(logits: torch.Tensor) -> torch.Tensor:
+    """logits [N, V] (any float dtype, unit stride along V) -> int64 [N]: torch.argmax(logits, -1) on CUDA in two
+    kernels, the greedy choice of a round's nodes. torch's reduction gave a 64-node verify's [64, 151936] bf16
+    logits one program a row (24 us on an H100, the accept stage's largest kernel); here a row is split over
+    programs, each keeping its chunk's best (value, first index), then one program a row merges them in order.
+    torch's ties: the first maximal index; NaN ranks above every number (the first NaN wins)."""
+    rows, vocab = logits.shape
+    assert logits.stride(1) == 1, "the vocabulary dimension must be contiguous"
+    # A power of two (the merge's arange): ~ARGMAX_PROGRAMS programs in all, none with less than a tile of logits.
+    splits = min(64, triton.next_power_of_2(max(1, ARGMAX_PROGRAMS // max(rows, 1))),
+                 1 << (triton.cdiv(vocab, ARGMAX_BLOCK).bit_length() - 1))
+    chunk = triton.cdiv(vocab, splits)
+    values = torch.empty(rows, splits, dtype=torch.float32, device=logits.device)
+    flags = torch.empty(rows, splits, dtype=torch.int32, device=logits.device)
+    indices = torch.empty(rows, splits, dtype=torch.int32, device=logits.device)
+    out = torch.empty(rows, dtype=torch.int64, device=logits.device)
+    if rows:
+        _argmax_partials_kernel[(rows, splits)](logits, logits.stride(0), vocab, chunk, values, flags, indices,
+                                                SPLITS=splits, BLOCK=ARGMAX_BLOCK, TILES=triton.cdiv(chunk, ARGMAX_BLOCK))
+        _argmax_merge_kernel[(rows,)](values, flags, indices, out, SPLITS=splits)
+    return out
 
 
 def accept_and_commit(tokens: torch.Tensor, parents: torch.Tensor, depths: torch.Tensor, choice: torch.Tensor,

@@ -101,9 +101,9 @@ class RuntimeConfig:
     # draft's fused path, RoPE tables and bf16 greedy argmax, the default pair's AR went 853-857 -> 966-971 tok/s
     # and its default-tree speculative decode 10-21 % faster (suites-nvidia-h100-80gb-hbm3-ab-{old,new}.json).
     fused_layer_kernels: bool = True
-    # CUDA: the accept stage after the per-node choice (the walk, the path's features, the KV compaction, the
-    # history and the host's result) as plugins/triton_accept.py's two kernels instead of ~40 small torch ops
-    # (0.11 ms of a 1.67 ms budget-64 round at the 0.5B shape on an H100). The same values; off until timed.
+    # CUDA: the accept stage (the greedy argmax, the walk, the path's features, the KV compaction, the history and
+    # the host's result) as plugins/triton_accept.py's four kernels instead of ~44 torch ops (0.11 ms of a 1.67 ms
+    # budget-64 round at the 0.5B shape on an H100). The same values; off until timed.
     fused_accept: bool = False
     # The draft proposes from this many tokens, the most frequent in the target's responses (models/draft_vocab.py;
     # the ids in the engine's draft_vocab.json); 0: from the whole vocabulary. The output is the same either way.

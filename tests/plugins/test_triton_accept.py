@@ -106,3 +106,39 @@ def test_fused_accept_matches_torch_stage_in_interpreter(case):
 @pytest.mark.parametrize("case", CASES, ids=[f"b{c[1]}-k{c[2]}-d{c[3]}-lookup{c[4]}-{c[5]}" for c in CASES])
 def test_fused_accept_matches_torch_stage_on_cuda(case):
     check("cuda", *case)
+
+
+ARGMAX_CASES = [(0, 64, 151936, "bfloat16"), (1, 1, 151936, "bfloat16"), (2, 17, 5000, "float32"), (3, 3, 7, "float16")]
+
+
+def check_argmax(device: str, seed: int, rows: int, vocab: int, dtype_name: str) -> None:
+    """argmax_rows against torch.argmax: few distinct values (ties everywhere), rows of NaN, -inf and +inf."""
+    from jetspec_trt.plugins.triton_accept import argmax_rows
+
+    gen = torch.Generator().manual_seed(seed)
+    logits = torch.randint(-3, 3, (rows, vocab), generator=gen).float()
+    if rows > 2:
+        logits[1, torch.randint(vocab, (3,), generator=gen)] = float("nan")
+        logits[2] = float("-inf")
+        logits[0, vocab - 1] = float("inf")
+    logits = logits.to(getattr(torch, dtype_name))
+    want = logits.float().argmax(-1)  # the reference on the CPU, in float32 (the same order: casts are exact)
+    got = argmax_rows(logits.to(device)).cpu()
+    assert torch.equal(got, want), (got, want)
+
+
+@needs_triton
+@pytest.mark.parametrize("case", ARGMAX_CASES, ids=[f"{c[1]}x{c[2]}-{c[3]}" for c in ARGMAX_CASES])
+def test_argmax_rows_matches_torch_in_interpreter(case):
+    run_in_interpreter(check_argmax, *case)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("case", ARGMAX_CASES, ids=[f"{c[1]}x{c[2]}-{c[3]}" for c in ARGMAX_CASES])
+def test_argmax_rows_matches_torch_on_cuda(case):
+    check_argmax("cuda", *case)
+    logits = torch.randn(case[1], case[2], device="cuda").to(getattr(torch, case[3]))
+    from jetspec_trt.plugins.triton_accept import argmax_rows
+
+    assert torch.equal(argmax_rows(logits), logits.argmax(-1))  # torch's own CUDA argmax, NaN-free
