@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from jetspec_trt.plugins import paged_slots
 from jetspec_trt.plugins.layer_kernels import write_kv  # noqa: F401 - the layout's write, where callers import it
 
 
@@ -74,7 +75,10 @@ class PagedKVCache:
         self.ctx_len.fill_(length)
 
     def slots(self, first: torch.Tensor, count: int) -> torch.Tensor:
-        """Flat physical slot ids of logical positions first .. first+count-1 (first: int32 [1] tensor)."""
+        """Flat physical slot ids of logical positions first .. first+count-1 (first: int32 [1] tensor). On CUDA
+        one kernel (plugins.paged_slots) instead of flat_slots' eight small ones: every pass asks for these."""
+        if first.is_cuda and paged_slots.available():
+            return paged_slots.contiguous_slots(self.block_table, first, count, self.spec.page_size)
         return self.slots_at(first, torch.arange(count, device=first.device))
 
     def slots_at(self, first: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
