@@ -75,8 +75,9 @@ def _floats(text: str) -> tuple[float, ...]:
 @click.option("--max-new-tokens", type=int, default=256, show_default=True)
 @click.option("--temperatures", default="0,1", show_default=True)
 @click.option("--batch", "batches", default=None,
-              help="With --engine: in-flight batching instead, e.g. 1,4,16: that many prompts at once through the "
-                   "engine's scheduler per max batch size, speculative (the first of --budgets) and AR, greedy.")
+              help="In-flight batching instead, e.g. 1,4,16: that many prompts at once through the engine's "
+                   "scheduler per max batch size, speculative (the first of --budgets) and AR, greedy; without "
+                   "--engine on --random-target's shape (random weights), speculative tok/s projected at --taus.")
 @click.option("--batch-modes", default="spec,spec-auto,ar", show_default=True,
               help="--batch: spec (every round the --budgets tree), spec-auto (each step's budget, at most that, "
                    "from the engine's cost model) and ar (budget 1, the baseline).")
@@ -168,9 +169,18 @@ def bench_command(random_target, budgets, contexts, topk, max_depth, taus, dtype
         click.echo(format_summary(json.loads(path.read_text())))
         click.echo(f"wrote {path} and {path.with_suffix('.png')}")
         return
+    if batches is not None and engine_dir is None:  # a preset's shape, random weights: speed measured, tok/s projected
+        from jetspec_trt.bench.batch import RandomBatchConfig, format_summary, run_random_batch_bench
+
+        rcfg = RandomBatchConfig(random_target, _ints(batches), _ints(budgets)[0], topk or DEFAULT_TREE.topk,
+                                 max_depth or DEFAULT_TREE.max_depth, _floats(taus), max_new_tokens=max_new_tokens,
+                                 dtype="float32" if device == "cpu" else dtype, device=device,
+                                 graph_passes=batch_graphs, output_dir=output_dir, tag=tag)
+        path = run_random_batch_bench(rcfg, command=sys.argv)
+        click.echo(format_summary(json.loads(path.read_text())))
+        click.echo(f"wrote {path} and {path.with_suffix('.png')}")
+        return
     if batches is not None:
-        if engine_dir is None:
-            raise click.UsageError("--batch needs --engine")
         from jetspec_trt.bench.batch import BatchBenchConfig, format_summary, run_batch_bench
 
         bcfg = BatchBenchConfig(engine_dir=engine_dir, batches=_ints(batches), budget=_ints(budgets)[0],

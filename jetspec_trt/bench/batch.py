@@ -13,6 +13,13 @@ On CUDA the scheduler's two model passes replay CUDA graphs per batch and token 
 graph_passes; --no-batch-graphs: eager, for comparison), captured before each timed run; its trees and
 acceptance stay on the host, so B = 1 is still slower than the engine's single stream, whose whole round is
 graphed. The JSON says which path ran.
+
+`jetspec-trt bench --random-target qwen3-8b --batch 1,4,16,64` (no --engine): the same runs, "spec" and "ar", on a
+preset's shape with random weights made on the device (run_random_batch_bench), prompts of random token ids.
+Speed does not depend on the values, acceptance does: a random head's drafts are almost never accepted, so each
+speculative row also gives its aggregate tok/s projected at given taus (--taus, the paper's by default): the
+measured tok/s x tau / measured tau, the step's time being the same whatever it accepts (the trees have a fixed
+budget), as the single-stream engine bench projects from its round time.
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from jetspec_trt.bench.suites import engine_report_header, mixed_suite_prompts, write_report
+from jetspec_trt.bench.suites import engine_report_header, mixed_suite_prompts, report_header, write_report
 from jetspec_trt.devices import sync
 from jetspec_trt.errors import JetSpecError
 
@@ -131,6 +138,94 @@ def run_batch_bench(cfg: BatchBenchConfig, command: list[str] | None = None) -> 
     return write_report(result, "batch", cfg.output_dir, cfg.tag, plot_batch)
 
 
+@dataclass(frozen=True)
+class RandomBatchConfig:
+    random_target: str = "qwen3-8b"
+    batches: tuple[int, ...] = (1, 4, 16, 64)
+    budget: int = 16
+    topk: int = 7
+    max_depth: int = 7
+    taus: tuple[float, ...] = (10.76, 5.94)  # the paper's Qwen3-8B tau on MATH-500 and MT-Bench (budget 256)
+    prompt_tokens: int = 128
+    max_new_tokens: int = 64
+    dtype: str = "bfloat16"
+    device: str = "cuda"
+    graph_passes: bool = True
+    output_dir: Path = Path("bench/results")
+    tag: str = ""
+
+
+@dataclass
+class RandomPair:
+    """A random-weight target and draft head with a runtime: what run_batched asks of an engine."""
+
+    target: object
+    draft: object
+    runtime: object
+
+    def new_scheduler(self, config):
+        from jetspec_trt.runtime.scheduler import Scheduler
+
+        return Scheduler(self.target, self.draft, self.runtime, config)
+
+
+def run_random_batch_bench(cfg: RandomBatchConfig, command: list[str] | None = None) -> Path:
+    """run_batch_bench's spec and ar runs on a preset's shape with random weights (module docstring)."""
+    import torch
+
+    from jetspec_trt.dtypes import parse_dtype
+    from jetspec_trt.models.presets import random_models
+    from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
+
+    if not cfg.batches or min(cfg.batches) < 1:
+        raise JetSpecError(f"--batch sizes must be >= 1, got {','.join(map(str, cfg.batches))}")
+    if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
+        raise JetSpecError(f"--device {cfg.device}: there is no CUDA GPU here (--device cpu runs the same bench, or "
+                           "--engine for a built engine's)")
+    target, draft, _ = random_models(cfg.random_target, cfg.device, parse_dtype(cfg.dtype))
+    target.fuse_weights()
+    draft.fuse_weights()
+    spec = draft.spec
+    tree = TreeConfig(cfg.budget, cfg.topk, min(cfg.max_depth, spec.max_depth))
+    runtime = RuntimeConfig(tree, cfg.dtype, cfg.prompt_tokens + cfg.max_new_tokens + 64, spec.block_size,
+                            spec.mask_token_id, spec.target_layer_ids, eos_token_ids=())
+    pair = RandomPair(target, draft, runtime)
+    generator = torch.Generator().manual_seed(0)
+    vocab = target.config.vocab_size
+    prompts = [torch.randint(vocab, (cfg.prompt_tokens,), generator=generator).tolist() for _ in range(max(cfg.batches))]
+    trees = {"spec": tree, "ar": TreeConfig(1, 1, 1)}
+    for mode, mode_tree in trees.items():  # warm-up, untimed: kernels, allocator
+        run_batched(pair, cfg.device, prompts[:2], 2, 4, mode, mode_tree, cfg.graph_passes)
+    rows, reference = [], {}
+    for batch in sorted(set(cfg.batches)):
+        runs = {mode: run_batched(pair, cfg.device, prompts, batch, cfg.max_new_tokens, mode, mode_tree,
+                                  cfg.graph_passes) for mode, mode_tree in trees.items()}
+        outputs = {mode: run.pop("outputs") for mode, run in runs.items()}
+        ar = runs["ar"]["aggregate_tok_s"]
+        for mode, run in runs.items():
+            reference.setdefault(mode, outputs[mode])
+            row = {"batch": batch, "mode": mode, **run,
+                   "identical_to_smallest_batch": sum(a == b for a, b in zip(outputs[mode], reference[mode]))}
+            if mode == "spec":  # lossless at every batch: the same tokens as batched AR (exact in float32)
+                row["identical_to_ar"] = sum(a == b for a, b in zip(outputs["spec"], outputs["ar"]))
+                row["speedup_vs_batched_ar"] = run["aggregate_tok_s"] / ar
+                row["projected_aggregate_tok_s"] = {str(t): run["aggregate_tok_s"] * t / run["tau_mean"]
+                                                    for t in cfg.taus}
+                row["projected_speedup_vs_batched_ar"] = {str(t): v / ar
+                                                          for t, v in row["projected_aggregate_tok_s"].items()}
+            rows.append(row)
+    graphed = cfg.graph_passes and cfg.device.startswith("cuda")
+    passes = "batched passes from CUDA graphs" if graphed else "eager batched passes"
+    result = {
+        **report_header("batch", Path(f"random:{cfg.random_target}"), cfg.device, cfg.dtype,
+                        f"scheduler ({passes})", command),
+        "model": f"{cfg.random_target} (random weights)",
+        "config": {**asdict(cfg), "requests": len(prompts)},
+        "results": rows,
+    }
+    return write_report(result, "batch", cfg.output_dir, cfg.tag or f"{cfg.random_target}-projected", plot_batch)
+
+
 def format_summary(result: dict) -> str:
     lines = [f"{result['device_name']} ({result['dtype']}), {result['config']['requests']} requests x "
              f"{result['config']['max_new_tokens']} new tokens, {result['decoder']}",
@@ -140,7 +235,9 @@ def format_summary(result: dict) -> str:
                      f"{r['per_stream_tok_s_median']:>16.1f}  {r['tau_mean']:.2f}  "
                      f"{r['identical_to_smallest_batch']}/{result['config']['requests']}"
                      + (f"   /AR {r['speedup_vs_batched_ar']:.2f}x" if "speedup_vs_batched_ar" in r else "")
-                     + (f"   steps per budget {r['steps_per_budget']}" if "steps_per_budget" in r else ""))
+                     + (f"   steps per budget {r['steps_per_budget']}" if "steps_per_budget" in r else "")
+                     + "".join(f"   at tau {t}: {v:.0f} tok/s, /AR {r['projected_speedup_vs_batched_ar'][t]:.2f}x"
+                               for t, v in r.get("projected_aggregate_tok_s", {}).items()))
     return "\n".join(lines)
 
 
@@ -153,9 +250,14 @@ def plot_batch(result: dict, path: Path) -> None:
               "ar": "AR"}
     for (mode, label), color in zip(labels.items(), ("C0", "C2", "C1")):
         rows = [r for r in result["results"] if r["mode"] == mode]
+        if not rows:
+            continue
         batches = [r["batch"] for r in rows]
         axes[0].plot(batches, [r["aggregate_tok_s"] for r in rows], "o-", color=color, label=label)
         axes[1].plot(batches, [r["per_stream_tok_s_median"] for r in rows], "o-", color=color, label=label)
+        for tau, style in zip(sorted({t for r in rows for t in r.get("projected_aggregate_tok_s", {})}), ("--", ":")):
+            axes[0].plot(batches, [r["projected_aggregate_tok_s"][tau] for r in rows], style, color=color,
+                         label=f"{label}, projected at tau {tau}")
     for ax, title in zip(axes, ("aggregate tok/s", "per-stream tok/s (median)")):
         ax.set(title=title, xlabel="max batch (sequences)", ylabel="tok/s", xscale="log")
         ax.set_xticks(sorted({r["batch"] for r in result["results"]}),

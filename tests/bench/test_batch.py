@@ -1,6 +1,7 @@
 import json
 
 import pytest
+import torch
 
 from jetspec_trt.bench.batch import BatchBenchConfig, run_batch_bench
 from jetspec_trt.quickstart import make_tiny_engine
@@ -42,9 +43,34 @@ def test_batch_bench_tiny(tiny, tmp_path):
         assert all(1 <= int(b) <= 8 for b in rows[batch, "spec-auto"]["steps_per_budget"])  # (JSON keys)
 
 
-def test_batch_flag_needs_an_engine(capsys):
-    code, _, err = invoke_cli(["bench", "--batch", "1,4"], capsys)
-    assert code != 0 and "--batch needs --engine" in err
+def test_random_target_batch_bench_projects_spec_at_taus(tmp_path, capsys):
+    """Without --engine: a preset's shape with random weights through the same scheduler runs, spec beside AR (the
+    same tokens: fp32), each spec row's tok/s projected at the taus from its own step time."""
+    code, out, err = invoke_cli(["bench", "--random-target", "tiny", "--batch", "1,2", "--budgets", "4",
+                                 "--max-new-tokens", "6", "--taus", "5.94,10.76", "--device", "cpu",
+                                 "--output-dir", str(tmp_path)], capsys)
+    assert code == 0, err
+    path = tmp_path / "batch-cpu-tiny-projected.json"
+    res = json.loads(path.read_text())
+    assert path.with_suffix(".png").exists() and "at tau 5.94" in out
+    assert res["model"] == "tiny (random weights)" and res["dtype"] == "float32" and res["config"]["requests"] == 2
+    rows = {(r["batch"], r["mode"]): r for r in res["results"]}
+    assert set(rows) == {(b, m) for b in (1, 2) for m in ("spec", "ar")}
+    for batch in (1, 2):
+        spec, ar = rows[batch, "spec"], rows[batch, "ar"]
+        assert spec["identical_to_ar"] == 2 and spec["identical_to_smallest_batch"] == 2
+        assert spec["tokens"] == ar["tokens"] == 2 * 6
+        assert spec["speedup_vs_batched_ar"] == pytest.approx(spec["aggregate_tok_s"] / ar["aggregate_tok_s"])
+        for tau in ("5.94", "10.76"):
+            projected = spec["aggregate_tok_s"] * float(tau) / spec["tau_mean"]
+            assert spec["projected_aggregate_tok_s"][tau] == pytest.approx(projected)
+            assert spec["projected_speedup_vs_batched_ar"][tau] == pytest.approx(projected / ar["aggregate_tok_s"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA GPU is here")
+def test_random_target_batch_bench_without_a_gpu_is_one_line(capsys):
+    code, _, err = invoke_cli(["bench", "--batch", "1,4", "--device", "cuda:0"], capsys)
+    assert code == 2 and "there is no CUDA GPU here" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_bad_batch_sizes_get_one_line(tiny, capsys):
