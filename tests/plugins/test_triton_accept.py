@@ -95,19 +95,6 @@ def check(device: str, seed: int, budget: int, topk: int, max_depth: int, lookup
             assert length >= 2 or int(tree.tokens[line[1]]) < 0, (trial, steps, length)
 
 
-@needs_triton
-@pytest.mark.parametrize("case", CASES, ids=[f"b{c[1]}-k{c[2]}-d{c[3]}-lookup{c[4]}-{c[5]}" for c in CASES])
-def test_fused_accept_matches_torch_stage_in_interpreter(case):
-    run_in_interpreter(check, *case)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("case", CASES, ids=[f"b{c[1]}-k{c[2]}-d{c[3]}-lookup{c[4]}-{c[5]}" for c in CASES])
-def test_fused_accept_matches_torch_stage_on_cuda(case):
-    check("cuda", *case)
-
-
 ARGMAX_CASES = [(0, 64, 151936, "bfloat16"), (1, 1, 151936, "bfloat16"), (2, 17, 5000, "float32"), (3, 3, 7, "float16")]
 
 
@@ -125,20 +112,24 @@ def check_argmax(device: str, seed: int, rows: int, vocab: int, dtype_name: str)
     want = logits.float().argmax(-1)  # the reference on the CPU, in float32 (the same order: casts are exact)
     got = argmax_rows(logits.to(device)).cpu()
     assert torch.equal(got, want), (got, want)
+    if device == "cuda":  # and torch's own CUDA argmax, on NaN-free logits
+        logits = torch.randn(rows, vocab, device="cuda").to(getattr(torch, dtype_name))
+        assert torch.equal(argmax_rows(logits), logits.argmax(-1))
+
+
+# Each check with each of its cases: (check, case, test id).
+CHECKS = ([(check, c, f"accept-b{c[1]}-k{c[2]}-d{c[3]}-lookup{c[4]}-{c[5]}") for c in CASES]
+          + [(check_argmax, c, f"argmax-{c[1]}x{c[2]}-{c[3]}") for c in ARGMAX_CASES])
 
 
 @needs_triton
-@pytest.mark.parametrize("case", ARGMAX_CASES, ids=[f"{c[1]}x{c[2]}-{c[3]}" for c in ARGMAX_CASES])
-def test_argmax_rows_matches_torch_in_interpreter(case):
-    run_in_interpreter(check_argmax, *case)
+@pytest.mark.parametrize(("fn", "case"), [c[:2] for c in CHECKS], ids=[c[2] for c in CHECKS])
+def test_kernels_match_torch_in_interpreter(fn, case):
+    run_in_interpreter(fn, *case)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("case", ARGMAX_CASES, ids=[f"{c[1]}x{c[2]}-{c[3]}" for c in ARGMAX_CASES])
-def test_argmax_rows_matches_torch_on_cuda(case):
-    check_argmax("cuda", *case)
-    logits = torch.randn(case[1], case[2], device="cuda").to(getattr(torch, case[3]))
-    from jetspec_trt.plugins.triton_accept import argmax_rows
-
-    assert torch.equal(argmax_rows(logits), logits.argmax(-1))  # torch's own CUDA argmax, NaN-free
+@pytest.mark.parametrize(("fn", "case"), [c[:2] for c in CHECKS], ids=[c[2] for c in CHECKS])
+def test_kernels_match_torch_on_cuda(fn, case):
+    fn("cuda", *case)
