@@ -55,8 +55,7 @@ class BatchBenchConfig:
     tag: str = ""
 
     def __post_init__(self):
-        if not self.batches or min(self.batches) < 1:
-            raise JetSpecError(f"--batch sizes must be >= 1, got {','.join(map(str, self.batches))}")
+        check_batches(self.batches)
         if "ar" not in self.modes or not set(self.modes) <= set(MODES):
             raise JetSpecError(f"--batch-modes must include ar and be among {','.join(MODES)}, got "
                                f"{','.join(self.modes)}")
@@ -101,6 +100,38 @@ def run_batched(engine, device: str, prompts: list[list[int]], max_batch: int, m
             **({"steps_per_budget": dict(sorted(scheduler.budget_steps.items()))} if policy == "cost_model" else {})}
 
 
+def check_batches(batches: tuple[int, ...]) -> None:
+    if not batches or min(batches) < 1:
+        raise JetSpecError(f"--batch sizes must be >= 1, got {','.join(map(str, batches))}")
+
+
+def passes_label(graph_passes: bool, device: str) -> str:
+    return "batched passes from CUDA graphs" if graph_passes and device.startswith("cuda") else "eager batched passes"
+
+
+def run_modes(engine, device: str, prompts: list[list[int]], batches: tuple[int, ...], max_new_tokens: int,
+              trees: dict, graph_passes: bool) -> tuple[list[dict], dict]:
+    """run_batched for every batch size (ascending) and mode (trees: mode -> its tree; "ar" among them) after an
+    untimed warm-up of each mode (kernels, allocator). Returns the rows, each with identical_to_smallest_batch
+    (outputs equal to the mode's at the smallest batch: B = 1 when asked for) and, speculative, speedup_vs_batched_ar
+    (against the same batch's "ar" row); and the outputs by (batch, mode)."""
+    for mode, tree in trees.items():
+        run_batched(engine, device, prompts[:2], 2, 4, mode, tree, graph_passes)
+    rows, outputs = [], {}
+    for batch in sorted(set(batches)):
+        for mode, tree in trees.items():
+            run = run_batched(engine, device, prompts, batch, max_new_tokens, mode, tree, graph_passes)
+            outputs[batch, mode] = run.pop("outputs")
+            smallest = outputs[min(batches), mode]
+            run["identical_to_smallest_batch"] = sum(a == b for a, b in zip(outputs[batch, mode], smallest))
+            rows.append({"batch": batch, "mode": mode, **run})
+    ar = {r["batch"]: r["aggregate_tok_s"] for r in rows if r["mode"] == "ar"}
+    for row in rows:
+        if row["mode"] != "ar":
+            row["speedup_vs_batched_ar"] = row["aggregate_tok_s"] / ar[row["batch"]]
+    return rows, outputs
+
+
 def run_batch_bench(cfg: BatchBenchConfig, command: list[str] | None = None) -> Path:
     from jetspec_trt.runtime.config import TreeConfig
     from jetspec_trt.runtime.engine import Engine
@@ -112,22 +143,8 @@ def run_batch_bench(cfg: BatchBenchConfig, command: list[str] | None = None) -> 
     if "spec-auto" in trees:  # the cost model for this device: stored at build, or measured now up to this run's passes
         engine.cost_model(max(cfg.batches), max(cfg.batches) * cfg.budget)
     prompts = _prompt_ids(engine, cfg)
-    for mode, tree in trees.items():  # warm-up, untimed: kernels, allocator
-        run_batched(engine, cfg.device, prompts[:2], 2, 4, mode, tree, cfg.graph_passes)
-    rows, reference = [], {}
-    for batch in sorted(set(cfg.batches)):
-        for mode, tree in trees.items():
-            run = run_batched(engine, cfg.device, prompts, batch, cfg.max_new_tokens, mode, tree, cfg.graph_passes)
-            outputs = run.pop("outputs")
-            reference.setdefault(mode, outputs)  # the smallest batch size runs first: B = 1 when it is asked for
-            run["identical_to_smallest_batch"] = sum(a == b for a, b in zip(outputs, reference[mode]))
-            rows.append({"batch": batch, "mode": mode, **run})
-    for row in rows:
-        if row["mode"] != "ar":
-            ar = next(r for r in rows if r["batch"] == row["batch"] and r["mode"] == "ar")
-            row["speedup_vs_batched_ar"] = row["aggregate_tok_s"] / ar["aggregate_tok_s"]
-    graphed = cfg.graph_passes and cfg.device.startswith("cuda")
-    passes = "batched passes from CUDA graphs" if graphed else "eager batched passes"
+    rows, _ = run_modes(engine, cfg.device, prompts, cfg.batches, cfg.max_new_tokens, trees, cfg.graph_passes)
+    passes = passes_label(cfg.graph_passes, cfg.device)
     result = {
         **engine_report_header("batch", engine, cfg.device, f"scheduler ({passes})", command),
         "config": {**{k: v for k, v in asdict(cfg).items() if k != "engine_dir"}, "requests": len(prompts),
@@ -177,8 +194,7 @@ def run_random_batch_bench(cfg: RandomBatchConfig, command: list[str] | None = N
     from jetspec_trt.models.presets import random_models
     from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
 
-    if not cfg.batches or min(cfg.batches) < 1:
-        raise JetSpecError(f"--batch sizes must be >= 1, got {','.join(map(str, cfg.batches))}")
+    check_batches(cfg.batches)
     if torch.device(cfg.device).type == "cuda" and not torch.cuda.is_available():
         raise JetSpecError(f"--device {cfg.device}: there is no CUDA GPU here (--device cpu runs the same bench, or "
                            "--engine for a built engine's)")
@@ -189,33 +205,18 @@ def run_random_batch_bench(cfg: RandomBatchConfig, command: list[str] | None = N
     tree = TreeConfig(cfg.budget, cfg.topk, min(cfg.max_depth, spec.max_depth))
     runtime = RuntimeConfig(tree, cfg.dtype, cfg.prompt_tokens + cfg.max_new_tokens + 64, spec.block_size,
                             spec.mask_token_id, spec.target_layer_ids, eos_token_ids=())
-    pair = RandomPair(target, draft, runtime)
     generator = torch.Generator().manual_seed(0)
     vocab = target.config.vocab_size
     prompts = [torch.randint(vocab, (cfg.prompt_tokens,), generator=generator).tolist() for _ in range(max(cfg.batches))]
-    trees = {"spec": tree, "ar": TreeConfig(1, 1, 1)}
-    for mode, mode_tree in trees.items():  # warm-up, untimed: kernels, allocator
-        run_batched(pair, cfg.device, prompts[:2], 2, 4, mode, mode_tree, cfg.graph_passes)
-    rows, reference = [], {}
-    for batch in sorted(set(cfg.batches)):
-        runs = {mode: run_batched(pair, cfg.device, prompts, batch, cfg.max_new_tokens, mode, mode_tree,
-                                  cfg.graph_passes) for mode, mode_tree in trees.items()}
-        outputs = {mode: run.pop("outputs") for mode, run in runs.items()}
-        ar = runs["ar"]["aggregate_tok_s"]
-        for mode, run in runs.items():
-            reference.setdefault(mode, outputs[mode])
-            row = {"batch": batch, "mode": mode, **run,
-                   "identical_to_smallest_batch": sum(a == b for a, b in zip(outputs[mode], reference[mode]))}
-            if mode == "spec":  # lossless at every batch: the same tokens as batched AR (exact in float32)
-                row["identical_to_ar"] = sum(a == b for a, b in zip(outputs["spec"], outputs["ar"]))
-                row["speedup_vs_batched_ar"] = run["aggregate_tok_s"] / ar
-                row["projected_aggregate_tok_s"] = {str(t): run["aggregate_tok_s"] * t / run["tau_mean"]
-                                                    for t in cfg.taus}
-                row["projected_speedup_vs_batched_ar"] = {str(t): v / ar
-                                                          for t, v in row["projected_aggregate_tok_s"].items()}
-            rows.append(row)
-    graphed = cfg.graph_passes and cfg.device.startswith("cuda")
-    passes = "batched passes from CUDA graphs" if graphed else "eager batched passes"
+    rows, outputs = run_modes(RandomPair(target, draft, runtime), cfg.device, prompts, cfg.batches,
+                              cfg.max_new_tokens, {"spec": tree, "ar": TreeConfig(1, 1, 1)}, cfg.graph_passes)
+    for row in rows:
+        if row["mode"] == "spec":  # lossless at every batch: the same tokens as batched AR (exact in float32)
+            batch, scale = row["batch"], {str(t): t / row["tau_mean"] for t in cfg.taus}
+            row["identical_to_ar"] = sum(a == b for a, b in zip(outputs[batch, "spec"], outputs[batch, "ar"]))
+            row["projected_aggregate_tok_s"] = {t: row["aggregate_tok_s"] * k for t, k in scale.items()}
+            row["projected_speedup_vs_batched_ar"] = {t: row["speedup_vs_batched_ar"] * k for t, k in scale.items()}
+    passes = passes_label(cfg.graph_passes, cfg.device)
     result = {
         **report_header("batch", Path(f"random:{cfg.random_target}"), cfg.device, cfg.dtype,
                         f"scheduler ({passes})", command),
