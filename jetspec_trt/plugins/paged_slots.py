@@ -28,12 +28,16 @@ def available() -> bool:
 if triton is not None:
 
     @triton.jit
+    def flat_slot(table_ptr, logical, ok, PAGE: tl.constexpr):
+        """Flat slot ids (int64) of int64 logical positions through the block table (entries where `ok`):
+        models.kv_cache.flat_slots in a kernel; other kernels that move cache rows call it too."""
+        return tl.load(table_ptr + logical // PAGE, mask=ok, other=0).to(tl.int64) * PAGE + logical % PAGE
+
+    @triton.jit
     def _slots_kernel(table_ptr, first_ptr, out_ptr, count, PAGE: tl.constexpr, BLOCK: tl.constexpr):
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         ok = i < count
-        logical = tl.load(first_ptr).to(tl.int64) + i
-        page = tl.load(table_ptr + logical // PAGE, mask=ok, other=0).to(tl.int64)
-        tl.store(out_ptr + i, page * PAGE + logical % PAGE, mask=ok)
+        tl.store(out_ptr + i, flat_slot(table_ptr, tl.load(first_ptr).to(tl.int64) + i, ok, PAGE), mask=ok)
 
 
 def contiguous_slots(block_table: torch.Tensor, first: torch.Tensor, count: int, page_size: int) -> torch.Tensor:

@@ -36,6 +36,9 @@ try:  # Guarded: a machine without (or with a broken) Triton still imports this 
 except Exception:  # noqa: BLE001 - ImportError, or a Triton that fails to initialise
     triton = None
 
+if triton is not None:
+    from jetspec_trt.plugins.paged_slots import flat_slot
+
 MAX_NODES = 1024  # nodes a round may verify (budget plus lookup chain): the walk holds them in registers
 FEATURE_BLOCK = 1024  # feature columns per gathering program
 ARGMAX_BLOCK = 2048  # logits per tile of the argmax's first pass
@@ -129,9 +132,8 @@ if triton is not None:
         rows = tl.arange(0, DP)
         lane = tl.arange(0, ROW_P)
         keep = rows <= DEPTH
-        src, dst = ctx + path, ctx + rows
-        src_slot = tl.load(table_ptr + src // PAGE, mask=keep, other=0).to(tl.int64) * PAGE + src % PAGE
-        dst_slot = tl.load(table_ptr + dst // PAGE, mask=keep, other=0).to(tl.int64) * PAGE + dst % PAGE
+        src_slot = flat_slot(table_ptr, ctx + path, keep, PAGE)
+        dst_slot = flat_slot(table_ptr, ctx + rows, keep, PAGE)
         ok = keep[:, None] & (lane[None, :] < ROW)
         values = tl.load(base + src_slot[:, None] * ROW + lane[None, :], mask=ok)
         # Row j's source may be row j' > j's destination, and a tile's rows live in different threads: no store
