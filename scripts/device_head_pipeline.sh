@@ -86,14 +86,18 @@ for shape in $LAYERS; do
      --save-every 100000 "${data[@]}" > "$WORK/train-$shape.log" 2>&1 || echo "training $shape failed (see $WORK/train-$shape.log)"
 done
 
+# build_engine HEAD_DIR NAME [BUILD FLAGS...]: $WORK/engine-NAME. No lookup chain in the engine: its suite bench
+# continues the head's history (budgets 16 / 64, width 7, no lookup since version 3); EXTRA_TREES pass their own.
+build_engine() {
+  # shellcheck disable=SC2086  # BUILD_FLAGS split into words on purpose
+  jt build --target "$WORK/qwen" --draft "$1" --output "$WORK/engine-$2" --budget 256 --topk 7 --max-depth 15 \
+     --lookup 0 --dtype bfloat16 --max-seq-len 4096 ${BUILD_FLAGS:-} "${@:3}"
+}
 # build_and_bench HEAD_DIR NAME HF_PROMPTS TEMPERATURES: an engine of the head, then its suite bench (17 prompts a
 # suite: >= 50 greedy AR requests for the per-request tok/s percentiles).
 build_and_bench() {
   stage "build engine, head $2"
-  # No lookup chain in the engine: its suite bench continues the head's history (budgets 16 / 64, width 7, no
-  # lookup since version 3); EXTRA_TREES pass their own trees.
-  jt build --target "$WORK/qwen" --draft "$1" --output "$WORK/engine-$2" --budget 256 --topk 7 --max-depth 15 \
-     --lookup 0 --dtype bfloat16 --max-seq-len 4096 ${BUILD_FLAGS:-} || return
+  build_engine "$1" "$2" || return
   stage "suite bench, head $2 (HF generate on $3 prompts a suite, temperatures $4)"
   jt bench --engine "$WORK/engine-$2" --prompts-file /tmp/keep/bench-prompts.jsonl \
      --num-prompts "${BENCH_PROMPTS:-17}" --max-new-tokens 256 --budgets 16,64 --temperatures "$4" \
@@ -128,8 +132,7 @@ if [ -n "${AB_FLAGS:-}" ] && [ -d "$WORK/engine-$first" ]; then
   head_dir="$WORK/head-$first"; [ "$first" = base ] && head_dir=heads/qwen2.5-coder-0.5b-jetspec
   ab_tag="$first$(echo "$AB_FLAGS" | tr -d ' -')"
   # shellcheck disable=SC2086  # the flags split into words on purpose
-  jt build --target "$WORK/qwen" --draft "$head_dir" --output "$WORK/engine-$ab_tag" --budget 256 --topk 7 \
-     --max-depth 15 --lookup 0 --dtype bfloat16 --max-seq-len 4096 ${BUILD_FLAGS:-} $AB_FLAGS \
+  build_engine "$head_dir" "$ab_tag" $AB_FLAGS \
   && jt bench --engine "$WORK/engine-$ab_tag" --prompts-file /tmp/keep/bench-prompts.jsonl \
      --num-prompts "${BENCH_PROMPTS:-17}" --max-new-tokens 256 --budgets 16,64 --temperatures 0 ${extra_trees[0]:-} \
      --no-hf --output-dir "$WORK/results" --tag "$TAG-$ab_tag"
