@@ -95,6 +95,11 @@ if triton is not None:
             tl.store(logp_ptr + row * KP + j, logp)
             tl.store(ids_ptr + row * KP + j, tl.minimum(tl.sum(tl.where(cand == at, token, 0), 0), vocab - 1))
             x = tl.where(cand == at, float("-inf"), x)
+        # Columns K..KP-1 (K not a power of two) hold token 0 at -1e4: defined values, because the draft
+        # vocabulary's lookup maps every column (garbage ids there were an out-of-bounds gather: lease 14, topk 7).
+        for j in tl.static_range(K, KP):
+            tl.store(logp_ptr + row * KP + j, -1e4)
+            tl.store(ids_ptr + row * KP + j, 0)
 
     @triton.jit
     def _lookup(table, rows, cols, row, col):
@@ -169,7 +174,8 @@ def _pow2(n: int) -> int:
 
 def vocab_top_logp(depth_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """tree.tree.depth_top_logp on the kernels: [L, V] logits -> the k best float32 log-probabilities of each row
-    and their int64 token ids, best first, as [L, KP] (KP = k rounded up to a power of two; columns k.. unset)."""
+    and their int64 token ids, best first, as [L, KP] (KP = k rounded up to a power of two; columns k.. hold
+    token 0 at log-probability -1e4, below any real candidate)."""
     levels, vocab = depth_logits.shape
     splits = _pow2(triton.cdiv(vocab, VOCAB_BLOCK))
     chunk = triton.cdiv(vocab, splits)

@@ -42,6 +42,9 @@ def check_case(device: str, vocab: int, budget: int, topk: int, max_depth: int, 
         # The top-k: the reference's values in order (log-normaliser within float32 rounding), and ids that hold
         # exactly those logits (ties may pick other ids than aten's top-k).
         logp, ids = triton_tree_build.vocab_top_logp(logits[:levels].to(device), topk)
+        # Columns past topk (a power-of-two padding) are defined: a draft vocabulary maps every column.
+        assert torch.equal(ids[:, topk:].cpu(), torch.zeros_like(ids[:, topk:].cpu()))
+        assert bool((logp[:, topk:] == -1e4).all())
         logp, ids = logp[:, :topk].cpu(), ids[:, :topk].cpu()
         ref_logp, _ = depth_top_logp(logits[:levels], topk)
         torch.testing.assert_close(logp, ref_logp, rtol=0, atol=1e-5)
@@ -103,12 +106,15 @@ def check_all(device: str) -> None:
     assert int(tree.tokens.max()) < 300
     # A draft vocabulary (columns: token ids): the tree of the same logits over the column ids, mapped.
     logits = _logits(40, "float", torch.Generator().manual_seed(2))
+    # topk 7 pads its columns to 8 (lease 14's engines: an out-of-bounds gather when the padding was unset).
     vocab_ids = torch.arange(40) * 3 + 1
-    plain, _ = build_tree_kernels(torch.tensor([9], device=device), logits.to(device), 32, 4, 15)
-    mapped, _ = build_tree_kernels(torch.tensor([9], device=device), logits.to(device), 32, 4, 15,
-                                   vocab_ids.to(device))
-    assert mapped.tokens.cpu()[0] == 9 and torch.equal(mapped.tokens.cpu()[1:], vocab_ids[plain.tokens.cpu()[1:]])
-    assert torch.equal(mapped.parents.cpu(), plain.parents.cpu())
+    for topk in (4, 7):
+        plain, _ = build_tree_kernels(torch.tensor([9], device=device), logits.to(device), 32, topk, 15)
+        mapped, _ = build_tree_kernels(torch.tensor([9], device=device), logits.to(device), 32, topk, 15,
+                                       vocab_ids.to(device))
+        assert mapped.tokens.cpu()[0] == 9
+        assert torch.equal(mapped.tokens.cpu()[1:], vocab_ids[plain.tokens.cpu()[1:]])
+        assert torch.equal(mapped.parents.cpu(), plain.parents.cpu())
 
 
 def test_supports_bounds():
