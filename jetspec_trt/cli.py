@@ -68,7 +68,7 @@ def tree_options(func):
 @click.option("--fused-layer-kernels/--no-fused-layer-kernels", default=True, show_default=True,
               help="Run the layers' norms, q/k norm + RoPE + KV write and post-attention residual add (target and "
                    "draft) as fused Triton kernels (CUDA).")
-@click.option("--fused-accept", is_flag=True,
+@click.option("--fused-accept/--no-fused-accept", default=True, show_default=True,
               help="Run each round's accept stage (the greedy argmax, the walk, the KV compaction, the next round's "
                    "inputs) as four Triton kernels instead of ~44 small torch ops (CUDA).")
 @click.option("--draft-vocab", type=int, default=None,

@@ -33,7 +33,7 @@
 # LR (6e-4: the peak of each run's warmup + cosine; a continued head dips while it warms back up to it),
 # PROFILE_STEPS (5: traced steps -> head-*/profile_steps.json; 0 none), SETUP_S (150), ENGINE_BENCH (0; 1 ends with the engine bench at the pair's shape), BUILD_FLAGS (extra build
 # flags for every engine, e.g. --no-prefill-graphs where the idle window's GPU tests showed the captures failing),
-# AB_FLAGS (unset; e.g. "--fused-accept": the first head's engine again with these build flags, benched with the
+# AB_FLAGS (unset; e.g. "--small-m-gemm": the first head's engine again with these build flags, benched with the
 # first EXTRA_TREES set; lease 13's VOCAB_AB=N was AB_FLAGS="--draft-vocab N"),
 # EXTRA_TREES (unset; e.g. "--lookup 8;--topk 16 --lookup 8": after the benches, the first head's engine benched again greedy
 # once per ;-separated set of suite-bench tree flags, ~1.3 min each: wall-clock for what `bench --simulate-widths`
@@ -125,7 +125,7 @@ for flags in "${extra_trees[@]}"; do
      --no-hf --output-dir "$WORK/results" --tag "$TAG-$first$(echo $flags | tr -d ' -')"
 done
 # An engine switch judged by wall-clock: the first head's engine rebuilt with AB_FLAGS (extra build flags, e.g.
-# "--fused-accept" or "--draft-vocab 16384") and benched with the first EXTRA_TREES set, beside that set's bench of
+# "--small-m-gemm" or "--draft-vocab 16384") and benched with the first EXTRA_TREES set, beside that set's bench of
 # the default build, on the same prompts.
 if [ -n "${AB_FLAGS:-}" ] && [ -d "$WORK/engine-$first" ]; then
   stage "engine with $AB_FLAGS, head $first"

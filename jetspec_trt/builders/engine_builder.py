@@ -69,7 +69,7 @@ class BuildConfig:
     small_m_gemm: bool = False  # CUDA: 2..64-row GEMMs (verify, draft block) through plugins.skinny_gemm
     prefill_graphs: bool = True  # CUDA: prompt-length buckets' prefills as CUDA graphs captured at load
     fused_layer_kernels: bool = True  # the layers' small ops as plugins.layer_kernels' fused kernels (CUDA)
-    fused_accept: bool = False  # CUDA: the round's accept stage as plugins.triton_accept's kernels
+    fused_accept: bool = True  # CUDA: the round's accept stage as plugins.triton_accept's kernels
     # The draft proposes from this many most frequent tokens (models/draft_vocab.py); 0: all; None: DEFAULT_DRAFT_VOCAB
     # where token counts exist (the head's token_counts.json or draft_vocab_counts) and the vocabulary is larger.
     draft_vocab: int | None = None

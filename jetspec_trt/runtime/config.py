@@ -103,8 +103,11 @@ class RuntimeConfig:
     fused_layer_kernels: bool = True
     # CUDA: the accept stage (the greedy argmax, the walk, the path's features, the KV compaction, the history and
     # the host's result) as plugins/triton_accept.py's four kernels instead of ~44 torch ops (0.11 ms of a 1.67 ms
-    # budget-64 round at the 0.5B shape on an H100). The same values; off until timed.
-    fused_accept: bool = False
+    # budget-64 round at the 0.5B shape on an H100). The same values. Measured on an H100 (lease 14): the budget-64
+    # accept stage 0.096 -> 0.034 ms (36 -> 4 kernels; engine-qwen2.5-0.5b-h100-accept-profile.json), and
+    # the default pair's suite bench 2.07 / 2.32 / 3.09x -> 2.13 / 2.38 / 3.18x our AR at budget 64, equal tau
+    # (suites-nvidia-h100-head-v10-topk16-lookup15.json against -fused-accept.json).
+    fused_accept: bool = True
     # The draft proposes from this many tokens, the most frequent in the target's responses (models/draft_vocab.py;
     # the ids in the engine's draft_vocab.json); 0: from the whole vocabulary. The output is the same either way.
     draft_vocab: int = 0

@@ -35,7 +35,7 @@ def test_engine_bench_reports_every_section(tmp_path):
         assert row["rest_per_layer_us"] == pytest.approx(1000 * row["rest_of_step_ms"] / 6)  # the tiny preset's layers
     breakdown = report["ar_breakdown"]
     assert breakdown["rest_per_layer_us"] == pytest.approx(1000 * breakdown["rest_of_step_ms"] / 6)
-    for switches in ("fused_layer_kernels", "unfused_layer_kernels", "draft_vocab_64", "fused_accept"):
+    for switches in ("fused_layer_kernels", "unfused_layer_kernels", "draft_vocab_64", "unfused_accept"):
         profile = report["kernel_profile"][switches]
         tables = [profile["ar_step"]] + [t for r in profile["rounds"] for t in r["stages"].values()]
         assert [r["budget"] for r in profile["rounds"]] == [4, 16] and len(tables) == 1 + 2 * 4
