@@ -27,7 +27,7 @@
 # TEMPS ("0": the first head's bench temperatures, e.g. "0,1"; later heads bench greedy only), BASELINE (0; 1
 # benches the committed head last, on the same prompts), PROMPT_OFFSET (0; runs 3-4 answered prompts from the
 # first 12000 of the mix, run 5 (lost) 12000-27000, run 6 27000-38458, run 7 38500-49262, run 8 0-13833 (a second
-# pass), run 9 14000-28186, run 10 28200-38767; the mix has 53,319 and 50000-50063 are scripts/probe_head.py's
+# pass), run 9 14000-28186, run 10 28200-38767, run 11 the second mix (DATA below) 0-9758; the first mix has 53,319 and 50000-50063 are scripts/probe_head.py's
 # held-out prompts), DATA (/tmp/keep/prompts-mix.jsonl.gz; /tmp/keep/prompts-mix2.jsonl.gz is the rest of that mix
 # in turns with math prompts, scripts/device_lease/prepare_mix2.sh: start it at PROMPT_OFFSET 0),
 # LR (6e-4: the peak of each run's warmup + cosine; a continued head dips while it warms back up to it),
