@@ -33,8 +33,9 @@
 # LR (6e-4: the peak of each run's warmup + cosine; a continued head dips while it warms back up to it),
 # PROFILE_STEPS (5: traced steps -> head-*/profile_steps.json; 0 none), SETUP_S (150), ENGINE_BENCH (0; 1 ends with the engine bench at the pair's shape), BUILD_FLAGS (extra build
 # flags for every engine, e.g. --no-prefill-graphs where the idle window's GPU tests showed the captures failing),
-# AB_FLAGS (unset; e.g. "--small-m-gemm": the first head's engine again with these build flags, benched with the
-# first EXTRA_TREES set; lease 13's VOCAB_AB=N was AB_FLAGS="--draft-vocab N"),
+# AB_FLAGS (unset; e.g. "--small-m-gemm": the first head's engine again with these build flags, benched with
+# TREE; lease 13's VOCAB_AB=N was AB_FLAGS="--draft-vocab N"),
+# TREE ("--topk 16 --lookup 15 --budgets 48,64,96": every head's suite-bench tree flags),
 # EXTRA_TREES (unset; e.g. "--lookup 8;--topk 16 --lookup 8": after the benches, the first head's engine benched again greedy
 # once per ;-separated set of suite-bench tree flags, ~1.3 min each: wall-clock for what `bench --simulate-widths`
 # and `--simulate-lookups` found in tau).
@@ -86,8 +87,8 @@ for shape in $LAYERS; do
      --save-every 100000 "${data[@]}" > "$WORK/train-$shape.log" 2>&1 || echo "training $shape failed (see $WORK/train-$shape.log)"
 done
 
-# build_engine HEAD_DIR NAME [BUILD FLAGS...]: $WORK/engine-NAME. No lookup chain in the engine: its suite bench
-# continues the head's history (budgets 16 / 64, width 7, no lookup since version 3); EXTRA_TREES pass their own.
+# build_engine HEAD_DIR NAME [BUILD FLAGS...]: $WORK/engine-NAME. Its tree (budget 256, width 7, no lookup) only
+# bounds the rounds: every bench passes its own tree (TREE; EXTRA_TREES).
 build_engine() {
   # shellcheck disable=SC2086  # BUILD_FLAGS split into words on purpose
   jt build --target "$WORK/qwen" --draft "$1" --output "$WORK/engine-$2" --budget 256 --topk 7 --max-depth 15 \
@@ -100,9 +101,12 @@ build_and_bench() {
   build_engine "$1" "$2" || return
   stage "suite bench, head $2 (HF generate on $3 prompts a suite, temperatures $4)"
   jt bench --engine "$WORK/engine-$2" --prompts-file /tmp/keep/bench-prompts.jsonl \
-     --num-prompts "${BENCH_PROMPTS:-17}" --max-new-tokens 256 --budgets 16,64 --temperatures "$4" \
+     --num-prompts "${BENCH_PROMPTS:-17}" --max-new-tokens 256 $TREE --temperatures "$4" \
      --hf-prompts "$3" --output-dir "$WORK/results" --tag "$TAG-$2"
 }
+# Every head's bench runs the engines' default tree around its default budget 64 (the heads' history: budgets
+# 16 / 64 at width 7 without lookup until version 10, whose lease switched).
+TREE=${TREE:---topk 16 --lookup 15 --budgets 48,64,96}
 hf=${HF_PROMPTS:-3}
 temps=${TEMPS:-0}
 for shape in $LAYERS; do
@@ -125,8 +129,8 @@ for flags in "${extra_trees[@]}"; do
      --no-hf --output-dir "$WORK/results" --tag "$TAG-$first$(echo $flags | tr -d ' -')"
 done
 # An engine switch judged by wall-clock: the first head's engine rebuilt with AB_FLAGS (extra build flags, e.g.
-# "--small-m-gemm" or "--draft-vocab 16384") and benched with the first EXTRA_TREES set, beside that set's bench of
-# the default build, on the same prompts.
+# "--small-m-gemm" or "--draft-vocab 16384") and benched with TREE, beside that head's own bench on the same
+# prompts.
 if [ -n "${AB_FLAGS:-}" ] && [ -d "$WORK/engine-$first" ]; then
   stage "engine with $AB_FLAGS, head $first"
   head_dir="$WORK/head-$first"; [ "$first" = base ] && head_dir=heads/qwen2.5-coder-0.5b-jetspec
@@ -134,7 +138,7 @@ if [ -n "${AB_FLAGS:-}" ] && [ -d "$WORK/engine-$first" ]; then
   # shellcheck disable=SC2086  # the flags split into words on purpose
   build_engine "$head_dir" "$ab_tag" $AB_FLAGS \
   && jt bench --engine "$WORK/engine-$ab_tag" --prompts-file /tmp/keep/bench-prompts.jsonl \
-     --num-prompts "${BENCH_PROMPTS:-17}" --max-new-tokens 256 --budgets 16,64 --temperatures 0 ${extra_trees[0]:-} \
+     --num-prompts "${BENCH_PROMPTS:-17}" --max-new-tokens 256 $TREE --temperatures 0 \
      --no-hf --output-dir "$WORK/results" --tag "$TAG-$ab_tag"
 fi
 # The head the runs started from, benched in the same lease on the same prompts.
