@@ -94,19 +94,23 @@ build_engine() {
   jt build --target "$WORK/qwen" --draft "$1" --output "$WORK/engine-$2" --budget 256 --topk 7 --max-depth 15 \
      --lookup 0 --dtype bfloat16 --max-seq-len 4096 ${BUILD_FLAGS:-} "${@:3}"
 }
-# build_and_bench HEAD_DIR NAME HF_PROMPTS TEMPERATURES: an engine of the head, then its suite bench (17 prompts a
-# suite: >= 50 greedy AR requests for the per-request tok/s percentiles).
+# Every head's bench runs the engines' default tree around its default budget 64 (the heads' history: budgets
+# 16 / 64 at width 7 without lookup until version 10, whose lease switched).
+TREE=${TREE:---topk 16 --lookup 15 --budgets 48,64,96}
+# suite_bench ENGINE_NAME TAG [BENCH FLAGS...]: the suite bench of $WORK/engine-ENGINE_NAME on the carried prompts
+# (BENCH_PROMPTS a suite: 17 give >= 50 greedy AR requests for the per-request tok/s percentiles), 256 new tokens.
+suite_bench() {
+  jt bench --engine "$WORK/engine-$1" --prompts-file /tmp/keep/bench-prompts.jsonl \
+     --num-prompts "${BENCH_PROMPTS:-17}" --max-new-tokens 256 --output-dir "$WORK/results" --tag "$TAG-$2" "${@:3}"
+}
+# build_and_bench HEAD_DIR NAME HF_PROMPTS TEMPERATURES: an engine of the head, then its suite bench.
 build_and_bench() {
   stage "build engine, head $2"
   build_engine "$1" "$2" || return
   stage "suite bench, head $2 (HF generate on $3 prompts a suite, temperatures $4)"
-  jt bench --engine "$WORK/engine-$2" --prompts-file /tmp/keep/bench-prompts.jsonl \
-     --num-prompts "${BENCH_PROMPTS:-17}" --max-new-tokens 256 $TREE --temperatures "$4" \
-     --hf-prompts "$3" --output-dir "$WORK/results" --tag "$TAG-$2"
+  # shellcheck disable=SC2086  # TREE split into words on purpose
+  suite_bench "$2" "$2" $TREE --temperatures "$4" --hf-prompts "$3"
 }
-# Every head's bench runs the engines' default tree around its default budget 64 (the heads' history: budgets
-# 16 / 64 at width 7 without lookup until version 10, whose lease switched).
-TREE=${TREE:---topk 16 --lookup 15 --budgets 48,64,96}
 hf=${HF_PROMPTS:-3}
 temps=${TEMPS:-0}
 for shape in $LAYERS; do
@@ -124,9 +128,7 @@ for flags in "${extra_trees[@]}"; do
   [ -d "$WORK/engine-$first" ] || break
   stage "suite bench, head $first, trees $flags"
   # shellcheck disable=SC2086  # the flags split into words on purpose
-  jt bench --engine "$WORK/engine-$first" --prompts-file /tmp/keep/bench-prompts.jsonl \
-     --num-prompts "${BENCH_PROMPTS:-17}" --max-new-tokens 256 --budgets 16,64 --temperatures 0 $flags \
-     --no-hf --output-dir "$WORK/results" --tag "$TAG-$first$(echo $flags | tr -d ' -')"
+  suite_bench "$first" "$first$(echo $flags | tr -d ' -')" --budgets 16,64 --temperatures 0 $flags --no-hf
 done
 # An engine switch judged by wall-clock: the first head's engine rebuilt with AB_FLAGS (extra build flags, e.g.
 # "--small-m-gemm" or "--draft-vocab 16384") and benched with TREE, beside that head's own bench on the same
@@ -136,10 +138,7 @@ if [ -n "${AB_FLAGS:-}" ] && [ -d "$WORK/engine-$first" ]; then
   head_dir="$WORK/head-$first"; [ "$first" = base ] && head_dir=heads/qwen2.5-coder-0.5b-jetspec
   ab_tag="$first$(echo "$AB_FLAGS" | tr -d ' -')"
   # shellcheck disable=SC2086  # the flags split into words on purpose
-  build_engine "$head_dir" "$ab_tag" $AB_FLAGS \
-  && jt bench --engine "$WORK/engine-$ab_tag" --prompts-file /tmp/keep/bench-prompts.jsonl \
-     --num-prompts "${BENCH_PROMPTS:-17}" --max-new-tokens 256 $TREE --temperatures 0 \
-     --no-hf --output-dir "$WORK/results" --tag "$TAG-$ab_tag"
+  build_engine "$head_dir" "$ab_tag" $AB_FLAGS && suite_bench "$ab_tag" "$ab_tag" $TREE --temperatures 0 --no-hf
 fi
 # The head the runs started from, benched in the same lease on the same prompts.
 [ "${BASELINE:-0}" = 1 ] && build_and_bench heads/qwen2.5-coder-0.5b-jetspec base 0 0
