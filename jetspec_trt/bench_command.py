@@ -53,6 +53,10 @@ def _floats(text: str) -> tuple[float, ...]:
                    "E.g. --contexts 512 --max-seq-len 32768 times context 512 in an engine built for 32 K.")
 @click.option("--fused-layer-kernels/--no-fused-layer-kernels", "compare_fused", default=True, show_default=True,
               help="Engine bench: also time the AR step with the fused layer kernels (ar_step_fused_layer_kernels).")
+@click.option("--comparisons/--no-comparisons", default=True, show_default=True,
+              help="Engine bench: also time each engine switch flipped alone (the GEMV step, the tree kernels, the "
+                   "small-M GEMMs, the fused layer kernels) and the sampled rounds; off: the bench's baseline and "
+                   "the engines' defaults only (a shorter run).")
 @click.option("--profile", "kernel_profile", is_flag=True,
               help="Engine bench: also profile the AR step and each round stage kernel by kernel (torch.profiler) "
                    "under the engines' default switches, with and without the fused layer kernels, and with the "
@@ -114,7 +118,7 @@ def _floats(text: str) -> tuple[float, ...]:
               help="--simulate-widths: also trees with a context-lookup chain of this many nodes beside the draft's "
                    "(tree/lookup.py), e.g. 0,6: each width without and with it.")
 def bench_command(random_target, budgets, contexts, topk, max_depth, taus, dtype, reps, no_hf, hf_prompts,
-                  compile_layers, max_seq_len, compare_fused, kernel_profile, draft_vocab, compare_fp8, output_dir, tag,
+                  compile_layers, max_seq_len, compare_fused, comparisons, kernel_profile, draft_vocab, compare_fp8, output_dir, tag,
                   engine_dir, suites, prompts_file, num_prompts, max_new_tokens, temperatures, batches, batch_modes, batch_graphs,
                   serve_url, clients, serve_model, metrics_url, pass_timeout, device, diagnose_fp32, reference_dir,
                   compare_max_tokens, simulate_widths, simulate_lookups, lookup):
@@ -209,7 +213,9 @@ def bench_command(random_target, budgets, contexts, topk, max_depth, taus, dtype
                       topk=topk or DEFAULT_TREE.topk, max_depth=max_depth or DEFAULT_TREE.max_depth,
                       taus=_floats(taus), dtype=dtype, reps=reps, hf_generate=not no_hf,
                       compile_layers=compile_layers, max_seq_len=max_seq_len,
-                      compare_fused_layer_kernels=compare_fused, kernel_profile=kernel_profile, draft_vocab=draft_vocab,
+                      compare_fused_layer_kernels=compare_fused and comparisons, compare_gemv=comparisons,
+                      compare_tree_kernel=comparisons, compare_small_m_gemm=comparisons, compare_sampled=comparisons,
+                      kernel_profile=kernel_profile, draft_vocab=draft_vocab,
                       compare_fp8=compare_fp8, output_dir=output_dir,
                       tag=tag)
     path = run_bench(cfg, command=sys.argv)

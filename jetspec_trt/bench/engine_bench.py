@@ -11,6 +11,9 @@ Everything is measured in one run on one device, so the ratios in the JSON are s
   * with compare_fp8, the same target as an FP8 checkpoint (write_fp8_target, loaded by the engine's FP8 loader)
     in the same process: its AR step (torch._scaled_mm and the FP8 GEMV), rounds and AR breakdown with the FP8
     weight-streaming floor, each row with its ratio to the bf16 one ("*_fp8" keys)
+  * engine defaults: the AR step and the rounds once more as a built engine runs them (RuntimeConfig's default
+    switches, the default tree's lookup chain, the draft over the build's draft vocabulary): "ar_step_defaults" and
+    "rounds_defaults" (and "*_defaults_fp8"), the rows the issues' speed goals are read on
   * projected tok/s = tau / round time, for tau values given (e.g. the paper's) and measured ones
   * Hugging Face transformers `generate` on the same shape and dtype
   * agreement: speculative greedy output vs the engine's own AR greedy output, over several prompts
@@ -33,6 +36,7 @@ from tqdm import tqdm
 from jetspec_trt.builders.quantize import DEFAULT_FP8_RECIPE, FP8_RECIPES
 from jetspec_trt.dtypes import parse_dtype
 from jetspec_trt.errors import JetSpecError
+from jetspec_trt.models.draft_vocab import DEFAULT_DRAFT_VOCAB
 from jetspec_trt.runtime.config import DEFAULT_TREE, RuntimeConfig, TreeConfig
 from jetspec_trt.runtime.decoder import first_difference
 from jetspec_trt.runtime.graph_decoder import STAGES, GraphDecoder
@@ -60,6 +64,7 @@ class BenchConfig:
     compare_tree_kernel: bool = True  # also time the rounds with the tree stage on plugins.triton_tree_build
     compare_small_m_gemm: bool = True  # also time the rounds with the 2..64-row GEMMs on plugins.skinny_gemm
     compare_fused_layer_kernels: bool = True  # also time the AR step with plugins.layer_kernels' fused kernels
+    compare_sampled: bool = True  # also time the rounds sampling at T=1 ("rounds_sampled")
     # Kernel by kernel (bench.kernel_profile): the AR step and each round stage at the breakdown context under the
     # engines' default switches, with and without the fused layer kernels, and with the accept stage switched
     # between plugins.triton_accept and the torch ops ("kernel_profile").
@@ -180,15 +185,17 @@ class EngineBench:
         return {"context": context, "step_ms": ms, "tok_s": 1000 / ms, "floor_share": breakdown["floor_ms"] / ms,
                 **self.rest_of_step(ms, breakdown[gemms])}
 
-    def ar_steps_and_rounds(self, breakdown: dict, progress) -> tuple[list[dict], list[dict]]:
-        """The cuBLAS AR step (ar_step_row) and the round split at every (context, budget), with the round's
-        ratio to the step and its projected tok/s at the config's taus."""
+    def ar_steps_and_rounds(self, breakdown: dict, progress, gemms: str = "gemms_cublas_ms",
+                            tree_at=None) -> tuple[list[dict], list[dict]]:
+        """The AR step under the decoder's current switches (ar_step_row; `gemms`: the breakdown's GEMMs it runs,
+        cuBLAS by default) and the round split at every (context, budget), with the round's ratio to the step and
+        its projected tok/s at the config's taus. `tree_at(budget)`: the round's tree (default: the plain one)."""
         steps, rounds = [], []
         for context in self.cfg.contexts:
-            steps.append(step := self.ar_step_row(context, breakdown))
+            steps.append(step := self.ar_step_row(context, breakdown, gemms))
             progress.update()
             for budget in self.cfg.budgets:
-                split = self.round_split_ms(budget, context)
+                split = self.round_split_ms(budget, context, tree_at and tree_at(budget))
                 split.update(budget=budget, context=context, vs_ar_step=split["round_ms"] / step["step_ms"],
                              projected_tok_s={str(tau): 1000 * tau / split["round_ms"] for tau in self.cfg.taus})
                 rounds.append(split)
@@ -244,12 +251,40 @@ class EngineBench:
 
             yield name, stages[name], before
 
-    def round_split_ms(self, budget: int, context: int) -> dict[str, float]:
-        tree = TreeConfig(budget, self.cfg.topk, self.cfg.max_depth)
+    def round_split_ms(self, budget: int, context: int, tree: TreeConfig | None = None) -> dict[str, float]:
+        tree = tree or TreeConfig(budget, self.cfg.topk, self.cfg.max_depth)
         result = {f"{name}_ms": _events_ms(stage, self.cfg.reps, before)
                   for name, stage, before in self._stages_at(tree, context)}
-        result["round_ms"] = self.round_ms(budget, context)
+        result["round_ms"] = self.round_ms(budget, context, tree=tree)
+        if tree.lookup:
+            result["lookup"] = tree.lookup
         return result
+
+    def default_tree(self, budget: int) -> TreeConfig:
+        """The engines' default tree at `budget` nodes (DEFAULT_TREE's lookup chain fitted to it), at the
+        config's width and depth."""
+        lookup = DEFAULT_TREE.fitted(budget, self.cfg.max_depth).lookup
+        return TreeConfig(budget, self.cfg.topk, self.cfg.max_depth, lookup)
+
+    def use_engine_defaults(self, draft_vocab: bool = False) -> None:
+        """The decoder's switches as a built engine has them (RuntimeConfig's defaults); with `draft_vocab`, the
+        draft over the build's default draft vocabulary too (its first ids: which ones does not change the time),
+        where the target's vocabulary is larger than that (as the build chooses)."""
+        defaults = engine_switches()
+        self.decoder.set_decode_gemv(defaults["decode_gemv"])
+        self.decoder.set_tree_kernel(defaults["tree_kernel"])
+        self.decoder.set_small_m_gemm(defaults["small_m_gemm"])
+        self.decoder.set_fused_layer_kernels(defaults["fused_layer_kernels"])
+        self.decoder.set_fused_accept(defaults["fused_accept"])
+        if draft_vocab and self.target.config.vocab_size > DEFAULT_DRAFT_VOCAB:
+            self.decoder.set_draft_vocab(torch.arange(DEFAULT_DRAFT_VOCAB))
+
+    def engine_default_rows(self, breakdown: dict, progress) -> tuple[list[dict], list[dict]]:
+        """ar_steps_and_rounds as a built engine runs (use_engine_defaults with its draft vocabulary, the default
+        tree at each budget); the decoder keeps those switches."""
+        self.use_engine_defaults(draft_vocab=True)
+        gemms = "gemms_gemv_ms" if engine_switches()["decode_gemv"] else "gemms_cublas_ms"
+        return self.ar_steps_and_rounds(breakdown, progress, gemms, self.default_tree)
 
     def kernel_profile(self, context: int) -> dict:
         """The AR step and each stage of a round at every budget of the config, kernel by kernel
@@ -264,12 +299,11 @@ class EngineBench:
         out = {"context": context, "ar_step": summarize(profile_kernels(step, reset), step_ms)}
         out["rounds"] = []
         for budget in self.cfg.budgets:
-            lookup = DEFAULT_TREE.fitted(budget, self.cfg.max_depth).lookup
-            tree = TreeConfig(budget, self.cfg.topk, self.cfg.max_depth, lookup)
+            tree = self.default_tree(budget)
             stages = {name: summarize(profile_kernels(stage, before), _events_ms(stage, self.cfg.reps, before))
                       for name, stage, before in self._stages_at(tree, context)}
             round_ms = self.round_ms(budget, context, tree=tree)
-            out["rounds"].append({"budget": budget, "lookup": lookup, "round_ms": round_ms,
+            out["rounds"].append({"budget": budget, "lookup": tree.lookup, "round_ms": round_ms,
                                   "vs_ar_step": round_ms / step_ms, "stages": stages})
         return out
 
@@ -330,6 +364,11 @@ class EngineBench:
                 "identical": identical, "first_divergence_at": divergences}
 
 
+def engine_switches() -> dict:
+    """RuntimeConfig's defaults by field name: the switches a built engine runs with."""
+    return {f.name: f.default for f in fields(RuntimeConfig)}
+
+
 def engine_tokens(cfg: BenchConfig) -> int:
     """The bench engine's max_seq_len: cfg.max_seq_len, or the largest context plus the AR generate and slack."""
     needed = max(cfg.contexts) + cfg.ar_tokens + 64
@@ -370,7 +409,8 @@ def run_bench(cfg: BenchConfig, command: list[str] | None = None) -> Path:
         require_fp8_gpu(cfg.device)
     if not torch.cuda.is_available():
         raise JetSpecError("the engine benchmark needs a CUDA GPU (run it through the device machine)")
-    sections = 1 + len(cfg.contexts) * (1 + len(cfg.budgets))  # the engine, then each context's step and rounds
+    # The engine, then each context's step and rounds twice (the bench's switches, the engines' defaults)
+    sections = 1 + 2 * len(cfg.contexts) * (1 + len(cfg.budgets))
     progress = tqdm(total=2 + sections * (1 + cfg.compare_fp8) + int(cfg.hf_generate) + int(cfg.kernel_profile),
                     desc="bench")
     target, draft, hf_config = random_models(cfg.random_target, cfg.device, parse_dtype(cfg.dtype))
@@ -391,10 +431,11 @@ def run_bench(cfg: BenchConfig, command: list[str] | None = None) -> Path:
     report["ar_step"], report["rounds"] = bench.ar_steps_and_rounds(breakdown, progress)
     # Sampled rounds (T=1) beside greedy ones: what a chat request pays per round.
     greedy_ms = {(r["budget"], r["context"]): r["round_ms"] for r in report["rounds"]}
-    report["rounds_sampled"] = [
-        {"budget": b, "context": c, "mode": "sample", "temperature": 1.0, "round_ms": ms,
-         "vs_greedy_round": ms / greedy_ms[b, c]}
-        for c in cfg.contexts for b in cfg.budgets for ms in (bench.round_ms(b, c, "sample"),)]
+    if cfg.compare_sampled:
+        report["rounds_sampled"] = [
+            {"budget": b, "context": c, "mode": "sample", "temperature": 1.0, "round_ms": ms,
+             "vs_greedy_round": ms / greedy_ms[b, c]}
+            for c in cfg.contexts for b in cfg.budgets for ms in (bench.round_ms(b, c, "sample"),)]
     report["ar_generate"] = ar = bench.ar_generate_tok_s()
     ar_ms = 1000 / ar["decode_tok_s"]
     report["generate_rounds"] = [dict(r, vs_ar_generate_step=r["ms_per_round"] / ar_ms)
@@ -424,12 +465,13 @@ def run_bench(cfg: BenchConfig, command: list[str] | None = None) -> Path:
         bench.decoder.set_small_m_gemm(False)
     report["agreement"] = bench.agreement()
     progress.update()
+    report["ar_step_defaults"], report["rounds_defaults"] = bench.engine_default_rows(breakdown, progress)
+    report["agreement_defaults"] = bench.agreement()
     if cfg.kernel_profile and bench.decoder.triton_kernels:
         # Kernel by kernel under the engines' default switches (RuntimeConfig), then with the fused layer kernels.
-        defaults = {f.name: f.default for f in fields(RuntimeConfig)}
-        bench.decoder.set_decode_gemv(defaults["decode_gemv"])
-        bench.decoder.set_tree_kernel(defaults["tree_kernel"])
-        bench.decoder.set_small_m_gemm(defaults["small_m_gemm"])
+        defaults = engine_switches()
+        bench.use_engine_defaults()
+        bench.decoder.set_draft_vocab(None)
         context = breakdown_context(cfg)
         report["kernel_profile"] = {}
         for fused in (defaults["fused_layer_kernels"], not defaults["fused_layer_kernels"]):
@@ -473,6 +515,7 @@ def run_bench(cfg: BenchConfig, command: list[str] | None = None) -> Path:
         report.update(fp8_sections(bench, report, progress))
         del bench
     if cfg.hf_generate:
+        write_report(report, cfg)  # everything above on disk before HF builds its own copy of the model
         report["hf_generate"] = hf_generate_tok_s(hf_config, parse_dtype(cfg.dtype), cfg.device, cfg.hf_tokens)
         progress.update()
     progress.close()
@@ -607,6 +650,10 @@ def fp8_sections(bench: EngineBench, report: dict, progress) -> dict:
         generate["vs_bf16_tok_s"] = generate["decode_tok_s"] / report["ar_generate_gemv"]["decode_tok_s"]
     out["ar_generate_gemv_fp8"] = generate
     bench.decoder.set_decode_gemv(False)
+    steps, rounds = bench.engine_default_rows(breakdown, progress)
+    out["ar_step_defaults_fp8"] = _beside(steps, report["ar_step_defaults"], "step_ms")
+    out["rounds_defaults_fp8"] = _beside(rounds, report["rounds_defaults"], "round_ms")
+    out["agreement_defaults_fp8"] = bench.agreement()
     return out
 
 

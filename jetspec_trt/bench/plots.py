@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 STAGE_COLORS = {"draft": "#4c72b0", "tree": "#dd8452", "verify": "#55a868", "accept": "#c44e52"}
 FP8_COLOR = "#8c564b"  # the FP8 target's series (engine bench --fp8), beside the bf16 ones
+DEFAULTS_COLOR = "#2ca02c"  # the engines' default switches and tree (engine bench "*_defaults" rows)
 
 
 def _by_context(rows: list[dict]) -> dict[int, float]:
@@ -20,7 +21,7 @@ def _by_context(rows: list[dict]) -> dict[int, float]:
 def plot_engine_bench(report: dict, path: Path) -> None:
     contexts = sorted({r["context"] for r in report["rounds"]})
     budgets = sorted({r["budget"] for r in report["rounds"]})
-    steps = _by_context(report["ar_step"])
+    steps, default_steps = _by_context(report["ar_step"]), _by_context(report.get("ar_step_defaults", []))
     fp8_rounds = report.get("rounds_fp8", [])
     fp8_steps, fp8_gemv = _by_context(report.get("ar_step_fp8", [])), _by_context(report.get("ar_step_gemv_fp8", []))
     fig, axes = plt.subplots(1, len(contexts) + 1, figsize=(5 * (len(contexts) + 1), 4.5))
@@ -34,6 +35,12 @@ def plot_engine_bench(report: dict, path: Path) -> None:
         ax.plot([str(b) for b in budgets], [rows[b]["round_ms"] for b in budgets], "k.-", label="round (graphed)")
         ax.axhline(steps[context], color="gray", ls="--", label="AR step")
         ax.axhline(1.5 * steps[context], color="gray", ls=":", label="1.5 x AR step")
+        defaults = {r["budget"]: r["round_ms"] for r in report.get("rounds_defaults", []) if r["context"] == context}
+        if defaults:  # what a built engine runs: its default switches and tree
+            ax.plot([str(b) for b in budgets], [defaults[b] for b in budgets], "^-", color=DEFAULTS_COLOR,
+                    label="round, engine defaults")
+        if context in default_steps:
+            ax.axhline(default_steps[context], color=DEFAULTS_COLOR, ls="--", label="AR step, engine defaults")
         fp8 = {r["budget"]: r["round_ms"] for r in fp8_rounds if r["context"] == context}
         if fp8:
             ax.plot([str(b) for b in budgets], [fp8[b] for b in budgets], "s--", color=FP8_COLOR,
@@ -53,8 +60,13 @@ def plot_engine_bench(report: dict, path: Path) -> None:
             ax.plot(budgets, [fp8[b]["projected_tok_s"][tau] for b in budgets], "s--", color=line.get_color(),
                     label=f"projected FP8, tau {tau}")
     ax.axhline(1000 / steps[context], color="gray", ls="--", label="AR")
+    defaults = {r["budget"]: r for r in report.get("rounds_defaults", []) if r["context"] == context}
+    for tau in taus if defaults else ():
+        ax.plot(budgets, [defaults[b]["projected_tok_s"][tau] for b in budgets], "^-", color=DEFAULTS_COLOR,
+                alpha=0.6, label=f"projected, engine defaults, tau {tau}")
     gemv = _by_context(report.get("ar_step_gemv", []))
-    for rows, color, ls, label in ((gemv, "teal", "--", "AR, GEMV kernel"), (fp8_steps, FP8_COLOR, "--", "AR, FP8"),
+    for rows, color, ls, label in ((gemv, "teal", "--", "AR, GEMV kernel"),
+                                   (default_steps, DEFAULTS_COLOR, "-", "AR, engine defaults"), (fp8_steps, FP8_COLOR, "--", "AR, FP8"),
                                    (fp8_gemv, FP8_COLOR, "-.", "AR, FP8 GEMV")):
         if context in rows:
             ax.axhline(1000 / rows[context], color=color, ls=ls, label=label)

@@ -35,3 +35,8 @@ def test_cli_flags_reach_the_bench_config(monkeypatch, tmp_path):
     assert seen[0].compare_fused_layer_kernels is False
     CliRunner().invoke(bench_command, ["--output-dir", str(tmp_path)])
     assert seen[1].max_seq_len is None and seen[1].compare_fused_layer_kernels is True
+    CliRunner().invoke(bench_command, ["--no-comparisons", "--output-dir", str(tmp_path)])
+    switches = ("compare_gemv", "compare_tree_kernel", "compare_small_m_gemm", "compare_fused_layer_kernels",
+                "compare_sampled")
+    assert all(getattr(seen[1], name) for name in switches)
+    assert not any(getattr(seen[2], name) for name in switches)

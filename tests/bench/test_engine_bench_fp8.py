@@ -178,12 +178,18 @@ class FakeFp8Bench:
         assert self.gemv
         return {"prompt_tokens": 128, "new_tokens": 128, "decode_s": 0.4, "decode_tok_s": 127 / 0.4}
 
+    def engine_default_rows(self, breakdown, progress):
+        return _steps(2.8), _rounds(0.4)
+
+    def agreement(self):
+        return {"prompts": 2, "tokens": 16, "identical": 2, "first_divergence_at": []}
+
 
 def synthetic_report() -> dict:
     report = {"device": "NVIDIA H200", "model": "qwen3-8b (random weights)", "date": "2026-01-01T00:00:00+00:00",
               "ar_breakdown": _breakdown(16.4e9, 6.0), "ar_step": _steps(6.0), "rounds": _rounds(1.0),
               "ar_step_gemv": _steps(5.0), "ar_generate_gemv": {"decode_tok_s": 180.0},
-              "rounds_tree_kernel": _rounds(0.8),
+              "rounds_tree_kernel": _rounds(0.8), "ar_step_defaults": _steps(4.0), "rounds_defaults": _rounds(0.7),
               "fp8": {"format": "fp8 e4m3 per-channel (modelopt, dynamic activation scales)",
                       "recipe": "per-channel-tail-bf16"}}
     report.update(fp8_sections(FakeFp8Bench(), report, progress=None))
@@ -202,6 +208,10 @@ def test_fp8_rows_stand_beside_the_bf16_ones():
     assert all(r["vs_bf16"] == pytest.approx(0.6) for r in report["ar_step_fp8"])
     assert all(r["vs_bf16"] == pytest.approx(0.6) for r in report["ar_step_gemv_fp8"])
     assert report["ar_generate_gemv_fp8"]["vs_bf16_tok_s"] == pytest.approx(127 / 0.4 / 180)
+    # the engines' defaults, FP8 beside bf16
+    assert all(r["vs_bf16"] == pytest.approx(2.8 / 4.0) for r in report["ar_step_defaults_fp8"])
+    assert all(r["vs_bf16"] == pytest.approx(0.4 / 0.7) for r in report["rounds_defaults_fp8"])
+    assert report["agreement_defaults_fp8"]["identical"] == 2
 
 
 def test_report_and_plot_with_the_fp8_sections(tmp_path):

@@ -33,6 +33,12 @@ def test_engine_bench_reports_every_section(tmp_path):
         row = report[section][0]
         assert row["context"] == 64 and row["step_ms"] > 0
         assert row["rest_per_layer_us"] == pytest.approx(1000 * row["rest_of_step_ms"] / 6)  # the tiny preset's layers
+    # The engines' defaults (tiny's vocabulary is under the default draft vocabulary: the whole one), the default
+    # tree's lookup chain fitted to each budget (at most half of it)
+    assert [r["context"] for r in report["ar_step_defaults"]] == [64]
+    assert [(r["budget"], r.get("lookup")) for r in report["rounds_defaults"]] == [(4, 2), (16, 7)]
+    assert all(r["round_ms"] > 0 and r["vs_ar_step"] > 0 for r in report["rounds_defaults"])
+    assert report["agreement_defaults"]["prompts"] == 2
     breakdown = report["ar_breakdown"]
     assert breakdown["rest_per_layer_us"] == pytest.approx(1000 * breakdown["rest_of_step_ms"] / 6)
     for switches in ("fused_layer_kernels", "unfused_layer_kernels", "draft_vocab_64", "unfused_accept"):
@@ -70,9 +76,12 @@ def test_engine_bench_fp8_sections(tmp_path):
     for section, points in (("ar_step_fp8", [(c, None) for c in contexts]),
                             ("ar_step_gemv_fp8", [(c, None) for c in contexts]),
                             ("rounds_fp8", [(c, b) for c in contexts for b in budgets]),
-                            ("rounds_tree_kernel_fp8", [(c, b) for c in contexts for b in budgets])):
+                            ("rounds_tree_kernel_fp8", [(c, b) for c in contexts for b in budgets]),
+                            ("ar_step_defaults_fp8", [(c, None) for c in contexts]),
+                            ("rounds_defaults_fp8", [(c, b) for c in contexts for b in budgets])):
         rows = report[section]
         assert [(r["context"], r.get("budget")) for r in rows] == points, section
         assert all(r["vs_bf16"] > 0 for r in rows), section
     assert all(r["round_ms"] > 0 and r["verify_ms"] > 0 for r in report["rounds_fp8"])
     assert report["ar_generate_gemv_fp8"]["decode_tok_s"] > 0 and report["ar_generate_gemv_fp8"]["vs_bf16_tok_s"] > 0
+    assert report["agreement_defaults_fp8"]["prompts"] == 2
