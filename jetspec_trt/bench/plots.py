@@ -11,7 +11,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 STAGE_COLORS = {"draft": "#4c72b0", "tree": "#dd8452", "verify": "#55a868", "accept": "#c44e52"}
 FP8_COLOR = "#8c564b"  # the FP8 target's series (engine bench --fp8), beside the bf16 ones
-DEFAULTS_COLOR = "#2ca02c"  # the engines' default switches and tree (engine bench "*_defaults" rows)
+DEFAULTS_COLOR = "#e377c2"  # the engines' default switches and tree (engine bench "*_defaults" rows)
 
 
 def _by_context(rows: list[dict]) -> dict[int, float]:

@@ -96,32 +96,38 @@ def _cpu_rowwise_scaled_mm() -> bool:
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_scale: torch.Tensor,
                input_scale: torch.Tensor | None, use_gemv: bool) -> torch.Tensor:
     """x [..., K] (bf16/fp16/fp32) times an FP8 weight [N, K] with its scales (weight_scale [] or [N]); returns
-    [..., N] in x's dtype. A weight in a float dtype holds e4m3 values (the reference): the same products. The
-    paths, in the order tried, are the module docstring's 1-5."""
+    [..., N] in x's dtype: x quantized (input_scale_of, quantize), then fp8_matmul."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     x_scale = input_scale_of(x2, input_scale)
-    xq = quantize(x2, x_scale)
+    y = fp8_matmul(quantize(x2, x_scale), x_scale, weight, bias, weight_scale, input_scale is not None, use_gemv,
+                   x.dtype)
+    return y.reshape(*shape[:-1], weight.shape[0])
+
+
+def fp8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               weight_scale: torch.Tensor, static: bool, use_gemv: bool, dtype: torch.dtype) -> torch.Tensor:
+    """The GEMM of fp8_linear on an input already quantized: xq [M, K] e4m3 with its scale x_scale ([] when
+    `static`, the checkpoint's input scale; else [M, 1] per token) times weight [N, K]; [M, N] in `dtype`. The
+    paths, in the order tried, are the module docstring's 1-5. Apart so the engine bench can time the GEMMs alone,
+    without the activations' quantization that the compiled layers fuse into the ops before them."""
     n = weight.shape[0]
     per_tensor = weight_scale.dim() == 0
     if weight.dtype != FP8_DTYPE:  # 1. the reference: e4m3 values in float, float matmul
-        y = _scale(F.linear(xq.to(weight.dtype), weight), x_scale, weight_scale, bias, x.dtype)
-    elif use_gemv and xq.shape[0] == 1:  # 2. the AR step: one kernel, scales and bias included
-        y = gemv_fp8(xq, weight, x_scale, weight_scale, bias, x.dtype)
-    elif input_scale is not None and per_tensor:  # 3. per-tensor scales on both sides
-        fused_bias = bias if x.dtype in _FUSED_DTYPES else None
-        y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale, bias=fused_bias,
-                             out_dtype=x.dtype)
-        if bias is not None and fused_bias is None:
-            y = y + bias
-    elif input_scale is None and x.dtype in _FUSED_DTYPES and rowwise_scaled_mm(xq.device):  # 4. rowwise
+        return _scale(F.linear(xq.to(weight.dtype), weight), x_scale, weight_scale, bias, dtype)
+    if use_gemv and xq.shape[0] == 1:  # 2. the AR step: one kernel, scales and bias included
+        return gemv_fp8(xq, weight, x_scale, weight_scale, bias, dtype)
+    if static and per_tensor:  # 3. per-tensor scales on both sides
+        fused_bias = bias if dtype in _FUSED_DTYPES else None
+        y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale, bias=fused_bias, out_dtype=dtype)
+        return y if bias is None or fused_bias is not None else y + bias
+    if not static and dtype in _FUSED_DTYPES and rowwise_scaled_mm(xq.device):  # 4. rowwise
         scale_b = weight_scale.reshape(1, 1).expand(1, n).contiguous() if per_tensor else weight_scale.reshape(1, n)
-        y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=scale_b, bias=bias, out_dtype=x.dtype)
-    else:  # 5. unit scales to float32, then the scales
-        one = weight_scale.new_ones(())
-        y = _scale(torch._scaled_mm(xq, weight.t(), scale_a=one, scale_b=one, out_dtype=torch.float32), x_scale,
-                   weight_scale, bias, x.dtype)
-    return y.reshape(*shape[:-1], n)
+        return torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=scale_b, bias=bias, out_dtype=dtype)
+    # 5. unit scales to float32, then the scales
+    one = weight_scale.new_ones(())
+    return _scale(torch._scaled_mm(xq, weight.t(), scale_a=one, scale_b=one, out_dtype=torch.float32), x_scale,
+                  weight_scale, bias, dtype)
 
 
 def _scale(acc: torch.Tensor, x_scale: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
