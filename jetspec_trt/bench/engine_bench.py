@@ -674,6 +674,13 @@ def fp8_sections(bench: EngineBench, report: dict, progress) -> dict:
     out["ar_step_defaults_fp8"] = _beside(steps, report["ar_step_defaults"], "step_ms")
     out["rounds_defaults_fp8"] = _beside(rounds, report["rounds_defaults"], "round_ms")
     out["agreement_defaults_fp8"] = bench.agreement()
+    # The defaults' rounds once more with the small-M switch on: verify's 2..64-row FP8 GEMMs on the skinny GEMM's
+    # FP8 kernel (float32 sums like the GEMV's) instead of rowwise _scaled_mm, beside the defaults' rows.
+    bench.decoder.set_small_m_gemm(True)
+    rounds = [dict(bench.round_split_ms(budget, context, bench.default_tree(budget)), budget=budget, context=context)
+              for context in cfg.contexts for budget in cfg.budgets]
+    out["rounds_defaults_small_m_fp8"] = _beside(rounds, out["rounds_defaults_fp8"], "round_ms", "vs_defaults")
+    out["agreement_defaults_small_m_fp8"] = bench.agreement()
     return out
 
 
@@ -681,13 +688,13 @@ def _ratios(row: dict, reference: dict, keys) -> dict:
     return {key: row[key] / reference[key] for key in keys if reference.get(key)}
 
 
-def _beside(rows: list[dict], reference: list[dict], key: str) -> list[dict]:
-    """Each row with vs_bf16 = row[key] / the reference row's of the same context and budget (when timed)."""
+def _beside(rows: list[dict], reference: list[dict], key: str, name: str = "vs_bf16") -> list[dict]:
+    """Each row with `name` = row[key] / the reference row's of the same context and budget (when timed)."""
     by_point = {(r["context"], r.get("budget")): r[key] for r in reference}
     out = []
     for row in rows:
-        bf16 = by_point.get((row["context"], row.get("budget")))
-        out.append(row if bf16 is None else dict(row, vs_bf16=row[key] / bf16))
+        before = by_point.get((row["context"], row.get("budget")))
+        out.append(row if before is None else dict(row, **{name: row[key] / before}))
     return out
 
 

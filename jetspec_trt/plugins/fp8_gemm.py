@@ -17,6 +17,8 @@ FP8_PER_CHANNEL_PER_TOKEN, whose activations are dynamic per token). fp8_linear 
 
 1. a weight held in a float dtype (the CPU reference, below): float matmul, then the scales;
 2. one row with the decode-GEMV switch on (the AR step): gemv_fp8, scales and bias in the kernel's epilogue;
+   2b. 2..64 rows with the small-M switch on, on CUDA: the skinny GEMM's FP8 kernel (plugins/skinny_gemm.py),
+   scales and bias in its epilogue, float32 sums like the GEMV's;
 3. a static input scale and a per-tensor weight scale: tensorwise torch._scaled_mm (bias fused for 16-bit outputs);
 4. dynamic per-token input scales, a bf16/fp16 output and rowwise scaling at hand (CUDA compute capability 9.0+;
    the CPU where torch's kernel has it, as 2.13's does): rowwise torch._scaled_mm, scale_a = s_x [M, 1], scale_b =
@@ -45,6 +47,8 @@ import torch
 import torch.nn.functional as F
 
 from jetspec_trt.plugins.gemv import gemv_fp8
+from jetspec_trt.plugins.skinny_gemm import serves as skinny_serves
+from jetspec_trt.plugins.skinny_gemm import skinny_gemm_fp8
 
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = float(torch.finfo(FP8_DTYPE).max)  # 448
@@ -94,29 +98,33 @@ def _cpu_rowwise_scaled_mm() -> bool:
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, weight_scale: torch.Tensor,
-               input_scale: torch.Tensor | None, use_gemv: bool) -> torch.Tensor:
+               input_scale: torch.Tensor | None, use_gemv: bool, use_small_m: bool = False) -> torch.Tensor:
     """x [..., K] (bf16/fp16/fp32) times an FP8 weight [N, K] with its scales (weight_scale [] or [N]); returns
     [..., N] in x's dtype: x quantized (input_scale_of, quantize), then fp8_matmul."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     x_scale = input_scale_of(x2, input_scale)
     y = fp8_matmul(quantize(x2, x_scale), x_scale, weight, bias, weight_scale, input_scale is not None, use_gemv,
-                   x.dtype)
+                   x.dtype, use_small_m)
     return y.reshape(*shape[:-1], weight.shape[0])
 
 
 def fp8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-               weight_scale: torch.Tensor, static: bool, use_gemv: bool, dtype: torch.dtype) -> torch.Tensor:
+               weight_scale: torch.Tensor, static: bool, use_gemv: bool, dtype: torch.dtype,
+               use_small_m: bool = False) -> torch.Tensor:
     """The GEMM of fp8_linear on an input already quantized: xq [M, K] e4m3 with its scale x_scale ([] when
     `static`, the checkpoint's input scale; else [M, 1] per token) times weight [N, K]; [M, N] in `dtype`. The
-    paths, in the order tried, are the module docstring's 1-5. Apart so the engine bench can time the GEMMs alone,
-    without the activations' quantization that the compiled layers fuse into the ops before them."""
+    paths, in the order tried, are the module docstring's 1-5 (2b: 2..64 rows on the skinny GEMM's FP8 kernel
+    with the small-M switch on, CUDA). Apart so the engine bench can time the GEMMs alone, without the
+    activations' quantization that the compiled layers fuse into the ops before them."""
     n = weight.shape[0]
     per_tensor = weight_scale.dim() == 0
     if weight.dtype != FP8_DTYPE:  # 1. the reference: e4m3 values in float, float matmul
         return _scale(F.linear(xq.to(weight.dtype), weight), x_scale, weight_scale, bias, dtype)
     if use_gemv and xq.shape[0] == 1:  # 2. the AR step: one kernel, scales and bias included
         return gemv_fp8(xq, weight, x_scale, weight_scale, bias, dtype)
+    if use_small_m and skinny_serves(xq):  # 2b. a verify's few rows: weight streaming, float32 sums
+        return skinny_gemm_fp8(xq, weight, x_scale, weight_scale, bias, dtype)
     if static and per_tensor:  # 3. per-tensor scales on both sides
         fused_bias = bias if dtype in _FUSED_DTYPES else None
         y = torch._scaled_mm(xq, weight.t(), scale_a=x_scale, scale_b=weight_scale, bias=fused_bias, out_dtype=dtype)

@@ -15,9 +15,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, use
            use_small_m: bool = False) -> torch.Tensor:
     """F.linear, or the GEMV op for a single row when `use_gemv` (the model's decode-GEMV switch) is on, or the
     skinny GEMM op for MIN_M..MAX_M rows when `use_small_m` (the model's small-M switch) is on. An FP8 weight (its
-    `weight_scale` given) runs the FP8 GEMM or FP8 GEMV instead (plugins/fp8_gemm.py), either switch aside."""
+    `weight_scale` given) runs the FP8 variants of the same choice (plugins/fp8_gemm.py)."""
     if weight_scale is not None:
-        return fp8_linear(x, weight, bias, weight_scale, input_scale, use_gemv)
+        return fp8_linear(x, weight, bias, weight_scale, input_scale, use_gemv, use_small_m)
     if use_gemv and x.dim() == 2 and x.shape[0] == 1:
         return gemv(x, weight, bias)
     if use_small_m and x.dim() == 2 and MIN_M <= x.shape[0] <= MAX_M:

@@ -181,6 +181,17 @@ class FakeFp8Bench:
     def engine_default_rows(self, breakdown, progress):
         return _steps(2.8), _rounds(0.4)
 
+    def set_small_m_gemm(self, enabled):
+        self.small_m = enabled
+
+    def default_tree(self, budget):
+        return budget
+
+    def round_split_ms(self, budget, context, tree=None):
+        assert self.small_m and tree == budget
+        row = next(r for r in _rounds(0.3) if (r["budget"], r["context"]) == (budget, context))
+        return {k: v for k, v in row.items() if k not in ("budget", "context", "vs_ar_step", "projected_tok_s")}
+
     def agreement(self):
         return {"prompts": 2, "tokens": 16, "identical": 2, "first_divergence_at": []}
 
@@ -212,6 +223,11 @@ def test_fp8_rows_stand_beside_the_bf16_ones():
     assert all(r["vs_bf16"] == pytest.approx(2.8 / 4.0) for r in report["ar_step_defaults_fp8"])
     assert all(r["vs_bf16"] == pytest.approx(0.4 / 0.7) for r in report["rounds_defaults_fp8"])
     assert report["agreement_defaults_fp8"]["identical"] == 2
+    # the defaults' rounds with the small-M switch (verify's FP8 GEMMs on the skinny kernel), beside the defaults'
+    rows = report["rounds_defaults_small_m_fp8"]
+    assert [(r["context"], r["budget"]) for r in rows] == [(c, b) for c in CONTEXTS for b in BUDGETS]
+    assert all(r["vs_defaults"] == pytest.approx(0.3 / 0.4) for r in rows)
+    assert report["agreement_defaults_small_m_fp8"]["prompts"] == 2
 
 
 def test_report_and_plot_with_the_fp8_sections(tmp_path):

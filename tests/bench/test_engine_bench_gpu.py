@@ -85,3 +85,6 @@ def test_engine_bench_fp8_sections(tmp_path):
     assert all(r["round_ms"] > 0 and r["verify_ms"] > 0 for r in report["rounds_fp8"])
     assert report["ar_generate_gemv_fp8"]["decode_tok_s"] > 0 and report["ar_generate_gemv_fp8"]["vs_bf16_tok_s"] > 0
     assert report["agreement_defaults_fp8"]["prompts"] == 2
+    rows = report["rounds_defaults_small_m_fp8"]
+    assert [(r["context"], r["budget"]) for r in rows] == [(c, b) for c in contexts for b in budgets]
+    assert all(r["round_ms"] > 0 and r["vs_defaults"] > 0 for r in rows)

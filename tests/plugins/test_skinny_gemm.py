@@ -180,3 +180,105 @@ def test_small_m_gemm_rounds_equal_ar_on_cuda(dtype):
             first = first_difference(ar, spec_out)
             logits = graphed.prefill_logits(prompt + ar[:first], speculative=False)
             assert abs(float(logits[ar[first]] - logits[spec_out[first]])) < 0.25
+
+
+# ------------------------------------------------------------------------ FP8 (skinny_gemm_fp8: a verify's few rows)
+
+
+def fp8_operands(device, m, n, k, per_channel):
+    """e4m3 x [m, k] with its dynamic per-row scale [m, 1] (per_channel) or a static one [], and an e4m3 weight
+    [n, k] with per-row scales [n] (rows of very different sizes) or one []; a bias."""
+    from jetspec_trt.plugins.fp8_gemm import FP8_MAX, quantize
+
+    g = torch.Generator(device=device).manual_seed(m * 1009 + n * 31 + k)
+    x = torch.randn(m, k, device=device, generator=g) * 3
+    w = torch.randn(n, k, device=device, generator=g) / k**0.5
+    if per_channel:
+        w = w * torch.logspace(-2, 0, n, device=device)[:, None]
+        w_scale, x_scale = w.abs().amax(dim=1) / FP8_MAX, x.abs().amax(-1, keepdim=True) / FP8_MAX
+        wq = quantize(w, w_scale[:, None])
+    else:
+        w_scale, x_scale = w.abs().max() / FP8_MAX, torch.tensor(0.05, device=device)
+        wq = quantize(w, w_scale)
+    return quantize(x, x_scale), x_scale, wq, w_scale, torch.randn(n, device=device, generator=g)
+
+
+def check_skinny_fp8(device, m, n, k, out_dtype, per_channel, block=None):
+    """The FP8 kernel (autotuned op, or at `block`) against the float64 product of the same e4m3 operands, scaled:
+    float32 sums of exact products, one rounding to out_dtype (within an ulp of it, plus float32 noise)."""
+    from jetspec_trt.plugins.skinny_gemm import skinny_gemm_fp8
+    from tests.plugins.test_fp8_gemm import ulp
+
+    xq, x_scale, wq, w_scale, b = fp8_operands(device, m, n, k, per_channel)
+    for bias in (None, b.to(out_dtype)):
+        if block is None:
+            got = skinny_gemm_fp8(xq, wq, x_scale, w_scale, bias, out_dtype)
+        else:
+            got = _triton_skinny_gemm(xq, wq, bias, block, (x_scale, w_scale), out_dtype)
+        ref = F.linear(xq.double(), wq.double()) * x_scale.double() * w_scale.double()
+        ref = ref if bias is None else ref + bias.double()
+        assert got.dtype == out_dtype and got.shape == (m, n)
+        bound = ulp(ref, out_dtype) + 1e-5 * ref.abs().amax(-1, keepdim=True)
+        assert ((got.double() - ref).abs() <= bound).all(), (m, n, k, block, out_dtype, per_channel)
+
+
+def check_fp8_blocks(device):
+    """Rows across the buckets, each shape and block, per-channel and per-tensor scales, bf16 and float32 outputs."""
+    cases = list(itertools.product((2, 17, 64), SMALL_SHAPES, BLOCKS))
+    for i, (m, (n, k), block) in enumerate(cases):
+        check_skinny_fp8(device, m, n, k, (torch.bfloat16, torch.float32)[i % 2], i % 3 != 0, block)
+
+
+def test_fp8_cpu_fallback_is_the_reference_arithmetic():
+    """On the CPU the op is gemv_fp8's reference (float32 products and sums, scales, one rounding), and an FP8
+    linear with the small-M switch computes what it computes without it."""
+    from jetspec_trt.plugins.fp8_gemm import fp8_linear
+    from jetspec_trt.plugins.gemv import gemv_fp8
+    from jetspec_trt.plugins.skinny_gemm import skinny_gemm_fp8
+
+    xq, x_scale, wq, w_scale, b = fp8_operands("cpu", 5, 48, 64, True)
+    assert torch.equal(skinny_gemm_fp8(xq, wq, x_scale, w_scale, b, torch.bfloat16),
+                       gemv_fp8(xq, wq, x_scale, w_scale, b, torch.bfloat16))
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(fp8_linear(x, wq, b, w_scale, None, False, use_small_m=True),
+                       fp8_linear(x, wq, b, w_scale, None, False))
+
+
+@needs_triton
+def test_fp8_kernel_in_the_triton_interpreter():
+    run_in_interpreter(check_fp8_blocks, timeout=900)
+
+
+@needs_triton
+def test_fp8_kernel_compiles_for_hopper_without_a_gpu():
+    """The FP8 variant (e4m3 tiles widened to fp16 before tl.dot, the scales' epilogue) compiles for sm_90 at each
+    checked tile, both buckets' ends."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from jetspec_trt.plugins.skinny_gemm import _kernel
+
+    kernel = _kernel().kernel
+    types = {"x_ptr": "*fp8e4nv", "w_ptr": "*fp8e4nv", "xs_ptr": "*fp32", "ws_ptr": "*fp32"}
+    for block_m, (block_n, block_k) in itertools.product((16, 64), BLOCKS):
+        constants = dict(HAS_BIAS=True, IEEE=False, HAS_SCALE=True, X_SCALE_PER_ROW=True, W_SCALE_PER_COL=True,
+                         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
+        signature = {name: "constexpr" if name in constants else types.get(name, "*bf16") if name.endswith("_ptr")
+                     else "i32" for name in kernel.arg_names}
+        compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
+                                  options=dict(num_warps=4, num_stages=pipeline_stages(block_n, block_k, 1)))
+        assert compiled.asm["cubin"], (block_m, block_n, block_k)
+
+
+@pytest.mark.gpu
+def test_fp8_blocks_on_cuda():
+    check_fp8_blocks("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("per_channel", [True, False], ids=["per-channel", "per-tensor"])
+@pytest.mark.parametrize("n, k", SHAPES)
+def test_triton_skinny_gemm_fp8_matches_reference(n, k, per_channel):
+    for m in ROWS:
+        check_skinny_fp8("cuda", m, n, k, torch.bfloat16, per_channel)
