@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from jetspec_trt.bench.suites import diagnose_flip, ulp
 from jetspec_trt.builders.quantize import DEFAULT_FP8_RECIPE, FP8_RECIPES
 from jetspec_trt.dtypes import parse_dtype
 from jetspec_trt.errors import JetSpecError
@@ -348,9 +349,11 @@ class EngineBench:
                 "ms_per_round": 1000 * stats.decode_s / max(1, stats.rounds)}
 
     def agreement(self) -> dict:
-        """Speculative greedy vs the engine's AR greedy: identical sequences, first divergence otherwise."""
+        """Speculative greedy vs the engine's AR greedy: identical sequences; otherwise the first divergence, each
+        diagnosed as the suite bench does (diagnose_flip: the target's teacher-forced logits there): random weights
+        give near-flat logits, so bf16 runs part at near ties, and a divergence that is not one would be a bug."""
         generator = torch.Generator().manual_seed(7)
-        identical, divergences = 0, []
+        identical, divergences, diagnoses = 0, [], []
         for _ in range(self.cfg.agreement_prompts):
             prompt = torch.randint(0, self.target.config.vocab_size, (64,), generator=generator).tolist()
             ar = [t for c in self.decoder.generate(prompt, self.cfg.agreement_tokens, speculative=False) for t in c]
@@ -358,9 +361,14 @@ class EngineBench:
             if ar == spec:
                 identical += 1
             else:
-                divergences.append(first_difference(ar, spec))
+                divergences.append(first := first_difference(ar, spec))
+                diagnoses.append(diagnose_flip(self.target, prompt, ar, spec, first))
+        gaps = [abs(d["ar_minus_spec"]) / ulp(d["top1_logit"], self.target.embed_tokens.weight.dtype)
+                for d in diagnoses if d["ar_minus_spec"] is not None]
         return {"prompts": self.cfg.agreement_prompts, "tokens": self.cfg.agreement_tokens,
-                "identical": identical, "first_divergence_at": divergences}
+                "identical": identical, "first_divergence_at": divergences,
+                "diverged_near_tie": sum(d["near_tie"] for d in diagnoses),
+                "max_ar_minus_spec_ulps": max(gaps, default=None)}
 
 
 def gemm_sequence(gemms: list[tuple], inputs: dict[int, torch.Tensor], use_gemv: bool):

@@ -39,6 +39,11 @@ def test_engine_bench_reports_every_section(tmp_path):
     assert [(r["budget"], r.get("lookup")) for r in report["rounds_defaults"]] == [(4, 2), (16, 7)]
     assert all(r["round_ms"] > 0 and r["vs_ar_step"] > 0 for r in report["rounds_defaults"])
     assert report["agreement_defaults"]["prompts"] == 2
+    for key in ("agreement", "agreement_defaults", "agreement_tree_kernel", "agreement_small_m_gemm"):
+        row = report[key]  # each divergence diagnosed: a near tie, or one that would be a bug
+        diverged = row["prompts"] - row["identical"]
+        assert len(row["first_divergence_at"]) == diverged and 0 <= row["diverged_near_tie"] <= diverged
+        assert (row["max_ar_minus_spec_ulps"] is None) == (diverged == 0)
     breakdown = report["ar_breakdown"]
     assert breakdown["rest_per_layer_us"] == pytest.approx(1000 * breakdown["rest_of_step_ms"] / 6)
     for switches in ("fused_layer_kernels", "unfused_layer_kernels", "draft_vocab_64", "unfused_accept"):
