@@ -11,6 +11,13 @@ Op contract: ``torch.ops.jetspec_trt.gemv(x, weight, bias)`` with x [1, K], weig
 None, all one dtype (bf16/fp16/fp32); returns [1, N] in that dtype. CPU (and any non-Triton device) falls back to
 F.linear, so models can call the op unconditionally; the CUDA kernel must match F.linear to rounding (tests).
 
+PDL (an experiment, off in every op): with PDL set the kernel is launched as a programmatic dependent of the kernel
+before it (Hopper's programmatic dependent launch; Triton's launch_pdl), so its programs can start while that
+kernel still runs: they prefetch the first PREFETCH_K columns of their W rows into L2 (the weights do not depend on
+it), then wait (griddepcontrol.wait) before reading x. The AR step's GEMVs follow norms, attention and the MLP's
+activation, 20-30 us a layer at the Qwen3-8B shape on an H100 (2026-12-06) during which HBM streams no weights;
+`scripts/device_lease/pdl_probe.py` measures what overlapping them buys before the engine uses it.
+
 The FP8 variant ``torch.ops.jetspec_trt.gemv_fp8(x, weight, x_scale, weight_scale, bias, out_dtype)`` streams an
 e4m3 weight (half the bytes of bf16, so the AR step's GEMMs take about half the time) and dequantizes in registers:
 y = (x @ W^T) * x_scale * weight_scale[row] (+ bias), accumulated in float32, scaled and biased in float32 in that
@@ -65,6 +72,7 @@ def _kernel():
     """The autotuned Triton kernel's launcher."""
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_wait
 
     configs = [
         triton.Config({"BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -75,9 +83,17 @@ def _kernel():
     @triton.jit
     def gemv_kernel(x_ptr, w_ptr, b_ptr, xs_ptr, ws_ptr, y_ptr, N, K, HAS_BIAS: tl.constexpr,
                     HAS_SCALE: tl.constexpr, SCALE_PER_ROW: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr):
+                    BLOCK_K: tl.constexpr, PDL: tl.constexpr = False, PREFETCH_K: tl.constexpr = 0):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
+        if PDL:  # launched as a programmatic dependent of the kernel before it (module docstring, PDL)
+            if PREFETCH_K > 0:  # W does not depend on that kernel: pull the first PREFETCH_K columns into L2
+                LINE: tl.constexpr = 1024 // w_ptr.dtype.element_ty.primitive_bitwidth  # elements a 128-byte line
+                lines = tl.arange(0, PREFETCH_K // LINE) * LINE
+                tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l",
+                                          [w_ptr + rows[:, None].to(tl.int64) * K + lines[None, :]],
+                                          dtype=tl.int32, is_pure=False, pack=1)
+            gdc_wait()  # x is the kernel before's output: read only once it has finished and flushed
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for k0 in range(0, K, BLOCK_K):
             cols = k0 + tl.arange(0, BLOCK_K)
@@ -117,6 +133,20 @@ def _kernel():
         else:  # one (BLOCK_N, BLOCK_K), untuned: tests check each (Triton's interpreter cannot time configs)
             gemv_kernel[(triton.cdiv(n, block[0]),)](*args, **flags, BLOCK_N=block[0], BLOCK_K=block[1])
         return y
+
+    def launch_pdl(x: torch.Tensor, weight: torch.Tensor, block: tuple[int, int], prefetch_k: int,
+                   num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
+        """The bf16 GEMV at one block as a programmatic dependent launch, prefetching `prefetch_k` columns of
+        each program's rows into L2 before it waits (scripts/device_lease/pdl_probe.py times it; not an op)."""
+        n, k = weight.shape
+        y = torch.empty(1, n, dtype=x.dtype, device=x.device)
+        gemv_kernel[(triton.cdiv(n, block[0]),)](x, weight, y, y, y, y, n, k, HAS_BIAS=False, HAS_SCALE=False,
+                                                 SCALE_PER_ROW=False, BLOCK_N=block[0], BLOCK_K=block[1], PDL=True,
+                                                 PREFETCH_K=prefetch_k, num_warps=num_warps,
+                                                 num_stages=num_stages, launch_pdl=True)
+        return y
+
+    launch.pdl = launch_pdl
 
     launch.kernel = gemv_kernel  # the jit function itself: tests compile it ahead of time for sm_90
     return launch

@@ -5,6 +5,7 @@
 #   bash scripts/device_lease/engine_lease.sh benches # passed, the benches detached (this mode; /tmp/engine-lease.log)
 #   bash scripts/device_lease/engine_lease.sh poll S  # later calls: wait up to S s for the benches, copy results to $OUT
 # Benches, in the order their numbers matter (a lease cut short keeps the finished files, each written at once):
+#   0. pdl_probe.py (~2 min): does programmatic dependent launch let the GEMVs stream during the small kernels?
 #   1. contexts 512..8192 in an engine built for 32 K, bf16 then FP8 (the build's default recipe) in the same
 #      process, every comparison on (bf16 small-M rows at 8B, the FP8 defaults' rounds on the FP8 skinny GEMM),
 #      HF generate last (issues 15 and 16; lease 15 ran context 32768 too, and context 512 in a 704-token engine)
@@ -29,6 +30,7 @@ tests)
 benches)
   jt() { echo "=== $(date +%T) jetspec-trt $*"; python3 -m jetspec_trt "$@" --output-dir "$RES"; echo "=== exit $?"; }
   {
+    echo "=== $(date +%T) pdl probe"; python3 scripts/device_lease/pdl_probe.py --out "$RES"; echo "=== exit $?"
     jt bench --random-target qwen3-8b --budgets 16,64,256 --contexts 512,2048,8192 --max-seq-len 32960 \
       --fp8 --reps 10 --tag 32k-fp8-all
     jt bench --random-target qwen3-8b --batch 1,4,16,64 --budgets 16 --max-new-tokens 128 --tag 8b
