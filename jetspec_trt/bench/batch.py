@@ -29,6 +29,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from tqdm import tqdm
+
 from jetspec_trt.bench.suites import engine_report_header, mixed_suite_prompts, report_header, write_report
 from jetspec_trt.devices import sync
 from jetspec_trt.errors import JetSpecError
@@ -118,13 +120,16 @@ def run_modes(engine, device: str, prompts: list[list[int]], batches: tuple[int,
     for mode, tree in trees.items():
         run_batched(engine, device, prompts[:2], 2, 4, mode, tree, graph_passes)
     rows, outputs = [], {}
-    for batch in sorted(set(batches)):
-        for mode, tree in trees.items():
-            run = run_batched(engine, device, prompts, batch, max_new_tokens, mode, tree, graph_passes)
-            outputs[batch, mode] = run.pop("outputs")
-            smallest = outputs[min(batches), mode]
-            run["identical_to_smallest_batch"] = sum(a == b for a, b in zip(outputs[batch, mode], smallest))
-            rows.append({"batch": batch, "mode": mode, **run})
+    # One line a run on stderr: a lease polls a detached bench's log, and the 8B shape's runs take minutes each
+    progress = tqdm([(b, m) for b in sorted(set(batches)) for m in trees], desc="batch bench", mininterval=0)
+    for batch, mode in progress:
+        progress.set_postfix(batch=batch, mode=mode)
+        run = run_batched(engine, device, prompts, batch, max_new_tokens, mode, trees[mode], graph_passes)
+        outputs[batch, mode] = run.pop("outputs")
+        smallest = outputs[min(batches), mode]
+        run["identical_to_smallest_batch"] = sum(a == b for a, b in zip(outputs[batch, mode], smallest))
+        rows.append({"batch": batch, "mode": mode, **run})
+        progress.write(f"batch {batch} {mode}: {run['aggregate_tok_s']:.1f} tok/s aggregate")
     ar = {r["batch"]: r["aggregate_tok_s"] for r in rows if r["mode"] == "ar"}
     for row in rows:
         if row["mode"] != "ar":
