@@ -118,7 +118,8 @@ def main() -> None:
             with torch.cuda.graph(graph):
                 out = run()
             ms = events_ms(graph.replay, args.reps)
-            row = {"spin": spin, "variant": name, "ms": ms, "weight_GBps": weight_bytes / ms / 1e6 if v["gemv"] else None}
+            row = {"spin": spin, "variant": name, "ms": ms,
+                   "weight_GBps": weight_bytes / ms / 1e6 if v["gemv"] else None}
             if v["norm"] and v["gemv"]:
                 final = out.clone()
                 if reference is None:

@@ -44,6 +44,10 @@ def test_engine_bench_reports_every_section(tmp_path):
         diverged = row["prompts"] - row["identical"]
         assert len(row["first_divergence_at"]) == diverged and 0 <= row["diverged_near_tie"] <= diverged
         assert (row["max_ar_minus_spec_ulps"] is None) == (diverged == 0)
+    gemms = report["verify_gemms"]
+    assert gemms["matrix_TFLOPs"] > 0 and [r["rows"] for r in gemms["rows"]] == [64, 128, 256]
+    assert all(r["ms"] > 0 and 0 < r["matrix_share"] == pytest.approx(r["TFLOPs"] / gemms["matrix_TFLOPs"])
+               for r in gemms["rows"])
     breakdown = report["ar_breakdown"]
     assert breakdown["rest_per_layer_us"] == pytest.approx(1000 * breakdown["rest_of_step_ms"] / 6)
     for switches in ("fused_layer_kernels", "unfused_layer_kernels", "draft_vocab_64", "unfused_accept"):
