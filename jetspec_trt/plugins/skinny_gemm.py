@@ -152,8 +152,10 @@ def _kernel():
         y = torch.empty(m, n, dtype=out_dtype or x.dtype, device=x.device)
         x_scale, w_scale = scales if scales is not None else (y, y)  # unread without HAS_SCALE
         args = (x, weight, bias if bias is not None else y, x_scale, w_scale, y, m, n, k, x.stride(0))
+        # One-element scales ([] or [1]) are per tensor, as gemv_fp8 reads them
         flags = dict(HAS_BIAS=bias is not None, IEEE=x.dtype == torch.float32, HAS_SCALE=scales is not None,
-                     X_SCALE_PER_ROW=x_scale.dim() > 0, W_SCALE_PER_COL=w_scale.dim() > 0, BLOCK_M=m_bucket(m))
+                     X_SCALE_PER_ROW=x_scale.numel() != 1, W_SCALE_PER_COL=w_scale.numel() != 1,
+                     BLOCK_M=m_bucket(m))
         if block is None:
             grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
             tuned_kernel[grid](*args, **flags)
