@@ -148,8 +148,8 @@ class EngineBench:
         (a plain read and a copy), the GEMMs alone (the step's GEMM sequence at M=1 in one graph, through
         plugins.linear as the model calls it: cuBLAS and plugins.gemv; on an FP8 target torch._scaled_mm and the
         FP8 GEMV on inputs quantized beforehand, gemm_sequence), and the rest of the step (norms, RoPE, KV write,
-        attention, residuals, argmax), in all and per layer. The floor is the bytes over the faster rate: FP8 weights count
-        one byte each, so an FP8 target's floor is its own."""
+        attention, residuals, argmax), in all and per layer. The floor is the bytes over the faster rate: FP8
+        weights count one byte each, so an FP8 target's floor is its own."""
         gemms, weight_bytes, inputs = self._target_gemms(1)
         device = gemms[0][0].device
         cublas = _graphed(gemm_sequence(gemms, inputs, use_gemv=False))
