@@ -11,17 +11,21 @@
 #      HF generate last (issues 15 and 16; lease 15 ran context 32768 too, and context 512 in a 704-token engine)
 #   2. the Qwen3-8B shape batched, AR against speculative (issue 14 item 5; 12-15 minutes, silent until its end)
 set -uo pipefail
-export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:/tmp/site  # /tmp/site: the carried wheels (modelopt for the FP8 tests)
 RES=/tmp/res LOG=/tmp/engine-lease.log
 case "${1:-}" in
 tests)
   nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv,noheader
+  # .whl carried (the head moved aside for room): nvidia-modelopt and its needs, which the FP8 tests' pair uses
+  if compgen -G ".whl/*.whl" > /dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  fi
   mkdir -p "$RES"
   timeout 240 python3 -m pytest -q -p no:cacheprovider tests/bench/test_engine_bench_gpu.py 2>&1 | tail -15
   ok=${PIPESTATUS[0]}
   # The kernels' own tests, before the benches (never beside a timing): what landed after lease 15 first
-  timeout "${TEST_S:-200}" python3 -m pytest -q -p no:cacheprovider tests/plugins/test_skinny_gemm.py \
-    tests/plugins/test_fp8_gemm.py tests/runtime/test_context_scaling_gpu.py tests/plugins/test_gemv.py \
+  timeout "${TEST_S:-200}" python3 -m pytest -q -p no:cacheprovider tests/plugins/test_fp8_gemm.py \
+    tests/plugins/test_skinny_gemm.py tests/runtime/test_context_scaling_gpu.py tests/plugins/test_gemv.py \
     tests/plugins/test_triton_tree_build.py -k "fp8 or engine_speculative or cuda or context or matches_reference" \
     2>&1 | tail -25
   if [ "$ok" = 0 ]; then setsid bash "$0" benches < /dev/null > /dev/null 2>&1 & echo "benches started"
