@@ -37,3 +37,20 @@ def run_in_interpreter(check: Callable, *args, timeout: float = 300) -> None:
     run = subprocess.run([sys.executable, "-c", call], cwd=ROOT, env=env, capture_output=True, text=True,
                          timeout=timeout)
     assert run.returncode == 0, run.stderr[-4000:]
+
+
+def compile_for_hopper(kernel, constants: dict, types: dict[str, str] | None = None, **options):
+    """`kernel` (a @triton.jit function) compiled ahead of time for sm_90, no GPU needed: what only Triton's compiler
+    checks (shared memory, tl.dot shapes, types across constexpr branches) fails on the CPU rather than in a GPU
+    lease. `constants` are the constexprs (others keep their defaults); each other argument's type comes from
+    `types` by name, else "*bf16" for a pointer (a name ending in _ptr) and "i32" for a scalar. `options`: the
+    compile options (num_warps, num_stages, launch_pdl, ...). Returns the compiled kernel (its .asm)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    constants = {p.name: p.default for p in kernel.params if p.is_constexpr and p.has_default} | constants
+    types = types or {}
+    signature = {name: "constexpr" if name in constants
+                 else types.get(name, "*bf16" if name.endswith("_ptr") else "i32") for name in kernel.arg_names}
+    return triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32), options=options)
+

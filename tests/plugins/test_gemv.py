@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from jetspec_trt.plugins.gemv import _triton_gemv, gemv
 from jetspec_trt.plugins.linear import linear
 from jetspec_trt.plugins.tree_attention import causal_mask
-from tests.plugins.interpreter import needs_triton, run_in_interpreter
+from tests.plugins.interpreter import compile_for_hopper, needs_triton, run_in_interpreter
 
 
 def test_cpu_fallback_is_f_linear():
@@ -115,10 +115,6 @@ def test_kernel_compiles_for_hopper_without_a_gpu(variant):
     (BLOCK_N, BLOCK_K) of the tests, as the bf16 GEMV and as the FP8 one with a per-tensor or per-row weight scale
     (e4m3 x and weight, float32 scales, bf16 bias and output), so what only the compiler checks (the scale
     branches' types, the masked per-row load) fails here rather than in a GPU lease's warm-up."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from jetspec_trt.plugins.gemv import _kernel
 
     kernel = _kernel().kernel
@@ -127,11 +123,8 @@ def test_kernel_compiles_for_hopper_without_a_gpu(variant):
                     xs_ptr="*fp32", ws_ptr="*fp32", y_ptr="*bf16")
     for block_n, block_k in BLOCKS:
         constants = dict(HAS_BIAS=True, HAS_SCALE=fp8, SCALE_PER_ROW=variant == "fp8-per-row", BLOCK_N=block_n,
-                         BLOCK_K=block_k, PDL=False, PREFETCH_K=0)
-        signature = {name: "constexpr" if name in constants else pointers.get(name, "i32")
-                     for name in kernel.arg_names}
-        compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
-                                  options=dict(num_warps=4, num_stages=3))
+                         BLOCK_K=block_k)
+        compiled = compile_for_hopper(kernel, constants, pointers, num_warps=4, num_stages=3)
         assert compiled.asm["cubin"], (variant, block_n, block_k)
 
 
@@ -141,10 +134,6 @@ def test_pdl_variant_compiles_for_hopper_without_a_gpu(prefetch_k):
     """The programmatic-dependent-launch variant (L2 prefetch of W's first columns, then griddepcontrol.wait)
     compiles for sm_90 with launch_pdl, bf16 and e4m3 weights; its PTX holds the wait and, with a prefetch, the
     prefetches before it."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from jetspec_trt.plugins.gemv import _kernel
 
     kernel = _kernel().kernel
@@ -152,14 +141,12 @@ def test_pdl_variant_compiles_for_hopper_without_a_gpu(prefetch_k):
         pointers = dict(x_ptr=w_type, w_ptr=w_type, b_ptr="*bf16", xs_ptr="*fp32", ws_ptr="*fp32", y_ptr="*bf16")
         constants = dict(HAS_BIAS=False, HAS_SCALE=w_type != "*bf16", SCALE_PER_ROW=True, BLOCK_N=8,
                          BLOCK_K=512, PDL=True, PREFETCH_K=prefetch_k)
-        signature = {name: "constexpr" if name in constants else pointers.get(name, "i32")
-                     for name in kernel.arg_names}
-        compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
-                                  options=dict(num_warps=4, num_stages=3, launch_pdl=True))
+        compiled = compile_for_hopper(kernel, constants, pointers, num_warps=4, num_stages=3, launch_pdl=True)
         ptx = compiled.asm["ptx"]
         assert compiled.asm["cubin"] and "griddepcontrol.wait" in ptx
         prefetches = ptx.count("prefetch.global.L2")
-        assert (prefetches > 0) == (prefetch_k > 0) and ptx.find("prefetch.global.L2") < ptx.find("griddepcontrol.wait")
+        assert (prefetches > 0) == (prefetch_k > 0)
+        assert ptx.find("prefetch.global.L2") < ptx.find("griddepcontrol.wait")
 
 
 @pytest.mark.gpu

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from jetspec_trt.plugins.layer_kernels import add_rms_norm, norm_rope, qk_norm_rope_write, rms_norm, write_kv
-from tests.plugins.interpreter import needs_triton, run_in_interpreter
+from tests.plugins.interpreter import compile_for_hopper, needs_triton, run_in_interpreter
 
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 8e-3}
 INTERPRETER_BF16 = 3e-2  # truncating casts (above)
@@ -156,10 +156,6 @@ def test_kernels_compile_for_hopper_without_a_gpu(kernel_name, num_q):
     """The interpreter runs Python, not Triton's compiler: compile each kernel ahead of time for sm_90 in bf16 at
     the Qwen3-8B shape, so what only the compiler checks (types across the q/kv branches, constexpr dtypes) is
     caught without a GPU."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from jetspec_trt.plugins import layer_kernels
 
     kernel = getattr(layer_kernels, kernel_name)
@@ -169,10 +165,7 @@ def test_kernels_compile_for_hopper_without_a_gpu(kernel_name, num_q):
     else:
         constants = dict(NUM_Q=num_q, NUM_KV=8, HEAD_DIM=128, HAS_NORM=True)  # 0: the K/V-only launch
         pointers = {"slot_ptr": "*i64"}
-    signature = {name: "constexpr" if name in constants else pointers.get(name, "*bf16") if name.endswith("_ptr")
-                 else "fp32" if name == "eps" else "i32" for name in kernel.arg_names}
-    compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=4))
+    compiled = compile_for_hopper(kernel, constants, {"eps": "fp32", **pointers}, num_warps=4)
     assert compiled.asm["cubin"]
 
 

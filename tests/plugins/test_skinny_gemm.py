@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from jetspec_trt.plugins.linear import linear
 from jetspec_trt.plugins.skinny_gemm import _triton_skinny_gemm, m_bucket, pipeline_stages, skinny_gemm
-from tests.plugins.interpreter import needs_triton, run_in_interpreter
+from tests.plugins.interpreter import compile_for_hopper, needs_triton, run_in_interpreter
 
 ROWS = [2, 7, 16, 17, 33, 64]  # each bucket's edges (16 | 17, 32 | 33, 64) and masked rows inside one
 # N below and past a BLOCK_N multiple, K past a BLOCK_K multiple
@@ -90,19 +90,12 @@ def test_kernel_compiles_for_hopper_without_a_gpu(block_m):
     """The interpreter runs Python, not Triton's compiler: compile the kernel ahead of time for sm_90 in bf16 at each
     autotuner config's tile and stages, so a tile that the compiler rejects (shared memory, tl.dot shapes) fails here
     rather than in a GPU lease's warm-up."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from jetspec_trt.plugins.skinny_gemm import _kernel
 
     kernel = _kernel().kernel
     for block_n, block_k in BLOCKS:
         constants = dict(HAS_BIAS=True, IEEE=False, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
-        signature = {name: "constexpr" if name in constants else "*bf16" if name.endswith("_ptr") else "i32"
-                     for name in kernel.arg_names}
-        compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
-                                  options=dict(num_warps=4, num_stages=pipeline_stages(block_n, block_k)))
+        compiled = compile_for_hopper(kernel, constants, num_warps=4, num_stages=pipeline_stages(block_n, block_k))
         assert compiled.asm["cubin"], (block_m, block_n, block_k)
 
 
@@ -258,10 +251,6 @@ def test_fp8_kernel_in_the_triton_interpreter():
 def test_fp8_kernel_compiles_for_hopper_without_a_gpu():
     """The FP8 variant (e4m3 tiles widened to fp16 before tl.dot, the scales' epilogue) compiles for sm_90 at each
     checked tile, both buckets' ends."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from jetspec_trt.plugins.skinny_gemm import _kernel
 
     kernel = _kernel().kernel
@@ -269,10 +258,8 @@ def test_fp8_kernel_compiles_for_hopper_without_a_gpu():
     for block_m, (block_n, block_k) in itertools.product((16, 64), BLOCKS):
         constants = dict(HAS_BIAS=True, IEEE=False, HAS_SCALE=True, X_SCALE_PER_ROW=True, W_SCALE_PER_COL=True,
                          BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k)
-        signature = {name: "constexpr" if name in constants else types.get(name, "*bf16") if name.endswith("_ptr")
-                     else "i32" for name in kernel.arg_names}
-        compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
-                                  options=dict(num_warps=4, num_stages=pipeline_stages(block_n, block_k, 1)))
+        compiled = compile_for_hopper(kernel, constants, types, num_warps=4,
+                                      num_stages=pipeline_stages(block_n, block_k, 1))
         assert compiled.asm["cubin"], (block_m, block_n, block_k)
 
 

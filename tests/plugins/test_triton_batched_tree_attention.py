@@ -9,7 +9,7 @@ import torch
 
 from jetspec_trt.plugins.tree_attention import (BatchedAttention, pack_mask, tree_attention_batched,
                                                 tree_attention_batched_reference, tree_attention_reference)
-from tests.plugins.interpreter import needs_triton, run_in_interpreter
+from tests.plugins.interpreter import compile_for_hopper, needs_triton, run_in_interpreter
 from tests.plugins.test_triton_tree_attention import (INTERPRETER_SM_COUNT, capture, poison_allocator, random_tree,
                                                      relative_error)
 
@@ -156,10 +156,6 @@ def test_kernel_compiles_for_hopper_without_a_gpu(batched):
     """The interpreter runs Python, not Triton's compiler: compile the kernel ahead of time for sm_90 (bf16, the
     engine's 0.5B shape) so that what only the compiler checks (the early return of spare programs, tl.cumsum,
     types across the BATCHED branches) is caught without a GPU."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     from jetspec_trt.plugins.triton_tree_attention import _tree_attention_kernel
 
     kernel = _tree_attention_kernel
@@ -167,8 +163,5 @@ def test_kernel_compiles_for_hopper_without_a_gpu(batched):
                 "lse_ptr": "*fp32"}
     constants = dict(GROUP=7, HEAD_DIM=64, PAGE=64, BLOCK_M=64, BLOCK_N=64, SPLITS=2, SCAN_W=1, IEEE=False,
                      BATCHED=batched, SEQ_P2=16 if batched else 1)
-    signature = {name: "constexpr" if name in constants else pointers.get(name, "*bf16") if name.endswith("_ptr")
-                 else "fp32" if name == "qk_scale" else "i32" for name in kernel.arg_names}
-    compiled = triton.compile(ASTSource(kernel, signature, constants), target=GPUTarget("cuda", 90, 32),
-                              options=dict(num_warps=4, num_stages=3))
+    compiled = compile_for_hopper(kernel, constants, {"qk_scale": "fp32", **pointers}, num_warps=4, num_stages=3)
     assert compiled.asm["cubin"]
