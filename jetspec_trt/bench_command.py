@@ -118,10 +118,10 @@ def _floats(text: str) -> tuple[float, ...]:
               help="--simulate-widths: also trees with a context-lookup chain of this many nodes beside the draft's "
                    "(tree/lookup.py), e.g. 0,6: each width without and with it.")
 def bench_command(random_target, budgets, contexts, topk, max_depth, taus, dtype, reps, no_hf, hf_prompts,
-                  compile_layers, max_seq_len, compare_fused, comparisons, kernel_profile, draft_vocab, compare_fp8, output_dir, tag,
-                  engine_dir, suites, prompts_file, num_prompts, max_new_tokens, temperatures, batches, batch_modes, batch_graphs,
-                  serve_url, clients, serve_model, metrics_url, pass_timeout, device, diagnose_fp32, reference_dir,
-                  compare_max_tokens, simulate_widths, simulate_lookups, lookup):
+                  compile_layers, max_seq_len, compare_fused, comparisons, kernel_profile, draft_vocab, compare_fp8,
+                  output_dir, tag, engine_dir, suites, prompts_file, num_prompts, max_new_tokens, temperatures,
+                  batches, batch_modes, batch_graphs, serve_url, clients, serve_model, metrics_url, pass_timeout,
+                  device, diagnose_fp32, reference_dir, compare_max_tokens, simulate_widths, simulate_lookups, lookup):
     """Measure AR decoding, the split of a speculative round, projected tok/s and HF generate on the GPU.
 
     With --engine: tau and wall-clock speed per prompt suite, budget and temperature (JSON + PNG).

@@ -287,10 +287,10 @@ class EngineBench:
         lookup = DEFAULT_TREE.fitted(budget, self.cfg.max_depth).lookup
         return TreeConfig(budget, self.cfg.topk, self.cfg.max_depth, lookup)
 
-    def use_engine_defaults(self, draft_vocab: bool = False) -> None:
-        """The decoder's switches as a built engine has them (RuntimeConfig's defaults); with `draft_vocab`, the
-        draft over the build's default draft vocabulary too (its first ids: which ones does not change the time),
-        where the target's vocabulary is larger than that (as the build chooses)."""
+    def use_engine_defaults(self, draft_vocab: bool = False) -> dict:
+        """The decoder's switches as a built engine has them (RuntimeConfig's defaults, returned); with
+        `draft_vocab`, the draft over the build's default draft vocabulary too (its first ids: which ones does not
+        change the time), where the target's vocabulary is larger than that (as the build chooses)."""
         defaults = engine_switches()
         self.decoder.set_decode_gemv(defaults["decode_gemv"])
         self.decoder.set_tree_kernel(defaults["tree_kernel"])
@@ -299,12 +299,12 @@ class EngineBench:
         self.decoder.set_fused_accept(defaults["fused_accept"])
         if draft_vocab and self.target.config.vocab_size > DEFAULT_DRAFT_VOCAB:
             self.decoder.set_draft_vocab(torch.arange(DEFAULT_DRAFT_VOCAB))
+        return defaults
 
     def engine_default_rows(self, breakdown: dict, progress) -> tuple[list[dict], list[dict]]:
         """ar_steps_and_rounds as a built engine runs (use_engine_defaults with its draft vocabulary, the default
         tree at each budget); the decoder keeps those switches."""
-        self.use_engine_defaults(draft_vocab=True)
-        gemms = "gemms_gemv_ms" if engine_switches()["decode_gemv"] else "gemms_cublas_ms"
+        gemms = "gemms_gemv_ms" if self.use_engine_defaults(draft_vocab=True)["decode_gemv"] else "gemms_cublas_ms"
         return self.ar_steps_and_rounds(breakdown, progress, gemms, self.default_tree)
 
     def kernel_profile(self, context: int) -> dict:
@@ -328,10 +328,10 @@ class EngineBench:
                                   "vs_ar_step": round_ms / step_ms, "stages": stages})
         return out
 
-    def round_splits(self) -> list[dict]:
+    def round_splits(self, tree_at=None) -> list[dict]:
         """round_split_ms at every (context, budget) of the config: a side-by-side run of the rounds with some
-        switch of the decoder flipped."""
-        return [dict(self.round_split_ms(budget, context), budget=budget, context=context)
+        switch of the decoder flipped. `tree_at(budget)`: the round's tree (default: the plain one)."""
+        return [dict(self.round_split_ms(budget, context, tree_at and tree_at(budget)), budget=budget, context=context)
                 for context in self.cfg.contexts for budget in self.cfg.budgets]
 
     def round_ms(self, budget: int, context: int, mode: str = "greedy", tree: TreeConfig | None = None) -> float:
@@ -519,8 +519,7 @@ def run_bench(cfg: BenchConfig, command: list[str] | None = None) -> Path:
     report["agreement_defaults"] = bench.agreement()
     if cfg.kernel_profile and bench.decoder.triton_kernels:
         # Kernel by kernel under the engines' default switches (RuntimeConfig), then with the fused layer kernels.
-        defaults = engine_switches()
-        bench.use_engine_defaults()
+        defaults = bench.use_engine_defaults()
         bench.decoder.set_draft_vocab(None)
         context = breakdown_context(cfg)
         report["kernel_profile"] = {}
@@ -707,9 +706,8 @@ def fp8_sections(bench: EngineBench, report: dict, progress) -> dict:
     # The defaults' rounds once more with the small-M switch on: verify's 2..64-row FP8 GEMMs on the skinny GEMM's
     # FP8 kernel (float32 sums like the GEMV's) instead of rowwise _scaled_mm, beside the defaults' rows.
     bench.decoder.set_small_m_gemm(True)
-    rounds = [dict(bench.round_split_ms(budget, context, bench.default_tree(budget)), budget=budget, context=context)
-              for context in cfg.contexts for budget in cfg.budgets]
-    out["rounds_defaults_small_m_fp8"] = _beside(rounds, out["rounds_defaults_fp8"], "round_ms", "vs_defaults")
+    out["rounds_defaults_small_m_fp8"] = _beside(bench.round_splits(bench.default_tree), out["rounds_defaults_fp8"],
+                                                 "round_ms", "vs_defaults")
     out["agreement_defaults_small_m_fp8"] = bench.agreement()
     return out
 

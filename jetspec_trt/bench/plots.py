@@ -66,7 +66,8 @@ def plot_engine_bench(report: dict, path: Path) -> None:
                 alpha=0.6, label=f"projected, engine defaults, tau {tau}")
     gemv = _by_context(report.get("ar_step_gemv", []))
     for rows, color, ls, label in ((gemv, "teal", "--", "AR, GEMV kernel"),
-                                   (default_steps, DEFAULTS_COLOR, "-", "AR, engine defaults"), (fp8_steps, FP8_COLOR, "--", "AR, FP8"),
+                                   (default_steps, DEFAULTS_COLOR, "-", "AR, engine defaults"),
+                                   (fp8_steps, FP8_COLOR, "--", "AR, FP8"),
                                    (fp8_gemv, FP8_COLOR, "-.", "AR, FP8 GEMV")):
         if context in rows:
             ax.axhline(1000 / rows[context], color=color, ls=ls, label=label)

@@ -120,7 +120,7 @@ def _kernel():
 
     def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                scales: tuple[torch.Tensor, torch.Tensor] | None, out_dtype: torch.dtype,
-               block: tuple[int, int] | None = None) -> torch.Tensor:
+               block: tuple[int, int] | None = None, pdl_prefetch: int | None = None) -> torch.Tensor:
         n, k = weight.shape
         y = torch.empty(1, n, dtype=out_dtype, device=x.device)
         x_scale, w_scale = scales if scales is not None else (y, y)
@@ -131,22 +131,11 @@ def _kernel():
             grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
             tuned_kernel[grid](*args, **flags)
         else:  # one (BLOCK_N, BLOCK_K), untuned: tests check each (Triton's interpreter cannot time configs)
+            if pdl_prefetch is not None:  # a programmatic dependent launch (module docstring, PDL; no op uses it:
+                # scripts/device_lease/pdl_probe.py times it), prefetching that many columns before it waits
+                flags.update(PDL=True, PREFETCH_K=pdl_prefetch, launch_pdl=True)
             gemv_kernel[(triton.cdiv(n, block[0]),)](*args, **flags, BLOCK_N=block[0], BLOCK_K=block[1])
         return y
-
-    def launch_pdl(x: torch.Tensor, weight: torch.Tensor, block: tuple[int, int], prefetch_k: int,
-                   num_warps: int = 4, num_stages: int = 3) -> torch.Tensor:
-        """The bf16 GEMV at one block as a programmatic dependent launch, prefetching `prefetch_k` columns of
-        each program's rows into L2 before it waits (scripts/device_lease/pdl_probe.py times it; not an op)."""
-        n, k = weight.shape
-        y = torch.empty(1, n, dtype=x.dtype, device=x.device)
-        gemv_kernel[(triton.cdiv(n, block[0]),)](x, weight, y, y, y, y, n, k, HAS_BIAS=False, HAS_SCALE=False,
-                                                 SCALE_PER_ROW=False, BLOCK_N=block[0], BLOCK_K=block[1], PDL=True,
-                                                 PREFETCH_K=prefetch_k, num_warps=num_warps,
-                                                 num_stages=num_stages, launch_pdl=True)
-        return y
-
-    launch.pdl = launch_pdl
 
     launch.kernel = gemv_kernel  # the jit function itself: tests compile it ahead of time for sm_90
     return launch

@@ -92,7 +92,7 @@ def main() -> None:
                     norm_kernel[(1,)](y, x, y.shape[1], k, spin, TRIGGER=trigger,
                                       BLOCK=triton.next_power_of_2(k), num_warps=8)
                 if gemv:
-                    y = launch.pdl(x, w, BLOCK, prefetch) if pdl else launch(x, w, None, None, x.dtype, BLOCK)
+                    y = launch(x, w, None, None, x.dtype, BLOCK, pdl_prefetch=prefetch if pdl else None)
                 else:
                     y = x
             return y

@@ -152,7 +152,7 @@ class FakeFp8Bench:
     def __init__(self):
         self.cfg = BenchConfig(contexts=CONTEXTS, budgets=BUDGETS)
         self.decoder = self
-        self.gemv = self.tree_kernel = False
+        self.gemv = self.tree_kernel = self.small_m = False
 
     def set_decode_gemv(self, enabled):
         self.gemv = enabled
@@ -160,9 +160,14 @@ class FakeFp8Bench:
     def set_tree_kernel(self, enabled):
         self.tree_kernel = enabled
 
-    def round_splits(self):
-        assert self.tree_kernel
-        return [{k: v for k, v in r.items() if k not in ("vs_ar_step", "projected_tok_s")} for r in _rounds(0.5)]
+    def round_splits(self, tree_at=None):
+        if tree_at is None:  # the tree kernel's rounds
+            assert self.tree_kernel and not self.small_m
+            scale = 0.5
+        else:  # the defaults' rounds with the small-M switch, each at the default tree
+            assert self.small_m and all(tree_at(b) == b for b in BUDGETS)
+            scale = 0.3
+        return [{k: v for k, v in r.items() if k not in ("vs_ar_step", "projected_tok_s")} for r in _rounds(scale)]
 
     def ar_breakdown(self, context):
         return _breakdown(8.2e9, 3.6)
@@ -186,11 +191,6 @@ class FakeFp8Bench:
 
     def default_tree(self, budget):
         return budget
-
-    def round_split_ms(self, budget, context, tree=None):
-        assert self.small_m and tree == budget
-        row = next(r for r in _rounds(0.3) if (r["budget"], r["context"]) == (budget, context))
-        return {k: v for k, v in row.items() if k not in ("budget", "context", "vs_ar_step", "projected_tok_s")}
 
     def agreement(self):
         return {"prompts": 2, "tokens": 16, "identical": 2, "first_divergence_at": []}
