@@ -396,8 +396,9 @@ def gemm_sequence(gemms: list[tuple], inputs: dict[int, torch.Tensor], use_gemv:
     """A function running `gemms` (EngineBench._target_gemms: weight, weight_scale, input_scale) one after another
     on `inputs` (one [rows, K] per K) as the model's linear layers do (plugins.linear), on cuBLAS or (`use_gemv`)
     the GEMV kernels. An FP8 weight's input is quantized here, once, and the function runs fp8_matmul alone: the
-    compiled layers fuse that quantization into the ops before each GEMM, so timing it here, unfused, made the
-    GEMMs alone longer than the whole step (lease 15, H100: 5.60 ms of FP8 GEMV against a 4.66 ms step)."""
+    compiled layers fuse that quantization into the ops before each GEMM; timed here unfused, it is the likely
+    reason the GEMMs alone came out longer than the whole step (lease 15, H100: 5.60 ms of FP8 GEMV against a
+    4.66 ms step; not rerun since)."""
     from jetspec_trt.plugins.fp8_gemm import fp8_matmul, input_scale_of, quantize
     from jetspec_trt.plugins.linear import linear
 
