@@ -345,8 +345,17 @@ GEMV_GAP = pytest.mark.xfail(strict=True, reason="the FP8 GEMV accumulates in fl
                                                  "tensor cores' ~14-bit accumulator: more near-tie flips than bf16")
 
 
+# The skinny GEMM's FP8 kernel sums exact products in float32 as the GEMV does, which was expected to close the gap:
+# an H100 measured 4/8 diverged prompts (2026-12-06, lease 16; the GEMV variant 3/8 there, _scaled_mm 0/8). So the
+# gap is not _scaled_mm's accumulator alone: any difference between the M = 1 kernel and the tree's kernel (here
+# their order of sums) flips e4m3 roundings downstream. Only one kernel for both (the _scaled_mm variant) passes.
+SKINNY_GAP = pytest.mark.xfail(strict=True, reason="the GEMV and the skinny GEMM sum in different orders: measured "
+                                                   "4/8 diverged on an H100")
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("ar_step", [pytest.param("gemv", marks=GEMV_GAP), "scaled_mm", "gemv-skinny"])
+@pytest.mark.parametrize("ar_step", [pytest.param("gemv", marks=GEMV_GAP), "scaled_mm",
+                                     pytest.param("gemv-skinny", marks=SKINNY_GAP)])
 @pytest.mark.parametrize("layout", ["modelopt", "autofp8", "per-channel"])
 def test_fp8_engine_speculative_matches_ar_on_cuda(fp8_pair, tmp_path, layout, ar_step, capsys):
     """Ours (static input scales) and an AutoFP8 checkpoint (dynamic, per-token scales; q/k/v requantized at
@@ -362,7 +371,8 @@ def test_fp8_engine_speculative_matches_ar_on_cuda(fp8_pair, tmp_path, layout, a
     this bound until verify and the AR step accumulate alike; the _scaled_mm variant passes only if cuBLAS
     computes a row the same way for M = 1 and M = the tree size. "gemv-skinny": the GEMV step beside a verify on
     the skinny GEMM's FP8 kernel (the small-M switch: tree budget 32 is within its 2..64 rows), which sums exact
-    products in float32 as the GEMV does, so the two differ by summation order alone, as bf16 GEMMs do."""
+    products in float32 as the GEMV does, so the two differ by summation order alone, as bf16 GEMMs do; measured
+    on an H100 it fails the bound as the GEMV variant does (SKINNY_GAP)."""
     from jetspec_trt.builders.engine_builder import BuildConfig, build_engine
     from jetspec_trt.runtime.config import TreeConfig
     from jetspec_trt.runtime.decoder import first_difference
