@@ -30,6 +30,8 @@
 # pass), run 9 14000-28186, run 10 28200-38767, run 11 the second mix (DATA below) 0-9758; the first mix has 53,319 and 50000-50063 are scripts/probe_head.py's
 # held-out prompts), DATA (/tmp/keep/prompts-mix.jsonl.gz; /tmp/keep/prompts-mix2.jsonl.gz is the rest of that mix
 # in turns with math prompts, scripts/device_lease/prepare_mix2.sh: start it at PROMPT_OFFSET 0),
+# GEN_TEMP (0: greedy responses; e.g. 0.7: sampled ones, new text for prompts an earlier run answered, with
+# a SEED (0) of its own: the seed keys the responses cache and seeds the training too),
 # LR (6e-4: the peak of each run's warmup + cosine; a continued head dips while it warms back up to it),
 # PROFILE_STEPS (5: traced steps -> head-*/profile_steps.json; 0 none), SETUP_S (150), ENGINE_BENCH (0; 1 ends with the engine bench at the pair's shape), BUILD_FLAGS (extra build
 # flags for every engine, e.g. --no-prefill-graphs where the idle window's GPU tests showed the captures failing),
@@ -65,7 +67,7 @@ fi
 # The data flags are part of the responses cache's key: every head's run passes the same ones.
 data=(--target "$WORK/qwen" --data "${DATA:-/tmp/keep/prompts-mix.jsonl.gz}" --num-prompts 40000
       --prompt-offset "${PROMPT_OFFSET:-0}" --max-new-tokens 512 --max-seq-len 2048 --gen-batch-size 1024
-      --gen-attention "${GEN_ATTENTION:-auto}"
+      --gen-attention "${GEN_ATTENTION:-auto}" --gen-temperature "${GEN_TEMP:-0}" --seed "${SEED:-0}"
       --device cuda --quiet)
 if [ -n "$LAYERS" ]; then
   stage "regenerate responses (GEN_S=$GEN_S)"

@@ -1,4 +1,5 @@
-"""Batched greedy generation with continuous batching: many prompts decoded together, one CUDA graph per step.
+"""Batched generation (greedy, or sampled at a temperature) with continuous batching: many prompts decoded
+together, one CUDA graph per step.
 
 The speculative decoder serves one stream; making training data (the target's own responses to thousands of
 prompts) needs throughput instead. Here B rows decode side by side over a contiguous static KV cache
@@ -10,6 +11,11 @@ a done flag), so on CUDA the whole step is captured once and replayed. The layer
 Every `refill_every` steps the host syncs once: rows that finished (EOS, their token limit, or the row's
 capacity S) are read back and refilled with the next prompts, whose K/V come from one packed prefill
 (`TargetModel.prefill_packed`) copied into their rows. Finished rows idle until the next sync.
+
+With a temperature > 0 every token (the prefill's first one and each step's) is one draw from softmax(logits / T),
+the runtime's one sampler (`tree.accept.choose_tokens`), from the decoder's own generator (seeded by the config;
+registered with the step's graph, so every replay draws anew): the same prompts answered again with another seed
+are new training text, where greedy answers repeat.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import torch.nn.functional as F
 from jetspec_trt.models.target import TargetModel
 from jetspec_trt.plugins.triton_batch_attention import batch_decode_attention, triton
 from jetspec_trt.runtime.graph_decoder import capture_graphs
+from jetspec_trt.tree.accept import choose_tokens
 
 # SDPA's memory-efficient kernel wants the mask's last dimension aligned to 16 and pads a misaligned mask on
 # every call; rounding the row's slot count up once avoids that copy inside the step.
@@ -45,6 +52,8 @@ class BatchDecodeConfig:
     # Decode attention: "triton" walks each row's own keys (plugins/triton_batch_attention.py), "sdpa" reads all
     # S slots of every row under a mask; "auto" is triton on CUDA with Triton, sdpa elsewhere.
     attention: str = "auto"
+    temperature: float = 0.0  # 0: greedy; > 0: every token drawn from softmax(logits / temperature)
+    seed: int = 0  # the sampling generator's seed (unused when greedy)
 
 
 class Finished(NamedTuple):
@@ -59,6 +68,8 @@ class BatchDecoder:
             raise ValueError(f"BatchDecodeConfig needs max_batch >= 1, max_seq_len >= 2, refill_every >= 1: {config}")
         if config.attention not in ("auto", "triton", "sdpa"):
             raise ValueError(f"BatchDecodeConfig.attention is auto, triton or sdpa, not {config.attention!r}")
+        if not config.temperature >= 0:
+            raise ValueError(f"BatchDecodeConfig.temperature must be >= 0, got {config.temperature}")
         self.target, self.config = target, config
         cfg = target.config
         param = target.embed_tokens.weight
@@ -67,6 +78,7 @@ class BatchDecoder:
         if config.attention == "triton" and not triton_ok:
             raise ValueError("BatchDecodeConfig.attention='triton' needs CUDA and Triton")
         self.triton_attention = triton_ok and config.attention != "sdpa"
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         rows, slots = config.max_batch, -(-config.max_seq_len // SLOT_ALIGN) * SLOT_ALIGN
         shape = (cfg.num_layers, rows, cfg.num_kv_heads, slots, cfg.head_dim)
         self.k = torch.zeros(shape, dtype=param.dtype, device=self.device)
@@ -121,7 +133,7 @@ class BatchDecoder:
                     o = F.scaled_dot_product_attention(q.view(rows, attn.num_kv_heads, group, attn.head_dim),
                                                        self.k[i], self.v[i], attn_mask=bias, scale=attn.scale)
                 x = layer.finish(x, o.reshape(rows, attn.num_heads, attn.head_dim))
-            token = target.lm_head(target.norm(x)).argmax(-1)
+            token = self._choose(target.lm_head(target.norm(x)))
             active = ~self.done
             # Done rows keep their history: they rewrite the token already there (the index stays in bounds).
             at = self.length.clamp(max=self._slots.numel() - 1)
@@ -140,7 +152,16 @@ class BatchDecoder:
             for live, copy in zip((self.history, self.length, self.done), saved):
                 live.copy_(copy)
 
-        return capture_graphs({"step": self._step_eager}, restore)["step"]
+        # The generator's state is the graph's to advance (a replay would otherwise repeat the capture's draws);
+        # the warm-up's draws are not undone, which only moves the seed's stream along.
+        return capture_graphs({"step": self._step_eager}, restore,
+                              self.generator if self.config.temperature > 0 else None)["step"]
+
+    def _choose(self, logits: torch.Tensor) -> torch.Tensor:
+        """Each row's next token: its argmax, or a draw at the config's temperature."""
+        if self.config.temperature == 0:
+            return logits.argmax(-1)
+        return choose_tokens(logits, "sample", self.config.temperature, generator=self.generator)
 
     def step(self) -> None:
         """One decode step of every row (graphed on CUDA)."""
@@ -175,7 +196,7 @@ class BatchDecoder:
         prompts = [p for _, p in pack]
         hidden, _ = target.prefill_packed(prompts, cache)
         lengths = torch.tensor([len(p) for p in prompts], device=device)
-        first = target.lm_head(hidden[torch.cumsum(lengths, 0) - 1]).argmax(-1)  # each prompt's first token
+        first = self._choose(target.lm_head(hidden[torch.cumsum(lengths, 0) - 1]))  # each prompt's first token
         # The packed K/V stay in the scratch cache's tensors (prefill_packed only resets its length): token j of
         # the pack sits at flat slot j. Scatter them to (row, position) of the batch cache in one index_put.
         rows = torch.tensor([r for r, _ in pack], device=device)
@@ -194,7 +215,8 @@ class BatchDecoder:
     # ---- continuous batching ------------------------------------------------------------------------------
     def generate(self, prompts: list[list[int]], max_new_tokens: int, eos_ids: list[int] | tuple[int, ...],
                  deadline_s: float | None = None) -> Iterator[Finished]:
-        """Greedy responses to `prompts`, yielded as rows finish (not in prompt order).
+        """Responses to `prompts` (greedy, or sampled: BatchDecodeConfig.temperature), yielded as rows finish (not
+        in prompt order).
 
         Every prompt needs 1 <= len < max_seq_len. `deadline_s`: seconds after which no more prompts are admitted;
         rows already decoding still finish, and prompts never admitted are not yielded.

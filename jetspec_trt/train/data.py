@@ -32,7 +32,10 @@ class DataConfig:
     source: str = "sharegpt"
     num_prompts: int = 1000
     max_new_tokens: int = 512
-    gen_temperature: float = 0.0  # 0 = greedy responses, the only mode generation supports
+    # 0: greedy responses (what greedy verification accepts, token for token). > 0: sampled ones, new text for
+    # prompts a greedy run already answered (another --seed, another cache); the labels are then draws from the
+    # target's distribution, whose expectation is that distribution (the cross-entropy is forward KL to it).
+    gen_temperature: float = 0.0
     gen_batch_size: int = 32  # rows decoded together (BatchDecoder's max_batch)
     max_seq_len: int = 2048  # prompt + response; longer sequences are cut (prompts longer than this dropped)
     # Stop admitting prompts after this many seconds (rows in flight finish) and use what is cached; a later run
@@ -169,8 +172,6 @@ def generate_responses(target_dir: Path, cfg: DataConfig, out_dir: Path, device:
     from jetspec_trt.models.checkpoint import load_target
     from jetspec_trt.runtime.batch_decode import BatchDecodeConfig, BatchDecoder
 
-    if cfg.gen_temperature > 0:
-        raise JetSpecError("--gen-temperature > 0 is not supported: response generation is greedy only")
     # The prompts first: a bad source or offset fails before anything is written.
     messages = load_prompt_messages(cfg.source, cfg.prompt_offset + cfg.num_prompts)[cfg.prompt_offset :]
     if not messages:
@@ -211,7 +212,8 @@ def generate_responses(target_dir: Path, cfg: DataConfig, out_dir: Path, device:
         decoder = BatchDecoder(target, BatchDecodeConfig(max_batch=min(cfg.gen_batch_size, len(todo)),
                                                          max_seq_len=row_len,
                                                          prefill_tokens=cfg.gen_prefill_tokens,
-                                                         attention=cfg.gen_attention))
+                                                         attention=cfg.gen_attention,
+                                                         temperature=cfg.gen_temperature, seed=seed))
         bar = tqdm(total=len(todo), desc="generating responses", unit="prompt", disable=not progress)
         started = time.perf_counter()
         generated = new_tokens = 0

@@ -116,3 +116,43 @@ def test_cpu_prefill_packs_stay_small(target):
     decoder = BatchDecoder(target, BatchDecodeConfig(max_batch=2, max_seq_len=MAX_SEQ_LEN, use_graphs=False,
                                                      prefill_tokens=16384))
     assert decoder.pack_tokens == CPU_PACK_TOKENS and decoder._prefill_cache.capacity < 16384
+
+
+@torch.no_grad()
+def next_token_probs(target, ids, temperature):
+    """softmax(logits / T) of the token after `ids`, decoded alone (the distribution a sampled row draws from)."""
+    return torch.softmax(target.prefill(ids, logits="last").logits[0].float() / temperature, -1)
+
+
+def test_sampled_rows_draw_from_the_target_distribution(target):
+    """One prompt in 768 rows at T = 1.5: the first token (drawn after the packed prefill) and the second (drawn
+    in the step) follow softmax(logits / T) of the prompt decoded alone; a greedy decoder would put every row on one
+    token. Each frequency is within 5 standard errors of its probability (plus a float tolerance)."""
+    temperature, rows = 1.5, 768
+    prompt = prompts_for(target, 3)[2][:12]
+    got, _ = run(target, [prompt] * rows, 2, [], max_batch=256, temperature=temperature, seed=3)
+    firsts = Counter(got[i][0][0] for i in range(rows))
+    want = next_token_probs(target, prompt, temperature)
+    assert want.max() < 0.6 and len(firsts) > 3  # a spread distribution: the check below can tell a draw from argmax
+
+    def close(counts, probs, n):
+        freq = torch.zeros_like(probs)
+        for token, count in counts.items():
+            freq[token] = count / n
+        bound = 5 * (probs * (1 - probs) / n).sqrt() + 1e-3
+        assert bool(((freq - probs).abs() <= bound).all()), float((freq - probs).abs().max())
+
+    close(firsts, want, rows)
+    top, n = firsts.most_common(1)[0]  # the second token of the rows whose first was the commonest
+    seconds = Counter(got[i][0][1] for i in range(rows) if got[i][0][0] == top)
+    close(seconds, next_token_probs(target, prompt + [top], temperature), n)
+
+
+def test_sampling_follows_the_seed(target):
+    prompts = prompts_for(target, 6)
+    one, _ = run(target, prompts, 8, [], max_batch=4, temperature=1.0, seed=11)
+    again, _ = run(target, prompts, 8, [], max_batch=4, temperature=1.0, seed=11)
+    other, _ = run(target, prompts, 8, [], max_batch=4, temperature=1.0, seed=12)
+    assert one == again and one != other
+    with pytest.raises(ValueError, match="temperature must be >= 0"):
+        BatchDecoder(target, BatchDecodeConfig(max_batch=2, max_seq_len=40, temperature=-1.0))

@@ -85,3 +85,22 @@ def test_bf16_rate_on_qwen25_05b_shape(max_batch, attention):
           f"{tokens / seconds:,.0f} tokens/s ({decoder.steps} steps, {1e3 * (seconds - decoder.prefill_s) / decoder.steps:.2f} ms/step, "
           f"prefill {decoder.prefill_tokens / decoder.prefill_s:,.0f} tok/s in {decoder.prefill_packs} packs; "
           f"setup + capture {capture_s:.1f} s)")
+
+
+def test_graphed_sampling_draws_anew_every_replay():
+    """Sampling in the graphed step: at a huge temperature every token is ~uniform noise, so a replay that
+    repeated the capture's draws (a generator not registered with the graph) would give each row one token over
+    and over. Rows differ, steps differ, and the same seed gives the same responses."""
+    target = random_models("tiny", "cuda", torch.float32, seed=2)[0]
+    target.fuse_weights()
+    prompts = random_prompts(1, 5, 6, 256) * 32
+
+    def sample(seed):
+        config = BatchDecodeConfig(max_batch=32, max_seq_len=64, refill_every=4, temperature=1e4, seed=seed)
+        return {r.index: r.response_ids for r in BatchDecoder(target, config).generate(prompts, 12, [])}
+
+    first = sample(1)
+    assert len(first) == 32 and all(len(r) == 12 for r in first.values())
+    assert len({tuple(r) for r in first.values()}) == 32  # rows draw independently
+    assert sum(len(set(r[1:])) == 1 for r in first.values()) == 0  # and each step (replay) draws anew
+    assert sample(1) == first and sample(2) != first

@@ -584,6 +584,24 @@ def test_generation_time_budget_stops_and_a_later_run_completes(tiny, tmp_path):
     assert again_path == path and again == full and generation_stats(path) == made
 
 
+def test_sampled_responses_are_new_text_per_seed(tiny, tmp_path):
+    """--gen-temperature > 0: the same prompts answered under another seed are other responses, in a cache of their
+    own; the same seed reproduces its cache's responses; greedy ones are another cache again."""
+    def responses(temperature, seed, out):
+        cfg = DataConfig(str(tiny / "prompts.jsonl"), 6, 8, temperature, 2)
+        sequences, path = generate_responses(tiny / "target", cfg, tmp_path / out, "cpu", torch.float32, seed=seed,
+                                             progress=False)
+        return [s.response_ids for s in sequences], path.name
+
+    greedy, greedy_key = responses(0.0, 0, "a")
+    one, one_key = responses(1.0, 0, "b")
+    again, again_key = responses(1.0, 0, "c")
+    other, other_key = responses(1.0, 1, "d")
+    assert len(one) == 6 and one == again and one_key == again_key
+    assert other != one and len({greedy_key, one_key, other_key}) == 3
+    assert one != greedy
+
+
 def test_packs_group_consecutive_sequences():
     from jetspec_trt.train.features import packs
 
