@@ -215,6 +215,7 @@ def bench_command(random_target, budgets, contexts, topk, max_depth, taus, dtype
                       compile_layers=compile_layers, max_seq_len=max_seq_len,
                       compare_fused_layer_kernels=compare_fused and comparisons, compare_gemv=comparisons,
                       compare_tree_kernel=comparisons, compare_small_m_gemm=comparisons, compare_sampled=comparisons,
+                      compare_gemv_variants=comparisons,
                       kernel_profile=kernel_profile, draft_vocab=draft_vocab,
                       compare_fp8=compare_fp8, output_dir=output_dir,
                       tag=tag)

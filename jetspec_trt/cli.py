@@ -63,6 +63,12 @@ def tree_options(func):
 @click.option("--small-m-gemm", is_flag=True,
               help="Run 2..64-row GEMMs (tree verify, the draft block) on the Triton skinny GEMM instead of cuBLAS "
                    "(CUDA).")
+@click.option("--gated-gemv", is_flag=True,
+              help="AR step: the MLP's activation inside the down projection's GEMV, one kernel less a layer (CUDA).")
+@click.option("--gemv-pdl", type=click.IntRange(min=0), default=0, show_default=True,
+              help="AR step: launch the GEMVs after the fused norms and the attention as their programmatic "
+                   "dependents, prefetching this many columns of each weight row into L2 first (CUDA, Hopper; "
+                   "0: off).")
 @click.option("--no-prefill-graphs", is_flag=True,
               help="Run the prompt-length buckets' prefills eagerly instead of from CUDA graphs captured at load.")
 @click.option("--fused-layer-kernels/--no-fused-layer-kernels", default=True, show_default=True,
@@ -92,7 +98,7 @@ def tree_options(func):
 @click.option("--calib-device", default=None, help="--quantize: where to calibrate [default: cuda if available].")
 def build(target_dir, draft_dir, output_dir, budget, topk, max_depth, lookup, dtype, max_seq_len, overwrite, backend,
           attention, no_fuse, no_tune, cost_model_device, no_cost_model, no_decode_gemv, no_compile, no_tree_kernel,
-          small_m_gemm, no_prefill_graphs, fused_layer_kernels, fused_accept, draft_vocab, draft_vocab_counts, quantize,
+          small_m_gemm, gated_gemv, gemv_pdl, no_prefill_graphs, fused_layer_kernels, fused_accept, draft_vocab, draft_vocab_counts, quantize,
           fp8_recipe, calib_prompts, calib_samples, calib_max_tokens, calib_device):
     """Check a target/draft pair and write an engine directory."""
     if backend == "tensorrt" and quantize:
@@ -119,7 +125,8 @@ def build(target_dir, draft_dir, output_dir, budget, topk, max_depth, lookup, dt
     config = BuildConfig(target_dir, draft_dir, output_dir, TreeConfig(budget, topk, depth, lookup), dtype, max_seq_len,
                          overwrite=overwrite, fuse=not no_fuse, tune=not no_tune,
                          decode_gemv=not no_decode_gemv, compile_graphs=not no_compile, tree_kernel=not no_tree_kernel,
-                         small_m_gemm=small_m_gemm, prefill_graphs=not no_prefill_graphs,
+                         small_m_gemm=small_m_gemm, gated_gemv=gated_gemv, gemv_pdl_prefetch=gemv_pdl,
+                         prefill_graphs=not no_prefill_graphs,
                          fused_layer_kernels=fused_layer_kernels, fused_accept=fused_accept, draft_vocab=draft_vocab,
                          draft_vocab_counts=draft_vocab_counts, quantize=quantize_config,
                          cost_model_device=None if no_cost_model else cost_model_device)

@@ -13,7 +13,9 @@ Everything is measured in one run on one device, so the ratios in the JSON are s
     weight-streaming floor, each row with its ratio to the bf16 one ("*_fp8" keys)
   * engine defaults: the AR step and the rounds once more as a built engine runs them (RuntimeConfig's default
     switches, the default tree's lookup chain, the draft over the build's draft vocabulary): "ar_step_defaults" and
-    "rounds_defaults" (and "*_defaults_fp8"), the rows the issues' speed goals are read on
+    "rounds_defaults" (and "*_defaults_fp8"), the rows the issues' speed goals are read on; with
+    compare_gemv_variants that AR step again with each decode-GEMV variant that is off by default
+    ("ar_step_defaults_gated_gemv", "_gemv_pdl", "_gated_gemv_pdl")
   * projected tok/s = tau / round time, for tau values given (e.g. the paper's) and measured ones
   * Hugging Face transformers `generate` on the same shape and dtype
   * agreement: speculative greedy output vs the engine's own AR greedy output, over several prompts
@@ -44,6 +46,10 @@ from jetspec_trt.runtime.decoder import first_difference
 from jetspec_trt.runtime.graph_decoder import STAGES, GraphDecoder
 from jetspec_trt.versions import library_versions
 
+# The PDL variant's prefetch (RuntimeConfig.gemv_pdl_prefetch): W columns per row, the H100 probe's best after
+# small kernels of 5-17 us (bench/results/pdl-probe-h100.json)
+GEMV_PDL_PREFETCH = 1024
+
 
 @dataclass(frozen=True)
 class BenchConfig:
@@ -67,6 +73,8 @@ class BenchConfig:
     compare_small_m_gemm: bool = True  # also time the rounds with the 2..64-row GEMMs on plugins.skinny_gemm
     compare_fused_layer_kernels: bool = True  # also time the AR step with plugins.layer_kernels' fused kernels
     compare_sampled: bool = True  # also time the rounds sampling at T=1 ("rounds_sampled")
+    # also time the defaults' AR step with the decode-GEMV variants that are off by default (EngineBench.gemv_variants)
+    compare_gemv_variants: bool = True
     # Kernel by kernel (bench.kernel_profile): the AR step and each round stage at the breakdown context under the
     # engines' default switches, with and without the fused layer kernels, and with the accept stage switched
     # between plugins.triton_accept and the torch ops ("kernel_profile").
@@ -292,7 +300,7 @@ class EngineBench:
         `draft_vocab`, the draft over the build's default draft vocabulary too (its first ids: which ones does not
         change the time), where the target's vocabulary is larger than that (as the build chooses)."""
         defaults = engine_switches()
-        self.decoder.set_decode_gemv(defaults["decode_gemv"])
+        self.decoder.set_decode_gemv(defaults["decode_gemv"], defaults["gated_gemv"], defaults["gemv_pdl_prefetch"])
         self.decoder.set_tree_kernel(defaults["tree_kernel"])
         self.decoder.set_small_m_gemm(defaults["small_m_gemm"])
         self.decoder.set_fused_layer_kernels(defaults["fused_layer_kernels"])
@@ -306,6 +314,23 @@ class EngineBench:
         tree at each budget); the decoder keeps those switches."""
         gemms = "gemms_gemv_ms" if self.use_engine_defaults(draft_vocab=True)["decode_gemv"] else "gemms_cublas_ms"
         return self.ar_steps_and_rounds(breakdown, progress, gemms, self.default_tree)
+
+    def gemv_variants(self, breakdown: dict, reference: list[dict]) -> dict:
+        """The engines' default AR step (use_engine_defaults) with each decode-GEMV variant that is off by default:
+        the MLP's activation inside the down GEMV ("gated_gemv"), the GEMVs as programmatic dependents of the norms
+        and the attention, GEMV_PDL_PREFETCH columns prefetched ("gemv_pdl"), and both; each row beside `reference`
+        (ar_step_defaults: vs_defaults), with the greedy agreement of the rounds against that AR step. The decoder
+        is left at the defaults."""
+        defaults = self.use_engine_defaults(draft_vocab=True)
+        out = {}
+        for name, gated, prefetch in (("gated_gemv", True, 0), ("gemv_pdl", False, GEMV_PDL_PREFETCH),
+                                      ("gated_gemv_pdl", True, GEMV_PDL_PREFETCH)):
+            self.decoder.set_decode_gemv(True, gated, prefetch)
+            rows = [self.ar_step_row(c, breakdown, "gemms_gemv_ms") for c in self.cfg.contexts]
+            out[f"ar_step_defaults_{name}"] = _beside(rows, reference, "step_ms", "vs_defaults")
+            out[f"agreement_defaults_{name}"] = self.agreement()
+        self.decoder.set_decode_gemv(defaults["decode_gemv"], defaults["gated_gemv"], defaults["gemv_pdl_prefetch"])
+        return out
 
     def kernel_profile(self, context: int) -> dict:
         """The AR step and each stage of a round at every budget of the config, kernel by kernel
@@ -461,7 +486,8 @@ def run_bench(cfg: BenchConfig, command: list[str] | None = None) -> Path:
         raise JetSpecError("the engine benchmark needs a CUDA GPU (run it through the device machine)")
     # The engine, then each context's step and rounds twice (the bench's switches, the engines' defaults)
     sections = 1 + 2 * len(cfg.contexts) * (1 + len(cfg.budgets))
-    progress = tqdm(total=2 + sections * (1 + cfg.compare_fp8) + int(cfg.hf_generate) + int(cfg.kernel_profile),
+    progress = tqdm(total=2 + sections * (1 + cfg.compare_fp8) + int(cfg.hf_generate) + int(cfg.kernel_profile)
+                    + int(cfg.compare_gemv_variants),
                     desc="bench")
     target, draft, hf_config = random_models(cfg.random_target, cfg.device, parse_dtype(cfg.dtype))
     target.fuse_weights()
@@ -518,6 +544,9 @@ def run_bench(cfg: BenchConfig, command: list[str] | None = None) -> Path:
     progress.update()
     report["ar_step_defaults"], report["rounds_defaults"] = bench.engine_default_rows(breakdown, progress)
     report["agreement_defaults"] = bench.agreement()
+    if cfg.compare_gemv_variants and bench.decoder.triton_kernels:
+        report.update(bench.gemv_variants(breakdown, report["ar_step_defaults"]))
+        progress.update()
     if cfg.kernel_profile and bench.decoder.triton_kernels:
         # Kernel by kernel under the engines' default switches (RuntimeConfig), then with the fused layer kernels.
         defaults = bench.use_engine_defaults()

@@ -67,6 +67,8 @@ class BuildConfig:
     compile_graphs: bool = True  # CUDA: torch.compile layers and tree/accept stages inside the graphs
     tree_kernel: bool = True  # CUDA: the round's tree stage on the Triton tree kernels (plugins.triton_tree_build)
     small_m_gemm: bool = False  # CUDA: 2..64-row GEMMs (verify, draft block) through plugins.skinny_gemm
+    gated_gemv: bool = False  # CUDA AR step: the MLP's activation inside the down projection's GEMV
+    gemv_pdl_prefetch: int = 0  # CUDA (sm_90+) AR step: > 0 GEMVs as programmatic dependents, W columns prefetched
     prefill_graphs: bool = True  # CUDA: prompt-length buckets' prefills as CUDA graphs captured at load
     fused_layer_kernels: bool = True  # the layers' small ops as plugins.layer_kernels' fused kernels (CUDA)
     fused_accept: bool = True  # CUDA: the round's accept stage as plugins.triton_accept's kernels
@@ -123,6 +125,8 @@ def runtime_config_for(pair: CheckedPair, cfg: BuildConfig, draft_vocab: int = 0
         compile_graphs=cfg.compile_graphs,
         tree_kernel=cfg.tree_kernel,
         small_m_gemm=cfg.small_m_gemm,
+        gated_gemv=cfg.gated_gemv,
+        gemv_pdl_prefetch=cfg.gemv_pdl_prefetch,
         prefill_graphs=cfg.prefill_graphs,
         fused_layer_kernels=cfg.fused_layer_kernels,
         fused_accept=cfg.fused_accept,

@@ -8,7 +8,7 @@ from torch import nn
 
 from jetspec_trt.models.fp8 import fuse_fp8, split_weight_scale
 from jetspec_trt.plugins.layer_kernels import apply_rotary, rms_norm, rms_norm_op
-from jetspec_trt.plugins.linear import linear
+from jetspec_trt.plugins.linear import gated_linear, linear
 
 
 class RMSNorm(nn.Module):
@@ -63,8 +63,10 @@ class Linear(nn.Linear):
         self.register_buffer("weight_scale", None)
         self.register_buffer("input_scale", None)
 
-    def forward(self, x: torch.Tensor, use_gemv: bool = False, use_small_m: bool = False) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, use_gemv, self.weight_scale, self.input_scale, use_small_m)
+    def forward(self, x: torch.Tensor, use_gemv: bool = False, use_small_m: bool = False,
+                pdl_prefetch: int = 0) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, use_gemv, self.weight_scale, self.input_scale, use_small_m,
+                      pdl_prefetch)
 
 
 class MLP(nn.Module):
@@ -81,15 +83,19 @@ class MLP(nn.Module):
         self.register_buffer("gate_up_input_scale", None, persistent=False)
         self.fused_gemm = False  # one GEMM over gate_up_weight instead of two (GPU engines)
         self.decode_gemv = False  # single-token GEMMs through plugins.gemv (see TargetModel.set_decode_gemv)
+        self.gated_gemv = False  # with it, the single-token down projection takes the activation inside its GEMV
+        self.gemv_pdl = 0  # > 0: the gate-up GEMV launched as a programmatic dependent of the norm (plugins.gemv)
         self.small_m_gemm = False  # 2..64-row GEMMs through plugins.skinny_gemm (see TargetModel.set_small_m_gemm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         route = (self.decode_gemv, self.small_m_gemm)
         if self.fused_gemm:
-            gate, up = linear(x, self.gate_up_weight, None, self.decode_gemv, self.gate_up_weight_scale,
-                              self.gate_up_input_scale, self.small_m_gemm).chunk(2, dim=-1)
-        else:
-            gate, up = self.gate_proj(x, *route), self.up_proj(x, *route)
+            gate_up = linear(x, self.gate_up_weight, None, self.decode_gemv, self.gate_up_weight_scale,
+                             self.gate_up_input_scale, self.small_m_gemm, self.gemv_pdl)
+            down = self.down_proj
+            return gated_linear(gate_up, down.weight, down.bias, self.gated_gemv, self.decode_gemv, down.weight_scale,
+                                down.input_scale, self.small_m_gemm)
+        gate, up = self.gate_proj(x, *route), self.up_proj(x, *route)
         return self.down_proj(F.silu(gate) * up, *route)
 
     def set_fused(self, weight: torch.Tensor, bias: torch.Tensor | None = None, weight_scale: torch.Tensor | None = None,
@@ -169,6 +175,7 @@ class AttentionProjections(nn.Module):
         self.register_buffer("qkv_input_scale", None, persistent=False)
         self.fused_gemm = False  # one GEMM over qkv_weight instead of three (GPU engines)
         self.decode_gemv = False  # single-token GEMMs through plugins.gemv (see TargetModel.set_decode_gemv)
+        self.gemv_pdl = 0  # > 0: the QKV and o_proj GEMVs launched as programmatic dependents (plugins.gemv)
         self.small_m_gemm = False  # 2..64-row GEMMs through plugins.skinny_gemm (see TargetModel.set_small_m_gemm)
 
     def set_fused(self, weight: torch.Tensor, bias: torch.Tensor | None = None, weight_scale: torch.Tensor | None = None,
@@ -205,7 +212,7 @@ class AttentionProjections(nn.Module):
 
     def output(self, o: torch.Tensor) -> torch.Tensor:
         """o_proj over the attention output [T, Hq*D]."""
-        return self.o_proj(o, self.decode_gemv, self.small_m_gemm)
+        return self.o_proj(o, self.decode_gemv, self.small_m_gemm, self.gemv_pdl)
 
     def query(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         return self._finish_query(self.q_proj(x, self.decode_gemv, self.small_m_gemm), cos, sin)
@@ -234,7 +241,8 @@ class AttentionProjections(nn.Module):
         if self.fused_gemm:
             q_rows, kv_rows = self.q_proj.weight.shape[0], self.k_proj.weight.shape[0]
             q, k, v = linear(x, self.qkv_weight, self.qkv_bias, self.decode_gemv, self.qkv_weight_scale,
-                             self.qkv_input_scale, self.small_m_gemm).split([q_rows, kv_rows, kv_rows], dim=-1)
+                             self.qkv_input_scale, self.small_m_gemm,
+                             self.gemv_pdl).split([q_rows, kv_rows, kv_rows], dim=-1)
         else:
             q, k, v = (p(x, self.decode_gemv, self.small_m_gemm) for p in (self.q_proj, self.k_proj, self.v_proj))
         return self._heads(q, self.num_heads), self._heads(k, self.num_kv_heads), self._heads(v, self.num_kv_heads)

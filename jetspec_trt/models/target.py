@@ -141,6 +141,7 @@ class TargetModel(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
         self.rotary = Rotary(inv_freq, attention_scaling)
         self.decode_gemv = False
+        self.gemv_pdl = 0  # the lm_head's GEMV launched as the final norm's programmatic dependent (set_decode_gemv)
         self.small_m_gemm = False
 
     def set_fused_layer_kernels(self, enabled: bool) -> None:
@@ -150,13 +151,20 @@ class TargetModel(nn.Module):
         set_fused_kernels(self.layers, enabled)
         self.norm.fused_kernel = enabled
 
-    def set_decode_gemv(self, enabled: bool) -> None:
+    def set_decode_gemv(self, enabled: bool, gated: bool = False, pdl_prefetch: int = 0) -> None:
         """Route single-token GEMMs (the AR step: fused QKV, o_proj, gate-up, down, lm_head) through the
         weight-streaming GEMV op (plugins.gemv) instead of cuBLAS. Multi-token forwards (prefill, tree verify)
-        keep cuBLAS either way. Compiled layers re-trace on the switch (the flag is read at trace time)."""
+        keep cuBLAS either way. With it, `gated`: the MLP's activation inside the down projection's GEMV (one
+        kernel less a layer); `pdl_prefetch` > 0: the GEMVs that follow our norm and attention kernels (QKV,
+        o_proj, gate-up, lm_head) launched as their programmatic dependents, prefetching that many columns of W
+        into L2 while those kernels run (plugins/gemv.py, PDL). Compiled layers re-trace on the switch (the flags
+        are read at trace time)."""
         self.decode_gemv = enabled
+        self.gemv_pdl = pdl_prefetch if enabled else 0
         for layer in self.layers:
             layer.self_attn.decode_gemv = layer.mlp.decode_gemv = enabled
+            layer.self_attn.gemv_pdl = layer.mlp.gemv_pdl = self.gemv_pdl
+            layer.mlp.gated_gemv = enabled and gated
 
     def set_small_m_gemm(self, enabled: bool) -> None:
         """Route 2..64-row GEMMs (a tree verify's layers and lm_head, the draft's depth logits through
@@ -205,7 +213,8 @@ class TargetModel(nn.Module):
     def lm_head_rows(self, hidden: torch.Tensor) -> torch.Tensor:
         """The lm_head over hidden rows [T, H] in the model's dtype, through the GEMM the model's switches pick for
         T rows (the draft's depth logits come here: 15 rows of a 151936-row weight at Qwen's vocabulary)."""
-        return linear(hidden, self.lm_head.weight, None, self.decode_gemv, use_small_m=self.small_m_gemm)
+        return linear(hidden, self.lm_head.weight, None, self.decode_gemv, use_small_m=self.small_m_gemm,
+                      pdl_prefetch=self.gemv_pdl)
 
     def forward_hidden(
         self,

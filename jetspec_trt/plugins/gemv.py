@@ -11,12 +11,20 @@ Op contract: ``torch.ops.jetspec_trt.gemv(x, weight, bias)`` with x [1, K], weig
 None, all one dtype (bf16/fp16/fp32); returns [1, N] in that dtype. CPU (and any non-Triton device) falls back to
 F.linear, so models can call the op unconditionally; the CUDA kernel must match F.linear to rounding (tests).
 
-PDL (an experiment, off in every op): with PDL set the kernel is launched as a programmatic dependent of the kernel
-before it (Hopper's programmatic dependent launch; Triton's launch_pdl), so its programs can start while that
-kernel still runs: they prefetch the first PREFETCH_K columns of their W rows into L2 (the weights do not depend on
-it), then wait (griddepcontrol.wait) before reading x. The AR step's GEMVs follow norms, attention and the MLP's
-activation, 20-30 us a layer at the Qwen3-8B shape on an H100 (2026-12-06) during which HBM streams no weights;
-`scripts/device_lease/pdl_probe.py` measures what overlapping them buys before the engine uses it.
+The gated variant ``torch.ops.jetspec_trt.gemv_gated(gate_up, weight, bias)`` is the MLP's down projection with
+its activation inside: x = silu(gate) * up from gate_up [1, 2K] (gate first), rounded to the dtype where F.silu and
+the product round, then x @ W^T (+ b). It saves the AR step one kernel a layer (the activation's) and its [1, K]
+round trip through memory; each program recomputes its chunks of x from gate_up (L2-resident, K values), as it
+would read them from x. Models run it under TargetModel.set_decode_gemv(gated=True).
+
+PDL (`pdl_prefetch` > 0; off unless TargetModel.set_decode_gemv asks for it): the kernel is launched as a
+programmatic dependent of the kernel before it (Hopper's programmatic dependent launch; Triton's launch_pdl), so
+its programs can start while that kernel still runs: they prefetch the first PREFETCH_K columns of their W rows
+into L2 (the weights do not depend on it), then wait (griddepcontrol.wait) before reading x, and write only after
+it. It pays only after a kernel that signals its dependents early (griddepcontrol.launch_dependents: the fused
+norms and the tree attention's kernels do on Hopper). `scripts/device_lease/pdl_probe.py` measured it on an H100
+(bench/results/pdl-probe-h100.json): after one-program norm kernels of 5.6 us, 36 layers of the Qwen3-8B step's
+GEMVs went 5.77 -> 5.41 ms with a 1024-column prefetch (0.36 of the norms' 0.81 ms hidden), every output equal.
 
 The FP8 variant ``torch.ops.jetspec_trt.gemv_fp8(x, weight, x_scale, weight_scale, bias, out_dtype)`` streams an
 e4m3 weight (half the bytes of bf16, so the AR step's GEMMs take about half the time) and dequantizes in registers:
@@ -41,15 +49,29 @@ OP_NAME = "gemv"
 
 
 @torch.library.custom_op(f"{LIBRARY}::{OP_NAME}", mutates_args=())
-def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pdl_prefetch: int = 0) -> torch.Tensor:
     if x.is_cuda and _kernel() is not None and x.shape[0] == 1:
-        return _triton_gemv(x, weight, bias)
+        return _triton_gemv(x, weight, bias, pdl_prefetch=pdl_prefetch)
     return F.linear(x, weight, bias)
 
 
 @gemv.register_fake
-def _gemv_fake(x, weight, bias):
+def _gemv_fake(x, weight, bias, pdl_prefetch=0):
     return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op(f"{LIBRARY}::{OP_NAME}_gated", mutates_args=())
+def gemv_gated(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               pdl_prefetch: int = 0) -> torch.Tensor:
+    if gate_up.is_cuda and _kernel() is not None and gate_up.shape[0] == 1:
+        return _triton_gemv(gate_up, weight, bias, gated=True, pdl_prefetch=pdl_prefetch)
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.linear(F.silu(gate) * up, weight, bias)
+
+
+@gemv_gated.register_fake
+def _gemv_gated_fake(gate_up, weight, bias, pdl_prefetch=0):
+    return gate_up.new_empty(gate_up.shape[0], weight.shape[0])
 
 
 @torch.library.custom_op(f"{LIBRARY}::{OP_NAME}_fp8", mutates_args=())
@@ -83,15 +105,17 @@ def _kernel():
     @triton.jit
     def gemv_kernel(x_ptr, w_ptr, b_ptr, xs_ptr, ws_ptr, y_ptr, N, K, HAS_BIAS: tl.constexpr,
                     HAS_SCALE: tl.constexpr, SCALE_PER_ROW: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_K: tl.constexpr, PDL: tl.constexpr = False, PREFETCH_K: tl.constexpr = 0):
+                    BLOCK_K: tl.constexpr, PDL: tl.constexpr = False, PREFETCH_K: tl.constexpr = 0,
+                    GATED: tl.constexpr = False):
         rows = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
         row_ok = rows < N
         if PDL:  # launched as a programmatic dependent of the kernel before it (module docstring, PDL)
             if PREFETCH_K > 0:  # W does not depend on that kernel: pull the first PREFETCH_K columns into L2
                 LINE: tl.constexpr = 1024 // w_ptr.dtype.element_ty.primitive_bitwidth  # elements a 128-byte line
-                lines = tl.arange(0, PREFETCH_K // LINE) * LINE
+                # Clamped into W (the last row and column): a prefetch past the tensor's end could fault
+                lines = tl.minimum(tl.arange(0, PREFETCH_K // LINE) * LINE, K - 1)
                 tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // $0", "=r,l",
-                                          [w_ptr + rows[:, None].to(tl.int64) * K + lines[None, :]],
+                                          [w_ptr + tl.minimum(rows, N - 1)[:, None].to(tl.int64) * K + lines[None, :]],
                                           dtype=tl.int32, is_pure=False, pack=1)
             gdc_wait()  # x is the kernel before's output: read only once it has finished and flushed
         acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
@@ -100,7 +124,14 @@ def _kernel():
             col_ok = cols < K
             w = tl.load(w_ptr + rows[:, None].to(tl.int64) * K + cols[None, :],
                         mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-            x = tl.load(x_ptr + cols, mask=col_ok, other=0.0)
+            if GATED:  # x = silu(gate) * up, each rounded to the dtype where F.silu and the product round
+                gate = tl.load(x_ptr + cols, mask=col_ok, other=0.0)
+                up = tl.load(x_ptr + K + cols, mask=col_ok, other=0.0).to(tl.float32)
+                g = gate.to(tl.float32)
+                act = (g * tl.sigmoid(g)).to(gate.dtype).to(tl.float32)
+                x = (act * up).to(gate.dtype)
+            else:
+                x = tl.load(x_ptr + cols, mask=col_ok, other=0.0)
             acc += w.to(tl.float32) * x.to(tl.float32)[None, :]
         y = tl.sum(acc, axis=1)
         if HAS_SCALE:  # FP8 weights, after the reduction: * x's scale, then * the weight's (its row's, per channel)
@@ -120,20 +151,21 @@ def _kernel():
 
     def launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                scales: tuple[torch.Tensor, torch.Tensor] | None, out_dtype: torch.dtype,
-               block: tuple[int, int] | None = None, pdl_prefetch: int | None = None) -> torch.Tensor:
+               block: tuple[int, int] | None = None, pdl_prefetch: int | None = None,
+               gated: bool = False) -> torch.Tensor:
         n, k = weight.shape
         y = torch.empty(1, n, dtype=out_dtype, device=x.device)
         x_scale, w_scale = scales if scales is not None else (y, y)
         args = (x, weight, bias if bias is not None else y, x_scale, w_scale, y, n, k)
         flags = dict(HAS_BIAS=bias is not None, HAS_SCALE=scales is not None,
-                     SCALE_PER_ROW=scales is not None and w_scale.numel() != 1)
+                     SCALE_PER_ROW=scales is not None and w_scale.numel() != 1, GATED=gated)
+        if pdl_prefetch is not None:  # a programmatic dependent launch (module docstring, PDL), prefetching that
+            # many columns (0: none) before it waits
+            flags.update(PDL=True, PREFETCH_K=pdl_prefetch, launch_pdl=True)
         if block is None:
             grid = lambda meta: (triton.cdiv(n, meta["BLOCK_N"]),)  # noqa: E731
             tuned_kernel[grid](*args, **flags)
         else:  # one (BLOCK_N, BLOCK_K), untuned: tests check each (Triton's interpreter cannot time configs)
-            if pdl_prefetch is not None:  # a programmatic dependent launch (module docstring, PDL; no op uses it:
-                # scripts/device_lease/pdl_probe.py times it), prefetching that many columns before it waits
-                flags.update(PDL=True, PREFETCH_K=pdl_prefetch, launch_pdl=True)
             gemv_kernel[(triton.cdiv(n, block[0]),)](*args, **flags, BLOCK_N=block[0], BLOCK_K=block[1])
         return y
 
@@ -143,12 +175,13 @@ def _kernel():
 
 def _triton_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                  scales: tuple[torch.Tensor, torch.Tensor] | None = None, out_dtype: torch.dtype | None = None,
-                 block: tuple[int, int] | None = None) -> torch.Tensor:
+                 block: tuple[int, int] | None = None, gated: bool = False, pdl_prefetch: int = 0) -> torch.Tensor:
     """The Triton kernel on x's device, autotuned, or at one (BLOCK_N, BLOCK_K) `block` (tests); `scales`
-    (x_scale, weight_scale) for an FP8 weight (gemv_fp8's contract)."""
+    (x_scale, weight_scale) for an FP8 weight (gemv_fp8's contract); `gated`: x is gate_up [1, 2K] (gemv_gated's
+    contract); `pdl_prefetch` > 0: a programmatic dependent launch prefetching that many columns (0: ordinary)."""
     if weight.stride(-1) != 1 or weight.stride(0) != weight.shape[1]:
         weight = weight.contiguous()
     bias = bias.contiguous() if bias is not None else None  # read at b_ptr + row; the models' biases already are
     if scales is not None:  # a per-row weight scale is read at ws_ptr + row; the loader's [N] scales already are
         scales = (scales[0], scales[1].contiguous())
-    return _kernel()(x.contiguous(), weight, bias, scales, out_dtype or x.dtype, block)
+    return _kernel()(x.contiguous(), weight, bias, scales, out_dtype or x.dtype, block, pdl_prefetch or None, gated)

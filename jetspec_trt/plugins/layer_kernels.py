@@ -28,11 +28,12 @@ from __future__ import annotations
 
 import torch
 
-from jetspec_trt.plugins.tree_attention import LIBRARY
+from jetspec_trt.plugins.tree_attention import LIBRARY, signals_dependents
 
 try:  # Guarded: a CPU machine without (or with a broken) Triton still imports this module.
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents
 except Exception:  # noqa: BLE001 - ImportError, or a Triton that fails to initialise
     triton = None
 
@@ -145,8 +146,10 @@ if triton is not None:
 
     @triton.jit
     def _add_rms_norm_kernel(x_ptr, d_ptr, w_ptr, sum_ptr, out_ptr, n_cols, stride_x, stride_d, eps,
-                             HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr):
+                             HAS_DELTA: tl.constexpr, BLOCK: tl.constexpr, TRIGGER: tl.constexpr = False):
         """One row: sum = x + delta (in x's dtype), out = weight * (sum * rsqrt(mean(sum^2) + eps)) like rms_norm."""
+        if TRIGGER:  # the decode GEMV after a norm may be launched as its programmatic dependent (plugins/gemv.py)
+            gdc_launch_dependents()
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         ok = cols < n_cols
@@ -226,7 +229,8 @@ def add_rms_norm_triton(x: torch.Tensor, delta: torch.Tensor | None, weight: tor
         block = triton.next_power_of_2(cols)
         _add_rms_norm_kernel[(rows,)](x, delta if delta is not None else x, weight, total, out, cols, x.stride(0),
                                       delta.stride(0) if delta is not None else 0, eps, HAS_DELTA=delta is not None,
-                                      BLOCK=block, num_warps=min(16, max(1, block // 256)))
+                                      BLOCK=block, TRIGGER=signals_dependents(x.device),
+                                      num_warps=min(16, max(1, block // 256)))
     return total, out
 
 

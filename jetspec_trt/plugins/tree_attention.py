@@ -63,6 +63,19 @@ def triton_kernel_once(build: Callable[[], Callable]) -> Callable[[], Callable |
     return kernel
 
 
+def signals_dependents(device: torch.device) -> bool:
+    """Whether our kernels on `device` signal their programmatic dependents at their start
+    (griddepcontrol.launch_dependents): CUDA devices of compute capability 9.0 and up, where the decode GEMV can be
+    launched as one (plugins/gemv.py, PDL). Where no dependent is launched that way, the signal does nothing."""
+    return device.type == "cuda" and _capability(torch.cuda.current_device() if device.index is None
+                                                 else device.index) >= (9, 0)
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
 OP_NAME = "tree_attention"
 
 torch.library.define(

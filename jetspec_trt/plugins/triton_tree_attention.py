@@ -43,10 +43,12 @@ from dataclasses import dataclass
 import torch
 
 from jetspec_trt.dtypes import dtype_name
+from jetspec_trt.plugins.tree_attention import signals_dependents
 
 try:  # Guarded: a CPU machine without (or with a broken) Triton still imports this module.
     import triton
     import triton.language as tl
+    from triton.language.extra.cuda import gdc_launch_dependents
 except Exception:  # noqa: BLE001 - ImportError, or a Triton that fails to initialise
     triton = None
 
@@ -116,8 +118,10 @@ if triton is not None:
         stride_qt, stride_qh, stride_kp, stride_ks, stride_kh, stride_mt, stride_bt,
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, SCAN_W: tl.constexpr,
-        IEEE: tl.constexpr, BATCHED: tl.constexpr, SEQ_P2: tl.constexpr,
+        IEEE: tl.constexpr, BATCHED: tl.constexpr, SEQ_P2: tl.constexpr, TRIGGER: tl.constexpr = False,
     ):
+        if TRIGGER:  # a decode GEMV launched as our programmatic dependent may start (plugins/gemv.py, PDL)
+            gdc_launch_dependents()
         # Later tokens see more keys under a causal mask: launch their row blocks first (less tail imbalance).
         flat_block = num_row_blocks - 1 - tl.program_id(0)
         kv_head = tl.program_id(1)
@@ -241,8 +245,11 @@ if triton is not None:
             tl.store(lse_ptr + split * (num_tokens * num_heads) + token * num_heads + head, lse, mask=row_ok)
 
     @triton.jit(do_not_specialize=["num_rows"])
-    def _merge_kernel(part_ptr, lse_ptr, out_ptr, num_rows, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr):
+    def _merge_kernel(part_ptr, lse_ptr, out_ptr, num_rows, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr,
+                      TRIGGER: tl.constexpr = False):
         """out[row] = sum_s w_s * part_s[row] / sum_s w_s with w_s = 2^(lse_s - max lse): one (token, head)."""
+        if TRIGGER:  # as in _tree_attention_kernel
+            gdc_launch_dependents()
         row = tl.program_id(0)
         dims = tl.arange(0, HEAD_DIM)
         splits = tl.arange(0, SPLITS)
@@ -442,6 +449,7 @@ def _launch(q, k_cache, v_cache, block_table, ctx_len, tree_mask, cu_seqlens, sc
     else:
         part = lse = out  # not touched
     words = tree_mask.shape[1]
+    trigger = signals_dependents(q.device)
     _tree_attention_kernel[(row_blocks, num_kv_heads, launch.splits)](
         q, k_cache, v_cache, block_table, ctx_len, tree_mask, out, part, lse,
         ctx_len if cu_seqlens is None else cu_seqlens,  # (not read for one sequence)
@@ -450,12 +458,12 @@ def _launch(q, k_cache, v_cache, block_table, ctx_len, tree_mask, cu_seqlens, sc
         block_table.stride(0) if cu_seqlens is not None else 0,
         GROUP=group, HEAD_DIM=head_dim, PAGE=page, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n,
         SPLITS=launch.splits, SCAN_W=mask_scan_width(words), IEEE=q.dtype == torch.float32,
-        BATCHED=cu_seqlens is not None, SEQ_P2=triton.next_power_of_2(num_seqs),
+        BATCHED=cu_seqlens is not None, SEQ_P2=triton.next_power_of_2(num_seqs), TRIGGER=trigger,
         num_warps=launch.warps, num_stages=launch.stages,
     )
     if launch.splits > 1:
         _merge_kernel[(num_tokens * num_heads,)](part, lse, out, num_tokens * num_heads, HEAD_DIM=head_dim,
-                                                 SPLITS=launch.splits, num_warps=4)
+                                                 SPLITS=launch.splits, TRIGGER=trigger, num_warps=4)
     return out if out.dtype == out_dtype else out.to(out_dtype)
 
 

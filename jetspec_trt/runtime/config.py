@@ -75,6 +75,16 @@ class RuntimeConfig:
     # CUDA: the target's single-token GEMMs (AR step) through plugins.gemv instead of cuBLAS. On the H200 at
     # the Qwen3-8B shape the step's GEMMs streamed 3.99 TB/s vs 3.65 (AR step 6.36 vs 6.79 ms at context 2048).
     decode_gemv: bool = True
+    # CUDA, with decode_gemv: the MLP's activation (silu(gate) * up) inside the down projection's GEMV
+    # (plugins.gemv's gemv_gated), one kernel less a layer in the AR step. Off until the engine bench
+    # ("ar_step_defaults_gated_gemv") has timed it on a GPU.
+    gated_gemv: bool = False
+    # CUDA (compute capability 9.0+), with decode_gemv: > 0 launches the GEMVs that follow our norm and attention
+    # kernels as their programmatic dependents, each prefetching this many columns of its W rows into L2 while those
+    # kernels run (plugins/gemv.py, PDL; an H100 probe hid 0.36 of 0.81 ms of norms at the 8B shape with 1024,
+    # bench/results/pdl-probe-h100.json). 0: ordinary launches. Off until the engine bench
+    # ("ar_step_defaults_gemv_pdl") has timed it in the step.
+    gemv_pdl_prefetch: int = 0
     # CUDA: torch.compile the decoder layers and the tree / accept stages inside the captured graphs. At batch 1
     # they are hundreds of tiny kernels that Inductor fuses (H200, Qwen2.5-0.5B shape: AR step 2.94 -> 1.38 ms,
     # budget-16 verify 3.41 -> 1.43 ms). Costs a compile on the first use of each tree bucket.

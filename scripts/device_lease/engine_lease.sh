@@ -5,10 +5,10 @@
 #   bash scripts/device_lease/engine_lease.sh benches # passed, the benches detached (this mode; /tmp/engine-lease.log)
 #   bash scripts/device_lease/engine_lease.sh poll S  # later calls: wait up to S s for the benches, copy results to $OUT
 # Benches, in the order their numbers matter (a lease cut short keeps the finished files, each written at once):
-#   0. pdl_probe.py (~2 min): does programmatic dependent launch let the GEMVs stream during the small kernels?
 #   1. contexts 512..8192 in an engine built for 32 K, bf16 then FP8 (the build's default recipe) in the same
-#      process, every comparison on (bf16 small-M rows at 8B, the FP8 defaults' rounds on the FP8 skinny GEMM),
-#      HF generate last (issues 15 and 16; lease 15 ran context 32768 too, and context 512 in a 704-token engine)
+#      process, every comparison on (the defaults' AR step with the gated down GEMV and with PDL launches, bf16
+#      small-M rows at 8B, the FP8 defaults' rounds on the FP8 skinny GEMM), HF generate last (issues 15 and 16;
+#      lease 15 ran context 32768 too, and context 512 in a 704-token engine; lease 16 ran pdl_probe.py)
 #   2. the Qwen3-8B shape batched, AR against speculative (issue 14 item 5; 12-15 minutes, silent until its end)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD:/tmp/site  # /tmp/site: the carried wheels (modelopt for the FP8 tests)
@@ -23,18 +23,18 @@ tests)
   mkdir -p "$RES"
   timeout 240 python3 -m pytest -q -p no:cacheprovider tests/bench/test_engine_bench_gpu.py 2>&1 | tail -15
   ok=${PIPESTATUS[0]}
-  # The kernels' own tests, before the benches (never beside a timing): what landed after lease 15 first
-  timeout "${TEST_S:-200}" python3 -m pytest -q -p no:cacheprovider tests/plugins/test_fp8_gemm.py \
-    tests/plugins/test_skinny_gemm.py tests/runtime/test_context_scaling_gpu.py tests/plugins/test_gemv.py \
-    tests/plugins/test_triton_tree_build.py -k "fp8 or engine_speculative or cuda or context or matches_reference" \
-    2>&1 | tail -25
+  # The kernels' own tests, before the benches (never beside a timing): what landed after lease 16 first (the
+  # gated GEMV and PDL launches in a graphed step, sampled batch generation), then the kernels' CUDA twins
+  timeout "${TEST_S:-200}" python3 -m pytest -q -p no:cacheprovider tests/plugins/test_gemv.py \
+    tests/runtime/test_batch_decode_gpu.py tests/plugins/test_layer_kernels.py tests/plugins/test_skinny_gemm.py \
+    tests/runtime/test_context_scaling_gpu.py tests/plugins/test_triton_tree_build.py \
+    -k "variants or gated or replay or cuda or context or matches_reference" 2>&1 | tail -25
   if [ "$ok" = 0 ]; then setsid bash "$0" benches < /dev/null > /dev/null 2>&1 & echo "benches started"
   else echo "engine bench test failed ($ok): benches not started"; fi
   ;;
 benches)
   jt() { echo "=== $(date +%T) jetspec-trt $*"; python3 -m jetspec_trt "$@" --output-dir "$RES"; echo "=== exit $?"; }
   {
-    echo "=== $(date +%T) pdl probe"; python3 scripts/device_lease/pdl_probe.py --out "$RES"; echo "=== exit $?"
     jt bench --random-target qwen3-8b --budgets 16,64,256 --contexts 512,2048,8192 --max-seq-len 32960 \
       --fp8 --reps 10 --tag 32k-fp8-all
     jt bench --random-target qwen3-8b --batch 1,4,16,64 --budgets 16 --max-new-tokens 128 --tag 8b

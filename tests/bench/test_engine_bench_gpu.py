@@ -39,7 +39,13 @@ def test_engine_bench_reports_every_section(tmp_path):
     assert [(r["budget"], r.get("lookup")) for r in report["rounds_defaults"]] == [(4, 2), (16, 7)]
     assert all(r["round_ms"] > 0 and r["vs_ar_step"] > 0 for r in report["rounds_defaults"])
     assert report["agreement_defaults"]["prompts"] == 2
-    for key in ("agreement", "agreement_defaults", "agreement_tree_kernel", "agreement_small_m_gemm"):
+    # The defaults' AR step with each decode-GEMV variant that is off by default, beside the defaults' step
+    variants = ("gated_gemv", "gemv_pdl", "gated_gemv_pdl")
+    for name in variants:
+        row = report[f"ar_step_defaults_{name}"][0]
+        assert row["context"] == 64 and row["step_ms"] > 0 and row["vs_defaults"] > 0
+    for key in ("agreement", "agreement_defaults", "agreement_tree_kernel", "agreement_small_m_gemm",
+                *(f"agreement_defaults_{name}" for name in variants)):
         row = report[key]  # each divergence diagnosed: a near tie, or one that would be a bug
         diverged = row["prompts"] - row["identical"]
         assert len(row["first_divergence_at"]) == diverged and 0 <= row["diverged_near_tie"] <= diverged

@@ -159,14 +159,15 @@ def test_kernels_compile_for_hopper_without_a_gpu(kernel_name, num_q):
     from jetspec_trt.plugins import layer_kernels
 
     kernel = getattr(layer_kernels, kernel_name)
-    if kernel_name == "_add_rms_norm_kernel":
-        constants = dict(HAS_DELTA=True, BLOCK=4096)
+    if kernel_name == "_add_rms_norm_kernel":  # with the early signal a PDL-launched GEMV after it waits on
+        constants = dict(HAS_DELTA=True, BLOCK=4096, TRIGGER=True)
         pointers = {}
     else:
         constants = dict(NUM_Q=num_q, NUM_KV=8, HEAD_DIM=128, HAS_NORM=True)  # 0: the K/V-only launch
         pointers = {"slot_ptr": "*i64"}
     compiled = compile_for_hopper(kernel, constants, {"eps": "fp32", **pointers}, num_warps=4)
     assert compiled.asm["cubin"]
+    assert ("griddepcontrol.launch_dependents" in compiled.asm["ptx"]) == constants.get("TRIGGER", False)
 
 
 def check_greedy_tokens_unchanged(device):

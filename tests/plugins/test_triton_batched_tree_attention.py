@@ -162,6 +162,23 @@ def test_kernel_compiles_for_hopper_without_a_gpu(batched):
     pointers = {"table_ptr": "*i32", "ctx_ptr": "*i32", "mask_ptr": "*i32", "cu_ptr": "*i32", "part_ptr": "*fp32",
                 "lse_ptr": "*fp32"}
     constants = dict(GROUP=7, HEAD_DIM=64, PAGE=64, BLOCK_M=64, BLOCK_N=64, SPLITS=2, SCAN_W=1, IEEE=False,
-                     BATCHED=batched, SEQ_P2=16 if batched else 1)
+                     BATCHED=batched, SEQ_P2=16 if batched else 1, TRIGGER=not batched)
     compiled = compile_for_hopper(kernel, constants, {"qk_scale": "fp32", **pointers}, num_warps=4, num_stages=3)
     assert compiled.asm["cubin"]
+    # On Hopper the kernel and its merge signal a PDL-launched GEMV after them at their start (plugins/gemv.py)
+    assert ("griddepcontrol.launch_dependents" in compiled.asm["ptx"]) == (not batched)
+
+
+@needs_triton
+def test_merge_kernel_compiles_for_hopper_with_its_signal():
+    from jetspec_trt.plugins.triton_tree_attention import _merge_kernel
+
+    compiled = compile_for_hopper(_merge_kernel, dict(HEAD_DIM=128, SPLITS=64, TRIGGER=True),
+                                  {"part_ptr": "*fp32", "lse_ptr": "*fp32"}, num_warps=4)
+    assert compiled.asm["cubin"] and "griddepcontrol.launch_dependents" in compiled.asm["ptx"]
+
+
+def test_only_cuda_devices_of_sm90_and_up_signal_dependents():
+    from jetspec_trt.plugins.tree_attention import signals_dependents
+
+    assert not signals_dependents(torch.device("cpu"))
