@@ -227,6 +227,7 @@ def test_decode_gemv_variants_on_cuda():
     only the GEMVs' start moves (a GEMV that read its input before the kernel before it finished would differ)."""
     from jetspec_trt.models.presets import random_models
     from jetspec_trt.plugins.tree_attention import signals_dependents
+    from tests.plugins.test_triton_tree_attention import capture
 
     target, _, _ = random_models("tiny", "cuda", torch.bfloat16)
     target.fuse_weights()
@@ -240,14 +241,7 @@ def test_decode_gemv_variants_on_cuda():
         return target(token, position, cache, mask).logits
 
     def graphed():
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            step()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = step()
+        graph, out = capture(step)
         graph.replay()
         torch.cuda.synchronize()
         return out.clone()
