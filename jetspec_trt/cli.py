@@ -67,8 +67,8 @@ def tree_options(func):
               help="AR step: the MLP's activation inside the down projection's GEMV, one kernel less a layer (CUDA).")
 @click.option("--gemv-pdl", type=click.IntRange(min=0), default=0, show_default=True,
               help="AR step: launch the GEMVs after the fused norms and the attention as their programmatic "
-                   "dependents, prefetching this many columns of each weight row into L2 first (CUDA, Hopper; "
-                   "0: off).")
+                   "dependents, prefetching this many columns of each weight row into L2 first (a power of two "
+                   ">= 64; CUDA, Hopper; 0: off).")
 @click.option("--no-prefill-graphs", is_flag=True,
               help="Run the prompt-length buckets' prefills eagerly instead of from CUDA graphs captured at load.")
 @click.option("--fused-layer-kernels/--no-fused-layer-kernels", default=True, show_default=True,

@@ -112,6 +112,9 @@ def runtime_config_for(pair: CheckedPair, cfg: BuildConfig, draft_vocab: int = 0
     max_seq_len = cfg.max_seq_len if cfg.max_seq_len is not None else min(4096, max_positions)
     if not 2 <= max_seq_len <= max_positions:
         raise JetSpecError(f"max_seq_len {max_seq_len} must be in 2..{max_positions} (the target's max_position_embeddings)")
+    prefetch = cfg.gemv_pdl_prefetch
+    if prefetch and (prefetch < 64 or prefetch & (prefetch - 1)):  # the kernel prefetches whole 64-column lines
+        raise JetSpecError(f"--gemv-pdl {prefetch}: give 0 (off) or a power of two of at least 64 columns")
     return RuntimeConfig(
         tree=cfg.tree,
         dtype=cfg.dtype,

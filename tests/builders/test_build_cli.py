@@ -90,14 +90,16 @@ def test_runtime_flags_reach_the_runtime_config(pair, tmp_path, capsys):
     """The CUDA path's switches are stored in the engine (Engine.load and GraphDecoder read them there)."""
     code, out, err = invoke(build_args(pair / "target", pair / "draft", tmp_path / "engine", "--no-decode-gemv",
                                        "--no-compile", "--no-tree-kernel", "--no-prefill-graphs",
-                                       "--no-fused-layer-kernels", "--small-m-gemm"), capsys)
+                                       "--no-fused-layer-kernels", "--small-m-gemm", "--gated-gemv",
+                                       "--gemv-pdl", "512"), capsys)
     assert code == 0, err
-    flags = ("decode_gemv", "compile_graphs", "tree_kernel", "prefill_graphs", "fused_layer_kernels", "small_m_gemm")
+    flags = ("decode_gemv", "compile_graphs", "tree_kernel", "prefill_graphs", "fused_layer_kernels", "small_m_gemm",
+             "gated_gemv", "gemv_pdl_prefetch")
     runtime = json.loads((tmp_path / "engine" / "runtime_config.json").read_text())
-    assert tuple(runtime[f] for f in flags) == (False, False, False, False, False, True)
+    assert tuple(runtime[f] for f in flags) == (False, False, False, False, False, True, True, 512)
     code, out, err = invoke(build_args(pair / "target", pair / "draft", tmp_path / "default"), capsys)
     runtime = json.loads((tmp_path / "default" / "runtime_config.json").read_text())
-    assert tuple(runtime[f] for f in flags) == (True, True, True, True, True, False)
+    assert tuple(runtime[f] for f in flags) == (True, True, True, True, True, False, False, 0)
 
 
 def corrupt_weights(target, draft):
@@ -184,7 +186,8 @@ def test_bad_pair_one_line_exit_2_nothing_written(case, pair, tmp_path, capsys):
 
 @pytest.mark.parametrize("extra,message", [(["--max-depth", "9"], "max_depth"), (["--budget", "0"], "budget"),
                                            (["--max-seq-len", "999999"], "max_position_embeddings"),
-                                           (["--lookup", "8"], "lookup must be in 0..7")])
+                                           (["--lookup", "8"], "lookup must be in 0..7"),
+                                           (["--gemv-pdl", "96"], "power of two of at least 64")])
 def test_bad_options(extra, message, pair, tmp_path, capsys):
     code, out, err = invoke(build_args(pair / "target", pair / "draft", tmp_path / "engine", *extra), capsys)
     assert code == 2 and message in err and len(err.strip().splitlines()) == 1
