@@ -61,16 +61,15 @@ def _gemv_fake(x, weight, bias, pdl_prefetch=0):
 
 
 @torch.library.custom_op(f"{LIBRARY}::{OP_NAME}_gated", mutates_args=())
-def gemv_gated(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-               pdl_prefetch: int = 0) -> torch.Tensor:
+def gemv_gated(gate_up: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     if gate_up.is_cuda and _kernel() is not None and gate_up.shape[0] == 1:
-        return _triton_gemv(gate_up, weight, bias, gated=True, pdl_prefetch=pdl_prefetch)
+        return _triton_gemv(gate_up, weight, bias, gated=True)
     gate, up = gate_up.chunk(2, dim=-1)
     return F.linear(F.silu(gate) * up, weight, bias)
 
 
 @gemv_gated.register_fake
-def _gemv_gated_fake(gate_up, weight, bias, pdl_prefetch=0):
+def _gemv_gated_fake(gate_up, weight, bias):
     return gate_up.new_empty(gate_up.shape[0], weight.shape[0])
 
 
