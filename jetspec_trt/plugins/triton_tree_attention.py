@@ -23,6 +23,12 @@ Each key's page comes from the block table, so non-identity tables work.
 Splits (flash-decoding). With few rows (decode, short trees) a launch has few programs, so the tile space is
 split into SPLITS ranges, one program each; each writes a normalised partial output and its log-sum-exp and a
 second kernel merges them. SPLITS depends on shapes only; the ranges are computed from ctx_len on the device.
+With FUSED_MERGE (LaunchConfig.fused_merge, which the build's tuner tries) there is no second kernel: each split
+program counts itself in an arrival counter of its (row block, KV head) after its stores (a CTA barrier, then one
+acq_rel atomic at GPU scope: the release publishes the CTA's stores, the last arrival's acquire sees everyone's),
+and the last to arrive merges every split's rows and puts the counter back to 0 for the next launch. One launch
+a layer less in every decode step and small verify, at the price of the merge running in KV-heads x row-blocks
+programs instead of one per (token, head).
 
 Batches (`jetspec_trt::tree_attention_batched`). The same kernel with BATCHED set: S sequences' tokens back to
 back, one launch. Row blocks never span two sequences (a block reads one block table and one ctx_len): sequence s
@@ -119,6 +125,7 @@ if triton is not None:
         GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, PAGE: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, SCAN_W: tl.constexpr,
         IEEE: tl.constexpr, BATCHED: tl.constexpr, SEQ_P2: tl.constexpr, TRIGGER: tl.constexpr = False,
+        count_ptr=None, FUSED_MERGE: tl.constexpr = False,
     ):
         if TRIGGER:  # a decode GEMV launched as our programmatic dependent may start (plugins/gemv.py, PDL)
             gdc_launch_dependents()
@@ -243,6 +250,36 @@ if triton is not None:
             lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(l_safe))
             tl.store(part_ptr + split * (num_tokens * num_heads * HEAD_DIM) + out_off, result, mask=row_ok[:, None])
             tl.store(lse_ptr + split * (num_tokens * num_heads) + token * num_heads + head, lse, mask=row_ok)
+            if FUSED_MERGE:  # the last split program of this (row block, KV head) merges (module docstring)
+                tl.debug_barrier()  # every thread's stores done before the CTA's one release below
+                counter = count_ptr + flat_block * tl.num_programs(1) + kv_head
+                if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == SPLITS - 1:
+                    tl.debug_barrier()  # the acquire (one thread's) ordered before every thread's loads
+                    _merge_rows(part_ptr, lse_ptr, out_ptr, out_off, token * num_heads + head, row_ok,
+                                num_tokens * num_heads, SPLITS, HEAD_DIM, BLOCK_M)
+                    tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next launch
+
+    @triton.jit
+    def _merge_rows(part_ptr, lse_ptr, out_ptr, out_off, lse_off, row_ok, num_rows, SPLITS: tl.constexpr,
+                    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr):
+        """_merge_kernel's sum for a program's BLOCK_M rows, one split at a time (their partials are other
+        programs' stores: read past L1, .cg)."""
+        top = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        for s in range(SPLITS):
+            lse = tl.load(lse_ptr + s * num_rows + lse_off, mask=row_ok, other=float("-inf"), cache_modifier=".cg")
+            top = tl.maximum(top, lse)
+        top = tl.where(top == float("-inf"), 0.0, top)
+        total = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+        for s in range(SPLITS):
+            weight = tl.exp2(tl.load(lse_ptr + s * num_rows + lse_off, mask=row_ok, other=float("-inf"),
+                                     cache_modifier=".cg") - top)  # 0 for empty splits
+            part = tl.load(part_ptr + s * (num_rows * HEAD_DIM) + out_off, mask=row_ok[:, None], other=0.0,
+                           cache_modifier=".cg")
+            total += weight
+            acc += part * weight[:, None]
+        out = acc / tl.where(total == 0.0, 1.0, total)[:, None]
+        tl.store(out_ptr + out_off, out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
 
     @triton.jit(do_not_specialize=["num_rows"])
     def _merge_kernel(part_ptr, lse_ptr, out_ptr, num_rows, HEAD_DIM: tl.constexpr, SPLITS: tl.constexpr,
@@ -270,6 +307,7 @@ class LaunchConfig:
     warps: int
     stages: int  # software-pipelining depth of the key loops
     splits: int  # key-range splits (flash-decoding); a power of two
+    fused_merge: bool = False  # splits > 1: the last split program of each row block merges (no merge kernel)
 
 
 @dataclass(frozen=True)
@@ -443,6 +481,7 @@ def _launch(q, k_cache, v_cache, block_table, ctx_len, tree_mask, cu_seqlens, sc
     # Each sequence's last row block may be partial: S - 1 more blocks at most than the tokens fill. Programs
     # past the blocks the sequences need return at once.
     row_blocks += num_seqs - 1
+    fused_merge = launch.splits > 1 and launch.fused_merge
     if launch.splits > 1:
         part = torch.empty(launch.splits, num_tokens * num_heads * head_dim, dtype=torch.float32, device=q.device)
         lse = torch.empty(launch.splits, num_tokens * num_heads, dtype=torch.float32, device=q.device)
@@ -459,12 +498,29 @@ def _launch(q, k_cache, v_cache, block_table, ctx_len, tree_mask, cu_seqlens, sc
         GROUP=group, HEAD_DIM=head_dim, PAGE=page, BLOCK_M=launch.block_m, BLOCK_N=launch.block_n,
         SPLITS=launch.splits, SCAN_W=mask_scan_width(words), IEEE=q.dtype == torch.float32,
         BATCHED=cu_seqlens is not None, SEQ_P2=triton.next_power_of_2(num_seqs), TRIGGER=trigger,
-        num_warps=launch.warps, num_stages=launch.stages,
+        count_ptr=merge_counters(q.device, row_blocks * num_kv_heads) if fused_merge else None,
+        FUSED_MERGE=fused_merge, num_warps=launch.warps, num_stages=launch.stages,
     )
-    if launch.splits > 1:
+    if launch.splits > 1 and not fused_merge:
         _merge_kernel[(num_tokens * num_heads,)](part, lse, out, num_tokens * num_heads, HEAD_DIM=head_dim,
                                                  SPLITS=launch.splits, TRIGGER=trigger, num_warps=4)
     return out if out.dtype == out_dtype else out.to(out_dtype)
+
+
+# Arrival counters of the fused merge, per device: zeros that every launch leaves at zero. Made on a launch outside
+# a CUDA graph capture (the graphs' warm-up runs each launch eagerly first), never inside one.
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+MIN_COUNTERS = 1 << 16
+
+
+def merge_counters(device: torch.device, needed: int) -> torch.Tensor:
+    counters = _COUNTERS.get(device)
+    if counters is None or counters.numel() < needed:
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"the fused merge needs {needed} counters on {device}, first asked for inside a CUDA "
+                               "graph capture: launch once outside it first")
+        counters = _COUNTERS[device] = torch.zeros(max(needed, MIN_COUNTERS), dtype=torch.int32, device=device)
+    return counters
 
 
 def ensure_registered() -> bool:

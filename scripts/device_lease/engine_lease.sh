@@ -24,8 +24,10 @@ tests)
   timeout 240 python3 -m pytest -q -p no:cacheprovider tests/bench/test_engine_bench_gpu.py 2>&1 | tail -15
   ok=${PIPESTATUS[0]}
   # The kernels' own tests, before the benches (never beside a timing): what landed after lease 16 first (the
-  # gated GEMV and PDL launches in a graphed step, sampled batch generation), then the kernels' CUDA twins
+  # gated GEMV and PDL launches in a graphed step, the attention's fused merge, sampled batch generation), then
+  # the kernels' CUDA twins
   timeout "${TEST_S:-200}" python3 -m pytest -q -p no:cacheprovider tests/plugins/test_gemv.py \
+    tests/plugins/test_triton_tree_attention.py::test_fused_merge_on_cuda \
     tests/runtime/test_batch_decode_gpu.py tests/plugins/test_layer_kernels.py tests/plugins/test_skinny_gemm.py \
     tests/runtime/test_context_scaling_gpu.py tests/plugins/test_triton_tree_build.py \
     -k "variants or gated or replay or cuda or context or matches_reference" 2>&1 | tail -25

@@ -160,13 +160,16 @@ def test_kernel_compiles_for_hopper_without_a_gpu(batched):
 
     kernel = _tree_attention_kernel
     pointers = {"table_ptr": "*i32", "ctx_ptr": "*i32", "mask_ptr": "*i32", "cu_ptr": "*i32", "part_ptr": "*fp32",
-                "lse_ptr": "*fp32"}
+                "lse_ptr": "*fp32", "count_ptr": "*i32"}
+    # one sequence: with the fused merge (the last split program merges; LaunchConfig.fused_merge)
     constants = dict(GROUP=7, HEAD_DIM=64, PAGE=64, BLOCK_M=64, BLOCK_N=64, SPLITS=2, SCAN_W=1, IEEE=False,
-                     BATCHED=batched, SEQ_P2=16 if batched else 1, TRIGGER=not batched)
+                     BATCHED=batched, SEQ_P2=16 if batched else 1, TRIGGER=not batched, FUSED_MERGE=not batched)
     compiled = compile_for_hopper(kernel, constants, {"qk_scale": "fp32", **pointers}, num_warps=4, num_stages=3)
+    ptx = compiled.asm["ptx"]
     assert compiled.asm["cubin"]
     # On Hopper the kernel and its merge signal a PDL-launched GEMV after them at their start (plugins/gemv.py)
-    assert ("griddepcontrol.launch_dependents" in compiled.asm["ptx"]) == (not batched)
+    assert ("griddepcontrol.launch_dependents" in ptx) == (not batched)
+    assert ("atom.global.gpu.acq_rel.add" in ptx) == (not batched)  # one predicated thread a program
 
 
 @needs_triton

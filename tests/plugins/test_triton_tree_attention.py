@@ -54,7 +54,8 @@ def poison_allocator():
 INTERPRETER_SM_COUNT = 8
 
 
-def run_case(t, ctx, hq, hkv, d, dtype, g, page=64, dense=None, device="cuda", strided_table=False):
+def run_case(t, ctx, hq, hkv, d, dtype, g, page=64, dense=None, device="cuda", strided_table=False,
+             launch_change=None):
     pages = (ctx + t + page - 1) // page + 3
     k = torch.randn(pages, page, hkv, d, generator=g).to(dtype)
     v = torch.randn(pages, page, hkv, d, generator=g).to(dtype)
@@ -65,14 +66,21 @@ def run_case(t, ctx, hq, hkv, d, dtype, g, page=64, dense=None, device="cuda", s
     mask = pack_mask(random_tree(t, g) if dense is None else dense)
     ctx_len = torch.tensor([ctx], dtype=torch.int32)
     ref = tree_attention_reference(q.double(), k.double(), v.double(), table, ctx_len, mask, d**-0.5)
-    if device == "cuda":
+    if device == "cuda" and launch_change is None:
         poison_allocator()
         out = tree_attention(*[x.cuda() for x in (q, k, v, table, ctx_len, mask)], d**-0.5)
-    else:  # the op's CPU implementation is the reference itself: call the kernels' launcher
+    else:  # the op's CPU implementation is the reference itself: call the kernels' launcher (on the CPU, or on
+        # CUDA at a launch changed from the default one)
+        import dataclasses
+
         from jetspec_trt.plugins.triton_tree_attention import launch_for, tree_attention_triton
 
-        launch = launch_for(t, hq, hkv, d, page, dtype, INTERPRETER_SM_COUNT)
-        out = tree_attention_triton(q, k, v, table, ctx_len, mask, d**-0.5, launch)
+        launch = launch_for(t, hq, hkv, d, page, dtype, INTERPRETER_SM_COUNT if device == "cpu" else None)
+        launch = dataclasses.replace(launch, **(launch_change or {}))
+        if device == "cuda":
+            poison_allocator()
+        inputs = [x.to(device) for x in (q, k, v, table, ctx_len, mask)]
+        out = tree_attention_triton(*inputs, d**-0.5, launch)
     return relative_error(out, ref, q)
 
 
@@ -191,6 +199,31 @@ def check_small(device):
 @needs_triton
 def test_kernels_in_the_triton_interpreter():
     run_in_interpreter(check_small)
+
+
+def check_fused_merge(device):
+    """The merge in the attention kernel's last split programs (LaunchConfig.fused_merge) against the reference:
+    decode and a small tree, 4 and 8 splits (some of them empty at these contexts), and an empty context; the
+    arrival counters are all back at 0 after every launch."""
+    from jetspec_trt.plugins.triton_tree_attention import _COUNTERS
+
+    for index, (t, ctx, hq, hkv, d, page, splits) in enumerate([(1, 300, 8, 2, 64, 16, 4), (1, 70, 4, 4, 32, 64, 8),
+                                                               (7, 300, 8, 1, 64, 64, 4), (1, 0, 8, 2, 64, 16, 4)]):
+        g = torch.Generator().manual_seed(50 + index)
+        err = run_case(t, ctx, hq, hkv, d, torch.float16, g, page=page, device=device,
+                       launch_change=dict(splits=splits, fused_merge=True))
+        assert err < 1e-2, (t, ctx, hq, hkv, d, page, splits, err)
+        assert not any(bool(c.any()) for c in _COUNTERS.values())
+
+
+@needs_triton
+def test_fused_merge_in_the_triton_interpreter():
+    run_in_interpreter(check_fused_merge)
+
+
+@pytest.mark.gpu
+def test_fused_merge_on_cuda(kernel):
+    check_fused_merge("cuda")
 
 
 @pytest.mark.gpu
