@@ -508,7 +508,9 @@ def _launch(q, k_cache, v_cache, block_table, ctx_len, tree_mask, cu_seqlens, sc
 
 
 # Arrival counters of the fused merge, per device: zeros that every launch leaves at zero. Made on a launch outside
-# a CUDA graph capture (the graphs' warm-up runs each launch eagerly first), never inside one.
+# a CUDA graph capture (the graphs' warm-up runs each launch eagerly first), never inside one. Fused-merge launches
+# on one device share them, so they must not run at the same time on two streams (every decoder and scheduler here
+# runs its passes on one stream).
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 MIN_COUNTERS = 1 << 16
 
