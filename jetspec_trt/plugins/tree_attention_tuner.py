@@ -37,8 +37,7 @@ def candidates(key: LaunchKey) -> list[LaunchConfig]:
                dict(stages=base.stages - 1), dict(block_n=128 if base.block_n == 64 else 64)]
     if rows > 16:  # tiles of more query rows only help when there are rows to fill them
         options.append(dict(block_m=32 if base.block_m == 64 else 64))
-    if base.splits > 1:  # the merge in the attention kernel's last split programs instead of a second kernel
-        options.insert(0, dict(fused_merge=True))  # first: the build's tuning time may end before the last
+
     out = [base]
     for change in options:
         cfg = dataclasses.replace(base, **change)

@@ -23,12 +23,12 @@ Each key's page comes from the block table, so non-identity tables work.
 Splits (flash-decoding). With few rows (decode, short trees) a launch has few programs, so the tile space is
 split into SPLITS ranges, one program each; each writes a normalised partial output and its log-sum-exp and a
 second kernel merges them. SPLITS depends on shapes only; the ranges are computed from ctx_len on the device.
-With FUSED_MERGE (LaunchConfig.fused_merge, which the build's tuner tries) there is no second kernel: each split
-program counts itself in an arrival counter of its (row block, KV head) after its stores (a CTA barrier, then one
-acq_rel atomic at GPU scope: the release publishes the CTA's stores, the last arrival's acquire sees everyone's),
-and the last to arrive merges every split's rows and puts the counter back to 0 for the next launch. One launch
-a layer less in every decode step and small verify, at the price of the merge running in KV-heads x row-blocks
-programs instead of one per (token, head).
+With FUSED_MERGE (LaunchConfig.fused_merge; in no default or tuned launch until a GPU has tested it) there is no
+second kernel: each split program counts itself in an arrival counter of its (row block, KV head) after its
+stores (a CTA barrier, then one acq_rel atomic at GPU scope: the release publishes the CTA's stores, the last
+arrival's acquire sees everyone's), and the last to arrive merges every split's rows and puts the counter back to
+0 for the next launch. One launch a layer less in every decode step and small verify, at the price of the merge
+running in KV-heads x row-blocks programs instead of one per (token, head).
 
 Batches (`jetspec_trt::tree_attention_batched`). The same kernel with BATCHED set: S sequences' tokens back to
 back, one launch. Row blocks never span two sequences (a block reads one block table and one ctx_len): sequence s

@@ -117,9 +117,9 @@ def test_candidates_start_with_the_default_and_are_valid(key):
     configs = candidates(key)
     assert configs[0] == default_launch(key.tokens, key.num_heads, key.num_kv_heads, key.head_dim,
                                         getattr(torch, key.dtype))
-    assert len(set(configs)) == len(configs) and 3 <= len(configs) <= 8
-    # the fused merge is tried (right after the default) wherever the default splits the keys
-    assert any(cfg.fused_merge for cfg in configs) == (configs[0].splits > 1) == configs[1].fused_merge
+    assert len(set(configs)) == len(configs) and 3 <= len(configs) <= 7
+    # not the fused merge: its memory ordering across programs has not run on a GPU yet (docs/engine.md)
+    assert not any(cfg.fused_merge for cfg in configs)
     for cfg in configs:
         assert cfg.block_n % 32 == 0 and cfg.splits & (cfg.splits - 1) == 0 and 1 <= cfg.splits <= 64
 
