@@ -321,7 +321,7 @@ class EngineBench:
         and the attention, GEMV_PDL_PREFETCH columns prefetched ("gemv_pdl"), and both; each row beside `reference`
         (ar_step_defaults: vs_defaults), with the greedy agreement of the rounds against that AR step. The decoder
         is left at the defaults."""
-        defaults = self.use_engine_defaults(draft_vocab=True)
+        self.use_engine_defaults(draft_vocab=True)
         out = {}
         for name, gated, prefetch in (("gated_gemv", True, 0), ("gemv_pdl", False, GEMV_PDL_PREFETCH),
                                       ("gated_gemv_pdl", True, GEMV_PDL_PREFETCH)):
@@ -329,7 +329,7 @@ class EngineBench:
             rows = [self.ar_step_row(c, breakdown, "gemms_gemv_ms") for c in self.cfg.contexts]
             out[f"ar_step_defaults_{name}"] = _beside(rows, reference, "step_ms", "vs_defaults")
             out[f"agreement_defaults_{name}"] = self.agreement()
-        self.decoder.set_decode_gemv(defaults["decode_gemv"], defaults["gated_gemv"], defaults["gemv_pdl_prefetch"])
+        self.use_engine_defaults(draft_vocab=True)
         return out
 
     def kernel_profile(self, context: int) -> dict:

@@ -23,7 +23,8 @@ from jetspec_trt.models.config import DecoderConfig
 from jetspec_trt.models.layers import MLP, AttentionProjections, RMSNorm, Rotary
 from jetspec_trt.plugins.layer_kernels import add_rms_norm, qk_norm_rope_write, rms_norm_op
 from jetspec_trt.plugins.linear import linear
-from jetspec_trt.plugins.tree_attention import causal_mask, load_gpu_kernels, packed_causal_mask, tree_attention
+from jetspec_trt.plugins.tree_attention import (causal_mask, load_gpu_kernels, packed_causal_mask, signals_dependents,
+                                                tree_attention)
 from jetspec_trt.models.kv_cache import KVCacheSpec, PagedKVCache, write_kv
 
 
@@ -157,10 +158,10 @@ class TargetModel(nn.Module):
         keep cuBLAS either way. With it, `gated`: the MLP's activation inside the down projection's GEMV (one
         kernel less a layer); `pdl_prefetch` > 0: the GEMVs that follow our norm and attention kernels (QKV,
         o_proj, gate-up, lm_head) launched as their programmatic dependents, prefetching that many columns of W
-        into L2 while those kernels run (plugins/gemv.py, PDL). Compiled layers re-trace on the switch (the flags
-        are read at trace time)."""
+        into L2 while those kernels run (plugins/gemv.py, PDL), on devices that have PDL (elsewhere 0). Compiled
+        layers re-trace on the switch (the flags are read at trace time)."""
         self.decode_gemv = enabled
-        self.gemv_pdl = pdl_prefetch if enabled else 0
+        self.gemv_pdl = pdl_prefetch if enabled and signals_dependents(self.embed_tokens.weight.device) else 0
         for layer in self.layers:
             layer.self_attn.decode_gemv = layer.mlp.decode_gemv = enabled
             layer.self_attn.gemv_pdl = layer.mlp.gemv_pdl = self.gemv_pdl

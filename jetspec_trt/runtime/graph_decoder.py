@@ -62,7 +62,7 @@ from jetspec_trt.models.target import TargetModel
 from jetspec_trt.models.target import compile_layers as compile_model_layers
 from jetspec_trt.plugins.triton_accept import accept_and_commit, argmax_rows
 from jetspec_trt.plugins.triton_accept import supports as accept_kernels_support
-from jetspec_trt.plugins.tree_attention import causal_mask, load_gpu_kernels, pack_mask, signals_dependents
+from jetspec_trt.plugins.tree_attention import causal_mask, load_gpu_kernels, pack_mask
 from jetspec_trt.runtime.backend import DecodeRequest, RoundResult
 from jetspec_trt.runtime.config import RuntimeConfig, TreeConfig
 from jetspec_trt.runtime.round_loop import DecodeStats, run_rounds
@@ -249,8 +249,7 @@ class GraphDecoder:
         self.prefill_graphs = self.use_graphs and runtime.prefill_graphs
         self.triton_kernels = self.device.type == "cuda" and load_gpu_kernels()
         if self.device.type == "cuda":
-            target.set_decode_gemv(runtime.decode_gemv, runtime.gated_gemv,
-                                   runtime.gemv_pdl_prefetch if signals_dependents(self.device) else 0)
+            target.set_decode_gemv(runtime.decode_gemv, runtime.gated_gemv, runtime.gemv_pdl_prefetch)
             target.set_small_m_gemm(runtime.small_m_gemm)
             draft.set_small_m_gemm(runtime.small_m_gemm)
         # (off CUDA the ops' torch reference runs: the same math as the unfused layers)
@@ -324,9 +323,9 @@ class GraphDecoder:
 
     def set_decode_gemv(self, enabled: bool, gated: bool = False, pdl_prefetch: int = 0) -> None:
         """Switch the target's single-token GEMMs between cuBLAS and plugins.gemv (TargetModel.set_decode_gemv's
-        `gated` and `pdl_prefetch` with it, the latter on devices that have PDL); drops captured graphs (they
-        baked in the other kernels) so the next use re-captures."""
-        self.target.set_decode_gemv(enabled, gated, pdl_prefetch if signals_dependents(self.device) else 0)
+        `gated` and `pdl_prefetch` with it); drops captured graphs (they baked in the other kernels) so the next
+        use re-captures."""
+        self.target.set_decode_gemv(enabled, gated, pdl_prefetch)
         self._drop_graphs()
 
     def set_small_m_gemm(self, enabled: bool) -> None:
